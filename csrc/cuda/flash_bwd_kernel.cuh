@@ -1,0 +1,296 @@
+// FlashAttention-2 backward kernels.
+//
+//   flash_bwd_preprocess_kernel : softmax_d[row] = sum_c dO[row, c] * O[row, c]                  (fp32)
+//   flash_bwd_kernel            : one block per (key tile, kv head, batch), looping over the q heads of its
+//                                 GQA group and over the query tiles that see the key tile:
+//       S = Q K^T, P = exp2(S*scale_log2 - lse*log2e)            (registers, masked tiles only where needed)
+//       dP = dO V^T, dS = P * (dP - D)                            (registers) -> P, dS to smem as T
+//       dV += P^T dO, dK += dS^T Q                                (registers across all query tiles)
+//       dQ_accum += dS K                                          (fp32 red.global.add)
+//     Q/dO are double-buffered (cp.async prefetch of the next query tile) where shared memory allows.
+//     dK is scaled by `scale` at the end; dK, dV staged through smem for 16-byte stores.
+//   flash_bwd_convert_dq_kernel : dq = dq_accum * scale, converted to T.
+//
+// dS here is the gradient w.r.t. the scaled logits scale * Q K^T, hence dQ = scale * dS K, dK = scale * dS^T Q.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/block_info.cuh"
+#include "cuda/flash_params.h"
+#include "cuda/kernel_traits.cuh"
+#include "cuda/mask.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/tile_primitives.cuh"
+#include "cuda/warp_mma.cuh"
+
+namespace flash_attn2::cuda {
+
+// ---------------------------------------------------------------------------------------------------------
+// D = rowsum(dO * O): kLanes threads per row, each reading 16-byte chunks of dO and O.
+template <typename T, int kHeadDim>
+struct PreprocessConfig {
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kLanes = kChunks >= 32 ? 32 : kChunks > 8 ? 16 : kChunks > 4 ? 8 : 4;
+  static constexpr int kThreads = 256;
+  static constexpr int kRowsPerBlock = kThreads / kLanes;
+};
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
+  using Cfg = PreprocessConfig<T, kHeadDim>;
+  const int lane_in_row = static_cast<int>(threadIdx.x) % Cfg::kLanes;
+  const int chunks = p.head_dim / 8;
+  const index_t total_rows = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
+  // Block-uniform loop so that every lane reaches the shuffles.
+  for (index_t row_base = static_cast<index_t>(blockIdx.x) * Cfg::kRowsPerBlock; row_base < total_rows;
+       row_base += static_cast<index_t>(gridDim.x) * Cfg::kRowsPerBlock) {
+    const index_t row = row_base + threadIdx.x / Cfg::kLanes;
+    const bool valid = row < total_rows;
+    float acc = 0.f;
+    if (valid) {
+      const int i = static_cast<int>(row % p.seqlen_q);
+      const index_t bh = row / p.seqlen_q;
+      const int h = static_cast<int>(bh % p.heads_q);
+      const int b = static_cast<int>(bh / p.heads_q);
+      const T* dout =
+          static_cast<const T*>(p.dout) + row_offset(b, h, i, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
+      const T* out =
+          static_cast<const T*>(p.out) + row_offset(b, h, i, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+#pragma unroll
+      for (int c0 = 0; c0 < Cfg::kChunks; c0 += Cfg::kLanes) {
+        const int c = c0 + lane_in_row;
+        if (c < chunks) {
+          float fd[8], fo[8];
+          unpack8<T>(*reinterpret_cast<const uint4*>(dout + c * 8), fd);
+          unpack8<T>(*reinterpret_cast<const uint4*>(out + c * 8), fo);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc = fmaf(fd[e], fo[e], acc);
+        }
+      }
+    }
+#pragma unroll
+    for (int off = Cfg::kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (valid && lane_in_row == 0) p.softmax_d[row] = acc;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// dq = dq_accum * scale -> T (dq_accum is (B, Hq, Nq, head_dim) contiguous); one 8-element chunk per thread.
+template <typename T>
+__global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
+  const int chunks = p.head_dim / 8;
+  const index_t total = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q * chunks;
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const int c = static_cast<int>(idx % chunks);
+    const index_t row = idx / chunks;
+    const int i = static_cast<int>(row % p.seqlen_q);
+    const index_t bh = row / p.seqlen_q;
+    const int h = static_cast<int>(bh % p.heads_q);
+    const int b = static_cast<int>(bh / p.heads_q);
+    const float4* src = reinterpret_cast<const float4*>(p.dq_accum + idx * 8);
+    const float4 v0 = src[0], v1 = src[1];
+    const float s = p.scale;
+    uint4 out;
+    out.x = pack2<T>(v0.x * s, v0.y * s);
+    out.y = pack2<T>(v0.z * s, v0.w * s);
+    out.z = pack2<T>(v1.x * s, v1.y * s);
+    out.w = pack2<T>(v1.z * s, v1.w * s);
+    T* dq = static_cast<T*>(p.dq) + row_offset(b, h, i, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+    *reinterpret_cast<uint4*>(dq + c * 8) = out;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __grid_constant__ BwdParams p) {
+  using T = typename Kt::Elem;
+  using TileQ = typename Kt::TileQ;
+  using TileKV = typename Kt::TileKV;
+  using TileP = typename Kt::TileP;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kThreads = Kt::kNThreads;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + TileKV::kElems;
+  T* sP = sV + TileKV::kElems + 2 * Kt::kStages * TileQ::kElems;
+  T* sdS = sP + TileP::kElems;
+  const uint32_t sK_u = smem_u32(sK);
+  const uint32_t sV_u = sK_u + Kt::kSmemKV;
+  const uint32_t sQ_u = sV_u + Kt::kSmemKV;                 // stage s at + s * kSmemQ
+  const uint32_t sdO_u = sQ_u + Kt::kStages * Kt::kSmemQ;   // stage s at + s * kSmemQ
+  const uint32_t sP_u = smem_u32(sP);
+  const uint32_t sdS_u = smem_u32(sdS);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+
+  const BwdBlockInfo<kBlockN> blk(p);
+  const int d = p.head_dim;
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const int group = p.heads_q / p.heads_kv;
+
+  // Query tiles that see this key tile: query i sees key j iff j <= i + diag.
+  const int num_m = ceil_div(p.seqlen_q, kBlockM);
+  const int m_begin = p.causal ? max(0, blk.key0 - diag) / kBlockM : 0;
+  const int m_count = max(0, num_m - m_begin);
+  const int total = group * m_count;
+
+  // Warp roles.
+  const int s_m0 = (warp % Kt::kWM_S) * (Kt::kMT_S * 16);    // S / dP rows
+  const int s_n0 = (warp / Kt::kWM_S) * (Kt::kNT_S * 8);     // S / dP cols (keys)
+  const int kv_n0 = (warp % Kt::kWN_KV) * (Kt::kMT_KV * 16); // dK / dV rows (keys)
+  const int kv_d0 = (warp / Kt::kWN_KV) * (Kt::kNT_KV * 8);  // dK / dV cols
+  const int q_m0 = (warp % Kt::kWM_Q) * (Kt::kMT_Q * 16);    // dQ rows
+  const int q_d0 = (warp / Kt::kWM_Q) * (Kt::kNT_Q * 8);     // dQ cols
+
+  auto load_q_do = [&](int it, int stage) {
+    const int head = blk.head_kv * group + it / m_count;
+    const int row0 = (m_begin + it % m_count) * kBlockM;
+    const T* q = static_cast<const T*>(p.q) +
+                 row_offset(blk.batch, head, row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+    const T* dout = static_cast<const T*>(p.dout) +
+                    row_offset(blk.batch, head, row0, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
+    const int rows = p.seqlen_q - row0;
+    g2s_tile_async<TileQ, kThreads>(sQ_u + stage * Kt::kSmemQ, q, p.q_row_stride, rows, d, tid);
+    g2s_tile_async<TileQ, kThreads>(sdO_u + stage * Kt::kSmemQ, dout, p.do_row_stride, rows, d, tid);
+  };
+
+  {
+    const T* k = static_cast<const T*>(p.k) +
+                 row_offset(blk.batch, blk.head_kv, blk.key0, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+    const T* v = static_cast<const T*>(p.v) +
+                 row_offset(blk.batch, blk.head_kv, blk.key0, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+    g2s_tile_async<TileKV, kThreads>(sK_u, k, p.k_row_stride, blk.keys, d, tid);
+    g2s_tile_async<TileKV, kThreads>(sV_u, v, p.v_row_stride, blk.keys, d, tid);
+    if (total > 0) load_q_do(0, 0);
+    cp_async_commit();
+  }
+
+  float acc_dk[Kt::kMT_KV][Kt::kNT_KV][4];
+  float acc_dv[Kt::kMT_KV][Kt::kNT_KV][4];
+  zero_acc(acc_dk);
+  zero_acc(acc_dv);
+
+  for (int it = 0; it < total; ++it) {
+    const int head = blk.head_kv * group + it / m_count;
+    const int row0 = (m_begin + it % m_count) * kBlockM;
+    const int stage = Kt::kStages == 2 ? (it & 1) : 0;
+    if (Kt::kStages == 1 && it > 0) {
+      __syncthreads();  // everyone is done with the previous Q/dO/P/dS
+      load_q_do(it, 0);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // Q/dO (and K/V) landed; everyone is done with the previous iteration's buffers
+    if (Kt::kStages == 2 && it + 1 < total) {
+      load_q_do(it + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const uint32_t sQ_s = sQ_u + stage * Kt::kSmemQ;
+    const uint32_t sdO_s = sdO_u + stage * Kt::kSmemQ;
+    const index_t row_base = (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.seqlen_q;
+
+    // Per-row LSE (pre-multiplied by log2 e; +inf for rows that see nothing or are out of range, so P = 0)
+    // and D.
+    float lse2[Kt::kMT_S][2], dsum[Kt::kMT_S][2];
+#pragma unroll
+    for (int mi = 0; mi < Kt::kMT_S; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + s_m0 + mi * 16 + h * 8 + g;
+        const bool ok = r < p.seqlen_q;
+        const float l = ok ? p.lse[row_base + r] : -INFINITY;
+        lse2[mi][h] = l == -INFINITY ? INFINITY : l * kLog2e;
+        dsum[mi][h] = ok ? p.softmax_d[row_base + r] : 0.f;
+      }
+
+    // S = Q K^T -> P (kept packed as T: it is needed as T for the smem copy anyway, and halves the registers
+    // live during dP = dO V^T).
+    uint32_t p_packed[Kt::kMT_S][Kt::kNT_S][2];
+    {
+      float acc_s[Kt::kMT_S][Kt::kNT_S][4];
+      zero_acc(acc_s);
+      gemm_ss<T, Kt::kMT_S, Kt::kNT_S, Kt::kHeadDim / 16, Operand<TileQ, false>, Operand<TileKV, false>>(
+          acc_s, sQ_s, s_m0, sK_u, s_n0, lane);
+      if (tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag))
+        apply_mask(acc_s, row0 + s_m0 + g, blk.key0 + s_n0 + 2 * t, p.seqlen_k, p.causal, diag);
+#pragma unroll
+      for (int mi = 0; mi < Kt::kMT_S; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < Kt::kNT_S; ++ni)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float p0 = fast_exp2(fmaf(acc_s[mi][ni][2 * h], p.scale_log2, -lse2[mi][h]));
+            const float p1 = fast_exp2(fmaf(acc_s[mi][ni][2 * h + 1], p.scale_log2, -lse2[mi][h]));
+            p_packed[mi][ni][h] = pack2<T>(p0, p1);
+          }
+    }
+    float acc_dp[Kt::kMT_S][Kt::kNT_S][4];
+    zero_acc(acc_dp);
+    gemm_ss<T, Kt::kMT_S, Kt::kNT_S, Kt::kHeadDim / 16, Operand<TileQ, false>, Operand<TileKV, false>>(
+        acc_dp, sdO_s, s_m0, sV_u, s_n0, lane);
+
+    // P and dS = P * (dP - D) to smem as T (the transposed A operands of dV / dK, and the A operand of dQ).
+#pragma unroll
+    for (int mi = 0; mi < Kt::kMT_S; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < Kt::kNT_S; ++ni)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
+          *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = p_packed[mi][ni][h];
+          const float2 pf = unpack2<T>(p_packed[mi][ni][h]);
+          st_pair<TileP, T>(sdS, r, c, pf.x * (acc_dp[mi][ni][2 * h] - dsum[mi][h]),
+                            pf.y * (acc_dp[mi][ni][2 * h + 1] - dsum[mi][h]));
+        }
+    __syncthreads();  // P, dS visible to all warps
+
+    // dV += P^T dO, dK += dS^T Q.
+    constexpr bool kKVRowVar = Kt::kWN_KV > 1, kKVColVar = Kt::kWD_KV > 1;
+    gemm_ss<T, Kt::kMT_KV, Kt::kNT_KV, kBlockM / 16, Operand<TileP, true, kKVRowVar>,
+            Operand<TileQ, true, kKVColVar>>(acc_dv, sP_u, kv_n0, sdO_s, kv_d0, lane);
+    gemm_ss<T, Kt::kMT_KV, Kt::kNT_KV, kBlockM / 16, Operand<TileP, true, kKVRowVar>,
+            Operand<TileQ, true, kKVColVar>>(acc_dk, sdS_u, kv_n0, sQ_s, kv_d0, lane);
+
+    // dQ_accum += dS K.
+    {
+      float acc_dq[Kt::kMT_Q][Kt::kNT_Q][4];
+      zero_acc(acc_dq);
+      gemm_ss<T, Kt::kMT_Q, Kt::kNT_Q, kBlockN / 16, Operand<TileP, false>, Operand<TileKV, true, (Kt::kWD_Q > 1)>>(
+          acc_dq, sdS_u, q_m0, sK_u, q_d0, lane);
+      float* dq = p.dq_accum + (row_base + row0) * d;
+#pragma unroll
+      for (int mi = 0; mi < Kt::kMT_Q; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = q_m0 + mi * 16 + h * 8 + g;
+          if (row0 + r < p.seqlen_q) {
+#pragma unroll
+            for (int ni = 0; ni < Kt::kNT_Q; ++ni) {
+              const int c = q_d0 + ni * 8 + 2 * t;
+              if (c < d) red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc_dq[mi][ni][2 * h], acc_dq[mi][ni][2 * h + 1]);
+            }
+          }
+        }
+    }
+  }
+
+  // Epilogue: dK * scale and dV as T through the K / V buffers, then 16-byte stores.
+  cp_async_wait<0>();
+  __syncthreads();
+  store_acc<T, TileKV>(sK, acc_dk, kv_n0, kv_d0, lane, p.scale);
+  store_acc<T, TileKV>(sV, acc_dv, kv_n0, kv_d0, lane, 1.f);
+  __syncthreads();
+  T* dk = static_cast<T*>(p.dk) +
+          row_offset(blk.batch, blk.head_kv, blk.key0, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+  T* dv = static_cast<T*>(p.dv) +
+          row_offset(blk.batch, blk.head_kv, blk.key0, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  s2g_tile<TileKV, kThreads>(dk, p.dk_row_stride, sK, blk.keys, d, tid);
+  s2g_tile<TileKV, kThreads>(dv, p.dv_row_stride, sV, blk.keys, d, tid);
+}
+
+}  // namespace flash_attn2::cuda

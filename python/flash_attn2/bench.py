@@ -1,0 +1,208 @@
+"""The main job: check flash_attn2 against a float64 reference, then time it beside PyTorch's SDPA.
+
+    python -m flash_attn2.bench                 # every available device
+    python -m flash_attn2.bench --device cuda --quick --out results.md
+
+CPU: B=1, H=8, D=64, float32, N in {1024, 4096}: fwd and fwd+bwd milliseconds vs SDPA (same process).
+CUDA: bf16/fp16, D in {64, 128, 256}, causal off/on, N from 512 to 16384 with B*N = 16k tokens and
+hidden = H*D = 2048: fwd and bwd TFLOP/s for flash_attn2 and each SDPA backend, CUDA-event medians.
+FLOPs follow the FlashAttention papers: fwd = 4*B*H*N*N*D (halved when causal), bwd = 2.5 * fwd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import flash_attn2
+
+
+def naive_attention_fp64(q, k, v, causal):
+    q, k, v = (t.double() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        i = torch.arange(nq, device=q.device)[:, None]
+        j = torch.arange(nk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (nk - nq), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def check_correctness(device, dtype):
+    """Max error vs float64 for flash_attn2 and for SDPA in the same dtype, on a GQA, Nq != Nk case."""
+    q = torch.randn(2, 8, 300, 64, device=device, dtype=dtype)
+    k = torch.randn(2, 2, 333, 64, device=device, dtype=dtype)
+    v = torch.randn(2, 2, 333, 64, device=device, dtype=dtype)
+    rows = []
+    for causal in (False, True):
+        ref = naive_attention_fp64(q, k, v, causal)
+        ours = (flash_attn2.attention(q, k, v, causal).double() - ref).abs().max().item()
+        kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        if causal:  # SDPA's is_causal is top-left aligned; pass flash_attn2's bottom-right mask explicitly
+            i = torch.arange(300, device=device)[:, None]
+            j = torch.arange(333, device=device)[None, :]
+            sdpa_out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=j <= i + 33)
+        else:
+            sdpa_out = F.scaled_dot_product_attention(q, kr, vr)
+        theirs = (sdpa_out.double() - ref).abs().max().item()
+        rows.append((causal, ours, theirs))
+    return rows
+
+
+def median_ms_cpu(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def median_ms_cuda(fn, warmup=3, reps=10):
+    for _ in range(warmup):
+        fn()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
+
+
+def bench_cpu(reps):
+    print(f"CPU ({torch.get_num_threads()} threads), float32, B=1, H=8, D=64; median ms of {reps}")
+    print(f"{'N':>6} {'causal':>6} | {'fwd ours':>9} {'fwd sdpa':>9} {'sdpa/ours':>9} | "
+          f"{'f+b ours':>9} {'f+b sdpa':>9} {'sdpa/ours':>9}")
+    for n in (1024, 4096):
+        for causal in (False, True):
+            q, k, v = (torch.randn(1, 8, n, 64, requires_grad=True) for _ in range(3))
+            dout = torch.randn(1, 8, n, 64)
+
+            def ours():
+                return flash_attn2.attention(q, k, v, causal)
+
+            def sdpa():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+            def with_backward(fn):
+                return lambda: torch.autograd.grad(fn(), (q, k, v), dout)
+
+            with torch.no_grad():
+                f_ours, f_sdpa = median_ms_cpu(ours, reps), median_ms_cpu(sdpa, reps)
+            b_ours, b_sdpa = median_ms_cpu(with_backward(ours), reps), median_ms_cpu(with_backward(sdpa), reps)
+            print(f"{n:>6} {str(causal):>6} | {f_ours:9.1f} {f_sdpa:9.1f} {f_sdpa / f_ours:9.2f} | "
+                  f"{b_ours:9.1f} {b_sdpa:9.1f} {b_sdpa / b_ours:9.2f}")
+
+
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+}
+
+
+def time_cuda_case(fn, q, k, v, dout):
+    """(fwd ms, bwd ms) of fn(q, k, v); bwd via autograd.grad on a retained graph (no .grad accumulation)."""
+    fwd = median_ms_cuda(lambda: fn(q, k, v))
+    out = fn(q, k, v)
+    bwd = median_ms_cuda(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+    return fwd, bwd
+
+
+def bench_cuda(quick, out_path):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print(f"CUDA: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+    head_dims = [64, 128] if quick else [64, 128, 256]
+    seqlens = [2048, 8192, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+    header = (f"| dtype | D | causal | N | B | H | fwd ours | fwd flash | fwd cudnn | fwd eff | fwd ours/flash "
+              f"| bwd ours | bwd flash | bwd cudnn | bwd eff | bwd ours/flash |")
+    lines = [header, "|" + "---|" * 16]
+    print("TFLOP/s (CUDA-event medians); ratio = flash_attn2 / SDPA flash")
+    print(header)
+    for dtype in dtypes:
+        for d in head_dims:
+            for causal in (False, True):
+                for n in seqlens:
+                    b, h = 16384 // n, 2048 // d
+                    # (B, N, H, D) buffers viewed as (B, H, N, D), the layout a QKV projection produces.
+                    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+                               for _ in range(3))
+                    dout = torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2)
+                    fwd_flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                    bwd_flops = 2.5 * fwd_flops
+                    results = {}
+                    results["ours"] = time_cuda_case(
+                        lambda q, k, v: flash_attn2.attention(q, k, v, causal), q, k, v, dout)
+                    for name, backend in SDPA_BACKENDS.items():
+                        try:
+                            with sdpa_kernel(getattr(SDPBackend, backend)):
+                                results[name] = time_cuda_case(
+                                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                                    q, k, v, dout)
+                        except RuntimeError:
+                            results[name] = None
+
+                    def tflops(name, idx, flops):
+                        r = results.get(name)
+                        return flops / (r[idx] * 1e-3) / 1e12 if r else float("nan")
+
+                    f = [tflops(x, 0, fwd_flops) for x in ("ours", "flash", "cudnn", "efficient")]
+                    bw = [tflops(x, 1, bwd_flops) for x in ("ours", "flash", "cudnn", "efficient")]
+                    row = (f"| {str(dtype).replace('torch.', '')} | {d} | {causal} | {n} | {b} | {h} | "
+                           + " | ".join(f"{x:.0f}" for x in f) + f" | {f[0] / f[1]:.2f} | "
+                           + " | ".join(f"{x:.0f}" for x in bw) + f" | {bw[0] / bw[1]:.2f} |")
+                    print(row, flush=True)
+                    lines.append(row)
+                    del q, k, v, dout
+    if out_path:
+        with open(out_path, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--quick", action="store_true", help="a smaller CUDA grid")
+    parser.add_argument("--reps", type=int, default=5, help="CPU timing repetitions")
+    parser.add_argument("--out", help="also write the CUDA table (markdown) here")
+    args = parser.parse_args(argv)
+    devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            sys.exit("flash_attn2.bench: --device cuda asked for, but torch sees no CUDA device")
+        devices.remove("cuda")
+        print("no CUDA device: CPU only")
+    torch.manual_seed(0)
+    ok = True
+    for device in devices:
+        dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+        for dtype in dtypes:
+            for causal, ours, theirs in check_correctness(device, dtype):
+                passed = ours <= 2 * theirs + 1e-5
+                ok &= passed
+                print(f"check {device} {str(dtype):15} causal={causal!s:5}: max |err| vs fp64 {ours:.2e} "
+                      f"(SDPA in same dtype {theirs:.2e}) {'ok' if passed else 'FAIL'}")
+    for device in devices:
+        if device == "cpu":
+            bench_cpu(args.reps)
+        else:
+            bench_cuda(args.quick, args.out)
+    if not ok:
+        sys.exit("flash_attn2.bench: correctness check failed")
+
+
+if __name__ == "__main__":
+    main()

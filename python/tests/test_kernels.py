@@ -1,0 +1,63 @@
+"""fwd, LSE and bwd of every device kernel vs the float64 reference over a shape sweep."""
+
+import pytest
+import torch
+
+import flash_attn2
+from conftest import requires_cuda
+from reference import assert_close_to_reference, naive_attention, random_qkv
+
+
+def check_case(b, hq, hkv, nq, nk, d, causal, dtype, device, transposed):
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, device, transposed, requires_grad=True)
+    dout = torch.randn(b, hq, nq, d, dtype=dtype, device=device)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+
+    if device == "cuda":  # poison the allocator's free blocks so unwritten output shows up as NaN
+        torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(0xFF)
+    out, lse = flash_attn2.attention_with_lse(q, k, v, causal)
+    ref_out, ref_lse = naive_attention(q64, k64, v64, causal)
+    torch_out, torch_lse = naive_attention(q.detach(), k.detach(), v.detach(), causal)
+    assert out.dtype == dtype and out.device.type == device and out.is_contiguous()
+    assert_close_to_reference("out", out.detach(), torch_out, ref_out.detach())
+    visible = torch.isfinite(ref_lse.detach())
+    assert torch.equal(torch.isfinite(lse).cpu(), visible), "lse must be -inf exactly on rows with no key"
+    assert_close_to_reference("lse", lse.cpu()[visible], torch_lse.cpu()[visible], ref_lse.detach()[visible])
+
+    out.backward(dout)
+    ref_out.backward(dout.double().cpu())
+    tq, tk, tv = (t.detach().requires_grad_() for t in (q, k, v))
+    naive_attention(tq, tk, tv, causal)[0].backward(dout)
+    for name, ours, theirs, ref in (("dq", q, tq, q64), ("dk", k, tk, k64), ("dv", v, tv, v64)):
+        assert_close_to_reference(name, ours.grad, theirs.grad, ref.grad)
+
+
+CPU_CASES = [
+    (2, 4, 2, 17, 17, 64, False, torch.float32, False),
+    (1, 2, 1, 257, 100, 32, True, torch.float32, True),
+    (1, 3, 3, 100, 257, 72, True, torch.float64, False),
+    (2, 8, 1, 1000, 1, 64, True, torch.bfloat16, True),
+    (1, 2, 2, 1, 1000, 128, True, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", CPU_CASES)
+def test_cpu_matches_reference(b, hq, hkv, nq, nk, d, causal, dtype, transposed):
+    check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cpu", transposed)
+
+
+CUDA_CASES = []
+for _dtype in (torch.bfloat16, torch.float16):
+    for _d in (32, 64, 72, 96, 128, 160, 192, 224, 256):
+        CUDA_CASES.append((2, 4, 4, 257, 257, _d, _d % 64 == 0, _dtype, _d == 128))
+    for _causal in (False, True):
+        for _n in (1, 17, 128, 1000, 4096):
+            CUDA_CASES.append((1, 2, 2, _n, _n, 64, _causal, _dtype, False))
+        CUDA_CASES.append((2, 8, 1, 1000, 17, 128, _causal, _dtype, True))
+        CUDA_CASES.append((2, 16, 2, 17, 1000, 64, _causal, _dtype, False))
+
+
+@requires_cuda
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", CUDA_CASES)
+def test_cuda_matches_reference(b, hq, hkv, nq, nk, d, causal, dtype, transposed):
+    check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build (sm_90 by default), run the GoogleTest and pytest suites on the GPU,
+# compute-sanitizer memcheck and racecheck on small shapes, then the benchmark. Prints a short summary last.
+#   scripts/gpu_check.sh [all|tests|bench|sanitize]   (FLASH_ATTN2_CUDA_ARCHS, BENCH_ARGS, OUT override)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+OUT=${OUT:-/tmp/flash_attn2_gpu}
+mkdir -p "$OUT"
+BUILD=build/gpu
+summary=()
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
+start=$(date +%s)
+if ! cmake -S . -B $BUILD -G Ninja -DFLASH_ATTN2_BUILD_TESTS=ON -DFLASH_ATTN2_WITH_CUDA=ON \
+      -DFLASH_ATTN2_CUDA_ARCHS="${FLASH_ATTN2_CUDA_ARCHS:-90}" >"$OUT/configure.log" 2>&1; then
+  tail -40 "$OUT/configure.log"; exit 1
+fi
+if ! cmake --build $BUILD -j"$(nproc)" >"$OUT/build.log" 2>&1; then
+  grep -E "error|Error" -A6 "$OUT/build.log" | head -80; exit 1
+fi
+summary+=("build: $(( $(date +%s) - start )) s; $(grep -c 'spill' "$OUT/build.log") ptxas spill warnings")
+export FLASH_ATTN2_LIBRARY=$PWD/$BUILD/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
+
+if [[ $what == all || $what == tests ]]; then
+  ctest --test-dir $BUILD -j4 --timeout 600 >"$OUT/ctest.log" 2>&1
+  grep -E "Failed|\*\*\*" "$OUT/ctest.log" | head -40
+  summary+=("ctest: $(grep -E 'tests passed' "$OUT/ctest.log")")
+  python3 -m pytest python/tests -q -rfE -p no:cacheprovider >"$OUT/pytest.log" 2>&1
+  grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/pytest.log" | head -40
+  summary+=("pytest: $(tail -1 "$OUT/pytest.log")")
+fi
+if [[ $what == all || $what == sanitize ]]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py >"$OUT/$tool.log" 2>&1
+    summary+=("$tool (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1)")
+  done
+fi
+if [[ $what == all || $what == bench ]]; then
+  python3 -m flash_attn2.bench --device cuda ${BENCH_ARGS:-} --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
+  summary+=("bench rc $?")
+  grep -E "^check|^CUDA" "$OUT/bench.log"
+  cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+fi
+echo "=== summary"
+printf '%s\n' "${summary[@]}"
