@@ -11,15 +11,22 @@ BUILD=build/gpu
 summary=()
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
+# Build with the system g++ where there is one: a toolchain that links its own libstdc++ statically into
+# shared objects (seen on the lent GPU machines' /opt/gcc) crashes when our library and Python's process
+# share C++ streams. The compiler used is printed in the summary.
+compiler=()
+if [[ -x /usr/bin/g++ ]]; then
+  compiler=(-DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++)
+fi
 start=$(date +%s)
-if ! cmake -S . -B $BUILD -G Ninja -DFLASH_ATTN2_BUILD_TESTS=ON -DFLASH_ATTN2_WITH_CUDA=ON \
+if ! cmake -S . -B $BUILD -G Ninja -DFLASH_ATTN2_BUILD_TESTS=ON -DFLASH_ATTN2_WITH_CUDA=ON "${compiler[@]}" \
       -DFLASH_ATTN2_CUDA_ARCHS="${FLASH_ATTN2_CUDA_ARCHS:-90}" >"$OUT/configure.log" 2>&1; then
   tail -40 "$OUT/configure.log"; exit 1
 fi
 if ! cmake --build $BUILD -j"$(nproc)" >"$OUT/build.log" 2>&1; then
   grep -E "error|Error" -A6 "$OUT/build.log" | head -80; exit 1
 fi
-summary+=("build: $(( $(date +%s) - start )) s; $(grep -c 'spill' "$OUT/build.log") ptxas spill warnings")
+summary+=("build: $(( $(date +%s) - start )) s with $(grep -m1 'CXX compiler identification' "$OUT/configure.log"); $(grep -c 'spill' "$OUT/build.log") ptxas spill warnings")
 export FLASH_ATTN2_LIBRARY=$PWD/$BUILD/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 
 if [[ $what == all || $what == tests ]]; then
