@@ -208,9 +208,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
         dsum[mi][h] = ok ? p.softmax_d[row_base + r] : 0.f;
       }
 
-    // S = Q K^T -> P (kept packed as T: it is needed as T for the smem copy anyway, and halves the registers
-    // live during dP = dO V^T).
-    uint32_t p_packed[Kt::kMT_S][Kt::kNT_S][2];
+    // S = Q K^T -> P, packed as T. Either kept in registers (needed as T for the smem copy anyway, and half the
+    // registers of fp32) or, with Kt::kPSmemEarly, written to sP right away and read back below by the same
+    // thread (own writes, no barrier needed): then no P registers are live during dP = dO V^T. sP is free here:
+    // the barrier at the top of the iteration orders this after the previous iteration's dV GEMM.
+    uint32_t p_packed[Kt::kPSmemEarly ? 1 : Kt::kMT_S][Kt::kPSmemEarly ? 1 : Kt::kNT_S][2];
     {
       float acc_s[Kt::kMT_S][Kt::kNT_S][4];
       zero_acc(acc_s);
@@ -226,11 +228,22 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
           for (int h = 0; h < 2; ++h) {
             const float p0 = fast_exp2(fmaf(acc_s[mi][ni][2 * h], p.scale_log2, -lse2[mi][h]));
             const float p1 = fast_exp2(fmaf(acc_s[mi][ni][2 * h + 1], p.scale_log2, -lse2[mi][h]));
-            p_packed[mi][ni][h] = pack2<T>(p0, p1);
+            if constexpr (Kt::kPSmemEarly) {
+              const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
+              *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pack2<T>(p0, p1);
+            } else {
+              p_packed[mi][ni][h] = pack2<T>(p0, p1);
+            }
           }
     }
+    // With Kt::kDInAcc, acc_dp starts at -D so that it ends as dP - D and D is not live during the GEMM.
     float acc_dp[Kt::kMT_S][Kt::kNT_S][4];
-    zero_acc(acc_dp);
+#pragma unroll
+    for (int mi = 0; mi < Kt::kMT_S; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < Kt::kNT_S; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dp[mi][ni][e] = Kt::kDInAcc ? -dsum[mi][e / 2] : 0.f;
     gemm_ss<T, Kt::kMT_S, Kt::kNT_S, Kt::kHeadDim / 16, Operand<TileQ, false>, Operand<TileKV, false>>(
         acc_dp, sdO_s, s_m0, sV_u, s_n0, lane);
 
@@ -242,10 +255,16 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
-          *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = p_packed[mi][ni][h];
-          const float2 pf = unpack2<T>(p_packed[mi][ni][h]);
-          st_pair<TileP, T>(sdS, r, c, pf.x * (acc_dp[mi][ni][2 * h] - dsum[mi][h]),
-                            pf.y * (acc_dp[mi][ni][2 * h + 1] - dsum[mi][h]));
+          uint32_t pp;
+          if constexpr (Kt::kPSmemEarly) {
+            pp = *reinterpret_cast<const uint32_t*>(sP + TileP::offset(r, c));
+          } else {
+            pp = p_packed[mi][ni][h];
+            *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pp;
+          }
+          const float2 pf = unpack2<T>(pp);
+          const float dd = Kt::kDInAcc ? 0.f : dsum[mi][h];
+          st_pair<TileP, T>(sdS, r, c, pf.x * (acc_dp[mi][ni][2 * h] - dd), pf.y * (acc_dp[mi][ni][2 * h + 1] - dd));
         }
     __syncthreads();  // P, dS visible to all warps
 

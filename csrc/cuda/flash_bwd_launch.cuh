@@ -13,6 +13,18 @@
 
 namespace flash_attn2::cuda {
 
+namespace detail {
+// Main backward kernel: one block per (key tile, kv head, batch).
+template <class Kt>
+void launch_bwd_main(const BwdParams& params, cudaStream_t stream) {
+  const int64_t num_n = (params.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  auto kernel = &flash_bwd_kernel<Kt>;
+  set_smem_limit(kernel, Kt::kSmemBytes);
+  kernel<<<grid_1d(num_n * params.heads_kv * params.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(params);
+  FA2_CHECK_LAUNCH();
+}
+}  // namespace detail
+
 template <typename T, int kHeadDim>
 void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
   using Kt = BwdTraits<T, kHeadDim>;
@@ -33,10 +45,18 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
   const int64_t num_n = (params.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
   const int64_t main_blocks = num_n * params.heads_kv * params.batch;
   if (main_blocks > 0) {
-    auto kernel = &flash_bwd_kernel<Kt>;
-    detail::set_smem_limit(kernel, Kt::kSmemBytes);
-    kernel<<<detail::grid_1d(main_blocks), Kt::kNThreads, Kt::kSmemBytes, stream>>>(params);
-    FA2_CHECK_LAUNCH();
+    using KtLow = BwdTraits<T, kHeadDim, true>;
+    if constexpr (KtLow::kSmemBytes < Kt::kSmemBytes) {
+      // The main configuration needs more shared memory per block than some GPUs allow (sm86 / sm89: 99 KB):
+      // use the fallback configuration there.
+      int dev = 0, optin = 0;
+      FA2_CUDA_CHECK(cudaGetDevice(&dev));
+      FA2_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+      if (optin < Kt::kSmemBytes) detail::launch_bwd_main<KtLow>(params, stream);
+      else detail::launch_bwd_main<Kt>(params, stream);
+    } else {
+      detail::launch_bwd_main<Kt>(params, stream);
+    }
   }
 
   if (q_rows > 0) {

@@ -10,27 +10,40 @@ struct TileConfig {
   // Forward: block_m query rows x block_n keys per step, warps split the query rows.
   int fwd_m, fwd_n, fwd_warps;
   // Backward main kernel: block_n keys per thread block, block_m query rows per step.
-  //   S/dP (block_m x block_n) are computed by a 4 x (warps/4) warp grid;
+  //   S/dP (block_m x block_n) are computed by a bwd_sdp_wm x (warps/bwd_sdp_wm) warp grid;
   //   dK/dV (block_n x d) by a bwd_dkv_wn x (warps/bwd_dkv_wn) grid; dQ (block_m x d) by bwd_dq_wm x rest.
   //   bwd_stages = 2 double-buffers Q/dO (prefetch the next query tile during the current one).
-  int bwd_m, bwd_n, bwd_warps, bwd_dkv_wn, bwd_dq_wm, bwd_stages;
+  //   bwd_p_smem_early = 1 writes P to shared memory as soon as it is computed instead of keeping it in
+  //   registers during dP = dO V^T (fewer live registers, one extra 4-byte smem read per P pair).
+  //   bwd_d_in_acc = 1 starts the dP accumulator at -D (so it ends as dP - D) instead of keeping D live during
+  //   the dP GEMM and subtracting afterwards. The two are register-allocation choices, picked per head dim
+  //   from ptxas -v (no spills on sm80 / sm90); they do not change the results beyond fp32 rounding order.
+  int bwd_m, bwd_n, bwd_warps, bwd_dkv_wn, bwd_dq_wm, bwd_stages, bwd_sdp_wm, bwd_p_smem_early, bwd_d_in_acc;
 };
 
-// FlashAttention-2's sm80/sm90 choices (flash_fwd_launch_template.h / flash_bwd_launch_template.h).
-//                                     d   fwd M   N  W   bwd M   N  W dKV dQ stages
-inline constexpr TileConfig kTileTable[] = {{32, 128, 128, 4, 128, 128, 8, 8, 8, 2},
-                                             {64, 128, 64, 4, 64, 128, 8, 4, 4, 2},
-                                             {96, 128, 64, 4, 64, 128, 8, 8, 4, 2},
-                                             {128, 128, 64, 4, 64, 128, 8, 4, 4, 2},
-                                             {160, 128, 32, 4, 64, 64, 8, 4, 4, 2},
-                                             {192, 128, 64, 8, 64, 64, 8, 2, 2, 2},
-                                             {224, 128, 64, 8, 64, 64, 8, 4, 4, 1},
-                                             {256, 128, 64, 8, 64, 64, 8, 2, 2, 1}};
+// FlashAttention-2's sm80/sm90 choices (flash_fwd_launch_template.h / flash_bwd_launch_template.h; backward:
+// the >= 144 KB shared-memory variants).
+//                                     d   fwd M   N  W   bwd M   N  W dKV dQ stages S/dP Pearly Dacc
+inline constexpr TileConfig kTileTable[] = {{32, 128, 128, 4, 128, 128, 8, 8, 8, 2, 4, 0, 1},
+                                             {64, 128, 64, 4, 128, 128, 8, 4, 8, 2, 4, 1, 1},
+                                             {96, 128, 64, 4, 64, 128, 8, 8, 4, 2, 4, 0, 1},
+                                             {128, 128, 64, 4, 64, 128, 8, 4, 4, 2, 4, 0, 1},
+                                             {160, 128, 32, 4, 64, 64, 8, 4, 4, 2, 4, 0, 1},
+                                             {192, 128, 64, 8, 64, 64, 8, 2, 2, 2, 4, 0, 1},
+                                             {224, 128, 64, 8, 64, 64, 8, 4, 4, 1, 4, 0, 1},
+                                             {256, 128, 64, 8, 64, 64, 8, 2, 2, 1, 4, 0, 0}};
 
-constexpr TileConfig tile_config(int head_dim) {
+// Backward fallbacks for GPUs whose per-block shared memory opt-in is below the main table's backward
+// footprint (e.g. sm86 / sm89: 99 KB): FlashAttention-2's < 144 KB choices. Forward columns are unused here.
+inline constexpr TileConfig kTileTableLowSmem[] = {{64, 128, 64, 4, 64, 128, 8, 4, 4, 2, 4, 0, 1}};
+
+constexpr TileConfig tile_config(int head_dim, bool low_smem = false) {
+  if (low_smem)
+    for (const TileConfig& c : kTileTableLowSmem)
+      if (c.head_dim == head_dim) return c;
   for (const TileConfig& c : kTileTable)
     if (c.head_dim == head_dim) return c;
-  return TileConfig{0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  return TileConfig{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 }
 
 template <typename T, int kHeadDim_>
@@ -58,9 +71,9 @@ struct FwdTraits {
   static constexpr int kSmemBytes = kSmemQ + 2 * kSmemKV;  // Q | K | V
 };
 
-template <typename T, int kHeadDim_>
+template <typename T, int kHeadDim_, bool kLowSmem = false>
 struct BwdTraits {
-  static constexpr TileConfig kCfg = tile_config(kHeadDim_);
+  static constexpr TileConfig kCfg = tile_config(kHeadDim_, kLowSmem);
   static_assert(kCfg.head_dim == kHeadDim_, "no tile configuration for this head dim");
   using Elem = T;
   static constexpr int kHeadDim = kHeadDim_;
@@ -69,9 +82,11 @@ struct BwdTraits {
   static constexpr int kNWarps = kCfg.bwd_warps;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kStages = kCfg.bwd_stages;
+  static constexpr bool kPSmemEarly = kCfg.bwd_p_smem_early != 0;
+  static constexpr bool kDInAcc = kCfg.bwd_d_in_acc != 0;
 
   // S = Q K^T and dP = dO V^T: warp grid kWM_S x kWN_S over (block_m, block_n).
-  static constexpr int kWM_S = 4;
+  static constexpr int kWM_S = kCfg.bwd_sdp_wm;
   static constexpr int kWN_S = kNWarps / kWM_S;
   static constexpr int kMT_S = kBlockM / kWM_S / 16;
   static constexpr int kNT_S = kBlockN / kWN_S / 8;
