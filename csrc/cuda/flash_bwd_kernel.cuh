@@ -117,12 +117,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
   T* sV = sK + TileKV::kElems;
   T* sP = sV + TileKV::kElems + 2 * Kt::kStages * TileQ::kElems;
   T* sdS = sP + TileP::kElems;
+  float* sRowStats = reinterpret_cast<float*>(sdS + TileP::kElems);  // stage s: LSE at s * 2M, D at + M
   const uint32_t sK_u = smem_u32(sK);
   const uint32_t sV_u = sK_u + Kt::kSmemKV;
   const uint32_t sQ_u = sV_u + Kt::kSmemKV;                 // stage s at + s * kSmemQ
   const uint32_t sdO_u = sQ_u + Kt::kStages * Kt::kSmemQ;   // stage s at + s * kSmemQ
   const uint32_t sP_u = smem_u32(sP);
   const uint32_t sdS_u = smem_u32(sdS);
+  const uint32_t sRowStats_u = smem_u32(sRowStats);
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
@@ -146,6 +148,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
   const int kv_d0 = (warp / Kt::kWN_KV) * (Kt::kNT_KV * 8);  // dK / dV cols
   const int q_m0 = (warp % Kt::kWM_Q) * (Kt::kMT_Q * 16);    // dQ rows
   const int q_d0 = (warp / Kt::kWM_Q) * (Kt::kNT_Q * 8);     // dQ cols
+  // Per-GEMM copies of the lane / warp offsets; see TileConfig::bwd_addr_in_loop and opaque().
+  auto in_loop = [](int x) { return Kt::kAddrInLoop ? opaque(x) : x; };
 
   auto load_q_do = [&](int it, int stage) {
     const int head = blk.head_kv * group + it / m_count;
@@ -157,6 +161,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
     const int rows = p.seqlen_q - row0;
     g2s_tile_async<TileQ, kThreads>(sQ_u + stage * Kt::kSmemQ, q, p.q_row_stride, rows, d, tid);
     g2s_tile_async<TileQ, kThreads>(sdO_u + stage * Kt::kSmemQ, dout, p.do_row_stride, rows, d, tid);
+    // The tile's LSE and D rows come with it, so their global latency is hidden like Q's and dO's.
+    if (tid < 2 * kBlockM) {
+      const int r = tid % kBlockM;
+      const bool is_d = tid >= kBlockM;
+      const index_t idx = (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.seqlen_q + row0 + r;
+      const bool ok = r < rows;
+      cp_async_4(sRowStats_u + static_cast<uint32_t>(stage * Kt::kSmemRowStats + tid * 4),
+                 ok ? static_cast<const float*>(is_d ? p.softmax_d : p.lse) + idx : p.lse, ok);
+    }
   };
 
   {
@@ -197,27 +210,29 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
     // Per-row LSE (pre-multiplied by log2 e; +inf for rows that see nothing or are out of range, so P = 0)
     // and D.
     float lse2[Kt::kMT_S][2], dsum[Kt::kMT_S][2];
+    {
+      const float* s_lse = sRowStats + stage * (Kt::kSmemRowStats / 4);
+      const float* s_d = s_lse + kBlockM;
 #pragma unroll
-    for (int mi = 0; mi < Kt::kMT_S; ++mi)
+      for (int mi = 0; mi < Kt::kMT_S; ++mi)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = row0 + s_m0 + mi * 16 + h * 8 + g;
-        const bool ok = r < p.seqlen_q;
-        const float l = ok ? p.lse[row_base + r] : -INFINITY;
-        lse2[mi][h] = l == -INFINITY ? INFINITY : l * kLog2e;
-        dsum[mi][h] = ok ? p.softmax_d[row_base + r] : 0.f;
-      }
+        for (int h = 0; h < 2; ++h) {
+          const int r = s_m0 + mi * 16 + h * 8 + g;
+          const bool ok = row0 + r < p.seqlen_q;
+          const float l = ok ? s_lse[r] : -INFINITY;
+          lse2[mi][h] = l == -INFINITY ? INFINITY : l * kLog2e;
+          dsum[mi][h] = ok ? s_d[r] : 0.f;
+        }
+    }
 
-    // S = Q K^T -> P, packed as T. Either kept in registers (needed as T for the smem copy anyway, and half the
-    // registers of fp32) or, with Kt::kPSmemEarly, written to sP right away and read back below by the same
-    // thread (own writes, no barrier needed): then no P registers are live during dP = dO V^T. sP is free here:
-    // the barrier at the top of the iteration orders this after the previous iteration's dV GEMM.
-    uint32_t p_packed[Kt::kPSmemEarly ? 1 : Kt::kMT_S][Kt::kPSmemEarly ? 1 : Kt::kNT_S][2];
+    // S = Q K^T -> P, packed as T and kept in registers through dP = dO V^T (writing P to smem here and
+    // reading it back later cost 10% at d64: docs/perf.md v3).
+    uint32_t p_packed[Kt::kMT_S][Kt::kNT_S][2];
     {
       float acc_s[Kt::kMT_S][Kt::kNT_S][4];
       zero_acc(acc_s);
       gemm_ss<T, Kt::kMT_S, Kt::kNT_S, Kt::kHeadDim / 16, Operand<TileQ, false>, Operand<TileKV, false>>(
-          acc_s, sQ_s, s_m0, sK_u, s_n0, lane);
+          acc_s, sQ_s, in_loop(s_m0), sK_u, in_loop(s_n0), in_loop(lane));
       if (tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag))
         apply_mask(acc_s, row0 + s_m0 + g, blk.key0 + s_n0 + 2 * t, p.seqlen_k, p.causal, diag);
 #pragma unroll
@@ -228,12 +243,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
           for (int h = 0; h < 2; ++h) {
             const float p0 = fast_exp2(fmaf(acc_s[mi][ni][2 * h], p.scale_log2, -lse2[mi][h]));
             const float p1 = fast_exp2(fmaf(acc_s[mi][ni][2 * h + 1], p.scale_log2, -lse2[mi][h]));
-            if constexpr (Kt::kPSmemEarly) {
-              const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
-              *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pack2<T>(p0, p1);
-            } else {
-              p_packed[mi][ni][h] = pack2<T>(p0, p1);
-            }
+            p_packed[mi][ni][h] = pack2<T>(p0, p1);
           }
     }
     // With Kt::kDInAcc, acc_dp starts at -D so that it ends as dP - D and D is not live during the GEMM.
@@ -245,7 +255,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dp[mi][ni][e] = Kt::kDInAcc ? -dsum[mi][e / 2] : 0.f;
     gemm_ss<T, Kt::kMT_S, Kt::kNT_S, Kt::kHeadDim / 16, Operand<TileQ, false>, Operand<TileKV, false>>(
-        acc_dp, sdO_s, s_m0, sV_u, s_n0, lane);
+        acc_dp, sdO_s, in_loop(s_m0), sV_u, in_loop(s_n0), in_loop(lane));
 
     // P and dS = P * (dP - D) to smem as T (the transposed A operands of dV / dK, and the A operand of dQ).
 #pragma unroll
@@ -255,13 +265,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
-          uint32_t pp;
-          if constexpr (Kt::kPSmemEarly) {
-            pp = *reinterpret_cast<const uint32_t*>(sP + TileP::offset(r, c));
-          } else {
-            pp = p_packed[mi][ni][h];
-            *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pp;
-          }
+          const uint32_t pp = p_packed[mi][ni][h];
+          *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pp;
           const float2 pf = unpack2<T>(pp);
           const float dd = Kt::kDInAcc ? 0.f : dsum[mi][h];
           st_pair<TileP, T>(sdS, r, c, pf.x * (acc_dp[mi][ni][2 * h] - dd), pf.y * (acc_dp[mi][ni][2 * h + 1] - dd));
@@ -271,27 +276,28 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
     // dV += P^T dO, dK += dS^T Q.
     constexpr bool kKVRowVar = Kt::kWN_KV > 1, kKVColVar = Kt::kWD_KV > 1;
     gemm_ss<T, Kt::kMT_KV, Kt::kNT_KV, kBlockM / 16, Operand<TileP, true, kKVRowVar>,
-            Operand<TileQ, true, kKVColVar>>(acc_dv, sP_u, kv_n0, sdO_s, kv_d0, lane);
+            Operand<TileQ, true, kKVColVar>>(acc_dv, sP_u, in_loop(kv_n0), sdO_s, in_loop(kv_d0), in_loop(lane));
     gemm_ss<T, Kt::kMT_KV, Kt::kNT_KV, kBlockM / 16, Operand<TileP, true, kKVRowVar>,
-            Operand<TileQ, true, kKVColVar>>(acc_dk, sdS_u, kv_n0, sQ_s, kv_d0, lane);
+            Operand<TileQ, true, kKVColVar>>(acc_dk, sdS_u, in_loop(kv_n0), sQ_s, in_loop(kv_d0), in_loop(lane));
 
     // dQ_accum += dS K.
     {
       float acc_dq[Kt::kMT_Q][Kt::kNT_Q][4];
       zero_acc(acc_dq);
       gemm_ss<T, Kt::kMT_Q, Kt::kNT_Q, kBlockN / 16, Operand<TileP, false>, Operand<TileKV, true, (Kt::kWD_Q > 1)>>(
-          acc_dq, sdS_u, q_m0, sK_u, q_d0, lane);
+          acc_dq, sdS_u, in_loop(q_m0), sK_u, in_loop(q_d0), in_loop(lane));
       float* dq = p.dq_accum + (row_base + row0) * d;
+      const bool full_tile = row0 + kBlockM <= p.seqlen_q && d == Kt::kHeadDim;  // no bounds checks needed
 #pragma unroll
       for (int mi = 0; mi < Kt::kMT_Q; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int r = q_m0 + mi * 16 + h * 8 + g;
-          if (row0 + r < p.seqlen_q) {
+          if (full_tile || row0 + r < p.seqlen_q) {
 #pragma unroll
             for (int ni = 0; ni < Kt::kNT_Q; ++ni) {
               const int c = q_d0 + ni * 8 + 2 * t;
-              if (c < d) red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc_dq[mi][ni][2 * h], acc_dq[mi][ni][2 * h + 1]);
+              if (full_tile || c < d) red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc_dq[mi][ni][2 * h], acc_dq[mi][ni][2 * h + 1]);
             }
           }
         }

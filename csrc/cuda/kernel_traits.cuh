@@ -13,29 +13,32 @@ struct TileConfig {
   //   S/dP (block_m x block_n) are computed by a bwd_sdp_wm x (warps/bwd_sdp_wm) warp grid;
   //   dK/dV (block_n x d) by a bwd_dkv_wn x (warps/bwd_dkv_wn) grid; dQ (block_m x d) by bwd_dq_wm x rest.
   //   bwd_stages = 2 double-buffers Q/dO (prefetch the next query tile during the current one).
-  //   bwd_p_smem_early = 1 writes P to shared memory as soon as it is computed instead of keeping it in
-  //   registers during dP = dO V^T (fewer live registers, one extra 4-byte smem read per P pair).
   //   bwd_d_in_acc = 1 starts the dP accumulator at -D (so it ends as dP - D) instead of keeping D live during
-  //   the dP GEMM and subtracting afterwards. The two are register-allocation choices, picked per head dim
-  //   from ptxas -v (no spills on sm80 / sm90); they do not change the results beyond fp32 rounding order.
-  int bwd_m, bwd_n, bwd_warps, bwd_dkv_wn, bwd_dq_wm, bwd_stages, bwd_sdp_wm, bwd_p_smem_early, bwd_d_in_acc;
+  //   the dP GEMM and subtracting afterwards.
+  //   bwd_addr_in_loop = 1 rebuilds the warp's fragment addresses inside every GEMM of the query-tile loop
+  //   instead of letting the compiler keep them all live across it: a few integer ops per GEMM for ~20 free
+  //   registers, which is what lets the larger-reuse warp grids fit in 255 registers.
+  //   The last two are register-allocation choices, picked per head dim from ptxas -v (spills) and timings;
+  //   they do not change the results beyond fp32 rounding order.
+  int bwd_m, bwd_n, bwd_warps, bwd_dkv_wn, bwd_dq_wm, bwd_stages, bwd_sdp_wm, bwd_d_in_acc, bwd_addr_in_loop;
 };
 
-// FlashAttention-2's sm80/sm90 choices (flash_fwd_launch_template.h / flash_bwd_launch_template.h; backward:
-// the >= 144 KB shared-memory variants).
-//                                     d   fwd M   N  W   bwd M   N  W dKV dQ stages S/dP Pearly Dacc
-inline constexpr TileConfig kTileTable[] = {{32, 128, 128, 4, 128, 128, 8, 8, 8, 2, 4, 0, 1},
-                                             {64, 128, 64, 4, 128, 128, 8, 4, 8, 2, 4, 1, 1},
-                                             {96, 128, 64, 4, 64, 128, 8, 8, 4, 2, 4, 0, 1},
-                                             {128, 128, 64, 4, 64, 128, 8, 4, 4, 2, 4, 0, 1},
-                                             {160, 128, 32, 4, 64, 64, 8, 4, 4, 2, 4, 0, 1},
-                                             {192, 128, 64, 8, 64, 64, 8, 2, 2, 2, 4, 0, 1},
-                                             {224, 128, 64, 8, 64, 64, 8, 4, 4, 1, 4, 0, 1},
-                                             {256, 128, 64, 8, 64, 64, 8, 2, 2, 1, 4, 0, 0}};
+// Starting point: FlashAttention-2's sm80/sm90 choices (flash_fwd_launch_template.h /
+// flash_bwd_launch_template.h; backward: the >= 144 KB shared-memory variants). The d64 and d128 backward rows
+// were then picked by timing variants on an H100 (scripts/bwd_sweep.sh, docs/perf.md v3).
+//                                     d   fwd M   N  W   bwd M   N  W dKV dQ stages S/dP Dacc Addr
+inline constexpr TileConfig kTileTable[] = {{32, 128, 128, 4, 128, 128, 8, 8, 8, 2, 4, 1, 0},
+                                             {64, 128, 64, 4, 128, 128, 8, 4, 4, 2, 2, 1, 1},
+                                             {96, 128, 64, 4, 64, 128, 8, 8, 4, 2, 4, 1, 0},
+                                             {128, 128, 64, 4, 64, 128, 8, 4, 2, 2, 2, 0, 1},
+                                             {160, 128, 32, 4, 64, 64, 8, 4, 4, 2, 4, 1, 0},
+                                             {192, 128, 64, 8, 64, 64, 8, 2, 2, 2, 4, 1, 0},
+                                             {224, 128, 64, 8, 64, 64, 8, 4, 4, 1, 4, 1, 0},
+                                             {256, 128, 64, 8, 64, 64, 8, 2, 2, 1, 4, 0, 1}};
 
 // Backward fallbacks for GPUs whose per-block shared memory opt-in is below the main table's backward
 // footprint (e.g. sm86 / sm89: 99 KB): FlashAttention-2's < 144 KB choices. Forward columns are unused here.
-inline constexpr TileConfig kTileTableLowSmem[] = {{64, 128, 64, 4, 64, 128, 8, 4, 4, 2, 4, 0, 1}};
+inline constexpr TileConfig kTileTableLowSmem[] = {{64, 128, 64, 4, 64, 128, 8, 4, 4, 2, 4, 1, 0}};
 
 constexpr TileConfig tile_config(int head_dim, bool low_smem = false) {
   if (low_smem)
@@ -82,8 +85,8 @@ struct BwdTraits {
   static constexpr int kNWarps = kCfg.bwd_warps;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kStages = kCfg.bwd_stages;
-  static constexpr bool kPSmemEarly = kCfg.bwd_p_smem_early != 0;
   static constexpr bool kDInAcc = kCfg.bwd_d_in_acc != 0;
+  static constexpr bool kAddrInLoop = kCfg.bwd_addr_in_loop != 0;
 
   // S = Q K^T and dP = dO V^T: warp grid kWM_S x kWN_S over (block_m, block_n).
   static constexpr int kWM_S = kCfg.bwd_sdp_wm;
@@ -111,8 +114,10 @@ struct BwdTraits {
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kSmemP = TileP::kElems * 2;
-  // K | V | Q[stages] | dO[stages] | P | dS
-  static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemP;
+  static constexpr int kSmemRowStats = 2 * kBlockM * 4;  // LSE and D of one query tile, fp32
+  // K | V | Q[stages] | dO[stages] | P | dS | (LSE, D)[stages]
+  static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemP + kStages * kSmemRowStats;
+  static_assert(2 * kBlockM <= kNThreads, "one thread per LSE / D element of a query tile");
 };
 
 }  // namespace flash_attn2::cuda

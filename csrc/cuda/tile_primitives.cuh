@@ -24,6 +24,11 @@ FA2_DEVICE void cp_async_16(uint32_t dst, const void* src, bool pred) {
   const int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
 }
+// 4-byte variant (row statistics such as the LSE; .cg takes only 16 bytes, so this one goes through L1).
+FA2_DEVICE void cp_async_4(uint32_t dst, const void* src, bool pred) {
+  const int src_size = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
+}
 FA2_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Wait until at most N committed groups are still in flight.
 template <int N>

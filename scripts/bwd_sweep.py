@@ -1,0 +1,81 @@
+"""Backward tile-configuration sweep: one library build per process (FLASH_ATTN2_LIBRARY), checked against a
+float64 reference, then timed beside SDPA flash in the same process. Used to pick rows of the traits table
+(csrc/cuda/kernel_traits.cuh); scripts/bwd_sweep.sh builds the variant libraries.
+
+    FLASH_ATTN2_LIBRARY=build/sweep/v1.so python3 scripts/bwd_sweep.py --label v1
+"""
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flash_attn2
+from flash_attn2.bench import median_ms_cuda
+
+
+def naive_grads(q, k, v, dout, causal, dtype):
+    """Gradients of softmax(q k^T / sqrt(d)) v computed in `dtype` (float64: the reference)."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        i = torch.arange(nq, device=q.device)[:, None]
+        j = torch.arange(nk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (nk - nq), float("-inf"))
+    out = torch.softmax(s, -1) @ v
+    return torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+
+
+def check(dtype):
+    """Max gradient error vs float64 over the allowance of the test suite (python/tests/reference.py): 2x the
+    error of the same naive attention computed in `dtype`, plus 1e-3."""
+    worst = 0.0
+    for d in (64, 128):
+        for nq, nk, causal in ((257, 1000, True), (1000, 257, False), (333, 333, True)):
+            q, k, v = (torch.randn(2, 4, n, d, device="cuda", dtype=dtype, requires_grad=True)
+                       for n in (nq, nk, nk))
+            dout = torch.randn(2, 4, nq, d, device="cuda", dtype=dtype)
+            ref = naive_grads(q, k, v, dout, causal, torch.float64)
+            theirs = naive_grads(q, k, v, dout, causal, dtype)
+            ours = torch.autograd.grad(flash_attn2.attention(q, k, v, causal), (q, k, v), dout)
+            for o, t, r in zip(ours, theirs, ref):
+                err_o = (o.double() - r).abs().max().item()
+                err_t = (t.double() - r).abs().max().item()
+                worst = max(worst, err_o / (2 * err_t + 1e-3))
+    return worst
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--label", default="")
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    worst = check(torch.bfloat16)
+    print(f"{args.label}: gradient error / allowed = {worst:.2f} {'ok' if worst <= 1 else 'FAIL'}", flush=True)
+    for d in (64, 128):
+        for causal in (False, True):
+            for n in (2048, 16384):
+                b, h = 16384 // n, 2048 // d
+                q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                           .requires_grad_() for _ in range(3))
+                dout = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                flops = 2.5 * 4 * b * h * n * n * d / (2 if causal else 1)
+
+                def bwd_ms(fn):
+                    out = fn()
+                    return median_ms_cuda(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                                          warmup=5, reps=args.reps)
+
+                ours = bwd_ms(lambda: flash_attn2.attention(q, k, v, causal))
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    flash = bwd_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                print(f"| {args.label} | {d} | {causal} | {n} | {flops / ours / 1e9:.0f} | {flops / flash / 1e9:.0f} "
+                      f"| {flash / ours:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
