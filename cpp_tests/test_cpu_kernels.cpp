@@ -47,6 +47,17 @@ TEST(CpuKernel, EmptyInputs) {
   EXPECT_EQ(dk.sizes(), kv.sizes());
 }
 
+TEST(CpuKernel, ZeroHeadDimGivesTheLogOfTheVisibleKeyCount) {
+  // Every score is 0, so softmax is uniform over the keys a row sees: lse = log(count), -inf for none.
+  for (bool causal : {false, true}) {
+    const at::Tensor q = at::randn({2, 2, 5, 0}, at::kDouble), kv = at::randn({2, 1, 3, 0}, at::kDouble);
+    const auto [out, lse] = attention_with_lse(q, kv, kv, causal);
+    EXPECT_EQ(out.sizes(), q.sizes());
+    const at::Tensor ref = std::get<1>(naive_attention(q, kv, kv, causal, 1.0));
+    EXPECT_TRUE(at::allclose(lse, ref.to(lse.dtype()), 1e-12, 1e-12, /*equal_nan=*/false)) << "causal " << causal;
+  }
+}
+
 TEST(CpuKernel, ExplicitScale) {
   const Case c{1, 2, 2, 33, 40, 16, true, at::kDouble, false};
   const Inputs in = random_inputs(c, at::kCPU);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "trivial_cases.h"
 #include "cpu/tile_math.h"
 
 namespace flash_attn2::cpu {
@@ -230,14 +231,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 std::tuple<at::Tensor, at::Tensor> fwd_with_lse_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     bool causal, std::optional<double> scale) {
   const ConcreteShape s = concrete(check_forward_inputs("flash_attn2::fwd_with_lse", q, k, v, scale));
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())));
-  if (out.numel() == 0) return {out, lse};
-  if (s.seqlen_k == 0) {  // no keys at all: every row sees nothing
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
-  }
+  auto [out, lse, done] = forward_outputs(q, s, causal);
+  if (done) return {out, lse};
   const double sm_scale = softmax_scale(scale, s.head_dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_attn2_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "checks.h"
+#include "trivial_cases.h"
 #include "cuda/flash_params.h"
 
 namespace flash_attn2::cuda {
@@ -117,14 +118,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_with_lse_cuda(const at::Tensor& q_in, con
   check_cuda_inputs(op, q_in, s);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
 
-  at::Tensor out = at::empty(q_in.sizes(), q_in.options());
-  at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q_in.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  if (s.seqlen_k == 0) {
-    out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
-  }
+  auto [out, lse, done] = forward_outputs(q_in, s, causal);
+  if (done) return {out, lse};
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   FwdParams params{};
   fill_forward_params(params, q, k, v, out, lse, s, causal, scale);

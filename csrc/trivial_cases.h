@@ -1,0 +1,25 @@
+// Results of the shapes no kernel needs to run on, shared by the CPU and CUDA backends so both give the same
+// answer: no output elements, no keys, or a zero head dim.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "checks.h"
+
+namespace flash_attn2 {
+
+struct ForwardOutputs {
+  at::Tensor out;  // like q
+  at::Tensor lse;  // (B, Hq, Nq) in lse_dtype(q)
+  bool done;       // true: out and lse are final, the kernel must not run
+};
+
+// Allocates the forward's outputs on q's device. They come back final (done) when
+//   - there are no keys: every row sees nothing, so out = 0 and lse = -inf (what the kernels give a row
+//     whose keys are all masked), or
+//   - the head dim is 0: every score is 0, so out is empty and lse = log(number of keys the row sees),
+//     -inf where it sees none (bottom-right causal rule), or
+//   - there are no output elements at all.
+ForwardOutputs forward_outputs(const at::Tensor& q, const ConcreteShape& s, bool causal);
+
+}  // namespace flash_attn2
