@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
   const int q_m0 = (warp % Kt::kWM_Q) * (Kt::kMT_Q * 16);    // dQ rows
   const int q_d0 = (warp / Kt::kWM_Q) * (Kt::kNT_Q * 8);     // dQ cols
   // Per-GEMM copies of the lane / warp offsets; see TileConfig::bwd_addr_in_loop and opaque().
-  auto in_loop = [](int x) { return Kt::kAddrInLoop ? opaque(x) : x; };
+  auto in_loop = [](int x, int gemm_bit) { return (Kt::kAddrInLoop & gemm_bit) ? opaque(x) : x; };
 
   auto load_q_do = [&](int it, int stage) {
     const int head = blk.head_kv * group + it / m_count;
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
       float acc_s[Kt::kMT_S][Kt::kNT_S][4];
       zero_acc(acc_s);
       gemm_ss<T, Kt::kMT_S, Kt::kNT_S, Kt::kHeadDim / 16, Operand<TileQ, false>, Operand<TileKV, false>>(
-          acc_s, sQ_s, in_loop(s_m0), sK_u, in_loop(s_n0), in_loop(lane));
+          acc_s, sQ_s, in_loop(s_m0, Kt::kGemmS), sK_u, in_loop(s_n0, Kt::kGemmS), in_loop(lane, Kt::kGemmS));
       if (tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag))
         apply_mask(acc_s, row0 + s_m0 + g, blk.key0 + s_n0 + 2 * t, p.seqlen_k, p.causal, diag);
 #pragma unroll
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dp[mi][ni][e] = Kt::kDInAcc ? -dsum[mi][e / 2] : 0.f;
     gemm_ss<T, Kt::kMT_S, Kt::kNT_S, Kt::kHeadDim / 16, Operand<TileQ, false>, Operand<TileKV, false>>(
-        acc_dp, sdO_s, in_loop(s_m0), sV_u, in_loop(s_n0), in_loop(lane));
+        acc_dp, sdO_s, in_loop(s_m0, Kt::kGemmDP), sV_u, in_loop(s_n0, Kt::kGemmDP), in_loop(lane, Kt::kGemmDP));
 
     // P and dS = P * (dP - D) to smem as T (the transposed A operands of dV / dK, and the A operand of dQ).
 #pragma unroll
@@ -276,16 +276,18 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
     // dV += P^T dO, dK += dS^T Q.
     constexpr bool kKVRowVar = Kt::kWN_KV > 1, kKVColVar = Kt::kWD_KV > 1;
     gemm_ss<T, Kt::kMT_KV, Kt::kNT_KV, kBlockM / 16, Operand<TileP, true, kKVRowVar>,
-            Operand<TileQ, true, kKVColVar>>(acc_dv, sP_u, in_loop(kv_n0), sdO_s, in_loop(kv_d0), in_loop(lane));
+            Operand<TileQ, true, kKVColVar>>(acc_dv, sP_u, in_loop(kv_n0, Kt::kGemmDV), sdO_s,
+                                             in_loop(kv_d0, Kt::kGemmDV), in_loop(lane, Kt::kGemmDV));
     gemm_ss<T, Kt::kMT_KV, Kt::kNT_KV, kBlockM / 16, Operand<TileP, true, kKVRowVar>,
-            Operand<TileQ, true, kKVColVar>>(acc_dk, sdS_u, in_loop(kv_n0), sQ_s, in_loop(kv_d0), in_loop(lane));
+            Operand<TileQ, true, kKVColVar>>(acc_dk, sdS_u, in_loop(kv_n0, Kt::kGemmDK), sQ_s,
+                                             in_loop(kv_d0, Kt::kGemmDK), in_loop(lane, Kt::kGemmDK));
 
     // dQ_accum += dS K.
     {
       float acc_dq[Kt::kMT_Q][Kt::kNT_Q][4];
       zero_acc(acc_dq);
       gemm_ss<T, Kt::kMT_Q, Kt::kNT_Q, kBlockN / 16, Operand<TileP, false>, Operand<TileKV, true, (Kt::kWD_Q > 1)>>(
-          acc_dq, sdS_u, in_loop(q_m0), sK_u, in_loop(q_d0), in_loop(lane));
+          acc_dq, sdS_u, in_loop(q_m0, Kt::kGemmDQ), sK_u, in_loop(q_d0, Kt::kGemmDQ), in_loop(lane, Kt::kGemmDQ));
       float* dq = p.dq_accum + (row_base + row0) * d;
       const bool full_tile = row0 + kBlockM <= p.seqlen_q && d == Kt::kHeadDim;  // no bounds checks needed
 #pragma unroll
@@ -297,7 +299,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
 #pragma unroll
             for (int ni = 0; ni < Kt::kNT_Q; ++ni) {
               const int c = q_d0 + ni * 8 + 2 * t;
-              if (full_tile || c < d) red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc_dq[mi][ni][2 * h], acc_dq[mi][ni][2 * h + 1]);
+              if (full_tile || c < d)
+                red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc_dq[mi][ni][2 * h], acc_dq[mi][ni][2 * h + 1]);
             }
           }
         }

@@ -15,9 +15,10 @@ struct TileConfig {
   //   bwd_stages = 2 double-buffers Q/dO (prefetch the next query tile during the current one).
   //   bwd_d_in_acc = 1 starts the dP accumulator at -D (so it ends as dP - D) instead of keeping D live during
   //   the dP GEMM and subtracting afterwards.
-  //   bwd_addr_in_loop = 1 rebuilds the warp's fragment addresses inside every GEMM of the query-tile loop
-  //   instead of letting the compiler keep them all live across it: a few integer ops per GEMM for ~20 free
-  //   registers, which is what lets the larger-reuse warp grids fit in 255 registers.
+  //   bwd_addr_in_loop: a mask of the GEMMs (1 S, 2 dP, 4 dV, 8 dK, 16 dQ; 31 all) whose warp fragment addresses
+  //   are rebuilt inside the query-tile loop instead of being kept live across it by the compiler: a few
+  //   integer ops per GEMM for up to ~20 free registers, which is what lets the larger-reuse warp grids fit in
+  //   255 registers.
   //   The last two are register-allocation choices, picked per head dim from ptxas -v (spills) and timings;
   //   they do not change the results beyond fp32 rounding order.
   int bwd_m, bwd_n, bwd_warps, bwd_dkv_wn, bwd_dq_wm, bwd_stages, bwd_sdp_wm, bwd_d_in_acc, bwd_addr_in_loop;
@@ -25,16 +26,16 @@ struct TileConfig {
 
 // Starting point: FlashAttention-2's sm80/sm90 choices (flash_fwd_launch_template.h /
 // flash_bwd_launch_template.h; backward: the >= 144 KB shared-memory variants). The d64 and d128 backward rows
-// were then picked by timing variants on an H100 (scripts/bwd_sweep.sh, docs/perf.md v3).
+// were then picked by timing variants on an H100 (scripts/tile_sweep.sh, docs/perf.md v3).
 //                                     d   fwd M   N  W   bwd M   N  W dKV dQ stages S/dP Dacc Addr
 inline constexpr TileConfig kTileTable[] = {{32, 128, 128, 4, 128, 128, 8, 8, 8, 2, 4, 1, 0},
-                                             {64, 128, 64, 4, 128, 128, 8, 4, 4, 2, 2, 1, 1},
+                                             {64, 128, 128, 4, 128, 128, 8, 4, 4, 2, 2, 1, 3},
                                              {96, 128, 64, 4, 64, 128, 8, 8, 4, 2, 4, 1, 0},
-                                             {128, 128, 64, 4, 64, 128, 8, 4, 2, 2, 2, 0, 1},
+                                             {128, 128, 64, 4, 64, 128, 8, 4, 2, 2, 2, 0, 28},
                                              {160, 128, 32, 4, 64, 64, 8, 4, 4, 2, 4, 1, 0},
                                              {192, 128, 64, 8, 64, 64, 8, 2, 2, 2, 4, 1, 0},
                                              {224, 128, 64, 8, 64, 64, 8, 4, 4, 1, 4, 1, 0},
-                                             {256, 128, 64, 8, 64, 64, 8, 2, 2, 1, 4, 0, 1}};
+                                             {256, 128, 64, 8, 64, 64, 8, 2, 2, 1, 4, 0, 31}};
 
 // Backward fallbacks for GPUs whose per-block shared memory opt-in is below the main table's backward
 // footprint (e.g. sm86 / sm89: 99 KB): FlashAttention-2's < 144 KB choices. Forward columns are unused here.
@@ -86,7 +87,8 @@ struct BwdTraits {
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kStages = kCfg.bwd_stages;
   static constexpr bool kDInAcc = kCfg.bwd_d_in_acc != 0;
-  static constexpr bool kAddrInLoop = kCfg.bwd_addr_in_loop != 0;
+  static constexpr int kAddrInLoop = kCfg.bwd_addr_in_loop;
+  static constexpr int kGemmS = 1, kGemmDP = 2, kGemmDV = 4, kGemmDK = 8, kGemmDQ = 16;
 
   // S = Q K^T and dP = dO V^T: warp grid kWM_S x kWN_S over (block_m, block_n).
   static constexpr int kWM_S = kCfg.bwd_sdp_wm;

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Builds one libflash_attn2.so per backward tile configuration, for scripts/bwd_sweep.py to time on a GPU.
+# Builds one libflash_attn2.so per tile configuration, for scripts/tile_sweep.py to time on a GPU.
 # Runs anywhere nvcc is (no GPU needed): after one full build of BUILD (sm_90 is enough), each variant
-# rebuilds only the backward translation units of the head dims it changes and relinks into OUT/NAME.so.
+# rebuilds only the translation units of the head dims it changes and relinks into OUT/NAME.so.
 #
-#   scripts/bwd_sweep.sh BUILD OUT 'NAME=ROW[;ROW...]' ...
-#   ROW: a kTileTable row as written in csrc/cuda/kernel_traits.cuh, e.g. '{128, 128, 64, 4, 64, 128, 8, 4, 2, 2, 2, 0, 1}'
+#   scripts/tile_sweep.sh BUILD OUT 'NAME=ROW[;ROW...]' ...
+#   ROW: a kTileTable row as written in csrc/cuda/kernel_traits.cuh, e.g. '{128, 128, 64, 4, 64, 128, 8, 4, 2, 2, 2, 0, 31}'
 #   A NAME with no '=' links the table as committed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ new, n = re.subn(r"\{%s, [0-9, ]*\}" % d, row, text, count=1)
 assert n == 1, f"no table row for head dim {d}"
 open(path, "w").write(new)
 EOF
-      for dt in bf16 fp16; do objs+=("CMakeFiles/flash_attn2.dir/generated/flash_bwd_hdim${d}_${dt}.cu.o"); done
+      for dir in fwd bwd; do for dt in bf16 fp16; do objs+=("CMakeFiles/flash_attn2.dir/generated/flash_${dir}_hdim${d}_${dt}.cu.o"); done; done
     done
   fi
   ((${#objs[@]})) && ninja -C "$build" "${objs[@]}" | grep -E "spill|error" || true

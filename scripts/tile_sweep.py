@@ -1,8 +1,9 @@
-"""Backward tile-configuration sweep: one library build per process (FLASH_ATTN2_LIBRARY), checked against a
-float64 reference, then timed beside SDPA flash in the same process. Used to pick rows of the traits table
-(csrc/cuda/kernel_traits.cuh); scripts/bwd_sweep.sh builds the variant libraries.
+"""Tile-configuration sweep: one library build per process (FLASH_ATTN2_LIBRARY), its gradients checked
+against a float64 reference, then fwd and bwd timed beside SDPA flash in the same process (bf16, D 64 / 128).
+Used to pick rows of the traits table (csrc/cuda/kernel_traits.cuh); scripts/tile_sweep.sh builds the variant
+libraries. Columns: label | D | causal | N | fwd ours | fwd flash | ratio | bwd ours | bwd flash | ratio (TFLOP/s).
 
-    FLASH_ATTN2_LIBRARY=build/sweep/v1.so python3 scripts/bwd_sweep.py --label v1
+    FLASH_ATTN2_LIBRARY=build/sweep/v1.so python3 scripts/tile_sweep.py --label v1
 """
 
 import argparse
@@ -63,18 +64,23 @@ def main():
                 q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                            .requires_grad_() for _ in range(3))
                 dout = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                flops = 2.5 * 4 * b * h * n * n * d / (2 if causal else 1)
+                fwd_flops = 4 * b * h * n * n * d / (2 if causal else 1)
 
-                def bwd_ms(fn):
+                def fwd_bwd_ms(fn):
+                    with torch.no_grad():
+                        fwd = median_ms_cuda(fn, warmup=5, reps=args.reps)
                     out = fn()
-                    return median_ms_cuda(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
-                                          warmup=5, reps=args.reps)
+                    bwd = median_ms_cuda(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                                         warmup=5, reps=args.reps)
+                    return fwd, bwd
 
-                ours = bwd_ms(lambda: flash_attn2.attention(q, k, v, causal))
+                ours = fwd_bwd_ms(lambda: flash_attn2.attention(q, k, v, causal))
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    flash = bwd_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-                print(f"| {args.label} | {d} | {causal} | {n} | {flops / ours / 1e9:.0f} | {flops / flash / 1e9:.0f} "
-                      f"| {flash / ours:.3f} |", flush=True)
+                    flash = fwd_bwd_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                cells = []
+                for i, flops in ((0, fwd_flops), (1, 2.5 * fwd_flops)):
+                    cells += [f"{flops / ours[i] / 1e9:.0f}", f"{flops / flash[i] / 1e9:.0f}", f"{flash[i] / ours[i]:.3f}"]
+                print(f"| {args.label} | {d} | {causal} | {n} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
