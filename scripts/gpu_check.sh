@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build (sm_90 by default), run the GoogleTest and pytest suites on the GPU,
-# compute-sanitizer memcheck and racecheck on small shapes, then the benchmark. Prints a short summary last.
-#   scripts/gpu_check.sh [all|tests|bench|sanitize]   (FLASH_ATTN2_CUDA_ARCHS, BENCH_ARGS, OUT override)
+# One call on a GPU machine: build (sm_90a by default), run the GoogleTest and pytest suites on the GPU (the
+# CUDA kernel tests twice: default kernel selection, then the portable mma.sync kernels), compute-sanitizer
+# memcheck and racecheck on small shapes (both selections), the backward kernels side by side
+# (scripts/compare_kernels.py), then the benchmark. Prints a short summary last.
+#   scripts/gpu_check.sh [all|tests|compare|bench|sanitize]   (FLASH_ATTN2_CUDA_ARCHS, BENCH_ARGS, OUT override)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -20,7 +22,7 @@ if [[ -x /usr/bin/g++ ]]; then
 fi
 start=$(date +%s)
 if ! cmake -S . -B $BUILD -G Ninja -DFLASH_ATTN2_BUILD_TESTS=ON -DFLASH_ATTN2_WITH_CUDA=ON "${compiler[@]}" \
-      -DFLASH_ATTN2_CUDA_ARCHS="${FLASH_ATTN2_CUDA_ARCHS:-90}" >"$OUT/configure.log" 2>&1; then
+      -DFLASH_ATTN2_CUDA_ARCHS="${FLASH_ATTN2_CUDA_ARCHS:-90a}" >"$OUT/configure.log" 2>&1; then
   tail -40 "$OUT/configure.log"; exit 1
 fi
 if ! cmake --build $BUILD -j"$(nproc)" >"$OUT/build.log" 2>&1; then
@@ -31,7 +33,10 @@ summary+=("build: $(( $(date +%s) - start )) s with $(grep -m1 'CXX compiler ide
 # runtime next to the one Python's process already has; error messages built with it have crashed there.
 if ! command -v readelf >/dev/null; then stdcxx="no readelf: libstdc++ linkage unknown"
 elif readelf -d $BUILD/libflash_attn2.so | grep -q 'libstdc++'; then stdcxx="libstdc++ linked dynamically"
-else stdcxx="libstdc++ NOT in NEEDED (linked statically?): error-path tests may crash in Python"; fi
+else
+  stdcxx="libstdc++ NOT in NEEDED (linked statically?): error-path tests may crash in Python; linked by: $(
+    ninja -C $BUILD -t commands flash_attn2 | tail -1 | sed 's/^.*&& //' | cut -c1-120)"
+fi
 summary+=("toolchain: $stdcxx")
 export FLASH_ATTN2_LIBRARY=$PWD/$BUILD/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 
@@ -39,6 +44,10 @@ if [[ $what == all || $what == tests ]]; then
   ctest --test-dir $BUILD -j4 --timeout 600 >"$OUT/ctest.log" 2>&1
   grep -E "Failed|\*\*\*" "$OUT/ctest.log" | head -40
   summary+=("ctest: $(grep -E 'tests passed' "$OUT/ctest.log")")
+  FLASH_ATTN2_PORTABLE_KERNELS=1 $BUILD/cpp_tests/test_cuda_kernels >"$OUT/ctest_portable.log" 2>&1
+  rc=$?
+  grep -E "FAILED|Failure" "$OUT/ctest_portable.log" | head -20
+  summary+=("CUDA kernel tests, portable kernels (rc $rc): $(grep -E '^\[  PASSED  \]|tests? FAILED' "$OUT/ctest_portable.log" | tr '\n' ' ')")
   # The error-path tests run in their own process, so that a crash there (see "toolchain") cannot hide the
   # results of the others.
   errors_k="bad or errors or refused"
@@ -50,10 +59,18 @@ if [[ $what == all || $what == tests ]]; then
   summary+=("pytest error paths (rc $rc): $(tail -1 "$OUT/pytest_errors.log")")
 fi
 if [[ $what == all || $what == sanitize ]]; then
-  for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py >"$OUT/$tool.log" 2>&1
-    summary+=("$tool (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1)")
+  for portable in 0 1; do
+    for tool in memcheck racecheck; do
+      FLASH_ATTN2_PORTABLE_KERNELS=$portable compute-sanitizer --tool $tool --error-exitcode 9 \
+        python3 scripts/sanitize_cases.py >"$OUT/$tool$portable.log" 2>&1
+      summary+=("$tool, portable=$portable (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool$portable.log" | tail -1)")
+    done
   done
+fi
+if [[ $what == all || $what == compare ]]; then
+  python3 scripts/compare_kernels.py >"$OUT/compare.log" 2>&1
+  summary+=("compare_kernels rc $?")
+  cat "$OUT/compare.log"
 fi
 if [[ $what == all || $what == bench ]]; then
   python3 -m flash_attn2.bench --device cuda ${BENCH_ARGS:-} --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1

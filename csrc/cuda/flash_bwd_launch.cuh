@@ -4,9 +4,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/flash_bwd_kernel.cuh"
+#include "cuda/flash_bwd_sm90_kernel.cuh"
 #include "cuda/flash_fwd_launch.cuh"  // detail:: helpers
 #include "cuda/flash_params.h"
 #include "cuda/kernel_traits.cuh"
@@ -23,11 +26,51 @@ void launch_bwd_main(const BwdParams& params, cudaStream_t stream) {
   kernel<<<grid_1d(num_n * params.heads_kv * params.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(params);
   FA2_CHECK_LAUNCH();
 }
+
+template <class Kt>
+void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
+  const int64_t num_n = (params.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  auto kernel = &flash_bwd_sm90_kernel<Kt>;
+  set_smem_limit(kernel, Kt::kSmemBytes);
+  kernel<<<grid_1d(num_n * params.heads_kv * params.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(params);
+  FA2_CHECK_LAUNCH();
+}
+
+// The mma.sync kernel (sm_80+), or its smaller-tile variant where the GPU's per-block shared memory is below
+// the main configuration's (sm86 / sm89: 99 KB).
+template <typename T, int kHeadDim>
+void launch_bwd_portable(const BwdParams& params, cudaStream_t stream) {
+  using Kt = BwdTraits<T, kHeadDim>;
+  using KtLow = BwdTraits<T, kHeadDim, true>;
+  if constexpr (KtLow::kSmemBytes < Kt::kSmemBytes) {
+    int dev = 0, optin = 0;
+    FA2_CUDA_CHECK(cudaGetDevice(&dev));
+    FA2_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (optin < Kt::kSmemBytes) return launch_bwd_main<KtLow>(params, stream);
+  }
+  launch_bwd_main<Kt>(params, stream);
+}
+
+// The wgmma kernels exist in builds that include sm_90a code (FLASH_ATTN2_CUDA_ARCHS with 90a) and run on
+// sm_90 devices only; FLASH_ATTN2_PORTABLE_KERNELS=1 in the environment selects the mma.sync kernels there too
+// (tests use it to cover both on one GPU).
+inline bool use_sm90_kernels() {
+#if defined(FLASH_ATTN2_SM90A)
+  const char* portable = std::getenv("FLASH_ATTN2_PORTABLE_KERNELS");
+  if (portable != nullptr && std::strcmp(portable, "0") != 0 && portable[0] != '\0') return false;
+  int dev = 0, major = 0, minor = 0;
+  FA2_CUDA_CHECK(cudaGetDevice(&dev));
+  FA2_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  FA2_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
 }  // namespace detail
 
 template <typename T, int kHeadDim>
 void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
-  using Kt = BwdTraits<T, kHeadDim>;
   detail::check_shapes(params, kHeadDim);
   if (params.batch == 0 || params.heads_q == 0) return;
   constexpr int64_t kMaxGrid = 1 << 20;  // grid-stride kernels: enough blocks to fill any GPU
@@ -42,20 +85,12 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
   }
 
   // Also runs when seqlen_q == 0: every key tile then writes dK = dV = 0.
-  const int64_t num_n = (params.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
-  const int64_t main_blocks = num_n * params.heads_kv * params.batch;
-  if (main_blocks > 0) {
-    using KtLow = BwdTraits<T, kHeadDim, true>;
-    if constexpr (KtLow::kSmemBytes < Kt::kSmemBytes) {
-      // The main configuration needs more shared memory per block than some GPUs allow (sm86 / sm89: 99 KB):
-      // use the fallback configuration there.
-      int dev = 0, optin = 0;
-      FA2_CUDA_CHECK(cudaGetDevice(&dev));
-      FA2_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-      if (optin < Kt::kSmemBytes) detail::launch_bwd_main<KtLow>(params, stream);
-      else detail::launch_bwd_main<Kt>(params, stream);
+  if (params.seqlen_k > 0) {
+    if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+      if (detail::use_sm90_kernels()) detail::launch_bwd_sm90<BwdSm90Traits<T, kHeadDim>>(params, stream);
+      else detail::launch_bwd_portable<T, kHeadDim>(params, stream);
     } else {
-      detail::launch_bwd_main<Kt>(params, stream);
+      detail::launch_bwd_portable<T, kHeadDim>(params, stream);
     }
   }
 

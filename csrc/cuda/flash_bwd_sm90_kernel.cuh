@@ -1,0 +1,274 @@
+// FlashAttention-2 backward main kernel on Hopper warpgroup MMA (wgmma, sm_90a), for head dims 64 and 128.
+//
+// Same algorithm and contract as flash_bwd_kernel (preprocess and dQ conversion kernels are shared): one block
+// per (key tile of 128, kv head, batch) loops over the q heads of its GQA group and the query tiles that see
+// the key tile. Two warpgroups each own 64 keys and compute everything transposed, keys as rows:
+//       S^T  = K Q^T,  dP^T = V dO^T                       (wgmma, both operands in shared memory)
+//       P^T  = exp2(S^T * scale_log2 - lse * log2e),  dS^T = P^T * (dP^T - D)      (registers)
+//       dV  += P^T dO, dK += dS^T Q                        (wgmma, A = P^T / dS^T straight from registers:
+//                                                           the accumulator layout is the A-fragment layout)
+//       dQ_accum += dS K                                   (dS^T via shared memory; fp32 red.global.add)
+// Keeping keys as rows is what lets P^T and dS^T feed the dV / dK products without a trip through shared
+// memory; only dQ needs dS in shared memory, as the M-major A operand.
+// Q/dO (with their LSE and D rows) are double-buffered with cp.async.
+#pragma once
+
+#include <climits>
+#include <cmath>
+
+#include "cuda/block_info.cuh"
+#include "cuda/flash_params.h"
+#include "cuda/mask.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/tile_primitives.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace flash_attn2::cuda {
+
+template <typename T, int kHeadDim_>
+struct BwdSm90Traits {
+  using Elem = T;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kNThreads = kWarpGroups * 128;
+  static constexpr int kBlockN = 64 * kWarpGroups;            // keys per block, 64 per warpgroup
+  static constexpr int kBlockM = kHeadDim <= 64 ? 128 : 64;   // queries per step
+  // dQ of one step (kBlockM x d) is split into one 64 x 64 tile per warpgroup: by query rows when
+  // kBlockM = 128 (d = 64), by columns when d = 128 (kBlockM = 64).
+  static constexpr bool kDqSplitRows = kBlockM == 128;
+  static_assert(kBlockM * kHeadDim == kWarpGroups * 64 * 64, "one 64 x 64 dQ tile per warpgroup");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward is built for d = 64 and 128");
+
+  using TileQ = SwizzledTile<kBlockM, kHeadDim>;   // Q and dO
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;  // K and V (later dK and dV staging)
+  using TileDS = SwizzledTile<kBlockN, kBlockM>;   // dS^T, [key][query]
+  static constexpr int kSmemQ = TileQ::kElems * 2;
+  static constexpr int kSmemKV = TileKV::kElems * 2;
+  static constexpr int kSmemDS = TileDS::kElems * 2;
+  static constexpr int kSmemRowStats = 2 * kBlockM * 4;  // LSE and D of one query tile, fp32
+  static constexpr int kAlign = 1024;                    // the 128-byte swizzle repeats every 1024 bytes
+  // K | V | Q[2] | dO[2] | dS^T | (LSE, D)[2], plus slack to align the start.
+  static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + kSmemDS + 2 * kSmemRowStats + kAlign;
+  static_assert(2 * kBlockM <= kNThreads, "one thread per LSE / D element of a query tile");
+};
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const __grid_constant__ BwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Kt::Elem;
+  using TileQ = typename Kt::TileQ;
+  using TileKV = typename Kt::TileKV;
+  using TileDS = typename Kt::TileDS;
+  using namespace sm90;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kThreads = Kt::kNThreads;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_u = smem_u32(smem_raw);
+  const uint32_t sK_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
+  unsigned char* smem = smem_raw + (sK_u - raw_u);
+  const uint32_t sV_u = sK_u + Kt::kSmemKV;
+  const uint32_t sQ_u = sV_u + Kt::kSmemKV;               // stage s at + s * kSmemQ
+  const uint32_t sdO_u = sQ_u + 2 * Kt::kSmemQ;           // stage s at + s * kSmemQ
+  const uint32_t sdS_u = sdO_u + 2 * Kt::kSmemQ;
+  const uint32_t sStats_u = sdS_u + Kt::kSmemDS;          // stage s: LSE at s * 2M, D at + M (floats)
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = reinterpret_cast<T*>(smem + Kt::kSmemKV);
+  T* sdS = reinterpret_cast<T*>(smem + (sdS_u - sK_u));
+  const float* sStats = reinterpret_cast<const float*>(smem + (sStats_u - sK_u));
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wg = warp / 4;
+  const int g = lane >> 2, t = lane & 3;
+  // Block-local key row of this thread's accumulator elements i with (i / 2) % 2 == 0 (the others are 8 below).
+  const int key_row = 64 * wg + 16 * (warp % 4) + g;
+
+  const BwdBlockInfo<kBlockN> blk(p);
+  const int d = p.head_dim;
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const int group = p.heads_q / p.heads_kv;
+  const int num_m = ceil_div(p.seqlen_q, kBlockM);
+  const int m_begin = p.causal ? max(0, blk.key0 - diag) / kBlockM : 0;
+  const int m_count = max(0, num_m - m_begin);
+  const int total = group * m_count;
+
+  auto load_q_do = [&](int it, int stage) {
+    const int head = blk.head_kv * group + it / m_count;
+    const int row0 = (m_begin + it % m_count) * kBlockM;
+    const T* q = static_cast<const T*>(p.q) +
+                 row_offset(blk.batch, head, row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+    const T* dout = static_cast<const T*>(p.dout) +
+                    row_offset(blk.batch, head, row0, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
+    const int rows = p.seqlen_q - row0;
+    g2s_tile_async<TileQ, kThreads>(sQ_u + stage * Kt::kSmemQ, q, p.q_row_stride, rows, d, tid);
+    g2s_tile_async<TileQ, kThreads>(sdO_u + stage * Kt::kSmemQ, dout, p.do_row_stride, rows, d, tid);
+    if (tid < 2 * kBlockM) {
+      const int r = tid % kBlockM;
+      const bool is_d = tid >= kBlockM;
+      const index_t idx = (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.seqlen_q + row0 + r;
+      const bool ok = r < rows;
+      cp_async_4(sStats_u + static_cast<uint32_t>(stage * Kt::kSmemRowStats + tid * 4),
+                 ok ? static_cast<const float*>(is_d ? p.softmax_d : p.lse) + idx : p.lse, ok);
+    }
+  };
+
+  {
+    const T* k = static_cast<const T*>(p.k) +
+                 row_offset(blk.batch, blk.head_kv, blk.key0, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+    const T* v = static_cast<const T*>(p.v) +
+                 row_offset(blk.batch, blk.head_kv, blk.key0, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+    g2s_tile_async<TileKV, kThreads>(sK_u, k, p.k_row_stride, blk.keys, d, tid);
+    g2s_tile_async<TileKV, kThreads>(sV_u, v, p.v_row_stride, blk.keys, d, tid);
+    if (total > 0) load_q_do(0, 0);
+    cp_async_commit();
+  }
+
+  constexpr int kAccS = kBlockM / 2;    // S^T / dP^T accumulators per thread (64 keys x kBlockM queries)
+  constexpr int kAccKV = kHeadDim / 2;  // dK / dV accumulators per thread (64 keys x d)
+  constexpr int kKSteps = kBlockM / 16; // k16 steps of dV / dK (over queries)
+  float acc_dk[kAccKV], acc_dv[kAccKV];
+#pragma unroll
+  for (int i = 0; i < kAccKV; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+
+  for (int it = 0; it < total; ++it) {
+    const int head = blk.head_kv * group + it / m_count;
+    const int row0 = (m_begin + it % m_count) * kBlockM;
+    const int stage = it & 1;
+    cp_async_wait<0>();
+    fence_proxy_async_smem();  // cp.async wrote Q/dO (and K/V) through the generic proxy; wgmma reads them
+    __syncthreads();           // ... and every warp is done with the previous step's Q/dO stage and dS^T
+    if (it + 1 < total) {
+      load_q_do(it + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const uint32_t sQ_s = sQ_u + stage * Kt::kSmemQ;
+    const uint32_t sdO_s = sdO_u + stage * Kt::kSmemQ;
+
+    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys.
+    float acc_s[kAccS], acc_dp[kAccS];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks)
+      WgmmaOp<T, kBlockM>::template ss<0, 0>(acc_s, desc_k_major<TileKV>(sK_u, 64 * wg, ks),
+                                             desc_k_major<TileQ>(sQ_s, 0, ks), ks > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks)
+      WgmmaOp<T, kBlockM>::template ss<0, 0>(acc_dp, desc_k_major<TileKV>(sV_u, 64 * wg, ks),
+                                             desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
+    wgmma_commit();
+
+    // P^T in place of S^T. Column c of the accumulators is query row0 + c; its LSE comes as log2 units with
+    // -inf (a row that sees no key) turned into +inf so that P = 0 there.
+    const float* s_lse = sStats + stage * (Kt::kSmemRowStats / 4);
+    const float* s_d = s_lse + kBlockM;
+    const bool need_mask = tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag);
+    wgmma_wait<1>();
+    fence_regs(acc_s);
+#pragma unroll
+    for (int j = 0; j < kBlockM / 8; ++j) {
+      const int c = 8 * j + 2 * t;
+      const float2 l = *reinterpret_cast<const float2*>(s_lse + c);
+      const float l0 = l.x == -INFINITY ? INFINITY : l.x * kLog2e;
+      const float l1 = l.y == -INFINITY ? INFINITY : l.y * kLog2e;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float& s0 = acc_s[4 * j + 2 * h];
+        float& s1 = acc_s[4 * j + 2 * h + 1];
+        if (need_mask) {
+          const int key = blk.key0 + key_row + 8 * h;
+          // Key `key` is visible to query q iff key < seqlen_k and (not causal or key <= q + diag).
+          const int first_q = p.causal ? key - diag : INT_MIN;
+          const bool key_ok = key < p.seqlen_k;
+          if (!key_ok || row0 + c < first_q) s0 = -INFINITY;
+          if (!key_ok || row0 + c + 1 < first_q) s1 = -INFINITY;
+        }
+        s0 = fast_exp2(fmaf(s0, p.scale_log2, -l0));
+        s1 = fast_exp2(fmaf(s1, p.scale_log2, -l1));
+      }
+    }
+    wgmma_wait<0>();
+    fence_regs(acc_dp);
+
+    // dS^T = P^T (dP^T - D); both packed into A fragments (k16 step kk = queries 16kk .. 16kk + 15), and
+    // dS^T stored to shared memory for dQ.
+    uint32_t p_frag[kKSteps][4], ds_frag[kKSteps][4];
+#pragma unroll
+    for (int j = 0; j < kBlockM / 8; ++j) {
+      const int c = 8 * j + 2 * t;
+      const float2 dd = *reinterpret_cast<const float2*>(s_d + c);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = 4 * j + 2 * h;
+        const uint32_t pp = pack2<T>(acc_s[i], acc_s[i + 1]);
+        const uint32_t ds = pack2<T>(acc_s[i] * (acc_dp[i] - dd.x), acc_s[i + 1] * (acc_dp[i + 1] - dd.y));
+        // Accumulator pair (j, h) is A-fragment register 2 * (j % 2) + h of k step j / 2.
+        p_frag[j / 2][2 * (j % 2) + h] = pp;
+        ds_frag[j / 2][2 * (j % 2) + h] = ds;
+        *reinterpret_cast<uint32_t*>(sdS + TileDS::offset(key_row + 8 * h, c)) = ds;
+      }
+    }
+
+    // dV += P^T dO, dK += dS^T Q (B operands M-major: the query rows of dO / Q are the K dim).
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      WgmmaOp<T, kHeadDim>::template rs<1>(acc_dv, p_frag[kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      WgmmaOp<T, kHeadDim>::template rs<1>(acc_dk, ds_frag[kk], desc_mn_major<TileQ>(sQ_s, 0, kk), 1);
+    wgmma_commit();
+
+    // dQ (64 x 64 per warpgroup) = dS K over the block's 128 keys: A = dS from dS^T (M-major), B = K (N-major).
+    fence_proxy_async_smem();
+    __syncthreads();  // both warpgroups' dS^T are in shared memory
+    float acc_dq[32];
+    const int dq_row0 = Kt::kDqSplitRows ? 64 * wg : 0;
+    const int dq_col0 = Kt::kDqSplitRows ? 0 : 64 * wg;
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks)
+      WgmmaOp<T, 64>::template ss<1, 1>(acc_dq, desc_mn_major<TileDS>(sdS_u, dq_row0 / 64, ks),
+                                        desc_mn_major<TileKV>(sK_u, dq_col0 / 64, ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc_dq);
+    fence_regs(acc_dv);
+    fence_regs(acc_dk);
+    fence_regs(p_frag);  // the A fragments stay untouched until the MMAs reading them are done
+    fence_regs(ds_frag);
+
+    const index_t row_base = (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.seqlen_q;
+    float* dq = p.dq_accum + (row_base + row0) * d;
+    const bool full_tile = row0 + kBlockM <= p.seqlen_q && d == kHeadDim;
+#pragma unroll
+    for (int i = 0; i < 32; i += 2) {
+      const int r = dq_row0 + 16 * (warp % 4) + g + 8 * ((i / 2) % 2);
+      const int c = dq_col0 + 8 * (i / 4) + 2 * t;
+      if (full_tile || (row0 + r < p.seqlen_q && c < d))
+        red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc_dq[i], acc_dq[i + 1]);
+    }
+  }
+
+  // Epilogue: dK * scale and dV as T through the K / V buffers, then 16-byte stores.
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kAccKV; i += 2) {
+    const int r = key_row + 8 * ((i / 2) % 2), c = 8 * (i / 4) + 2 * t;
+    st_pair<TileKV, T>(sK, r, c, acc_dk[i] * p.scale, acc_dk[i + 1] * p.scale);
+    st_pair<TileKV, T>(sV, r, c, acc_dv[i], acc_dv[i + 1]);
+  }
+  __syncthreads();
+  T* dk = static_cast<T*>(p.dk) +
+          row_offset(blk.batch, blk.head_kv, blk.key0, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+  T* dv = static_cast<T*>(p.dv) +
+          row_offset(blk.batch, blk.head_kv, blk.key0, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  s2g_tile<TileKV, kThreads>(dk, p.dk_row_stride, sK, blk.keys, d, tid);
+  s2g_tile<TileKV, kThreads>(dv, p.dv_row_stride, sV, blk.keys, d, tid);
+#else
+  __trap();  // only launched on sm_90 devices, from the sm_90a build (see use_sm90_backward)
+#endif
+}
+
+}  // namespace flash_attn2::cuda
