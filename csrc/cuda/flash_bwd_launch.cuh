@@ -4,8 +4,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/flash_bwd_kernel.cuh"
@@ -17,23 +15,11 @@
 namespace flash_attn2::cuda {
 
 namespace detail {
-// Main backward kernel: one block per (key tile, kv head, batch).
-template <class Kt>
-void launch_bwd_main(const BwdParams& params, cudaStream_t stream) {
+// Main backward kernels: one block per (key tile, kv head, batch).
+template <class Kt, class Kernel>
+void launch_per_key_tile(Kernel kernel, const BwdParams& params, cudaStream_t stream) {
   const int64_t num_n = (params.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
-  auto kernel = &flash_bwd_kernel<Kt>;
-  set_smem_limit(kernel, Kt::kSmemBytes);
-  kernel<<<grid_1d(num_n * params.heads_kv * params.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(params);
-  FA2_CHECK_LAUNCH();
-}
-
-template <class Kt>
-void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
-  const int64_t num_n = (params.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
-  auto kernel = &flash_bwd_sm90_kernel<Kt>;
-  set_smem_limit(kernel, Kt::kSmemBytes);
-  kernel<<<grid_1d(num_n * params.heads_kv * params.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(params);
-  FA2_CHECK_LAUNCH();
+  launch(kernel, num_n * params.heads_kv * params.batch, Kt::kNThreads, Kt::kSmemBytes, params, stream);
 }
 
 // The mma.sync kernel (sm_80+), or its smaller-tile variant where the GPU's per-block shared memory is below
@@ -46,27 +32,11 @@ void launch_bwd_portable(const BwdParams& params, cudaStream_t stream) {
     int dev = 0, optin = 0;
     FA2_CUDA_CHECK(cudaGetDevice(&dev));
     FA2_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (optin < Kt::kSmemBytes) return launch_bwd_main<KtLow>(params, stream);
+    if (optin < Kt::kSmemBytes) return launch_per_key_tile<KtLow>(&flash_bwd_kernel<KtLow>, params, stream);
   }
-  launch_bwd_main<Kt>(params, stream);
+  launch_per_key_tile<Kt>(&flash_bwd_kernel<Kt>, params, stream);
 }
 
-// The wgmma kernels exist in builds that include sm_90a code (FLASH_ATTN2_CUDA_ARCHS with 90a) and run on
-// sm_90 devices only; FLASH_ATTN2_PORTABLE_KERNELS=1 in the environment selects the mma.sync kernels there too
-// (tests use it to cover both on one GPU).
-inline bool use_sm90_kernels() {
-#if defined(FLASH_ATTN2_SM90A)
-  const char* portable = std::getenv("FLASH_ATTN2_PORTABLE_KERNELS");
-  if (portable != nullptr && std::strcmp(portable, "0") != 0 && portable[0] != '\0') return false;
-  int dev = 0, major = 0, minor = 0;
-  FA2_CUDA_CHECK(cudaGetDevice(&dev));
-  FA2_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  FA2_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return major == 9 && minor == 0;
-#else
-  return false;
-#endif
-}
 }  // namespace detail
 
 template <typename T, int kHeadDim>
@@ -87,7 +57,8 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
   // Also runs when seqlen_q == 0: every key tile then writes dK = dV = 0.
   if (params.seqlen_k > 0) {
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
-      if (detail::use_sm90_kernels()) detail::launch_bwd_sm90<BwdSm90Traits<T, kHeadDim>>(params, stream);
+      using K90 = BwdSm90Traits<T, kHeadDim>;
+      if (detail::use_sm90_kernels()) detail::launch_per_key_tile<K90>(&flash_bwd_sm90_kernel<K90>, params, stream);
       else detail::launch_bwd_portable<T, kHeadDim>(params, stream);
     } else {
       detail::launch_bwd_portable<T, kHeadDim>(params, stream);

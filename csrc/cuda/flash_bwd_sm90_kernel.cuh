@@ -21,6 +21,7 @@
 #include "cuda/mask.cuh"
 #include "cuda/smem_tile.cuh"
 #include "cuda/tile_primitives.cuh"
+#include "cuda/warp_mma.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace flash_attn2::cuda {
@@ -81,8 +82,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   const int lane = tid & 31, warp = tid >> 5;
   const int wg = warp / 4;
   const int g = lane >> 2, t = lane & 3;
-  // Block-local key row of this thread's accumulator elements i with (i / 2) % 2 == 0 (the others are 8 below).
-  const int key_row = 64 * wg + 16 * (warp % 4) + g;
 
   const BwdBlockInfo<kBlockN> blk(p);
   const int d = p.head_dim;
@@ -124,12 +123,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     cp_async_commit();
   }
 
-  constexpr int kAccS = kBlockM / 2;    // S^T / dP^T accumulators per thread (64 keys x kBlockM queries)
-  constexpr int kAccKV = kHeadDim / 2;  // dK / dV accumulators per thread (64 keys x d)
-  constexpr int kKSteps = kBlockM / 16; // k16 steps of dV / dK (over queries)
-  float acc_dk[kAccKV], acc_dv[kAccKV];
-#pragma unroll
-  for (int i = 0; i < kAccKV; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+  constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries per warpgroup)
+  constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
+  constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
+  const int wg_row0 = 64 * wg + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
+  float acc_dk[1][kNT_KV][4], acc_dv[1][kNT_KV][4];
+  zero_acc(acc_dk);
+  zero_acc(acc_dv);
 
   for (int it = 0; it < total; ++it) {
     const int head = blk.head_kv * group + it / m_count;
@@ -146,16 +146,16 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     const uint32_t sdO_s = sdO_u + stage * Kt::kSmemQ;
 
     // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys.
-    float acc_s[kAccS], acc_dp[kAccS];
+    float acc_s[1][kNT_S][4], acc_dp[1][kNT_S][4];
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      WgmmaOp<T, kBlockM>::template ss<0, 0>(acc_s, desc_k_major<TileKV>(sK_u, 64 * wg, ks),
+      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_s), desc_k_major<TileKV>(sK_u, 64 * wg, ks),
                                              desc_k_major<TileQ>(sQ_s, 0, ks), ks > 0);
     wgmma_commit();
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      WgmmaOp<T, kBlockM>::template ss<0, 0>(acc_dp, desc_k_major<TileKV>(sV_u, 64 * wg, ks),
+      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
                                              desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
     wgmma_commit();
 
@@ -167,68 +167,61 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     wgmma_wait<1>();
     fence_regs(acc_s);
 #pragma unroll
-    for (int j = 0; j < kBlockM / 8; ++j) {
-      const int c = 8 * j + 2 * t;
+    for (int ni = 0; ni < kNT_S; ++ni) {
+      const int c = 8 * ni + 2 * t;
       const float2 l = *reinterpret_cast<const float2*>(s_lse + c);
-      const float l0 = l.x == -INFINITY ? INFINITY : l.x * kLog2e;
-      const float l1 = l.y == -INFINITY ? INFINITY : l.y * kLog2e;
+      const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float& s0 = acc_s[4 * j + 2 * h];
-        float& s1 = acc_s[4 * j + 2 * h + 1];
-        if (need_mask) {
-          const int key = blk.key0 + key_row + 8 * h;
-          // Key `key` is visible to query q iff key < seqlen_k and (not causal or key <= q + diag).
-          const int first_q = p.causal ? key - diag : INT_MIN;
-          const bool key_ok = key < p.seqlen_k;
-          if (!key_ok || row0 + c < first_q) s0 = -INFINITY;
-          if (!key_ok || row0 + c + 1 < first_q) s1 = -INFINITY;
+        // Key `key` is visible to query q iff key < seqlen_k and (not causal or key <= q + diag).
+        const int key = blk.key0 + wg_row0 + g + 8 * h;
+        const int first_q = !need_mask ? INT_MIN : key >= p.seqlen_k ? INT_MAX : p.causal ? key - diag : INT_MIN;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = acc_s[0][ni][2 * h + e];
+          if (row0 + c + e < first_q) x = -INFINITY;
+          x = fast_exp2(fmaf(x, p.scale_log2, -l2[e]));
         }
-        s0 = fast_exp2(fmaf(s0, p.scale_log2, -l0));
-        s1 = fast_exp2(fmaf(s1, p.scale_log2, -l1));
       }
     }
+    uint32_t p_frag[1][kKSteps][4];
+    acc_to_a_frags<T>(p_frag, acc_s);
+
+    // dS^T = P^T (dP^T - D) in place of dP^T, as A fragments for dK and into shared memory for dQ.
     wgmma_wait<0>();
     fence_regs(acc_dp);
-
-    // dS^T = P^T (dP^T - D); both packed into A fragments (k16 step kk = queries 16kk .. 16kk + 15), and
-    // dS^T stored to shared memory for dQ.
-    uint32_t p_frag[kKSteps][4], ds_frag[kKSteps][4];
 #pragma unroll
-    for (int j = 0; j < kBlockM / 8; ++j) {
-      const int c = 8 * j + 2 * t;
-      const float2 dd = *reinterpret_cast<const float2*>(s_d + c);
+    for (int ni = 0; ni < kNT_S; ++ni) {
+      const float2 dd = *reinterpret_cast<const float2*>(s_d + 8 * ni + 2 * t);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int i = 4 * j + 2 * h;
-        const uint32_t pp = pack2<T>(acc_s[i], acc_s[i + 1]);
-        const uint32_t ds = pack2<T>(acc_s[i] * (acc_dp[i] - dd.x), acc_s[i + 1] * (acc_dp[i + 1] - dd.y));
-        // Accumulator pair (j, h) is A-fragment register 2 * (j % 2) + h of k step j / 2.
-        p_frag[j / 2][2 * (j % 2) + h] = pp;
-        ds_frag[j / 2][2 * (j % 2) + h] = ds;
-        *reinterpret_cast<uint32_t*>(sdS + TileDS::offset(key_row + 8 * h, c)) = ds;
+        acc_dp[0][ni][2 * h] = acc_s[0][ni][2 * h] * (acc_dp[0][ni][2 * h] - dd.x);
+        acc_dp[0][ni][2 * h + 1] = acc_s[0][ni][2 * h + 1] * (acc_dp[0][ni][2 * h + 1] - dd.y);
       }
     }
+    uint32_t ds_frag[1][kKSteps][4];
+    acc_to_a_frags<T>(ds_frag, acc_dp);
+    store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
 
     // dV += P^T dO, dK += dS^T Q (B operands M-major: the query rows of dO / Q are the K dim).
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk)
-      WgmmaOp<T, kHeadDim>::template rs<1>(acc_dv, p_frag[kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
+      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dv), p_frag[0][kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk)
-      WgmmaOp<T, kHeadDim>::template rs<1>(acc_dk, ds_frag[kk], desc_mn_major<TileQ>(sQ_s, 0, kk), 1);
+      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dk), ds_frag[0][kk], desc_mn_major<TileQ>(sQ_s, 0, kk), 1);
     wgmma_commit();
 
     // dQ (64 x 64 per warpgroup) = dS K over the block's 128 keys: A = dS from dS^T (M-major), B = K (N-major).
     fence_proxy_async_smem();
     __syncthreads();  // both warpgroups' dS^T are in shared memory
-    float acc_dq[32];
+    float acc_dq[1][8][4];
     const int dq_row0 = Kt::kDqSplitRows ? 64 * wg : 0;
     const int dq_col0 = Kt::kDqSplitRows ? 0 : 64 * wg;
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks)
-      WgmmaOp<T, 64>::template ss<1, 1>(acc_dq, desc_mn_major<TileDS>(sdS_u, dq_row0 / 64, ks),
+      WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, dq_row0 / 64, ks),
                                         desc_mn_major<TileKV>(sK_u, dq_col0 / 64, ks), ks > 0);
     wgmma_commit();
     wgmma_wait<0>();
@@ -242,23 +235,21 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     float* dq = p.dq_accum + (row_base + row0) * d;
     const bool full_tile = row0 + kBlockM <= p.seqlen_q && d == kHeadDim;
 #pragma unroll
-    for (int i = 0; i < 32; i += 2) {
-      const int r = dq_row0 + 16 * (warp % 4) + g + 8 * ((i / 2) % 2);
-      const int c = dq_col0 + 8 * (i / 4) + 2 * t;
-      if (full_tile || (row0 + r < p.seqlen_q && c < d))
-        red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc_dq[i], acc_dq[i + 1]);
-    }
+    for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = dq_row0 + 16 * (warp % 4) + g + 8 * h;
+        const int c = dq_col0 + 8 * ni + 2 * t;
+        if (full_tile || (row0 + r < p.seqlen_q && c < d))
+          red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc_dq[0][ni][2 * h], acc_dq[0][ni][2 * h + 1]);
+      }
   }
 
   // Epilogue: dK * scale and dV as T through the K / V buffers, then 16-byte stores.
   cp_async_wait<0>();
   __syncthreads();
-#pragma unroll
-  for (int i = 0; i < kAccKV; i += 2) {
-    const int r = key_row + 8 * ((i / 2) % 2), c = 8 * (i / 4) + 2 * t;
-    st_pair<TileKV, T>(sK, r, c, acc_dk[i] * p.scale, acc_dk[i + 1] * p.scale);
-    st_pair<TileKV, T>(sV, r, c, acc_dv[i], acc_dv[i + 1]);
-  }
+  store_acc<T, TileKV>(sK, acc_dk, wg_row0, 0, lane, p.scale);
+  store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, 1.f);
   __syncthreads();
   T* dk = static_cast<T*>(p.dk) +
           row_offset(blk.batch, blk.head_kv, blk.key0, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);

@@ -24,6 +24,17 @@
 
 namespace flash_attn2::cuda {
 
+// Output of query rows that see no key: O = 0, LSE = -inf (rows [0, rows) of a tile, d valid columns).
+template <typename T, int kHeadDim, int kThreads>
+FA2_DEVICE void store_empty_rows(T* o, index_t row_stride, float* lse, int rows, int d, int tid) {
+  constexpr int kCPR = kHeadDim / 8;
+  for (int idx = tid; idx < rows * kCPR; idx += kThreads) {
+    const int r = idx / kCPR, ch = idx % kCPR;
+    if (ch * 8 < d) *reinterpret_cast<uint4*>(o + static_cast<index_t>(r) * row_stride + ch * 8) = make_uint4(0, 0, 0, 0);
+  }
+  for (int r = tid; r < rows; r += kThreads) lse[r] = -INFINITY;
+}
+
 template <class Kt>
 __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   using T = typename Kt::Elem;
@@ -59,13 +70,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
   const int n_blocks = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
 
   if (n_blocks == 0) {  // no row of this tile sees any key (seqlen_k == 0, or causal with seqlen_q > seqlen_k)
-    constexpr int kCPR = Kt::kHeadDim / 8;
-    for (int idx = tid; idx < kBlockM * kCPR; idx += Kt::kNThreads) {
-      const int r = idx / kCPR, ch = idx % kCPR;
-      if (r < blk.rows && ch * 8 < d)
-        *reinterpret_cast<uint4*>(o + static_cast<index_t>(r) * p.o_row_stride + ch * 8) = make_uint4(0, 0, 0, 0);
-    }
-    for (int r = tid; r < blk.rows; r += Kt::kNThreads) lse[r] = -INFINITY;
+    store_empty_rows<T, Kt::kHeadDim, Kt::kNThreads>(o, p.o_row_stride, lse, blk.rows, d, tid);
     return;
   }
 

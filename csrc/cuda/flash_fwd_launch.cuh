@@ -3,11 +3,14 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/flash_fwd_sm90_kernel.cuh"
 #include "cuda/flash_params.h"
 #include "cuda/kernel_traits.cuh"
 
@@ -33,6 +36,31 @@ inline void set_smem_limit(Kernel kernel, int smem_bytes) {
   if (smem_bytes > 48 * 1024)
     FA2_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
 }
+
+// The wgmma kernels exist in builds that include sm_90a code (FLASH_ATTN2_CUDA_ARCHS with 90a) and run on
+// sm_90 devices only; FLASH_ATTN2_PORTABLE_KERNELS=1 in the environment selects the mma.sync kernels there too
+// (tests use it to cover both on one GPU).
+inline bool use_sm90_kernels() {
+#if defined(FLASH_ATTN2_SM90A)
+  const char* portable = std::getenv("FLASH_ATTN2_PORTABLE_KERNELS");
+  if (portable != nullptr && std::strcmp(portable, "0") != 0 && portable[0] != '\0') return false;
+  int dev = 0, major = 0, minor = 0;
+  FA2_CUDA_CHECK(cudaGetDevice(&dev));
+  FA2_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  FA2_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+template <class Kernel, class Params>
+inline void launch(Kernel kernel, int64_t blocks, int threads, int smem_bytes, const Params& params,
+                   cudaStream_t stream) {
+  set_smem_limit(kernel, smem_bytes);
+  kernel<<<grid_1d(blocks), threads, smem_bytes, stream>>>(params);
+  FA2_CHECK_LAUNCH();
+}
 }  // namespace detail
 
 template <typename T, int kHeadDim>
@@ -40,12 +68,16 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   using Kt = FwdTraits<T, kHeadDim>;
   detail::check_shapes(params, kHeadDim);
   if (params.batch == 0 || params.heads_q == 0 || params.seqlen_q == 0) return;
+  const int64_t bh = static_cast<int64_t>(params.heads_q) * params.batch;
+  if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+    if (detail::use_sm90_kernels()) {
+      using K90 = FwdSm90Traits<T, kHeadDim>;
+      const int64_t num_m = (params.seqlen_q + K90::kBlockM - 1) / K90::kBlockM;
+      return detail::launch(&flash_fwd_sm90_kernel<K90>, num_m * bh, K90::kNThreads, K90::kSmemBytes, params, stream);
+    }
+  }
   const int64_t num_m = (params.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;
-  const unsigned grid = detail::grid_1d(num_m * params.heads_q * params.batch);
-  auto kernel = &flash_fwd_kernel<Kt>;
-  detail::set_smem_limit(kernel, Kt::kSmemBytes);
-  kernel<<<grid, Kt::kNThreads, Kt::kSmemBytes, stream>>>(params);
-  FA2_CHECK_LAUNCH();
+  detail::launch(&flash_fwd_kernel<Kt>, num_m * bh, Kt::kNThreads, Kt::kSmemBytes, params, stream);
 }
 
 }  // namespace flash_attn2::cuda

@@ -50,19 +50,29 @@ template <int N>
 FA2_DEVICE void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// Pins the accumulators in program order around wgmma_wait: without it the compiler may read them (they are
-// outputs of the asm that issued the MMA) before the wait.
-template <int R>
-FA2_DEVICE void fence_regs(float (&d)[R]) {
+// Pins registers in program order at a wgmma_wait: accumulators (outputs of the asm that issued the MMA, so
+// the compiler could otherwise read them before the wait) and register A fragments (inputs the MMA may still
+// be reading, so the compiler must not reuse their registers before the wait).
+template <int NT>
+FA2_DEVICE void fence_regs(float (&d)[1][NT][4]) {
 #pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[0][i][j])::"memory");
 }
-template <int R>
-FA2_DEVICE void fence_regs(uint32_t (&d)[R][4]) {
+template <int KS>
+FA2_DEVICE void fence_regs(uint32_t (&a)[1][KS][4]) {
 #pragma unroll
-  for (int i = 0; i < R; ++i)
+  for (int i = 0; i < KS; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(d[i][j])::"memory");
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[0][i][j])::"memory");
+}
+
+// The m64nNk16 accumulator of a warp is the mma.sync C layout of one 16-row tile by N/8 n8 tiles, so the
+// warp_mma.cuh helpers (masking, softmax, acc_to_a_frags, store_acc) work on it viewed as acc[1][N/8][4].
+template <int NT>
+FA2_DEVICE float (&flat(float (&acc)[1][NT][4]))[NT * 4] {
+  return reinterpret_cast<float(&)[NT * 4]>(acc);
 }
 
 // Shared memory written by ordinary stores or cp.async, read next by wgmma (the async proxy).

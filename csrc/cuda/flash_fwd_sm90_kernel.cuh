@@ -1,0 +1,162 @@
+// FlashAttention-2 forward on Hopper warpgroup MMA (wgmma, sm_90a), for head dims 64 and 128.
+//
+// The algorithm, pipeline and contract of flash_fwd_kernel, with two warpgroups each owning 64 query rows of
+// a 128-row tile: S = Q K_j^T with both operands in shared memory, the online softmax of softmax.cuh on the
+// accumulators (their per-warp layout is the mma.sync one), then O += P V_j with P straight from registers
+// as the A operand and V as the N-major B operand.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/block_info.cuh"
+#include "cuda/flash_fwd_kernel.cuh"  // store_empty_rows
+#include "cuda/flash_params.h"
+#include "cuda/mask.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/softmax.cuh"
+#include "cuda/tile_primitives.cuh"
+#include "cuda/warp_mma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace flash_attn2::cuda {
+
+template <typename T, int kHeadDim_>
+struct FwdSm90Traits {
+  using Elem = T;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kNThreads = kWarpGroups * 128;
+  static constexpr int kBlockM = 64 * kWarpGroups;  // query rows per block, 64 per warpgroup
+  static constexpr int kBlockN = 128;               // keys per step
+  // d = 64 does half the MMA work of d = 128 per softmax element: two blocks per SM (<= 128 registers per
+  // thread) let one block's softmax overlap the other's MMAs.
+  static constexpr int kMinBlocksPerSm = kHeadDim <= 64 ? 2 : 1;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma forward is built for d = 64 and 128");
+
+  using TileQ = SwizzledTile<kBlockM, kHeadDim>;  // also stages O for the output store
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;
+  static constexpr int kSmemQ = TileQ::kElems * 2;
+  static constexpr int kSmemKV = TileKV::kElems * 2;
+  static constexpr int kAlign = 1024;  // the 128-byte swizzle repeats every 1024 bytes
+  static constexpr int kSmemBytes = kSmemQ + 2 * kSmemKV + kAlign;  // Q | K | V, plus alignment slack
+};
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_sm90_kernel(const __grid_constant__ FwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Kt::Elem;
+  using TileQ = typename Kt::TileQ;
+  using TileKV = typename Kt::TileKV;
+  using namespace sm90;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kThreads = Kt::kNThreads;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_u = smem_u32(smem_raw);
+  const uint32_t sQ_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
+  T* sQ = reinterpret_cast<T*>(smem_raw + (sQ_u - raw_u));
+  const uint32_t sK_u = sQ_u + Kt::kSmemQ;
+  const uint32_t sV_u = sK_u + Kt::kSmemKV;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wg = warp / 4;
+  const int g = lane >> 2, t = lane & 3;
+  const int warp_row0 = 64 * wg + 16 * (warp % 4);  // first tile row of this warp's accumulators
+
+  const FwdBlockInfo<kBlockM> blk(p);
+  const int d = p.head_dim;
+  const int diag = p.seqlen_k - p.seqlen_q;
+
+  const T* q = static_cast<const T*>(p.q) +
+               row_offset(blk.batch, blk.head, blk.row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  const T* k = static_cast<const T*>(p.k) + row_offset(blk.batch, blk.head_kv, 0, p.k_batch_stride, p.k_head_stride, 0);
+  const T* v = static_cast<const T*>(p.v) + row_offset(blk.batch, blk.head_kv, 0, p.v_batch_stride, p.v_head_stride, 0);
+  T* o = static_cast<T*>(p.out) +
+         row_offset(blk.batch, blk.head, blk.row0, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+  float* lse = p.lse + blk.row_index(p);
+
+  int key_end = p.seqlen_k;
+  if (p.causal) key_end = min(key_end, blk.row0 + kBlockM + diag);
+  const int n_blocks = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
+  if (n_blocks == 0) {
+    store_empty_rows<T, kHeadDim, kThreads>(o, p.o_row_stride, lse, blk.rows, d, tid);
+    return;
+  }
+
+  g2s_tile_async<TileQ, kThreads>(sQ_u, q, p.q_row_stride, blk.rows, d, tid);
+  {
+    const int key0 = (n_blocks - 1) * kBlockN;
+    g2s_tile_async<TileKV, kThreads>(sK_u, k + static_cast<index_t>(key0) * p.k_row_stride, p.k_row_stride,
+                                     p.seqlen_k - key0, d, tid);
+  }
+  cp_async_commit();
+
+  float acc_o[1][kHeadDim / 8][4];
+  zero_acc(acc_o);
+  OnlineSoftmax<1> softmax;
+
+  for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {
+    const int key0 = n_block * kBlockN;
+    cp_async_wait<0>();
+    fence_proxy_async_smem();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    __syncthreads();           // K_j landed for everyone; everyone is done with V_{j+1}
+    g2s_tile_async<TileKV, kThreads>(sV_u, v + static_cast<index_t>(key0) * p.v_row_stride, p.v_row_stride,
+                                     p.seqlen_k - key0, d, tid);
+    cp_async_commit();
+
+    float acc_s[1][kBlockN / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks)
+      WgmmaOp<T, kBlockN>::template ss<0, 0>(flat(acc_s), desc_k_major<TileQ>(sQ_u, 64 * wg, ks),
+                                             desc_k_major<TileKV>(sK_u, 0, ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc_s);
+
+    if (tile_needs_mask(blk.row0, key0, kBlockN, p.seqlen_k, p.causal, diag))
+      apply_mask(acc_s, blk.row0 + warp_row0 + g, key0 + 2 * t, p.seqlen_k, p.causal, diag);
+    softmax.update(acc_s, acc_o, p.scale_log2);
+    uint32_t frag_p[1][kBlockN / 16][4];
+    acc_to_a_frags<T>(frag_p, acc_s);
+
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
+    __syncthreads();  // V_j landed for everyone; everyone is done with K_j
+    if (n_block > 0) {
+      const int key_prev = key0 - kBlockN;
+      g2s_tile_async<TileKV, kThreads>(sK_u, k + static_cast<index_t>(key_prev) * p.k_row_stride,
+                                       p.k_row_stride, p.seqlen_k - key_prev, d, tid);
+      cp_async_commit();
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_o), frag_p[0][kk], desc_mn_major<TileKV>(sV_u, 0, kk), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc_o);
+    fence_regs(frag_p);
+  }
+
+  float row_lse[1][2];
+  softmax.finalize(acc_o, p.scale_log2, row_lse);
+
+  // Epilogue: stage O (as T) in the Q buffer, then 16-byte stores.
+  __syncthreads();  // every warpgroup's MMAs are done reading sQ
+  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, 1.f);
+  if (t == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_row0 + h * 8 + g;
+      if (r < blk.rows) lse[r] = row_lse[0][h];
+    }
+  }
+  __syncthreads();
+  s2g_tile<TileQ, kThreads>(o, p.o_row_stride, sQ, blk.rows, d, tid);
+#else
+  __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
+#endif
+}
+
+}  // namespace flash_attn2::cuda
