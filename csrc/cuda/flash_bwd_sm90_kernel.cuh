@@ -17,6 +17,7 @@
 #include <cmath>
 
 #include "cuda/block_info.cuh"
+#include "cuda/bwd_tile_io.cuh"
 #include "cuda/flash_params.h"
 #include "cuda/mask.cuh"
 #include "cuda/smem_tile.cuh"
@@ -50,7 +51,6 @@ struct BwdSm90Traits {
   static constexpr int kAlign = 1024;                    // the 128-byte swizzle repeats every 1024 bytes
   // K | V | Q[2] | dO[2] | dS^T | (LSE, D)[2], plus slack to align the start.
   static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + kSmemDS + 2 * kSmemRowStats + kAlign;
-  static_assert(2 * kBlockM <= kNThreads, "one thread per LSE / D element of a query tile");
 };
 
 template <class Kt>
@@ -86,42 +86,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   const BwdBlockInfo<kBlockN> blk(p);
   const int d = p.head_dim;
   const int diag = p.seqlen_k - p.seqlen_q;
-  const int group = p.heads_q / p.heads_kv;
-  const int num_m = ceil_div(p.seqlen_q, kBlockM);
-  const int m_begin = p.causal ? max(0, blk.key0 - diag) / kBlockM : 0;
-  const int m_count = max(0, num_m - m_begin);
-  const int total = group * m_count;
-
+  const BwdSteps<kBlockM> steps(p, blk);
   auto load_q_do = [&](int it, int stage) {
-    const int head = blk.head_kv * group + it / m_count;
-    const int row0 = (m_begin + it % m_count) * kBlockM;
-    const T* q = static_cast<const T*>(p.q) +
-                 row_offset(blk.batch, head, row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
-    const T* dout = static_cast<const T*>(p.dout) +
-                    row_offset(blk.batch, head, row0, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
-    const int rows = p.seqlen_q - row0;
-    g2s_tile_async<TileQ, kThreads>(sQ_u + stage * Kt::kSmemQ, q, p.q_row_stride, rows, d, tid);
-    g2s_tile_async<TileQ, kThreads>(sdO_u + stage * Kt::kSmemQ, dout, p.do_row_stride, rows, d, tid);
-    if (tid < 2 * kBlockM) {
-      const int r = tid % kBlockM;
-      const bool is_d = tid >= kBlockM;
-      const index_t idx = (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.seqlen_q + row0 + r;
-      const bool ok = r < rows;
-      cp_async_4(sStats_u + static_cast<uint32_t>(stage * Kt::kSmemRowStats + tid * 4),
-                 ok ? static_cast<const float*>(is_d ? p.softmax_d : p.lse) + idx : p.lse, ok);
-    }
+    load_q_do_async<TileQ, kThreads, T>(p, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
+                                        sQ_u + stage * Kt::kSmemQ, sdO_u + stage * Kt::kSmemQ,
+                                        sStats_u + stage * Kt::kSmemRowStats, tid);
   };
-
-  {
-    const T* k = static_cast<const T*>(p.k) +
-                 row_offset(blk.batch, blk.head_kv, blk.key0, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
-    const T* v = static_cast<const T*>(p.v) +
-                 row_offset(blk.batch, blk.head_kv, blk.key0, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
-    g2s_tile_async<TileKV, kThreads>(sK_u, k, p.k_row_stride, blk.keys, d, tid);
-    g2s_tile_async<TileKV, kThreads>(sV_u, v, p.v_row_stride, blk.keys, d, tid);
-    if (total > 0) load_q_do(0, 0);
-    cp_async_commit();
-  }
+  load_k_v_async<TileKV, kThreads, T>(p, blk, sK_u, sV_u, tid);
+  if (steps.total > 0) load_q_do(0, 0);
+  cp_async_commit();
 
   constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries per warpgroup)
   constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
@@ -131,14 +104,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   zero_acc(acc_dk);
   zero_acc(acc_dv);
 
-  for (int it = 0; it < total; ++it) {
-    const int head = blk.head_kv * group + it / m_count;
-    const int row0 = (m_begin + it % m_count) * kBlockM;
+  for (int it = 0; it < steps.total; ++it) {
+    const int head = steps.head(it, blk.head_kv);
+    const int row0 = steps.row0(it);
     const int stage = it & 1;
     cp_async_wait<0>();
     fence_proxy_async_smem();  // cp.async wrote Q/dO (and K/V) through the generic proxy; wgmma reads them
     __syncthreads();           // ... and every warp is done with the previous step's Q/dO stage and dS^T
-    if (it + 1 < total) {
+    if (it + 1 < steps.total) {
       load_q_do(it + 1, stage ^ 1);
       cp_async_commit();
     }
@@ -251,12 +224,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   store_acc<T, TileKV>(sK, acc_dk, wg_row0, 0, lane, p.scale);
   store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, 1.f);
   __syncthreads();
-  T* dk = static_cast<T*>(p.dk) +
-          row_offset(blk.batch, blk.head_kv, blk.key0, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
-  T* dv = static_cast<T*>(p.dv) +
-          row_offset(blk.batch, blk.head_kv, blk.key0, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
-  s2g_tile<TileKV, kThreads>(dk, p.dk_row_stride, sK, blk.keys, d, tid);
-  s2g_tile<TileKV, kThreads>(dv, p.dv_row_stride, sV, blk.keys, d, tid);
+  store_dk_dv<TileKV, kThreads>(p, blk, sK, sV, tid);
 #else
   __trap();  // only launched on sm_90 devices, from the sm_90a build (see use_sm90_backward)
 #endif

@@ -119,7 +119,6 @@ struct BwdTraits {
   static constexpr int kSmemRowStats = 2 * kBlockM * 4;  // LSE and D of one query tile, fp32
   // K | V | Q[stages] | dO[stages] | P | dS | (LSE, D)[stages]
   static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemP + kStages * kSmemRowStats;
-  static_assert(2 * kBlockM <= kNThreads, "one thread per LSE / D element of a query tile");
 };
 
 }  // namespace flash_attn2::cuda

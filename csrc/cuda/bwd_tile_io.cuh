@@ -1,0 +1,77 @@
+// What every backward main kernel (mma.sync and wgmma) does around its math: which query tiles a key-tile
+// block visits, and the copies of K/V in, Q/dO/LSE/D per step, and dK/dV out.
+#pragma once
+
+#include "cuda/block_info.cuh"
+#include "cuda/flash_params.h"
+#include "cuda/smem_tile.cuh"
+#include "cuda/tile_primitives.cuh"
+
+namespace flash_attn2::cuda {
+
+// Steps of a backward block: the q heads of its GQA group x the query tiles that see its key tile (query i
+// sees key j iff j <= i + diag under causal masking), heads outermost.
+template <int kBlockM>
+struct BwdSteps {
+  int group, m_begin, m_count, total;
+  template <int kBlockN>
+  FA2_DEVICE BwdSteps(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk) {
+    const int diag = p.seqlen_k - p.seqlen_q;
+    group = p.heads_q / p.heads_kv;
+    m_begin = p.causal ? max(0, blk.key0 - diag) / kBlockM : 0;
+    m_count = max(0, ceil_div(p.seqlen_q, kBlockM) - m_begin);
+    total = group * m_count;
+  }
+  FA2_DEVICE int head(int it, int head_kv) const { return head_kv * group + it / m_count; }
+  FA2_DEVICE int row0(int it) const { return (m_begin + it % m_count) * kBlockM; }
+};
+
+// Issues (no commit) the copies of the block's K and V tiles into s_k / s_v.
+template <class TileKV, int kThreads, typename T, int kBlockN>
+FA2_DEVICE void load_k_v_async(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, uint32_t s_k, uint32_t s_v,
+                               int tid) {
+  const T* k = static_cast<const T*>(p.k) +
+               row_offset(blk.batch, blk.head_kv, blk.key0, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  const T* v = static_cast<const T*>(p.v) +
+               row_offset(blk.batch, blk.head_kv, blk.key0, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  g2s_tile_async<TileKV, kThreads>(s_k, k, p.k_row_stride, blk.keys, p.head_dim, tid);
+  g2s_tile_async<TileKV, kThreads>(s_v, v, p.v_row_stride, blk.keys, p.head_dim, tid);
+}
+
+// Issues (no commit) the copies of one step's Q and dO tiles (rows [row0, row0 + kBlockM) of `head`), and its
+// LSE and D rows into s_stats (LSE at [0, kBlockM), D at [kBlockM, 2 kBlockM), floats), so their latency is
+// hidden like Q's and dO's. Rows past seqlen_q are zero-filled.
+template <class TileQ, int kThreads, typename T>
+FA2_DEVICE void load_q_do_async(const BwdParams& p, int batch, int head, int row0, uint32_t s_q, uint32_t s_do,
+                                uint32_t s_stats, int tid) {
+  constexpr int kBlockM = TileQ::kRows;
+  static_assert(2 * kBlockM <= kThreads, "one thread per LSE / D element of a query tile");
+  const T* q = static_cast<const T*>(p.q) + row_offset(batch, head, row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  const T* dout =
+      static_cast<const T*>(p.dout) + row_offset(batch, head, row0, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
+  const int rows = p.seqlen_q - row0;
+  g2s_tile_async<TileQ, kThreads>(s_q, q, p.q_row_stride, rows, p.head_dim, tid);
+  g2s_tile_async<TileQ, kThreads>(s_do, dout, p.do_row_stride, rows, p.head_dim, tid);
+  if (tid < 2 * kBlockM) {
+    const int r = tid % kBlockM;
+    const bool is_d = tid >= kBlockM;
+    const index_t idx = (static_cast<index_t>(batch) * p.heads_q + head) * p.seqlen_q + row0 + r;
+    const bool ok = r < rows;
+    cp_async_4(s_stats + static_cast<uint32_t>(tid * 4), ok ? (is_d ? p.softmax_d : p.lse) + idx : p.lse, ok);
+  }
+}
+
+// Copies dK and dV, already staged as T in TileKV layout at s_dk / s_dv, to global memory (valid keys and
+// head-dim columns only). The caller synchronises before.
+template <class TileKV, int kThreads, typename T, int kBlockN>
+FA2_DEVICE void store_dk_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const T* s_dk, const T* s_dv,
+                            int tid) {
+  T* dk = static_cast<T*>(p.dk) +
+          row_offset(blk.batch, blk.head_kv, blk.key0, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+  T* dv = static_cast<T*>(p.dv) +
+          row_offset(blk.batch, blk.head_kv, blk.key0, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  s2g_tile<TileKV, kThreads>(dk, p.dk_row_stride, s_dk, blk.keys, p.head_dim, tid);
+  s2g_tile<TileKV, kThreads>(dv, p.dv_row_stride, s_dv, blk.keys, p.head_dim, tid);
+}
+
+}  // namespace flash_attn2::cuda
