@@ -24,6 +24,29 @@
 
 namespace flash_attn2::cuda {
 
+// Global memory a forward block works on, and the key tiles it visits.
+template <typename T>
+struct FwdBlockIO {
+  const T* q;  // row 0 of the query tile
+  const T* k;  // key 0 of the kv head
+  const T* v;
+  T* o;        // row 0 of the query tile
+  float* lse;  // row 0 of the query tile
+  int n_blocks;  // key tiles [0, n_blocks) hold the keys visible to at least one row of the tile
+  template <int kBlockM>
+  FA2_DEVICE FwdBlockIO(const FwdParams& p, const FwdBlockInfo<kBlockM>& blk, int block_n) {
+    q = static_cast<const T*>(p.q) +
+        row_offset(blk.batch, blk.head, blk.row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+    k = static_cast<const T*>(p.k) + row_offset(blk.batch, blk.head_kv, 0, p.k_batch_stride, p.k_head_stride, 0);
+    v = static_cast<const T*>(p.v) + row_offset(blk.batch, blk.head_kv, 0, p.v_batch_stride, p.v_head_stride, 0);
+    o = static_cast<T*>(p.out) + row_offset(blk.batch, blk.head, blk.row0, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+    lse = p.lse + blk.row_index(p);
+    int key_end = p.seqlen_k;
+    if (p.causal) key_end = min(key_end, blk.row0 + kBlockM + (p.seqlen_k - p.seqlen_q));
+    n_blocks = key_end > 0 ? ceil_div(key_end, block_n) : 0;
+  }
+};
+
 // Output of query rows that see no key: O = 0, LSE = -inf (rows [0, rows) of a tile, d valid columns).
 template <typename T, int kHeadDim, int kThreads>
 FA2_DEVICE void store_empty_rows(T* o, index_t row_stride, float* lse, int rows, int d, int tid) {
@@ -56,18 +79,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
   const int d = p.head_dim;
   const int diag = p.seqlen_k - p.seqlen_q;
 
-  const T* q = static_cast<const T*>(p.q) +
-               row_offset(blk.batch, blk.head, blk.row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
-  const T* k = static_cast<const T*>(p.k) + row_offset(blk.batch, blk.head_kv, 0, p.k_batch_stride, p.k_head_stride, 0);
-  const T* v = static_cast<const T*>(p.v) + row_offset(blk.batch, blk.head_kv, 0, p.v_batch_stride, p.v_head_stride, 0);
-  T* o = static_cast<T*>(p.out) +
-         row_offset(blk.batch, blk.head, blk.row0, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
-  float* lse = p.lse + blk.row_index(p);
-
-  // Keys [0, key_end) are visible to at least one row of the tile.
-  int key_end = p.seqlen_k;
-  if (p.causal) key_end = min(key_end, blk.row0 + kBlockM + diag);
-  const int n_blocks = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
+  const FwdBlockIO<T> io(p, blk, kBlockN);
+  const T *q = io.q, *k = io.k, *v = io.v;
+  T* o = io.o;
+  float* lse = io.lse;
+  const int n_blocks = io.n_blocks;
 
   if (n_blocks == 0) {  // no row of this tile sees any key (seqlen_k == 0, or causal with seqlen_q > seqlen_k)
     store_empty_rows<T, Kt::kHeadDim, Kt::kNThreads>(o, p.o_row_stride, lse, blk.rows, d, tid);

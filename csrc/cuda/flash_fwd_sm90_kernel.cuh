@@ -9,7 +9,7 @@
 #include <cmath>
 
 #include "cuda/block_info.cuh"
-#include "cuda/flash_fwd_kernel.cuh"  // store_empty_rows
+#include "cuda/flash_fwd_kernel.cuh"  // FwdBlockIO, store_empty_rows
 #include "cuda/flash_params.h"
 #include "cuda/mask.cuh"
 #include "cuda/smem_tile.cuh"
@@ -67,17 +67,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   const int d = p.head_dim;
   const int diag = p.seqlen_k - p.seqlen_q;
 
-  const T* q = static_cast<const T*>(p.q) +
-               row_offset(blk.batch, blk.head, blk.row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
-  const T* k = static_cast<const T*>(p.k) + row_offset(blk.batch, blk.head_kv, 0, p.k_batch_stride, p.k_head_stride, 0);
-  const T* v = static_cast<const T*>(p.v) + row_offset(blk.batch, blk.head_kv, 0, p.v_batch_stride, p.v_head_stride, 0);
-  T* o = static_cast<T*>(p.out) +
-         row_offset(blk.batch, blk.head, blk.row0, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
-  float* lse = p.lse + blk.row_index(p);
-
-  int key_end = p.seqlen_k;
-  if (p.causal) key_end = min(key_end, blk.row0 + kBlockM + diag);
-  const int n_blocks = key_end > 0 ? ceil_div(key_end, kBlockN) : 0;
+  const FwdBlockIO<T> io(p, blk, kBlockN);
+  const T *q = io.q, *k = io.k, *v = io.v;
+  T* o = io.o;
+  float* lse = io.lse;
+  const int n_blocks = io.n_blocks;
   if (n_blocks == 0) {
     store_empty_rows<T, kHeadDim, kThreads>(o, p.o_row_stride, lse, blk.rows, d, tid);
     return;
