@@ -25,8 +25,8 @@ TEST_P(CudaKernel, MatchesFloat64Reference) {
 std::vector<Case> cuda_cases() {
   std::vector<Case> cases;
   for (auto dtype : {at::kBFloat16, at::kHalf}) {
-    // 40 and 120 run padded on the 64 / 128 kernels (wgmma ones on sm_90), 72 on the 96 one.
-    for (int64_t d : {32, 40, 64, 72, 96, 120, 128, 160, 192, 224, 256}) {
+    // 40, 120 and 240 run padded on the 64 / 128 / 256 kernels (wgmma ones on sm_90), 72 on the 96 one.
+    for (int64_t d : {32, 40, 64, 72, 96, 120, 128, 160, 192, 224, 240, 256}) {
       cases.push_back({2, 4, 4, 257, 257, d, false, dtype, false});
       cases.push_back({1, 4, 2, 128, 1000, d, true, dtype, d % 64 == 0});
     }

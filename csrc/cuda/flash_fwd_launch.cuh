@@ -69,7 +69,7 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   detail::check_shapes(params, kHeadDim);
   if (params.batch == 0 || params.heads_q == 0 || params.seqlen_q == 0) return;
   const int64_t bh = static_cast<int64_t>(params.heads_q) * params.batch;
-  if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+  if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
     if (detail::use_sm90_kernels()) {
       using K90 = FwdSm90Traits<T, kHeadDim>;
       const int64_t num_m = (params.seqlen_q + K90::kBlockM - 1) / K90::kBlockM;

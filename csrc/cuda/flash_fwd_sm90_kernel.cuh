@@ -1,4 +1,4 @@
-// FlashAttention-2 forward on Hopper warpgroup MMA (wgmma, sm_90a), for head dims 64 and 128.
+// FlashAttention-2 forward on Hopper warpgroup MMA (wgmma, sm_90a), for head dims 64, 128 and 256.
 //
 // The algorithm, pipeline and contract of flash_fwd_kernel, with two warpgroups each owning 64 query rows of
 // a 128-row tile: S = Q K_j^T with both operands in shared memory, the online softmax of softmax.cuh on the
@@ -27,11 +27,12 @@ struct FwdSm90Traits {
   static constexpr int kWarpGroups = 2;
   static constexpr int kNThreads = kWarpGroups * 128;
   static constexpr int kBlockM = 64 * kWarpGroups;  // query rows per block, 64 per warpgroup
-  static constexpr int kBlockN = 128;               // keys per step
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per step (d256: O alone is 128 registers)
+  static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
   // d = 64 does half the MMA work of d = 128 per softmax element: two blocks per SM (<= 128 registers per
   // thread) let one block's softmax overlap the other's MMAs.
   static constexpr int kMinBlocksPerSm = kHeadDim <= 64 ? 2 : 1;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma forward is built for d = 64 and 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma forward: d = 64, 128 or 256");
 
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;  // also stages O for the output store
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
@@ -125,8 +126,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
     }
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_o), frag_p[0][kk], desc_mn_major<TileKV>(sV_u, 0, kk), 1);
+    for (int n0 = 0; n0 < kHeadDim; n0 += Kt::kPvN)
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        WgmmaOp<T, Kt::kPvN>::template rs<1>(acc_cols<Kt::kPvN>(acc_o, n0), frag_p[0][kk],
+                                             desc_mn_major<TileKV>(sV_u, n0 / 64, kk), 1);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(acc_o);

@@ -75,6 +75,13 @@ FA2_DEVICE float (&flat(float (&acc)[1][NT][4]))[NT * 4] {
   return reinterpret_cast<float(&)[NT * 4]>(acc);
 }
 
+// Columns [n0, n0 + N) of such an accumulator as the operand of a WgmmaOp<T, N> (n0 a multiple of N known at
+// compile time after unrolling), for products wider than one instruction.
+template <int N, int NT>
+FA2_DEVICE float (&acc_cols(float (&acc)[1][NT][4], int n0))[N / 2] {
+  return reinterpret_cast<float(&)[N / 2]>(acc[0][n0 / 8][0]);
+}
+
 // Shared memory written by ordinary stores or cp.async, read next by wgmma (the async proxy).
 FA2_DEVICE void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 

@@ -120,12 +120,12 @@ def time_cuda_case(fn, q, k, v, dout):
     return fwd, bwd
 
 
-def bench_cuda(quick, out_path):
+def bench_cuda(quick, out_path, head_dims=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     print(f"CUDA: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
-    head_dims = [64, 128] if quick else [64, 128, 256]
+    head_dims = head_dims or ([64, 128] if quick else [64, 128, 256])
     seqlens = [2048, 8192, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
     header = (f"| dtype | D | causal | N | B | H | fwd ours | fwd flash | fwd cudnn | fwd eff | fwd ours/flash "
               f"| bwd ours | bwd flash | bwd cudnn | bwd eff | bwd ours/flash |")
@@ -178,6 +178,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a smaller CUDA grid")
     parser.add_argument("--reps", type=int, default=5, help="CPU timing repetitions")
     parser.add_argument("--out", help="also write the CUDA table (markdown) here")
+    parser.add_argument("--head-dims", type=lambda x: [int(d) for d in x.split(",")],
+                        help="comma-separated CUDA head dims (default 64,128 with --quick, else 64,128,256)")
     args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -199,7 +201,7 @@ def main(argv=None):
         if device == "cpu":
             bench_cpu(args.reps)
         else:
-            bench_cuda(args.quick, args.out)
+            bench_cuda(args.quick, args.out, args.head_dims)
     if not ok:
         sys.exit("flash_attn2.bench: correctness check failed")
 
