@@ -7,27 +7,18 @@ libraries. Columns: label | D | causal | N | fwd ours | fwd flash | ratio | bwd 
 """
 
 import argparse
-import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn2
+from compare_kernels import naive_grads  # scripts/ is on sys.path when this runs as a script
 from flash_attn2.bench import median_ms_cuda
 
-
-def naive_grads(q, k, v, dout, causal, dtype):
-    """Gradients of softmax(q k^T / sqrt(d)) v computed in `dtype` (float64: the reference)."""
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if causal:
-        nq, nk = q.shape[2], k.shape[2]
-        i = torch.arange(nq, device=q.device)[:, None]
-        j = torch.arange(nk, device=q.device)[None, :]
-        s = s.masked_fill(j > i + (nk - nq), float("-inf"))
-    out = torch.softmax(s, -1) @ v
-    return torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+# The traits table shapes the mma.sync kernels only: time those, also on sm_90 where wgmma ones would run.
+os.environ.setdefault("FLASH_ATTN2_PORTABLE_KERNELS", "1")
 
 
 def check(dtype):
