@@ -133,7 +133,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     wgmma_commit();
 
     // P^T in place of S^T. Column c of the accumulators is query row0 + c; its LSE comes as log2 units with
-    // -inf (a row that sees no key) turned into +inf so that P = 0 there.
+    // -inf (a row that sees no key) turned into +inf so that P = 0 there. Query rows past seqlen_q read
+    // LSE = D = 0 and zero-filled Q / dO rows: P = 1 there, but dO = 0 and dS = 0, so they add nothing.
     const float* s_lse = sStats + stage * (Kt::kSmemRowStats / 4);
     const float* s_d = s_lse + kBlockM;
     const bool need_mask = tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag);
@@ -226,7 +227,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   __syncthreads();
   store_dk_dv<TileKV, kThreads>(p, blk, sK, sV, tid);
 #else
-  __trap();  // only launched on sm_90 devices, from the sm_90a build (see use_sm90_backward)
+  __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
 #endif
 }
 
