@@ -1,5 +1,5 @@
 """Backward kernels side by side on one GPU: the default selection (on an H100 built with sm_90a: the wgmma
-kernel for d = 64 / 128) and the portable mma.sync kernel (FLASH_ATTN2_PORTABLE_KERNELS=1), each checked
+kernels for d = 64 / 128 / 256) and the portable mma.sync kernel (FLASH_ATTN2_PORTABLE_KERNELS=1), each checked
 against float64 on edge shapes, then timed beside SDPA flash on the benchmark shapes (bf16, B*N = 16k,
 hidden 2048). Columns of the timing table: D | causal | N | bwd TFLOP/s default | portable | SDPA flash |
 default / flash.
@@ -43,7 +43,7 @@ def check(dtype):
     """Worst error / allowance over edge shapes for each kernel; allowance = 2 x the error of the same naive
     attention in `dtype` + 1e-3 (python/tests/reference.py's rule)."""
     shapes = []  # (b, hq, hkv, nq, nk, d, causal)
-    for d in (64, 128):
+    for d in (64, 128, 256):
         shapes += [(2, 4, 4, 257, 1000, d, True), (2, 4, 2, 1000, 257, d, False), (1, 2, 2, 333, 333, d, True),
                    (1, 2, 1, 1, 17, d, True), (1, 2, 2, 17, 1, d, False), (2, 8, 1, 200, 130, d, True),
                    (1, 2, 2, 128, 128, d, False), (1, 2, 2, 64, 256, d, True)]
@@ -85,7 +85,7 @@ def main():
               f"({'ok' if max(worst.values()) <= 1 else 'FAIL'})", flush=True)
     print("| D | causal | N | bwd default | bwd portable | bwd SDPA flash | default / flash |")
     print("|---|---|---|---|---|---|---|")
-    for d in (64, 128):
+    for d in (64, 128, 256):
         for causal in (False, True):
             for n in (int(x) for x in args.seqlens.split(",")):
                 b, h = 16384 // n, 2048 // d

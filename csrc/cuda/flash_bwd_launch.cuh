@@ -8,6 +8,7 @@
 #include "cuda/cuda_check.cuh"
 #include "cuda/flash_bwd_kernel.cuh"
 #include "cuda/flash_bwd_sm90_kernel.cuh"
+#include "cuda/flash_bwd_sm90_wide_kernel.cuh"
 #include "cuda/flash_fwd_launch.cuh"  // detail:: helpers
 #include "cuda/flash_params.h"
 #include "cuda/kernel_traits.cuh"
@@ -59,6 +60,11 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
       using K90 = BwdSm90Traits<T, kHeadDim>;
       if (detail::use_sm90_kernels()) detail::launch_per_key_tile<K90>(&flash_bwd_sm90_kernel<K90>, params, stream);
+      else detail::launch_bwd_portable<T, kHeadDim>(params, stream);
+    } else if constexpr (kHeadDim == 256) {
+      using K90 = BwdSm90WideTraits<T, kHeadDim>;
+      if (detail::use_sm90_kernels())
+        detail::launch_per_key_tile<K90>(&flash_bwd_sm90_wide_kernel<K90>, params, stream);
       else detail::launch_bwd_portable<T, kHeadDim>(params, stream);
     } else {
       detail::launch_bwd_portable<T, kHeadDim>(params, stream);

@@ -27,6 +27,72 @@
 
 namespace flash_attn2::cuda {
 
+namespace sm90 {
+
+// Shared by the Hopper backward kernels, whose accumulators hold a warp's 16 keys (rows key, key + 8) by the
+// step's queries (columns row0 + 8 ni + 2t + {0, 1}): S^T, dP^T, P^T and dS^T.
+//
+// P^T = exp2(S^T * scale_log2 - LSE * log2 e) in place of S^T. s_lse holds the step's LSE (natural log);
+// -inf (a row that sees no key) becomes +inf so that P = 0 there. Query rows past seqlen_q read LSE = D = 0
+// and zero-filled Q / dO rows: P = 1 there, but dO = 0 and dS = 0, so they add nothing.
+template <int NT>
+FA2_DEVICE void probs_transposed(float (&s)[1][NT][4], const float* s_lse, int key, int row0, bool need_mask,
+                                 const BwdParams& p, int t) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int diag = p.seqlen_k - p.seqlen_q;
+#pragma unroll
+  for (int ni = 0; ni < NT; ++ni) {
+    const int c = 8 * ni + 2 * t;
+    const float2 l = *reinterpret_cast<const float2*>(s_lse + c);
+    const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // Key k is visible to query q iff k < seqlen_k and (not causal or k <= q + diag).
+      const int k = key + 8 * h;
+      const int first_q = !need_mask ? INT_MIN : k >= p.seqlen_k ? INT_MAX : p.causal ? k - diag : INT_MIN;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[0][ni][2 * h + e];
+        if (row0 + c + e < first_q) x = -INFINITY;
+        x = fast_exp2(fmaf(x, p.scale_log2, -l2[e]));
+      }
+    }
+  }
+}
+
+// dS^T = P^T (dP^T - D) in place of dP^T; s_d holds the step's D.
+template <int NT>
+FA2_DEVICE void dscores_transposed(float (&dp)[1][NT][4], const float (&pr)[1][NT][4], const float* s_d, int t) {
+#pragma unroll
+  for (int ni = 0; ni < NT; ++ni) {
+    const float2 dd = *reinterpret_cast<const float2*>(s_d + 8 * ni + 2 * t);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      dp[0][ni][2 * h] = pr[0][ni][2 * h] * (dp[0][ni][2 * h] - dd.x);
+      dp[0][ni][2 * h + 1] = pr[0][ni][2 * h + 1] * (dp[0][ni][2 * h + 1] - dd.y);
+    }
+  }
+}
+
+// dQ_accum[rows r0 + (16 (warp % 4) + g, +8), cols c0 + 8 ni + 2t] += a warpgroup's 64 x 64 dQ tile, for the
+// step's query rows starting at row0 of (batch, head); rows past seqlen_q and columns past d are skipped.
+FA2_DEVICE void add_dq_tile(const BwdParams& p, const float (&acc)[1][8][4], int batch, int head, int row0,
+                            int r0, int c0, int warp, int g, int t, bool full_tile) {
+  const int d = p.head_dim;
+  float* dq = p.dq_accum + ((static_cast<index_t>(batch) * p.heads_q + head) * p.seqlen_q + row0) * d;
+#pragma unroll
+  for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r0 + 16 * (warp % 4) + g + 8 * h;
+      const int c = c0 + 8 * ni + 2 * t;
+      if (full_tile || (row0 + r < p.seqlen_q && c < d))
+        red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc[0][ni][2 * h], acc[0][ni][2 * h + 1]);
+    }
+}
+
+}  // namespace sm90
+
 template <typename T, int kHeadDim_>
 struct BwdSm90Traits {
   using Elem = T;
@@ -62,7 +128,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   using TileDS = typename Kt::TileDS;
   using namespace sm90;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kThreads = Kt::kNThreads;
-  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw_u = smem_u32(smem_raw);
@@ -84,7 +149,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   const int g = lane >> 2, t = lane & 3;
 
   const BwdBlockInfo<kBlockN> blk(p);
-  const int d = p.head_dim;
   const int diag = p.seqlen_k - p.seqlen_q;
   const BwdSteps<kBlockM> steps(p, blk);
   auto load_q_do = [&](int it, int stage) {
@@ -132,47 +196,19 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
                                              desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
     wgmma_commit();
 
-    // P^T in place of S^T. Column c of the accumulators is query row0 + c; its LSE comes as log2 units with
-    // -inf (a row that sees no key) turned into +inf so that P = 0 there. Query rows past seqlen_q read
-    // LSE = D = 0 and zero-filled Q / dO rows: P = 1 there, but dO = 0 and dS = 0, so they add nothing.
     const float* s_lse = sStats + stage * (Kt::kSmemRowStats / 4);
     const float* s_d = s_lse + kBlockM;
-    const bool need_mask = tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag);
     wgmma_wait<1>();
     fence_regs(acc_s);
-#pragma unroll
-    for (int ni = 0; ni < kNT_S; ++ni) {
-      const int c = 8 * ni + 2 * t;
-      const float2 l = *reinterpret_cast<const float2*>(s_lse + c);
-      const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        // Key `key` is visible to query q iff key < seqlen_k and (not causal or key <= q + diag).
-        const int key = blk.key0 + wg_row0 + g + 8 * h;
-        const int first_q = !need_mask ? INT_MIN : key >= p.seqlen_k ? INT_MAX : p.causal ? key - diag : INT_MIN;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = acc_s[0][ni][2 * h + e];
-          if (row0 + c + e < first_q) x = -INFINITY;
-          x = fast_exp2(fmaf(x, p.scale_log2, -l2[e]));
-        }
-      }
-    }
+    probs_transposed(acc_s, s_lse, blk.key0 + wg_row0 + g, row0,
+                     tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag), p, t);
     uint32_t p_frag[1][kKSteps][4];
     acc_to_a_frags<T>(p_frag, acc_s);
 
-    // dS^T = P^T (dP^T - D) in place of dP^T, as A fragments for dK and into shared memory for dQ.
+    // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
     wgmma_wait<0>();
     fence_regs(acc_dp);
-#pragma unroll
-    for (int ni = 0; ni < kNT_S; ++ni) {
-      const float2 dd = *reinterpret_cast<const float2*>(s_d + 8 * ni + 2 * t);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        acc_dp[0][ni][2 * h] = acc_s[0][ni][2 * h] * (acc_dp[0][ni][2 * h] - dd.x);
-        acc_dp[0][ni][2 * h + 1] = acc_s[0][ni][2 * h + 1] * (acc_dp[0][ni][2 * h + 1] - dd.y);
-      }
-    }
+    dscores_transposed(acc_dp, acc_s, s_d, t);
     uint32_t ds_frag[1][kKSteps][4];
     acc_to_a_frags<T>(ds_frag, acc_dp);
     store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
@@ -205,18 +241,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     fence_regs(p_frag);  // the A fragments stay untouched until the MMAs reading them are done
     fence_regs(ds_frag);
 
-    const index_t row_base = (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.seqlen_q;
-    float* dq = p.dq_accum + (row_base + row0) * d;
-    const bool full_tile = row0 + kBlockM <= p.seqlen_q && d == kHeadDim;
-#pragma unroll
-    for (int ni = 0; ni < 8; ++ni)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = dq_row0 + 16 * (warp % 4) + g + 8 * h;
-        const int c = dq_col0 + 8 * ni + 2 * t;
-        if (full_tile || (row0 + r < p.seqlen_q && c < d))
-          red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc_dq[0][ni][2 * h], acc_dq[0][ni][2 * h + 1]);
-      }
+    add_dq_tile(p, acc_dq, blk.batch, head, row0, dq_row0, dq_col0, warp, g, t,
+                row0 + kBlockM <= p.seqlen_q && p.head_dim == kHeadDim);
   }
 
   // Epilogue: dK * scale and dV as T through the K / V buffers, then 16-byte stores.

@@ -1,0 +1,184 @@
+// FlashAttention-2 backward on Hopper warpgroup MMA (wgmma, sm_90a) for wide heads (d = 256).
+//
+// At d = 256 the keys-as-rows layout of flash_bwd_sm90_kernel would give each thread both dK and dV of 64
+// keys (256 fp32 registers). Here a block owns 64 keys and its two warpgroups split the work by role instead,
+// each holding one 64 x d accumulator:
+//   warpgroup 0:  S^T = K Q^T -> P^T (handed to warpgroup 1 through shared memory),  dV += P^T dO
+//   warpgroup 1:  dP^T = V dO^T,  dS^T = P^T (dP^T - D) (to shared memory),          dK += dS^T Q
+//   both:         dQ_accum += dS K, each on half of the columns, 64 at a time (fp32 red.global.add)
+// Both warpgroups cover the same 64 keys with the same thread layout, so P^T crosses over element for element.
+#pragma once
+
+#include "cuda/block_info.cuh"
+#include "cuda/bwd_tile_io.cuh"
+#include "cuda/flash_bwd_sm90_kernel.cuh"  // probs_transposed, dscores_transposed, add_dq_tile
+#include "cuda/flash_params.h"
+#include "cuda/mask.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/tile_primitives.cuh"
+#include "cuda/warp_mma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace flash_attn2::cuda {
+
+template <typename T, int kHeadDim_>
+struct BwdSm90WideTraits {
+  using Elem = T;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNThreads = 256;  // two warpgroups
+  static constexpr int kBlockN = 64;     // keys per block
+  static constexpr int kBlockM = 64;     // queries per step
+  static constexpr int kSliceN = 128;    // dV / dK products are issued in column slices of this width
+  static_assert(kHeadDim == 256, "the split-role wgmma backward is built for d = 256");
+
+  using TileQ = SwizzledTile<kBlockM, kHeadDim>;   // Q and dO
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;  // K and V (later dK and dV staging)
+  using TileDS = SwizzledTile<kBlockN, kBlockM>;   // dS^T, [key][query]
+  static constexpr int kSmemQ = TileQ::kElems * 2;
+  static constexpr int kSmemKV = TileKV::kElems * 2;
+  static constexpr int kSmemDS = TileDS::kElems * 2;
+  static constexpr int kSmemP = kBlockM / 2 * 128 * 4;   // P^T hand-over: kBlockM / 2 floats per thread
+  static constexpr int kSmemRowStats = 2 * kBlockM * 4;  // LSE and D of one query tile, fp32
+  static constexpr int kAlign = 1024;
+  // K | V | Q[2] | dO[2] | dS^T | P^T | (LSE, D)[2], plus slack to align the start.
+  static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + kSmemDS + kSmemP + 2 * kSmemRowStats + kAlign;
+};
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads, 1)
+    flash_bwd_sm90_wide_kernel(const __grid_constant__ BwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Kt::Elem;
+  using TileQ = typename Kt::TileQ;
+  using TileKV = typename Kt::TileKV;
+  using TileDS = typename Kt::TileDS;
+  using namespace sm90;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kThreads = Kt::kNThreads;
+  constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries)
+  constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_u = smem_u32(smem_raw);
+  const uint32_t sK_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
+  unsigned char* smem = smem_raw + (sK_u - raw_u);
+  const uint32_t sV_u = sK_u + Kt::kSmemKV;
+  const uint32_t sQ_u = sV_u + Kt::kSmemKV;      // stage s at + s * kSmemQ
+  const uint32_t sdO_u = sQ_u + 2 * Kt::kSmemQ;  // stage s at + s * kSmemQ
+  const uint32_t sdS_u = sdO_u + 2 * Kt::kSmemQ;
+  const uint32_t sP_u = sdS_u + Kt::kSmemDS;
+  const uint32_t sStats_u = sP_u + Kt::kSmemP;   // stage s: LSE at s * 2M, D at + M (floats)
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = reinterpret_cast<T*>(smem + Kt::kSmemKV);
+  T* sdS = reinterpret_cast<T*>(smem + (sdS_u - sK_u));
+  float* sP = reinterpret_cast<float*>(smem + (sP_u - sK_u));
+  const float* sStats = reinterpret_cast<const float*>(smem + (sStats_u - sK_u));
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wg_tid = tid % 128;
+  const bool is_p = warp < 4;               // warpgroup 0: S^T, P^T, dV; warpgroup 1: dP^T, dS^T, dK
+  const int warp_row0 = 16 * (warp % 4);    // first key row of this warp's accumulators
+
+  const BwdBlockInfo<kBlockN> blk(p);
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const BwdSteps<kBlockM> steps(p, blk);
+  auto load_q_do = [&](int it, int stage) {
+    load_q_do_async<TileQ, kThreads, T>(p, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
+                                        sQ_u + stage * Kt::kSmemQ, sdO_u + stage * Kt::kSmemQ,
+                                        sStats_u + stage * Kt::kSmemRowStats, tid);
+  };
+  load_k_v_async<TileKV, kThreads, T>(p, blk, sK_u, sV_u, tid);
+  if (steps.total > 0) load_q_do(0, 0);
+  cp_async_commit();
+
+  float acc_kv[1][kHeadDim / 8][4];  // dV (warpgroup 0) or dK (warpgroup 1)
+  zero_acc(acc_kv);
+
+  for (int it = 0; it < steps.total; ++it) {
+    const int head = steps.head(it, blk.head_kv);
+    const int row0 = steps.row0(it);
+    const int stage = it & 1;
+    cp_async_wait<0>();
+    fence_proxy_async_smem();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    __syncthreads();           // ... and every warp is done with the previous step's buffers
+    if (it + 1 < steps.total) {
+      load_q_do(it + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const uint32_t sQ_s = sQ_u + stage * Kt::kSmemQ;
+    const uint32_t sdO_s = sdO_u + stage * Kt::kSmemQ;
+    const float* s_lse = sStats + stage * (Kt::kSmemRowStats / 4);
+    const float* s_d = s_lse + kBlockM;
+
+    // S^T = K Q^T (warpgroup 0) or dP^T = V dO^T (warpgroup 1).
+    float acc_x[1][kNT_S][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks)
+      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_x), desc_k_major<TileKV>(is_p ? sK_u : sV_u, 0, ks),
+                                             desc_k_major<TileQ>(is_p ? sQ_s : sdO_s, 0, ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc_x);
+
+    if (is_p) {
+      probs_transposed(acc_x, s_lse, blk.key0 + warp_row0 + g, row0,
+                       tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag), p, t);
+#pragma unroll
+      for (int j = 0; j < kBlockM / 2; ++j) sP[j * 128 + wg_tid] = flat(acc_x)[j];
+    }
+    __syncthreads();  // P^T handed over
+    if (!is_p) {
+      float pr[1][kNT_S][4];
+#pragma unroll
+      for (int j = 0; j < kBlockM / 2; ++j) flat(pr)[j] = sP[j * 128 + wg_tid];
+      dscores_transposed(acc_x, pr, s_d, t);
+      store_acc<T, TileDS>(sdS, acc_x, warp_row0, 0, lane, 1.f);
+    }
+
+    // dV += P^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1), A from registers, B N-major.
+    uint32_t frag[1][kKSteps][4];
+    acc_to_a_frags<T>(frag, acc_x);
+    wgmma_fence();
+#pragma unroll
+    for (int n0 = 0; n0 < kHeadDim; n0 += Kt::kSliceN)
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk)
+        WgmmaOp<T, Kt::kSliceN>::template rs<1>(acc_cols<Kt::kSliceN>(acc_kv, n0), frag[0][kk],
+                                                desc_mn_major<TileQ>(is_p ? sdO_s : sQ_s, n0 / 64, kk), 1);
+    wgmma_commit();
+
+    // dQ = dS K: warpgroup w takes columns [w d / 2, (w + 1) d / 2), 64 at a time.
+    fence_proxy_async_smem();
+    __syncthreads();  // dS^T is in shared memory
+    const bool full_tile = row0 + kBlockM <= p.seqlen_q && p.head_dim == kHeadDim;
+#pragma unroll
+    for (int c0 = 0; c0 < kHeadDim / 2; c0 += 64) {
+      const int col0 = (is_p ? 0 : kHeadDim / 2) + c0;
+      float acc_dq[1][8][4];
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks)
+        WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, 0, ks),
+                                          desc_mn_major<TileKV>(sK_u, col0 / 64, ks), ks > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(acc_dq);
+      add_dq_tile(p, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
+    }
+    fence_regs(acc_kv);
+    fence_regs(frag);  // the A fragments stay untouched until the MMAs reading them are done
+  }
+
+  // Epilogue: dV (warpgroup 0) and dK * scale (warpgroup 1) as T through the V / K buffers.
+  cp_async_wait<0>();
+  __syncthreads();
+  store_acc<T, TileKV>(is_p ? sV : sK, acc_kv, warp_row0, 0, lane, is_p ? 1.f : p.scale);
+  __syncthreads();
+  store_dk_dv<TileKV, kThreads>(p, blk, sK, sV, tid);
+#else
+  __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
+#endif
+}
+
+}  // namespace flash_attn2::cuda
