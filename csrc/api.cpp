@@ -1,6 +1,12 @@
 #include "flash_attn2/flash_attn2.h"
 
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include <mutex>
+
+#include "op_args.h"
 
 namespace flash_attn2 {
 namespace {
@@ -19,33 +25,118 @@ void require_defined(const char* op, std::initializer_list<std::pair<const char*
 
 }  // namespace
 
+// The option values of AttentionOptions in the ops' argument order.
+#define FA2_OPTS(o) \
+  c10::IntArrayRef(o.window_size), o.softcap, o.alibi_slopes, o.dropout_p, o.rng_state
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o) {
+  static const auto op = op_handle<FwdSig>("flash_attn2::fwd");
+  require_defined("flash_attn2::fwd", {{"q", &q}, {"k", &k}, {"v", &v}});
+  return op.call(q, k, v, o.causal, o.scale, FA2_OPTS(o));
+}
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                      std::optional<double> scale) {
-  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                              std::optional<double>)>("flash_attn2::fwd");
-  require_defined("flash_attn2::fwd", {{"q", &q}, {"k", &k}, {"v", &v}});
-  return op.call(q, k, v, causal, scale);
+  AttentionOptions o;
+  o.causal = causal;
+  o.scale = scale;
+  return attention(q, k, v, o);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const AttentionOptions& o) {
+  static const auto op = op_handle<FwdLseSig>("flash_attn2::fwd_with_lse");
+  require_defined("flash_attn2::fwd_with_lse", {{"q", &q}, {"k", &k}, {"v", &v}});
+  return op.call(q, k, v, o.causal, o.scale, FA2_OPTS(o));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       bool causal, std::optional<double> scale) {
-  static const auto op =
-      op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                                   std::optional<double>)>("flash_attn2::fwd_with_lse");
-  require_defined("flash_attn2::fwd_with_lse", {{"q", &q}, {"k", &k}, {"v", &v}});
-  return op.call(q, k, v, causal, scale);
+  AttentionOptions o;
+  o.causal = causal;
+  o.scale = scale;
+  return attention_with_lse(q, k, v, o);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                                  const AttentionOptions& o) {
+  static const auto op = op_handle<BwdSig>("flash_attn2::bwd");
+  require_defined("flash_attn2::bwd",
+                  {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
+  return op.call(dout, q, k, v, out, lse, o.causal, o.scale, FA2_OPTS(o), o.deterministic);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   bool causal, std::optional<double> scale) {
-  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, bool, std::optional<double>)>("flash_attn2::bwd");
-  require_defined("flash_attn2::bwd",
-                  {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
-  return op.call(dout, q, k, v, out, lse, causal, scale);
+  AttentionOptions o;
+  o.causal = causal;
+  o.scale = scale;
+  return attention_backward(dout, q, k, v, out, lse, o);
+}
+
+at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k, const AttentionOptions& o) {
+  static const auto op = op_handle<VarlenFwdSig>("flash_attn2::fwd_varlen");
+  require_defined("flash_attn2::fwd_varlen", {{"q", &q}, {"k", &k}, {"v", &v}, {"cu_seqlens_q", &cu_seqlens_q},
+                                              {"cu_seqlens_k", &cu_seqlens_k}});
+  return op.call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o.causal, o.scale, FA2_OPTS(o));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_with_lse(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                             int64_t max_seqlen_k, const AttentionOptions& o) {
+  static const auto op = op_handle<VarlenFwdLseSig>("flash_attn2::fwd_varlen_with_lse");
+  require_defined("flash_attn2::fwd_varlen_with_lse", {{"q", &q}, {"k", &k}, {"v", &v},
+                                                       {"cu_seqlens_q", &cu_seqlens_q},
+                                                       {"cu_seqlens_k", &cu_seqlens_k}});
+  return op.call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o.causal, o.scale, FA2_OPTS(o));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, const AttentionOptions& o) {
+  static const auto op = op_handle<VarlenBwdSig>("flash_attn2::bwd_varlen");
+  require_defined("flash_attn2::bwd_varlen", {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out},
+                                              {"lse", &lse}, {"cu_seqlens_q", &cu_seqlens_q},
+                                              {"cu_seqlens_k", &cu_seqlens_k}});
+  return op.call(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o.causal, o.scale,
+                 FA2_OPTS(o), o.deterministic);
+}
+
+at::Tensor dropout_keep_mask(const at::Tensor& rng_state, int64_t batch, int64_t heads, int64_t seqlen_q,
+                             int64_t seqlen_k, double dropout_p, std::optional<c10::Device> device) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, int64_t, double, std::optional<c10::Device>)>(
+          "flash_attn2::dropout_keep_mask");
+  require_defined("flash_attn2::dropout_keep_mask", {{"rng_state", &rng_state}});
+  return op.call(rng_state, batch, heads, seqlen_q, seqlen_k, dropout_p, device);
+}
+
+at::Tensor draw_rng_state(c10::Device device) {
+  at::Generator gen = at::globalContext().defaultGenerator(device);
+  uint64_t seed = 0, offset = 0;
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    if (device.is_cpu()) {
+      auto* cpu = gen.get<at::CPUGeneratorImpl>();
+      seed = cpu->random64();
+      offset = cpu->random64();
+    } else {
+      // Philox-based device generators (CUDA): the current seed, and an offset reserved by advancing the
+      // generator's, as PyTorch's own dropout kernels do.
+      seed = gen.current_seed();
+      offset = gen.get_offset();
+      gen.set_offset(offset + 4);
+    }
+  }
+  return at::tensor({static_cast<int64_t>(seed), static_cast<int64_t>(offset)}, at::TensorOptions().dtype(at::kLong));
 }
 
 }  // namespace flash_attn2

@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -73,6 +74,151 @@ AttentionShape check_backward_inputs(const char* op, const at::Tensor& dout, con
               op, ": lse has shape ", lse.sym_sizes(), "; expected (B, Hq, Nq) = (", s.batch, ", ", s.heads_q, ", ",
               s.seqlen_q, ")");
   return s;
+}
+
+Variant check_variant(const char* op, const at::Tensor& q, const c10::SymInt& batch, const c10::SymInt& heads_q,
+                      bool causal, c10::IntArrayRef window_size, double softcap,
+                      const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                      const std::optional<at::Tensor>& rng_state, bool deterministic) {
+  Variant v;
+  TORCH_CHECK(window_size.size() == 2, op, ": window_size must have 2 elements (left, right), got ",
+              window_size.size());
+  TORCH_CHECK(window_size[0] >= -1 && window_size[1] >= -1, op, ": window_size must be -1 (unbounded) or >= 0 on ",
+              "each side, got (", window_size[0], ", ", window_size[1], ")");
+  v.window_left = window_size[0];
+  v.window_right = causal ? 0 : window_size[1];
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be a finite number >= 0 (0 disables it), got ",
+              softcap);
+  v.softcap = softcap;
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0 && dropout_p < 1, op,
+              ": dropout_p must be in [0, 1), got ", dropout_p);
+  v.dropout_p = dropout_p;
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.scalar_type() == at::kFloat, op, ": alibi_slopes has dtype ", a.scalar_type(),
+                "; expected float32");
+    TORCH_CHECK(a.device() == q.device(), op, ": alibi_slopes is on ", a.device(), " but q is on ", q.device());
+    const bool per_head = a.dim() == 1 && a.sym_size(0) == heads_q;
+    const bool per_batch = a.dim() == 2 && a.sym_size(0) == batch && a.sym_size(1) == heads_q;
+    TORCH_CHECK(per_head || per_batch, op, ": alibi_slopes has shape ", a.sym_sizes(), "; expected (Hq,) = (",
+                heads_q, ",) or (B, Hq) = (", batch, ", ", heads_q, ")");
+    v.alibi_slopes = a;
+  }
+  if (rng_state.has_value() && rng_state->defined()) {
+    const at::Tensor& r = *rng_state;
+    // Under FakeTensor tracing every tensor, rng_state included, reaches the Meta kernels as a meta tensor.
+    const bool cpu = r.device().is_cpu() || (r.device().is_meta() && q.device().is_meta());
+    TORCH_CHECK(r.scalar_type() == at::kLong && cpu && r.dim() == 1 && r.sym_numel() == 2, op,
+                ": rng_state must be an int64 CPU tensor [seed, offset] of 2 elements, got ", r.scalar_type(), " on ",
+                r.device(), " with shape ", r.sym_sizes());
+    v.rng_state = r;
+  }
+  TORCH_CHECK(dropout_p == 0 || v.rng_state.defined(), op, ": dropout_p = ", dropout_p,
+              " needs rng_state (an int64 CPU tensor [seed, offset]); the differentiable attention functions draw "
+              "one for you");
+  v.deterministic = deterministic;
+  return v;
+}
+
+std::pair<uint64_t, uint64_t> read_rng_state(const Variant& v) {
+  if (!v.rng_state.defined()) return {0, 0};
+  const at::Tensor r = v.rng_state.contiguous();
+  const int64_t* d = r.const_data_ptr<int64_t>();
+  return {static_cast<uint64_t>(d[0]), static_cast<uint64_t>(d[1])};
+}
+
+namespace {
+void check_rank3(const char* op, const char* name, const at::Tensor& t, const char* layout) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined; expected a tensor of shape ", layout);
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must have 3 dimensions ", layout, " (packed variable-length batch), got ",
+              t.dim(), " with shape ", t.sym_sizes());
+}
+
+void check_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, const at::Tensor& q) {
+  TORCH_CHECK(cu.defined(), op, ": ", name, " is undefined; expected int32 (B + 1,) offsets");
+  TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": ", name, " has dtype ", cu.scalar_type(), "; expected int32");
+  TORCH_CHECK(cu.device() == q.device(), op, ": ", name, " is on ", cu.device(), " but q is on ", q.device(),
+              "; cu_seqlens must be on the inputs' device");
+  TORCH_CHECK(cu.dim() == 1 && cu.sym_size(0) >= 1, op, ": ", name, " has shape ", cu.sym_sizes(),
+              "; expected (B + 1,) with B >= 0");
+}
+}  // namespace
+
+AttentionShape check_varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                   const c10::SymInt& max_seqlen_q, const c10::SymInt& max_seqlen_k,
+                                   std::optional<double> scale) {
+  check_rank3(op, "q", q, "(Tq, Hq, D)");
+  check_rank3(op, "k", k, "(Tk, Hkv, D)");
+  check_rank3(op, "v", v, "(Tk, Hkv, D)");
+  check_same_kind(op, "k", k, q);
+  check_same_kind(op, "v", v, q);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": q has dtype ", dtype, "; expected float32, float64, float16 or bfloat16");
+  check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q);
+  check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, q);
+  TORCH_CHECK(cu_seqlens_q.sym_size(0) == cu_seqlens_k.sym_size(0), op, ": cu_seqlens_q has ",
+              cu_seqlens_q.sym_size(0), " elements but cu_seqlens_k has ", cu_seqlens_k.sym_size(0),
+              "; both must be (B + 1,)");
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0, got ",
+              max_seqlen_q, " and ", max_seqlen_k);
+  AttentionShape s{cu_seqlens_q.sym_size(0) - 1, q.sym_size(1), k.sym_size(1), q.sym_size(0), k.sym_size(0),
+                   q.sym_size(2)};
+  TORCH_CHECK(v.sym_size(1) == s.heads_kv, op, ": k has ", s.heads_kv, " heads but v has ", v.sym_size(1),
+              "; k and v must have the same number of heads");
+  TORCH_CHECK(v.sym_size(0) == s.seqlen_k, op, ": k has ", s.seqlen_k, " tokens but v has ", v.sym_size(0),
+              "; k and v must have the same number of tokens");
+  TORCH_CHECK(k.sym_size(2) == s.head_dim && v.sym_size(2) == s.head_dim, op, ": head dims differ: q has ", s.head_dim,
+              ", k has ", k.sym_size(2), ", v has ", v.sym_size(2), "; q, k and v must share the head dim D");
+  TORCH_CHECK(s.heads_kv > 0 ? s.heads_q % s.heads_kv == 0 : s.heads_q == 0, op, ": q has ", s.heads_q,
+              " heads, which is not a multiple of the ", s.heads_kv,
+              " heads of k and v (grouped-query attention needs Hq % Hkv == 0)");
+  if (scale.has_value()) {
+    TORCH_CHECK(std::isfinite(*scale) && *scale > 0, op, ": scale must be a finite positive number, got ", *scale);
+  }
+  return s;
+}
+
+AttentionShape check_varlen_backward_inputs(const char* op, const at::Tensor& dout, const at::Tensor& q,
+                                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                            const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                                            const at::Tensor& cu_seqlens_k, const c10::SymInt& max_seqlen_q,
+                                            const c10::SymInt& max_seqlen_k, std::optional<double> scale) {
+  const AttentionShape s =
+      check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_rank3(op, "dout", dout, "(Tq, Hq, D)");
+  check_rank3(op, "out", out, "(Tq, Hq, D)");
+  check_same_kind(op, "dout", dout, q);
+  check_same_kind(op, "out", out, q);
+  TORCH_CHECK(dout.sym_sizes() == q.sym_sizes(), op, ": dout has shape ", dout.sym_sizes(), " but q has shape ",
+              q.sym_sizes(), "; dout must match the attention output's shape");
+  TORCH_CHECK(out.sym_sizes() == q.sym_sizes(), op, ": out has shape ", out.sym_sizes(), " but q has shape ",
+              q.sym_sizes(), "; out must be the forward output");
+  TORCH_CHECK(lse.defined(), op, ": lse is undefined; expected the (Hq, Tq) log-sum-exp from fwd_varlen_with_lse");
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse has dtype ", lse.scalar_type(),
+              "; expected ", lse_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs");
+  TORCH_CHECK(lse.device() == q.device(), op, ": lse is on ", lse.device(), " but q is on ", q.device());
+  TORCH_CHECK(lse.dim() == 2 && lse.sym_size(0) == s.heads_q && lse.sym_size(1) == s.seqlen_q, op, ": lse has shape ",
+              lse.sym_sizes(), "; expected (Hq, Tq) = (", s.heads_q, ", ", s.seqlen_q, ")");
+  return s;
+}
+
+std::vector<int64_t> read_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, int64_t total,
+                                     int64_t max_seqlen) {
+  const at::Tensor c = cu.to(at::kCPU).contiguous();
+  const int32_t* d = c.const_data_ptr<int32_t>();
+  std::vector<int64_t> values(d, d + c.numel());
+  TORCH_CHECK(values[0] == 0, op, ": ", name, " must start at 0, got ", values[0]);
+  for (size_t b = 1; b < values.size(); ++b) {
+    TORCH_CHECK(values[b] >= values[b - 1], op, ": ", name, " must be non-decreasing, but element ", b, " (",
+                values[b], ") < element ", b - 1, " (", values[b - 1], ")");
+    TORCH_CHECK(values[b] - values[b - 1] <= max_seqlen, op, ": sequence ", b - 1, " has length ",
+                values[b] - values[b - 1], " (from ", name, ") but max_seqlen is ", max_seqlen);
+  }
+  TORCH_CHECK(values.back() == total, op, ": ", name, " must end at the number of packed tokens, ", total, ", got ",
+              values.back());
+  return values;
 }
 
 ConcreteShape concrete(const AttentionShape& s) {

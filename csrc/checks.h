@@ -4,8 +4,11 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
+#include <c10/util/ArrayRef.h>
 
 #include <optional>
+#include <utility>
+#include <vector>
 
 namespace flash_attn2 {
 
@@ -34,6 +37,48 @@ AttentionShape check_forward_inputs(const char* op, const at::Tensor& q, const a
 AttentionShape check_backward_inputs(const char* op, const at::Tensor& dout, const at::Tensor& q,
                                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                      const at::Tensor& lse, std::optional<double> scale);
+
+// The attention variants of every op (window, softcap, ALiBi, dropout, deterministic backward), validated.
+// causal is folded into the window: right = 0. Window sides < 0 mean unbounded (stored as -1).
+struct Variant {
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;
+  at::Tensor alibi_slopes;  // undefined, or float32 (Hq,) / (B, Hq) on the inputs' device
+  double dropout_p = 0.0;
+  at::Tensor rng_state;     // int64 CPU [seed, offset]; defined when dropout_p > 0
+  bool deterministic = false;
+
+  bool causal_or_window() const { return window_left >= 0 || window_right >= 0; }
+  // Anything beyond masking: the kernels then apply the score transform / dropout.
+  bool needs_score_mod() const { return softcap > 0 || alibi_slopes.defined() || dropout_p > 0; }
+  bool is_plain() const { return !causal_or_window() && !needs_score_mod(); }
+};
+
+// Checks the variant options against the shape (batch is the number of sequences for the varlen ops):
+// window values >= -1, softcap finite and >= 0, dropout_p in [0, 1), alibi_slopes float32 (Hq,) or (B, Hq) on
+// q's device, rng_state an int64 CPU tensor of 2 elements (required when dropout_p > 0). Reads no tensor data.
+Variant check_variant(const char* op, const at::Tensor& q, const c10::SymInt& batch, const c10::SymInt& heads_q,
+                      bool causal, c10::IntArrayRef window_size, double softcap,
+                      const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                      const std::optional<at::Tensor>& rng_state, bool deterministic = false);
+
+// The (seed, offset) of a checked rng_state (reads the CPU tensor; not for Meta).
+std::pair<uint64_t, uint64_t> read_rng_state(const Variant& v);
+
+// Packed variable-length batches: q (Tq, Hq, D), k and v (Tk, Hkv, D), cu_seqlens int32 (B + 1,) on q's
+// device. Returns the shape with batch = B, seqlen_q = Tq, seqlen_k = Tk (the packed totals).
+AttentionShape check_varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                   const c10::SymInt& max_seqlen_q, const c10::SymInt& max_seqlen_k,
+                                   std::optional<double> scale);
+AttentionShape check_varlen_backward_inputs(const char* op, const at::Tensor& dout, const at::Tensor& q,
+                                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                            const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                                            const at::Tensor& cu_seqlens_k, const c10::SymInt& max_seqlen_q,
+                                            const c10::SymInt& max_seqlen_k, std::optional<double> scale);
+// The values of cu_seqlens (CPU kernels): start at 0, non-decreasing, end at `total`, lengths <= max_seqlen.
+std::vector<int64_t> read_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, int64_t total,
+                                     int64_t max_seqlen);
 
 // The log-sum-exp dtype: float64 for float64 inputs (so float64 gradients stay exact), float32 otherwise.
 at::ScalarType lse_dtype(at::ScalarType input_dtype);

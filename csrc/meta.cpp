@@ -4,30 +4,60 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "op_args.h"
 
 namespace flash_attn2 {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> fwd_with_lse_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     bool /*causal*/, std::optional<double> scale) {
+Tensor2 fwd_with_lse_meta(FA2_FWD_PARAMS) {
   const AttentionShape s = check_forward_inputs("flash_attn2::fwd_with_lse", q, k, v, scale);
+  check_variant("flash_attn2::fwd_with_lse", q, s.batch, s.heads_q, causal, FA2_OPTION_ARGS);
   return {at::empty_symint(q.sym_sizes(), q.options()),
           at::empty_symint({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())))};
 }
 
-at::Tensor fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool /*causal*/,
-                    std::optional<double> scale) {
-  check_forward_inputs("flash_attn2::fwd", q, k, v, scale);
+at::Tensor fwd_meta(FA2_FWD_PARAMS) {
+  const AttentionShape s = check_forward_inputs("flash_attn2::fwd", q, k, v, scale);
+  check_variant("flash_attn2::fwd", q, s.batch, s.heads_q, causal, FA2_OPTION_ARGS);
   return at::empty_symint(q.sym_sizes(), q.options());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_meta(const at::Tensor& dout, const at::Tensor& q,
-                                                        const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& out, const at::Tensor& lse,
-                                                        bool /*causal*/, std::optional<double> scale) {
-  check_backward_inputs("flash_attn2::bwd", dout, q, k, v, out, lse, scale);
+Tensor3 bwd_meta(FA2_BWD_PARAMS) {
+  const AttentionShape s = check_backward_inputs("flash_attn2::bwd", dout, q, k, v, out, lse, scale);
+  check_variant("flash_attn2::bwd", q, s.batch, s.heads_q, causal, FA2_BWD_OPTION_ARGS);
   return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
           at::empty_symint(v.sym_sizes(), v.options())};
+}
+
+Tensor2 fwd_varlen_with_lse_meta(FA2_VARLEN_FWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::fwd_varlen_with_lse";
+  const AttentionShape s =
+      check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_variant(op, q, s.batch, s.heads_q, causal, FA2_OPTION_ARGS);
+  return {at::empty_symint(q.sym_sizes(), q.options()),
+          at::empty_symint({s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())))};
+}
+
+at::Tensor fwd_varlen_meta(FA2_VARLEN_FWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::fwd_varlen";
+  const AttentionShape s =
+      check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_variant(op, q, s.batch, s.heads_q, causal, FA2_OPTION_ARGS);
+  return at::empty_symint(q.sym_sizes(), q.options());
+}
+
+Tensor3 bwd_varlen_meta(FA2_VARLEN_BWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::bwd_varlen";
+  const AttentionShape s = check_varlen_backward_inputs(op, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                        max_seqlen_q, max_seqlen_k, scale);
+  check_variant(op, q, s.batch, s.heads_q, causal, FA2_BWD_OPTION_ARGS);
+  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
+          at::empty_symint(v.sym_sizes(), v.options())};
+}
+
+at::Tensor dropout_keep_mask_meta(const at::Tensor& rng_state, int64_t batch, int64_t heads, int64_t seqlen_q,
+                                  int64_t seqlen_k, double dropout_p, std::optional<c10::Device> device) {
+  return at::empty({batch, heads, seqlen_q, seqlen_k}, rng_state.options().dtype(at::kBool));
 }
 
 }  // namespace
@@ -36,6 +66,10 @@ TORCH_LIBRARY_IMPL(flash_attn2, Meta, m) {
   m.impl("fwd", &fwd_meta);
   m.impl("fwd_with_lse", &fwd_with_lse_meta);
   m.impl("bwd", &bwd_meta);
+  m.impl("fwd_varlen", &fwd_varlen_meta);
+  m.impl("fwd_varlen_with_lse", &fwd_varlen_with_lse_meta);
+  m.impl("bwd_varlen", &bwd_varlen_meta);
+  m.impl("dropout_keep_mask", &dropout_keep_mask_meta);
 }
 
 }  // namespace flash_attn2

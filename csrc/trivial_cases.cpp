@@ -6,7 +6,7 @@
 
 namespace flash_attn2 {
 
-ForwardOutputs forward_outputs(const at::Tensor& q, const ConcreteShape& s, bool causal) {
+ForwardOutputs forward_outputs(const at::Tensor& q, const ConcreteShape& s, const Variant& var) {
   ForwardOutputs r{at::empty(q.sizes(), q.options()),
                    at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type()))),
                    true};
@@ -16,13 +16,15 @@ ForwardOutputs forward_outputs(const at::Tensor& q, const ConcreteShape& s, bool
     r.lse.fill_(-std::numeric_limits<double>::infinity());
     return r;
   }
-  if (s.head_dim == 0) {
-    // Query row i sees keys j <= i + (Nk - Nq) when causal, all Nk otherwise.
-    at::Tensor visible = at::full({s.seqlen_q}, static_cast<double>(s.seqlen_k), r.lse.options());
-    if (causal) {
-      visible = at::arange(s.seqlen_q, r.lse.options()).add_(static_cast<double>(s.seqlen_k - s.seqlen_q + 1))
-                    .clamp_(0, static_cast<double>(s.seqlen_k));
-    }
+  if (s.head_dim == 0 && !var.alibi_slopes.defined()) {
+    // Query row i sees keys [i + diag - left, i + diag + right] within [0, Nk).
+    const auto opts = r.lse.options().dtype(at::kLong).device(at::kCPU);
+    const at::Tensor i = at::arange(s.seqlen_q, opts);
+    const int64_t diag = s.seqlen_k - s.seqlen_q;
+    at::Tensor begin = var.window_left >= 0 ? (i + (diag - var.window_left)).clamp_min(0) : at::zeros_like(i);
+    at::Tensor end = var.window_right >= 0 ? (i + (diag + var.window_right + 1)).clamp(0, s.seqlen_k)
+                                           : at::full_like(i, s.seqlen_k);
+    const at::Tensor visible = (end - begin).clamp_min(0).to(r.lse.scalar_type()).to(r.lse.device());
     r.lse.copy_(visible.log().expand_as(r.lse));  // log(0) = -inf for rows that see nothing
     return r;
   }

@@ -17,9 +17,9 @@ struct ForwardOutputs {
 // Allocates the forward's outputs on q's device. They come back final (done) when
 //   - there are no keys: every row sees nothing, so out = 0 and lse = -inf (what the kernels give a row
 //     whose keys are all masked), or
-//   - the head dim is 0: every score is 0, so out is empty and lse = log(number of keys the row sees),
-//     -inf where it sees none (bottom-right causal rule), or
+//   - the head dim is 0 and there is no ALiBi: every logit is 0, so out is empty and lse = log(number of keys
+//     the row sees), -inf where it sees none (attention_rule.h's visibility), or
 //   - there are no output elements at all.
-ForwardOutputs forward_outputs(const at::Tensor& q, const ConcreteShape& s, bool causal);
+ForwardOutputs forward_outputs(const at::Tensor& q, const ConcreteShape& s, const Variant& var);
 
 }  // namespace flash_attn2

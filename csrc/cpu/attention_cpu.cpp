@@ -1,8 +1,10 @@
-// CPU kernels: the FlashAttention-2 algorithm on packed tiles.
-// Forward: parallel over (batch, head, query tile); each task streams K/V tiles with an online softmax and never
-// holds more than a Br x Bc score tile. Backward: parallel over (batch, q head); each task recomputes P from the
-// saved LSE tile by tile, owns its head's dQ and writes per-q-head dK/dV partials that are summed over the GQA
-// group afterwards, so no two tasks write the same memory and results are deterministic.
+// CPU kernels: the FlashAttention-2 algorithm on packed tiles, with every variant of attention_rule.h.
+// Forward: parallel over (batch, head, query tile); each task streams the K/V tiles its rows can see (tiles
+// outside the causal / sliding window are never visited) with an online softmax and never holds more than a
+// Br x Bc score tile. Backward: parallel over (batch, q head); each task recomputes P from the saved LSE tile by
+// tile, owns its head's dQ and writes per-q-head dK/dV partials that are summed over the GQA group afterwards,
+// so no two tasks write the same memory and results are deterministic.
+// Variable-length batches run the dense kernels on each sequence's slice (views, no copies of the inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,7 +12,9 @@
 
 #include <vector>
 
+#include "attention_rule.h"
 #include "checks.h"
+#include "op_args.h"
 #include "trivial_cases.h"
 #include "cpu/tile_math.h"
 
@@ -23,39 +27,86 @@ constexpr int64_t kBlockKV = 128;  // Bc: key rows per tile
 // Strided view of one tensor (B, H, N, D) as a base pointer and element strides.
 template <typename scalar_t>
 struct HeadView {
-  const scalar_t* data;
+  scalar_t* data;
   int64_t sb, sh, sn, sd;
   explicit HeadView(const at::Tensor& t)
-      : data(t.const_data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)), sd(t.stride(3)) {}
-  const scalar_t* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+      : data(static_cast<scalar_t*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)),
+        sd(t.stride(3)) {}
+  scalar_t* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
   template <typename acc_t>
   void pack(int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t D, acc_t* tile) const {
     pack_rows(head(b, h), sn, sd, row0, rows, D, tile);
   }
 };
 
-// The causal offset: query i sees key j iff j <= i + (Nk - Nq).
-struct CausalMask {
-  bool enabled;
-  int64_t offset;
-  // One past the last key any of queries [0, q_end) may see.
-  int64_t key_end(int64_t q_end, int64_t Nk) const {
-    return enabled ? std::clamp<int64_t>(q_end + offset, 0, Nk) : Nk;
-  }
-  // The first query that may see key k0.
-  int64_t query_begin(int64_t k0) const { return enabled ? std::max<int64_t>(k0 - offset, 0) : 0; }
-  // Sets scores of keys above the diagonal to -inf in a qn x kn tile at (q0, k0), row stride ld.
-  template <typename acc_t>
-  void apply(acc_t* S, int64_t ld, int64_t q0, int64_t qn, int64_t k0, int64_t kn) const {
-    if (!enabled || k0 + kn - 1 <= q0 + offset) return;  // tile wholly at or below the diagonal
-    for (int64_t i = 0; i < qn; ++i) {
-      const int64_t first_hidden = std::max<int64_t>(q0 + i + offset + 1 - k0, 0);
-      for (int64_t j = first_hidden; j < kn; ++j) S[i * ld + j] = -std::numeric_limits<acc_t>::infinity();
+// The variant state of one call, resolved for the CPU kernels (scores here are already scaled: unit = 1).
+template <typename acc_t>
+struct CpuVariant {
+  Visibility<int64_t> vis;
+  double softcap;
+  const float* alibi;  // slopes, or nullptr
+  int64_t alibi_batch_stride;
+  Dropout dropout;
+  acc_t keep_scale;    // 1 / (1 - p)
+  int64_t batch_base;  // batch index of this call's batch 0 (a sequence index for varlen slices)
+  int64_t heads_q;
+
+  CpuVariant(const Variant& v, const ConcreteShape& s, int64_t batch_base_)
+      : vis{s.seqlen_q, s.seqlen_k, v.window_left, v.window_right}, softcap(v.softcap), alibi(nullptr),
+        alibi_batch_stride(0), keep_scale(acc_t(1)), batch_base(batch_base_), heads_q(s.heads_q) {
+    if (v.alibi_slopes.defined()) {
+      alibi = v.alibi_slopes.const_data_ptr<float>();
+      alibi_batch_stride = v.alibi_slopes.dim() == 2 ? s.heads_q : 0;
     }
+    if (v.dropout_p > 0) {
+      const auto [seed, offset] = read_rng_state(v);
+      dropout = Dropout::make(seed, offset, v.dropout_p);
+      keep_scale = static_cast<acc_t>(1.0 / (1.0 - v.dropout_p));
+    }
+  }
+  ScoreRule<acc_t> score_rule(int64_t b, int64_t h) const {
+    const double slope = alibi ? alibi[(batch_base + b) * alibi_batch_stride + h] : 0.0;
+    return ScoreRule<acc_t>::make(1.0, softcap, slope);
+  }
+  uint32_t rng_head(int64_t b, int64_t h) const { return static_cast<uint32_t>((batch_base + b) * heads_q + h); }
+
+  // Turns a qn x kn tile of scaled scores at (q0, k0) into logits in place: -inf where invisible, softcap and
+  // ALiBi elsewhere. With `dtanh`, also stores dlogit / dscore (1 - tanh^2; 1 without softcap).
+  void logits(acc_t* S, int64_t ld, int64_t q0, int64_t qn, int64_t k0, int64_t kn, const ScoreRule<acc_t>& r,
+              acc_t* dtanh) const {
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    const bool mask = vis.tile_needs_mask(q0, qn, k0, kn);
+    for (int64_t i = 0; i < qn; ++i) {
+      acc_t* row = S + i * ld;
+      const int64_t qi = q0 + i;
+      const int64_t lo = vis.key_begin(qi) - k0, hi = vis.key_end(qi) - k0;
+      for (int64_t j = 0; j < kn; ++j) {
+        if (mask && (j < lo || j >= hi)) {
+          row[j] = kNegInf;
+          if (dtanh) dtanh[i * ld + j] = 0;
+          continue;
+        }
+        acc_t x = row[j];
+        if (r.has_softcap()) {
+          const acc_t t = std::tanh(x * r.cap_in);
+          x = r.cap_out * t;
+          if (dtanh) dtanh[i * ld + j] = acc_t(1) - t * t;
+        }
+        if (r.alibi != acc_t(0)) x -= r.alibi * static_cast<acc_t>(std::abs(qi + vis.diag() - (k0 + j)));
+        row[j] = x;
+      }
+    }
+  }
+  // z[i][j] = keep(i, j) / (1 - p) for the tile (1 everywhere without dropout).
+  void keep_tile(acc_t* z, int64_t ld, uint32_t bh, int64_t q0, int64_t qn, int64_t k0, int64_t kn) const {
+    for (int64_t i = 0; i < qn; ++i)
+      for (int64_t j = 0; j < kn; ++j)
+        z[i * ld + j] = dropout.keep(bh, static_cast<uint32_t>(q0 + i), static_cast<uint32_t>(k0 + j)) ? keep_scale
+                                                                                                   : acc_t(0);
   }
 };
 
-// One online-softmax step on a row of scores: updates the running max and sum, turns s into p in place and
+// One online-softmax step on a row of logits: updates the running max and sum, turns s into p in place and
 // returns the factor by which the row's output accumulator must be rescaled.
 template <typename acc_t>
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
@@ -81,7 +132,7 @@ acc_t online_softmax_row(acc_t* s, int64_t n, acc_t& row_max, acc_t& row_sum) {
   return rescale;
 }
 
-// p = exp(s - lse) for one row of recomputed scores; a row that sees no key (lse = -inf) gets p = 0.
+// p = exp(s - lse) for one row of recomputed logits; a row that sees no key (lse = -inf) gets p = 0.
 template <typename acc_t>
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -95,58 +146,65 @@ void probabilities_row(acc_t* s, int64_t n, acc_t lse) {
   for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] - lse);
 }
 
+// out and lse are written through their strides (dense outputs, or a varlen sequence's slice).
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                    at::Tensor& lse, const ConcreteShape& s, bool causal, double scale) {
-  const HeadView<scalar_t> Q(q), K(k), V(v);
-  scalar_t* out_data = out.data_ptr<scalar_t>();  // contiguous (B, Hq, Nq, D)
-  acc_t* lse_data = lse.data_ptr<acc_t>();        // contiguous (B, Hq, Nq), in lse_dtype == acc_t
-  const int64_t D = s.head_dim, Nq = s.seqlen_q, Nk = s.seqlen_k;
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                    const at::Tensor& lse, const ConcreteShape& s, const CpuVariant<acc_t>& var, double scale) {
+  const HeadView<scalar_t> Q(q), K(k), V(v), O(out);
+  acc_t* lse_data = lse.data_ptr<acc_t>();
+  const int64_t lse_sb = lse.stride(0), lse_sh = lse.stride(1), lse_sn = lse.stride(2);
+  const int64_t D = s.head_dim, Nq = s.seqlen_q;
   const int64_t group = s.heads_q / s.heads_kv;
   const int64_t q_tiles = (Nq + kBlockQ - 1) / kBlockQ;
-  const CausalMask mask{causal, Nk - Nq};
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, s.batch * s.heads_q * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_tile(kBlockQ * D), k_tile(kBlockKV * D), v_tile(kBlockKV * D);
+    std::vector<acc_t> q_tile(kBlockQ * D), k_tile(kBlockKV * D), v_tile(kBlockKV * D), keep(kBlockQ * kBlockKV);
     std::vector<acc_t> scores(kBlockQ * kBlockKV), acc(kBlockQ * D), row_max(kBlockQ), row_sum(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % q_tiles, bh = task / q_tiles;
       const int64_t b = bh / s.heads_q, h = bh % s.heads_q, h_kv = h / group;
       const int64_t q0 = tile * kBlockQ, qn = std::min(kBlockQ, Nq - q0);
+      const ScoreRule<acc_t> rule = var.score_rule(b, h);
 
       Q.pack(b, h, q0, qn, D, q_tile.data());
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
 
-      const int64_t k_end = mask.key_end(q0 + qn, Nk);
-      for (int64_t k0 = 0; k0 < k_end; k0 += kBlockKV) {
+      // Keys any row of the tile sees: only these tiles are visited.
+      const int64_t k_begin = var.vis.key_begin(q0), k_end = var.vis.key_end(q0 + qn - 1);
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockKV) {
         const int64_t kn = std::min(kBlockKV, k_end - k0);
         K.pack(b, h_kv, k0, kn, D, k_tile.data());
         V.pack(b, h_kv, k0, kn, D, v_tile.data());
-        // S = scale * Q K^T
-        gemm_rm(false, true, qn, kn, D, static_cast<acc_t>(scale), q_tile.data(), D, k_tile.data(), D,
-                       acc_t(0), scores.data(), kBlockKV);
-        mask.apply(scores.data(), kBlockKV, q0, qn, k0, kn);
+        // S = scale * Q K^T, then logits
+        gemm_rm(false, true, qn, kn, D, static_cast<acc_t>(scale), q_tile.data(), D, k_tile.data(), D, acc_t(0),
+                scores.data(), kBlockKV);
+        var.logits(scores.data(), kBlockKV, q0, qn, k0, kn, rule, nullptr);
+        if (var.dropout.enabled()) var.keep_tile(keep.data(), kBlockKV, var.rng_head(b, h), q0, qn, k0, kn);
         for (int64_t i = 0; i < qn; ++i) {
-          const acc_t rescale = online_softmax_row(&scores[i * kBlockKV], kn, row_max[i], row_sum[i]);
+          acc_t* p = &scores[i * kBlockKV];
+          const acc_t rescale = online_softmax_row(p, kn, row_max[i], row_sum[i]);
           if (rescale != acc_t(1)) {
             for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= rescale;
+          }
+          if (var.dropout.enabled()) {  // after the sum: the LSE does not see dropout
+            for (int64_t j = 0; j < kn; ++j) p[j] *= keep[i * kBlockKV + j];
           }
         }
         // O += P V
         gemm_rm(false, false, qn, D, kn, acc_t(1), scores.data(), kBlockKV, v_tile.data(), D, acc_t(1),
-                       acc.data(), D);
+                acc.data(), D);
       }
 
-      const int64_t row_offset = (b * s.heads_q + h) * Nq + q0;
       for (int64_t i = 0; i < qn; ++i) {
         const bool any_visible = row_sum[i] > 0;
         const acc_t inv = any_visible ? acc_t(1) / row_sum[i] : acc_t(0);
-        scalar_t* o_row = out_data + (row_offset + i) * D;
-        for (int64_t d = 0; d < D; ++d) o_row[d] = static_cast<scalar_t>(acc[i * D + d] * inv);
-        lse_data[row_offset + i] = any_visible ? row_max[i] + std::log(row_sum[i]) : kNegInf;
+        scalar_t* o_row = O.head(b, h) + (q0 + i) * O.sn;
+        for (int64_t d = 0; d < D; ++d) o_row[d * O.sd] = static_cast<scalar_t>(acc[i * D + d] * inv);
+        lse_data[b * lse_sb + h * lse_sh + (q0 + i) * lse_sn] =
+            any_visible ? row_max[i] + std::log(row_sum[i]) : kNegInf;
       }
     }
   });
@@ -155,24 +213,26 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq_acc, at::Tensor& dk_acc,
-                     at::Tensor& dv_acc, const ConcreteShape& s, bool causal, double scale) {
-  const HeadView<scalar_t> Q(q), K(k), V(v), dO(dout), O(out);
+                     at::Tensor& dv_acc, const ConcreteShape& s, const CpuVariant<acc_t>& var, double scale) {
+  const HeadView<const scalar_t> Q(q), K(k), V(v), dO(dout), O(out);
   const auto lse_a = lse.accessor<acc_t, 3>();
   acc_t* dq_data = dq_acc.data_ptr<acc_t>();  // contiguous (B, Hq, Nq, D)
   acc_t* dk_data = dk_acc.data_ptr<acc_t>();  // contiguous (B, Hq, Nk, D): per-q-head partials
   acc_t* dv_data = dv_acc.data_ptr<acc_t>();
   const int64_t D = s.head_dim, Nq = s.seqlen_q, Nk = s.seqlen_k;
   const int64_t group = s.heads_q / s.heads_kv;
-  const CausalMask mask{causal, Nk - Nq};
   const acc_t scale_acc = static_cast<acc_t>(scale);
+  const bool softcap = var.softcap > 0, dropout = var.dropout.enabled();
 
   at::parallel_for(0, s.batch * s.heads_q, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_tile(kBlockQ * D), do_tile(kBlockQ * D), o_tile(kBlockQ * D);
     std::vector<acc_t> k_tile(kBlockKV * D), v_tile(kBlockKV * D);
-    std::vector<acc_t> p(kBlockQ * kBlockKV), dp(kBlockQ * kBlockKV);
+    std::vector<acc_t> p(kBlockQ * kBlockKV), dp(kBlockQ * kBlockKV), keep(kBlockQ * kBlockKV);
+    std::vector<acc_t> pz(kBlockQ * kBlockKV), dtanh(kBlockQ * kBlockKV);
     std::vector<acc_t> delta(Nq), row_lse(Nq);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.heads_q, h = bh % s.heads_q, h_kv = h / group;
+      const ScoreRule<acc_t> rule = var.score_rule(b, h);
       acc_t* dq_head = dq_data + bh * Nq * D;
       acc_t* dk_head = dk_data + bh * Nk * D;
       acc_t* dv_head = dv_data + bh * Nk * D;
@@ -192,76 +252,78 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 
       for (int64_t k0 = 0; k0 < Nk; k0 += kBlockKV) {
         const int64_t kn = std::min(kBlockKV, Nk - k0);
+        // Queries that see any key of the tile: only their tiles are visited.
+        const int64_t q_begin = var.vis.query_begin(k0), q_end = var.vis.query_end(k0 + kn - 1);
+        if (q_begin >= q_end) continue;
         K.pack(b, h_kv, k0, kn, D, k_tile.data());
         V.pack(b, h_kv, k0, kn, D, v_tile.data());
         acc_t* dk_tile = dk_head + k0 * D;  // accumulated in place: zero-initialised by the caller
         acc_t* dv_tile = dv_head + k0 * D;
-        for (int64_t q0 = mask.query_begin(k0) / kBlockQ * kBlockQ; q0 < Nq; q0 += kBlockQ) {
+        for (int64_t q0 = q_begin / kBlockQ * kBlockQ; q0 < q_end; q0 += kBlockQ) {
           const int64_t qn = std::min(kBlockQ, Nq - q0);
           Q.pack(b, h, q0, qn, D, q_tile.data());
           dO.pack(b, h, q0, qn, D, do_tile.data());
-          // P = exp(scale * Q K^T - lse)
-          gemm_rm(false, true, qn, kn, D, scale_acc, q_tile.data(), D, k_tile.data(), D, acc_t(0),
-                         p.data(), kBlockKV);
-          mask.apply(p.data(), kBlockKV, q0, qn, k0, kn);
+          // P = exp(logits - lse)
+          gemm_rm(false, true, qn, kn, D, scale_acc, q_tile.data(), D, k_tile.data(), D, acc_t(0), p.data(),
+                  kBlockKV);
+          var.logits(p.data(), kBlockKV, q0, qn, k0, kn, rule, softcap ? dtanh.data() : nullptr);
           for (int64_t i = 0; i < qn; ++i) probabilities_row(&p[i * kBlockKV], kn, row_lse[q0 + i]);
-          // dV += P^T dO
-          gemm_rm(true, false, kn, D, qn, acc_t(1), p.data(), kBlockKV, do_tile.data(), D, acc_t(1),
-                         dv_tile, D);
-          // dP = dO V^T, then dS = P * (dP - delta), stored over dP
-          gemm_rm(false, true, qn, kn, D, acc_t(1), do_tile.data(), D, v_tile.data(), D, acc_t(0),
-                         dp.data(), kBlockKV);
+          // With dropout, O used P * Z (Z = keep / (1 - p)): dV += (P Z)^T dO
+          const acc_t* p_used = p.data();
+          if (dropout) {
+            var.keep_tile(keep.data(), kBlockKV, var.rng_head(b, h), q0, qn, k0, kn);
+            for (int64_t i = 0; i < qn; ++i)
+              for (int64_t j = 0; j < kn; ++j) pz[i * kBlockKV + j] = p[i * kBlockKV + j] * keep[i * kBlockKV + j];
+            p_used = pz.data();
+          }
+          gemm_rm(true, false, kn, D, qn, acc_t(1), p_used, kBlockKV, do_tile.data(), D, acc_t(1), dv_tile, D);
+          // dP = dO V^T, then dS = P * (Z dP - delta) [* (1 - tanh^2)], stored over dP
+          gemm_rm(false, true, qn, kn, D, acc_t(1), do_tile.data(), D, v_tile.data(), D, acc_t(0), dp.data(),
+                  kBlockKV);
           for (int64_t i = 0; i < qn; ++i) {
             const acc_t d_i = delta[q0 + i];
             acc_t* dp_row = &dp[i * kBlockKV];
             const acc_t* p_row = &p[i * kBlockKV];
-            for (int64_t j = 0; j < kn; ++j) dp_row[j] = p_row[j] * (dp_row[j] - d_i);
+            for (int64_t j = 0; j < kn; ++j) {
+              const acc_t z = dropout ? keep[i * kBlockKV + j] : acc_t(1);
+              acc_t ds = p_row[j] * (z * dp_row[j] - d_i);
+              if (softcap) ds *= dtanh[i * kBlockKV + j];
+              dp_row[j] = ds;
+            }
           }
           // dK += scale * dS^T Q;  dQ += scale * dS K
-          gemm_rm(true, false, kn, D, qn, scale_acc, dp.data(), kBlockKV, q_tile.data(), D, acc_t(1),
-                         dk_tile, D);
+          gemm_rm(true, false, kn, D, qn, scale_acc, dp.data(), kBlockKV, q_tile.data(), D, acc_t(1), dk_tile, D);
           gemm_rm(false, false, qn, D, kn, scale_acc, dp.data(), kBlockKV, k_tile.data(), D, acc_t(1),
-                         dq_head + q0 * D, D);
+                  dq_head + q0 * D, D);
         }
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_with_lse_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    bool causal, std::optional<double> scale) {
-  const ConcreteShape s = concrete(check_forward_inputs("flash_attn2::fwd_with_lse", q, k, v, scale));
-  auto [out, lse, done] = forward_outputs(q, s, causal);
-  if (done) return {out, lse};
-  const double sm_scale = softmax_scale(scale, s.head_dim);
+// Dense forward into the given outputs (views allowed). batch_base: see CpuVariant.
+void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                  const at::Tensor& lse, const ConcreteShape& s, const Variant& var, double scale,
+                  int64_t batch_base) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_attn2_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_kernel<scalar_t, acc_t>(q, k, v, out, lse, s, causal, sm_scale);
+    forward_kernel<scalar_t, acc_t>(q, k, v, out, lse, s, CpuVariant<acc_t>(var, s, batch_base), scale);
   });
-  return {out, lse};
 }
 
-at::Tensor fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                   std::optional<double> scale) {
-  return std::get<0>(fwd_with_lse_cpu(q, k, v, causal, scale));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
-                                                       const at::Tensor& k, const at::Tensor& v,
-                                                       const at::Tensor& out, const at::Tensor& lse, bool causal,
-                                                       std::optional<double> scale) {
-  const ConcreteShape s =
-      concrete(check_backward_inputs("flash_attn2::bwd", dout, q, k, v, out, lse, scale));
+Tensor3 backward_dense(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& out, const at::Tensor& lse, const ConcreteShape& s, const Variant& var,
+                       double scale, int64_t batch_base) {
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_options = q.options().dtype(acc_dtype);
-  at::Tensor dq_acc = at::zeros(q.sizes(), acc_options);
+  at::Tensor dq_acc = at::zeros({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, acc_options);
   at::Tensor dk_acc = at::zeros({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, acc_options);
   at::Tensor dv_acc = at::zeros({s.batch, s.heads_q, s.seqlen_k, s.head_dim}, acc_options);
   if (dq_acc.numel() > 0 && dk_acc.numel() > 0) {
-    const double sm_scale = softmax_scale(scale, s.head_dim);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_attn2_bwd_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      backward_kernel<scalar_t, acc_t>(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, s, causal, sm_scale);
+      backward_kernel<scalar_t, acc_t>(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, s,
+                                       CpuVariant<acc_t>(var, s, batch_base), scale);
     });
   }
   // Sum the per-q-head partials over each GQA group.
@@ -273,12 +335,145 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& dout, c
   return {dq_acc.to(q.scalar_type()), reduce_group(dk_acc), reduce_group(dv_acc)};
 }
 
+// Windows wider than the sequences are unbounded (keeps the index arithmetic in range).
+Variant clamp_window(Variant var, int64_t seqlen_q, int64_t seqlen_k) {
+  if (var.window_left >= seqlen_k) var.window_left = -1;
+  if (var.window_right >= seqlen_q) var.window_right = -1;
+  return var;
+}
+
+Tensor2 fwd_with_lse_cpu(FA2_FWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::fwd_with_lse";
+  const ConcreteShape s = concrete(check_forward_inputs(op, q, k, v, scale));
+  const Variant var = clamp_window(check_variant(op, q, s.batch, s.heads_q, causal, FA2_OPTION_ARGS),
+                                   s.seqlen_q, s.seqlen_k);
+  auto [out, lse, done] = forward_outputs(q, s, var);
+  if (done) return {out, lse};
+  forward_into(q, k, v, out, lse, s, var, softmax_scale(scale, s.head_dim), 0);
+  return {out, lse};
+}
+
+at::Tensor fwd_cpu(FA2_FWD_PARAMS) { return std::get<0>(fwd_with_lse_cpu(FA2_FWD_ARGS)); }
+
+Tensor3 bwd_cpu(FA2_BWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::bwd";
+  const ConcreteShape s = concrete(check_backward_inputs(op, dout, q, k, v, out, lse, scale));
+  const Variant var = clamp_window(check_variant(op, q, s.batch, s.heads_q, causal, FA2_BWD_OPTION_ARGS),
+                                   s.seqlen_q, s.seqlen_k);
+  return backward_dense(dout, q, k, v, out, lse, s, var, softmax_scale(scale, s.head_dim), 0);
+}
+
+// Sequence b of a packed (T, H, D) tensor as a (1, H, n, D) view.
+at::Tensor sequence(const at::Tensor& packed, int64_t start, int64_t length) {
+  return packed.narrow(0, start, length).transpose(0, 1).unsqueeze(0);
+}
+
+struct VarlenPlan {
+  ConcreteShape packed;
+  std::vector<int64_t> cu_q, cu_k;
+  Variant var;
+  double scale;
+  ConcreteShape seq(int64_t b) const {
+    return {1, packed.heads_q, packed.heads_kv, cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b], packed.head_dim};
+  }
+};
+
+VarlenPlan plan_varlen(const char* op, const AttentionShape& shape, const at::Tensor& q,
+                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const c10::SymInt& max_q,
+                       const c10::SymInt& max_k, Variant var, std::optional<double> scale) {
+  VarlenPlan plan{concrete(shape), {}, {}, std::move(var), 0.0};
+  plan.cu_q = read_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, plan.packed.seqlen_q, max_q.expect_int());
+  plan.cu_k = read_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, plan.packed.seqlen_k, max_k.expect_int());
+  plan.scale = softmax_scale(scale, plan.packed.head_dim);
+  return plan;
+}
+
+Tensor2 fwd_varlen_with_lse_cpu(FA2_VARLEN_FWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::fwd_varlen_with_lse";
+  const AttentionShape shape =
+      check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  const VarlenPlan plan = plan_varlen(op, shape, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      check_variant(op, q, shape.batch, shape.heads_q, causal, FA2_OPTION_ARGS),
+                                      scale);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({plan.packed.heads_q, plan.packed.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  for (int64_t b = 0; b + 1 < static_cast<int64_t>(plan.cu_q.size()); ++b) {
+    const ConcreteShape s = plan.seq(b);
+    const Variant var = clamp_window(plan.var, s.seqlen_q, s.seqlen_k);
+    const at::Tensor q_b = sequence(q, plan.cu_q[b], s.seqlen_q), k_b = sequence(k, plan.cu_k[b], s.seqlen_k),
+                     v_b = sequence(v, plan.cu_k[b], s.seqlen_k), o_b = sequence(out, plan.cu_q[b], s.seqlen_q);
+    const at::Tensor lse_b = lse.narrow(1, plan.cu_q[b], s.seqlen_q).unsqueeze(0);
+    auto trivial = forward_outputs(q_b, s, var);
+    if (trivial.done) {
+      o_b.copy_(trivial.out);
+      lse_b.copy_(trivial.lse);
+      continue;
+    }
+    forward_into(q_b, k_b, v_b, o_b, lse_b, s, var, plan.scale, b);
+  }
+  return {out, lse};
+}
+
+at::Tensor fwd_varlen_cpu(FA2_VARLEN_FWD_PARAMS) {
+  return std::get<0>(fwd_varlen_with_lse_cpu(FA2_VARLEN_FWD_ARGS));
+}
+
+Tensor3 bwd_varlen_cpu(FA2_VARLEN_BWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::bwd_varlen";
+  const AttentionShape shape = check_varlen_backward_inputs(op, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                            max_seqlen_q, max_seqlen_k, scale);
+  const VarlenPlan plan = plan_varlen(op, shape, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      check_variant(op, q, shape.batch, shape.heads_q, causal, FA2_BWD_OPTION_ARGS),
+                                      scale);
+  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
+             dv = at::zeros(v.sizes(), v.options());
+  for (int64_t b = 0; b + 1 < static_cast<int64_t>(plan.cu_q.size()); ++b) {
+    const ConcreteShape s = plan.seq(b);
+    if (s.seqlen_q == 0 || s.seqlen_k == 0) continue;  // gradients stay zero
+    const Variant var = clamp_window(plan.var, s.seqlen_q, s.seqlen_k);
+    const int64_t sq = plan.cu_q[b], sk = plan.cu_k[b];
+    auto [dq_b, dk_b, dv_b] = backward_dense(
+        sequence(dout, sq, s.seqlen_q), sequence(q, sq, s.seqlen_q), sequence(k, sk, s.seqlen_k),
+        sequence(v, sk, s.seqlen_k), sequence(out, sq, s.seqlen_q), lse.narrow(1, sq, s.seqlen_q).unsqueeze(0), s, var,
+        plan.scale, b);
+    sequence(dq, sq, s.seqlen_q).copy_(dq_b);
+    sequence(dk, sk, s.seqlen_k).copy_(dk_b);
+    sequence(dv, sk, s.seqlen_k).copy_(dv_b);
+  }
+  return {dq, dk, dv};
+}
+
+at::Tensor dropout_keep_mask_cpu(const at::Tensor& rng_state, int64_t batch, int64_t heads, int64_t seqlen_q,
+                                 int64_t seqlen_k, double dropout_p, std::optional<c10::Device> device) {
+  constexpr const char* op = "flash_attn2::dropout_keep_mask";
+  TORCH_CHECK(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0, op,
+              ": sizes must be >= 0, got batch ", batch, ", heads ", heads, ", seqlen_q ", seqlen_q, ", seqlen_k ",
+              seqlen_k);
+  const at::Tensor q = at::empty({0}, rng_state.options().dtype(at::kFloat));
+  const Variant var = check_variant(op, q, batch, heads, false, {-1, -1}, 0.0, std::nullopt, dropout_p, rng_state);
+  const auto [seed, offset] = read_rng_state(var);
+  const Dropout d = Dropout::make(seed, offset, dropout_p);
+  at::Tensor mask = at::empty({batch, heads, seqlen_q, seqlen_k}, at::TensorOptions().dtype(at::kBool));
+  bool* m = mask.data_ptr<bool>();
+  at::parallel_for(0, batch * heads * seqlen_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint32_t bh = static_cast<uint32_t>(row / seqlen_q), i = static_cast<uint32_t>(row % seqlen_q);
+      for (int64_t j = 0; j < seqlen_k; ++j) m[row * seqlen_k + j] = d.keep(bh, i, static_cast<uint32_t>(j));
+    }
+  });
+  return device.has_value() ? mask.to(*device) : mask;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flash_attn2, CPU, m) {
   m.impl("fwd", &fwd_cpu);
   m.impl("fwd_with_lse", &fwd_with_lse_cpu);
   m.impl("bwd", &bwd_cpu);
+  m.impl("fwd_varlen", &fwd_varlen_cpu);
+  m.impl("fwd_varlen_with_lse", &fwd_varlen_with_lse_cpu);
+  m.impl("bwd_varlen", &bwd_varlen_cpu);
+  m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
 }
 
 }  // namespace flash_attn2::cpu

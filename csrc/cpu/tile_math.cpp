@@ -30,6 +30,12 @@ at::Tensor as_tensor(const T* data, int64_t rows, int64_t cols, int64_t ld, bool
 template <typename T>
 void gemm_impl(BlasFn<T> blas, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
                int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // BLAS rejects a zero leading dimension; the product is empty
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
   if (blas != nullptr) {
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);

@@ -1,5 +1,7 @@
-// CUDA dispatch for the flash_attn2 ops: validates inputs, picks the compiled head-dim variant, prepares
-// layouts, workspaces and parameters, and launches on the current stream of the inputs' device.
+// CUDA dispatch for the flash_attn2 ops: validates inputs, picks the compiled head-dim variant (and the kernels
+// with score modifiers when softcap, ALiBi or dropout is on), prepares layouts, workspaces and parameters, and
+// launches on the current stream of the inputs' device. Nothing here reads device memory: no host sync, so
+// every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +11,7 @@
 #include <limits>
 
 #include "checks.h"
+#include "op_args.h"
 #include "trivial_cases.h"
 #include "cuda/flash_params.h"
 
@@ -16,6 +19,7 @@ namespace flash_attn2::cuda {
 namespace {
 
 constexpr int kMaxHeadDim = 256;
+constexpr int kMinBwdBlockM = 64;  // the smallest query tile of any backward kernel (sizes dq_semaphore)
 
 void check_cuda_inputs(const char* op, const at::Tensor& q, const ConcreteShape& s) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
@@ -24,9 +28,9 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const ConcreteShape&
   TORCH_CHECK(s.head_dim % 8 == 0 && s.head_dim > 0 && s.head_dim <= kMaxHeadDim, op,
               ": CUDA kernels need a head dim D that is a positive multiple of 8 and at most ", kMaxHeadDim,
               ", got D = ", s.head_dim);
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.seqlen_q <= kIntMax && s.seqlen_k <= kIntMax && s.batch <= 65535 && s.heads_q <= kIntMax, op,
-              ": sizes exceed the CUDA kernels' limits (batch <= 65535, heads and sequence lengths < 2^31), got "
+  constexpr int64_t kLimit = std::numeric_limits<int>::max() / 2;
+  TORCH_CHECK(s.seqlen_q <= kLimit && s.seqlen_k <= kLimit && s.batch <= 65535 && s.heads_q <= kLimit, op,
+              ": sizes exceed the CUDA kernels' limits (batch <= 65535, heads and sequence lengths < 2^30), got "
               "B = ", s.batch, ", Hq = ", s.heads_q, ", Nq = ", s.seqlen_q, ", Nk = ", s.seqlen_k);
 }
 
@@ -34,8 +38,9 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const ConcreteShape&
 // aligned. Anything else (a sliced head dim, an odd storage offset) is copied once into a contiguous tensor.
 at::Tensor kernel_layout(const at::Tensor& t) {
   const int64_t elems_per_16b = 16 / t.element_size();
-  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int d = 0; d < 3 && ok; ++d) ok = t.size(d) == 1 || t.stride(d) % elems_per_16b == 0;
+  const int64_t last = t.dim() - 1;
+  bool ok = t.stride(last) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d < last && ok; ++d) ok = t.size(d) == 1 || t.stride(d) % elems_per_16b == 0;
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
@@ -46,20 +51,25 @@ int compiled_head_dim(int64_t d) {
   TORCH_CHECK(false, "flash_attn2: head dim ", d, " exceeds ", kMaxHeadDim);
 }
 
-template <template <typename, int> class Launcher, typename Params>
+template <template <typename, int, bool> class Launcher, typename Params>
 void dispatch(const Params& params, int64_t head_dim, cudaStream_t stream) {
-  auto by_type = [&](auto element) {
+  auto by_mod = [&](auto element, auto mod) {
     using T = decltype(element);
+    constexpr bool M = decltype(mod)::value;
     switch (compiled_head_dim(head_dim)) {
-      case 32: return Launcher<T, 32>::run(params, stream);
-      case 64: return Launcher<T, 64>::run(params, stream);
-      case 96: return Launcher<T, 96>::run(params, stream);
-      case 128: return Launcher<T, 128>::run(params, stream);
-      case 160: return Launcher<T, 160>::run(params, stream);
-      case 192: return Launcher<T, 192>::run(params, stream);
-      case 224: return Launcher<T, 224>::run(params, stream);
-      default: return Launcher<T, 256>::run(params, stream);
+      case 32: return Launcher<T, 32, M>::run(params, stream);
+      case 64: return Launcher<T, 64, M>::run(params, stream);
+      case 96: return Launcher<T, 96, M>::run(params, stream);
+      case 128: return Launcher<T, 128, M>::run(params, stream);
+      case 160: return Launcher<T, 160, M>::run(params, stream);
+      case 192: return Launcher<T, 192, M>::run(params, stream);
+      case 224: return Launcher<T, 224, M>::run(params, stream);
+      default: return Launcher<T, 256, M>::run(params, stream);
     }
+  };
+  auto by_type = [&](auto element) {
+    if (params.score_mod) by_mod(element, std::true_type{});
+    else by_mod(element, std::false_type{});
   };
   if (params.is_bf16) {
     by_type(__nv_bfloat16{});
@@ -68,80 +78,114 @@ void dispatch(const Params& params, int64_t head_dim, cudaStream_t stream) {
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool M>
 struct FwdLauncher {
-  static void run(const FwdParams& p, cudaStream_t s) { run_flash_fwd<T, D>(p, s); }
+  static void run(const FwdParams& p, cudaStream_t s) { run_flash_fwd<T, D, M>(p, s); }
 };
-template <typename T, int D>
+template <typename T, int D, bool M>
 struct BwdLauncher {
-  static void run(const BwdParams& p, cudaStream_t s) { run_flash_bwd<T, D>(p, s); }
+  static void run(const BwdParams& p, cudaStream_t s) { run_flash_bwd<T, D, M>(p, s); }
+};
+
+// Strides of q/k/v/out-like tensors as (batch, head, row): dense (B, H, N, D), or packed (T, H, D) with no
+// batch stride.
+struct Strides {
+  index_t batch, head, row;
+};
+Strides strides_of(const at::Tensor& t, bool varlen) {
+  if (varlen) return {0, t.stride(1), t.stride(0)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Dense or packed: the shapes and (for varlen) the offsets the kernels need.
+struct Layout {
+  ConcreteShape s;  // dense shape; for varlen: batch = B, seqlen_* = max_seqlen_*, head dims as usual
+  bool varlen = false;
+  const at::Tensor* cu_q = nullptr;
+  const at::Tensor* cu_k = nullptr;
+  int64_t total_q = 0, total_k = 0;
 };
 
 void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& out, const at::Tensor& lse, const ConcreteShape& s, bool causal,
+                         const at::Tensor& out, const at::Tensor& lse, const Layout& L, const Variant& var,
                          std::optional<double> scale) {
+  const ConcreteShape& s = L.s;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.q_batch_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0);
-  p.k_head_stride = k.stride(1);
-  p.k_row_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0);
-  p.v_head_stride = v.stride(1);
-  p.v_row_stride = v.stride(2);
-  p.o_batch_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.o_row_stride = out.stride(2);
+  const Strides sq = strides_of(q, L.varlen), sk = strides_of(k, L.varlen), sv = strides_of(v, L.varlen),
+                so = strides_of(out, L.varlen);
+  p.q_batch_stride = sq.batch, p.q_head_stride = sq.head, p.q_row_stride = sq.row;
+  p.k_batch_stride = sk.batch, p.k_head_stride = sk.head, p.k_row_stride = sk.row;
+  p.v_batch_stride = sv.batch, p.v_head_stride = sv.head, p.v_row_stride = sv.row;
+  p.o_batch_stride = so.batch, p.o_head_stride = so.head, p.o_row_stride = so.row;
   p.batch = static_cast<int>(s.batch);
   p.heads_q = static_cast<int>(s.heads_q);
   p.heads_kv = static_cast<int>(s.heads_kv);
   p.seqlen_q = static_cast<int>(s.seqlen_q);
   p.seqlen_k = static_cast<int>(s.seqlen_k);
   p.head_dim = static_cast<int>(s.head_dim);
+  if (L.varlen) {
+    p.cu_seqlens_q = L.cu_q->data_ptr<int>();
+    p.cu_seqlens_k = L.cu_k->data_ptr<int>();
+    p.total_q = static_cast<int>(L.total_q);
+    p.total_k = static_cast<int>(L.total_k);
+    p.stat_batch_stride = 0;
+    p.stat_head_stride = L.total_q;
+  } else {
+    p.cu_seqlens_q = p.cu_seqlens_k = nullptr;
+    p.total_q = p.total_k = 0;
+    p.stat_batch_stride = s.heads_q * s.seqlen_q;
+    p.stat_head_stride = s.seqlen_q;
+  }
   const double sm_scale = softmax_scale(scale, s.head_dim);
   p.scale = static_cast<float>(sm_scale);
   p.scale_log2 = static_cast<float>(sm_scale * M_LOG2E);
-  p.causal = causal;
+  p.inv_scale = static_cast<float>(1.0 / sm_scale);
+  // Windows wider than every sequence are unbounded (keeps the kernels' index sums in int range).
+  p.window_left = var.window_left >= s.seqlen_k ? -1 : static_cast<int>(var.window_left);
+  p.window_right = var.window_right >= s.seqlen_q ? -1 : static_cast<int>(var.window_right);
+  const ScoreRule<float> rule = ScoreRule<float>::make(sm_scale, var.softcap, 0.0);
+  p.softcap_in = rule.cap_in;
+  p.softcap_out = rule.cap_out;
+  p.alibi_slopes = var.alibi_slopes.defined() ? var.alibi_slopes.data_ptr<float>() : nullptr;
+  p.alibi_batch_stride = var.alibi_slopes.defined() && var.alibi_slopes.dim() == 2 ? static_cast<int>(s.heads_q) : 0;
+  if (var.dropout_p > 0) {
+    const auto [seed, offset] = read_rng_state(var);  // a CPU tensor: no device sync
+    p.dropout = Dropout::make(seed, offset, var.dropout_p);
+    p.keep_scale = static_cast<float>(1.0 / (1.0 - var.dropout_p));
+  } else {
+    p.dropout = Dropout{};
+    p.keep_scale = 1.f;
+  }
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  p.score_mod = var.needs_score_mod();
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_with_lse_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, bool causal,
-                                                     std::optional<double> scale) {
-  constexpr const char* op = "flash_attn2::fwd_with_lse";
-  const ConcreteShape s = concrete(check_forward_inputs(op, q_in, k_in, v_in, scale));
-  check_cuda_inputs(op, q_in, s);
-  const c10::cuda::CUDAGuard device_guard(q_in.device());
+// ALiBi slopes as the kernels read them: contiguous float32.
+Variant prepare_variant(Variant var) {
+  if (var.alibi_slopes.defined()) var.alibi_slopes = var.alibi_slopes.contiguous();
+  return var;
+}
 
-  auto [out, lse, done] = forward_outputs(q_in, s, causal);
-  if (done) return {out, lse};
+Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                    at::Tensor out, at::Tensor lse, const Layout& L, const Variant& var_in,
+                    std::optional<double> scale) {
+  const Variant var = prepare_variant(var_in);
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   FwdParams params{};
-  fill_forward_params(params, q, k, v, out, lse, s, causal, scale);
-  dispatch<FwdLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
+  fill_forward_params(params, q, k, v, out, lse, L, var, scale);
+  dispatch<FwdLauncher>(params, L.s.head_dim, at::cuda::getCurrentCUDAStream().stream());
   return {out, lse};
 }
 
-at::Tensor fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                    std::optional<double> scale) {
-  return std::get<0>(fwd_with_lse_cuda(q, k, v, causal, scale));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& dout_in, const at::Tensor& q_in,
-                                                        const at::Tensor& k_in, const at::Tensor& v_in,
-                                                        const at::Tensor& out_in, const at::Tensor& lse_in,
-                                                        bool causal, std::optional<double> scale) {
-  constexpr const char* op = "flash_attn2::bwd";
-  const ConcreteShape s =
-      concrete(check_backward_inputs(op, dout_in, q_in, k_in, v_in, out_in, lse_in, scale));
-  check_cuda_inputs(op, q_in, s);
-  const c10::cuda::CUDAGuard device_guard(q_in.device());
-
+Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, const Layout& L,
+                     const Variant& var_in, std::optional<double> scale) {
+  const Variant var = prepare_variant(var_in);
+  const ConcreteShape& s = L.s;
   at::Tensor dq = at::empty(q_in.sizes(), q_in.options());
   at::Tensor dk = at::empty(k_in.sizes(), k_in.options());
   at::Tensor dv = at::empty(v_in.sizes(), v_in.options());
@@ -154,31 +198,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& dout_i
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const at::Tensor out = kernel_layout(out_in), dout = kernel_layout(dout_in), lse = lse_in.contiguous();
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq_accum = at::zeros({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
-  at::Tensor softmax_d = at::empty({s.batch, s.heads_q, s.seqlen_q}, f32);
+  const int64_t stat_rows = L.varlen ? s.heads_q * L.total_q : s.batch * s.heads_q * s.seqlen_q;
+  at::Tensor dq_accum = at::zeros({stat_rows, s.head_dim}, f32);
+  at::Tensor softmax_d = at::empty({stat_rows}, f32);
+  at::Tensor semaphore;
 
   BwdParams params{};
-  fill_forward_params(params, q, k, v, out, lse, s, causal, scale);
+  fill_forward_params(params, q, k, v, out, lse, L, var, scale);
+  const Strides sdo = strides_of(dout, L.varlen), sdq = strides_of(dq, L.varlen), sdk = strides_of(dk, L.varlen),
+                sdv = strides_of(dv, L.varlen);
   params.dout = dout.data_ptr();
-  params.do_batch_stride = dout.stride(0);
-  params.do_head_stride = dout.stride(1);
-  params.do_row_stride = dout.stride(2);
+  params.do_batch_stride = sdo.batch, params.do_head_stride = sdo.head, params.do_row_stride = sdo.row;
   params.dq = dq.data_ptr();
   params.dk = dk.data_ptr();
   params.dv = dv.data_ptr();
-  params.dq_batch_stride = dq.stride(0);
-  params.dq_head_stride = dq.stride(1);
-  params.dq_row_stride = dq.stride(2);
-  params.dk_batch_stride = dk.stride(0);
-  params.dk_head_stride = dk.stride(1);
-  params.dk_row_stride = dk.stride(2);
-  params.dv_batch_stride = dv.stride(0);
-  params.dv_head_stride = dv.stride(1);
-  params.dv_row_stride = dv.stride(2);
+  params.dq_batch_stride = sdq.batch, params.dq_head_stride = sdq.head, params.dq_row_stride = sdq.row;
+  params.dk_batch_stride = sdk.batch, params.dk_head_stride = sdk.head, params.dk_row_stride = sdk.row;
+  params.dv_batch_stride = sdv.batch, params.dv_head_stride = sdv.head, params.dv_row_stride = sdv.row;
   params.dq_accum = dq_accum.data_ptr<float>();
   params.softmax_d = softmax_d.data_ptr<float>();
+  params.dq_semaphore = nullptr;
+  params.dq_semaphore_tiles = 0;
+  if (var.deterministic) {
+    const int64_t tiles = (s.seqlen_q + kMinBwdBlockM - 1) / kMinBwdBlockM;
+    semaphore = at::zeros({s.batch, s.heads_q, std::max<int64_t>(tiles, 1)}, q.options().dtype(at::kInt));
+    params.dq_semaphore = semaphore.data_ptr<int>();
+    params.dq_semaphore_tiles = static_cast<int>(std::max<int64_t>(tiles, 1));
+  }
   dispatch<BwdLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
   return {dq, dk, dv};
+}
+
+Tensor2 fwd_with_lse_cuda(FA2_FWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::fwd_with_lse";
+  Layout L;
+  L.s = concrete(check_forward_inputs(op, q, k, v, scale));
+  const Variant var = check_variant(op, q, L.s.batch, L.s.heads_q, causal, FA2_OPTION_ARGS);
+  check_cuda_inputs(op, q, L.s);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  auto [out, lse, done] = forward_outputs(q, L.s, var);
+  if (done) return {out, lse};
+  return run_forward(op, q, k, v, out, lse, L, var, scale);
+}
+
+at::Tensor fwd_cuda(FA2_FWD_PARAMS) { return std::get<0>(fwd_with_lse_cuda(FA2_FWD_ARGS)); }
+
+Tensor3 bwd_cuda(FA2_BWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::bwd";
+  Layout L;
+  L.s = concrete(check_backward_inputs(op, dout, q, k, v, out, lse, scale));
+  const Variant var = check_variant(op, q, L.s.batch, L.s.heads_q, causal, FA2_BWD_OPTION_ARGS);
+  check_cuda_inputs(op, q, L.s);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  return run_backward(dout, q, k, v, out, lse, L, var, scale);
+}
+
+Layout varlen_layout(const AttentionShape& shape, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                     const c10::SymInt& max_q, const c10::SymInt& max_k) {
+  Layout L;
+  const ConcreteShape packed = concrete(shape);
+  L.s = packed;
+  L.s.seqlen_q = max_q.expect_int();
+  L.s.seqlen_k = max_k.expect_int();
+  L.varlen = true;
+  L.cu_q = &cu_q;
+  L.cu_k = &cu_k;
+  L.total_q = packed.seqlen_q;
+  L.total_k = packed.seqlen_k;
+  return L;
+}
+
+void check_varlen_cuda(const char* op, const at::Tensor& q, const Layout& L) {
+  check_cuda_inputs(op, q, L.s);
+  TORCH_CHECK(L.total_q <= std::numeric_limits<int>::max() / 2 && L.total_k <= std::numeric_limits<int>::max() / 2,
+              op, ": packed token counts must be < 2^30, got Tq = ", L.total_q, ", Tk = ", L.total_k);
+}
+
+Tensor2 fwd_varlen_with_lse_cuda(FA2_VARLEN_FWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::fwd_varlen_with_lse";
+  const AttentionShape shape =
+      check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  const Variant var = check_variant(op, q, shape.batch, shape.heads_q, causal, FA2_OPTION_ARGS);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  const Layout L = varlen_layout(shape, cu_q, cu_k, max_seqlen_q, max_seqlen_k);
+  check_varlen_cuda(op, q, L);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({L.s.heads_q, L.total_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || L.s.batch == 0) return {out, lse.fill_(-std::numeric_limits<float>::infinity())};
+  if (L.total_k == 0 || L.s.seqlen_k == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  return run_forward(op, q, k, v, out, lse, L, var, scale);
+}
+
+at::Tensor fwd_varlen_cuda(FA2_VARLEN_FWD_PARAMS) { return std::get<0>(fwd_varlen_with_lse_cuda(FA2_VARLEN_FWD_ARGS)); }
+
+Tensor3 bwd_varlen_cuda(FA2_VARLEN_BWD_PARAMS) {
+  constexpr const char* op = "flash_attn2::bwd_varlen";
+  const AttentionShape shape = check_varlen_backward_inputs(op, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                            max_seqlen_q, max_seqlen_k, scale);
+  const Variant var = check_variant(op, q, shape.batch, shape.heads_q, causal, FA2_BWD_OPTION_ARGS);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  const Layout L = varlen_layout(shape, cu_q, cu_k, max_seqlen_q, max_seqlen_k);
+  check_varlen_cuda(op, q, L);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  if (L.s.batch == 0 || L.s.seqlen_q == 0 || L.s.seqlen_k == 0) {
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
+  }
+  return run_backward(dout, q, k, v, out, lse, L, var, scale);
 }
 
 }  // namespace
@@ -187,6 +317,9 @@ TORCH_LIBRARY_IMPL(flash_attn2, CUDA, m) {
   m.impl("fwd", &fwd_cuda);
   m.impl("fwd_with_lse", &fwd_with_lse_cuda);
   m.impl("bwd", &bwd_cuda);
+  m.impl("fwd_varlen", &fwd_varlen_cuda);
+  m.impl("fwd_varlen_with_lse", &fwd_varlen_with_lse_cuda);
+  m.impl("bwd_varlen", &bwd_varlen_cuda);
 }
 
 }  // namespace flash_attn2::cuda

@@ -1,7 +1,8 @@
-// Which (tile, head, batch) a thread block works on, and the 64-bit offsets of its rows.
+// Which (tile, head, batch) a thread block works on, where its sequence lies, and the 64-bit offsets of its rows.
 // Grids are 1-D (gridDim.x <= 2^31 - 1) so batch * heads * tiles is not limited by gridDim.y/z <= 65535.
 #pragma once
 
+#include "attention_rule.h"
 #include "cuda/flash_params.h"
 #include "cuda/tile_primitives.cuh"
 
@@ -15,14 +16,42 @@ FA2_DEVICE index_t row_offset(int b, int h, int r, index_t batch_stride, index_t
 
 FA2_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Sequence b of the batch: its lengths and (varlen) first packed rows. Offsets are clamped to the packed totals
+// so that no cu_seqlens values can send a kernel outside the tensors.
+struct SeqInfo {
+  int seqlen_q, seqlen_k;
+  int q_start, k_start;  // 0 for dense batches (their batch strides do the work)
+  FA2_DEVICE SeqInfo(const FwdParams& p, int b) {
+    if (p.cu_seqlens_q != nullptr) {
+      q_start = min(max(p.cu_seqlens_q[b], 0), p.total_q);
+      seqlen_q = min(max(p.cu_seqlens_q[b + 1], q_start), p.total_q) - q_start;
+      k_start = min(max(p.cu_seqlens_k[b], 0), p.total_k);
+      seqlen_k = min(max(p.cu_seqlens_k[b + 1], k_start), p.total_k) - k_start;
+    } else {
+      q_start = k_start = 0;
+      seqlen_q = p.seqlen_q;
+      seqlen_k = p.seqlen_k;
+    }
+  }
+  FA2_DEVICE Visibility<int> visibility(const FwdParams& p) const {
+    return {seqlen_q, seqlen_k, p.window_left, p.window_right};
+  }
+  // Index of (b, h, row) in the row-statistics arrays (lse, softmax_d; dq_accum in units of head_dim).
+  FA2_DEVICE index_t stat_index(const FwdParams& p, int b, int h, int row) const {
+    return static_cast<index_t>(b) * p.stat_batch_stride + static_cast<index_t>(h) * p.stat_head_stride + q_start +
+           row;
+  }
+};
+
 // Forward: one block per (query tile, q head, batch). Query tiles vary fastest so blocks sharing K/V run
 // together (L2 reuse); the last (for causal: most expensive) tile of each head is scheduled first.
 template <int kBlockM>
 struct FwdBlockInfo {
   int m_block, head, head_kv, batch;
-  int row0;   // first query row of the tile
-  int rows;   // valid query rows in the tile (<= kBlockM)
-  FA2_DEVICE explicit FwdBlockInfo(const FwdParams& p) {
+  int row0;   // first query row of the tile (within the sequence)
+  int rows;   // valid query rows in the tile (<= kBlockM; <= 0: the tile is past this sequence's end)
+  SeqInfo seq;
+  FA2_DEVICE explicit FwdBlockInfo(const FwdParams& p) : seq(p, static_cast<int>(blockIdx.x) / ceil_div(p.seqlen_q, kBlockM) / p.heads_q) {
     const int num_m = ceil_div(p.seqlen_q, kBlockM);
     const int bid = static_cast<int>(blockIdx.x);
     m_block = num_m - 1 - bid % num_m;
@@ -31,12 +60,10 @@ struct FwdBlockInfo {
     batch = bh / p.heads_q;
     head_kv = head / (p.heads_q / p.heads_kv);
     row0 = m_block * kBlockM;
-    rows = min(kBlockM, p.seqlen_q - row0);
+    rows = min(kBlockM, seq.seqlen_q - row0);
   }
-  // Index of (batch, head, row 0) in the (B, Hq, Nq) row-wise arrays (lse, softmax_d).
-  FA2_DEVICE index_t row_index(const FwdParams& p) const {
-    return (static_cast<index_t>(batch) * p.heads_q + head) * p.seqlen_q + row0;
-  }
+  // Index of (batch, head, row 0) in the row-statistics arrays.
+  FA2_DEVICE index_t row_index(const FwdParams& p) const { return seq.stat_index(p, batch, head, row0); }
 };
 
 // Backward main kernel: one block per (key tile, kv head, batch); key tile 0 (which sees the most query tiles
@@ -44,9 +71,11 @@ struct FwdBlockInfo {
 template <int kBlockN>
 struct BwdBlockInfo {
   int n_block, head_kv, batch;
-  int key0;  // first key of the tile
-  int keys;  // valid keys in the tile (<= kBlockN)
-  FA2_DEVICE explicit BwdBlockInfo(const BwdParams& p) {
+  int key0;  // first key of the tile (within the sequence)
+  int keys;  // valid keys in the tile (<= kBlockN; <= 0: the tile is past this sequence's end)
+  SeqInfo seq;
+  FA2_DEVICE explicit BwdBlockInfo(const BwdParams& p)
+      : seq(p, static_cast<int>(blockIdx.x) / ceil_div(p.seqlen_k, kBlockN) / p.heads_kv) {
     const int num_n = ceil_div(p.seqlen_k, kBlockN);
     const int bid = static_cast<int>(blockIdx.x);
     n_block = bid % num_n;
@@ -54,7 +83,7 @@ struct BwdBlockInfo {
     head_kv = bh % p.heads_kv;
     batch = bh / p.heads_kv;
     key0 = n_block * kBlockN;
-    keys = min(kBlockN, p.seqlen_k - key0);
+    keys = min(kBlockN, seq.seqlen_k - key0);
   }
 };
 

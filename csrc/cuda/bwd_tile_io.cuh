@@ -1,7 +1,9 @@
 // What every backward main kernel (mma.sync and wgmma) does around its math: which query tiles a key-tile
-// block visits, and the copies of K/V in, Q/dO/LSE/D per step, and dK/dV out.
+// block visits, the copies of K/V in, Q/dO/LSE/D per step, and dK/dV out, and the ordered dQ accumulation of
+// the deterministic mode.
 #pragma once
 
+#include "attention_rule.h"
 #include "cuda/block_info.cuh"
 #include "cuda/flash_params.h"
 #include "cuda/smem_tile.cuh"
@@ -9,17 +11,17 @@
 
 namespace flash_attn2::cuda {
 
-// Steps of a backward block: the q heads of its GQA group x the query tiles that see its key tile (query i
-// sees key j iff j <= i + diag under causal masking), heads outermost.
+// Steps of a backward block: the q heads of its GQA group x the query tiles that see its key tile (only those:
+// causal and window bounds skip the rest), heads outermost.
 template <int kBlockM>
 struct BwdSteps {
   int group, m_begin, m_count, total;
   template <int kBlockN>
-  FA2_DEVICE BwdSteps(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk) {
-    const int diag = p.seqlen_k - p.seqlen_q;
+  FA2_DEVICE BwdSteps(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const Visibility<int>& vis) {
     group = p.heads_q / p.heads_kv;
-    m_begin = p.causal ? max(0, blk.key0 - diag) / kBlockM : 0;
-    m_count = max(0, ceil_div(p.seqlen_q, kBlockM) - m_begin);
+    const int q_begin = vis.query_begin(blk.key0), q_end = vis.query_end(blk.key0 + blk.keys - 1);
+    m_begin = q_begin / kBlockM;
+    m_count = q_end > q_begin ? ceil_div(q_end, kBlockM) - m_begin : 0;
     total = group * m_count;
   }
   FA2_DEVICE int head(int it, int head_kv) const { return head_kv * group + it / m_count; }
@@ -30,32 +32,34 @@ struct BwdSteps {
 template <class TileKV, int kThreads, typename T, int kBlockN>
 FA2_DEVICE void load_k_v_async(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, uint32_t s_k, uint32_t s_v,
                                int tid) {
+  const int key = blk.seq.k_start + blk.key0;
   const T* k = static_cast<const T*>(p.k) +
-               row_offset(blk.batch, blk.head_kv, blk.key0, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+               row_offset(blk.batch, blk.head_kv, key, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
   const T* v = static_cast<const T*>(p.v) +
-               row_offset(blk.batch, blk.head_kv, blk.key0, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+               row_offset(blk.batch, blk.head_kv, key, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
   g2s_tile_async<TileKV, kThreads>(s_k, k, p.k_row_stride, blk.keys, p.head_dim, tid);
   g2s_tile_async<TileKV, kThreads>(s_v, v, p.v_row_stride, blk.keys, p.head_dim, tid);
 }
 
 // Issues (no commit) the copies of one step's Q and dO tiles (rows [row0, row0 + kBlockM) of `head`), and its
 // LSE and D rows into s_stats (LSE at [0, kBlockM), D at [kBlockM, 2 kBlockM), floats), so their latency is
-// hidden like Q's and dO's. Rows past seqlen_q are zero-filled.
+// hidden like Q's and dO's. Rows past the sequence's end are zero-filled.
 template <class TileQ, int kThreads, typename T>
-FA2_DEVICE void load_q_do_async(const BwdParams& p, int batch, int head, int row0, uint32_t s_q, uint32_t s_do,
-                                uint32_t s_stats, int tid) {
+FA2_DEVICE void load_q_do_async(const BwdParams& p, const SeqInfo& seq, int batch, int head, int row0, uint32_t s_q,
+                                uint32_t s_do, uint32_t s_stats, int tid) {
   constexpr int kBlockM = TileQ::kRows;
   static_assert(2 * kBlockM <= kThreads, "one thread per LSE / D element of a query tile");
-  const T* q = static_cast<const T*>(p.q) + row_offset(batch, head, row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  const int row = seq.q_start + row0;
+  const T* q = static_cast<const T*>(p.q) + row_offset(batch, head, row, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
   const T* dout =
-      static_cast<const T*>(p.dout) + row_offset(batch, head, row0, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
-  const int rows = p.seqlen_q - row0;
+      static_cast<const T*>(p.dout) + row_offset(batch, head, row, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
+  const int rows = seq.seqlen_q - row0;
   g2s_tile_async<TileQ, kThreads>(s_q, q, p.q_row_stride, rows, p.head_dim, tid);
   g2s_tile_async<TileQ, kThreads>(s_do, dout, p.do_row_stride, rows, p.head_dim, tid);
   if (tid < 2 * kBlockM) {
     const int r = tid % kBlockM;
     const bool is_d = tid >= kBlockM;
-    const index_t idx = (static_cast<index_t>(batch) * p.heads_q + head) * p.seqlen_q + row0 + r;
+    const index_t idx = seq.stat_index(p, batch, head, row0 + r);
     const bool ok = r < rows;
     cp_async_4(s_stats + static_cast<uint32_t>(tid * 4), ok ? (is_d ? p.softmax_d : p.lse) + idx : p.lse, ok);
   }
@@ -66,12 +70,49 @@ FA2_DEVICE void load_q_do_async(const BwdParams& p, int batch, int head, int row
 template <class TileKV, int kThreads, typename T, int kBlockN>
 FA2_DEVICE void store_dk_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const T* s_dk, const T* s_dv,
                             int tid) {
+  const int key = blk.seq.k_start + blk.key0;
   T* dk = static_cast<T*>(p.dk) +
-          row_offset(blk.batch, blk.head_kv, blk.key0, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+          row_offset(blk.batch, blk.head_kv, key, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
   T* dv = static_cast<T*>(p.dv) +
-          row_offset(blk.batch, blk.head_kv, blk.key0, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+          row_offset(blk.batch, blk.head_kv, key, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
   s2g_tile<TileKV, kThreads>(dk, p.dk_row_stride, s_dk, blk.keys, p.head_dim, tid);
   s2g_tile<TileKV, kThreads>(dv, p.dv_row_stride, s_dv, blk.keys, p.head_dim, tid);
 }
+
+// Deterministic dQ: the key-tile blocks that visit query tile m of (batch, head) add into dq_accum one after the
+// other, in key-tile order. The visitors of m are the key tiles n >= n_first(m) (BwdSteps' ranges are monotone
+// in n), so block n waits for the counter to reach n - n_first(m), adds, and bumps it. Blocks are dispatched in
+// blockIdx order and earlier key tiles have lower indices, so the block being waited for is resident or done.
+struct DqOrder {
+  int* counter;  // nullptr: not deterministic
+  int rank;
+  template <int kBlockM, int kBlockN>
+  static FA2_DEVICE DqOrder make(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const Visibility<int>& vis,
+                                 int head, int row0) {
+    DqOrder o{nullptr, 0};
+    if (p.dq_semaphore == nullptr) return o;
+    const int m = row0 / kBlockM;
+    o.counter = p.dq_semaphore + (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.dq_semaphore_tiles + m;
+    o.rank = blk.n_block - vis.key_begin(row0) / kBlockN;
+    return o;
+  }
+  // Every thread of the block calls these two around its dQ additions.
+  FA2_DEVICE void acquire(int tid) const {
+    if (counter == nullptr) return;
+    if (tid == 0) {
+      int seen;
+      do {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+      } while (seen != rank);
+    }
+    __syncthreads();
+  }
+  FA2_DEVICE void release(int tid) const {
+    if (counter == nullptr) return;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(rank + 1) : "memory");
+  }
+};
 
 }  // namespace flash_attn2::cuda

@@ -3,12 +3,15 @@
 //   flash_bwd_preprocess_kernel : softmax_d[row] = sum_c dO[row, c] * O[row, c]                  (fp32)
 //   flash_bwd_kernel            : one block per (key tile, kv head, batch), looping over the q heads of its
 //                                 GQA group and over the query tiles that see the key tile:
-//       S = Q K^T, P = exp2(S*scale_log2 - lse*log2e)            (registers, masked tiles only where needed)
-//       dP = dO V^T, dS = P * (dP - D)                            (registers) -> P, dS to smem as T
+//       S = Q K^T, score rule (kScoreMod), P = exp2(S*scale_log2 - lse*log2e)   (registers, masked tiles
+//                                                                  only where needed)
+//       dP = dO V^T, dS = P * (Z dP - D) [* (1 - tanh^2)]        (registers) -> P Z, dS to smem as T
+//                                                                  (Z = dropout keep / (1 - p); 1 without)
 //       dV += P^T dO, dK += dS^T Q                                (registers across all query tiles)
 //       dQ_accum += dS K                                          (fp32 red.global.add)
 //     Q/dO are double-buffered (cp.async prefetch of the next query tile) where shared memory allows.
 //     dK is scaled by `scale` at the end; dK, dV staged through smem for 16-byte stores.
+//     Deterministic mode: the dQ additions of a query tile happen in key-tile order (DqOrder).
 //   flash_bwd_convert_dq_kernel : dq = dq_accum * scale, converted to T.
 //
 // dS here is the gradient w.r.t. the scaled logits scale * Q K^T, hence dQ = scale * dS K, dK = scale * dS^T Q.
@@ -104,7 +107,7 @@ __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const __grid_
 }
 
 // ---------------------------------------------------------------------------------------------------------
-template <class Kt>
+template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __grid_constant__ BwdParams p) {
   using T = typename Kt::Elem;
   using TileQ = typename Kt::TileQ;
@@ -132,9 +135,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
   const int g = lane >> 2, t = lane & 3;
 
   const BwdBlockInfo<kBlockN> blk(p);
+  if (blk.keys <= 0) return;  // varlen: past the end of this sequence
   const int d = p.head_dim;
-  const int diag = p.seqlen_k - p.seqlen_q;
-  const BwdSteps<kBlockM> steps(p, blk);
+  const Visibility<int> vis = blk.seq.visibility(p);
+  const int seqlen_q = blk.seq.seqlen_q;
+  const BwdSteps<kBlockM> steps(p, blk, vis);
+  const float inv_scale_log2 = 1.f / p.scale_log2;
 
   // Warp roles.
   const int s_m0 = (warp % Kt::kWM_S) * (Kt::kMT_S * 16);    // S / dP rows
@@ -147,7 +153,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
   auto in_loop = [](int x, int gemm_bit) { return (Kt::kAddrInLoop & gemm_bit) ? opaque(x) : x; };
 
   auto load_q_do = [&](int it, int stage) {
-    load_q_do_async<TileQ, kThreads, T>(p, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
+    load_q_do_async<TileQ, kThreads, T>(p, blk.seq, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
                                         sQ_u + stage * Kt::kSmemQ, sdO_u + stage * Kt::kSmemQ,
                                         sRowStats_u + stage * Kt::kSmemRowStats, tid);
   };
@@ -177,20 +183,20 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
     }
     const uint32_t sQ_s = sQ_u + stage * Kt::kSmemQ;
     const uint32_t sdO_s = sdO_u + stage * Kt::kSmemQ;
-    const index_t row_base = (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.seqlen_q;
+    const index_t row_base = blk.seq.stat_index(p, blk.batch, head, 0);
+    const float* s_lse = sRowStats + stage * (Kt::kSmemRowStats / 4);
+    const float* s_d = s_lse + kBlockM;
 
     // Per-row LSE (pre-multiplied by log2 e; +inf for rows that see nothing or are out of range, so P = 0)
     // and D.
     float lse2[Kt::kMT_S][2], dsum[Kt::kMT_S][2];
     {
-      const float* s_lse = sRowStats + stage * (Kt::kSmemRowStats / 4);
-      const float* s_d = s_lse + kBlockM;
 #pragma unroll
       for (int mi = 0; mi < Kt::kMT_S; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int r = s_m0 + mi * 16 + h * 8 + g;
-          const bool ok = row0 + r < p.seqlen_q;
+          const bool ok = row0 + r < seqlen_q;
           const float l = ok ? s_lse[r] : -INFINITY;
           lse2[mi][h] = l == -INFINITY ? INFINITY : l * kLog2e;
           dsum[mi][h] = ok ? s_d[r] : 0.f;
@@ -200,13 +206,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
     // S = Q K^T -> P, packed as T and kept in registers through dP = dO V^T (writing P to smem here and
     // reading it back later cost 10% at d64: docs/perf.md v3).
     uint32_t p_packed[Kt::kMT_S][Kt::kNT_S][2];
+    const int r0 = row0 + s_m0 + g, c0 = blk.key0 + s_n0 + 2 * t;  // this thread's first query / key
+    const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
     {
       float acc_s[Kt::kMT_S][Kt::kNT_S][4];
       zero_acc(acc_s);
       gemm_ss<T, Kt::kMT_S, Kt::kNT_S, Kt::kHeadDim / 16, Operand<TileQ, false>, Operand<TileKV, false>>(
           acc_s, sQ_s, in_loop(s_m0, Kt::kGemmS), sK_u, in_loop(s_n0, Kt::kGemmS), in_loop(lane, Kt::kGemmS));
-      if (tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag))
-        apply_mask(acc_s, row0 + s_m0 + g, blk.key0 + s_n0 + 2 * t, p.seqlen_k, p.causal, diag);
+      if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
+      if (vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN)) apply_mask(acc_s, r0, c0, vis);
 #pragma unroll
       for (int mi = 0; mi < Kt::kMT_S; ++mi)
 #pragma unroll
@@ -230,19 +238,50 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
         acc_dp, sdO_s, in_loop(s_m0, Kt::kGemmDP), sV_u, in_loop(s_n0, Kt::kGemmDP), in_loop(lane, Kt::kGemmDP));
 
     // P and dS = P * (dP - D) to smem as T (the transposed A operands of dV / dK, and the A operand of dQ).
+    if constexpr (!kScoreMod) {
 #pragma unroll
-    for (int mi = 0; mi < Kt::kMT_S; ++mi)
+      for (int mi = 0; mi < Kt::kMT_S; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < Kt::kNT_S; ++ni)
+        for (int ni = 0; ni < Kt::kNT_S; ++ni)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
-          const uint32_t pp = p_packed[mi][ni][h];
-          *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pp;
-          const float2 pf = unpack2<T>(pp);
-          const float dd = Kt::kDInAcc ? 0.f : dsum[mi][h];
-          st_pair<TileP, T>(sdS, r, c, pf.x * (acc_dp[mi][ni][2 * h] - dd), pf.y * (acc_dp[mi][ni][2 * h + 1] - dd));
-        }
+          for (int h = 0; h < 2; ++h) {
+            const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
+            const uint32_t pp = p_packed[mi][ni][h];
+            *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pp;
+            const float2 pf = unpack2<T>(pp);
+            const float dd = Kt::kDInAcc ? 0.f : dsum[mi][h];
+            st_pair<TileP, T>(sdS, r, c, pf.x * (acc_dp[mi][ni][2 * h] - dd), pf.y * (acc_dp[mi][ni][2 * h + 1] - dd));
+          }
+    } else {
+      // With dropout, O used P Z (Z = keep / (1 - p)): sP gets P Z and dS = P (Z dP - D); with softcap dS is
+      // also multiplied by 1 - tanh^2, recomputed from P. D and the LSE are re-read from shared memory.
+      const bool dropout = p.dropout.enabled(), softcap = rule.has_softcap();
+      KeepBits<Kt::kMT_S, Kt::kNT_S> keep{};
+      if (dropout) keep = dropout_bits<Kt::kMT_S, Kt::kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), r0, c0);
+#pragma unroll
+      for (int mi = 0; mi < Kt::kMT_S; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < Kt::kNT_S; ++ni)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
+            const float2 pf = unpack2<T>(p_packed[mi][ni][h]);
+            const float dd = s_d[r];
+            const float l = s_lse[r];
+            const float lse2_r = l == -INFINITY ? INFINITY : l * kLog2e;
+            float pv[2] = {pf.x, pf.y}, pz[2], ds[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float z = !dropout ? 1.f : keep.get(mi, ni, 2 * h + e) ? p.keep_scale : 0.f;
+              const float dp = acc_dp[mi][ni][2 * h + e] + (Kt::kDInAcc ? dd : 0.f);
+              pz[e] = pv[e] * z;
+              ds[e] = pv[e] * (z * dp - dd);
+              if (softcap) ds[e] *= softcap_grad(pv[e], lse2_r, row0 + r, blk.key0 + c + e, vis.diag(), rule, inv_scale_log2);
+            }
+            *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pack2<T>(pz[0], pz[1]);
+            st_pair<TileP, T>(sdS, r, c, ds[0], ds[1]);
+          }
+    }
     __syncthreads();  // P, dS visible to all warps
 
     // dV += P^T dO, dK += dS^T Q.
@@ -261,13 +300,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
       gemm_ss<T, Kt::kMT_Q, Kt::kNT_Q, kBlockN / 16, Operand<TileP, false>, Operand<TileKV, true, (Kt::kWD_Q > 1)>>(
           acc_dq, sdS_u, in_loop(q_m0, Kt::kGemmDQ), sK_u, in_loop(q_d0, Kt::kGemmDQ), in_loop(lane, Kt::kGemmDQ));
       float* dq = p.dq_accum + (row_base + row0) * d;
-      const bool full_tile = row0 + kBlockM <= p.seqlen_q && d == Kt::kHeadDim;  // no bounds checks needed
+      const bool full_tile = row0 + kBlockM <= seqlen_q && d == Kt::kHeadDim;  // no bounds checks needed
+      const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
+      order.acquire(tid);
 #pragma unroll
       for (int mi = 0; mi < Kt::kMT_Q; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int r = q_m0 + mi * 16 + h * 8 + g;
-          if (full_tile || row0 + r < p.seqlen_q) {
+          if (full_tile || row0 + r < seqlen_q) {
 #pragma unroll
             for (int ni = 0; ni < Kt::kNT_Q; ++ni) {
               const int c = q_d0 + ni * 8 + 2 * t;
@@ -276,6 +317,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
             }
           }
         }
+      order.release(tid);
     }
   }
 

@@ -1,4 +1,5 @@
-// Host launcher of the backward pass; explicitly instantiated per (T, head dim) by the generated .cu files.
+// Host launcher of the backward pass; explicitly instantiated per (T, head dim, score modifiers) by the
+// generated .cu files.
 // Order on `stream`: preprocess (softmax_d) -> main kernel (dK, dV, dq_accum) -> convert (dq).
 #pragma once
 
@@ -25,7 +26,7 @@ void launch_per_key_tile(Kernel kernel, const BwdParams& params, cudaStream_t st
 
 // The mma.sync kernel (sm_80+), or its smaller-tile variant where the GPU's per-block shared memory is below
 // the main configuration's (sm86 / sm89: 99 KB).
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kScoreMod>
 void launch_bwd_portable(const BwdParams& params, cudaStream_t stream) {
   using Kt = BwdTraits<T, kHeadDim>;
   using KtLow = BwdTraits<T, kHeadDim, true>;
@@ -33,25 +34,34 @@ void launch_bwd_portable(const BwdParams& params, cudaStream_t stream) {
     int dev = 0, optin = 0;
     FA2_CUDA_CHECK(cudaGetDevice(&dev));
     FA2_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (optin < Kt::kSmemBytes) return launch_per_key_tile<KtLow>(&flash_bwd_kernel<KtLow>, params, stream);
+    if (optin < Kt::kSmemBytes)
+      return launch_per_key_tile<KtLow>(&flash_bwd_kernel<KtLow, kScoreMod>, params, stream);
   }
-  launch_per_key_tile<Kt>(&flash_bwd_kernel<Kt>, params, stream);
+  launch_per_key_tile<Kt>(&flash_bwd_kernel<Kt, kScoreMod>, params, stream);
 }
 
 }  // namespace detail
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kScoreMod>
 void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
   detail::check_shapes(params, kHeadDim);
   if (params.batch == 0 || params.heads_q == 0) return;
   constexpr int64_t kMaxGrid = 1 << 20;  // grid-stride kernels: enough blocks to fill any GPU
 
-  const int64_t q_rows = static_cast<int64_t>(params.batch) * params.heads_q * params.seqlen_q;
+  // The per-row kernels walk every row of the statistics arrays: for a packed batch that is one (Hq, Tq)
+  // "batch" of Tq rows.
+  BwdParams rows = params;
+  if (params.cu_seqlens_q != nullptr) {
+    rows.batch = 1;
+    rows.seqlen_q = params.total_q;
+    rows.q_batch_stride = rows.o_batch_stride = rows.do_batch_stride = rows.dq_batch_stride = 0;
+  }
+  const int64_t q_rows = static_cast<int64_t>(rows.batch) * rows.heads_q * rows.seqlen_q;
   if (q_rows > 0) {
     using Pre = PreprocessConfig<T, kHeadDim>;
     const int64_t blocks = std::min<int64_t>((q_rows + Pre::kRowsPerBlock - 1) / Pre::kRowsPerBlock, kMaxGrid);
     flash_bwd_preprocess_kernel<T, kHeadDim>
-        <<<static_cast<unsigned>(blocks), Pre::kThreads, 0, stream>>>(params);
+        <<<static_cast<unsigned>(blocks), Pre::kThreads, 0, stream>>>(rows);
     FA2_CHECK_LAUNCH();
   }
 
@@ -59,22 +69,23 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
   if (params.seqlen_k > 0) {
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
       using K90 = BwdSm90Traits<T, kHeadDim>;
-      if (detail::use_sm90_kernels()) detail::launch_per_key_tile<K90>(&flash_bwd_sm90_kernel<K90>, params, stream);
-      else detail::launch_bwd_portable<T, kHeadDim>(params, stream);
+      if (detail::use_sm90_kernels())
+        detail::launch_per_key_tile<K90>(&flash_bwd_sm90_kernel<K90, kScoreMod>, params, stream);
+      else detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
     } else if constexpr (kHeadDim == 256) {
       using K90 = BwdSm90WideTraits<T, kHeadDim>;
       if (detail::use_sm90_kernels())
-        detail::launch_per_key_tile<K90>(&flash_bwd_sm90_wide_kernel<K90>, params, stream);
-      else detail::launch_bwd_portable<T, kHeadDim>(params, stream);
+        detail::launch_per_key_tile<K90>(&flash_bwd_sm90_wide_kernel<K90, kScoreMod>, params, stream);
+      else detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
     } else {
-      detail::launch_bwd_portable<T, kHeadDim>(params, stream);
+      detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
     }
   }
 
   if (q_rows > 0) {
     const int64_t chunks = q_rows * (params.head_dim / 8);
     const int64_t blocks = std::min<int64_t>((chunks + 255) / 256, kMaxGrid);
-    flash_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(params);
+    flash_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(rows);
     FA2_CHECK_LAUNCH();
   }
 }

@@ -32,31 +32,28 @@ namespace sm90 {
 // Shared by the Hopper backward kernels, whose accumulators hold a warp's 16 keys (rows key, key + 8) by the
 // step's queries (columns row0 + 8 ni + 2t + {0, 1}): S^T, dP^T, P^T and dS^T.
 //
-// P^T = exp2(S^T * scale_log2 - LSE * log2 e) in place of S^T. s_lse holds the step's LSE (natural log);
-// -inf (a row that sees no key) becomes +inf so that P = 0 there. Query rows past seqlen_q read LSE = D = 0
-// and zero-filled Q / dO rows: P = 1 there, but dO = 0 and dS = 0, so they add nothing.
+// P^T = exp2(S^T * scale_log2 - LSE * log2 e) in place of S^T (already transformed by the score rule in the
+// kScoreMod kernels); invisible entries are masked first where the tile needs it. s_lse holds the step's LSE
+// (natural log); -inf (a row that sees no key) becomes +inf so that P = 0 there. Query rows past the sequence's
+// end read LSE = D = 0 and zero-filled Q / dO rows: P <= 1 there, but dO = 0 and dS = 0, so they add nothing.
+// key: this thread's first key row; q0: its first query column.
 template <int NT>
-FA2_DEVICE void probs_transposed(float (&s)[1][NT][4], const float* s_lse, int key, int row0, bool need_mask,
-                                 const BwdParams& p, int t) {
+FA2_DEVICE void probs_transposed(float (&s)[1][NT][4], const float* s_lse, int key, int q0, bool need_mask,
+                                 const Visibility<int>& vis, float scale_log2, int t) {
   constexpr float kLog2e = 1.4426950408889634f;
-  const int diag = p.seqlen_k - p.seqlen_q;
+  if (need_mask) apply_mask<true>(s, key, q0, vis);
 #pragma unroll
   for (int ni = 0; ni < NT; ++ni) {
     const int c = 8 * ni + 2 * t;
     const float2 l = *reinterpret_cast<const float2*>(s_lse + c);
     const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      // Key k is visible to query q iff k < seqlen_k and (not causal or k <= q + diag).
-      const int k = key + 8 * h;
-      const int first_q = !need_mask ? INT_MIN : k >= p.seqlen_k ? INT_MAX : p.causal ? k - diag : INT_MIN;
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[0][ni][2 * h + e];
-        if (row0 + c + e < first_q) x = -INFINITY;
-        x = fast_exp2(fmaf(x, p.scale_log2, -l2[e]));
+        x = fast_exp2(fmaf(x, scale_log2, -l2[e]));
       }
-    }
   }
 }
 
@@ -74,19 +71,54 @@ FA2_DEVICE void dscores_transposed(float (&dp)[1][NT][4], const float (&pr)[1][N
   }
 }
 
+// The score-modifier form: dS^T = P^T (Z dP^T - D) [* (1 - tanh^2)], Z = keep / (1 - p) with dropout.
+// With softcap, 1 - tanh^2 is recomputed from P and the LSE (keeping it in registers from the S step spills:
+// docs/perf.md v5).
+template <int NT>
+FA2_DEVICE void dscores_transposed_mod(float (&dp)[1][NT][4], const float (&pr)[1][NT][4], const float* s_d,
+                                       const float* s_lse, const KeepBits<1, NT>& keep, bool dropout,
+                                       const BwdParams& p, const ScoreRule<float>& rule, int key, int q0, int diag,
+                                       int t) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float inv_scale_log2 = 1.f / p.scale_log2;
+  const bool softcap = rule.has_softcap();
+#pragma unroll
+  for (int ni = 0; ni < NT; ++ni) {
+    const float2 dd = *reinterpret_cast<const float2*>(s_d + 8 * ni + 2 * t);
+    const float d2[2] = {dd.x, dd.y};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float g[2] = {1.f, 1.f};
+      if (softcap) {
+        const float2 l = *reinterpret_cast<const float2*>(s_lse + 8 * ni + 2 * t);
+        const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          g[e] = softcap_grad(pr[0][ni][2 * h + e], l2[e], q0 + 8 * ni + e, key + 8 * h, diag, rule, inv_scale_log2);
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pv = pr[0][ni][2 * h + e];
+        const float z = !dropout ? 1.f : keep.get(0, ni, 2 * h + e) ? p.keep_scale : 0.f;
+        dp[0][ni][2 * h + e] = pv * (z * dp[0][ni][2 * h + e] - d2[e]) * g[e];
+      }
+    }
+  }
+}
+
 // dQ_accum[rows r0 + (16 (warp % 4) + g, +8), cols c0 + 8 ni + 2t] += a warpgroup's 64 x 64 dQ tile, for the
-// step's query rows starting at row0 of (batch, head); rows past seqlen_q and columns past d are skipped.
-FA2_DEVICE void add_dq_tile(const BwdParams& p, const float (&acc)[1][8][4], int batch, int head, int row0,
-                            int r0, int c0, int warp, int g, int t, bool full_tile) {
+// step's query rows starting at row0 of (batch, head); rows past the sequence and columns past d are skipped.
+FA2_DEVICE void add_dq_tile(const BwdParams& p, const SeqInfo& seq, const float (&acc)[1][8][4], int batch,
+                            int head, int row0, int r0, int c0, int warp, int g, int t, bool full_tile) {
   const int d = p.head_dim;
-  float* dq = p.dq_accum + ((static_cast<index_t>(batch) * p.heads_q + head) * p.seqlen_q + row0) * d;
+  float* dq = p.dq_accum + seq.stat_index(p, batch, head, row0) * d;
 #pragma unroll
   for (int ni = 0; ni < 8; ++ni)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = r0 + 16 * (warp % 4) + g + 8 * h;
       const int c = c0 + 8 * ni + 2 * t;
-      if (full_tile || (row0 + r < p.seqlen_q && c < d))
+      if (full_tile || (row0 + r < seq.seqlen_q && c < d))
         red_add_f32x2(dq + static_cast<index_t>(r) * d + c, acc[0][ni][2 * h], acc[0][ni][2 * h + 1]);
     }
 }
@@ -119,7 +151,7 @@ struct BwdSm90Traits {
   static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + kSmemDS + 2 * kSmemRowStats + kAlign;
 };
 
-template <class Kt>
+template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Kt::Elem;
@@ -149,10 +181,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   const int g = lane >> 2, t = lane & 3;
 
   const BwdBlockInfo<kBlockN> blk(p);
-  const int diag = p.seqlen_k - p.seqlen_q;
-  const BwdSteps<kBlockM> steps(p, blk);
+  if (blk.keys <= 0) return;  // varlen: past the end of this sequence
+  const Visibility<int> vis = blk.seq.visibility(p);
+  const BwdSteps<kBlockM> steps(p, blk, vis);
   auto load_q_do = [&](int it, int stage) {
-    load_q_do_async<TileQ, kThreads, T>(p, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
+    load_q_do_async<TileQ, kThreads, T>(p, blk.seq, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
                                         sQ_u + stage * Kt::kSmemQ, sdO_u + stage * Kt::kSmemQ,
                                         sStats_u + stage * Kt::kSmemRowStats, tid);
   };
@@ -198,17 +231,36 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
 
     const float* s_lse = sStats + stage * (Kt::kSmemRowStats / 4);
     const float* s_d = s_lse + kBlockM;
+    const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
+    const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
     wgmma_wait<1>();
     fence_regs(acc_s);
-    probs_transposed(acc_s, s_lse, blk.key0 + wg_row0 + g, row0,
-                     tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag), p, t);
+    if constexpr (kScoreMod) apply_score_rule<true>(acc_s, key_r0, q_c0, vis.diag(), rule);
+    probs_transposed(acc_s, s_lse, key_r0, q_c0, vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN), vis,
+                     p.scale_log2, t);
     uint32_t p_frag[1][kKSteps][4];
-    acc_to_a_frags<T>(p_frag, acc_s);
+    KeepBits<1, kNT_S> keep{};
+    const bool dropout = kScoreMod && p.dropout.enabled();
+    if (dropout) {
+      keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
+                                              q_c0);
+      float pz[1][kNT_S][4];
+#pragma unroll
+      for (int j = 0; j < kNT_S * 4; ++j) flat(pz)[j] = flat(acc_s)[j];
+      apply_keep(pz, keep, p.keep_scale);
+      acc_to_a_frags<T>(p_frag, pz);
+    } else {
+      acc_to_a_frags<T>(p_frag, acc_s);
+    }
 
     // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
     wgmma_wait<0>();
     fence_regs(acc_dp);
-    dscores_transposed(acc_dp, acc_s, s_d, t);
+    if constexpr (kScoreMod) {
+      dscores_transposed_mod(acc_dp, acc_s, s_d, s_lse, keep, dropout, p, rule, key_r0, q_c0, vis.diag(), t);
+    } else {
+      dscores_transposed(acc_dp, acc_s, s_d, t);
+    }
     uint32_t ds_frag[1][kKSteps][4];
     acc_to_a_frags<T>(ds_frag, acc_dp);
     store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
@@ -241,8 +293,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     fence_regs(p_frag);  // the A fragments stay untouched until the MMAs reading them are done
     fence_regs(ds_frag);
 
-    add_dq_tile(p, acc_dq, blk.batch, head, row0, dq_row0, dq_col0, warp, g, t,
-                row0 + kBlockM <= p.seqlen_q && p.head_dim == kHeadDim);
+    const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
+    order.acquire(tid);
+    add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, dq_row0, dq_col0, warp, g, t,
+                row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
+    order.release(tid);
   }
 
   // Epilogue: dK * scale and dV as T through the K / V buffers, then 16-byte stores.

@@ -44,7 +44,7 @@ struct BwdSm90WideTraits {
   static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + kSmemDS + kSmemP + 2 * kSmemRowStats + kAlign;
 };
 
-template <class Kt>
+template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_bwd_sm90_wide_kernel(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -81,10 +81,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const int warp_row0 = 16 * (warp % 4);    // first key row of this warp's accumulators
 
   const BwdBlockInfo<kBlockN> blk(p);
-  const int diag = p.seqlen_k - p.seqlen_q;
-  const BwdSteps<kBlockM> steps(p, blk);
+  if (blk.keys <= 0) return;  // varlen: past the end of this sequence
+  const Visibility<int> vis = blk.seq.visibility(p);
+  const BwdSteps<kBlockM> steps(p, blk, vis);
   auto load_q_do = [&](int it, int stage) {
-    load_q_do_async<TileQ, kThreads, T>(p, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
+    load_q_do_async<TileQ, kThreads, T>(p, blk.seq, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
                                         sQ_u + stage * Kt::kSmemQ, sdO_u + stage * Kt::kSmemQ,
                                         sStats_u + stage * Kt::kSmemRowStats, tid);
   };
@@ -122,18 +123,32 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     wgmma_wait<0>();
     fence_regs(acc_x);
 
+    const int key_r0 = blk.key0 + warp_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
+    const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
+    const bool dropout = kScoreMod && p.dropout.enabled();
+    // Both warpgroups hold the same (key, query) positions, so each draws the same keep mask.
+    KeepBits<1, kNT_S> keep{};
+    if (dropout)
+      keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
+                                              q_c0);
     if (is_p) {
-      probs_transposed(acc_x, s_lse, blk.key0 + warp_row0 + g, row0,
-                       tile_needs_mask(row0, blk.key0, kBlockN, p.seqlen_k, p.causal, diag), p, t);
+      if constexpr (kScoreMod) apply_score_rule<true>(acc_x, key_r0, q_c0, vis.diag(), rule);
+      probs_transposed(acc_x, s_lse, key_r0, q_c0, vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN), vis,
+                       p.scale_log2, t);
 #pragma unroll
       for (int j = 0; j < kBlockM / 2; ++j) sP[j * 128 + wg_tid] = flat(acc_x)[j];
+      if (dropout) apply_keep(acc_x, keep, p.keep_scale);  // dV += (P Z)^T dO
     }
     __syncthreads();  // P^T handed over
     if (!is_p) {
       float pr[1][kNT_S][4];
 #pragma unroll
       for (int j = 0; j < kBlockM / 2; ++j) flat(pr)[j] = sP[j * 128 + wg_tid];
-      dscores_transposed(acc_x, pr, s_d, t);
+      if constexpr (kScoreMod) {
+        dscores_transposed_mod(acc_x, pr, s_d, s_lse, keep, dropout, p, rule, key_r0, q_c0, vis.diag(), t);
+      } else {
+        dscores_transposed(acc_x, pr, s_d, t);
+      }
       store_acc<T, TileDS>(sdS, acc_x, warp_row0, 0, lane, 1.f);
     }
 
@@ -152,7 +167,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // dQ = dS K: warpgroup w takes columns [w d / 2, (w + 1) d / 2), 64 at a time.
     fence_proxy_async_smem();
     __syncthreads();  // dS^T is in shared memory
-    const bool full_tile = row0 + kBlockM <= p.seqlen_q && p.head_dim == kHeadDim;
+    const bool full_tile = row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim;
+    const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
+    order.acquire(tid);
 #pragma unroll
     for (int c0 = 0; c0 < kHeadDim / 2; c0 += 64) {
       const int col0 = (is_p ? 0 : kHeadDim / 2) + c0;
@@ -164,8 +181,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(acc_dq);
-      add_dq_tile(p, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
+      add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
     }
+    order.release(tid);
     fence_regs(acc_kv);
     fence_regs(frag);  // the A fragments stay untouched until the MMAs reading them are done
   }

@@ -1,11 +1,12 @@
 // FlashAttention-2 forward kernel: one thread block per (query tile, q head, batch).
 //
 //   load Q tile, K tile (last visible one first)                        cp.async
-//   for each visible K/V tile j (descending, so the masked tiles come first):
+//   for each K/V tile j the tile's rows can see (descending, so the masked tiles come first):
 //     wait K_j; sync; issue V_j                                         V_j load overlaps S and softmax
 //     S = Q K_j^T                  (warp-private rows, ldmatrix + mma, fp32)
-//     mask (only tiles crossing the causal diagonal or the seqlen_k tail)
-//     online softmax: rescale O and l, P = exp2(S*scale_log2 - m*scale_log2)
+//     score rule (softcap, ALiBi; kScoreMod kernels), mask (only tiles crossing a window edge or seqlen_k)
+//     online softmax: rescale O and l, P = exp2(S*scale_log2 - m*scale_log2); dropout zeroes P entries
+//       after the row sums (kScoreMod kernels; O is scaled by 1 / (1 - p) at the end)
 //     wait V_j; sync; issue K_{j-1}                                     K_{j-1} load overlaps P V
 //     O += P V_j                   (P re-packed in registers as the A operand; V via ldmatrix.trans)
 //   O /= l, LSE = (m*scale_log2 + log2 l) * ln2; O staged through smem for 16-byte coalesced stores.
@@ -28,22 +29,29 @@ namespace flash_attn2::cuda {
 template <typename T>
 struct FwdBlockIO {
   const T* q;  // row 0 of the query tile
-  const T* k;  // key 0 of the kv head
+  const T* k;  // key 0 of the kv head (of the sequence)
   const T* v;
   T* o;        // row 0 of the query tile
   float* lse;  // row 0 of the query tile
-  int n_blocks;  // key tiles [0, n_blocks) hold the keys visible to at least one row of the tile
+  // Key tiles [n_begin, n_end) hold the keys visible to at least one row of the tile (causal and window
+  // bounds: tiles outside are never loaded); empty when no row sees any key.
+  int n_begin, n_end;
   template <int kBlockM>
-  FA2_DEVICE FwdBlockIO(const FwdParams& p, const FwdBlockInfo<kBlockM>& blk, int block_n) {
+  FA2_DEVICE FwdBlockIO(const FwdParams& p, const FwdBlockInfo<kBlockM>& blk, const Visibility<int>& vis,
+                        int block_n) {
+    const SeqInfo& sq = blk.seq;
     q = static_cast<const T*>(p.q) +
-        row_offset(blk.batch, blk.head, blk.row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
-    k = static_cast<const T*>(p.k) + row_offset(blk.batch, blk.head_kv, 0, p.k_batch_stride, p.k_head_stride, 0);
-    v = static_cast<const T*>(p.v) + row_offset(blk.batch, blk.head_kv, 0, p.v_batch_stride, p.v_head_stride, 0);
-    o = static_cast<T*>(p.out) + row_offset(blk.batch, blk.head, blk.row0, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+        row_offset(blk.batch, blk.head, sq.q_start + blk.row0, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+    k = static_cast<const T*>(p.k) +
+        row_offset(blk.batch, blk.head_kv, sq.k_start, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+    v = static_cast<const T*>(p.v) +
+        row_offset(blk.batch, blk.head_kv, sq.k_start, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+    o = static_cast<T*>(p.out) +
+        row_offset(blk.batch, blk.head, sq.q_start + blk.row0, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
     lse = p.lse + blk.row_index(p);
-    int key_end = p.seqlen_k;
-    if (p.causal) key_end = min(key_end, blk.row0 + kBlockM + (p.seqlen_k - p.seqlen_q));
-    n_blocks = key_end > 0 ? ceil_div(key_end, block_n) : 0;
+    const int key_begin = vis.key_begin(blk.row0), key_end = vis.key_end(blk.row0 + blk.rows - 1);
+    n_begin = key_begin / block_n;
+    n_end = key_end > key_begin ? ceil_div(key_end, block_n) : n_begin;
   }
 };
 
@@ -58,7 +66,7 @@ FA2_DEVICE void store_empty_rows(T* o, index_t row_stride, float* lse, int rows,
   for (int r = tid; r < rows; r += kThreads) lse[r] = -INFINITY;
 }
 
-template <class Kt>
+template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   using T = typename Kt::Elem;
   using TileQ = typename Kt::TileQ;
@@ -76,26 +84,28 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
   const int g = lane >> 2, t = lane & 3;
 
   const FwdBlockInfo<kBlockM> blk(p);
+  if (blk.rows <= 0) return;  // varlen: past the end of this sequence
   const int d = p.head_dim;
-  const int diag = p.seqlen_k - p.seqlen_q;
-
-  const FwdBlockIO<T> io(p, blk, kBlockN);
+  const int seqlen_k = blk.seq.seqlen_k;
+  const Visibility<int> vis = blk.seq.visibility(p);
+  const FwdBlockIO<T> io(p, blk, vis, kBlockN);
   const T *q = io.q, *k = io.k, *v = io.v;
   T* o = io.o;
   float* lse = io.lse;
-  const int n_blocks = io.n_blocks;
 
-  if (n_blocks == 0) {  // no row of this tile sees any key (seqlen_k == 0, or causal with seqlen_q > seqlen_k)
+  if (io.n_end == io.n_begin) {  // no row of this tile sees any key
     store_empty_rows<T, Kt::kHeadDim, Kt::kNThreads>(o, p.o_row_stride, lse, blk.rows, d, tid);
     return;
   }
+  const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
+  const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
 
   // Prologue: Q and the last visible K tile.
   g2s_tile_async<TileQ, Kt::kNThreads>(sQ_u, q, p.q_row_stride, blk.rows, d, tid);
   {
-    const int key0 = (n_blocks - 1) * kBlockN;
+    const int key0 = (io.n_end - 1) * kBlockN;
     g2s_tile_async<TileKV, Kt::kNThreads>(sK_u, k + static_cast<index_t>(key0) * p.k_row_stride, p.k_row_stride,
-                                          p.seqlen_k - key0, d, tid);
+                                          seqlen_k - key0, d, tid);
   }
   cp_async_commit();
 
@@ -105,12 +115,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
 
   const int warp_row0 = warp * Kt::kWarpRows;  // first tile row owned by this warp
 
-  for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {
+  for (int n_block = io.n_end - 1; n_block >= io.n_begin; --n_block) {
     const int key0 = n_block * kBlockN;
     cp_async_wait<0>();
     __syncthreads();  // K_j landed for everyone; everyone is done with V_{j+1}
     g2s_tile_async<TileKV, Kt::kNThreads>(sV_u, v + static_cast<index_t>(key0) * p.v_row_stride, p.v_row_stride,
-                                          p.seqlen_k - key0, d, tid);
+                                          seqlen_k - key0, d, tid);
     cp_async_commit();
 
     float acc_s[kMT][Kt::kNT_S][4];
@@ -118,19 +128,23 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
     gemm_ss<T, kMT, Kt::kNT_S, Kt::kKS_QK, Operand<TileQ, false>, Operand<TileKV, false>>(acc_s, sQ_u, warp_row0,
                                                                                        sK_u, 0, lane);
 
-    if (tile_needs_mask(blk.row0, key0, kBlockN, p.seqlen_k, p.causal, diag))
-      apply_mask(acc_s, blk.row0 + warp_row0 + g, key0 + 2 * t, p.seqlen_k, p.causal, diag);
+    const int r0 = blk.row0 + warp_row0 + g, c0 = key0 + 2 * t;  // this thread's first query / key
+    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
+    if (vis.tile_needs_mask(blk.row0, kBlockM, key0, kBlockN)) apply_mask(acc_s, r0, c0, vis);
 
     softmax.update(acc_s, acc_o, p.scale_log2);
+    if constexpr (kScoreMod) {
+      if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<kMT, Kt::kNT_S>(p.dropout, rng_head, r0, c0), 1.f);
+    }
     uint32_t frag_p[kMT][Kt::kKS_PV][4];
     acc_to_a_frags<T>(frag_p, acc_s);
 
     cp_async_wait<0>();
     __syncthreads();  // V_j landed for everyone; everyone is done with K_j
-    if (n_block > 0) {
+    if (n_block > io.n_begin) {
       const int key_prev = key0 - kBlockN;
       g2s_tile_async<TileKV, Kt::kNThreads>(sK_u, k + static_cast<index_t>(key_prev) * p.k_row_stride,
-                                            p.k_row_stride, p.seqlen_k - key_prev, d, tid);
+                                            p.k_row_stride, seqlen_k - key_prev, d, tid);
       cp_async_commit();
     }
     gemm_rs<T, kMT, Kt::kNT_O, Kt::kKS_PV, Operand<TileKV, true>>(acc_o, frag_p, sV_u, 0, lane);
@@ -141,7 +155,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
 
   // Epilogue: stage O (as T) in the Q buffer, then 16-byte stores.
   __syncthreads();  // every warp is done reading sQ / sV
-  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, 1.f);
+  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, kScoreMod && p.dropout.enabled() ? p.keep_scale : 1.f);
   if (t == 0) {
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi)

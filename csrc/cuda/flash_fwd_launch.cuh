@@ -1,4 +1,5 @@
-// Host launcher of the forward kernel; explicitly instantiated per (T, head dim) by the generated .cu files.
+// Host launcher of the forward kernel; explicitly instantiated per (T, head dim, score modifiers) by the
+// generated .cu files.
 #pragma once
 
 #include <climits>
@@ -63,7 +64,7 @@ inline void launch(Kernel kernel, int64_t blocks, int threads, int smem_bytes, c
 }
 }  // namespace detail
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kScoreMod>
 void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   using Kt = FwdTraits<T, kHeadDim>;
   detail::check_shapes(params, kHeadDim);
@@ -73,11 +74,12 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
     if (detail::use_sm90_kernels()) {
       using K90 = FwdSm90Traits<T, kHeadDim>;
       const int64_t num_m = (params.seqlen_q + K90::kBlockM - 1) / K90::kBlockM;
-      return detail::launch(&flash_fwd_sm90_kernel<K90>, num_m * bh, K90::kNThreads, K90::kSmemBytes, params, stream);
+      return detail::launch(&flash_fwd_sm90_kernel<K90, kScoreMod>, num_m * bh, K90::kNThreads, K90::kSmemBytes,
+                            params, stream);
     }
   }
   const int64_t num_m = (params.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;
-  detail::launch(&flash_fwd_kernel<Kt>, num_m * bh, Kt::kNThreads, Kt::kSmemBytes, params, stream);
+  detail::launch(&flash_fwd_kernel<Kt, kScoreMod>, num_m * bh, Kt::kNThreads, Kt::kSmemBytes, params, stream);
 }
 
 }  // namespace flash_attn2::cuda

@@ -42,7 +42,7 @@ struct FwdSm90Traits {
   static constexpr int kSmemBytes = kSmemQ + 2 * kSmemKV + kAlign;  // Q | K | V, plus alignment slack
 };
 
-template <class Kt>
+template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_sm90_kernel(const __grid_constant__ FwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Kt::Elem;
@@ -65,24 +65,26 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   const int warp_row0 = 64 * wg + 16 * (warp % 4);  // first tile row of this warp's accumulators
 
   const FwdBlockInfo<kBlockM> blk(p);
+  if (blk.rows <= 0) return;  // varlen: past the end of this sequence
   const int d = p.head_dim;
-  const int diag = p.seqlen_k - p.seqlen_q;
-
-  const FwdBlockIO<T> io(p, blk, kBlockN);
+  const int seqlen_k = blk.seq.seqlen_k;
+  const Visibility<int> vis = blk.seq.visibility(p);
+  const FwdBlockIO<T> io(p, blk, vis, kBlockN);
   const T *q = io.q, *k = io.k, *v = io.v;
   T* o = io.o;
   float* lse = io.lse;
-  const int n_blocks = io.n_blocks;
-  if (n_blocks == 0) {
+  if (io.n_end == io.n_begin) {
     store_empty_rows<T, kHeadDim, kThreads>(o, p.o_row_stride, lse, blk.rows, d, tid);
     return;
   }
+  const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
+  const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
 
   g2s_tile_async<TileQ, kThreads>(sQ_u, q, p.q_row_stride, blk.rows, d, tid);
   {
-    const int key0 = (n_blocks - 1) * kBlockN;
+    const int key0 = (io.n_end - 1) * kBlockN;
     g2s_tile_async<TileKV, kThreads>(sK_u, k + static_cast<index_t>(key0) * p.k_row_stride, p.k_row_stride,
-                                     p.seqlen_k - key0, d, tid);
+                                     seqlen_k - key0, d, tid);
   }
   cp_async_commit();
 
@@ -90,13 +92,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   zero_acc(acc_o);
   OnlineSoftmax<1> softmax;
 
-  for (int n_block = n_blocks - 1; n_block >= 0; --n_block) {
+  for (int n_block = io.n_end - 1; n_block >= io.n_begin; --n_block) {
     const int key0 = n_block * kBlockN;
     cp_async_wait<0>();
     fence_proxy_async_smem();  // cp.async wrote through the generic proxy; wgmma reads through the async one
     __syncthreads();           // K_j landed for everyone; everyone is done with V_{j+1}
     g2s_tile_async<TileKV, kThreads>(sV_u, v + static_cast<index_t>(key0) * p.v_row_stride, p.v_row_stride,
-                                     p.seqlen_k - key0, d, tid);
+                                     seqlen_k - key0, d, tid);
     cp_async_commit();
 
     float acc_s[1][kBlockN / 8][4];
@@ -109,19 +111,23 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
     wgmma_wait<0>();
     fence_regs(acc_s);
 
-    if (tile_needs_mask(blk.row0, key0, kBlockN, p.seqlen_k, p.causal, diag))
-      apply_mask(acc_s, blk.row0 + warp_row0 + g, key0 + 2 * t, p.seqlen_k, p.causal, diag);
+    const int r0 = blk.row0 + warp_row0 + g, c0 = key0 + 2 * t;  // this thread's first query / key
+    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
+    if (vis.tile_needs_mask(blk.row0, kBlockM, key0, kBlockN)) apply_mask(acc_s, r0, c0, vis);
     softmax.update(acc_s, acc_o, p.scale_log2);
+    if constexpr (kScoreMod) {
+      if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
+    }
     uint32_t frag_p[1][kBlockN / 16][4];
     acc_to_a_frags<T>(frag_p, acc_s);
 
     cp_async_wait<0>();
     fence_proxy_async_smem();
     __syncthreads();  // V_j landed for everyone; everyone is done with K_j
-    if (n_block > 0) {
+    if (n_block > io.n_begin) {
       const int key_prev = key0 - kBlockN;
       g2s_tile_async<TileKV, kThreads>(sK_u, k + static_cast<index_t>(key_prev) * p.k_row_stride,
-                                       p.k_row_stride, p.seqlen_k - key_prev, d, tid);
+                                       p.k_row_stride, seqlen_k - key_prev, d, tid);
       cp_async_commit();
     }
     wgmma_fence();
@@ -142,7 +148,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
 
   // Epilogue: stage O (as T) in the Q buffer, then 16-byte stores.
   __syncthreads();  // every warpgroup's MMAs are done reading sQ
-  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, 1.f);
+  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, kScoreMod && p.dropout.enabled() ? p.keep_scale : 1.f);
   if (t == 0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "attention_rule.h"
+
 namespace flash_attn2::cuda {
 
 using index_t = int64_t;
@@ -12,6 +14,11 @@ using index_t = int64_t;
 // Q is (B, Hq, Nq, d), K and V are (B, Hkv, Nk, d), O is (B, Hq, Nq, d); strides are in elements and the
 // last dimension is contiguous. Every row start is 16-byte aligned (the launcher copies tensors that are not).
 // Head h of Q reads K/V head h / (Hq / Hkv) (GQA/MQA).
+// Variable-length batches (cu_seqlens_q != nullptr): Q/O are packed (Tq, Hq, d) and K/V (Tk, Hkv, d) with batch
+// strides 0; sequence b is rows [cu_seqlens[b], cu_seqlens[b + 1]) (clamped to the packed totals, so no offsets
+// can make a kernel leave the tensors); seqlen_q / seqlen_k are then the max_seqlen bounds that size the grid.
+// Per-row statistics (lse, softmax_d, and dq_accum rows of d floats) live at
+//   b * stat_batch_stride + h * stat_head_stride + (sequence start) + row:  (B, Hq, Nq) dense, (Hq, Tq) varlen.
 struct FwdParams {
   const void* q;
   const void* k;
@@ -31,12 +38,28 @@ struct FwdParams {
   int seqlen_k;
   int head_dim;  // the real d: a multiple of 8, at most the kernel's compiled head dim (the rest is padding).
 
+  const int* cu_seqlens_q;  // (B + 1,) or nullptr (dense)
+  const int* cu_seqlens_k;
+  int total_q, total_k;     // packed rows (varlen)
+  index_t stat_batch_stride, stat_head_stride;
+
   float scale;       // softmax scale applied to Q.K^T
   float scale_log2;  // scale * log2(e), for exp2
 
-  // Key j is visible to query i iff j <= i + (seqlen_k - seqlen_q) (bottom-right alignment).
-  bool causal;
+  // Visibility (attention_rule.h): key j is visible to query i iff i + diag - left <= j <= i + diag + right,
+  // diag = seqlen_k - seqlen_q of the sequence; -1 = unbounded. causal is window_right = 0.
+  int window_left, window_right;
+  // Score transform (kernels built with score modifiers only): softcap in raw-score units (ScoreRule with
+  // unit = scale), ALiBi slopes / scale per (batch, head) = alibi_slopes[b * alibi_batch_stride + h].
+  float softcap_in, softcap_out;  // 0, 0: no softcap
+  const float* alibi_slopes;      // nullptr: no ALiBi
+  int alibi_batch_stride;
+  float inv_scale;                // 1 / scale
+  Dropout dropout;                // threshold 0: no dropout
+  float keep_scale;               // 1 / (1 - p)
+
   bool is_bf16;  // else fp16
+  bool score_mod;  // softcap, ALiBi or dropout present: the launcher picks the kernels built for them
 };
 
 struct BwdParams : FwdParams {
@@ -51,16 +74,22 @@ struct BwdParams : FwdParams {
   index_t dv_batch_stride, dv_head_stride, dv_row_stride;
 
   // Workspaces allocated by the launcher, contiguous float32:
-  float* dq_accum;    // (B, Hq, Nq, head_dim), zero-filled by the launcher before the kernels run.
-  float* softmax_d;   // (B, Hq, Nq): rowsum(dO * O), written by the preprocessing kernel.
+  float* dq_accum;    // stat rows x head_dim, zero-filled by the launcher before the kernels run.
+  float* softmax_d;   // stat rows: rowsum(dO * O), written by the preprocessing kernel.
+  // Deterministic mode: one zeroed counter per (batch, q head, query tile); the key-tile blocks that see a
+  // query tile add their dQ in key-tile order, each waiting for the counter to reach its rank. nullptr: atomics
+  // in any order.
+  int* dq_semaphore;
+  int dq_semaphore_tiles;  // query tiles per (batch, head) in dq_semaphore
 };
 
-// Implemented once per (element type, compiled head dim) in the generated .cu files.
-// T is cutlass-free: __half or __nv_bfloat16.
-template <typename T, int kHeadDim>
+// Implemented once per (element type, compiled head dim, score modifiers) in the generated .cu files.
+// T is cutlass-free: __half or __nv_bfloat16. kScoreMod: the kernels that apply softcap / ALiBi / dropout
+// (read at run time); the others apply visibility (causal, window, varlen) only.
+template <typename T, int kHeadDim, bool kScoreMod>
 void run_flash_fwd(const FwdParams& params, cudaStream_t stream);
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kScoreMod>
 void run_flash_bwd(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace flash_attn2::cuda

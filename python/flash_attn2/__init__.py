@@ -1,7 +1,8 @@
 """flash_attn2: exact FlashAttention-2 attention as PyTorch custom ops (CPU and CUDA).
 
 Importing the package loads the operator library, which registers ``torch.ops.flash_attn2.fwd``,
-``torch.ops.flash_attn2.fwd_with_lse`` and ``torch.ops.flash_attn2.bwd``.
+``fwd_with_lse``, ``bwd``, their packed variable-length forms ``fwd_varlen``, ``fwd_varlen_with_lse`` and
+``bwd_varlen``, and ``dropout_keep_mask``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["attention", "attention_with_lse", "library_path", "cmake_prefix_path"]
+__all__ = [
+    "attention",
+    "attention_with_lse",
+    "attention_varlen",
+    "attention_varlen_with_lse",
+    "dropout_keep_mask",
+    "library_path",
+    "cmake_prefix_path",
+]
 __version__ = "0.1.0"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -36,19 +45,40 @@ if not library_path.exists():
 torch.ops.load_library(str(library_path))
 
 
+_OPTIONS_DOC = """
+    Options (FlashAttention-2's semantics; diag = Nk - Nq, bottom-right aligned):
+      causal: key j hidden from query i when j > i + diag (same as window right = 0).
+      scale: softmax scale, default 1/sqrt(D).
+      window_size: (left, right); key j visible iff i + diag - left <= j <= i + diag + right; -1 = unbounded.
+      softcap: > 0 turns logits into softcap * tanh(scale q.k / softcap).
+      alibi_slopes: float32 (Hq,) or (B, Hq) on q's device; logits get - slope_h * |i + diag - j|.
+      dropout_p: P is multiplied by keep / (1 - p) after the softmax (the LSE does not see it); the keep mask is
+        a pure function of rng_state (int64 CPU [seed, offset]) and (b, h, i, j), identical on CPU and CUDA.
+        The differentiable ``attention``/``attention_varlen`` draw rng_state from q's device's default generator
+        when it is not given; the ``*_with_lse`` forms need it explicitly.
+"""
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     causal: bool = False,
     scale: Optional[float] = None,
+    *,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v, differentiable.
+    """softmax(logits) v, differentiable.
 
-    q is (B, Hq, Nq, D); k and v are (B, Hkv, Nk, D) with Hq % Hkv == 0. ``causal`` hides key j from
-    query i when j > i + (Nk - Nq). ``scale`` defaults to 1/sqrt(D).
+    q is (B, Hq, Nq, D); k and v are (B, Hkv, Nk, D) with Hq % Hkv == 0.
     """
-    return torch.ops.flash_attn2.fwd(q, k, v, causal, scale)
+    return torch.ops.flash_attn2.fwd(
+        q, k, v, causal, scale, window_size=list(window_size), softcap=softcap, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p, rng_state=rng_state)
 
 
 def attention_with_lse(
@@ -57,9 +87,79 @@ def attention_with_lse(
     v: torch.Tensor,
     causal: bool = False,
     scale: Optional[float] = None,
+    *,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`attention`, also returning the float32 log-sum-exp of each query row, shape (B, Hq, Nq).
 
     A row that sees no key has output 0 and log-sum-exp -inf. Gradients flow through the output only.
     """
-    return torch.ops.flash_attn2.fwd_with_lse(q, k, v, causal, scale)
+    return torch.ops.flash_attn2.fwd_with_lse(
+        q, k, v, causal, scale, window_size=list(window_size), softcap=softcap, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p, rng_state=rng_state)
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    *,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention over a packed variable-length batch, differentiable.
+
+    q is (Tq, Hq, D), k and v (Tk, Hkv, D); cu_seqlens_* are int32 (B + 1,) offsets on q's device (sequence b is
+    rows [cu[b], cu[b + 1])); each sequence behaves exactly like :func:`attention` on its own slice.
+    """
+    return torch.ops.flash_attn2.fwd_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_size=list(window_size),
+        softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state)
+
+
+def attention_varlen_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    *,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`attention_varlen`, also returning the (Hq, Tq) log-sum-exp (FlashAttention's layout)."""
+    return torch.ops.flash_attn2.fwd_varlen_with_lse(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_size=list(window_size),
+        softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state)
+
+
+def dropout_keep_mask(
+    rng_state: torch.Tensor, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """The bool (batch, heads, seqlen_q, seqlen_k) keep mask the kernels apply for rng_state and dropout_p."""
+    return torch.ops.flash_attn2.dropout_keep_mask(rng_state, batch, heads, seqlen_q, seqlen_k, dropout_p, device)
+
+
+for _f in (attention, attention_with_lse, attention_varlen, attention_varlen_with_lse):
+    _f.__doc__ = (_f.__doc__ or "") + _OPTIONS_DOC

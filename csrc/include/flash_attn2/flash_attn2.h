@@ -4,33 +4,101 @@
 // CPU, CUDA, Meta and Autograd kernels exactly as torch.ops.flash_attn2.* does from Python.
 //
 // Shapes: q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); Hq % Hkv == 0 (grouped-query attention). Any strides.
-// Returns fresh contiguous tensors in q's dtype on q's device; lse is (B, Hq, Nq), float32 (float64 for
-// float64 inputs).
-// causal masks key j for query i when j > i + (Nk - Nq) (bottom-right aligned); scale defaults to 1/sqrt(D).
+// Packed variable-length batches (the *_varlen functions): q (Tq, Hq, D), k, v (Tk, Hkv, D) with int32
+// cu_seqlens (B + 1,) on the inputs' device; sequence b is rows [cu[b], cu[b + 1]).
+// Returns fresh contiguous tensors in q's dtype on q's device; lse is (B, Hq, Nq) (varlen: (Hq, Tq)), float32
+// (float64 for float64 inputs).
+//
+// Options (AttentionOptions; FlashAttention-2's semantics, with diag = Nk - Nq, bottom-right aligned):
+//   causal        key j hidden from query i when j > i + diag (same as window right = 0)
+//   scale         softmax scale, default 1/sqrt(D)
+//   window_size   (left, right): key j visible iff i + diag - left <= j <= i + diag + right; -1 = unbounded
+//   softcap       > 0: logits become softcap * tanh(scale q.k / softcap)
+//   alibi_slopes  float32 (Hq,) or (B, Hq): logits get - slope_h * |i + diag - j|
+//   dropout_p     P is multiplied by keep / (1 - p) after the softmax; the keep mask is a pure function of
+//                 rng_state = int64 CPU [seed, offset] and (b, h, i, j), identical on CPU and CUDA
+//                 (dropout_keep_mask materialises it). The differentiable functions draw rng_state from the
+//                 device's default generator when it is not given.
+//   deterministic backward only: bitwise reproducible gradients (the differentiable functions set it when
+//                 at::globalContext().deterministicAlgorithms() is on).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
 namespace flash_attn2 {
 
+struct AttentionOptions {
+  bool causal = false;
+  std::optional<double> scale;
+  std::array<int64_t, 2> window_size{-1, -1};
+  double softcap = 0.0;
+  std::optional<at::Tensor> alibi_slopes;
+  double dropout_p = 0.0;
+  std::optional<at::Tensor> rng_state;
+  bool deterministic = false;  // backward only
+
+  AttentionOptions& set_causal(bool v) { causal = v; return *this; }
+  AttentionOptions& set_scale(double v) { scale = v; return *this; }
+  AttentionOptions& set_window(int64_t left, int64_t right) { window_size = {left, right}; return *this; }
+  AttentionOptions& set_softcap(double v) { softcap = v; return *this; }
+  AttentionOptions& set_alibi_slopes(at::Tensor v) { alibi_slopes = std::move(v); return *this; }
+  AttentionOptions& set_dropout(double p, std::optional<at::Tensor> state = std::nullopt) {
+    dropout_p = p;
+    rng_state = std::move(state);
+    return *this;
+  }
+  AttentionOptions& set_deterministic(bool v) { deterministic = v; return *this; }
+};
+
 // softmax(q k^T * scale) v, differentiable.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal = false,
                      std::optional<double> scale = std::nullopt);
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& options);
 
-// The attention output and the natural-log log-sum-exp of each query row's scaled scores
+// The attention output and the natural-log log-sum-exp of each query row's logits
 // (-inf for a row that sees no key, whose output is 0). Differentiable in the output; lse is not.
 std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       bool causal = false,
                                                       std::optional<double> scale = std::nullopt);
+std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const AttentionOptions& options);
 
-// Gradients (dq, dk, dv) given dout and the forward's q, k, v, out and lse.
+// Gradients (dq, dk, dv) given dout and the forward's q, k, v, out and lse (and the forward's options,
+// rng_state included when dropout was used).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   bool causal = false,
                                                                   std::optional<double> scale = std::nullopt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                                  const AttentionOptions& options);
+
+// Packed variable-length batches; each sequence behaves exactly like the dense functions on its own slice.
+at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k, const AttentionOptions& options = {});
+std::tuple<at::Tensor, at::Tensor> attention_varlen_with_lse(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                             int64_t max_seqlen_k,
+                                                             const AttentionOptions& options = {});
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, const AttentionOptions& options = {});
+
+// The dropout keep mask the kernels apply for rng_state, as a bool (batch, heads, seqlen_q, seqlen_k) tensor.
+at::Tensor dropout_keep_mask(const at::Tensor& rng_state, int64_t batch, int64_t heads, int64_t seqlen_q,
+                             int64_t seqlen_k, double dropout_p, std::optional<c10::Device> device = std::nullopt);
+
+// A fresh [seed, offset] from the default generator of `device` (what the differentiable functions use).
+at::Tensor draw_rng_state(c10::Device device);
 
 }  // namespace flash_attn2

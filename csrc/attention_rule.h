@@ -1,0 +1,159 @@
+// The one definition of the attention variants, shared by every kernel (CPU and CUDA, forward and backward):
+//   - Visibility: which keys a query sees (causal, sliding window, sequence bounds) and, from that, which
+//     tiles a kernel may skip;
+//   - ScoreRule: how a visible raw score becomes the softmax logit (softcap, ALiBi) and the derivative the
+//     backward needs;
+//   - Dropout: the Philox keep mask, a pure function of (seed, offset, batch, head, query, key), bitwise the
+//     same on every device.
+// Semantics (FlashAttention-2's), with diag = Nk - Nq (bottom-right alignment):
+//   key j is visible to query i  iff  i + diag - left <= j <= i + diag + right   (left/right < 0: unbounded)
+//   logit(i, j) = cap(scale * q_i . k_j) - slope_h * |i + diag - j|,  cap(x) = softcap * tanh(x / softcap)
+//   dropout multiplies P by keep / (1 - p) after the softmax; the LSE does not see it.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FA2_HD __host__ __device__ __forceinline__
+#else
+#define FA2_HD inline
+#endif
+
+namespace flash_attn2 {
+
+namespace rule_detail {
+template <typename I>
+FA2_HD I imin(I a, I b) { return a < b ? a : b; }
+template <typename I>
+FA2_HD I imax(I a, I b) { return a > b ? a : b; }
+}  // namespace rule_detail
+
+// Which keys query i sees: [key_begin(i), key_end(i)) intersected with [0, seqlen_k). I is int (CUDA) or
+// int64_t (CPU); left / right < 0 mean unbounded on that side (the launcher turns windows wider than the
+// sequences into -1 so that the sums below stay in range).
+template <typename I>
+struct Visibility {
+  I seqlen_q, seqlen_k, left, right;
+
+  FA2_HD I diag() const { return seqlen_k - seqlen_q; }
+  FA2_HD bool bounded_left() const { return left >= 0; }
+  FA2_HD bool bounded_right() const { return right >= 0; }
+  // First visible key of query i (may be >= key_end: nothing visible).
+  FA2_HD I key_begin(I i) const { return left < 0 ? I(0) : rule_detail::imax<I>(I(0), i + diag() - left); }
+  // One past the last visible key of query i (may be <= key_begin).
+  FA2_HD I key_end(I i) const {
+    return right < 0 ? seqlen_k : rule_detail::imax<I>(I(0), rule_detail::imin<I>(seqlen_k, i + diag() + right + 1));
+  }
+  // First query that sees key j, and one past the last (clamped to [0, seqlen_q]).
+  FA2_HD I query_begin(I j) const {
+    return right < 0 ? I(0) : rule_detail::imin<I>(seqlen_q, rule_detail::imax<I>(I(0), j - diag() - right));
+  }
+  FA2_HD I query_end(I j) const {
+    return left < 0 ? seqlen_q : rule_detail::imax<I>(I(0), rule_detail::imin<I>(seqlen_q, j - diag() + left + 1));
+  }
+  FA2_HD bool visible(I i, I j) const { return j < seqlen_k && j >= key_begin(i) && j < key_end(i); }
+  // Keys [k0, k0 + kn) for queries [q0, q0 + qn): does any pair need masking (some pair invisible)?
+  FA2_HD bool tile_needs_mask(I q0, I qn, I k0, I kn) const {
+    const I last_q = q0 + qn - 1, last_k = k0 + kn - 1;
+    if (last_k >= seqlen_k) return true;
+    if (right >= 0 && last_k > q0 + diag() + right) return true;  // the first row's right bound
+    if (left >= 0 && k0 < last_q + diag() - left) return true;    // the last row's left bound
+    return false;
+  }
+};
+
+// The score transform, in "score units": a kernel that keeps raw scores q.k (and applies the softmax scale
+// later) uses unit = scale; one that works on scaled scores uses unit = 1. Then
+//   transform(x) = cap_out * tanh(cap_in * x) - alibi * |i + diag - j|   (each term only when enabled)
+// is the logit divided by unit, and dlogit / d(scale q.k) = 1 - tanh^2 (1 without softcap).
+template <typename F>
+struct ScoreRule {
+  F cap_in = 0, cap_out = 0;  // unit / softcap and softcap / unit; cap_in == 0: no softcap
+  F alibi = 0;                // slope / unit for this head (0: no ALiBi)
+
+  FA2_HD static ScoreRule make(double unit, double softcap, double slope) {
+    ScoreRule r;
+    if (softcap > 0) {
+      r.cap_in = static_cast<F>(unit / softcap);
+      r.cap_out = static_cast<F>(softcap / unit);
+    }
+    r.alibi = static_cast<F>(slope / unit);
+    return r;
+  }
+  FA2_HD bool has_softcap() const { return cap_in != F(0); }
+};
+
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3"), the generator of cuRAND and
+// PyTorch's CUDA generator.
+struct Philox4 {
+  uint32_t x[4];
+};
+FA2_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  lo = static_cast<uint32_t>(p);
+  hi = static_cast<uint32_t>(p >> 32);
+#endif
+}
+FA2_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kM0, c0, hi0, lo0);
+    mulhilo32(kM1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The dropout keep mask. One Philox call yields eight 16-bit draws for the 2 x 4 group of (query, key) pairs
+//   queries {i0, i0 + 8} x keys {j0, j0 + 1, j0 + 8, j0 + 9},  i0 = 16 a + (0..7),  j0 = 16 b + 2 (0..3),
+// which is exactly what one thread of an mma.sync / wgmma accumulator holds of two adjacent n8 tiles, so the
+// kernels draw each number once (the transposed Hopper backward uses half of each call).
+// Element (i, j) is kept iff its draw >= threshold, threshold = round(p * 65536) (keep probability 1 - p to
+// within 2^-17); the kept values are scaled by 1 / (1 - p).
+struct Dropout {
+  uint32_t seed_lo = 0, seed_hi = 0, offset_lo = 0, offset_hi = 0;
+  uint32_t threshold = 0;  // 0: dropout off
+
+  static Dropout make(uint64_t seed, uint64_t offset, double p) {
+    Dropout d;
+    d.seed_lo = static_cast<uint32_t>(seed);
+    d.seed_hi = static_cast<uint32_t>(seed >> 32);
+    d.offset_lo = static_cast<uint32_t>(offset);
+    d.offset_hi = static_cast<uint32_t>(offset >> 32);
+    double t = p * 65536.0 + 0.5;
+    d.threshold = p <= 0 ? 0u : t >= 65535.0 ? 65535u : static_cast<uint32_t>(t);
+    if (p > 0 && d.threshold == 0) d.threshold = 1;  // any p > 0 drops something
+    return d;
+  }
+  FA2_HD bool enabled() const { return threshold != 0; }
+  // The group counter of (i, j) and the draw's index in the call's eight.
+  FA2_HD static uint32_t group_i(uint32_t i) { return ((i >> 4) << 3) | (i & 7u); }
+  FA2_HD static uint32_t group_j(uint32_t j) { return ((j >> 4) << 2) | ((j >> 1) & 3u); }
+  FA2_HD static uint32_t slot(uint32_t i, uint32_t j) { return (((i >> 3) & 1u) << 2) | (((j >> 3) & 1u) << 1) | (j & 1u); }
+  // The eight draws of group (gi, gj) of head bh = b * H + h.
+  FA2_HD Philox4 draws(uint32_t bh, uint32_t gi, uint32_t gj) const {
+    return philox4x32_10(gj, gi, bh, offset_lo, seed_lo, seed_hi ^ offset_hi);
+  }
+  FA2_HD static uint32_t draw16(const Philox4& r, uint32_t slot) { return (r.x[slot >> 1] >> ((slot & 1u) * 16)) & 0xFFFFu; }
+  FA2_HD bool keep_draw(const Philox4& r, uint32_t slot) const { return draw16(r, slot) >= threshold; }
+  // Single-element form (CPU kernel, dropout_keep_mask): i, j local to the sequence.
+  FA2_HD bool keep(uint32_t bh, uint32_t i, uint32_t j) const {
+    return keep_draw(draws(bh, group_i(i), group_j(j)), slot(i, j));
+  }
+};
+
+}  // namespace flash_attn2
