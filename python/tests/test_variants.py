@@ -1,0 +1,507 @@
+"""The attention variants (window, softcap, ALiBi, dropout, varlen, deterministic) on every kernel, against the
+float64 reference of reference.py, every option combined with every other."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import flash_attn2
+from conftest import requires_cuda
+from reference import assert_close_to_reference, naive_attention, random_qkv, visibility
+
+F = torch.ops.flash_attn2
+
+
+def make_options(b, hq, causal, window, softcap, alibi, dropout_p, device, seed=0):
+    slopes = None
+    if alibi == "head":
+        slopes = torch.rand(hq, device=device) * 0.5
+    elif alibi == "batch":
+        slopes = torch.rand(b, hq, device=device) * 0.5
+    rng = torch.tensor([1234 + seed, 77 * seed], dtype=torch.int64) if dropout_p > 0 else None
+    return dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p,
+                rng_state=rng)
+
+
+def reference_options(opts, keep):
+    return dict(causal=opts["causal"], window_size=opts["window_size"], softcap=opts["softcap"],
+                alibi_slopes=None if opts["alibi_slopes"] is None else opts["alibi_slopes"].double().cpu(),
+                dropout_p=opts["dropout_p"], keep=keep)
+
+
+def check_variant_case(b, hq, hkv, nq, nk, d, dtype, device, opts, transposed=False, factor=2.0):
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, device, transposed, requires_grad=True)
+    dout = torch.randn(b, hq, nq, d, dtype=dtype, device=device)
+    keep = None
+    if opts["dropout_p"] > 0:
+        keep = flash_attn2.dropout_keep_mask(opts["rng_state"], b, hq, nq, nk, opts["dropout_p"])
+    ref_opts = reference_options(opts, keep)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = naive_attention(q64, k64, v64, **ref_opts)
+    torch_opts = dict(ref_opts, alibi_slopes=opts["alibi_slopes"],
+                      keep=None if keep is None else keep.to(device))
+    tq, tk, tv = (t.detach().requires_grad_() for t in (q, k, v))
+    torch_out, torch_lse = naive_attention(tq, tk, tv, **torch_opts)
+
+    if device == "cuda":  # poison the allocator's free blocks so unwritten output shows up as NaN
+        torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(0xFF)
+    out, lse = flash_attn2.attention_with_lse(q.detach(), k.detach(), v.detach(), **opts)
+    assert_close_to_reference("out", out, torch_out.detach(), ref_out.detach(), factor)
+    visible = torch.isfinite(ref_lse.detach())
+    assert torch.equal(torch.isfinite(lse).cpu(), visible), "lse must be -inf exactly on rows with no key"
+    assert_close_to_reference("lse", lse.cpu()[visible], torch_lse.detach().cpu()[visible], ref_lse.detach()[visible],
+                              factor)
+
+    ours = flash_attn2.attention(q, k, v, **opts)
+    ours.backward(dout)
+    ref_out.backward(dout.double().cpu())
+    torch_out.backward(dout)
+    check_grads([("dq", q.grad, tq.grad, q64.grad), ("dk", k.grad, tk.grad, k64.grad),
+                 ("dv", v.grad, tv.grad, v64.grad)], factor)
+
+
+def check_grads(rows, factor):
+    """(name, ours, PyTorch's in the same dtype, float64 reference) within the pass rule. dQ and dK go through
+    D = rowsum(dO * O) with O rounded to the input dtype (FlashAttention-2's backward): an absolute error of
+    about eps * |dV| that PyTorch's autograd does not have where it cancels exactly (a row that sees a single
+    key has dS = 0), so that is their floor too."""
+    ours_dv = rows[2][1]
+    eps = torch.finfo(ours_dv.dtype).eps if ours_dv.dtype in (torch.float16, torch.bfloat16) else 0.0
+    d_floor = 2 * eps * rows[2][3].abs().max().item() if rows[2][3].numel() else 0.0
+    for name, ours, theirs, ref in rows:
+        if name in ("dq", "dk") and eps > 0 and ours.numel():
+            err = (ours.double().cpu() - ref.double().cpu()).abs().max().item()
+            terr = (theirs.double().cpu() - ref.double().cpu()).abs().max().item()
+            assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+            assert err <= factor * terr + 1e-3 + d_floor, (
+                f"{name}: max error vs float64 {err:.3e}, PyTorch's own {terr:.3e}, D floor {d_floor:.3e}")
+        else:
+            assert_close_to_reference(name, ours, theirs, ref, factor)
+
+
+WINDOWS = [(-1, -1), (0, 0), (7, 3), (200, -1), (-1, 5)]
+OPTION_GRID = list(itertools.product([False, True], WINDOWS, [0.0, 2.5], [None, "head", "batch"], [0.0, 0.3]))
+
+
+@pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", OPTION_GRID)
+def test_cpu_every_option_combination(causal, window, softcap, alibi, dropout_p):
+    opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cpu", seed=len(str(window)))
+    check_variant_case(2, 4, 2, 37, 53, 16, torch.float32, "cpu", opts, transposed=alibi == "batch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("nq,nk", [(64, 300), (300, 64), (130, 130), (1, 257)])
+def test_cpu_variants_dtypes_and_shapes(dtype, nq, nk):
+    opts = make_options(1, 6, True, (40, -1), 4.0, "head", 0.1, "cpu", seed=nq)
+    check_variant_case(1, 6, 3, nq, nk, 24, dtype, "cpu", opts)
+
+
+def test_window_larger_than_sequence_equals_dense():
+    q, k, v = random_qkv(2, 2, 2, 33, 45, 16, torch.float64, "cpu")
+    big = flash_attn2.attention(q, k, v, window_size=(10_000, 10_000))
+    torch.testing.assert_close(big, flash_attn2.attention(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(flash_attn2.attention(q, k, v, True, window_size=(10_000, -1)),
+                               flash_attn2.attention(q, k, v, True), rtol=0, atol=0)
+
+
+def test_gradcheck_float64_every_option_with_dropout():
+    q, k, v = random_qkv(1, 2, 1, 9, 13, 8, torch.float64, "cpu", requires_grad=True)
+    slopes = torch.rand(1, 2)
+    rng = torch.tensor([5, 9])
+
+    def f(q, k, v):
+        return flash_attn2.attention(q, k, v, True, window_size=(6, 2), softcap=3.0, alibi_slopes=slopes,
+                                     dropout_p=0.3, rng_state=rng)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_dropout_mask_is_a_pure_function_and_has_the_right_rate():
+    rng = torch.tensor([42, 1000])
+    m1 = flash_attn2.dropout_keep_mask(rng, 2, 3, 100, 200, 0.25)
+    m2 = flash_attn2.dropout_keep_mask(rng.clone(), 2, 3, 100, 200, 0.25)
+    assert m1.dtype == torch.bool and m1.shape == (2, 3, 100, 200)
+    assert torch.equal(m1, m2)
+    assert abs(m1.float().mean().item() - 0.75) < 0.01
+    other = flash_attn2.dropout_keep_mask(torch.tensor([42, 1001]), 2, 3, 100, 200, 0.25)
+    assert not torch.equal(m1, other), "the offset must change the mask"
+    # A sub-block of a larger mask is the same: the mask depends on (b, h, i, j) only.
+    assert torch.equal(flash_attn2.dropout_keep_mask(rng, 2, 3, 50, 60, 0.25), m1[:, :, :50, :60])
+
+
+def test_autograd_draws_rng_state_and_reuses_it_in_backward():
+    q, k, v = random_qkv(1, 2, 2, 12, 12, 8, torch.float64, "cpu", requires_grad=True)
+    torch.manual_seed(0)
+    a = flash_attn2.attention(q, k, v, dropout_p=0.5)
+    b = flash_attn2.attention(q, k, v, dropout_p=0.5)
+    assert not torch.equal(a, b), "each call draws a fresh mask"
+    torch.manual_seed(0)
+    assert torch.equal(a, flash_attn2.attention(q, k, v, dropout_p=0.5)), "the draw follows torch.manual_seed"
+
+    def seeded(q, k, v):  # the same drawn state on every call: gradcheck then proves backward reuses it
+        torch.manual_seed(1)
+        return flash_attn2.attention(q, k, v, True, dropout_p=0.4)
+
+    assert torch.autograd.gradcheck(seeded, (q, k, v))
+
+
+def test_with_lse_and_bwd_need_rng_state_for_dropout():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="dropout_p = 0.1 needs rng_state"):
+        flash_attn2.attention_with_lse(q, q, q, dropout_p=0.1)
+    out, lse = flash_attn2.attention_with_lse(q, q, q)
+    with pytest.raises(RuntimeError, match="needs rng_state"):
+        F.bwd(out, q, q, q, out, lse, dropout_p=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variable-length batches.
+
+def packed_batch(lengths_q, lengths_k, hq, hkv, d, dtype, device, requires_grad=False):
+    tq, tk = sum(lengths_q), sum(lengths_k)
+    q = torch.randn(tq, hq, d, dtype=dtype, device=device, requires_grad=requires_grad)
+    k = torch.randn(tk, hkv, d, dtype=dtype, device=device, requires_grad=requires_grad)
+    v = torch.randn(tk, hkv, d, dtype=dtype, device=device, requires_grad=requires_grad)
+    cu = lambda ls: torch.tensor([0] + list(itertools.accumulate(ls)), dtype=torch.int32, device=device)  # noqa
+    return q, k, v, cu(lengths_q), cu(lengths_k)
+
+
+def check_varlen_against_reference(lengths_q, lengths_k, dtype, device, opts, hq=4, hkv=2, d=32, factor=2.0):
+    q, k, v, cu_q, cu_k = packed_batch(lengths_q, lengths_k, hq, hkv, d, dtype, device, requires_grad=True)
+    B = len(lengths_q)
+    max_q, max_k = max(lengths_q), max(lengths_k)
+    dout = torch.randn_like(q)
+    keep_all = None
+    if opts["dropout_p"] > 0:
+        keep_all = flash_attn2.dropout_keep_mask(opts["rng_state"], B, hq, max_q, max_k, opts["dropout_p"])
+    if device == "cuda":
+        torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(0xFF)
+    out, lse = flash_attn2.attention_varlen_with_lse(q.detach(), k.detach(), v.detach(), cu_q, cu_k, max_q, max_k,
+                                                     **opts)
+    assert lse.shape == (hq, q.shape[0])
+    ours = flash_attn2.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **opts)
+    ours.backward(dout)
+    for b in range(B):
+        sq = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        sk = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        nq, nk = lengths_q[b], lengths_k[b]
+        if nq == 0:
+            continue
+        per = lambda t, s: t.detach()[s].transpose(0, 1).unsqueeze(0)  # noqa: E731
+        qb, kb, vb, dob = per(q, sq), per(k, sk), per(v, sk), per(dout, sq)
+        o_opts = dict(opts)
+        if opts["alibi_slopes"] is not None and opts["alibi_slopes"].dim() == 2:
+            o_opts["alibi_slopes"] = opts["alibi_slopes"][b:b + 1]
+        keep = None if keep_all is None else keep_all[b:b + 1, :, :nq, :nk]
+        ref_opts = reference_options(o_opts, keep)
+        q64, k64, v64 = (t.double().cpu().requires_grad_() for t in (qb, kb, vb))
+        ref_out, ref_lse = naive_attention(q64, k64, v64, **ref_opts)
+        tq, tk, tv = (t.clone().requires_grad_() for t in (qb, kb, vb))
+        torch_out, torch_lse = naive_attention(
+            tq, tk, tv, **dict(ref_opts, alibi_slopes=o_opts["alibi_slopes"],
+                               keep=None if keep is None else keep.to(device)))
+        assert_close_to_reference(f"out[{b}]", out[sq].transpose(0, 1).unsqueeze(0), torch_out.detach(),
+                                  ref_out.detach(), factor)
+        vis = torch.isfinite(ref_lse.detach())[0]
+        assert torch.equal(torch.isfinite(lse[:, sq]).cpu(), vis), f"lse[{b}] -inf pattern"
+        assert_close_to_reference(f"lse[{b}]", lse[:, sq].cpu()[vis], torch_lse.detach()[0].cpu()[vis],
+                                  ref_lse.detach()[0][vis], factor)
+        ref_out.backward(dob.double().cpu())
+        torch_out.backward(dob)
+        if nk > 0:
+            per_seq = lambda g: g.transpose(0, 1).unsqueeze(0)  # noqa: E731
+            check_grads([("dq", per_seq(q.grad[sq]), tq.grad, q64.grad), ("dk", per_seq(k.grad[sk]), tk.grad, k64.grad),
+                         ("dv", per_seq(v.grad[sk]), tv.grad, v64.grad)], factor)
+        else:
+            assert torch.equal(q.grad[sq], torch.zeros_like(q.grad[sq]))
+
+
+VARLEN_LENGTHS = [
+    ([5, 0, 17, 1, 33], [9, 4, 17, 0, 20]),  # zero-length sequences on either side, Nq != Nk
+    ([40], [40]),                            # a single sequence
+    ([0, 0], [3, 0]),                        # nothing to attend with
+]
+
+
+@pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS)
+@pytest.mark.parametrize("variant", ["plain", "causal", "all"])
+def test_cpu_varlen_matches_per_sequence_reference(lengths_q, lengths_k, variant):
+    b = len(lengths_q)
+    if variant == "plain":
+        opts = make_options(b, 4, False, (-1, -1), 0.0, None, 0.0, "cpu")
+    elif variant == "causal":
+        opts = make_options(b, 4, True, (-1, -1), 0.0, None, 0.0, "cpu")
+    else:
+        opts = make_options(b, 4, True, (6, -1), 3.0, "batch", 0.25, "cpu", seed=3)
+    check_varlen_against_reference(lengths_q, lengths_k, torch.float32, "cpu", opts)
+
+
+def test_varlen_equals_dense_calls_without_dropout():
+    lengths = [3, 50, 0, 21]
+    q, k, v, cu_q, cu_k = packed_batch(lengths, lengths, 2, 1, 16, torch.float64, "cpu")
+    out = flash_attn2.attention_varlen(q, k, v, cu_q, cu_k, 50, 50, True, window_size=(9, 0), softcap=2.0)
+    for b, n in enumerate(lengths):
+        s = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        dense = flash_attn2.attention(*(t[s].transpose(0, 1).unsqueeze(0) for t in (q, k, v)), True,
+                                      window_size=(9, 0), softcap=2.0)
+        torch.testing.assert_close(out[s], dense[0].transpose(0, 1), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ops as PyTorch sees them.
+
+def test_opcheck_variant_ops():
+    q, k, v = random_qkv(2, 4, 2, 17, 23, 16, torch.float32, "cpu", requires_grad=True)
+    slopes = torch.rand(4)
+    rng = torch.tensor([3, 4])
+    kw = dict(window_size=[5, 2], softcap=2.0, alibi_slopes=slopes, dropout_p=0.2, rng_state=rng)
+    torch.library.opcheck(F.fwd.default, (q, k, v, True, None), kw)
+    torch.library.opcheck(F.fwd_with_lse.default, (q, k, v, False, 0.3), kw)
+    out, lse = F.fwd_with_lse(q.detach(), k.detach(), v.detach(), True, None, **kw)
+    torch.library.opcheck(F.bwd.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, True,
+                                          None), dict(kw, deterministic=True))
+    qp, kp, vp, cu_q, cu_k = packed_batch([3, 0, 9], [4, 2, 9], 4, 2, 16, torch.float32, "cpu", requires_grad=True)
+    torch.library.opcheck(F.fwd_varlen.default, (qp, kp, vp, cu_q, cu_k, 9, 9, True, None), kw)
+    out, lse = F.fwd_varlen_with_lse(qp.detach(), kp.detach(), vp.detach(), cu_q, cu_k, 9, 9, True, None, **kw)
+    torch.library.opcheck(F.fwd_varlen_with_lse.default, (qp, kp, vp, cu_q, cu_k, 9, 9, False, None), kw)
+    torch.library.opcheck(F.bwd_varlen.default, (torch.randn_like(out), qp.detach(), kp.detach(), vp.detach(), out, lse,
+                                                 cu_q, cu_k, 9, 9, True, None), kw)
+
+
+def test_compile_fullgraph_dynamic_with_variants():
+    torch._dynamo.reset()
+    slopes = torch.rand(4)
+    rng = torch.tensor([3, 4])
+
+    def attend(q, k, v):
+        return flash_attn2.attention(q, k, v, True, window_size=(8, 0), softcap=3.0, alibi_slopes=slopes,
+                                     dropout_p=0.1, rng_state=rng).square().sum()
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True)
+    for nq in (33, 65):
+        q, k, v = random_qkv(2, 4, 2, nq, 40, 16, torch.float32, "cpu", requires_grad=True)
+        compiled(q, k, v).backward()
+        tq, tk, tv = (t.detach().requires_grad_() for t in (q, k, v))
+        attend(tq, tk, tv).backward()
+        torch.testing.assert_close(q.grad, tq.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(k.grad, tk.grad, atol=1e-4, rtol=1e-4)
+
+    def attend_varlen(q, k, v, cu_q, cu_k):
+        return flash_attn2.attention_varlen(q, k, v, cu_q, cu_k, 9, 9, True, window_size=(3, -1)).sum()
+
+    qp, kp, vp, cu_q, cu_k = packed_batch([3, 0, 9], [4, 2, 9], 4, 2, 16, torch.float32, "cpu", requires_grad=True)
+    c = torch.compile(attend_varlen, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(c(qp, kp, vp, cu_q, cu_k), attend_varlen(qp, kp, vp, cu_q, cu_k))
+
+
+def test_torchscript_with_variant_keywords():
+    @torch.jit.script
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+        return torch.ops.flash_attn2.fwd(q, k, v, True, None, window_size=[4, 0], softcap=2.0, alibi_slopes=slopes)
+
+    @torch.jit.script
+    def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+        return torch.ops.flash_attn2.fwd_varlen(q, k, v, cu, cu, 9, 9, True)
+
+    q, k, v = random_qkv(1, 2, 2, 19, 19, 16, torch.float32, "cpu")
+    slopes = torch.rand(2)
+    expected = flash_attn2.attention(q, k, v, True, window_size=(4, 0), softcap=2.0, alibi_slopes=slopes)
+    assert torch.equal(attend(q, k, v, slopes), expected)
+    qp, kp, vp, cu, _ = packed_batch([3, 9], [3, 9], 2, 2, 16, torch.float32, "cpu")
+    assert torch.equal(attend_varlen(qp, kp, vp, cu), flash_attn2.attention_varlen(qp, kp, vp, cu, cu, 9, 9, True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: every check names the argument.
+
+def _qkv():
+    return torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+
+
+VARIANT_ERRORS = [
+    (dict(window_size=(-2, 0)), r"window_size must be -1 \(unbounded\) or >= 0 on each side, got \(-2, 0\)"),
+    (dict(window_size=(0, -5)), r"window_size must be -1"),
+    (dict(softcap=-1.0), r"softcap must be a finite number >= 0 \(0 disables it\), got -1"),
+    (dict(softcap=float("inf")), r"softcap must be a finite number >= 0"),
+    (dict(dropout_p=1.0, rng_state=torch.tensor([1, 2])), r"dropout_p must be in \[0, 1\), got 1"),
+    (dict(dropout_p=-0.1, rng_state=torch.tensor([1, 2])), r"dropout_p must be in \[0, 1\), got -0.1"),
+    (dict(alibi_slopes=torch.rand(3)), r"alibi_slopes has shape \[3\]; expected \(Hq,\) = \(4,\) or \(B, Hq\) = \(2, 4\)"),
+    (dict(alibi_slopes=torch.rand(4, 2)), r"alibi_slopes has shape \[4, 2\]"),
+    (dict(alibi_slopes=torch.rand(4).double()), r"alibi_slopes has dtype Double; expected float32"),
+    (dict(alibi_slopes=torch.rand(4, device="meta")), r"alibi_slopes is on meta but q is on cpu"),
+    (dict(dropout_p=0.1, rng_state=torch.tensor([1.0, 2.0])), r"rng_state must be an int64 CPU tensor \[seed, offset\] of 2 elements, got Float"),
+    (dict(dropout_p=0.1, rng_state=torch.tensor([1, 2, 3])), r"rng_state must be an int64 CPU tensor .* with shape \[3\]"),
+]
+
+
+# The Meta kernels (torch.compile, export) say the same, except for the CPU-only device-mismatch case.
+ERROR_CASES = [(dev, kw, msg) for dev in ("cpu", "meta") for kw, msg in VARIANT_ERRORS
+               if not (dev == "meta" and "is on meta" in msg)]
+
+
+@pytest.mark.parametrize("device,kwargs,message", ERROR_CASES)
+def test_bad_variant_options_raise_clear_errors(device, kwargs, message):
+    q, k, v = (t.to(device) for t in _qkv())
+    kwargs = {n: (t.to(device) if n == "alibi_slopes" and t.device.type == "cpu" else t) for n, t in kwargs.items()}
+    with pytest.raises(RuntimeError, match=message):
+        flash_attn2.attention_with_lse(q, k, v, **kwargs)
+    with pytest.raises(RuntimeError, match=message):
+        F.bwd(q, q, k, v, q, torch.zeros(2, 4, 8, device=device), **kwargs)
+
+
+def _packed():
+    q = torch.randn(10, 4, 16)
+    kv = torch.randn(12, 2, 16)
+    return q, kv, kv.clone()
+
+
+VARLEN_ERRORS = [
+    (lambda q, k, v: (torch.tensor([0, 4, 10], dtype=torch.int64), torch.tensor([0, 5, 12], dtype=torch.int32), 6, 7),
+     r"cu_seqlens_q has dtype Long; expected int32"),
+    (lambda q, k, v: (torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 12], dtype=torch.int32), 6, 12),
+     r"cu_seqlens_q has 3 elements but cu_seqlens_k has 2"),
+    (lambda q, k, v: (torch.tensor([1, 4, 10], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32), 6, 7),
+     r"cu_seqlens_q must start at 0, got 1"),
+    (lambda q, k, v: (torch.tensor([0, 7, 4, 10], dtype=torch.int32), torch.tensor([0, 5, 6, 12], dtype=torch.int32), 7, 7),
+     r"cu_seqlens_q must be non-decreasing, but element 2 \(4\) < element 1 \(7\)"),
+    (lambda q, k, v: (torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32), 6, 7),
+     r"cu_seqlens_q must end at the number of packed tokens, 10, got 9"),
+    (lambda q, k, v: (torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32), 5, 7),
+     r"sequence 1 has length 6 \(from cu_seqlens_q\) but max_seqlen is 5"),
+    (lambda q, k, v: (torch.tensor([[0, 4, 10]], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32), 6, 7),
+     r"cu_seqlens_q has shape \[1, 3\]; expected \(B \+ 1,\)"),
+    (lambda q, k, v: (torch.tensor([0, 4, 10], dtype=torch.int32, device="meta"), torch.tensor([0, 5, 12], dtype=torch.int32), 6, 7),
+     r"cu_seqlens_q is on meta but q is on cpu"),
+]
+
+
+@pytest.mark.parametrize("make,message", VARLEN_ERRORS)
+def test_bad_varlen_inputs_raise_clear_errors(make, message):
+    q, k, v = _packed()
+    cu_q, cu_k, mq, mk = make(q, k, v)
+    with pytest.raises(RuntimeError, match=message):
+        flash_attn2.attention_varlen(q, k, v, cu_q, cu_k, mq, mk)
+
+
+def test_bad_varlen_shapes_raise_clear_errors():
+    q, k, v = _packed()
+    cu = torch.tensor([0, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"q must have 3 dimensions \(Tq, Hq, D\)"):
+        flash_attn2.attention_varlen(q[None], k, v, cu, cu, 10, 12)
+    with pytest.raises(RuntimeError, match="k has 12 tokens but v has 11"):
+        flash_attn2.attention_varlen(q, k, v[:11], cu, torch.tensor([0, 12], dtype=torch.int32), 10, 12)
+    with pytest.raises(RuntimeError, match="max_seqlen_q and max_seqlen_k must be >= 0"):
+        flash_attn2.attention_varlen(q, k, v, cu, torch.tensor([0, 12], dtype=torch.int32), -1, 12)
+    out, lse = flash_attn2.attention_varlen_with_lse(q, k, v, cu, torch.tensor([0, 12], dtype=torch.int32), 10, 12)
+    with pytest.raises(RuntimeError, match=r"lse has shape \[4, 9\]; expected \(Hq, Tq\) = \(4, 10\)"):
+        F.bwd_varlen(out, q, k, v, out, lse[:, :9], cu, torch.tensor([0, 12], dtype=torch.int32), 10, 12)
+
+
+def test_dropout_keep_mask_bad_input():
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        flash_attn2.dropout_keep_mask(torch.tensor([1, 2]), 1, 1, 4, 4, 1.5)
+    with pytest.raises(RuntimeError, match="rng_state must be an int64 CPU tensor"):
+        flash_attn2.dropout_keep_mask(torch.tensor([1, 2], dtype=torch.int32), 1, 1, 4, 4, 0.5)
+    with pytest.raises(RuntimeError, match="sizes must be >= 0"):
+        flash_attn2.dropout_keep_mask(torch.tensor([1, 2]), -1, 1, 4, 4, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA: both kernel families (scripts/gpu_check.sh runs this file again with FLASH_ATTN2_PORTABLE_KERNELS=1).
+
+def cuda_option_cases():
+    rnd = random.Random(7)
+    cases = []
+    shapes = [(2, 4, 2, 200, 333, 64), (1, 8, 1, 333, 200, 128), (2, 4, 4, 129, 129, 256), (1, 6, 2, 77, 501, 96),
+              (2, 2, 1, 256, 256, 32), (1, 4, 2, 1, 700, 128), (1, 4, 4, 300, 300, 160)]
+    for i, grid in enumerate(OPTION_GRID[::3]):
+        shape = shapes[i % len(shapes)]
+        dtype = torch.bfloat16 if i % 2 == 0 else torch.float16
+        causal, window, softcap, alibi, dropout_p = grid
+        window = (window[0] * 13 if window[0] > 0 else window[0], window[1] * 7 if window[1] > 0 else window[1])
+        cases.append((shape, dtype, causal, window, softcap * 4, alibi, dropout_p, rnd.random() < 0.5))
+    return cases
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape,dtype,causal,window,softcap,alibi,dropout_p,transposed", cuda_option_cases())
+def test_cuda_option_combinations(shape, dtype, causal, window, softcap, alibi, dropout_p, transposed):
+    b, hq, hkv, nq, nk, d = shape
+    opts = make_options(b, hq, causal, window, softcap, alibi, dropout_p, "cuda", seed=nq)
+    check_variant_case(b, hq, hkv, nq, nk, d, dtype, "cuda", opts, transposed)
+
+
+@requires_cuda
+@pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
+@pytest.mark.parametrize("variant", ["plain", "causal", "all"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_varlen_matches_per_sequence_reference(lengths_q, lengths_k, variant, d):
+    b = len(lengths_q)
+    if variant == "plain":
+        opts = make_options(b, 4, False, (-1, -1), 0.0, None, 0.0, "cuda")
+    elif variant == "causal":
+        opts = make_options(b, 4, True, (-1, -1), 0.0, None, 0.0, "cuda")
+    else:
+        opts = make_options(b, 4, True, (60, -1), 8.0, "batch", 0.2, "cuda", seed=5)
+    check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=d)
+
+
+@requires_cuda
+@pytest.mark.parametrize("d", [64, 128, 256, 96])
+def test_cuda_dropout_mask_equals_cpu_mask(d):
+    """q = 0 makes P uniform over the keys, v = identity makes out[i, j] = keep[i, j] / ((1 - p) Nk): the CUDA
+    forward's mask read back exactly; dO = identity does the same for the backward's dV = (P Z)^T dO."""
+    nq, nk, p = d, d, 0.3
+    rng = torch.tensor([99, 123])
+    expected = flash_attn2.dropout_keep_mask(rng, 2, 3, nq, nk, p)
+    q = torch.zeros(2, 3, nq, d, device="cuda", dtype=torch.bfloat16)
+    eye = torch.eye(nk, d, device="cuda", dtype=torch.bfloat16).expand(2, 3, nk, d).contiguous()
+    out = flash_attn2.attention(q, eye, eye, dropout_p=p, rng_state=rng)
+    assert torch.equal((out.float().cpu() > 0), expected), "CUDA forward keep mask != CPU mask"
+    qg = q.clone().requires_grad_()
+    vg = eye.clone().requires_grad_()
+    flash_attn2.attention(qg, eye, vg, dropout_p=p, rng_state=rng).backward(torch.eye(nq, d, device="cuda",
+                                                                                      dtype=torch.bfloat16).expand_as(q))
+    assert torch.equal((vg.grad.float().cpu() > 0).transpose(-1, -2)[..., :nq, :nk], expected), \
+        "CUDA backward keep mask != CPU mask"
+
+
+@requires_cuda
+@pytest.mark.parametrize("d", [64, 128, 256, 96])
+def test_cuda_deterministic_backward_is_bitwise_reproducible(d):
+    q, k, v = random_qkv(2, 8, 2, 700, 900, d, torch.bfloat16, "cuda")
+    out, lse = flash_attn2.attention_with_lse(q, k, v, True, window_size=(300, -1))
+    dout = torch.randn_like(out)
+    runs = [F.bwd(dout, q, k, v, out, lse, True, None, window_size=[300, -1], deterministic=True) for _ in range(3)]
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+    fast = F.bwd(dout, q, k, v, out, lse, True, None, window_size=[300, -1])
+    for a, b in zip(runs[0], fast):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    # Through autograd: torch.use_deterministic_algorithms turns it on.
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            flash_attn2.attention(qq, kk, vv, True).backward(dout)
+            grads.append((qq.grad, kk.grad, vv.grad))
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@requires_cuda
+def test_cuda_varlen_deterministic_and_graph_safe():
+    lengths = [300, 0, 700, 5]
+    q, k, v, cu_q, cu_k = packed_batch(lengths, lengths, 4, 2, 64, torch.bfloat16, "cuda")
+    out, lse = flash_attn2.attention_varlen_with_lse(q, k, v, cu_q, cu_k, 700, 700, True)
+    dout = torch.randn_like(out)
+    a = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None, deterministic=True)
+    b = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None, deterministic=True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
