@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 OUT=${OUT:-/tmp/flash_attn2_gpu}
 mkdir -p "$OUT"
-BUILD=build/gpu
+BUILD=${BUILD:-build/gpu}
 summary=()
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
@@ -18,7 +18,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 # share C++ streams. The compiler used is printed in the summary.
 compiler=()
 if [[ -x /usr/bin/g++ ]]; then
-  compiler=(-DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++)
+  # The environment's CC / CXX / CUDAHOSTCXX may name that toolchain: override all three.
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+  compiler=(-DCMAKE_C_COMPILER=/usr/bin/gcc -DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++)
 fi
 start=$(date +%s)
 if ! cmake -S . -B $BUILD -G Ninja -DFLASH_ATTN2_BUILD_TESTS=ON -DFLASH_ATTN2_WITH_CUDA=ON "${compiler[@]}" \
@@ -46,6 +48,10 @@ if [[ $what == all || $what == tests ]]; then
   summary+=("ctest: $(grep -E 'tests passed' "$OUT/ctest.log")")
   FLASH_ATTN2_PORTABLE_KERNELS=1 $BUILD/cpp_tests/test_cuda_kernels >"$OUT/ctest_portable.log" 2>&1
   rc=$?
+  FLASH_ATTN2_PORTABLE_KERNELS=1 python3 -m pytest python/tests/test_variants.py -q -rfE -p no:cacheprovider \
+    -k "cuda" >"$OUT/pytest_variants_portable.log" 2>&1
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_variants_portable.log" | head -20
+  summary+=("pytest variants, portable kernels: $(tail -1 "$OUT/pytest_variants_portable.log")")
   grep -E "FAILED|Failure" "$OUT/ctest_portable.log" | head -20
   summary+=("CUDA kernel tests, portable kernels (rc $rc): $(grep -E '^\[  PASSED  \]|tests? FAILED' "$OUT/ctest_portable.log" | tr '\n' ' ')")
   # The error-path tests run in their own process, so that a crash there (see "toolchain") cannot hide the
@@ -73,7 +79,7 @@ if [[ $what == all || $what == compare ]]; then
   cat "$OUT/compare.log"
 fi
 if [[ $what == all || $what == bench ]]; then
-  python3 -m flash_attn2.bench --device cuda ${BENCH_ARGS:-} --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
+  python3 -m flash_attn2.bench --device cuda ${BENCH_ARGS:---variants} --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
   summary+=("bench rc $?")
   grep -E "^check|^CUDA" "$OUT/bench.log"
   cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"

@@ -7,6 +7,9 @@ CPU: B=1, H=8, D=64, float32, N in {1024, 4096}: fwd and fwd+bwd milliseconds vs
 CUDA: bf16/fp16, D in {64, 128, 256}, causal off/on, N from 512 to 16384 with B*N = 16k tokens and
 hidden = H*D = 2048: fwd and bwd TFLOP/s for flash_attn2 and each SDPA backend, CUDA-event medians.
 FLOPs follow the FlashAttention papers: fwd = 4*B*H*N*N*D (halved when causal), bwd = 2.5 * fwd.
+--variants adds bf16 D=128 rows for packed varlen batches (vs our dense kernel and varlen_attn), a 4096 sliding
+window on N=16k, softcap, ALiBi, dropout (vs SDPA flash with dropout) and the deterministic backward; their
+FLOPs count visible scores only.
 """
 
 from __future__ import annotations
@@ -172,6 +175,122 @@ def bench_cuda(quick, out_path, head_dims=None):
             fh.write("\n".join(lines) + "\n")
 
 
+def _fwd_bwd_ms(fn, inputs, dout):
+    fwd = median_ms_cuda(lambda: fn(*inputs))
+    out = fn(*inputs)
+    bwd = median_ms_cuda(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
+    return fwd, bwd
+
+
+def bench_variants_cuda(out_path=None):
+    """The variants issue's rows: bf16, D = 128, 16 heads (hidden 2048); TFLOP/s count visible scores only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype, d, h = torch.bfloat16, 128, 16
+    lines = ["| case | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s | baseline | fwd ratio | bwd ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def row(name, flops, ms, base_name, base):
+        f, b = flops / (ms[0] * 1e-3) / 1e12, 2.5 * flops / (ms[1] * 1e-3) / 1e12
+        if base is None:
+            ratio = "| — | — |"
+        else:
+            ratio = f"| {base[0] / ms[0]:.2f} | {base[1] / ms[1]:.2f} |"
+        line = f"| {name} | {ms[0]:.3f} | {ms[1]:.3f} | {f:.0f} | {b:.0f} | {base_name} {ratio}"
+        print(line, flush=True)
+        lines.append(line)
+
+    def dense(b, n):
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+                   for _ in range(3))
+        return (q, k, v), torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2)
+
+    # Packed varlen batch of 16k tokens, lengths drawn from 64..4096, vs our dense kernel on 16k tokens (B = 8,
+    # N = 2048) and vs torch.nn.attention.varlen.varlen_attn on the same packed batch.
+    gen = torch.Generator().manual_seed(0)
+    lengths, total = [], 0
+    while total < 16384:
+        n = int(torch.randint(64, 4097, (1,), generator=gen))
+        n = min(n, 16384 - total)
+        lengths.append(n)
+        total += n
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
+    max_len = max(lengths)
+    qv, kv, vv = (torch.randn(total, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    dv = torch.randn(total, h, d, device="cuda", dtype=dtype)
+    dense_in, dense_dout = dense(8, 2048)
+    for causal in (False, True):
+        scores = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
+        flops = 4 * h * d * scores
+        mine = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention_varlen(q, k, v, cu, cu, max_len, max_len, causal),
+                           (qv, kv, vv), dv)
+        base_dense = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, causal), dense_in, dense_dout)
+        dense_flops = 4 * 8 * h * 2048 * 2048 * d / (2 if causal else 1)
+        # Compare TFLOP/s with the dense run: scale its times to the varlen FLOP count.
+        scaled = (base_dense[0] * flops / dense_flops, base_dense[1] * flops / dense_flops)
+        row(f"varlen {len(lengths)} seqs causal={causal}", flops, mine, "ours dense B8 N2048 (same TFLOP/s = 1.00)",
+            scaled)
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            theirs = _fwd_bwd_ms(lambda q, k, v: varlen_attn(q, k, v, cu, cu, max_len, max_len,
+                                                             window_size=(-1, 0) if causal else (-1, -1)),
+                                 (qv, kv, vv), dv)
+            row(f"varlen_attn causal={causal}", flops, theirs, "", None)
+            print(f"  ours / varlen_attn: fwd {theirs[0] / mine[0]:.2f}, bwd {theirs[1] / mine[1]:.2f}")
+            lines.append(f"| ours / varlen_attn causal={causal} | | | | | | {theirs[0] / mine[0]:.2f} | "
+                         f"{theirs[1] / mine[1]:.2f} |")
+        except (ImportError, RuntimeError) as e:
+            print(f"varlen_attn unavailable: {e}")
+    del qv, kv, vv, dense_in
+
+    # Sliding window 4096 on N = 16k (causal) vs dense causal scaled by the visible fraction.
+    n = 16384
+    inputs, dout = dense(1, n)
+    w = 4096
+    visible = sum(min(i, w) + 1 for i in range(n))
+    causal_scores = n * (n + 1) // 2
+    flops = 4 * h * d * visible
+    mine = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True, window_size=(w, 0)), inputs, dout)
+    base = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True), inputs, dout)
+    frac = visible / causal_scores
+    row("window 4096, N=16k", flops, mine, f"ours causal x visible fraction {frac:.3f} (goal >= 0.91)",
+        (base[0] * frac, base[1] * frac))
+    del inputs
+
+    # Softcap 50 vs none; dropout 0.1 vs none and vs SDPA flash with dropout (B = 2, N = 8k, causal).
+    inputs, dout = dense(2, 8192)
+    flops = 4 * 2 * h * 8192 * 8192 * d / 2
+    plain = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True), inputs, dout)
+    row("causal N=8k, plain", flops, plain, "", None)
+    mine = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True, softcap=50.0), inputs, dout)
+    row("softcap 50", flops, mine, "ours plain (goal >= 0.9)", plain)
+    alibi = torch.rand(h, device="cuda")
+    mine = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True, alibi_slopes=alibi), inputs, dout)
+    row("alibi", flops, mine, "ours plain", plain)
+    mine = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True, dropout_p=0.1), inputs, dout)
+    row("dropout 0.1", flops, mine, "ours plain", plain)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sdpa = _fwd_bwd_ms(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1),
+                               inputs, dout)
+        row("dropout 0.1", flops, mine, "SDPA flash dropout 0.1 (goal fwd+bwd >= 1.0)", sdpa)
+        print(f"  dropout fwd+bwd ours / SDPA flash: {(sdpa[0] + sdpa[1]) / (mine[0] + mine[1]):.2f}")
+        lines.append(f"| dropout fwd+bwd vs SDPA flash | | | | | | {(sdpa[0] + sdpa[1]) / (mine[0] + mine[1]):.2f} | |")
+    except RuntimeError as e:
+        print(f"SDPA flash with dropout unavailable: {e}")
+    det = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True), inputs, dout)
+    torch.use_deterministic_algorithms(True)
+    try:
+        mine = _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True), inputs, dout)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    row("deterministic bwd", flops, mine, "ours plain", det)
+    if out_path:
+        with open(out_path, "a") as fh:
+            fh.write("\n" + "\n".join(lines) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -180,6 +299,9 @@ def main(argv=None):
     parser.add_argument("--out", help="also write the CUDA table (markdown) here")
     parser.add_argument("--head-dims", type=lambda x: [int(d) for d in x.split(",")],
                         help="comma-separated CUDA head dims (default 64,128 with --quick, else 64,128,256)")
+    parser.add_argument("--variants", action="store_true",
+                        help="CUDA: also time varlen, sliding window, softcap, ALiBi, dropout and deterministic rows")
+    parser.add_argument("--variants-only", action="store_true", help="CUDA: only the variant rows")
     args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -201,7 +323,10 @@ def main(argv=None):
         if device == "cpu":
             bench_cpu(args.reps)
         else:
-            bench_cuda(args.quick, args.out, args.head_dims)
+            if not args.variants_only:
+                bench_cuda(args.quick, args.out, args.head_dims)
+            if args.variants or args.variants_only:
+                bench_variants_cuda(args.out)
     if not ok:
         sys.exit("flash_attn2.bench: correctness check failed")
 
