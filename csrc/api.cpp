@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
 
 #include <mutex>
 
@@ -137,6 +138,10 @@ at::Tensor draw_rng_state(c10::Device device) {
     }
   }
   return at::tensor({static_cast<int64_t>(seed), static_cast<int64_t>(offset)}, at::TensorOptions().dtype(at::kLong));
+}
+
+TORCH_LIBRARY_IMPL(flash_attn2, CompositeExplicitAutograd, m) {
+  m.impl("draw_rng_state", [](c10::Device device) { return draw_rng_state(device); });
 }
 
 }  // namespace flash_attn2

@@ -23,4 +23,8 @@ TORCH_LIBRARY(flash_attn2, m) {
         "bool causal=False, float? scale=None, " FA2_BWD_OPTIONS ") -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("dropout_keep_mask(Tensor rng_state, int batch, int heads, int seqlen_q, int seqlen_k, float dropout_p, "
         "Device? device=None) -> Tensor");
+  // A fresh [seed, offset] from the default generator of `device`. An op (nondeterministic_seeded, so never
+  // folded or deduplicated) rather than a host-side draw, so that torch.compile graphs draw a new state on
+  // every call instead of baking the one seen while tracing.
+  m.def("draw_rng_state(Device device) -> Tensor", {at::Tag::nondeterministic_seeded});
 }

@@ -45,6 +45,19 @@ if not library_path.exists():
 torch.ops.load_library(str(library_path))
 
 
+@torch.library.register_fake("flash_attn2::draw_rng_state")
+def _draw_rng_state_fake(device):
+    return torch.empty(2, dtype=torch.int64)
+
+
+def _rng_state_for(q: torch.Tensor, dropout_p: float, rng_state: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The dropout state of a differentiable call: the given one, or a fresh draw from q's device generator.
+    Drawn through an op so that a torch.compile graph draws anew on every call."""
+    if rng_state is not None or not 0.0 < dropout_p < 1.0:
+        return rng_state
+    return torch.ops.flash_attn2.draw_rng_state(q.device)
+
+
 _OPTIONS_DOC = """
     Options (FlashAttention-2's semantics; diag = Nk - Nq, bottom-right aligned):
       causal: key j hidden from query i when j > i + diag (same as window right = 0).
@@ -78,7 +91,7 @@ def attention(
     """
     return torch.ops.flash_attn2.fwd(
         q, k, v, causal, scale, window_size=list(window_size), softcap=softcap, alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p, rng_state=rng_state)
+        dropout_p=dropout_p, rng_state=_rng_state_for(q, dropout_p, rng_state))
 
 
 def attention_with_lse(
@@ -127,7 +140,8 @@ def attention_varlen(
     """
     return torch.ops.flash_attn2.fwd_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_size=list(window_size),
-        softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state)
+        softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+        rng_state=_rng_state_for(q, dropout_p, rng_state))
 
 
 def attention_varlen_with_lse(

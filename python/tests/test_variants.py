@@ -147,6 +147,28 @@ def test_autograd_draws_rng_state_and_reuses_it_in_backward():
     assert torch.autograd.gradcheck(seeded, (q, k, v))
 
 
+def test_compiled_dropout_draws_a_new_mask_every_call():
+    """The state is drawn by an op inside the graph, not baked in at trace time; compiled == eager for the
+    same generator state, gradients included (the backward reuses the forward's draw)."""
+    torch._dynamo.reset()
+
+    def step(q, k, v):
+        return flash_attn2.attention(q, k, v, True, window_size=(6, 0), dropout_p=0.3).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    q, k, v = random_qkv(1, 2, 2, 24, 24, 16, torch.float32, "cpu", requires_grad=True)
+    assert compiled(q, k, v).item() != compiled(q, k, v).item(), "two compiled calls must draw different masks"
+    torch.manual_seed(3)
+    ours = compiled(q, k, v)
+    g_ours = torch.autograd.grad(ours, (q, k, v))
+    torch.manual_seed(3)
+    eager = step(q, k, v)
+    g_eager = torch.autograd.grad(eager, (q, k, v))
+    torch.testing.assert_close(ours, eager)
+    for a, b in zip(g_ours, g_eager):
+        torch.testing.assert_close(a, b)
+
+
 def test_with_lse_and_bwd_need_rng_state_for_dropout():
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(RuntimeError, match="dropout_p = 0.1 needs rng_state"):
