@@ -43,6 +43,18 @@ double max_abs_diff(const at::Tensor& a, const at::Tensor& b);
 void expect_close_to_reference(const char* what, const at::Tensor& ours, const at::Tensor& torch_same_dtype,
                                const at::Tensor& reference, double factor = 2.0);
 
+// Runs fn and expects a c10::Error whose message contains needle.
+template <typename Fn>
+void expect_error(Fn&& fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << "message '" << e.what() << "' should mention '" << needle << "'";
+  }
+}
+
 // Fills the allocator's free blocks with NaN so an output element the kernel never writes shows up.
 void poison_allocator(at::Device device, int64_t bytes = 64 << 20);
 

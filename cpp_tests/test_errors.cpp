@@ -7,17 +7,6 @@
 namespace flash_attn2::testing {
 namespace {
 
-template <typename Fn>
-void expect_error(Fn&& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-        << "message '" << e.what() << "' should mention '" << needle << "'";
-  }
-}
-
 at::Tensor t(std::vector<int64_t> sizes, at::ScalarType dtype = at::kFloat, at::Device device = at::kCPU) {
   return at::randn(sizes, at::TensorOptions().dtype(dtype).device(device));
 }

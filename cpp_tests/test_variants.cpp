@@ -68,17 +68,6 @@ TEST(Variants, VarlenEqualsPerSequenceCalls) {
   }
 }
 
-template <typename Fn>
-void expect_error(Fn&& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-        << "message '" << e.what() << "' should mention '" << needle << "'";
-  }
-}
-
 TEST(Variants, BadOptionsRaiseClearErrors) {
   for (const at::Device d : {at::Device(at::kCPU), at::Device(at::kMeta)}) {
     const auto opts = at::TensorOptions().device(d);

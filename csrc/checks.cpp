@@ -21,6 +21,30 @@ void check_same_kind(const char* op, const char* name, const at::Tensor& t, cons
               "; all inputs must be on one device");
 }
 
+void check_dtype(const char* op, const at::Tensor& q) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": q has dtype ", dtype, "; expected float32, float64, float16 or bfloat16");
+}
+
+// The checks the dense (B, H, N, D) and packed (T, H, D) layouts share: v's heads, the head dims (last axis),
+// GQA divisibility and the scale.
+void check_heads_dims_scale(const char* op, const AttentionShape& s, const at::Tensor& k, const at::Tensor& v,
+                            std::optional<double> scale) {
+  const int64_t d_axis = k.dim() - 1;
+  TORCH_CHECK(v.sym_size(1) == s.heads_kv, op, ": k has ", s.heads_kv, " heads but v has ", v.sym_size(1),
+              "; k and v must have the same number of heads");
+  TORCH_CHECK(k.sym_size(d_axis) == s.head_dim && v.sym_size(d_axis) == s.head_dim, op, ": head dims differ: q has ",
+              s.head_dim, ", k has ", k.sym_size(d_axis), ", v has ", v.sym_size(d_axis),
+              "; q, k and v must share the head dim D");
+  TORCH_CHECK(s.heads_kv > 0 ? s.heads_q % s.heads_kv == 0 : s.heads_q == 0, op, ": q has ", s.heads_q,
+              " heads, which is not a multiple of the ", s.heads_kv,
+              " heads of k and v (grouped-query attention needs Hq % Hkv == 0)");
+  if (scale.has_value()) {
+    TORCH_CHECK(std::isfinite(*scale) && *scale > 0, op, ": scale must be a finite positive number, got ", *scale);
+  }
+}
+
 }  // namespace
 
 AttentionShape check_forward_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
@@ -30,26 +54,14 @@ AttentionShape check_forward_inputs(const char* op, const at::Tensor& q, const a
   check_rank4(op, "v", v, "(B, Hkv, Nk, D)");
   check_same_kind(op, "k", k, q);
   check_same_kind(op, "v", v, q);
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": q has dtype ", dtype, "; expected float32, float64, float16 or bfloat16");
+  check_dtype(op, q);
 
   AttentionShape s{q.sym_size(0), q.sym_size(1), k.sym_size(1), q.sym_size(2), k.sym_size(2), q.sym_size(3)};
   TORCH_CHECK(k.sym_size(0) == s.batch && v.sym_size(0) == s.batch, op, ": batch sizes differ: q has ", s.batch,
               ", k has ", k.sym_size(0), ", v has ", v.sym_size(0));
-  TORCH_CHECK(v.sym_size(1) == s.heads_kv, op, ": k has ", s.heads_kv, " heads but v has ", v.sym_size(1),
-              "; k and v must have the same number of heads");
   TORCH_CHECK(v.sym_size(2) == s.seqlen_k, op, ": k has sequence length ", s.seqlen_k, " but v has ", v.sym_size(2),
               "; k and v must have the same sequence length");
-  TORCH_CHECK(k.sym_size(3) == s.head_dim && v.sym_size(3) == s.head_dim, op, ": head dims differ: q has ", s.head_dim,
-              ", k has ", k.sym_size(3), ", v has ", v.sym_size(3), "; q, k and v must share the head dim D");
-  TORCH_CHECK(s.heads_kv > 0 ? s.heads_q % s.heads_kv == 0 : s.heads_q == 0, op, ": q has ", s.heads_q,
-              " heads, which is not a multiple of the ", s.heads_kv,
-              " heads of k and v (grouped-query attention needs Hq % Hkv == 0)");
-  if (scale.has_value()) {
-    TORCH_CHECK(std::isfinite(*scale) && *scale > 0, op, ": scale must be a finite positive number, got ",
-                *scale);
-  }
+  check_heads_dims_scale(op, s, k, v, scale);
   return s;
 }
 
@@ -153,9 +165,7 @@ AttentionShape check_varlen_inputs(const char* op, const at::Tensor& q, const at
   check_rank3(op, "v", v, "(Tk, Hkv, D)");
   check_same_kind(op, "k", k, q);
   check_same_kind(op, "v", v, q);
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": q has dtype ", dtype, "; expected float32, float64, float16 or bfloat16");
+  check_dtype(op, q);
   check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q);
   check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, q);
   TORCH_CHECK(cu_seqlens_q.sym_size(0) == cu_seqlens_k.sym_size(0), op, ": cu_seqlens_q has ",
@@ -165,18 +175,9 @@ AttentionShape check_varlen_inputs(const char* op, const at::Tensor& q, const at
               max_seqlen_q, " and ", max_seqlen_k);
   AttentionShape s{cu_seqlens_q.sym_size(0) - 1, q.sym_size(1), k.sym_size(1), q.sym_size(0), k.sym_size(0),
                    q.sym_size(2)};
-  TORCH_CHECK(v.sym_size(1) == s.heads_kv, op, ": k has ", s.heads_kv, " heads but v has ", v.sym_size(1),
-              "; k and v must have the same number of heads");
   TORCH_CHECK(v.sym_size(0) == s.seqlen_k, op, ": k has ", s.seqlen_k, " tokens but v has ", v.sym_size(0),
               "; k and v must have the same number of tokens");
-  TORCH_CHECK(k.sym_size(2) == s.head_dim && v.sym_size(2) == s.head_dim, op, ": head dims differ: q has ", s.head_dim,
-              ", k has ", k.sym_size(2), ", v has ", v.sym_size(2), "; q, k and v must share the head dim D");
-  TORCH_CHECK(s.heads_kv > 0 ? s.heads_q % s.heads_kv == 0 : s.heads_q == 0, op, ": q has ", s.heads_q,
-              " heads, which is not a multiple of the ", s.heads_kv,
-              " heads of k and v (grouped-query attention needs Hq % Hkv == 0)");
-  if (scale.has_value()) {
-    TORCH_CHECK(std::isfinite(*scale) && *scale > 0, op, ": scale must be a finite positive number, got ", *scale);
-  }
+  check_heads_dims_scale(op, s, k, v, scale);
   return s;
 }
 
