@@ -36,8 +36,6 @@ struct Visibility {
   I seqlen_q, seqlen_k, left, right;
 
   FA2_HD I diag() const { return seqlen_k - seqlen_q; }
-  FA2_HD bool bounded_left() const { return left >= 0; }
-  FA2_HD bool bounded_right() const { return right >= 0; }
   // First visible key of query i (may be >= key_end: nothing visible).
   FA2_HD I key_begin(I i) const { return left < 0 ? I(0) : rule_detail::imax<I>(I(0), i + diag() - left); }
   // One past the last visible key of query i (may be <= key_begin).
@@ -51,7 +49,6 @@ struct Visibility {
   FA2_HD I query_end(I j) const {
     return left < 0 ? seqlen_q : rule_detail::imax<I>(I(0), rule_detail::imin<I>(seqlen_q, j - diag() + left + 1));
   }
-  FA2_HD bool visible(I i, I j) const { return j < seqlen_k && j >= key_begin(i) && j < key_end(i); }
   // Keys [k0, k0 + kn) for queries [q0, q0 + qn): does any pair need masking (some pair invisible)?
   FA2_HD bool tile_needs_mask(I q0, I qn, I k0, I kn) const {
     const I last_q = q0 + qn - 1, last_k = k0 + kn - 1;

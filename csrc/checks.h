@@ -48,10 +48,8 @@ struct Variant {
   at::Tensor rng_state;     // int64 CPU [seed, offset]; defined when dropout_p > 0
   bool deterministic = false;
 
-  bool causal_or_window() const { return window_left >= 0 || window_right >= 0; }
   // Anything beyond masking: the kernels then apply the score transform / dropout.
   bool needs_score_mod() const { return softcap > 0 || alibi_slopes.defined() || dropout_p > 0; }
-  bool is_plain() const { return !causal_or_window() && !needs_score_mod(); }
 };
 
 // Checks the variant options against the shape (batch is the number of sequences for the varlen ops):
