@@ -136,11 +136,11 @@ def _context_parallel_sdpa(q, k, v, dout, world, device):
         try:
             qc, kc, vc, dc = (t.clone() for t in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), dout))
             with context_parallel(mesh, buffers=[qc, kc, vc, dc], buffer_seq_dims=[2, 2, 2, 2]), sdpa_kernel(backend):
-                for t in (qc, kc, vc):
-                    t.requires_grad_()
-                fwd = _median_ms(lambda: F.scaled_dot_product_attention(qc, kc, vc, is_causal=True), device)
+                # The buffers are resized in place when the context exits: differentiate through views of them.
+                qg, kg, vg = (t.detach().requires_grad_() for t in (qc, kc, vc))
+                fwd = _median_ms(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), device)
                 both = _median_ms(lambda: torch.autograd.grad(
-                    F.scaled_dot_product_attention(qc, kc, vc, is_causal=True), (qc, kc, vc), dc), device)
+                    F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg), dc), device)
             results[name] = (fwd, both)
         except Exception as e:  # report, do not fail the benchmark
             results[name] = f"failed: {type(e).__name__}: {str(e)[:80]}"
