@@ -90,7 +90,8 @@ def _worker(rank, world, init_file, args):
                         f"{pf / s_f:.2f} | {pb / s_b:.2f} | {mem:.1f} | {cps or '—'} |")
                 print(line, flush=True)
                 lines.append(line)
-        del q, k, v, dout, ql, kl, vl, dl
+        if cuda:
+            torch.cuda.empty_cache()
     if rank == 0 and args.out:
         with open(args.out, "w") as fh:
             fh.write(HEADER + "\n" + "\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ Works with gloo (CPU tensors, CPU kernel) and NCCL (CUDA tensors). No Python loo
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist

@@ -9,7 +9,7 @@ import torch
 
 import flash_attn2
 from conftest import requires_cuda
-from reference import assert_close_to_reference, naive_attention, random_qkv, visibility
+from reference import assert_close_to_reference, naive_attention, random_qkv
 
 F = torch.ops.flash_attn2
 
