@@ -83,29 +83,39 @@ def median_ms_cuda(fn, warmup=3, reps=10):
     return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
 
 
-def bench_cpu(reps):
+def progress(i, total, what):
+    """One line per case on stderr, so long runs show where they are without cluttering the table."""
+    print(f"[{i}/{total}] {what}", file=sys.stderr, flush=True)
+
+
+def bench_cpu(reps, rows, seqlens=(1024, 4096)):
     print(f"CPU ({torch.get_num_threads()} threads), float32, B=1, H=8, D=64; median ms of {reps}")
     print(f"{'N':>6} {'causal':>6} | {'fwd ours':>9} {'fwd sdpa':>9} {'sdpa/ours':>9} | "
           f"{'f+b ours':>9} {'f+b sdpa':>9} {'sdpa/ours':>9}")
-    for n in (1024, 4096):
-        for causal in (False, True):
-            q, k, v = (torch.randn(1, 8, n, 64, requires_grad=True) for _ in range(3))
-            dout = torch.randn(1, 8, n, 64)
+    cases = [(n, causal) for n in seqlens for causal in (False, True)]
+    for i, (n, causal) in enumerate(cases, 1):
+        progress(i, len(cases), f"cpu N={n} causal={causal}")
+        q, k, v = (torch.randn(1, 8, n, 64, requires_grad=True) for _ in range(3))
+        dout = torch.randn(1, 8, n, 64)
 
-            def ours():
-                return flash_attn2.attention(q, k, v, causal)
+        def ours():
+            return flash_attn2.attention(q, k, v, causal)
 
-            def sdpa():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-            def with_backward(fn):
-                return lambda: torch.autograd.grad(fn(), (q, k, v), dout)
+        def with_backward(fn):
+            return lambda: torch.autograd.grad(fn(), (q, k, v), dout)
 
-            with torch.no_grad():
-                f_ours, f_sdpa = median_ms_cpu(ours, reps), median_ms_cpu(sdpa, reps)
-            b_ours, b_sdpa = median_ms_cpu(with_backward(ours), reps), median_ms_cpu(with_backward(sdpa), reps)
-            print(f"{n:>6} {str(causal):>6} | {f_ours:9.1f} {f_sdpa:9.1f} {f_sdpa / f_ours:9.2f} | "
-                  f"{b_ours:9.1f} {b_sdpa:9.1f} {b_sdpa / b_ours:9.2f}")
+        with torch.no_grad():
+            f_ours, f_sdpa = median_ms_cpu(ours, reps), median_ms_cpu(sdpa, reps)
+        b_ours, b_sdpa = median_ms_cpu(with_backward(ours), reps), median_ms_cpu(with_backward(sdpa), reps)
+        print(f"{n:>6} {str(causal):>6} | {f_ours:9.1f} {f_sdpa:9.1f} {f_sdpa / f_ours:9.2f} | "
+              f"{b_ours:9.1f} {b_sdpa:9.1f} {b_sdpa / b_ours:9.2f}", flush=True)
+        for impl, f_ms, b_ms in (("flash_attn2", f_ours, b_ours), ("sdpa", f_sdpa, b_sdpa)):
+            base = dict(device="cpu", dtype="float32", D=64, causal=causal, N=n, impl=impl)
+            rows.append(dict(base, direction="fwd", ms=f_ms))
+            rows.append(dict(base, direction="fwd+bwd", ms=b_ms))
 
 
 SDPA_BACKENDS = {
@@ -123,7 +133,7 @@ def time_cuda_case(fn, q, k, v, dout):
     return fwd, bwd
 
 
-def bench_cuda(quick, out_path, head_dims=None):
+def bench_cuda(quick, out_path, rows, head_dims=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     print(f"CUDA: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -135,10 +145,14 @@ def bench_cuda(quick, out_path, head_dims=None):
     lines = [header, "|" + "---|" * 16]
     print("TFLOP/s (CUDA-event medians); ratio = flash_attn2 / SDPA flash")
     print(header)
+    total = len(dtypes) * len(head_dims) * 2 * len(seqlens)
+    done = 0
     for dtype in dtypes:
         for d in head_dims:
             for causal in (False, True):
                 for n in seqlens:
+                    done += 1
+                    progress(done, total, f"cuda {str(dtype).replace('torch.', '')} D={d} causal={causal} N={n}")
                     b, h = 16384 // n, 2048 // d
                     # (B, N, H, D) buffers viewed as (B, H, N, D), the layout a QKV projection produces.
                     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
@@ -169,6 +183,11 @@ def bench_cuda(quick, out_path, head_dims=None):
                            + " | ".join(f"{x:.0f}" for x in bw) + f" | {bw[0] / bw[1]:.2f} |")
                     print(row, flush=True)
                     lines.append(row)
+                    for impl, fv, bv in zip(("flash_attn2", "sdpa flash", "sdpa cudnn", "sdpa efficient"), f, bw):
+                        base = dict(device="cuda", dtype=str(dtype).replace("torch.", ""), D=d, causal=causal, N=n,
+                                    impl=impl)
+                        rows.append(dict(base, direction="fwd", tflops=fv))
+                        rows.append(dict(base, direction="bwd", tflops=bv))
                     del q, k, v, dout
     if out_path:
         with open(out_path, "w") as fh:
@@ -291,6 +310,54 @@ def bench_variants_cuda(out_path=None):
             fh.write("\n" + "\n".join(lines) + "\n")
 
 
+def write_json(path, rows):
+    import json
+
+    meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    with open(path, "w") as fh:
+        json.dump(dict(meta, rows=rows), fh, indent=1, default=float)
+
+
+def write_plot(path, rows):
+    """TFLOP/s (CUDA) or ms (CPU) against sequence length per implementation, one panel per head dim and
+    direction (causal dashed). Needs matplotlib (pip install .[bench]); returns False without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    metric = "tflops" if any("tflops" in r for r in rows) else "ms"
+    rows = [r for r in rows if metric in r]
+    panels = sorted({(r["device"], r["dtype"], r["D"], r["direction"]) for r in rows}, key=str)
+    if not panels:
+        return False
+    cols = min(2, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False)
+    for ax, (device, dtype, d, direction) in zip(axes.flat, panels):
+        for impl in sorted({r["impl"] for r in rows}):
+            for causal in (False, True):
+                key = (device, dtype, d, direction, impl, causal)
+                pts = sorted((r["N"], r[metric]) for r in rows
+                             if (r["device"], r["dtype"], r["D"], r["direction"], r["impl"], r["causal"]) == key)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if causal else "-", marker="o",
+                            label=f"{impl}{' causal' if causal else ''}")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{device} {dtype} D={d} {direction}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s" if metric == "tflops" else "ms")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -302,6 +369,10 @@ def main(argv=None):
     parser.add_argument("--variants", action="store_true",
                         help="CUDA: also time varlen, sliding window, softcap, ALiBi, dropout and deterministic rows")
     parser.add_argument("--variants-only", action="store_true", help="CUDA: only the variant rows")
+    parser.add_argument("--json", help="also write every timing as JSON here (for machines)")
+    parser.add_argument("--plot", help="write a PNG plot here (default: next to --out, with .png); needs matplotlib")
+    parser.add_argument("--cpu-seqlens", type=lambda x: [int(n) for n in x.split(",")], default=[1024, 4096],
+                        help="CPU sequence lengths (default 1024,4096)")
     args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -319,14 +390,23 @@ def main(argv=None):
                 ok &= passed
                 print(f"check {device} {str(dtype):15} causal={causal!s:5}: max |err| vs fp64 {ours:.2e} "
                       f"(SDPA in same dtype {theirs:.2e}) {'ok' if passed else 'FAIL'}")
+    rows = []
     for device in devices:
         if device == "cpu":
-            bench_cpu(args.reps)
+            bench_cpu(args.reps, rows, args.cpu_seqlens)
         else:
             if not args.variants_only:
-                bench_cuda(args.quick, args.out, args.head_dims)
+                bench_cuda(args.quick, args.out, rows, args.head_dims)
             if args.variants or args.variants_only:
                 bench_variants_cuda(args.out)
+    if args.json:
+        write_json(args.json, rows)
+    plot = args.plot or (args.out.rsplit(".", 1)[0] + ".png" if args.out else None)
+    if plot and rows:
+        if write_plot(plot, rows):
+            print(f"plot: {plot}")
+        else:
+            print("plot skipped: matplotlib is not installed (pip install .[bench])")
     if not ok:
         sys.exit("flash_attn2.bench: correctness check failed")
 
