@@ -75,25 +75,31 @@ struct CpuVariant {
   void logits(acc_t* S, int64_t ld, int64_t q0, int64_t qn, int64_t k0, int64_t kn, const ScoreRule<acc_t>& r,
               acc_t* dtanh) const {
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-    const bool mask = vis.tile_needs_mask(q0, qn, k0, kn);
+    const bool mask = vis.tile_needs_mask(q0, qn, k0, kn), softcap = r.has_softcap(), alibi = r.alibi != acc_t(0);
+    if (!mask && !softcap && !alibi) return;  // the plain tile: scores are the logits already
     for (int64_t i = 0; i < qn; ++i) {
       acc_t* row = S + i * ld;
       const int64_t qi = q0 + i;
-      const int64_t lo = vis.key_begin(qi) - k0, hi = vis.key_end(qi) - k0;
-      for (int64_t j = 0; j < kn; ++j) {
-        if (mask && (j < lo || j >= hi)) {
-          row[j] = kNegInf;
-          if (dtanh) dtanh[i * ld + j] = 0;
-          continue;
+      if (softcap) {
+        acc_t* g = dtanh ? dtanh + i * ld : nullptr;
+        for (int64_t j = 0; j < kn; ++j) {
+          const acc_t t = std::tanh(row[j] * r.cap_in);
+          row[j] = r.cap_out * t;
+          if (g) g[j] = acc_t(1) - t * t;
         }
-        acc_t x = row[j];
-        if (r.has_softcap()) {
-          const acc_t t = std::tanh(x * r.cap_in);
-          x = r.cap_out * t;
-          if (dtanh) dtanh[i * ld + j] = acc_t(1) - t * t;
+      }
+      if (alibi) {
+        for (int64_t j = 0; j < kn; ++j) row[j] -= r.alibi * static_cast<acc_t>(std::abs(qi + vis.diag() - (k0 + j)));
+      }
+      if (mask) {  // visible keys of this row: [lo, hi) in tile columns
+        const int64_t lo = std::clamp<int64_t>(vis.key_begin(qi) - k0, 0, kn);
+        const int64_t hi = std::clamp<int64_t>(vis.key_end(qi) - k0, lo, kn);
+        for (int64_t j = 0; j < lo; ++j) row[j] = kNegInf;
+        for (int64_t j = hi; j < kn; ++j) row[j] = kNegInf;
+        if (dtanh) {
+          for (int64_t j = 0; j < lo; ++j) dtanh[i * ld + j] = 0;
+          for (int64_t j = hi; j < kn; ++j) dtanh[i * ld + j] = 0;
         }
-        if (r.alibi != acc_t(0)) x -= r.alibi * static_cast<acc_t>(std::abs(qi + vis.diag() - (k0 + j)));
-        row[j] = x;
       }
     }
   }
