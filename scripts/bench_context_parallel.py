@@ -22,12 +22,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _median_ms(fn, device, warmup=2, reps=5):
+def _median_ms(fn, device, warmup=2, reps=5, synchronise_ranks=True):
+    """Median ms of fn; with synchronise_ranks every repetition starts after a barrier of all ranks."""
+    import time
+
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        dist.barrier()
+        if synchronise_ranks:
+            dist.barrier()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -36,7 +40,6 @@ def _median_ms(fn, device, warmup=2, reps=5):
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -73,9 +76,9 @@ def _worker(rank, world, init_file, args):
             row[method] = (fwd, both, torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
         if rank == 0:  # the same whole-sequence work on one GPU
             qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-            fwd = _median_ms_local(lambda: flash_attn2.attention(qs, ks, vs, True), device)
-            both = _median_ms_local(lambda: torch.autograd.grad(flash_attn2.attention(qs, ks, vs, True), (qs, ks, vs),
-                                                                dout), device)
+            fwd = _median_ms(lambda: flash_attn2.attention(qs, ks, vs, True), device, synchronise_ranks=False)
+            both = _median_ms(lambda: torch.autograd.grad(flash_attn2.attention(qs, ks, vs, True), (qs, ks, vs), dout),
+                              device, synchronise_ranks=False)
             row["single"] = (fwd, both)
         row["cp_sdpa"] = _context_parallel_sdpa(q, k, v, dout, world, device) if cuda else {}
         if rank == 0:
@@ -97,27 +100,6 @@ def _worker(rank, world, init_file, args):
             fh.write(HEADER + "\n" + "\n".join(lines) + "\n")
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _median_ms_local(fn, device, warmup=2, reps=5):
-    """Timing on rank 0 alone (no barrier)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _context_parallel_sdpa(q, k, v, dout, world, device):
