@@ -45,6 +45,23 @@ void check_heads_dims_scale(const char* op, const AttentionShape& s, const at::T
   }
 }
 
+// dout and out like q (dtype, device, shape) and lse defined in lse_dtype(q) on q's device: common to the dense
+// and packed backward checks. layout / producer name lse's expected shape and the op that returns it.
+void check_dout_out_lse(const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out,
+                        const at::Tensor& lse, const char* layout, const char* producer) {
+  check_same_kind(op, "dout", dout, q);
+  check_same_kind(op, "out", out, q);
+  TORCH_CHECK(dout.sym_sizes() == q.sym_sizes(), op, ": dout has shape ", dout.sym_sizes(), " but q has shape ",
+              q.sym_sizes(), "; dout must match the attention output's shape");
+  TORCH_CHECK(out.sym_sizes() == q.sym_sizes(), op, ": out has shape ", out.sym_sizes(), " but q has shape ",
+              q.sym_sizes(), "; out must be the forward output");
+  TORCH_CHECK(lse.defined(), op, ": lse is undefined; expected the ", layout, " log-sum-exp from ", producer);
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse has dtype ", lse.scalar_type(),
+              "; expected ", lse_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs (the log-sum-exp returned by ",
+              producer, ")");
+  TORCH_CHECK(lse.device() == q.device(), op, ": lse is on ", lse.device(), " but q is on ", q.device());
+}
+
 }  // namespace
 
 AttentionShape check_forward_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
@@ -71,17 +88,7 @@ AttentionShape check_backward_inputs(const char* op, const at::Tensor& dout, con
   const AttentionShape s = check_forward_inputs(op, q, k, v, scale);
   check_rank4(op, "dout", dout, "(B, Hq, Nq, D)");
   check_rank4(op, "out", out, "(B, Hq, Nq, D)");
-  check_same_kind(op, "dout", dout, q);
-  check_same_kind(op, "out", out, q);
-  TORCH_CHECK(dout.sym_sizes() == q.sym_sizes(), op, ": dout has shape ", dout.sym_sizes(), " but q has shape ", q.sym_sizes(),
-              "; dout must match the attention output's shape");
-  TORCH_CHECK(out.sym_sizes() == q.sym_sizes(), op, ": out has shape ", out.sym_sizes(), " but q has shape ", q.sym_sizes(),
-              "; out must be the forward output");
-  TORCH_CHECK(lse.defined(), op, ": lse is undefined; expected the (B, Hq, Nq) log-sum-exp from fwd_with_lse");
-  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse has dtype ", lse.scalar_type(),
-              "; expected ", lse_dtype(q.scalar_type()), " for ", q.scalar_type(),
-              " inputs (the log-sum-exp returned by fwd_with_lse)");
-  TORCH_CHECK(lse.device() == q.device(), op, ": lse is on ", lse.device(), " but q is on ", q.device());
+  check_dout_out_lse(op, dout, q, out, lse, "(B, Hq, Nq)", "fwd_with_lse");
   TORCH_CHECK(lse.dim() == 3 && lse.sym_size(0) == s.batch && lse.sym_size(1) == s.heads_q && lse.sym_size(2) == s.seqlen_q,
               op, ": lse has shape ", lse.sym_sizes(), "; expected (B, Hq, Nq) = (", s.batch, ", ", s.heads_q, ", ",
               s.seqlen_q, ")");
@@ -190,16 +197,7 @@ AttentionShape check_varlen_backward_inputs(const char* op, const at::Tensor& do
       check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_rank3(op, "dout", dout, "(Tq, Hq, D)");
   check_rank3(op, "out", out, "(Tq, Hq, D)");
-  check_same_kind(op, "dout", dout, q);
-  check_same_kind(op, "out", out, q);
-  TORCH_CHECK(dout.sym_sizes() == q.sym_sizes(), op, ": dout has shape ", dout.sym_sizes(), " but q has shape ",
-              q.sym_sizes(), "; dout must match the attention output's shape");
-  TORCH_CHECK(out.sym_sizes() == q.sym_sizes(), op, ": out has shape ", out.sym_sizes(), " but q has shape ",
-              q.sym_sizes(), "; out must be the forward output");
-  TORCH_CHECK(lse.defined(), op, ": lse is undefined; expected the (Hq, Tq) log-sum-exp from fwd_varlen_with_lse");
-  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse has dtype ", lse.scalar_type(),
-              "; expected ", lse_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs");
-  TORCH_CHECK(lse.device() == q.device(), op, ": lse is on ", lse.device(), " but q is on ", q.device());
+  check_dout_out_lse(op, dout, q, out, lse, "(Hq, Tq)", "fwd_varlen_with_lse");
   TORCH_CHECK(lse.dim() == 2 && lse.sym_size(0) == s.heads_q && lse.sym_size(1) == s.seqlen_q, op, ": lse has shape ",
               lse.sym_sizes(), "; expected (Hq, Tq) = (", s.heads_q, ", ", s.seqlen_q, ")");
   return s;
