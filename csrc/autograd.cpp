@@ -65,6 +65,26 @@ at::Tensor resolve_rng_state(const std::optional<at::Tensor>& given, double drop
   return draw_rng_state(q.device());
 }
 
+std::optional<at::Tensor> as_optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// What both forwards keep for their backward: the options (rng_state included) and the LSE marked
+// non-differentiable.
+void finish_forward(AutogradContext* ctx, const at::Tensor& lse, bool causal, std::optional<double> scale,
+                    c10::IntArrayRef window_size, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                    double dropout_p, const at::Tensor& rng) {
+  SavedOptions::save(ctx, causal, scale, window_size, softcap, alibi_slopes, dropout_p, rng);
+  ctx->mark_non_differentiable({lse});
+}
+
+// The backward's gradient list: dq, dk, dv, then none for the n - 3 other inputs.
+variable_list input_grads(Tensor3 g, size_t n) {
+  variable_list grads(n);
+  std::tie(grads[0], grads[1], grads[2]) = std::move(g);
+  return grads;
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -74,27 +94,22 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     const at::Tensor rng = resolve_rng_state(rng_state_in, dropout_p, draw_rng, q);
     static const auto op = op_handle<FwdLseSig>("flash_attn2::fwd_with_lse");
-    auto [out, lse] = op.call(q, k, v, causal, scale, window_size, softcap, alibi_slopes, dropout_p,
-                              rng.defined() ? std::optional<at::Tensor>(rng) : std::nullopt);
+    auto [out, lse] = op.call(q, k, v, causal, scale, window_size, softcap, alibi_slopes, dropout_p, as_optional(rng));
     ctx->save_for_backward({q, k, v, out, lse});
-    SavedOptions::save(ctx, causal, scale, window_size, softcap, alibi_slopes, dropout_p, rng);
-    ctx->mark_non_differentiable({lse});
+    finish_forward(ctx, lse, causal, scale, window_size, softcap, alibi_slopes, dropout_p, rng);
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& dout = grad_outputs[0];
-    variable_list grads(11);
-    if (!dout.defined()) return grads;
+    constexpr size_t kInputs = 11;
+    if (!dout.defined()) return variable_list(kInputs);
     const SavedOptions o(ctx);
     static const auto op = op_handle<BwdSig>("flash_attn2::bwd");
-    auto [dq, dk, dv] = op.call(dout, saved[0], saved[1], saved[2], saved[3], saved[4], o.causal, o.scale, o.window,
-                                o.softcap, o.alibi, o.dropout_p, o.rng_state, o.deterministic);
-    grads[0] = dq;
-    grads[1] = dk;
-    grads[2] = dv;
-    return grads;
+    return input_grads(op.call(dout, saved[0], saved[1], saved[2], saved[3], saved[4], o.causal, o.scale, o.window,
+                               o.softcap, o.alibi, o.dropout_p, o.rng_state, o.deterministic),
+                       kInputs);
   }
 };
 
@@ -110,31 +125,26 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     const at::Tensor rng = resolve_rng_state(rng_state_in, dropout_p, draw_rng, q);
     static const auto op = op_handle<VarlenFwdLseSig>("flash_attn2::fwd_varlen_with_lse");
     auto [out, lse] = op.call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                              window_size, softcap, alibi_slopes, dropout_p,
-                              rng.defined() ? std::optional<at::Tensor>(rng) : std::nullopt);
+                              window_size, softcap, alibi_slopes, dropout_p, as_optional(rng));
     ctx->save_for_backward({q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k});
     ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
     ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
-    SavedOptions::save(ctx, causal, scale, window_size, softcap, alibi_slopes, dropout_p, rng);
-    ctx->mark_non_differentiable({lse});
+    finish_forward(ctx, lse, causal, scale, window_size, softcap, alibi_slopes, dropout_p, rng);
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& dout = grad_outputs[0];
-    variable_list grads(15);
-    if (!dout.defined()) return grads;
+    constexpr size_t kInputs = 15;
+    if (!dout.defined()) return variable_list(kInputs);
     const SavedOptions o(ctx);
     static const auto op = op_handle<VarlenBwdSig>("flash_attn2::bwd_varlen");
-    auto [dq, dk, dv] = op.call(dout, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
-                                ctx->saved_data["max_seqlen_q"].toSymInt(), ctx->saved_data["max_seqlen_k"].toSymInt(),
-                                o.causal, o.scale, o.window, o.softcap, o.alibi, o.dropout_p, o.rng_state,
-                                o.deterministic);
-    grads[0] = dq;
-    grads[1] = dk;
-    grads[2] = dv;
-    return grads;
+    return input_grads(op.call(dout, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
+                               ctx->saved_data["max_seqlen_q"].toSymInt(), ctx->saved_data["max_seqlen_k"].toSymInt(),
+                               o.causal, o.scale, o.window, o.softcap, o.alibi, o.dropout_p, o.rng_state,
+                               o.deterministic),
+                       kInputs);
   }
 };
 
