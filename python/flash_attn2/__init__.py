@@ -50,6 +50,12 @@ def _draw_rng_state_fake(device):
     return torch.empty(2, dtype=torch.int64)
 
 
+def _options(window_size, softcap, alibi_slopes, dropout_p, rng_state):
+    """The ops' keyword options from the wrappers' arguments."""
+    return dict(window_size=list(window_size), softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                rng_state=rng_state)
+
+
 def _rng_state_for(q: torch.Tensor, dropout_p: float, rng_state: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The dropout state of a differentiable call: the given one, or a fresh draw from q's device generator.
     Drawn through an op so that a torch.compile graph draws anew on every call."""
@@ -90,8 +96,8 @@ def attention(
     q is (B, Hq, Nq, D); k and v are (B, Hkv, Nk, D) with Hq % Hkv == 0.
     """
     return torch.ops.flash_attn2.fwd(
-        q, k, v, causal, scale, window_size=list(window_size), softcap=softcap, alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p, rng_state=_rng_state_for(q, dropout_p, rng_state))
+        q, k, v, causal, scale,
+        **_options(window_size, softcap, alibi_slopes, dropout_p, _rng_state_for(q, dropout_p, rng_state)))
 
 
 def attention_with_lse(
@@ -112,8 +118,7 @@ def attention_with_lse(
     A row that sees no key has output 0 and log-sum-exp -inf. Gradients flow through the output only.
     """
     return torch.ops.flash_attn2.fwd_with_lse(
-        q, k, v, causal, scale, window_size=list(window_size), softcap=softcap, alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p, rng_state=rng_state)
+        q, k, v, causal, scale, **_options(window_size, softcap, alibi_slopes, dropout_p, rng_state))
 
 
 def attention_varlen(
@@ -139,9 +144,8 @@ def attention_varlen(
     rows [cu[b], cu[b + 1])); each sequence behaves exactly like :func:`attention` on its own slice.
     """
     return torch.ops.flash_attn2.fwd_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_size=list(window_size),
-        softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-        rng_state=_rng_state_for(q, dropout_p, rng_state))
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+        **_options(window_size, softcap, alibi_slopes, dropout_p, _rng_state_for(q, dropout_p, rng_state)))
 
 
 def attention_varlen_with_lse(
@@ -163,8 +167,8 @@ def attention_varlen_with_lse(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`attention_varlen`, also returning the (Hq, Tq) log-sum-exp (FlashAttention's layout)."""
     return torch.ops.flash_attn2.fwd_varlen_with_lse(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_size=list(window_size),
-        softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+        **_options(window_size, softcap, alibi_slopes, dropout_p, rng_state))
 
 
 def dropout_keep_mask(
