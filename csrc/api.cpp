@@ -36,6 +36,21 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return op.call(q, k, v, o.causal, o.scale, FA2_OPTS(o));
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                                     const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+                                                     const std::optional<at::Tensor>& v_new,
+                                                     const std::optional<at::Tensor>& cache_seqlens,
+                                                     const std::optional<at::Tensor>& block_table,
+                                                     const AttentionOptions& o, int64_t num_splits) {
+  constexpr const char* name = "flash_attn2::fwd_kvcache";
+  static const auto op = op_handle<KvCacheSig>(name);
+  require_defined(name, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}});
+  TORCH_CHECK(o.dropout_p == 0, name, ": dropout does not apply to KV-cache attention (inference), got dropout_p = ",
+              o.dropout_p);
+  return op.call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o.causal, o.scale,
+                 c10::IntArrayRef(o.window_size), o.softcap, o.alibi_slopes, num_splits);
+}
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                      std::optional<double> scale) {
   AttentionOptions o;

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include "flash_attn2/flash_attn2.h"
@@ -202,9 +203,32 @@ Tensor3 bwd_varlen_autograd(FA2_VARLEN_BWD_PARAMS) {
   return backward_op<VarlenBwdSig>("flash_attn2::bwd_varlen", dout, q, k, v, out, FA2_VARLEN_BWD_ARGS);
 }
 
+// fwd_kvcache is inference only: with grad mode on and an input that requires grad it refuses, instead of
+// returning outputs that silently have no gradient. Otherwise it runs below autograd and bumps the caches'
+// version counters (they were written in place).
+Tensor2 fwd_kvcache_autograd(FA2_KVCACHE_PARAMS) {
+  auto needs_grad = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  const bool any = q.requires_grad() || k_cache.requires_grad() || v_cache.requires_grad() || needs_grad(k_new) ||
+                   needs_grad(v_new) || needs_grad(alibi_slopes);
+  TORCH_CHECK(!(any && at::GradMode::is_enabled()), "flash_attn2::fwd_kvcache is not differentiable (inference "
+              "only), but an input requires grad; call it under torch.no_grad() / torch.inference_mode(), or use "
+              "fwd for training");
+  Tensor2 result;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    result = op_handle<KvCacheSig>("flash_attn2::fwd_kvcache").call(FA2_KVCACHE_ARGS);
+  }
+  if (!c10::InferenceMode::is_enabled()) {
+    torch::autograd::impl::bump_version(k_cache);
+    torch::autograd::impl::bump_version(v_cache);
+  }
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flash_attn2, Autograd, m) {
+  m.impl("fwd_kvcache", &fwd_kvcache_autograd);
   m.impl("fwd", &fwd_autograd);
   m.impl("fwd_with_lse", &fwd_with_lse_autograd);
   m.impl("bwd", &bwd_autograd);

@@ -220,6 +220,117 @@ std::vector<int64_t> read_cu_seqlens(const char* op, const char* name, const at:
   return values;
 }
 
+namespace {
+// An optional int32 index tensor on q's device with the given rank: cache_seqlens (B,), block_table (B, pages).
+void check_index_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q, int64_t rank,
+                        const char* layout) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " has dtype ", t.scalar_type(), "; expected int32 ",
+              layout);
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device(),
+              "; it must be on the inputs' device");
+  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must have shape ", layout, ", got ", t.sym_sizes());
+}
+}  // namespace
+
+KvCacheShape check_kvcache_inputs(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+                                  const std::optional<at::Tensor>& v_new,
+                                  const std::optional<at::Tensor>& cache_seqlens,
+                                  const std::optional<at::Tensor>& block_table, std::optional<double> scale,
+                                  int64_t num_splits) {
+  const bool paged = block_table.has_value() && block_table->defined();
+  const char* cache_layout = paged ? "(num_pages, page_size, Hkv, D) (paged, with block_table)" : "(B, Hkv, capacity, D)";
+  check_rank4(op, "q", q, "(B, Hq, Nq, D)");
+  check_rank4(op, "k_cache", k_cache, cache_layout);
+  check_rank4(op, "v_cache", v_cache, cache_layout);
+  check_same_kind(op, "k_cache", k_cache, q);
+  check_same_kind(op, "v_cache", v_cache, q);
+  check_dtype(op, q);
+  TORCH_CHECK(v_cache.sym_sizes() == k_cache.sym_sizes(), op, ": k_cache has shape ", k_cache.sym_sizes(),
+              " but v_cache has shape ", v_cache.sym_sizes(), "; the caches must have the same shape");
+  KvCacheShape ks;
+  ks.paged = paged;
+  const c10::SymInt batch = q.sym_size(0);
+  if (paged) {
+    const at::Tensor& bt = *block_table;
+    check_index_tensor(op, "block_table", bt, q, 2, "(B, max_pages_per_seq)");
+    TORCH_CHECK(bt.sym_size(0) == batch, op, ": block_table has ", bt.sym_size(0), " rows but q has batch ", batch);
+    ks.num_pages = k_cache.sym_size(0);
+    ks.page_size = k_cache.sym_size(1);
+    const c10::SymInt& ps = ks.page_size;
+    if (const auto p = ps.maybe_as_int()) {
+      TORCH_CHECK(*p >= 1 && (*p & (*p - 1)) == 0, op,
+                  ": the page size (k_cache.size(1)) must be a power of two, got ", *p);
+    }
+    TORCH_CHECK(cache_seqlens.has_value() && cache_seqlens->defined(), op,
+                ": paged caches (block_table given) need cache_seqlens, the valid keys of each sequence");
+    ks.s = AttentionShape{batch, q.sym_size(1), k_cache.sym_size(2), q.sym_size(2), bt.sym_size(1) * ps, q.sym_size(3)};
+  } else {
+    TORCH_CHECK(k_cache.sym_size(0) == batch, op, ": k_cache has batch ", k_cache.sym_size(0), " but q has batch ",
+                batch, "; dense caches are ", cache_layout);
+    ks.s = AttentionShape{batch, q.sym_size(1), k_cache.sym_size(1), q.sym_size(2), k_cache.sym_size(2), q.sym_size(3)};
+  }
+  check_heads_dims_scale(op, ks.s, paged ? k_cache.transpose(1, 2) : k_cache, paged ? v_cache.transpose(1, 2) : v_cache,
+                         scale);
+  if (cache_seqlens.has_value() && cache_seqlens->defined()) {
+    check_index_tensor(op, "cache_seqlens", *cache_seqlens, q, 1, "(B,)");
+    TORCH_CHECK(cache_seqlens->sym_size(0) == batch, op, ": cache_seqlens has ", cache_seqlens->sym_size(0),
+                " elements but q has batch ", batch);
+  }
+  const bool has_k = k_new.has_value() && k_new->defined(), has_v = v_new.has_value() && v_new->defined();
+  TORCH_CHECK(has_k == has_v, op, ": k_new and v_new must be given together, got ", has_k ? "k_new" : "v_new",
+              " only");
+  ks.seqlen_new = 0;
+  if (has_k) {
+    check_rank4(op, "k_new", *k_new, "(B, Hkv, Nnew, D)");
+    check_rank4(op, "v_new", *v_new, "(B, Hkv, Nnew, D)");
+    check_same_kind(op, "k_new", *k_new, q);
+    check_same_kind(op, "v_new", *v_new, q);
+    const auto& kn = *k_new;
+    TORCH_CHECK(kn.sym_size(0) == batch && kn.sym_size(1) == ks.s.heads_kv && kn.sym_size(3) == ks.s.head_dim, op,
+                ": k_new has shape ", kn.sym_sizes(), "; expected (B, Hkv, Nnew, D) with B = ", batch, ", Hkv = ",
+                ks.s.heads_kv, ", D = ", ks.s.head_dim);
+    TORCH_CHECK(v_new->sym_sizes() == kn.sym_sizes(), op, ": v_new has shape ", v_new->sym_sizes(),
+                " but k_new has shape ", kn.sym_sizes());
+    TORCH_CHECK(cache_seqlens.has_value() && cache_seqlens->defined(), op,
+                ": k_new needs cache_seqlens (where to append); without it the caches count as full");
+    ks.seqlen_new = kn.sym_size(2);
+  }
+  TORCH_CHECK(num_splits >= 0 && num_splits <= 256, op, ": num_splits must be in [0, 256] (0 picks one), got ",
+              num_splits);
+  return ks;
+}
+
+std::vector<int64_t> read_kvcache_lengths(const char* op, const KvCacheShape& shape,
+                                          const std::optional<at::Tensor>& cache_seqlens,
+                                          const std::optional<at::Tensor>& block_table) {
+  const int64_t batch = shape.s.batch.expect_int(), capacity = shape.s.seqlen_k.expect_int();
+  const int64_t added = shape.seqlen_new.expect_int();
+  std::vector<int64_t> lengths(batch, capacity);
+  if (cache_seqlens.has_value() && cache_seqlens->defined()) {
+    const at::Tensor c = cache_seqlens->to(at::kCPU).contiguous();
+    const int32_t* d = c.const_data_ptr<int32_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      TORCH_CHECK(d[b] >= 0 && d[b] + added <= capacity, op, ": cache_seqlens[", b, "] = ", d[b], " plus ", added,
+                  " new keys does not fit the cache capacity of ", capacity, " keys per sequence");
+      lengths[b] = d[b];
+    }
+  }
+  if (shape.paged) {
+    const at::Tensor t = block_table->to(at::kCPU).contiguous();
+    const int32_t* d = t.const_data_ptr<int32_t>();
+    const int64_t per_seq = t.size(1), page = shape.page_size.expect_int(), pages = shape.num_pages.expect_int();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < (lengths[b] + added + page - 1) / page; ++i) {
+        const int32_t e = d[b * per_seq + i];
+        TORCH_CHECK(e >= 0 && e < pages, op, ": block_table[", b, ", ", i, "] = ", e, " is not a page of the cache (",
+                    pages, " pages)");
+      }
+    }
+  }
+  return lengths;
+}
+
 ConcreteShape concrete(const AttentionShape& s) {
   return {s.batch.expect_int(),    s.heads_q.expect_int(),  s.heads_kv.expect_int(),
           s.seqlen_q.expect_int(), s.seqlen_k.expect_int(), s.head_dim.expect_int()};

@@ -78,6 +78,28 @@ AttentionShape check_varlen_backward_inputs(const char* op, const at::Tensor& do
 std::vector<int64_t> read_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, int64_t total,
                                      int64_t max_seqlen);
 
+// KV-cache attention (fwd_kvcache). q (B, Hq, Nq, D); dense caches (B, Hkv, capacity, D) or, with block_table
+// (B, max_pages) int32, paged caches (num_pages, page_size, Hkv, D) with page_size a power of two; k_new and
+// v_new (B, Hkv, Nnew, D), both or neither; cache_seqlens (B,) int32 (required with paged caches or k_new);
+// num_splits >= 0. Reads no tensor data (KvCacheValues does, on the CPU).
+struct KvCacheShape {
+  AttentionShape s;  // seqlen_q = Nq, seqlen_k = the capacity of one sequence (max_pages * page_size if paged)
+  c10::SymInt seqlen_new;
+  bool paged = false;
+  c10::SymInt page_size, num_pages;
+};
+KvCacheShape check_kvcache_inputs(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+                                  const std::optional<at::Tensor>& v_new,
+                                  const std::optional<at::Tensor>& cache_seqlens,
+                                  const std::optional<at::Tensor>& block_table, std::optional<double> scale,
+                                  int64_t num_splits);
+// The values a CPU kernel checks before writing: each cache_seqlens[b] + Nnew within [0, capacity], and every
+// block_table entry a sequence uses within [0, num_pages). Returns the lengths before the append.
+std::vector<int64_t> read_kvcache_lengths(const char* op, const KvCacheShape& shape,
+                                          const std::optional<at::Tensor>& cache_seqlens,
+                                          const std::optional<at::Tensor>& block_table);
+
 // The log-sum-exp dtype: float64 for float64 inputs (so float64 gradients stay exact), float32 otherwise.
 at::ScalarType lse_dtype(at::ScalarType input_dtype);
 

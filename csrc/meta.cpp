@@ -55,6 +55,15 @@ Tensor3 bwd_varlen_meta(FA2_VARLEN_BWD_PARAMS) {
           at::empty_symint(v.sym_sizes(), v.options())};
 }
 
+Tensor2 fwd_kvcache_meta(FA2_KVCACHE_PARAMS) {
+  constexpr const char* op = "flash_attn2::fwd_kvcache";
+  const KvCacheShape ks = check_kvcache_inputs(op, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                                               scale, num_splits);
+  check_variant(op, q, ks.s.batch, ks.s.heads_q, causal, window_size, softcap, alibi_slopes, 0.0, std::nullopt);
+  return {at::empty_symint(q.sym_sizes(), q.options()),
+          at::empty_symint({ks.s.batch, ks.s.heads_q, ks.s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())))};
+}
+
 at::Tensor dropout_keep_mask_meta(const at::Tensor& rng_state, int64_t batch, int64_t heads, int64_t seqlen_q,
                                   int64_t seqlen_k, double dropout_p, std::optional<c10::Device> device) {
   return at::empty({batch, heads, seqlen_q, seqlen_k}, rng_state.options().dtype(at::kBool));
@@ -70,6 +79,7 @@ TORCH_LIBRARY_IMPL(flash_attn2, Meta, m) {
   m.impl("fwd_varlen_with_lse", &fwd_varlen_with_lse_meta);
   m.impl("bwd_varlen", &bwd_varlen_meta);
   m.impl("dropout_keep_mask", &dropout_keep_mask_meta);
+  m.impl("fwd_kvcache", &fwd_kvcache_meta);
 }
 
 }  // namespace flash_attn2

@@ -38,6 +38,14 @@
 #define FA2_VARLEN_BWD_ARGS \
   dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, FA2_BWD_OPTION_ARGS
 
+#define FA2_KVCACHE_PARAMS                                                                                     \
+  const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache, const std::optional<at::Tensor>&k_new, \
+      const std::optional<at::Tensor>&v_new, const std::optional<at::Tensor>&cache_seqlens,                          \
+      const std::optional<at::Tensor>&block_table, bool causal, std::optional<double> scale,                        \
+      c10::IntArrayRef window_size, double softcap, const std::optional<at::Tensor>&alibi_slopes, int64_t num_splits
+#define FA2_KVCACHE_ARGS \
+  q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, causal, scale, window_size, softcap, alibi_slopes, num_splits
+
 namespace flash_attn2 {
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -47,4 +55,5 @@ using BwdSig = Tensor3(FA2_BWD_PARAMS);
 using VarlenFwdSig = at::Tensor(FA2_VARLEN_FWD_PARAMS);
 using VarlenFwdLseSig = Tensor2(FA2_VARLEN_FWD_PARAMS);
 using VarlenBwdSig = Tensor3(FA2_VARLEN_BWD_PARAMS);
+using KvCacheSig = Tensor2(FA2_KVCACHE_PARAMS);
 }  // namespace flash_attn2

@@ -21,6 +21,12 @@ TORCH_LIBRARY(flash_attn2, m) {
         "float? scale=None, " FA2_FWD_OPTIONS ") -> (Tensor out, Tensor lse)");
   m.def("bwd_varlen(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, " FA2_VARLEN_ARGS
         "bool causal=False, float? scale=None, " FA2_BWD_OPTIONS ") -> (Tensor dq, Tensor dk, Tensor dv)");
+  // KV-cache attention (decoding): appends k_new / v_new into the caches in place, then attends over the
+  // valid prefix. Not differentiable.
+  m.def("fwd_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new=None, Tensor? v_new=None, "
+        "Tensor? cache_seqlens=None, Tensor? block_table=None, bool causal=False, float? scale=None, *, "
+        "int[2] window_size=[-1, -1], float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=0) "
+        "-> (Tensor out, Tensor lse)");
   m.def("dropout_keep_mask(Tensor rng_state, int batch, int heads, int seqlen_q, int seqlen_k, float dropout_p, "
         "Device? device=None) -> Tensor");
   // A fresh [seed, offset] from the default generator of `device`. An op (nondeterministic_seeded, so never

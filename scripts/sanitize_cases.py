@@ -1,9 +1,15 @@
 """Small shapes for compute-sanitizer (memcheck, racecheck): every kernel path once, tails and masks included,
-with every variant (window, softcap, ALiBi, dropout, varlen, deterministic)."""
+with every variant (window, softcap, ALiBi, dropout, varlen, deterministic), and the split-KV / KV-cache path
+(dense and paged caches, append, splits, the combine)."""
+
+import os
 
 import torch
 
 import flash_attn2
+
+# FA2_SANITIZE=kvcache runs only the split-KV / KV-cache cases.
+only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 
 torch.manual_seed(0)
 rng = torch.tensor([7, 8])
@@ -11,6 +17,8 @@ for dtype in (torch.bfloat16, torch.float16):
     for d, nq, nk, hq, hkv, causal in [(64, 17, 33, 4, 2, True), (128, 130, 70, 2, 1, True),
                                        (72, 65, 65, 2, 2, False), (256, 33, 129, 2, 2, False),
                                        (32, 1, 200, 2, 2, True)]:
+        if only_kvcache:
+            break
         q = torch.randn(2, hq, nq, d, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(2, hkv, nk, d, device="cuda", dtype=dtype, requires_grad=True)
         v = torch.randn(2, hkv, nk, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -31,5 +39,25 @@ for dtype in (torch.bfloat16, torch.float16):
         out = flash_attn2.attention_varlen(qp, kp, vp, cu, cu, nq, nq, causal, softcap=3.0, dropout_p=0.1,
                                            rng_state=rng)
         out.backward(torch.randn_like(out))
+    # KV cache: dense and paged (pages of 16), appending 3 keys, 1 and 5 splits, GQA 4:1 and 1:1, a sequence
+    # with an empty cache and one filled to capacity.
+    for d, hq, hkv, nq, page in [(64, 8, 2, 1, None), (128, 4, 4, 3, 16), (256, 8, 2, 17, 16), (96, 2, 1, 2, None)]:
+        cap = 64
+        if page is None:
+            kc = torch.randn(2, cap, hkv, d, device="cuda", dtype=dtype).transpose(1, 2)
+            vc = torch.randn(2, cap, hkv, d, device="cuda", dtype=dtype).transpose(1, 2)
+            table = None
+        else:
+            kc = torch.randn(2 * cap // page + 1, page, hkv, d, device="cuda", dtype=dtype)
+            vc = torch.randn_like(kc)
+            table = torch.randperm(kc.shape[0], device="cuda")[: 2 * cap // page].view(2, -1).int()
+        q = torch.randn(2, hq, nq, d, device="cuda", dtype=dtype)
+        kn = torch.randn(2, hkv, 3, d, device="cuda", dtype=dtype)
+        lens = torch.tensor([0, cap - 3], dtype=torch.int32, device="cuda")
+        for splits in (1, 5):
+            flash_attn2.attention_kvcache(q, kc, vc, kn, torch.randn_like(kn), lens, table, True, window_size=(30, 0),
+                                          softcap=2.0, alibi_slopes=torch.rand(hq, device="cuda"), num_splits=splits)
+        if table is None:  # the plain op's split-KV path (Nq <= 16) on the same tensors
+            flash_attn2.attention(q, kc, vc)
 torch.cuda.synchronize()
 print("sanitize cases ran")

@@ -449,6 +449,58 @@ Tensor3 bwd_varlen_cpu(FA2_VARLEN_BWD_PARAMS) {
   return {dq, dk, dv};
 }
 
+// KV cache: appends k_new / v_new in place, then runs the dense kernel per sequence on its valid prefix (paged
+// caches: the sequence's pages gathered first). CpuVariant's batch_base keeps ALiBi rows per sequence.
+Tensor2 fwd_kvcache_cpu(FA2_KVCACHE_PARAMS) {
+  constexpr const char* op = "flash_attn2::fwd_kvcache";
+  const KvCacheShape ks = check_kvcache_inputs(op, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                                               scale, num_splits);
+  const Variant var0 = check_variant(op, q, ks.s.batch, ks.s.heads_q, causal, window_size, softcap, alibi_slopes,
+                                     0.0, std::nullopt);
+  const ConcreteShape s = concrete(ks.s);
+  const int64_t added = ks.seqlen_new.expect_int();
+  const std::vector<int64_t> lengths = read_kvcache_lengths(op, ks, cache_seqlens, block_table);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  const int64_t page = ks.paged ? ks.page_size.expect_int() : 0;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t keys = lengths[b] + added;
+    at::Tensor k_b, v_b;  // (1, Hkv, keys, D)
+    if (ks.paged) {
+      const int64_t pages = (keys + page - 1) / page;
+      const at::Tensor table = block_table->select(0, b).narrow(0, 0, pages).to(at::kLong);
+      const at::Tensor rows = at::arange(lengths[b], keys, table.options());
+      auto prefix = [&](const at::Tensor& cache, const std::optional<at::Tensor>& fresh) {
+        if (added > 0)  // the new rows into their pages
+          cache.index_put_({table.index_select(0, at::floor_divide(rows, page)), at::remainder(rows, page)},
+                           fresh->select(0, b).transpose(0, 1));
+        // (1, Hkv, keys, D) from the sequence's pages
+        return cache.index_select(0, table).flatten(0, 1).narrow(0, 0, keys).transpose(0, 1).unsqueeze(0);
+      };
+      k_b = prefix(k_cache, k_new);
+      v_b = prefix(v_cache, v_new);
+    } else {
+      if (added > 0) {
+        k_cache.select(0, b).narrow(1, lengths[b], added).copy_(k_new->select(0, b));
+        v_cache.select(0, b).narrow(1, lengths[b], added).copy_(v_new->select(0, b));
+      }
+      k_b = k_cache.narrow(0, b, 1).narrow(2, 0, keys);
+      v_b = v_cache.narrow(0, b, 1).narrow(2, 0, keys);
+    }
+    const ConcreteShape sb{1, s.heads_q, s.heads_kv, s.seqlen_q, keys, s.head_dim};
+    const Variant var = clamp_window(var0, sb.seqlen_q, sb.seqlen_k);
+    const at::Tensor q_b = q.narrow(0, b, 1), o_b = out.narrow(0, b, 1), lse_b = lse.narrow(0, b, 1);
+    auto trivial = forward_outputs(q_b, sb, var);
+    if (trivial.done) {
+      o_b.copy_(trivial.out);
+      lse_b.copy_(trivial.lse);
+      continue;
+    }
+    forward_into(q_b, k_b, v_b, o_b, lse_b, sb, var, softmax_scale(scale, s.head_dim), b);
+  }
+  return {out, lse};
+}
+
 at::Tensor dropout_keep_mask_cpu(const at::Tensor& rng_state, int64_t batch, int64_t heads, int64_t seqlen_q,
                                  int64_t seqlen_k, double dropout_p, std::optional<c10::Device> device) {
   constexpr const char* op = "flash_attn2::dropout_keep_mask";
@@ -480,6 +532,7 @@ TORCH_LIBRARY_IMPL(flash_attn2, CPU, m) {
   m.impl("fwd_varlen_with_lse", &fwd_varlen_with_lse_cpu);
   m.impl("bwd_varlen", &bwd_varlen_cpu);
   m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
+  m.impl("fwd_kvcache", &fwd_kvcache_cpu);
 }
 
 }  // namespace flash_attn2::cpu

@@ -36,13 +36,14 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const ConcreteShape&
 
 // The kernels read rows with 16-byte vector loads: the last dim must be contiguous and every row start 16-byte
 // aligned. Anything else (a sliced head dim, an odd storage offset) is copied once into a contiguous tensor.
-at::Tensor kernel_layout(const at::Tensor& t) {
+bool has_kernel_layout(const at::Tensor& t) {
   const int64_t elems_per_16b = 16 / t.element_size();
   const int64_t last = t.dim() - 1;
   bool ok = t.stride(last) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d < last && ok; ++d) ok = t.size(d) == 1 || t.stride(d) % elems_per_16b == 0;
-  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+  return ok;
 }
+at::Tensor kernel_layout(const at::Tensor& t) { return has_kernel_layout(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
 
 int compiled_head_dim(int64_t d) {
   for (int candidate : {32, 64, 96, 128, 160, 192, 224, 256}) {
@@ -81,6 +82,10 @@ void dispatch(const Params& params, int64_t head_dim, cudaStream_t stream) {
 template <typename T, int D, bool M>
 struct FwdLauncher {
   static void run(const FwdParams& p, cudaStream_t s) { run_flash_fwd<T, D, M>(p, s); }
+};
+template <typename T, int D, bool M>
+struct SplitKvLauncher {  // reads its rules at run time: M is ignored
+  static void run(const FwdParams& p, cudaStream_t s) { run_flash_splitkv<T, D>(p, s); }
 };
 template <typename T, int D, bool M>
 struct BwdLauncher {
@@ -170,6 +175,51 @@ Variant prepare_variant(Variant var) {
   return var;
 }
 
+// How many blocks split the keys of each (batch, kv head, packed row tile) in the split-KV kernel. requested > 0
+// is taken as is; 0 picks the smallest split count whose grid fills the GPU about as well as the best one does
+// (FlashAttention-2's rule), with two resident blocks per SM as the unit and at least two key tiles per split.
+// Depends on shapes only (never on cache_seqlens), so a captured CUDA graph stays valid.
+int choose_num_splits(const ConcreteShape& s, int64_t requested) {
+  if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxSplits));
+  const int64_t group = s.heads_q / s.heads_kv;
+  const int64_t blocks = s.batch * s.heads_kv * ((s.seqlen_q * group + kSplitKvBlockM - 1) / kSplitKvBlockM);
+  const int64_t block_n = splitkv_block_n(static_cast<int>(compiled_head_dim(s.head_dim)));
+  const int64_t tiles = (s.seqlen_k + block_n - 1) / block_n;
+  const int64_t slots = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  if (blocks >= slots || tiles < 4) return 1;
+  const int64_t max_splits = std::min<int64_t>({kMaxSplits, tiles / 2, (2 * slots + blocks - 1) / blocks});
+  auto efficiency = [&](int64_t n) {
+    const double waves = static_cast<double>(blocks * n) / slots;
+    return waves / std::ceil(waves);
+  };
+  double best = 0;
+  for (int64_t n = 1; n <= max_splits; ++n) best = std::max(best, efficiency(n));
+  for (int64_t n = 1; n <= max_splits; ++n)
+    if (efficiency(n) >= 0.85 * best) return static_cast<int>(n);
+  return 1;
+}
+
+// The split-KV path (flash_splitkv_kernel.cuh): params already hold the inputs; adds the partial buffers.
+void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested_splits, const at::Tensor& q) {
+  params.num_splits = choose_num_splits(s, requested_splits);
+  at::Tensor out_accum, lse_accum;
+  if (params.num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    out_accum = at::empty({params.num_splits, s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
+    lse_accum = at::empty({params.num_splits, s.batch, s.heads_q, s.seqlen_q}, f32);
+    params.out_accum = out_accum.data_ptr<float>();
+    params.lse_accum = lse_accum.data_ptr<float>();
+  }
+  // out_accum / lse_accum are freed by the caching allocator after the launch on this stream: safe.
+  dispatch<SplitKvLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
+}
+
+// The dense forward takes the split-KV kernel for few queries (decoding through the plain op): the main
+// kernels' 128-row query tiles would idle, and their grid would leave most SMs empty.
+bool use_splitkv(const Layout& L, const Variant& var) {
+  return !L.varlen && var.dropout_p == 0 && L.s.seqlen_q <= kSplitKvBlockM;
+}
+
 Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                     at::Tensor out, at::Tensor lse, const Layout& L, const Variant& var_in,
                     std::optional<double> scale) {
@@ -177,7 +227,11 @@ Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   FwdParams params{};
   fill_forward_params(params, q, k, v, out, lse, L, var, scale);
-  dispatch<FwdLauncher>(params, L.s.head_dim, at::cuda::getCurrentCUDAStream().stream());
+  if (use_splitkv(L, var)) {
+    launch_splitkv(params, L.s, 0, q);
+  } else {
+    dispatch<FwdLauncher>(params, L.s.head_dim, at::cuda::getCurrentCUDAStream().stream());
+  }
   return {out, lse};
 }
 
@@ -311,9 +365,70 @@ Tensor3 bwd_varlen_cuda(FA2_VARLEN_BWD_PARAMS) {
   return run_backward(dout, q, k, v, out, lse, L, var, scale);
 }
 
+Tensor2 fwd_kvcache_cuda(FA2_KVCACHE_PARAMS) {
+  constexpr const char* op = "flash_attn2::fwd_kvcache";
+  const KvCacheShape ks = check_kvcache_inputs(op, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                                               scale, num_splits);
+  const Variant var = prepare_variant(check_variant(op, q, ks.s.batch, ks.s.heads_q, causal, window_size, softcap,
+                                                    alibi_slopes, 0.0, std::nullopt));
+  Layout L;
+  L.s = concrete(ks.s);
+  check_cuda_inputs(op, q, L.s);
+  for (const auto& [name, cache] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}}) {
+    TORCH_CHECK(has_kernel_layout(*cache), op, ": ", name, " has strides ", cache->strides(),
+                "; the caches are written in place, so they need a contiguous last dim and 16-byte aligned rows "
+                "(any layout whose other strides are multiples of 8 elements)");
+  }
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({L.s.batch, L.s.heads_q, L.s.seqlen_q}, q.options().dtype(at::kFloat));
+  const at::Tensor qk = kernel_layout(q);
+  FwdParams params{};
+  fill_forward_params(params, qk, k_cache, v_cache, out, lse, L, var, scale);
+  at::Tensor table;
+  if (ks.paged) {  // (num_pages, page_size, Hkv, D): the page stride stands in for the batch stride
+    table = block_table->contiguous();
+    params.k_batch_stride = k_cache.stride(0), params.k_row_stride = k_cache.stride(1), params.k_head_stride = k_cache.stride(2);
+    params.v_batch_stride = v_cache.stride(0), params.v_row_stride = v_cache.stride(1), params.v_head_stride = v_cache.stride(2);
+    params.block_table = table.data_ptr<int>();
+    params.block_table_batch_stride = table.stride(0);
+    const int64_t page = ks.page_size.expect_int();
+    params.page_size_log2 = 0;
+    while ((int64_t{1} << params.page_size_log2) < page) ++params.page_size_log2;
+    params.num_pages = static_cast<int>(ks.num_pages.expect_int());
+    TORCH_CHECK(params.num_pages > 0 || L.s.seqlen_k == 0, op, ": the paged caches hold no pages");
+  }
+  at::Tensor lens;
+  if (cache_seqlens.has_value() && cache_seqlens->defined()) {
+    lens = cache_seqlens->contiguous();
+    params.cache_seqlens = lens.data_ptr<int>();
+  }
+  params.seqlen_k_new = static_cast<int>(ks.seqlen_new.expect_int());
+  if (params.seqlen_k_new > 0 && L.s.batch > 0 && L.s.heads_kv > 0) {
+    const at::Tensor kn = kernel_layout(*k_new), vn = kernel_layout(*v_new);
+    AppendParams a{};
+    a.k_new = kn.data_ptr();
+    a.v_new = vn.data_ptr();
+    a.kn_batch_stride = kn.stride(0), a.kn_head_stride = kn.stride(1), a.kn_row_stride = kn.stride(2);
+    a.vn_batch_stride = vn.stride(0), a.vn_head_stride = vn.stride(1), a.vn_row_stride = vn.stride(2);
+    a.seqlen_new = params.seqlen_k_new;
+    run_kvcache_append(params, a, stream);
+  }
+  if (out.numel() == 0) return {out, lse};
+  if (L.s.seqlen_k == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  launch_splitkv(params, L.s, num_splits, qk);
+  return {out, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flash_attn2, CUDA, m) {
+  m.impl("fwd_kvcache", &fwd_kvcache_cuda);
   m.impl("fwd", &fwd_cuda);
   m.impl("fwd_with_lse", &fwd_with_lse_cuda);
   m.impl("bwd", &bwd_cuda);

@@ -60,6 +60,22 @@ struct FwdParams {
 
   bool is_bf16;  // else fp16
   bool score_mod;  // softcap, ALiBi or dropout present: the launcher picks the kernels built for them
+
+  // KV caches and split-KV (flash_splitkv_kernel.cuh; the main kernels leave these null / 1):
+  // cache_seqlens (B,) int32: keys of sequence b are min(cache_seqlens[b] + seqlen_k_new, seqlen_k), where
+  // seqlen_k is then the cache capacity (nullptr: seqlen_k keys). block_table (B, block_table_batch_stride)
+  // int32: paged K/V (num_pages, 2^page_size_log2, Hkv, d), k/v_batch_stride being the page stride.
+  const int* cache_seqlens;
+  int seqlen_k_new;
+  const int* block_table;
+  index_t block_table_batch_stride;
+  int page_size_log2, num_pages;
+  // Keys split over num_splits blocks; with more than one, each writes float32 partials
+  //   out_accum (num_splits, B, Hq, Nq, head_dim) and lse_accum (num_splits, B, Hq, Nq), contiguous,
+  // and run_splitkv_combine merges them into out / lse.
+  int num_splits;
+  float* out_accum;
+  float* lse_accum;
 };
 
 struct BwdParams : FwdParams {
@@ -88,6 +104,30 @@ struct BwdParams : FwdParams {
 // (read at run time); the others apply visibility (causal, window, varlen) only.
 template <typename T, int kHeadDim, bool kScoreMod>
 void run_flash_fwd(const FwdParams& params, cudaStream_t stream);
+
+// Keys per tile of the split-KV kernel (SplitKvTraits), for the launcher's choice of num_splits.
+constexpr int splitkv_block_n(int head_dim) { return head_dim <= 64 ? 128 : 64; }
+constexpr int kSplitKvBlockM = 16;  // packed (query, q head) rows per split-KV block
+constexpr int kMaxSplits = 256;
+
+// The split-KV kernel (any variant but dropout; rules read at run time), then the combine when num_splits > 1.
+template <typename T, int kHeadDim>
+void run_flash_splitkv(const FwdParams& params, cudaStream_t stream);
+
+// In-place append of the new keys / values (KV caches, kvcache.cu): rows [cache_seqlens[b], + Nnew) of the
+// cache (dense or paged; rows past the capacity are skipped) get k_new / v_new (B, Hkv, Nnew, d), element size
+// 2 bytes, rows 16-byte aligned.
+struct AppendParams {
+  const void* k_new;
+  const void* v_new;
+  index_t kn_batch_stride, kn_head_stride, kn_row_stride;
+  index_t vn_batch_stride, vn_head_stride, vn_row_stride;
+  int seqlen_new;
+};
+void run_kvcache_append(const FwdParams& cache, const AppendParams& append, cudaStream_t stream);
+// Merges the num_splits float32 partials (out_accum, lse_accum) into out (T) and lse (kvcache.cu).
+template <typename T>
+void run_splitkv_combine(const FwdParams& params, cudaStream_t stream);
 
 template <typename T, int kHeadDim, bool kScoreMod>
 void run_flash_bwd(const BwdParams& params, cudaStream_t stream);

@@ -2,7 +2,7 @@
 
 Importing the package loads the operator library, which registers ``torch.ops.flash_attn2.fwd``,
 ``fwd_with_lse``, ``bwd``, their packed variable-length forms ``fwd_varlen``, ``fwd_varlen_with_lse`` and
-``bwd_varlen``, and ``dropout_keep_mask``.
+``bwd_varlen``, ``fwd_kvcache`` (KV-cache attention for decoding) and ``dropout_keep_mask``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "attention_with_lse",
     "attention_varlen",
     "attention_varlen_with_lse",
+    "attention_kvcache",
     "dropout_keep_mask",
     "library_path",
     "cmake_prefix_path",
@@ -169,6 +170,29 @@ def attention_varlen_with_lse(
     return torch.ops.flash_attn2.fwd_varlen_with_lse(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
         **_options(window_size, softcap, alibi_slopes, dropout_p, rng_state))
+
+
+def attention_kvcache(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: Optional[torch.Tensor] = None,
+    v_new: Optional[torch.Tensor] = None, cache_seqlens: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None, causal: bool = False, scale: Optional[float] = None, *,
+    window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Hq, Nq, D) over a KV cache, for decoding; returns (out, lse). Not differentiable.
+
+    Dense caches are (B, Hkv, capacity, D) (any strides with a contiguous last dim: a (B, capacity, Hkv, D)
+    buffer transposed works); paged caches are (num_pages, page_size, Hkv, D) with ``block_table`` (B, pages)
+    int32. ``cache_seqlens`` (B,) int32 counts each sequence's valid keys before this call (None: the whole
+    capacity). ``k_new`` / ``v_new`` (B, Hkv, Nnew, D) are written into the caches in place at
+    [cache_seqlens[b], cache_seqlens[b] + Nnew) first; the attention then sees cache_seqlens[b] + Nnew keys. The
+    op does not advance cache_seqlens. ``num_splits``: 0 picks the split of the keys over thread blocks, 1
+    disables splitting. causal / window_size / softcap / alibi_slopes / scale mean what they mean for
+    :func:`attention` (bottom-right aligned per sequence). No host synchronisation: CUDA-graph capturable.
+    """
+    return torch.ops.flash_attn2.fwd_kvcache(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, causal, scale,
+        window_size=list(window_size), softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits)
 
 
 def dropout_keep_mask(

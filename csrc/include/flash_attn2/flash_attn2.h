@@ -94,6 +94,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, const AttentionOptions& options = {});
 
+// KV-cache attention for decoding (inference only; raises under grad mode when an input requires grad).
+// q (B, Hq, Nq, D). Dense caches (B, Hkv, capacity, D), any strides with a contiguous last dim; paged caches
+// (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int32 (page_size a power of two).
+// cache_seqlens (B,) int32: valid keys per sequence before this call (nullopt: the whole capacity; required when
+// paged or appending). k_new / v_new (B, Hkv, Nnew, D) are written into the caches in place at
+// [cache_seqlens[b], + Nnew) first; the attention then sees cache_seqlens[b] + Nnew keys (bottom-right aligned
+// options as for attention; dropout and deterministic do not apply). The caller advances cache_seqlens.
+// num_splits: 0 picks how many blocks split the keys, 1 disables splitting. No host synchronisation on CUDA,
+// so a decode step can be captured in a CUDA graph. Returns (out like q, lse (B, Hq, Nq) float32).
+std::tuple<at::Tensor, at::Tensor> attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                                     const at::Tensor& v_cache,
+                                                     const std::optional<at::Tensor>& k_new = std::nullopt,
+                                                     const std::optional<at::Tensor>& v_new = std::nullopt,
+                                                     const std::optional<at::Tensor>& cache_seqlens = std::nullopt,
+                                                     const std::optional<at::Tensor>& block_table = std::nullopt,
+                                                     const AttentionOptions& options = {}, int64_t num_splits = 0);
+
 // The dropout keep mask the kernels apply for rng_state, as a bool (batch, heads, seqlen_q, seqlen_k) tensor.
 at::Tensor dropout_keep_mask(const at::Tensor& rng_state, int64_t batch, int64_t heads, int64_t seqlen_q,
                              int64_t seqlen_k, double dropout_p, std::optional<c10::Device> device = std::nullopt);

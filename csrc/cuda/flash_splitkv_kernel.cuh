@@ -1,0 +1,325 @@
+// Split-KV forward ("flash decoding"): the kernel for few queries over many keys (decoding, speculative decoding,
+// chunked prefill against a KV cache, and `fwd` with Nq <= 16). Memory bound, so it is shaped for bandwidth:
+//
+//   - GQA packed: a block works on one kv head and 16 rows of (query, q head of the group) pairs, so every K/V
+//     byte is read once per group instead of once per query head;
+//   - the four warps split each key tile (warp w takes keys [w kWarpN, (w + 1) kWarpN)), each keeps its own
+//     online softmax, and the block merges the four with the log-sum-exp rule at the end;
+//   - keys are split over blocks (num_splits): each split writes a float32 partial O and LSE, and
+//     splitkv_combine_kernel (kvcache.cu) merges them; with one split the block writes O and LSE itself;
+//   - K/V tiles stream through a kStages-deep cp.async ring; rows come from a dense cache or through a block
+//     table (paged cache: (pages, page_size, Hkv, d)), per row, so any power-of-two page size works;
+//   - the attention rule (visibility, softcap, ALiBi) is the same as every other kernel's (attention_rule.h),
+//     applied per row since the rows of a packed tile belong to different queries and heads. No dropout: the
+//     launcher keeps dropout calls on the main forward kernels.
+//
+//   load Q (16 packed rows), K/V tiles t0 .. t0 + kStages - 2
+//   for each key tile t of this split:
+//     wait tile t; sync; issue tile t + kStages - 1
+//     S_w = Q K_w^T (16 x kWarpN); score rule; mask (tiles crossing a window edge or the sequence end)
+//     online softmax (per warp); O_w += P_w V_w
+//   merge the warps' (max, sum, O) through shared memory; store O / LSE (one split) or the float32 partials.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/block_info.cuh"
+#include "cuda/flash_params.h"
+#include "cuda/mask.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/softmax.cuh"
+#include "cuda/tile_primitives.cuh"
+#include "cuda/warp_mma.cuh"
+
+namespace flash_attn2::cuda {
+
+template <typename T, int kHeadDim_>
+struct SplitKvTraits {
+  using Elem = T;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kSplitKvBlockM;  // packed (query, head) rows: one m16 tile shared by all warps
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kBlockN = splitkv_block_n(kHeadDim);  // keys per tile (a stage of K + V is 32-64 KB)
+  static constexpr int kWarpN = kBlockN / kNWarps;           // keys per warp per tile
+  static constexpr int kNT_S = kWarpN / 8;
+  static constexpr int kNT_O = kHeadDim / 8;
+  static constexpr int kKS_QK = kHeadDim / 16;
+  static constexpr int kKS_PV = kWarpN / 16;
+  using TileQ = SwizzledTile<kBlockM, kHeadDim>;
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;
+  static constexpr int kSmemQ = TileQ::kElems * 2;
+  static constexpr int kSmemKV = TileKV::kElems * 2;
+  static constexpr int kStages = 3 * 2 * kSmemKV <= 100 * 1024 ? 3 : 2;
+  static constexpr int kSmemStages = kStages * 2 * kSmemKV;
+  // The warps' partial O rows (float32, padded rows) reuse the K/V stages once the loop is done.
+  static constexpr int kORowStride = kHeadDim + 8;
+  static constexpr int kSmemMerge = kNWarps * kBlockM * kORowStride * 4;
+  static constexpr int kSmemStats = 2 * kNWarps * kBlockM * 4;  // per warp and row: max (log2 units), sum
+  static constexpr int kSmemPages = kStages * kBlockN * 4;       // paged caches: page of every staged row
+  static constexpr int kSmemBytes =
+      kSmemQ + (kSmemStages > kSmemMerge ? kSmemStages : kSmemMerge) + kSmemStats + kSmemPages;
+  static_assert(kBlockM == 16 && kWarpN % 16 == 0 && kHeadDim % 16 == 0);
+};
+
+// Where the rows of key tiles live, for K and V (element offsets). Dense caches: (batch, kv head, key) with
+// the strides. Paged caches: the page of every row of a tile is read from block_table one tile ahead into
+// shared memory (fetch_pages), so the dependent table load never stalls the cp.async issue of a tile.
+template <int kBlockN, int kStages>
+struct KvRows {
+  const FwdParams& p;
+  int batch, head_kv, k_start, seqlen_k;
+  int* s_pages;  // [kStages][kBlockN] page per row, one slot per pipeline stage (paged only)
+
+  FA2_DEVICE bool paged() const { return p.block_table != nullptr; }
+  // Pages of `tile`'s rows into slot `stage` (threads tid < kBlockN, one row each); visible after a barrier.
+  FA2_DEVICE void fetch_pages(int tile, int stage, int tid) const {
+    if (!paged() || tid >= kBlockN) return;
+    const int key = tile * kBlockN + tid;
+    int page = 0;
+    if (key < seqlen_k) {  // entries past the sequence are never read; the rest are clamped into the cache
+      page = p.block_table[static_cast<index_t>(batch) * p.block_table_batch_stride + (key >> p.page_size_log2)];
+      page = min(max(page, 0), p.num_pages - 1);
+    }
+    s_pages[stage * kBlockN + tid] = page;
+  }
+  // Row r of the tile staged in `stage`, key `key`.
+  FA2_DEVICE void offsets(int key, int stage, int r, index_t& k_off, index_t& v_off) const {
+    if (!paged()) {
+      k_off = row_offset(batch, head_kv, k_start + key, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+      v_off = row_offset(batch, head_kv, k_start + key, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+      return;
+    }
+    // k/v_batch_stride is the page stride
+    const int page = s_pages[stage * kBlockN + r], in_page = key & ((1 << p.page_size_log2) - 1);
+    k_off = row_offset(page, head_kv, in_page, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+    v_off = row_offset(page, head_kv, in_page, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  }
+};
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __grid_constant__ FwdParams p) {
+  using T = typename Kt::Elem;
+  using TileQ = typename Kt::TileQ;
+  using TileKV = typename Kt::TileKV;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kWarpN = Kt::kWarpN, kStages = Kt::kStages;
+  constexpr int kCPR = Kt::kHeadDim / 8;  // 16-byte chunks per row
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sQ_u = smem_u32(smem);
+  const uint32_t sKV_u = sQ_u + Kt::kSmemQ;
+  float* s_merge = reinterpret_cast<float*>(smem + Kt::kSmemQ);
+  int* s_pages = reinterpret_cast<int*>(smem + Kt::kSmemBytes - Kt::kSmemPages);
+  float* s_max = reinterpret_cast<float*>(smem + Kt::kSmemBytes - Kt::kSmemPages - Kt::kSmemStats);
+  float* s_sum = s_max + Kt::kNWarps * kBlockM;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+
+  // Block -> (batch, kv head, packed row tile, split); splits vary fastest.
+  const int group = p.heads_q / p.heads_kv;
+  const int packed_rows = p.seqlen_q * group;
+  const int num_m = ceil_div(packed_rows, kBlockM);
+  int bid = static_cast<int>(blockIdx.x);
+  const int split = bid % p.num_splits;
+  bid /= p.num_splits;
+  const int m_block = bid % num_m;
+  bid /= num_m;
+  const int head_kv = bid % p.heads_kv, batch = bid / p.heads_kv;
+  SeqInfo seq(p, batch);
+  if (p.cache_seqlens != nullptr)  // KV cache: the valid prefix plus the rows appended by this call, within capacity
+    seq.seqlen_k = min(min(max(p.cache_seqlens[batch], 0), p.seqlen_k) + p.seqlen_k_new, p.seqlen_k);
+  const int row0 = m_block * kBlockM, rows = min(kBlockM, packed_rows - row0);
+  const int d = p.head_dim;
+  const int seqlen_k = seq.seqlen_k;
+  const Visibility<int> vis = seq.visibility(p);
+  // Packed row r is query r / group of q head head_kv * group + r % group.
+  const int q_first = row0 / group, q_last = (row0 + rows - 1) / group;
+  const int key_begin = vis.key_begin(q_first), key_end = vis.key_end(q_last);
+  const int n_begin = key_begin / kBlockN, n_end = key_end > key_begin ? ceil_div(key_end, kBlockN) : n_begin;
+  const int per_split = ceil_div(n_end - n_begin, p.num_splits);
+  const int t_begin = min(n_end, n_begin + split * per_split), t_end = min(n_end, t_begin + per_split);
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const KvRows<kBlockN, kStages> kv{p, batch, head_kv, seq.k_start, seqlen_k, s_pages};
+
+  // The thread's two rows (g and g + 8): query, head, ALiBi slope.
+  int row_q[2], row_h[2];
+  float row_slope[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int pr = row0 + g + 8 * h;
+    row_q[h] = pr / group;
+    row_h[h] = head_kv * group + pr % group;
+    row_slope[h] = p.alibi_slopes != nullptr && g + 8 * h < rows
+                       ? p.alibi_slopes[static_cast<index_t>(batch) * p.alibi_batch_stride + row_h[h]] * p.inv_scale
+                       : 0.f;
+  }
+
+  // Q: 16 packed rows, each from its own (query, head).
+  for (int idx = tid; idx < kBlockM * kCPR; idx += Kt::kNThreads) {
+    const int r = idx / kCPR, ch = idx % kCPR;
+    const int pr = row0 + r;
+    const bool pred = r < rows && ch * 8 < d;
+    const T* src = q + row_offset(batch, head_kv * group + pr % group, seq.q_start + pr / group, p.q_batch_stride,
+                                  p.q_head_stride, p.q_row_stride) + ch * 8;
+    cp_async_16(sQ_u + 2u * static_cast<uint32_t>(TileQ::chunk_offset(r, ch)), pred ? src : q, pred);
+  }
+  auto stage_k = [&](int s) { return sKV_u + static_cast<uint32_t>(s * 2 * Kt::kSmemKV); };
+  auto load_tile = [&](int tile) {
+    const int stage = (tile - t_begin) % kStages;
+    const uint32_t sK = stage_k(stage), sV = sK + Kt::kSmemKV;
+    const int key0 = tile * kBlockN;
+    for (int idx = tid; idx < kBlockN * kCPR; idx += Kt::kNThreads) {
+      const int r = idx / kCPR, ch = idx % kCPR;
+      const bool pred = key0 + r < seqlen_k && ch * 8 < d;
+      index_t k_off = 0, v_off = 0;
+      if (pred) kv.offsets(key0 + r, stage, r, k_off, v_off);
+      const uint32_t off = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r, ch));
+      cp_async_16(sK + off, k + k_off + ch * 8, pred);
+      cp_async_16(sV + off, v + v_off + ch * 8, pred);
+    }
+  };
+  // Prologue: pages of the first kStages - 1 tiles, then their loads; then the pages of the next one.
+  if (kv.paged()) {
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s)
+      if (t_begin + s < t_end) kv.fetch_pages(t_begin + s, s, tid);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (t_begin + s < t_end) load_tile(t_begin + s);
+    cp_async_commit();  // one group per stage (the first also carries Q), empty or not
+  }
+  if (t_begin + kStages - 1 < t_end) kv.fetch_pages(t_begin + kStages - 1, kStages - 1, tid);
+
+  float acc_o[1][Kt::kNT_O][4];
+  zero_acc(acc_o);
+  OnlineSoftmax<1> softmax;
+  const ScoreRule<float> rule{p.softcap_in, p.softcap_out, 0.f};
+  const int diag = vis.diag();
+
+  for (int tile = t_begin; tile < t_end; ++tile) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile landed for everyone; everyone is done with the stage the next load overwrites
+    if (tile + kStages - 1 < t_end) load_tile(tile + kStages - 1);
+    cp_async_commit();
+    // Pages of the tile after that, into the slot of tile `tile` (its load was issued stages ago); the
+    // barrier at the top of the next iteration publishes them.
+    if (tile + kStages < t_end) kv.fetch_pages(tile + kStages, (tile - t_begin) % kStages, tid);
+
+    const uint32_t sK = stage_k((tile - t_begin) % kStages) + 2u * static_cast<uint32_t>(warp * kWarpN * TileKV::kBK);
+    const uint32_t sV = sK + Kt::kSmemKV;
+    float acc_s[1][Kt::kNT_S][4];
+    zero_acc(acc_s);
+    gemm_ss<T, 1, Kt::kNT_S, Kt::kKS_QK, Operand<TileQ, false>, Operand<TileKV, false>>(acc_s, sQ_u, 0, sK, 0, lane);
+
+    const int key_w = tile * kBlockN + warp * kWarpN;  // this warp's first key
+    if (rule.has_softcap() || p.alibi_slopes != nullptr) {
+#pragma unroll
+      for (int ni = 0; ni < Kt::kNT_S; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float& x = acc_s[0][ni][e];
+          const int h = e / 2, j = key_w + 8 * ni + 2 * t + (e % 2);
+          if (rule.has_softcap()) x = rule.cap_out * fast_tanh(x * rule.cap_in);
+          x -= row_slope[h] * fabsf(static_cast<float>(row_q[h] + diag - j));
+        }
+    }
+    if (vis.tile_needs_mask(q_first, q_last - q_first + 1, key_w, kWarpN)) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int lo = vis.key_begin(row_q[h]), hi = vis.key_end(row_q[h]);
+#pragma unroll
+        for (int ni = 0; ni < Kt::kNT_S; ++ni)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = key_w + 8 * ni + 2 * t + e;
+            if (j < lo || j >= hi) acc_s[0][ni][2 * h + e] = -INFINITY;
+          }
+      }
+    }
+    softmax.update(acc_s, acc_o, p.scale_log2);
+    uint32_t frag_p[1][Kt::kKS_PV][4];
+    acc_to_a_frags<T>(frag_p, acc_s);
+    gemm_rs<T, 1, Kt::kNT_O, Kt::kKS_PV, Operand<TileKV, true>>(acc_o, frag_p, sV, 0, lane);
+  }
+  cp_async_wait<0>();
+
+  // Merge the four warps: each row's max (log2 units) and sum per warp, then O rescaled and summed.
+  float my_max[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float m = softmax.row_max[0][h];
+    my_max[h] = m == -INFINITY ? -INFINITY : m * p.scale_log2;
+    const float sum = quad_sum(softmax.row_sum[0][h]);
+    if (t == 0) {
+      s_max[warp * kBlockM + g + 8 * h] = my_max[h];
+      s_sum[warp * kBlockM + g + 8 * h] = sum;
+    }
+  }
+  __syncthreads();  // stats visible; every warp is done with the K/V stages (reused below)
+  float row_lse[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = g + 8 * h;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < Kt::kNWarps; ++w) m = fmaxf(m, s_max[w * kBlockM + r]);
+    float l = 0.f;
+#pragma unroll
+    for (int w = 0; w < Kt::kNWarps; ++w) {
+      const float mw = s_max[w * kBlockM + r];
+      if (mw != -INFINITY) l += s_sum[w * kBlockM + r] * exp2f(mw - m);
+    }
+    const bool empty = !(l > 0.f);
+    row_lse[h] = empty ? -INFINITY : (m + __log2f(l)) * 0.6931471805599453f;
+    const float f = empty || my_max[h] == -INFINITY ? 0.f : exp2f(my_max[h] - m) / l;
+    float* dst = s_merge + (warp * kBlockM + r) * Kt::kORowStride + 2 * t;
+#pragma unroll
+    for (int ni = 0; ni < Kt::kNT_O; ++ni)
+      *reinterpret_cast<float2*>(dst + 8 * ni) = make_float2(acc_o[0][ni][2 * h] * f, acc_o[0][ni][2 * h + 1] * f);
+  }
+  __syncthreads();
+
+  const bool partial = p.num_splits > 1;
+  const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;  // rows of one split's partials
+  for (int idx = tid; idx < kBlockM * (Kt::kHeadDim / 4); idx += Kt::kNThreads) {
+    const int r = idx / (Kt::kHeadDim / 4), c = (idx % (Kt::kHeadDim / 4)) * 4;
+    if (r >= rows || c >= d) continue;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < Kt::kNWarps; ++w) {
+      const float4 x = *reinterpret_cast<const float4*>(s_merge + (w * kBlockM + r) * Kt::kORowStride + c);
+      o.x += x.x, o.y += x.y, o.z += x.z, o.w += x.w;
+    }
+    const int pr = row0 + r, qi = pr / group, h = head_kv * group + pr % group;
+    if (partial) {
+      const index_t row = (static_cast<index_t>(batch) * p.heads_q + h) * p.seqlen_q + qi;
+      *reinterpret_cast<float4*>(p.out_accum + (split * plane + row) * d + c) = o;
+    } else {
+      T* dst = static_cast<T*>(p.out) +
+               row_offset(batch, h, seq.q_start + qi, p.o_batch_stride, p.o_head_stride, p.o_row_stride) + c;
+      *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(o.x, o.y), pack2<T>(o.z, o.w));
+    }
+  }
+  if (warp == 0 && t == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = g + 8 * h;
+      if (r >= rows) continue;
+      if (partial) {
+        const index_t row = (static_cast<index_t>(batch) * p.heads_q + row_h[h]) * p.seqlen_q + row_q[h];
+        p.lse_accum[split * plane + row] = row_lse[h];
+      } else {
+        p.lse[seq.stat_index(p, batch, row_h[h], row_q[h])] = row_lse[h];
+      }
+    }
+  }
+}
+
+}  // namespace flash_attn2::cuda

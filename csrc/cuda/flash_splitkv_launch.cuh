@@ -1,0 +1,23 @@
+// Host launcher of the split-KV kernel; explicitly instantiated per (T, head dim) by the generated forward .cu
+// files (those without score modifiers: this kernel reads its rules at run time).
+#pragma once
+
+#include "cuda/flash_fwd_launch.cuh"
+#include "cuda/flash_splitkv_kernel.cuh"
+
+namespace flash_attn2::cuda {
+
+template <typename T, int kHeadDim>
+void run_flash_splitkv(const FwdParams& params, cudaStream_t stream) {
+  using Kt = SplitKvTraits<T, kHeadDim>;
+  detail::check_shapes(params, kHeadDim);
+  if (params.num_splits < 1) throw std::invalid_argument("flash_attn2: num_splits must be >= 1");
+  if (params.batch == 0 || params.heads_q == 0 || params.seqlen_q == 0) return;
+  const int64_t packed_rows = static_cast<int64_t>(params.seqlen_q) * (params.heads_q / params.heads_kv);
+  const int64_t num_m = (packed_rows + Kt::kBlockM - 1) / Kt::kBlockM;
+  const int64_t blocks = num_m * params.heads_kv * params.batch * params.num_splits;
+  detail::launch(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
+  if (params.num_splits > 1) run_splitkv_combine<T>(params, stream);
+}
+
+}  // namespace flash_attn2::cuda
