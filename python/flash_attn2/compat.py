@@ -8,8 +8,9 @@ Layouts are flash-attn's: q, k, v (B, N, H, D); qkv (B, N, 3, H, D); kv (B, N, 2
 (B, N, H, D) / (T, H, D) views of the ops' results. Semantics are flash-attn's (bottom-right causal, windows,
 softcap, ALiBi, dropout, deterministic backward). ``return_attn_probs=True`` returns (out, softmax_lse, None):
 the log-sum-exp as flash-attn returns it, but not the attention-probability matrix (flash-attn documents it as a
-testing aid; the kernels never materialise it). ``flash_attn_with_kvcache`` and ``block_table`` need the KV-cache
-op, which this build does not have yet: they raise a clear error.
+testing aid; the kernels never materialise it). ``flash_attn_with_kvcache`` runs on ``fwd_kvcache`` (dense and
+paged caches, in-place append, split-KV); its rotary, ``cache_batch_idx`` and ``cache_leftpad`` arguments are not
+supported and raise a clear error, as does ``block_table`` on the varlen functions.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None):
     if block_table is not None:
-        raise NotImplementedError("flash_attn2.compat: block_table (paged K/V) needs the KV-cache op, which this "
-                                  "build does not have yet")
+        raise NotImplementedError("flash_attn2.compat: block_table on flash_attn_varlen_func (paged K/V for packed "
+                                  "batches) is not supported; use flash_attn_with_kvcache for paged caches")
     varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
     out, lse = _Attention.apply(q, k, v, varlen, causal, softmax_scale, tuple(window_size), softcap, alibi_slopes,
                                 dropout_p, deterministic)
@@ -139,8 +140,26 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                    softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
-def flash_attn_with_kvcache(*args, **kwargs):
-    """Not available yet: needs the KV-cache op (split-KV decoding, paged caches, in-place append)."""
-    raise NotImplementedError("flash_attn2.compat.flash_attn_with_kvcache needs flash_attn2's KV-cache op "
-                              "(fwd_kvcache), which this build does not have yet; for now call flash_attn_func on "
-                              "the valid prefix of the cache")
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """q (B, Nq, Hq, D); k_cache / v_cache (B, capacity, Hkv, D), or (num_blocks, page_size, Hkv, D) with
+    block_table (B, max_blocks) int32; k / v (B, Nnew, Hkv, D) appended in place at cache_seqlens (an int or (B,)
+    int32). Returns out (B, Nq, Hq, D) [, softmax_lse (B, Hq, Nq)]. Inference only."""
+    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
+                        ("cache_leftpad", cache_leftpad)):
+        if value is not None:
+            raise NotImplementedError(f"flash_attn2.compat.flash_attn_with_kvcache: {name} is not supported; apply "
+                                      "rotary embeddings / index the cache before the call")
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    paged = block_table is not None
+    kc = k_cache if paged else k_cache.transpose(1, 2)
+    vc = v_cache if paged else v_cache.transpose(1, 2)
+    out, lse = torch.ops.flash_attn2.fwd_kvcache(
+        q.transpose(1, 2), kc, vc, None if k is None else k.transpose(1, 2), None if v is None else v.transpose(1, 2),
+        cache_seqlens, block_table, causal, softmax_scale, window_size=list(window_size), softcap=softcap,
+        alibi_slopes=alibi_slopes, num_splits=num_splits)
+    out = out.transpose(1, 2)
+    return (out, lse) if return_softmax_lse else out

@@ -68,10 +68,37 @@ def test_dropout_and_deterministic_flags():
     assert not torch.equal(a, compat.flash_attn_func(q, k, v, dropout_p=0.3))
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_flash_attn_with_kvcache_in_flash_attn_layout(paged):
+    """flash-attn layouts: q (B, Nq, H, D), caches (B, cap, Hkv, D) or (blocks, page, Hkv, D), k/v appended in place,
+    cache_seqlens as an int or a tensor."""
+    torch.manual_seed(3)
+    b, hq, hkv, d, cap = 2, 4, 2, 8, 32
+    q = bnhd(b, 1, hq, d, grad=False)
+    k, v = bnhd(b, 2, hkv, d, grad=False), bnhd(b, 2, hkv, d, grad=False)
+    if paged:
+        kc, vc = torch.randn(5, 16, hkv, d, dtype=torch.float64), torch.randn(5, 16, hkv, d, dtype=torch.float64)
+        table = torch.tensor([[4, 1], [0, 3]], dtype=torch.int32)
+        logical = lambda c: c[table.long().flatten()].view(b, cap, hkv, d)  # noqa: E731
+    else:
+        kc, vc = bnhd(b, cap, hkv, d, grad=False), bnhd(b, cap, hkv, d, grad=False)
+        table = None
+        logical = lambda c: c  # noqa: E731
+    out, lse = compat.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=7, block_table=table, causal=True,
+                                              return_softmax_lse=True)
+    assert out.shape == (b, 1, hq, d) and lse.shape == (b, hq, 1)
+    lk, lv = logical(kc), logical(vc)
+    assert torch.equal(lk[:, 7:9], k) and torch.equal(lv[:, 7:9], v), "k / v appended at cache_seqlens"
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    ref, ref_lse = naive_attention(t(q), t(lk[:, :9]), t(lv[:, :9]), causal=True)
+    torch.testing.assert_close(out, t(ref))
+    torch.testing.assert_close(lse, ref_lse)
+
+
 def test_what_cannot_be_honoured_raises():
     q = bnhd(1, 4, 2, 8, grad=False)
-    with pytest.raises(NotImplementedError, match="needs flash_attn2's KV-cache op"):
-        compat.flash_attn_with_kvcache(q, q, q)
+    with pytest.raises(NotImplementedError, match="rotary_cos is not supported"):
+        compat.flash_attn_with_kvcache(q, q, q, rotary_cos=q)
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="block_table"):
         compat.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, block_table=torch.zeros(1, 1, dtype=torch.int32))
