@@ -3,7 +3,8 @@
 # CUDA kernel tests twice: default kernel selection, then the portable mma.sync kernels), compute-sanitizer
 # memcheck and racecheck on small shapes (both selections), the backward kernels side by side
 # (scripts/compare_kernels.py), then the benchmark. Prints a short summary last.
-#   scripts/gpu_check.sh [all|tests|compare|bench|sanitize]   (FLASH_ATTN2_CUDA_ARCHS, BENCH_ARGS, OUT override)
+#   scripts/gpu_check.sh [all|tests|compare|bench|sanitize|decode|none]   (FLASH_ATTN2_CUDA_ARCHS, BENCH_ARGS, OUT
+#   override). decode: the decode benchmark rows and examples/generate (built against an install of the build).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -83,6 +84,22 @@ if [[ $what == all || $what == bench ]]; then
   summary+=("bench rc $?")
   grep -E "^check|^CUDA" "$OUT/bench.log"
   cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+fi
+if [[ $what == decode ]]; then
+  cmake --install $BUILD --prefix /tmp/fa2_install >/dev/null
+  prefix="/tmp/fa2_install;$(python3 -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+  if cmake -S examples/generate -B $BUILD/generate -G Ninja -DCMAKE_PREFIX_PATH="$prefix" "${compiler[@]}" \
+      >"$OUT/generate_build.log" 2>&1 && cmake --build $BUILD/generate >>"$OUT/generate_build.log" 2>&1; then
+    LD_LIBRARY_PATH=/tmp/fa2_install/lib:${LD_LIBRARY_PATH:-} $BUILD/generate/generate 2>&1 | tee "$OUT/generate.log"
+    summary+=("examples/generate rc ${PIPESTATUS[0]}: $(tail -1 "$OUT/generate.log")")
+  else
+    tail -20 "$OUT/generate_build.log"
+    summary+=("examples/generate: build failed")
+  fi
+  python3 -m flash_attn2.bench --device cuda --decode-only --out "$OUT/decode.md" >"$OUT/decode.log" 2>&1
+  summary+=("decode bench rc $?")
+  grep -E "^check|^decode|^skip" "$OUT/decode.log"
+  cat "$OUT/decode.md" 2>/dev/null || tail -30 "$OUT/decode.log"
 fi
 echo "=== summary"
 printf '%s\n' "${summary[@]}"

@@ -10,6 +10,9 @@ FLOPs follow the FlashAttention papers: fwd = 4*B*H*N*N*D (halved when causal), 
 --variants adds bf16 D=128 rows for packed varlen batches (vs our dense kernel and varlen_attn), a 4096 sliding
 window on N=16k, softcap, ALiBi, dropout (vs SDPA flash with dropout) and the deterministic backward; their
 FLOPs count visible scores only.
+--decode adds decoding rows (bf16, D=128, Hq=32, one query over a cache of 1k-128k keys, Hkv 8 / 32, B 1 / 16 / 64;
+then Nq = 4 / 16): fwd_kvcache's K/V read bandwidth beside the copy bandwidth measured in the same run, the plain
+fwd on the same tensors, each SDPA backend (enable_gqa), and paged caches (pages of 16 / 256) vs dense.
 """
 
 from __future__ import annotations
@@ -310,6 +313,106 @@ def bench_variants_cuda(out_path=None):
             fh.write("\n" + "\n".join(lines) + "\n")
 
 
+def copy_bandwidth_tbs():
+    """Device copy bandwidth (read + write bytes / time) of a 1 GiB copy, the roofline the decode rows are read
+    against."""
+    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = median_ms_cuda(lambda: dst.copy_(src), warmup=3, reps=20)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12
+
+
+def graph_us(fn, calls=20, reps=7):
+    """Median µs per call of fn, captured `calls` times in one CUDA graph and replayed: kernel time without the
+    host's launch and dispatch overhead (which is what a served decode step, itself graph-captured, pays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    us = median_ms_cuda(graph.replay, warmup=2, reps=reps) * 1e3 / calls
+    del graph
+    return us
+
+
+def bench_decode_cuda(out_path=None, rows=None, max_cache_gib=40.0):
+    """The KV-cache issue's rows: bf16, D = 128, Hq = 32; one query (and 4 / 16) over a cache of L keys. Achieved
+    K/V read bandwidth = K/V bytes / time, beside the copy bandwidth measured here; SDPA backends get the same
+    cache as dense (B, Hkv, L, D) tensors with enable_gqa."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype, d, hq = torch.bfloat16, 128, 32
+    copy = copy_bandwidth_tbs()
+    print(f"decode: copy bandwidth {copy:.2f} TB/s")
+    lines = [f"Decode, bf16, D = 128, Hq = 32; copy bandwidth {copy:.2f} TB/s (read + write of a 1 GiB copy). "
+             "Times in µs per call from CUDA graphs of 20 calls (no launch overhead; medians of 7 replays), except "
+             "'eager' (CUDA-event medians of single calls from Python); bandwidth = K/V bytes read / time.", "",
+             "| B | Hkv | L | Nq | fwd_kvcache µs | TB/s | of copy | eager µs | fwd (plain op) µs | SDPA flash µs | "
+             "SDPA cuDNN µs | SDPA efficient µs | vs fastest SDPA | paged 16 / dense | paged 256 / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def sdpa_us(backend, q, k, v):
+        try:
+            with sdpa_kernel(backend):
+                return graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        except RuntimeError:
+            return None
+
+    def paged_us(q, k, v, page):
+        b, hkv, n, _ = k.shape
+        per_seq = n // page
+        # pages in a shuffled order, as an allocator hands them out
+        perm = torch.randperm(b * per_seq, device="cuda")
+        kc = k.view(b, hkv, per_seq, page, d).permute(0, 2, 3, 1, 4).reshape(b * per_seq, page, hkv, d)[perm.argsort()]
+        vc = v.view(b, hkv, per_seq, page, d).permute(0, 2, 3, 1, 4).reshape(b * per_seq, page, hkv, d)[perm.argsort()]
+        table = perm.view(b, per_seq).to(torch.int32)
+        lens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+        us = graph_us(lambda: flash_attn2.attention_kvcache(q, kc, vc, None, None, lens, table))
+        ref = flash_attn2.attention_kvcache(q, k, v)[0]
+        got = flash_attn2.attention_kvcache(q, kc, vc, None, None, lens, table)[0]
+        assert (got.float() - ref.float()).abs().max() < 1e-2, "paged and dense decode disagree"
+        return us
+
+    cases = [(b, hkv, n, 1) for hkv in (8, 32) for b in (1, 16, 64) for n in (1024, 8192, 32768, 131072)]
+    cases += [(16, 8, 8192, 4), (16, 8, 8192, 16), (16, 8, 32768, 4), (16, 8, 32768, 16)]
+    for i, (b, hkv, n, nq) in enumerate(cases, 1):
+        kv_bytes = 2 * b * hkv * n * d * 2
+        if kv_bytes / 2**30 > max_cache_gib:
+            print(f"skip B={b} Hkv={hkv} L={n}: the cache would take {kv_bytes / 2**30:.0f} GiB")
+            continue
+        progress(i, len(cases), f"decode B={b} Hkv={hkv} L={n} Nq={nq}")
+        q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype)
+        k = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype)
+        v = torch.randn(b, hkv, n, d, device="cuda", dtype=dtype)
+        ours = graph_us(lambda: flash_attn2.attention_kvcache(q, k, v))
+        eager = median_ms_cuda(lambda: flash_attn2.attention_kvcache(q, k, v)) * 1e3
+        plain = graph_us(lambda: flash_attn2.attention(q, k, v))
+        theirs = {name: sdpa_us(getattr(SDPBackend, backend), q, k, v) for name, backend in SDPA_BACKENDS.items()}
+        fastest = min((t for t in theirs.values() if t is not None), default=None)
+        paged = ["", ""]
+        if nq == 1 and hkv == 8 and (b, n) in ((16, 8192), (16, 32768), (64, 8192), (1, 131072)):
+            paged = [f"{ours / paged_us(q, k, v, page):.2f}" for page in (16, 256)]
+        tbs = kv_bytes / (ours * 1e-6) / 1e12
+        fmt = lambda t: "n/a" if t is None else f"{t:.1f}"  # noqa: E731
+        line = (f"| {b} | {hkv} | {n} | {nq} | {ours:.1f} | {tbs:.2f} | {tbs / copy:.2f} | {eager:.1f} | {plain:.1f} | "
+                f"{fmt(theirs['flash'])} | {fmt(theirs['cudnn'])} | {fmt(theirs['efficient'])} | "
+                f"{'n/a' if fastest is None else f'{fastest / ours:.2f}'} | {paged[0]} | {paged[1]} |")
+        print(line, flush=True)
+        lines.append(line)
+        if rows is not None:
+            rows.append(dict(device="cuda", dtype="bfloat16", D=d, case="decode", B=b, Hkv=hkv, L=n, Nq=nq,
+                             us=ours, eager_us=eager, plain_us=plain, tbs=tbs, copy_tbs=copy, **{f"sdpa_{k}_us": t for k, t in theirs.items()}))
+        del q, k, v
+    if out_path:
+        with open(out_path, "a") as fh:
+            fh.write("\n" + "\n".join(lines) + "\n")
+
+
 def write_json(path, rows):
     import json
 
@@ -369,6 +472,9 @@ def main(argv=None):
     parser.add_argument("--variants", action="store_true",
                         help="CUDA: also time varlen, sliding window, softcap, ALiBi, dropout and deterministic rows")
     parser.add_argument("--variants-only", action="store_true", help="CUDA: only the variant rows")
+    parser.add_argument("--decode", action="store_true",
+                        help="CUDA: also time decoding (fwd_kvcache, one query over a long KV cache) vs SDPA")
+    parser.add_argument("--decode-only", action="store_true", help="CUDA: only the decode rows")
     parser.add_argument("--json", help="also write every timing as JSON here (for machines)")
     parser.add_argument("--plot", help="write a PNG plot here (default: next to --out, with .png); needs matplotlib")
     parser.add_argument("--cpu-seqlens", type=lambda x: [int(n) for n in x.split(",")], default=[1024, 4096],
@@ -395,10 +501,12 @@ def main(argv=None):
         if device == "cpu":
             bench_cpu(args.reps, rows, args.cpu_seqlens)
         else:
-            if not args.variants_only:
+            if not (args.variants_only or args.decode_only):
                 bench_cuda(args.quick, args.out, rows, args.head_dims)
             if args.variants or args.variants_only:
                 bench_variants_cuda(args.out)
+            if args.decode or args.decode_only:
+                bench_decode_cuda(args.out, rows)
     if args.json:
         write_json(args.json, rows)
     plot = args.plot or (args.out.rsplit(".", 1)[0] + ".png" if args.out else None)
