@@ -5,6 +5,7 @@
 
 #include "checks.h"
 #include "op_args.h"
+#include "trivial_cases.h"
 
 namespace flash_attn2 {
 namespace {
@@ -12,21 +13,21 @@ namespace {
 Tensor2 fwd_with_lse_meta(FA2_FWD_PARAMS) {
   const AttentionShape s = check_forward_inputs("flash_attn2::fwd_with_lse", q, k, v, scale);
   check_variant("flash_attn2::fwd_with_lse", q, s.batch, s.heads_q, causal, FA2_OPTION_ARGS);
-  return {at::empty_symint(q.sym_sizes(), q.options()),
+  return {empty_like_input(q),
           at::empty_symint({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())))};
 }
 
 at::Tensor fwd_meta(FA2_FWD_PARAMS) {
   const AttentionShape s = check_forward_inputs("flash_attn2::fwd", q, k, v, scale);
   check_variant("flash_attn2::fwd", q, s.batch, s.heads_q, causal, FA2_OPTION_ARGS);
-  return at::empty_symint(q.sym_sizes(), q.options());
+  return empty_like_input(q);
 }
 
 Tensor3 bwd_meta(FA2_BWD_PARAMS) {
   const AttentionShape s = check_backward_inputs("flash_attn2::bwd", dout, q, k, v, out, lse, scale);
   check_variant("flash_attn2::bwd", q, s.batch, s.heads_q, causal, FA2_BWD_OPTION_ARGS);
-  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
-          at::empty_symint(v.sym_sizes(), v.options())};
+  return {empty_like_input(q), empty_like_input(k),
+          empty_like_input(v)};
 }
 
 Tensor2 fwd_varlen_with_lse_meta(FA2_VARLEN_FWD_PARAMS) {
@@ -34,7 +35,7 @@ Tensor2 fwd_varlen_with_lse_meta(FA2_VARLEN_FWD_PARAMS) {
   const AttentionShape s =
       check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_variant(op, q, s.batch, s.heads_q, causal, FA2_OPTION_ARGS);
-  return {at::empty_symint(q.sym_sizes(), q.options()),
+  return {empty_like_input(q),
           at::empty_symint({s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())))};
 }
 
@@ -43,7 +44,7 @@ at::Tensor fwd_varlen_meta(FA2_VARLEN_FWD_PARAMS) {
   const AttentionShape s =
       check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_variant(op, q, s.batch, s.heads_q, causal, FA2_OPTION_ARGS);
-  return at::empty_symint(q.sym_sizes(), q.options());
+  return empty_like_input(q);
 }
 
 Tensor3 bwd_varlen_meta(FA2_VARLEN_BWD_PARAMS) {
@@ -51,8 +52,8 @@ Tensor3 bwd_varlen_meta(FA2_VARLEN_BWD_PARAMS) {
   const AttentionShape s = check_varlen_backward_inputs(op, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                         max_seqlen_q, max_seqlen_k, scale);
   check_variant(op, q, s.batch, s.heads_q, causal, FA2_BWD_OPTION_ARGS);
-  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
-          at::empty_symint(v.sym_sizes(), v.options())};
+  return {empty_like_input(q), empty_like_input(k),
+          empty_like_input(v)};
 }
 
 Tensor2 fwd_kvcache_meta(FA2_KVCACHE_PARAMS) {
@@ -60,7 +61,7 @@ Tensor2 fwd_kvcache_meta(FA2_KVCACHE_PARAMS) {
   const KvCacheShape ks = check_kvcache_inputs(op, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
                                                scale, num_splits);
   check_variant(op, q, ks.s.batch, ks.s.heads_q, causal, window_size, softcap, alibi_slopes, 0.0, std::nullopt);
-  return {at::empty_symint(q.sym_sizes(), q.options()),
+  return {empty_like_input(q),
           at::empty_symint({ks.s.batch, ks.s.heads_q, ks.s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())))};
 }
 

@@ -6,8 +6,15 @@
 
 namespace flash_attn2 {
 
+at::Tensor empty_like_input(const at::Tensor& t) {
+  if (t.dim() > 0 && t.sym_stride(-1) == 1 && t.is_non_overlapping_and_dense()) {
+    return at::empty_like(t, at::MemoryFormat::Preserve);
+  }
+  return at::empty_symint(t.sym_sizes(), t.options());
+}
+
 ForwardOutputs forward_outputs(const at::Tensor& q, const ConcreteShape& s, const Variant& var) {
-  ForwardOutputs r{at::empty(q.sizes(), q.options()),
+  ForwardOutputs r{empty_like_input(q),
                    at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type()))),
                    true};
   if (r.lse.numel() == 0) return r;

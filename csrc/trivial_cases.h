@@ -22,4 +22,10 @@ struct ForwardOutputs {
 //   - there are no output elements at all.
 ForwardOutputs forward_outputs(const at::Tensor& q, const ConcreteShape& s, const Variant& var);
 
+// An uninitialised tensor shaped like `t` (an input: q, k or v), laid out in t's memory order when t is dense with
+// a contiguous last dim (a (B, N, H, D) buffer viewed as (B, H, N, D) gives an output with those strides, so the
+// caller's transpose back is free), contiguous otherwise. Outputs and gradients are allocated with it on every
+// backend, Meta included, so traced strides equal eager ones.
+at::Tensor empty_like_input(const at::Tensor& t);
+
 }  // namespace flash_attn2

@@ -334,11 +334,12 @@ Tensor3 backward_dense(const at::Tensor& dout, const at::Tensor& q, const at::Te
   }
   // Sum the per-q-head partials over each GQA group.
   const int64_t group = s.heads_kv > 0 ? s.heads_q / s.heads_kv : 1;
-  auto reduce_group = [&](const at::Tensor& partial) {
-    if (group == 1) return partial.to(q.scalar_type());
-    return partial.view({s.batch, s.heads_kv, group, s.seqlen_k, s.head_dim}).sum(2).to(q.scalar_type());
+  // Gradients in their inputs' memory order (empty_like_input), summing each GQA group's per-q-head partials.
+  auto group_sum = [&](const at::Tensor& partial) {
+    return group == 1 ? partial : partial.view({s.batch, s.heads_kv, group, s.seqlen_k, s.head_dim}).sum(2);
   };
-  return {dq_acc.to(q.scalar_type()), reduce_group(dk_acc), reduce_group(dv_acc)};
+  return {empty_like_input(q).copy_(dq_acc), empty_like_input(k).copy_(group_sum(dk_acc)),
+          empty_like_input(v).copy_(group_sum(dv_acc))};
 }
 
 // Windows wider than the sequences are unbounded (keeps the index arithmetic in range).
@@ -401,7 +402,7 @@ Tensor2 fwd_varlen_with_lse_cpu(FA2_VARLEN_FWD_PARAMS) {
   const VarlenPlan plan = plan_varlen(op, shape, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       check_variant(op, q, shape.batch, shape.heads_q, causal, FA2_OPTION_ARGS),
                                       scale);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_like_input(q);
   at::Tensor lse = at::empty({plan.packed.heads_q, plan.packed.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())));
   for (int64_t b = 0; b + 1 < static_cast<int64_t>(plan.cu_q.size()); ++b) {
     const ConcreteShape s = plan.seq(b);
@@ -431,8 +432,7 @@ Tensor3 bwd_varlen_cpu(FA2_VARLEN_BWD_PARAMS) {
   const VarlenPlan plan = plan_varlen(op, shape, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       check_variant(op, q, shape.batch, shape.heads_q, causal, FA2_BWD_OPTION_ARGS),
                                       scale);
-  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
-             dv = at::zeros(v.sizes(), v.options());
+  at::Tensor dq = empty_like_input(q).zero_(), dk = empty_like_input(k).zero_(), dv = empty_like_input(v).zero_();
   for (int64_t b = 0; b + 1 < static_cast<int64_t>(plan.cu_q.size()); ++b) {
     const ConcreteShape s = plan.seq(b);
     if (s.seqlen_q == 0 || s.seqlen_k == 0) continue;  // gradients stay zero
@@ -460,7 +460,7 @@ Tensor2 fwd_kvcache_cpu(FA2_KVCACHE_PARAMS) {
   const ConcreteShape s = concrete(ks.s);
   const int64_t added = ks.seqlen_new.expect_int();
   const std::vector<int64_t> lengths = read_kvcache_lengths(op, ks, cache_seqlens, block_table);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_like_input(q);
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())));
   const int64_t page = ks.paged ? ks.page_size.expect_int() : 0;
   for (int64_t b = 0; b < s.batch; ++b) {

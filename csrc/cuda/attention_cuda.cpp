@@ -240,9 +240,9 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
                      const Variant& var_in, std::optional<double> scale) {
   const Variant var = prepare_variant(var_in);
   const ConcreteShape& s = L.s;
-  at::Tensor dq = at::empty(q_in.sizes(), q_in.options());
-  at::Tensor dk = at::empty(k_in.sizes(), k_in.options());
-  at::Tensor dv = at::empty(v_in.sizes(), v_in.options());
+  at::Tensor dq = empty_like_input(q_in);
+  at::Tensor dk = empty_like_input(k_in);
+  at::Tensor dv = empty_like_input(v_in);
   if (dq.numel() == 0 || dk.numel() == 0) {  // no queries or no keys: every gradient is zero
     dq.zero_();
     dk.zero_();
@@ -337,7 +337,7 @@ Tensor2 fwd_varlen_with_lse_cuda(FA2_VARLEN_FWD_PARAMS) {
   const Layout L = varlen_layout(shape, cu_q, cu_k, max_seqlen_q, max_seqlen_k);
   check_varlen_cuda(op, q, L);
   const c10::cuda::CUDAGuard device_guard(q.device());
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_like_input(q);
   at::Tensor lse = at::empty({L.s.heads_q, L.total_q}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || L.s.batch == 0) return {out, lse.fill_(-std::numeric_limits<float>::infinity())};
   if (L.total_k == 0 || L.s.seqlen_k == 0) {
@@ -360,7 +360,7 @@ Tensor3 bwd_varlen_cuda(FA2_VARLEN_BWD_PARAMS) {
   check_varlen_cuda(op, q, L);
   const c10::cuda::CUDAGuard device_guard(q.device());
   if (L.s.batch == 0 || L.s.seqlen_q == 0 || L.s.seqlen_k == 0) {
-    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
+    return {empty_like_input(q).zero_(), empty_like_input(k).zero_(), empty_like_input(v).zero_()};
   }
   return run_backward(dout, q, k, v, out, lse, L, var, scale);
 }
@@ -381,7 +381,7 @@ Tensor2 fwd_kvcache_cuda(FA2_KVCACHE_PARAMS) {
   }
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_like_input(q);
   at::Tensor lse = at::empty({L.s.batch, L.s.heads_q, L.s.seqlen_q}, q.options().dtype(at::kFloat));
   const at::Tensor qk = kernel_layout(q);
   FwdParams params{};

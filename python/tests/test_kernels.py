@@ -18,7 +18,7 @@ def check_case(b, hq, hkv, nq, nk, d, causal, dtype, device, transposed):
     out, lse = flash_attn2.attention_with_lse(q, k, v, causal)
     ref_out, ref_lse = naive_attention(q64, k64, v64, causal)
     torch_out, torch_lse = naive_attention(q.detach(), k.detach(), v.detach(), causal)
-    assert out.dtype == dtype and out.device.type == device and out.is_contiguous()
+    assert out.dtype == dtype and out.device.type == device and out.stride() == torch.empty_like(q).stride()
     assert_close_to_reference("out", out.detach(), torch_out, ref_out.detach())
     visible = torch.isfinite(ref_lse.detach())
     assert torch.equal(torch.isfinite(lse).cpu(), visible), "lse must be -inf exactly on rows with no key"
@@ -61,3 +61,41 @@ for _dtype in (torch.bfloat16, torch.float16):
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", CUDA_CASES)
 def test_cuda_matches_reference(b, hq, hkv, nq, nk, d, causal, dtype, transposed):
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
+LAYOUT_DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("device", LAYOUT_DEVICES)
+def test_outputs_follow_the_inputs_memory_order(device):
+    """out follows q's memory order, dq / dk / dv follow q / k / v (a (B, N, H, D) buffer viewed as (B, H, N, D)
+    gives outputs with the same strides), in eager mode and under torch.compile; inputs that are not dense with a
+    contiguous last dim give contiguous outputs."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    b, hq, hkv, n, d = 2, 4, 2, 37, 32
+    q = torch.randn(b, n, hq, d, device=device, dtype=dtype).transpose(1, 2)  # (B, N, H, D) buffer
+    k = torch.randn(b, hkv, n, d, device=device, dtype=dtype)                 # contiguous
+    v = torch.randn(b, n, hkv, d, device=device, dtype=dtype).transpose(1, 2)
+    out, lse = flash_attn2.attention_with_lse(q, k, v, True)
+    assert out.stride() == q.stride() and lse.is_contiguous()
+    dq, dk, dv = torch.ops.flash_attn2.bwd(torch.randn_like(out), q, k, v, out, lse, True)
+    assert (dq.stride(), dk.stride(), dv.stride()) == (q.stride(), k.stride(), v.stride())
+    # non-dense q (one third of a packed (B, N, 3, H, D) qkv buffer): contiguous out
+    qkv = torch.randn(b, n, 3, hq, d, device=device, dtype=dtype)
+    q3 = qkv[:, :, 0].transpose(1, 2)
+    assert flash_attn2.attention(q3, k, v).is_contiguous()
+    # varlen: packed (T, H, D) views of a (T, H, D) buffer and of a (H, T, D) buffer
+    cu = torch.tensor([0, 20, 37], dtype=torch.int32, device=device)
+    qp = torch.randn(hq, n, d, device=device, dtype=dtype).transpose(0, 1)
+    kp = torch.randn(n, hkv, d, device=device, dtype=dtype)
+    assert flash_attn2.attention_varlen(qp, kp, kp, cu, cu, 20, 20).stride() == qp.stride()
+
+    def step(q, k, v):
+        out, lse = flash_attn2.attention_with_lse(q, k, v, True)
+        return out, torch.ops.flash_attn2.bwd(torch.ones_like(out), q, k, v, out, lse, True)
+
+    compiled = torch.compile(step, fullgraph=True)
+    c_out, c_grads = compiled(q, k, v)
+    e_out, e_grads = step(q, k, v)
+    assert c_out.stride() == e_out.stride() == q.stride()
+    assert [g.stride() for g in c_grads] == [g.stride() for g in e_grads]
