@@ -6,7 +6,9 @@
 // Shapes: q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); Hq % Hkv == 0 (grouped-query attention). Any strides.
 // Packed variable-length batches (the *_varlen functions): q (Tq, Hq, D), k, v (Tk, Hkv, D) with int32
 // cu_seqlens (B + 1,) on the inputs' device; sequence b is rows [cu[b], cu[b + 1]).
-// Returns fresh contiguous tensors in q's dtype on q's device; lse is (B, Hq, Nq) (varlen: (Hq, Tq)), float32
+// Returns fresh tensors in q's dtype on q's device, in the memory order of the corresponding input when it is
+// dense with a contiguous last dim (out like q, dq/dk/dv like q/k/v), else contiguous; lse is (B, Hq, Nq)
+// (varlen: (Hq, Tq)), contiguous float32
 // (float64 for float64 inputs).
 //
 // Options (AttentionOptions; FlashAttention-2's semantics, with diag = Nk - Nq, bottom-right aligned):
