@@ -431,14 +431,34 @@ def write_plot(path, rows):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    decode = [r for r in rows if r.get("case") == "decode" and r["Nq"] == 1]
     metric = "tflops" if any("tflops" in r for r in rows) else "ms"
     rows = [r for r in rows if metric in r]
     panels = sorted({(r["device"], r["dtype"], r["D"], r["direction"]) for r in rows}, key=str)
-    if not panels:
+    decode_panels = sorted({(r["B"], r["Hkv"]) for r in decode})
+    total = len(panels) + len(decode_panels)
+    if not total:
         return False
-    cols = min(2, len(panels))
-    nrows = (len(panels) + cols - 1) // cols
+    cols = min(2, total)
+    nrows = (total + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False)
+    # Decode: K/V read bandwidth against cache length per implementation, one panel per (B, Hkv), with the copy
+    # bandwidth of the run as the roofline.
+    for ax, (b, hkv) in zip(list(axes.flat)[len(panels):], decode_panels):
+        pts = sorted((r for r in decode if (r["B"], r["Hkv"]) == (b, hkv)), key=lambda r: r["L"])
+        kv_bytes = lambda r: 2 * r["B"] * r["Hkv"] * r["L"] * r["D"] * 2  # noqa: E731
+        ax.plot([r["L"] for r in pts], [r["tbs"] for r in pts], marker="o", label="flash_attn2 fwd_kvcache")
+        for name in ("flash", "cudnn", "efficient"):
+            sdpa = [(r["L"], kv_bytes(r) / (r[f"sdpa_{name}_us"] * 1e-6) / 1e12) for r in pts
+                    if r.get(f"sdpa_{name}_us") is not None]
+            if sdpa:
+                ax.plot([p[0] for p in sdpa], [p[1] for p in sdpa], marker=".", label=f"sdpa {name}")
+        ax.axhline(pts[0]["copy_tbs"], color="gray", linestyle=":", label="copy bandwidth")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"decode bf16 D={pts[0]['D']} B={b} Hkv={hkv}")
+        ax.set_xlabel("cache length")
+        ax.set_ylabel("K/V read TB/s")
+        ax.legend(fontsize=7)
     for ax, (device, dtype, d, direction) in zip(axes.flat, panels):
         for impl in sorted({r["impl"] for r in rows}):
             for causal in (False, True):
@@ -453,7 +473,7 @@ def write_plot(path, rows):
         ax.set_xlabel("sequence length")
         ax.set_ylabel("TFLOP/s" if metric == "tflops" else "ms")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[total:]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -33,3 +33,15 @@ def test_table_without_matplotlib(capsys, tmp_path, monkeypatch):
     out = run(capsys, tmp_path)
     assert "plot skipped: matplotlib is not installed" in out.out
     assert "sdpa/ours" in out.out and not (tmp_path / "r.png").exists()
+
+
+def test_plot_has_decode_panels(tmp_path):
+    """Decode rows (as bench_decode_cuda records them) get bandwidth panels beside the TFLOP/s ones."""
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (pip install .[bench])")
+    rows = [dict(device="cuda", dtype="bfloat16", D=128, case="decode", B=b, Hkv=8, L=n, Nq=1, us=10.0 * n / 1024,
+                 eager_us=20.0, plain_us=10.0, tbs=3.0, copy_tbs=4.2, sdpa_flash_us=12.0 * n / 1024, sdpa_cudnn_us=None,
+                 sdpa_efficient_us=None) for b in (1, 16) for n in (1024, 8192)]
+    rows.append(dict(device="cuda", dtype="bfloat16", D=128, causal=False, N=1024, impl="flash_attn2",
+                     direction="fwd", tflops=300.0))
+    assert bench.write_plot(str(tmp_path / "d.png"), rows)
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
