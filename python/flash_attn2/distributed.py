@@ -22,14 +22,18 @@ Methods:
       sequence's K/V on every rank, so the ring is the choice for long sequences.
 
 Causal masks follow the global positions: a K/V chunk before the query chunk is attended in full, the chunk
-itself causally, a later one not at all (skipped, no kernel launch). softcap passes through; windows, ALiBi and
-dropout are not supported here yet (a window edge between two chunks is not expressible as one kernel call).
+itself causally, a later one not at all (skipped, no kernel launch). Sliding windows (``window_size``, global
+positions, FlashAttention's semantics) do the same per pair of chunks: the kernel call covers the tight box of
+query rows and keys that see each other, with the local window that reproduces the global one on it (the box's
+bottom-right corner always lies on the window's band, so one call is exact), and pairs with nothing visible are
+skipped. softcap passes through; ALiBi and dropout are not supported here (both depend on positions the
+per-chunk kernel calls do not know).
 Works with gloo (CPU tensors, CPU kernel) and NCCL (CUDA tensors). No Python loops over heads or batches.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -83,24 +87,70 @@ def unshard(x: torch.Tensor, group=None, layout: str = "zigzag", dim: int = 2) -
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Which (query rows, key rows, causal) kernel calls a step needs: the chunk pairs of the layout, with the
-# global mask reduced to "all", "causal" or "skip" per pair (chunks are equal-sized and chunk-aligned).
+# Which (query rows, key rows, local window) kernel calls a step needs: the chunk pairs of the layout, with the
+# global mask reduced per pair to "all", "causal", "skip" or (windows) a box with its local window.
 
 _ALL = slice(None)
 
 
-def _ring_step_calls(layout, causal, rank, src, n_local):
-    """Calls for this rank's queries against the K/V shard of rank `src`."""
-    if not causal:
-        return [(_ALL, _ALL, False)]
+_FULL, _CAUSAL = (-1, -1), (-1, 0)
+
+
+def _ring_step_calls(layout, window, rank, src, world, n_local):
+    """(query rows, key rows, local window) calls for this rank's queries against the K/V shard of rank `src`.
+    Full and causal attention use the fewest calls the layout allows; other windows go pair by pair."""
+    if window == _FULL:
+        return [(_ALL, _ALL, _FULL)]
+    if window != _CAUSAL:
+        return _window_calls(_chunks(layout, rank, world, n_local), _chunks(layout, src, world, n_local), *window)
     if src == rank:  # the local shard is in global order: plain causal attention on it
-        return [(_ALL, _ALL, True)]
+        return [(_ALL, _ALL, _CAUSAL)]
     if layout == "contiguous":
-        return [(_ALL, _ALL, False)] if src < rank else []
+        return [(_ALL, _ALL, _FULL)] if src < rank else []
     half = n_local // 2
     if src < rank:  # both query chunks see the first K/V chunk (src) in full, neither sees 2W - 1 - src
-        return [(_ALL, slice(0, half), False)]
-    return [(slice(half, None), _ALL, False)]  # only the late query chunk sees both K/V chunks, in full
+        return [(_ALL, slice(0, half), _FULL)]
+    return [(slice(half, None), _ALL, _FULL)]  # only the late query chunk sees both K/V chunks, in full
+
+
+def _chunks(layout, rank, world, n_local):
+    """(global offset, local slice) of the chunks rank `rank` holds."""
+    if layout == "contiguous":
+        return [(rank * n_local, slice(0, n_local))]
+    half = n_local // 2
+    return [(rank * half, slice(0, half)), ((2 * world - 1 - rank) * half, slice(half, n_local))]
+
+
+def _box(qo, nq, ko, nk, left, right):
+    """Queries [qo, qo + nq) against keys [ko, ko + nk) under the global window (left, right) (-1: unbounded): the
+    tight box (rows, keys) of the pairs that see each other, as local index ranges, and the window that reproduces
+    the global one on that box with the op's bottom-right alignment; None when no pair is visible.
+    Query i sees keys j in [i + d - left, i + d + right], d = qo - ko; the op sees local j' = j - s0 in
+    [i' + diag - left', i' + diag + right'] with diag = (s1 - s0) - (r1 - r0); equal when left' = left + t and
+    right' = right - t, t = s1 - r1 - d, both >= 0 because the box's corner (r1 - 1, s1 - 1) is a visible pair."""
+    d = qo - ko
+    r0 = max(0, -d - right) if right >= 0 else 0
+    r1 = min(nq, nk - d + left) if left >= 0 else nq
+    if r0 >= r1 or nk == 0:
+        return None
+    s0 = max(0, r0 + d - left) if left >= 0 else 0
+    s1 = min(nk, r1 + d + right) if right >= 0 else nk
+    if s0 >= s1:
+        return None
+    t = s1 - r1 - d
+    return (r0, r1), (s0, s1), (left + t if left >= 0 else -1, right - t if right >= 0 else -1)
+
+
+def _window_calls(q_chunks, k_chunks, left, right):
+    """(query rows, key rows, local window) calls for every pair of chunks that has a visible pair."""
+    calls = []
+    for qo, qs in q_chunks:
+        for ko, ks in k_chunks:
+            box = _box(qo, qs.stop - qs.start, ko, ks.stop - ks.start, left, right)
+            if box is not None:
+                (r0, r1), (s0, s1), window = box
+                calls.append((slice(qs.start + r0, qs.start + r1), slice(ks.start + s0, ks.start + s1), window))
+    return calls
 
 
 def _merge(acc_out, acc_lse, rows, out, lse):
@@ -140,7 +190,7 @@ def _acc_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _ring_forward(q, k, v, causal, scale, softcap, group, layout):
+def _ring_forward(q, k, v, window, scale, softcap, group, layout):
     world, rank = _world_rank(group)
     n_local = q.shape[2]
     acc_out = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
@@ -150,9 +200,9 @@ def _ring_forward(q, k, v, causal, scale, softcap, group, layout):
     for step in range(world):
         src = (rank - step) % world
         pending = ring.start([k_cur, v_cur]) if step + 1 < world else None
-        for rows, keys, c in _ring_step_calls(layout, causal, rank, src, n_local):
-            out, lse = torch.ops.flash_attn2.fwd_with_lse(q[:, :, rows], k_cur[:, :, keys], v_cur[:, :, keys], c,
-                                                          scale, softcap=softcap)
+        for rows, keys, w in _ring_step_calls(layout, window, rank, src, world, n_local):
+            out, lse = torch.ops.flash_attn2.fwd_with_lse(q[:, :, rows], k_cur[:, :, keys], v_cur[:, :, keys], False,
+                                                          scale, window_size=list(w), softcap=softcap)
             _merge(acc_out, acc_lse, rows, out, lse.to(acc_lse.dtype))
         if pending is not None:
             (k_cur, v_cur), works = pending
@@ -160,7 +210,7 @@ def _ring_forward(q, k, v, causal, scale, softcap, group, layout):
     return acc_out.to(q.dtype), acc_lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-def _ring_backward(dout, q, k, v, out, lse, causal, scale, softcap, group, layout):
+def _ring_backward(dout, q, k, v, out, lse, window, scale, softcap, group, layout):
     world, rank = _world_rank(group)
     n_local = q.shape[2]
     dq = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
@@ -171,10 +221,10 @@ def _ring_backward(dout, q, k, v, out, lse, causal, scale, softcap, group, layou
     for step in range(world):
         src = (rank - step) % world
         pending = ring.start([k_cur, v_cur]) if step + 1 < world else None
-        for rows, keys, c in _ring_step_calls(layout, causal, rank, src, n_local):
+        for rows, keys, w in _ring_step_calls(layout, window, rank, src, world, n_local):
             gq, gk, gv = torch.ops.flash_attn2.bwd(dout[:, :, rows], q[:, :, rows], k_cur[:, :, keys],
                                                    v_cur[:, :, keys], out[:, :, rows], lse[:, :, rows].contiguous(),
-                                                   c, scale, softcap=softcap)
+                                                   False, scale, window_size=list(w), softcap=softcap)
             dq[:, :, rows] += gq
             dk[:, :, keys] += gk
             dv[:, :, keys] += gv
@@ -196,44 +246,50 @@ def _gather_kv(k, v, group, layout):
     return _from_rank_order(pieces_k, layout, 2), _from_rank_order(pieces_v, layout, 2)
 
 
-def _allgather_calls(layout, causal, rank, world, n_local, n_total):
-    """(query rows, key prefix end, causal) per local query chunk: a chunk at global offset o attends to the
-    keys [0, o + length) with bottom-right causal alignment, which is exactly the global causal mask."""
-    if not causal:
-        return [(_ALL, n_total, False)]
+def _allgather_calls(layout, window, rank, world, n_local, n_total):
+    """(query rows, key rows, local window) per local query chunk against the gathered K/V. Causal: a chunk at
+    global offset o attends to the keys [0, o + length) with bottom-right causal alignment, which is exactly the
+    global causal mask; other windows take the chunk's tight box."""
+    if window == _FULL:
+        return [(_ALL, _ALL, _FULL)]
+    if window != _CAUSAL:
+        return _window_calls(_chunks(layout, rank, world, n_local), [(0, slice(0, n_total))], *window)
     if layout == "contiguous":
-        return [(_ALL, (rank + 1) * n_local, True)]
+        return [(_ALL, slice(0, (rank + 1) * n_local), _CAUSAL)]
     half = n_local // 2
-    return [(slice(0, half), (rank + 1) * half, True), (slice(half, None), (2 * world - rank) * half, True)]
+    return [(slice(0, half), slice(0, (rank + 1) * half), _CAUSAL),
+            (slice(half, None), slice(0, (2 * world - rank) * half), _CAUSAL)]
 
 
-def _allgather_forward(q, k, v, causal, scale, softcap, group, layout):
+def _allgather_forward(q, k, v, window, scale, softcap, group, layout):
     world, rank = _world_rank(group)
     k_full, v_full = _gather_kv(k, v, group, layout)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                       device=q.device)
-    for rows, end, c in _allgather_calls(layout, causal, rank, world, q.shape[2], k_full.shape[2]):
-        o, l = torch.ops.flash_attn2.fwd_with_lse(q[:, :, rows], k_full[:, :, :end], v_full[:, :, :end], c, scale,
-                                                  softcap=softcap)
+    out = torch.zeros_like(out)  # rows no key reaches (possible with windows): 0, lse -inf
+    lse.fill_(float("-inf"))
+    for rows, keys, w in _allgather_calls(layout, window, rank, world, q.shape[2], k_full.shape[2]):
+        o, l = torch.ops.flash_attn2.fwd_with_lse(q[:, :, rows], k_full[:, :, keys], v_full[:, :, keys], False,
+                                                  scale, window_size=list(w), softcap=softcap)
         out[:, :, rows] = o
         lse[:, :, rows] = l
     return out, lse
 
 
-def _allgather_backward(dout, q, k, v, out, lse, causal, scale, softcap, group, layout):
+def _allgather_backward(dout, q, k, v, out, lse, window, scale, softcap, group, layout):
     world, rank = _world_rank(group)
     k_full, v_full = _gather_kv(k, v, group, layout)  # gathered again rather than kept: memory over time
-    dq = torch.empty_like(q)
+    dq = torch.zeros_like(q)
     dk_full = torch.zeros(k_full.shape, dtype=_acc_dtype(k), device=k.device)
     dv_full = torch.zeros_like(dk_full)
-    for rows, end, c in _allgather_calls(layout, causal, rank, world, q.shape[2], k_full.shape[2]):
-        gq, gk, gv = torch.ops.flash_attn2.bwd(dout[:, :, rows], q[:, :, rows], k_full[:, :, :end],
-                                               v_full[:, :, :end], out[:, :, rows], lse[:, :, rows].contiguous(), c,
-                                               scale, softcap=softcap)
+    for rows, keys, w in _allgather_calls(layout, window, rank, world, q.shape[2], k_full.shape[2]):
+        gq, gk, gv = torch.ops.flash_attn2.bwd(dout[:, :, rows], q[:, :, rows], k_full[:, :, keys],
+                                               v_full[:, :, keys], out[:, :, rows], lse[:, :, rows].contiguous(),
+                                               False, scale, window_size=list(w), softcap=softcap)
         dq[:, :, rows] = gq
-        dk_full[:, :, :end] += gk
-        dv_full[:, :, :end] += gv
+        dk_full[:, :, keys] += gk
+        dv_full[:, :, keys] += gv
     dist.all_reduce(dk_full, group=group)
     dist.all_reduce(dv_full, group=group)
     return dq, shard(dk_full, group, layout).to(k.dtype), shard(dv_full, group, layout).to(v.dtype)
@@ -241,29 +297,33 @@ def _allgather_backward(dout, q, k, v, out, lse, causal, scale, softcap, group, 
 
 class _ContextParallelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, softcap, group, layout, method):
+    def forward(ctx, q, k, v, window, scale, softcap, group, layout, method):
         fwd = _ring_forward if method == "ring" else _allgather_forward
-        out, lse = fwd(q, k, v, causal, scale, softcap, group, layout)
+        out, lse = fwd(q, k, v, window, scale, softcap, group, layout)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (causal, scale, softcap, group, layout, method)
+        ctx.options = (window, scale, softcap, group, layout, method)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, softcap, group, layout, method = ctx.options
+        window, scale, softcap, group, layout, method = ctx.options
         bwd = _ring_backward if method == "ring" else _allgather_backward
-        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, causal, scale, softcap, group, layout)
+        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, window, scale, softcap, group, layout)
         return dq, dk, dv, None, None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                    scale: Optional[float] = None, *, group=None, layout: str = "zigzag", method: str = "ring",
-                   softcap: float = 0.0) -> torch.Tensor:
-    """This rank's shard of attention over the sequence sharded across `group` (see the module docstring)."""
+                   softcap: float = 0.0, window_size: Tuple[int, int] = (-1, -1)) -> torch.Tensor:
+    """This rank's shard of attention over the sequence sharded across `group` (see the module docstring).
+    window_size: (left, right) in global positions, -1 unbounded; causal sets right = 0."""
     _check_layout(layout, q.shape[2] if q.dim() == 4 else None)
     if method not in _METHODS:
         raise ValueError(f"flash_attn2.distributed: method must be one of {_METHODS}, got {method!r}")
+    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
+        raise ValueError("flash_attn2.distributed.ring_attention: window_size must be (left, right) with values >= -1 "
+                         f"(-1: unbounded), got {tuple(window_size)}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("flash_attn2.distributed.ring_attention: q, k, v must be (B, H, N_local, D) shards, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -274,4 +334,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         raise RuntimeError("flash_attn2.distributed.ring_attention: torch.distributed is not initialised")
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-    return _ContextParallelAttention.apply(q, k, v, causal, scale, softcap, group, layout, method)
+    window = (int(window_size[0]), 0 if causal else int(window_size[1]))
+    return _ContextParallelAttention.apply(q, k, v, window, scale, softcap, group, layout, method)
