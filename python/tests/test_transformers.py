@@ -145,3 +145,21 @@ def test_training_dropout_reaches_the_op():
 def test_register_refuses_flash_names():
     with pytest.raises(ValueError, match="contains 'flash'"):
         fa2_transformers.register("flash_attn2")
+
+
+def test_training_step_benchmark_smoke(capsys):
+    """scripts/bench_transformers.py end to end on a tiny model (eager, CPU): both implementations, both batch
+    kinds, the same first loss."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_transformers.py"
+    spec = importlib.util.spec_from_file_location("bench_transformers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--device", "cpu", "--tiny", "--no-compile", "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    for kind in ("full", "padded"):
+        assert f"| {kind} | {NAME} |" in out and f"| {kind} | sdpa |" in out
+    losses = [float(line.split("|")[5]) for line in out.splitlines() if line.startswith("| full |")]
+    assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-4

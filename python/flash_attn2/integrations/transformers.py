@@ -48,13 +48,14 @@ def _target_dtype(query: torch.Tensor, module: torch.nn.Module) -> torch.dtype:
 
 
 def _unpad(x: torch.Tensor, keep: torch.Tensor):
-    """x (B, H, N, D), keep (B, N) bool -> packed (T, H, D), row indices into (B * N), int32 cu_seqlens, max len."""
+    """x (B, H, N, D), keep (B, N) bool -> packed (T, H, D), row indices into (B * N), int32 cu_seqlens, and N as
+    the bound on the lengths (a bound is all the op needs; the true maximum would cost a host sync)."""
     b, h, n, d = x.shape
     lengths = keep.sum(-1, dtype=torch.int32)
     index = keep.reshape(-1).nonzero().reshape(-1)
     packed = x.transpose(1, 2).reshape(b * n, h, d).index_select(0, index)
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return packed, index, cu, int(lengths.max()) if lengths.numel() else 0
+    return packed, index, cu, n
 
 
 def _cu_from_position_ids(position_ids: torch.Tensor):
