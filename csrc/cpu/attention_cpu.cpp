@@ -10,6 +10,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attention_rule.h"
@@ -21,8 +24,9 @@
 namespace flash_attn2::cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 64;    // Br: query rows per tile
-constexpr int64_t kBlockKV = 128;  // Bc: key rows per tile
+constexpr int64_t kBlockQ = 64;       // Br: query rows per tile
+constexpr int64_t kBlockKV = 128;     // Bc: key rows per tile (backward)
+constexpr int64_t kBlockKVFwd = 512;  // Bc of the forward: fewer, larger GEMMs and rescales (a 64 x 512 score tile)
 
 // Strided view of one tensor (B, H, N, D) as a base pointer and element strides.
 template <typename scalar_t>
@@ -36,6 +40,19 @@ struct HeadView {
   template <typename acc_t>
   void pack(int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t D, acc_t* tile) const {
     pack_rows(head(b, h), sn, sd, row0, rows, D, tile);
+  }
+  // Rows [row0, row0 + rows) of a head as a row-major acc_t matrix (pointer, leading dimension): the input
+  // itself where it already is one (same type, contiguous last dim, rows at least D apart), else a packed copy
+  // in `tile`.
+  template <typename acc_t>
+  std::pair<const acc_t*, int64_t> rows(int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t D,
+                                        acc_t* tile) const {
+    if constexpr (std::is_same_v<std::remove_const_t<scalar_t>, acc_t>) {
+      if (sd == 1 && sn >= std::max<int64_t>(D, 1) && sn <= std::numeric_limits<int>::max())
+        return {head(b, h) + row0 * sn, sn};
+    }
+    pack(b, h, row0, rows, D, tile);
+    return {tile, D};
   }
 };
 
@@ -164,6 +181,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t q_tiles = (Nq + kBlockQ - 1) / kBlockQ;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
+  constexpr int64_t kBlockKV = kBlockKVFwd;
   at::parallel_for(0, s.batch * s.heads_q * q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_tile(kBlockQ * D), k_tile(kBlockKV * D), v_tile(kBlockKV * D), keep(kBlockQ * kBlockKV);
     std::vector<acc_t> scores(kBlockQ * kBlockKV), acc(kBlockQ * D), row_max(kBlockQ), row_sum(kBlockQ);
@@ -173,7 +191,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t q0 = tile * kBlockQ, qn = std::min(kBlockQ, Nq - q0);
       const ScoreRule<acc_t> rule = var.score_rule(b, h);
 
-      Q.pack(b, h, q0, qn, D, q_tile.data());
+      const auto [q_rows, ldq] = Q.rows(b, h, q0, qn, D, q_tile.data());
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
@@ -182,10 +200,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t k_begin = var.vis.key_begin(q0), k_end = var.vis.key_end(q0 + qn - 1);
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockKV) {
         const int64_t kn = std::min(kBlockKV, k_end - k0);
-        K.pack(b, h_kv, k0, kn, D, k_tile.data());
-        V.pack(b, h_kv, k0, kn, D, v_tile.data());
+        const auto [k_rows, ldk] = K.rows(b, h_kv, k0, kn, D, k_tile.data());
+        const auto [v_rows, ldv] = V.rows(b, h_kv, k0, kn, D, v_tile.data());
         // S = scale * Q K^T, then logits
-        gemm_rm(false, true, qn, kn, D, static_cast<acc_t>(scale), q_tile.data(), D, k_tile.data(), D, acc_t(0),
+        gemm_rm(false, true, qn, kn, D, static_cast<acc_t>(scale), q_rows, ldq, k_rows, ldk, acc_t(0),
                 scores.data(), kBlockKV);
         var.logits(scores.data(), kBlockKV, q0, qn, k0, kn, rule, nullptr);
         if (var.dropout.enabled()) var.keep_tile(keep.data(), kBlockKV, var.rng_head(b, h), q0, qn, k0, kn);
@@ -200,8 +218,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           }
         }
         // O += P V
-        gemm_rm(false, false, qn, D, kn, acc_t(1), scores.data(), kBlockKV, v_tile.data(), D, acc_t(1),
-                acc.data(), D);
+        gemm_rm(false, false, qn, D, kn, acc_t(1), scores.data(), kBlockKV, v_rows, ldv, acc_t(1), acc.data(), D);
       }
 
       for (int64_t i = 0; i < qn; ++i) {
