@@ -44,7 +44,7 @@ summary+=("toolchain: $stdcxx")
 export FLASH_ATTN2_LIBRARY=$PWD/$BUILD/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 
 if [[ $what == all || $what == tests ]]; then
-  ctest --test-dir $BUILD -j4 --timeout 600 >"$OUT/ctest.log" 2>&1
+  ctest --test-dir $BUILD -j4 --timeout 600 --output-on-failure >"$OUT/ctest.log" 2>&1
   grep -E "Failed|\*\*\*" "$OUT/ctest.log" | head -40
   summary+=("ctest: $(grep -E 'tests passed' "$OUT/ctest.log")")
   FLASH_ATTN2_PORTABLE_KERNELS=1 $BUILD/cpp_tests/test_cuda_kernels >"$OUT/ctest_portable.log" 2>&1
