@@ -108,7 +108,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = flash_attn2.attention_varlen(qp, kp, vp, cu_q, cu_k, max_q, max_k, causal, scaling, **options)
         full = out.new_zeros(b * nq, hq, d).index_copy(0, index_q, out)
         return full.view(b, nq, hq, d).to(in_dtype), None
-    if cu_q is None and _is_packed(kwargs.get("position_ids"), b, nq) and nq == nk:
+    if cu_q is None and nq == nk and _is_packed(kwargs.get("position_ids"), b, nq):
         cu_q, max_q = _cu_from_position_ids(kwargs["position_ids"])
         cu_k, max_k = cu_q, max_q
     if cu_q is not None and cu_k is not None:
