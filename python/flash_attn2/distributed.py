@@ -186,6 +186,21 @@ class _RingExchange:
             w.wait()
 
 
+def _ring_blocks(k, v, group):
+    """Yields (source rank, K block, V block) for each of the W ring steps, starting with this rank's own block;
+    the next block is already in flight while the caller works on the current one (and waited for when the
+    caller asks for it)."""
+    world, rank = _world_rank(group)
+    ring = _RingExchange(group)
+    k_cur, v_cur = k.contiguous(), v.contiguous()
+    for step in range(world):
+        pending = ring.start([k_cur, v_cur]) if step + 1 < world else None
+        yield (rank - step) % world, k_cur, v_cur
+        if pending is not None:
+            (k_cur, v_cur), works = pending
+            _RingExchange.finish(works)
+
+
 def _acc_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -195,18 +210,11 @@ def _ring_forward(q, k, v, window, scale, softcap, group, layout):
     n_local = q.shape[2]
     acc_out = torch.zeros(q.shape, dtype=_acc_dtype(q), device=q.device)
     acc_lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_out.dtype, device=q.device)
-    ring = _RingExchange(group)
-    k_cur, v_cur = k.contiguous(), v.contiguous()
-    for step in range(world):
-        src = (rank - step) % world
-        pending = ring.start([k_cur, v_cur]) if step + 1 < world else None
+    for src, k_cur, v_cur in _ring_blocks(k, v, group):
         for rows, keys, w in _ring_step_calls(layout, window, rank, src, world, n_local):
             out, lse = torch.ops.flash_attn2.fwd_with_lse(q[:, :, rows], k_cur[:, :, keys], v_cur[:, :, keys], False,
                                                           scale, window_size=list(w), softcap=softcap)
             _merge(acc_out, acc_lse, rows, out, lse.to(acc_lse.dtype))
-        if pending is not None:
-            (k_cur, v_cur), works = pending
-            _RingExchange.finish(works)
     return acc_out.to(q.dtype), acc_lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
@@ -217,10 +225,7 @@ def _ring_backward(dout, q, k, v, out, lse, window, scale, softcap, group, layou
     dk = torch.zeros(k.shape, dtype=_acc_dtype(k), device=k.device)  # travels with the K/V block in hand
     dv = torch.zeros_like(dk)
     ring = _RingExchange(group)
-    k_cur, v_cur = k.contiguous(), v.contiguous()
-    for step in range(world):
-        src = (rank - step) % world
-        pending = ring.start([k_cur, v_cur]) if step + 1 < world else None
+    for src, k_cur, v_cur in _ring_blocks(k, v, group):
         for rows, keys, w in _ring_step_calls(layout, window, rank, src, world, n_local):
             gq, gk, gv = torch.ops.flash_attn2.bwd(dout[:, :, rows], q[:, :, rows], k_cur[:, :, keys],
                                                    v_cur[:, :, keys], out[:, :, rows], lse[:, :, rows].contiguous(),
@@ -231,9 +236,6 @@ def _ring_backward(dout, q, k, v, out, lse, window, scale, softcap, group, layou
         # The accumulators follow their block: after W hand-overs each is back with the block's owner, complete.
         (dk, dv), works = ring.start([dk, dv]) if world > 1 else ((dk, dv), [])
         _RingExchange.finish(works)
-        if pending is not None:
-            (k_cur, v_cur), works = pending
-            _RingExchange.finish(works)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
