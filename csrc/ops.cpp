@@ -33,4 +33,6 @@ TORCH_LIBRARY(flash_attn2, m) {
   // folded or deduplicated) rather than a host-side draw, so that torch.compile graphs draw a new state on
   // every call instead of baking the one seen while tracing.
   m.def("draw_rng_state(Device device) -> Tensor", {at::Tag::nondeterministic_seeded});
+  // The SDPA backend provider's switch (sdpa_provider.cpp): "activate", "restore" or "status".
+  m.def("_sdpa_provider(str action) -> int[]");
 }

@@ -20,6 +20,7 @@ __all__ = [
     "attention_varlen_with_lse",
     "attention_kvcache",
     "dropout_keep_mask",
+    "sdpa_provider_status",
     "library_path",
     "cmake_prefix_path",
 ]
@@ -205,3 +206,31 @@ def dropout_keep_mask(
 
 for _f in (attention, attention_with_lse, attention_varlen, attention_varlen_with_lse):
     _f.__doc__ = (_f.__doc__ or "") + _OPTIONS_DOC
+
+
+# ---- SDPA backend provider ---------------------------------------------------------------------------------------
+# torch.nn.attention.activate_flash_attention_impl("flash_attn2") routes PyTorch's flash-attention ops (the flash
+# path of F.scaled_dot_product_attention, torch.nn.attention.varlen.varlen_attn) to flash_attn2's kernels;
+# restore_flash_attention_impl() undoes it. Registered on import, never activated on import (PyTorch asks providers
+# not to). The switch itself lives in the C++ library (flash_attn2::sdpa::activate / restore), shared with LibTorch
+# programs.
+
+class _SdpaProviderHandle:
+    def remove(self) -> None:
+        torch.ops.flash_attn2._sdpa_provider("restore")
+
+
+def _activate_sdpa_provider() -> _SdpaProviderHandle:
+    torch.ops.flash_attn2._sdpa_provider("activate")
+    return _SdpaProviderHandle()
+
+
+def sdpa_provider_status() -> dict:
+    """Whether the SDPA provider is active, and how many calls of PyTorch's flash ops it ran on flash_attn2
+    (``forward``, ``backward``) or handed to PyTorch's own kernel (``fallback_forward``, ``fallback_backward``)."""
+    active, fwd, bwd, fb_fwd, fb_bwd = torch.ops.flash_attn2._sdpa_provider("status")
+    return dict(active=bool(active), forward=fwd, backward=bwd, fallback_forward=fb_fwd, fallback_backward=fb_bwd)
+
+
+if hasattr(torch.nn.attention, "register_flash_attention_impl"):
+    torch.nn.attention.register_flash_attention_impl("flash_attn2", register_fn=_activate_sdpa_provider)

@@ -197,6 +197,57 @@ def bench_cuda(quick, out_path, rows, head_dims=None):
             fh.write("\n".join(lines) + "\n")
 
 
+def bench_provider_cuda(out_path=None, rows=None):
+    """F.scaled_dot_product_attention's flash path with the SDPA provider active (torch.nn.attention's
+    "flash_attn2" implementation) beside flash_attn2 called directly and the stock flash path: the provider should
+    cost nothing but a dispatch."""
+    import torch.nn.attention as attn
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    header = ("| D | causal | N | B | H | fwd ours | fwd sdpa->fa2 | fwd sdpa flash | fwd provider/ours "
+              "| bwd ours | bwd sdpa->fa2 | bwd sdpa flash | bwd provider/ours |")
+    lines = ["", "SDPA provider: TFLOP/s, bf16, (B, N, H, D) buffers viewed as (B, H, N, D)", "", header,
+             "|" + "---|" * 13]
+    print("\n".join(lines[1:]), flush=True)
+    cases = [(d, causal, n) for d in (64, 128) for causal in (False, True) for n in (2048, 8192)]
+    for i, (d, causal, n) in enumerate(cases):
+        progress(i + 1, len(cases), f"provider D={d} causal={causal} N={n}")
+        b, h = 16384 // n, 2048 // d
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+                   for _ in range(3))
+        dout = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        flops = 4 * b * h * n * n * d / (2 if causal else 1)
+
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        results = {"ours": time_cuda_case(lambda q, k, v: flash_attn2.attention(q, k, v, causal), q, k, v, dout)}
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            results["stock"] = time_cuda_case(sdpa, q, k, v, dout)
+            attn.activate_flash_attention_impl("flash_attn2")
+            try:
+                results["provider"] = time_cuda_case(sdpa, q, k, v, dout)
+            finally:
+                attn.restore_flash_attention_impl()
+        tf = {name: (flops / (f * 1e-3) / 1e12, 2.5 * flops / (bw * 1e-3) / 1e12) for name, (f, bw) in results.items()}
+        row = (f"| {d} | {causal} | {n} | {b} | {h} | "
+               + " | ".join(f"{tf[x][0]:.0f}" for x in ("ours", "provider", "stock"))
+               + f" | {tf['provider'][0] / tf['ours'][0]:.2f} | "
+               + " | ".join(f"{tf[x][1]:.0f}" for x in ("ours", "provider", "stock"))
+               + f" | {tf['provider'][1] / tf['ours'][1]:.2f} |")
+        print(row, flush=True)
+        lines.append(row)
+        if rows is not None:
+            for name, (fv, bv) in tf.items():
+                impl = {"ours": "flash_attn2", "stock": "sdpa flash", "provider": "sdpa flash via flash_attn2"}[name]
+                base = dict(device="cuda", dtype="bfloat16", D=d, causal=causal, N=n, impl=impl, table="provider")
+                rows.append(dict(base, direction="fwd", tflops=fv))
+                rows.append(dict(base, direction="bwd", tflops=bv))
+    if out_path:
+        with open(out_path, "a") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
 def _fwd_bwd_ms(fn, inputs, dout):
     fwd = median_ms_cuda(lambda: fn(*inputs))
     out = fn(*inputs)
@@ -433,7 +484,8 @@ def write_plot(path, rows):
         return False
     decode = [r for r in rows if r.get("case") == "decode" and r["Nq"] == 1]
     metric = "tflops" if any("tflops" in r for r in rows) else "ms"
-    rows = [r for r in rows if metric in r]
+    # The provider table repeats flash_attn2 and stock flash at a few lengths: plot only its own line.
+    rows = [r for r in rows if metric in r and (r.get("table") != "provider" or "via" in r["impl"])]
     panels = sorted({(r["device"], r["dtype"], r["D"], r["direction"]) for r in rows}, key=str)
     decode_panels = sorted({(r["B"], r["Hkv"]) for r in decode})
     total = len(panels) + len(decode_panels)
@@ -495,6 +547,9 @@ def main(argv=None):
     parser.add_argument("--decode", action="store_true",
                         help="CUDA: also time decoding (fwd_kvcache, one query over a long KV cache) vs SDPA")
     parser.add_argument("--decode-only", action="store_true", help="CUDA: only the decode rows")
+    parser.add_argument("--provider", action="store_true",
+                        help="CUDA: also time SDPA's flash path with the flash_attn2 SDPA provider active")
+    parser.add_argument("--provider-only", action="store_true", help="CUDA: only the SDPA provider rows")
     parser.add_argument("--json", help="also write every timing as JSON here (for machines)")
     parser.add_argument("--plot", help="write a PNG plot here (default: next to --out, with .png); needs matplotlib")
     parser.add_argument("--cpu-seqlens", type=lambda x: [int(n) for n in x.split(",")], default=[1024, 4096],
@@ -521,12 +576,14 @@ def main(argv=None):
         if device == "cpu":
             bench_cpu(args.reps, rows, args.cpu_seqlens)
         else:
-            if not (args.variants_only or args.decode_only):
+            if not (args.variants_only or args.decode_only or args.provider_only):
                 bench_cuda(args.quick, args.out, rows, args.head_dims)
             if args.variants or args.variants_only:
                 bench_variants_cuda(args.out)
             if args.decode or args.decode_only:
                 bench_decode_cuda(args.out, rows)
+            if args.provider or args.provider_only:
+                bench_provider_cuda(args.out, rows)
     if args.json:
         write_json(args.json, rows)
     plot = args.plot or (args.out.rsplit(".", 1)[0] + ".png" if args.out else None)

@@ -120,4 +120,26 @@ at::Tensor dropout_keep_mask(const at::Tensor& rng_state, int64_t batch, int64_t
 // A fresh [seed, offset] from the default generator of `device` (what the differentiable functions use).
 at::Tensor draw_rng_state(c10::Device device);
 
+
+// The SDPA backend provider: routes PyTorch's flash-attention ops (aten::_scaled_dot_product_flash_attention and
+// its backward, the flash path of F.scaled_dot_product_attention; aten::_flash_attention_forward / _backward,
+// which torch.nn.attention.varlen.varlen_attn calls) to flash_attn2's kernels with aten's exact semantics
+// (FlashAttention-2's bottom-right causal alignment and window rules, aten's layouts and return values, +inf LSE
+// for rows that see no key, dropout state from the device's default generator in aten's rng_state tensors).
+// What flash_attn2 cannot run (return_debug_mask, seqused_k, alibi_slopes on _flash_attention_forward, devices
+// older than sm_80, dropout under CUDA graph capture, a backward whose dropout forward ran on PyTorch's kernel)
+// falls back to PyTorch's kernel. While active the same ops also run on the CPU, where PyTorch has no kernel
+// for them. The Python package registers this as torch.nn.attention's "flash_attn2" implementation
+// (activate_flash_attention_impl / restore_flash_attention_impl); from C++ call these.
+namespace sdpa {
+void activate();  // idempotent
+void restore();   // back to PyTorch's kernels; idempotent
+bool is_active();
+// Calls the adapters ran on flash_attn2 and calls they handed to PyTorch's kernel, since the process started.
+struct Counters {
+  int64_t forward, backward, fallback_forward, fallback_backward;
+};
+Counters counters();
+}  // namespace sdpa
+
 }  // namespace flash_attn2
