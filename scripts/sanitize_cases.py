@@ -8,15 +8,28 @@ import torch
 
 import flash_attn2
 
-# FA2_SANITIZE=kvcache runs only the split-KV / KV-cache cases.
+# FA2_SANITIZE=kvcache runs only the split-KV / KV-cache cases; FA2_SANITIZE=fwd only forwards of several key
+# tiles (the double-buffered Hopper forward's pipeline: d128 and d256, plain and with score modifiers).
 only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 
 torch.manual_seed(0)
 rng = torch.tensor([7, 8])
+if os.environ.get("FA2_SANITIZE") == "fwd":
+    for dtype in (torch.bfloat16, torch.float16):
+        for d, nq, nk, causal in [(128, 200, 300, True), (128, 40, 520, False), (256, 70, 200, False),
+                                  (64, 130, 300, True)]:
+            q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype)
+            k = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype)
+            v = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype)
+            flash_attn2.attention(q, k, v, causal)
+            flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0, dropout_p=0.2, rng_state=rng)
+    torch.cuda.synchronize()
+    print("sanitize cases ran (fwd)")
+    raise SystemExit(0)
 for dtype in (torch.bfloat16, torch.float16):
     for d, nq, nk, hq, hkv, causal in [(64, 17, 33, 4, 2, True), (128, 130, 70, 2, 1, True),
                                        (72, 65, 65, 2, 2, False), (256, 33, 129, 2, 2, False),
-                                       (32, 1, 200, 2, 2, True)]:
+                                       (32, 1, 200, 2, 2, True), (128, 40, 300, 2, 1, False)]:
         if only_kvcache:
             break
         q = torch.randn(2, hq, nq, d, device="cuda", dtype=dtype, requires_grad=True)

@@ -4,6 +4,20 @@
 // a 128-row tile: S = Q K_j^T with both operands in shared memory, the online softmax of softmax.cuh on the
 // accumulators (their per-warp layout is the mma.sync one), then O += P V_j with P straight from registers
 // as the A operand and V as the N-major B operand.
+//
+// d = 256 overlaps each tile's softmax with MMAs (FlashAttention-3's intra-warpgroup pipelining): K and V
+// are double-buffered, and step j issues S_j = Q K_j^T and O += P_{j+1} V_{j+1} together, runs the softmax of
+// S_j once the first is done (while the tensor cores still work on the second), then rescales O:
+//
+//   S_last = Q K_last^T; P_last = softmax(S_last)
+//   for j = last - 1 down to first:   (loads of V_j and K_{j-1} in flight meanwhile)
+//     issue S_j = Q K_j^T; issue O += P_{j+1} V_{j+1}; wait S_j
+//     P_j, alpha = softmax(S_j)        (overlaps O += P_{j+1} V_{j+1})
+//     wait O; O *= alpha
+//   O += P_first V_first
+//
+// d = 64 and 128 keep one K and one V buffer and run the steps back to back (at d = 64 two blocks per SM overlap
+// one block's softmax with the other's MMAs); the overlap measured no faster at d = 128 (docs/perf.md v7.1).
 #pragma once
 
 #include <cmath>
@@ -32,6 +46,14 @@ struct FwdSm90Traits {
   // d = 64 does half the MMA work of d = 128 per softmax element: two blocks per SM (<= 128 registers per
   // thread) let one block's softmax overlap the other's MMAs.
   static constexpr int kMinBlocksPerSm = kHeadDim <= 64 ? 2 : 1;
+  // Softmax of tile j beside the MMAs of tiles j and j + 1 from this head dim up: +2-5% forward at d = 256; at
+  // d = 128 +6-7% non-causal but -6% causal N = 2048 (docs/perf.md v7.1), so d = 128 keeps the back-to-back loop.
+  // A compile-time knob for A/B runs (scripts/ab_forward.py): CUDAFLAGS=-DFA2_FWD_OVERLAP_MIN_D=128 or 512.
+#ifndef FA2_FWD_OVERLAP_MIN_D
+#define FA2_FWD_OVERLAP_MIN_D 256
+#endif
+  static constexpr bool kOverlap = kHeadDim >= FA2_FWD_OVERLAP_MIN_D;
+  static constexpr int kKvStages = kOverlap ? 2 : 1;  // K and V buffers each
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma forward: d = 64, 128 or 256");
 
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;  // also stages O for the output store
@@ -39,7 +61,8 @@ struct FwdSm90Traits {
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kAlign = 1024;  // the 128-byte swizzle repeats every 1024 bytes
-  static constexpr int kSmemBytes = kSmemQ + 2 * kSmemKV + kAlign;  // Q | K | V, plus alignment slack
+  // Q | K_0 | V_0 [| K_1 | V_1], plus alignment slack
+  static constexpr int kSmemBytes = kSmemQ + 2 * kSmemKV * kKvStages + kAlign;
 };
 
 template <class Kt, bool kScoreMod>
@@ -55,8 +78,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   const uint32_t raw_u = smem_u32(smem_raw);
   const uint32_t sQ_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
   T* sQ = reinterpret_cast<T*>(smem_raw + (sQ_u - raw_u));
-  const uint32_t sK_u = sQ_u + Kt::kSmemQ;
-  const uint32_t sV_u = sK_u + Kt::kSmemKV;
+  auto sK_u = [&](int stage) { return sQ_u + Kt::kSmemQ + static_cast<uint32_t>(stage * 2 * Kt::kSmemKV); };
+  auto sV_u = [&](int stage) { return sK_u(stage) + Kt::kSmemKV; };
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
@@ -80,67 +103,125 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
   const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
 
-  g2s_tile_async<TileQ, kThreads>(sQ_u, q, p.q_row_stride, blk.rows, d, tid);
-  {
-    const int key0 = (io.n_end - 1) * kBlockN;
-    g2s_tile_async<TileKV, kThreads>(sK_u, k + static_cast<index_t>(key0) * p.k_row_stride, p.k_row_stride,
-                                     seqlen_k - key0, d, tid);
-  }
-  cp_async_commit();
-
-  float acc_o[1][kHeadDim / 8][4];
-  zero_acc(acc_o);
-  OnlineSoftmax<1> softmax;
-
-  for (int n_block = io.n_end - 1; n_block >= io.n_begin; --n_block) {
+  auto load_k = [&](int n_block, int stage) {
     const int key0 = n_block * kBlockN;
-    cp_async_wait<0>();
-    fence_proxy_async_smem();  // cp.async wrote through the generic proxy; wgmma reads through the async one
-    __syncthreads();           // K_j landed for everyone; everyone is done with V_{j+1}
-    g2s_tile_async<TileKV, kThreads>(sV_u, v + static_cast<index_t>(key0) * p.v_row_stride, p.v_row_stride,
+    g2s_tile_async<TileKV, kThreads>(sK_u(stage), k + static_cast<index_t>(key0) * p.k_row_stride, p.k_row_stride,
                                      seqlen_k - key0, d, tid);
-    cp_async_commit();
-
-    float acc_s[1][kBlockN / 8][4];
-    wgmma_fence();
+  };
+  auto load_v = [&](int n_block, int stage) {
+    const int key0 = n_block * kBlockN;
+    g2s_tile_async<TileKV, kThreads>(sV_u(stage), v + static_cast<index_t>(key0) * p.v_row_stride, p.v_row_stride,
+                                     seqlen_k - key0, d, tid);
+  };
+  // Issue S = Q K^T (K in `stage`) / O += P V (V in `stage`) on this warpgroup's rows; each is one wgmma group.
+  auto issue_s = [&](float (&acc_s)[1][kBlockN / 8][4], int stage) {
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks)
       WgmmaOp<T, kBlockN>::template ss<0, 0>(flat(acc_s), desc_k_major<TileQ>(sQ_u, 64 * wg, ks),
-                                             desc_k_major<TileKV>(sK_u, 0, ks), ks > 0);
+                                             desc_k_major<TileKV>(sK_u(stage), 0, ks), ks > 0);
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc_s);
-
-    const int r0 = blk.row0 + warp_row0 + g, c0 = key0 + 2 * t;  // this thread's first query / key
-    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
-    if (vis.tile_needs_mask(blk.row0, kBlockM, key0, kBlockN)) apply_mask(acc_s, r0, c0, vis);
-    softmax.update(acc_s, acc_o, p.scale_log2);
-    if constexpr (kScoreMod) {
-      if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
-    }
-    uint32_t frag_p[1][kBlockN / 16][4];
-    acc_to_a_frags<T>(frag_p, acc_s);
-
-    cp_async_wait<0>();
-    fence_proxy_async_smem();
-    __syncthreads();  // V_j landed for everyone; everyone is done with K_j
-    if (n_block > io.n_begin) {
-      const int key_prev = key0 - kBlockN;
-      g2s_tile_async<TileKV, kThreads>(sK_u, k + static_cast<index_t>(key_prev) * p.k_row_stride,
-                                       p.k_row_stride, seqlen_k - key_prev, d, tid);
-      cp_async_commit();
-    }
-    wgmma_fence();
+  };
+  float acc_o[1][kHeadDim / 8][4];
+  zero_acc(acc_o);
+  auto issue_o = [&](const uint32_t (&frag_p)[1][kBlockN / 16][4], int stage) {
 #pragma unroll
     for (int n0 = 0; n0 < kHeadDim; n0 += Kt::kPvN)
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk)
         WgmmaOp<T, Kt::kPvN>::template rs<1>(acc_cols<Kt::kPvN>(acc_o, n0), frag_p[0][kk],
-                                             desc_mn_major<TileKV>(sV_u, n0 / 64, kk), 1);
+                                             desc_mn_major<TileKV>(sV_u(stage), n0 / 64, kk), 1);
     wgmma_commit();
+  };
+  OnlineSoftmax<1> softmax;
+  // Scores of key tile n_block -> P (in place): score rule, mask where the tile crosses a visibility edge, online
+  // softmax (alpha: the factor O still owes), dropout keep.
+  auto softmax_step = [&](float (&acc_s)[1][kBlockN / 8][4], int n_block, float (&alpha)[1][2]) {
+    const int r0 = blk.row0 + warp_row0 + g, c0 = n_block * kBlockN + 2 * t;  // this thread's first query / key
+    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
+    if (vis.tile_needs_mask(blk.row0, kBlockM, n_block * kBlockN, kBlockN)) apply_mask(acc_s, r0, c0, vis);
+    softmax.update_scores(acc_s, p.scale_log2, alpha);
+    if constexpr (kScoreMod) {
+      if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
+    }
+  };
+  auto landed = [] {
+    fence_proxy_async_smem();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    __syncthreads();
+  };
+
+  float acc_s[1][kBlockN / 8][4];
+  uint32_t frag_p[1][kBlockN / 16][4];
+  float alpha[1][2];
+  const int n_last = io.n_end - 1;  // key tiles are walked from the last down, so masked diagonal tiles go first
+  g2s_tile_async<TileQ, kThreads>(sQ_u, q, p.q_row_stride, blk.rows, d, tid);
+  load_k(n_last, 0);
+  cp_async_commit();
+
+  if constexpr (Kt::kOverlap) {
+    load_v(n_last, 0);
+    cp_async_commit();
+    if (n_last > io.n_begin) load_k(n_last - 1, 1);
+    cp_async_commit();
+    cp_async_wait<2>();
+    landed();  // Q and K_last
+    wgmma_fence();
+    issue_s(acc_s, 0);
+    wgmma_wait<0>();
+    fence_regs(acc_s);
+    softmax_step(acc_s, n_last, alpha);  // O is still zero: nothing to rescale
+    acc_to_a_frags<T>(frag_p, acc_s);
+    for (int n_block = n_last - 1; n_block >= io.n_begin; --n_block) {
+      const int cur = (n_last - n_block) & 1, prev = cur ^ 1;  // buffers of tile n_block and of n_block + 1
+      cp_async_wait<0>();
+      landed();  // K_j and V_{j+1} landed for everyone; everyone is done with V_{j+2} and K_{j+1}
+      wgmma_fence();
+      issue_s(acc_s, cur);
+      issue_o(frag_p, prev);
+      // The next loads go to the buffers these MMAs do not read, issued while the tensor cores work.
+      load_v(n_block, cur);
+      if (n_block > io.n_begin) load_k(n_block - 1, prev);
+      cp_async_commit();
+      wgmma_wait<1>();  // S_j done; O += P_{j+1} V_{j+1} may still run
+      fence_regs(acc_s);
+      softmax_step(acc_s, n_block, alpha);
+      wgmma_wait<0>();
+      fence_regs(acc_o);
+      fence_regs(frag_p);  // the A fragments stay untouched until the MMA reading them is done
+      softmax.rescale(acc_o, alpha);
+      acc_to_a_frags<T>(frag_p, acc_s);
+    }
+    cp_async_wait<0>();
+    landed();  // V_first
+    wgmma_fence();
+    issue_o(frag_p, (n_last - io.n_begin) & 1);
     wgmma_wait<0>();
     fence_regs(acc_o);
-    fence_regs(frag_p);
+  } else {
+    for (int n_block = n_last; n_block >= io.n_begin; --n_block) {
+      cp_async_wait<0>();
+      landed();  // K_j landed for everyone; everyone is done with V_{j+1}
+      load_v(n_block, 0);
+      cp_async_commit();
+      wgmma_fence();
+      issue_s(acc_s, 0);
+      wgmma_wait<0>();
+      fence_regs(acc_s);
+      softmax_step(acc_s, n_block, alpha);
+      softmax.rescale(acc_o, alpha);
+      acc_to_a_frags<T>(frag_p, acc_s);
+
+      cp_async_wait<0>();
+      landed();  // V_j landed for everyone; everyone is done with K_j
+      if (n_block > io.n_begin) {
+        load_k(n_block - 1, 0);
+        cp_async_commit();
+      }
+      wgmma_fence();
+      issue_o(frag_p, 0);
+      wgmma_wait<0>();
+      fence_regs(acc_o);
+      fence_regs(frag_p);
+    }
   }
 
   float row_lse[1][2];

@@ -27,6 +27,15 @@ struct OnlineSoftmax {
   // the sums, and overwrites s with P = exp2(s*scale_log2 - max*scale_log2). Assumes scale_log2 > 0.
   template <int NS, int NO>
   FA2_DEVICE void update(float (&s)[MT][NS][4], float (&o)[MT][NO][4], float scale_log2) {
+    float alpha[MT][2];
+    update_scores(s, scale_log2, alpha);
+    rescale(o, alpha);
+  }
+
+  // update() without touching o: returns the factor alpha each row's o must be multiplied by, so that a kernel
+  // can overlap this softmax with an MMA still accumulating into o and rescale once that MMA is done.
+  template <int NS>
+  FA2_DEVICE void update_scores(float (&s)[MT][NS][4], float scale_log2, float (&alpha)[MT][2]) {
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
@@ -38,7 +47,7 @@ struct OnlineSoftmax {
         // A row with nothing visible yet keeps max = -inf: use 0 as the offset so exp2(-inf - 0) = 0 instead
         // of exp2(-inf + inf) = NaN.
         const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
-        const float alpha = fast_exp2(row_max[mi][h] * scale_log2 - m_scaled);
+        alpha[mi][h] = fast_exp2(row_max[mi][h] * scale_log2 - m_scaled);
         row_max[mi][h] = m;
         float sum = 0.f;
 #pragma unroll
@@ -49,13 +58,21 @@ struct OnlineSoftmax {
             s[mi][ni][2 * h + e] = p;
             sum += p;
           }
-        row_sum[mi][h] = row_sum[mi][h] * alpha + sum;
+        row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + sum;
+      }
+  }
+
+  template <int NO>
+  FA2_DEVICE static void rescale(float (&o)[MT][NO][4], const float (&alpha)[MT][2]) {
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int ni = 0; ni < NO; ++ni) {
-          o[mi][ni][2 * h] *= alpha;
-          o[mi][ni][2 * h + 1] *= alpha;
+          o[mi][ni][2 * h] *= alpha[mi][h];
+          o[mi][ni][2 * h + 1] *= alpha[mi][h];
         }
-      }
   }
 
   // Divides o by the row sums and returns the natural-log LSE per row; a row that saw no key gets
