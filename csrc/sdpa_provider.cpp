@@ -253,8 +253,11 @@ Tensor3 flash_attention_backward(const at::Tensor& grad_out, const at::Tensor& q
   if (why.empty() && varlen != cum_seq_k.defined()) why = "only one of cum_seq_q / cum_seq_k";
   std::optional<at::Tensor> seed_offset;
   if (why.empty() && dropout_p > 0) {
-    seed_offset = our_dropout_state(rng_state, unused);
-    if (!seed_offset) why = "dropout whose forward ran on PyTorch's kernel";
+    if (capturing(query)) {  // the state cannot be read back during capture; a captured forward ran on stock
+      why = "dropout under CUDA graph capture";
+    } else if (!(seed_offset = our_dropout_state(rng_state, unused))) {
+      why = "dropout whose forward ran on PyTorch's kernel";
+    }
   }
   if (!why.empty()) {
     if (!t_in_stock) ++n_fallback_backward;
@@ -324,8 +327,11 @@ Tensor3 sdpa_flash_backward(const at::Tensor& grad_out, const at::Tensor& query,
   std::string why = unsupported(query, key, value, 4);
   std::optional<at::Tensor> seed_offset;
   if (why.empty() && dropout_p > 0) {
-    seed_offset = our_dropout_state(philox_seed, philox_offset);
-    if (!seed_offset) why = "dropout whose forward ran on PyTorch's kernel";
+    if (capturing(query)) {
+      why = "dropout under CUDA graph capture";
+    } else if (!(seed_offset = our_dropout_state(philox_seed, philox_offset))) {
+      why = "dropout whose forward ran on PyTorch's kernel";
+    }
   }
   if (!why.empty()) {
     ++n_fallback_backward;

@@ -393,18 +393,29 @@ def test_compiled_sdpa_runs_on_the_provider():
 
 @requires_cuda
 def test_dropout_under_graph_capture_goes_to_the_stock_kernel(provider):
-    """flash_attn2's dropout state is read on the host, so a captured dropout forward is PyTorch's (graph-safe)."""
-    q, k, v = (torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    """flash_attn2's dropout state is read on the host, so a captured dropout step (forward and backward) is
+    PyTorch's, graph-safe, and replays with a fresh mask."""
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = aten._scaled_dot_product_flash_attention(q, k, v, 0.1, False)[0]
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        aten._scaled_dot_product_flash_attention(q, k, v, 0.1, False)  # warm-up outside capture
+        step()  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(stream)
     before = counts()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = aten._scaled_dot_product_flash_attention(q, k, v, 0.1, False)[0]
+        results = step()
+    assert counts() == advanced(before, fallback_forward=1, fallback_backward=1)
+    graph.replay()
+    first = [t.clone() for t in results]
     graph.replay()
     torch.cuda.synchronize()
-    assert counts() == advanced(before, fallback_forward=1)
-    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(t).all() for t in results)
+    assert not torch.equal(first[0], results[0]), "each replay must draw a new dropout mask"
