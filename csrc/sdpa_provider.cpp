@@ -28,6 +28,7 @@
 #endif
 
 #include <atomic>
+#include <deque>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -125,7 +126,8 @@ at::Tensor like(const at::Tensor& result, const at::Tensor& input) {
 // forward fills both: [seed, offset] drawn from the device's default generator (advanced by what aten's kernel
 // reserves, batch * heads * 32) and, in `unused`, a tag of the pair, so that the backward can tell a forward that
 // ran here (whose dropout mask it must regenerate) from one that ran on the stock kernel (whose mask only the
-// stock backward knows).
+// stock backward knows). The forward also remembers the pair on the host, keyed by rng_state's storage, so the
+// backward of a recent forward finds it without reading the device; the tag is read only when that misses.
 
 uint64_t tag_of(uint64_t seed, uint64_t offset) {
   return (seed * 0x9E3779B97F4A7C15ull) ^ (offset + 0x632BE59BD9B4E019ull) ^ 0x666c617368327632ull;  // "flash2v2"
@@ -135,6 +137,35 @@ struct DropoutState {
   std::optional<at::Tensor> ours;  // int64 CPU [seed, offset], what flash_attn2's kernels take
   at::Tensor rng_state, unused;    // what aten returns
 };
+
+// The host copy of recent states. A weak reference keeps the storage's address from being reused while its
+// entry exists, so a match is the very tensor the forward returned (or a view of it), never a later one.
+struct RememberedState {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  uint64_t seed, offset;
+};
+constexpr size_t kRememberedStates = 4096;
+std::mutex g_states_mutex;
+std::deque<RememberedState> g_states;
+
+void remember(const at::Tensor& rng_state, uint64_t seed, uint64_t offset) {
+  std::lock_guard<std::mutex> lock(g_states_mutex);
+  if (g_states.size() == kRememberedStates) g_states.pop_front();
+  g_states.push_back({rng_state.storage().getWeakStorageImpl(), seed, offset});
+}
+
+std::optional<at::Tensor> recall(const at::Tensor& rng_state) {
+  if (!rng_state.defined() || !rng_state.has_storage()) return std::nullopt;
+  const c10::StorageImpl* impl = rng_state.storage().unsafeGetStorageImpl();
+  std::lock_guard<std::mutex> lock(g_states_mutex);
+  for (auto it = g_states.rbegin(); it != g_states.rend(); ++it) {
+    if (it->storage._unsafe_get_target() == impl && !it->storage.expired()) {
+      return at::tensor({static_cast<int64_t>(it->seed), static_cast<int64_t>(it->offset)},
+                        at::TensorOptions().dtype(at::kLong));
+    }
+  }
+  return std::nullopt;
+}
 
 DropoutState draw_dropout_state(const at::Tensor& q, int64_t batch, int64_t heads, double dropout_p) {
   const auto u64 = q.options().dtype(at::kUInt64);
@@ -154,12 +185,15 @@ DropoutState draw_dropout_state(const at::Tensor& q, int64_t batch, int64_t head
   const auto cpu = at::TensorOptions().dtype(at::kLong);
   const at::Tensor ours = at::tensor({static_cast<int64_t>(seed), static_cast<int64_t>(offset)}, cpu);
   const at::Tensor tag = at::scalar_tensor(static_cast<int64_t>(tag_of(seed, offset)), cpu);
-  return {ours, ours.to(q.device()).view(at::kUInt64), tag.to(q.device()).view(at::kUInt64)};
+  DropoutState state{ours, ours.to(q.device()).view(at::kUInt64), tag.to(q.device()).view(at::kUInt64)};
+  remember(state.rng_state, seed, offset);
+  return state;
 }
 
-// The [seed, offset] of a forward that ran here, or nothing when the state is not one flash_attn2 wrote. Reads
-// three numbers from the device: the one host synchronisation of a backward with dropout.
+// The [seed, offset] of a forward that ran here, or nothing when the state is not one flash_attn2 wrote: from the
+// host copy, else read back with the tag (three numbers from the device: a host synchronisation).
 std::optional<at::Tensor> our_dropout_state(const at::Tensor& rng_state, const at::Tensor& unused) {
+  if (auto remembered = recall(rng_state)) return remembered;
   if (!rng_state.defined() || !unused.defined() || rng_state.numel() != 2 || unused.numel() != 1 ||
       rng_state.element_size() != 8 || unused.element_size() != 8) {
     return std::nullopt;

@@ -240,16 +240,36 @@ def test_backward_of_a_foreign_dropout_forward_is_not_ours(provider, device):
     torch.manual_seed(4)
     q, k, v, dout = (torch.randn(1, 2, 16, 32, device=device, dtype=torch.bfloat16) for _ in range(4))
     out, lse, _, _, _, _, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, 0.2, False)
-    foreign = torch.zeros_like(offset)
+    # The same numbers in new tensors, with a tag that is not ours: what a stock forward's state looks like.
+    foreign_seed, foreign_tag = seed.clone(), torch.zeros_like(offset)
     before = counts()
     call = lambda: aten._scaled_dot_product_flash_attention_backward(  # noqa: E731
-        dout, q, k, v, out, lse, None, None, 16, 16, 0.2, False, seed, foreign)
+        dout, q, k, v, out, lse, None, None, 16, 16, 0.2, False, foreign_seed, foreign_tag)
     if device == "cpu":
         with pytest.raises(RuntimeError, match="cannot run dropout whose forward ran on PyTorch's kernel"):
             call()
     else:
         call()
     assert counts() == advanced(before, fallback_backward=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_state_is_found_on_the_host_or_by_its_tag(provider, device):
+    """The backward finds [seed, offset] from the forward's own rng_state tensor without reading the device (the
+    tag may even be wrong), or, for a copy of the state, by reading it and its tag back; both give the forward's
+    mask."""
+    torch.manual_seed(10)
+    q, k, v, dout = (torch.randn(1, 2, 16, 32, device=device, dtype=torch.bfloat16) for _ in range(4))
+    out, lse, _, _, _, _, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, 0.3, True)
+    state = seed.view(torch.int64).cpu()
+    want = torch.ops.flash_attn2.bwd(dout, q, k, v, out, lse, True, dropout_p=0.3, rng_state=state)
+    for s, tag in ((seed, torch.zeros_like(offset)), (seed.clone(), offset.clone())):
+        before = counts()
+        got = aten._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, None, None, 16, 16, 0.3,
+                                                                True, s, tag)
+        assert counts() == advanced(before, backward=1)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
 
 
 @pytest.mark.parametrize("device", DEVICES)
