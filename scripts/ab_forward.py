@@ -1,7 +1,10 @@
-"""A/B of the forward kernel between two builds of the library, in one call on one GPU: each build's timing runs
-in its own process (FLASH_ATTN2_LIBRARY), alternately A, B, A, B, and each cell keeps the better of its runs.
+"""A/B of the forward kernel between two builds of the library, or one build under two environments, in one call
+on one GPU: each side's timing runs in its own process (FLASH_ATTN2_LIBRARY plus the side's variables),
+alternately A, B, A, B, and each cell keeps the better of its runs.
 
     python3 scripts/ab_forward.py build/a/libflash_attn2.so build/b/libflash_attn2.so [--head-dims 128,256]
+    python3 scripts/ab_forward.py build/gpu/libflash_attn2.so,FLASH_ATTN2_FWD_OVERLAP=0 \
+        build/gpu/libflash_attn2.so,FLASH_ATTN2_FWD_OVERLAP=1 --head-dims 128 --causal-lengths 2048,4096,8192
 """
 
 import argparse
@@ -13,21 +16,21 @@ import sys
 CHILD = r"""
 import json, sys, torch, flash_attn2
 res = {}
-for d in [int(x) for x in sys.argv[1].split(",")]:
-    for causal in (False, True):
-        for n in (2048, 8192, 16384):
-            b, h = 16384 // n, 2048 // d
-            q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
-            f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal)
-            for _ in range(3):
-                f()
-            ts = []
-            for _ in range(15):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record(); f(); e.record(); torch.cuda.synchronize()
-                ts.append(s.elapsed_time(e))
-            ms = sorted(ts)[len(ts) // 2]
-            res[f"{d} {causal} {n}"] = 4 * b * h * n * n * d / (2 if causal else 1) / ms / 1e9
+cases = [(d, causal, n) for d in [int(x) for x in sys.argv[1].split(",")] for causal in (False, True)
+         for n in [int(x) for x in sys.argv[3 if causal else 2].split(",")]]
+for d, causal, n in cases:
+    b, h = 16384 // n, 2048 // d
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal)
+    for _ in range(3):
+        f()
+    ts = []
+    for _ in range(15):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); f(); e.record(); torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    ms = sorted(ts)[len(ts) // 2]
+    res[f"{d} {causal} {n}"] = 4 * b * h * n * n * d / (2 if causal else 1) / ms / 1e9
 print(json.dumps(res))
 """
 
@@ -37,13 +40,16 @@ def main():
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--head-dims", default="128,256")
+    ap.add_argument("--lengths", default="2048,8192,16384", help="sequence lengths of the non-causal rows")
+    ap.add_argument("--causal-lengths", default="2048,8192,16384")
     args = ap.parse_args()
     best = {"a": {}, "b": {}}
     for _ in range(2):
         for name in ("a", "b"):
-            env = dict(os.environ, FLASH_ATTN2_LIBRARY=getattr(args, name))
-            out = subprocess.run([sys.executable, "-c", CHILD, args.head_dims], env=env, capture_output=True,
-                                 text=True, check=True).stdout
+            lib, *assignments = getattr(args, name).split(",")
+            env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib, **dict(a.split("=", 1) for a in assignments))
+            out = subprocess.run([sys.executable, "-c", CHILD, args.head_dims, args.lengths, args.causal_lengths],
+                                 env=env, capture_output=True, text=True, check=True).stdout
             for key, tf in json.loads(out.strip().splitlines()[-1]).items():
                 best[name][key] = max(best[name].get(key, 0.0), tf)
     print("| D | causal | N | fwd A | fwd B | B/A |")

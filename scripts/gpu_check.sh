@@ -53,6 +53,11 @@ if [[ $what == all || $what == tests ]]; then
     -k "cuda" >"$OUT/pytest_variants_portable.log" 2>&1
   grep -E "^(FAILED|ERROR)" "$OUT/pytest_variants_portable.log" | head -20
   summary+=("pytest variants, portable kernels: $(tail -1 "$OUT/pytest_variants_portable.log")")
+  # The d128 Hopper forward has two loops picked by key range: run the kernel tests with the overlapped one forced.
+  FLASH_ATTN2_FWD_OVERLAP=1 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py -q -rfE \
+    -p no:cacheprovider -k "cuda" >"$OUT/pytest_overlap.log" 2>&1
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_overlap.log" | head -20
+  summary+=("pytest kernels + variants, d128 forward overlapped everywhere: $(tail -1 "$OUT/pytest_overlap.log")")
   grep -E "FAILED|Failure" "$OUT/ctest_portable.log" | head -20
   summary+=("CUDA kernel tests, portable kernels (rc $rc): $(grep -E '^\[  PASSED  \]|tests? FAILED' "$OUT/ctest_portable.log" | tr '\n' ' ')")
   # The error-path tests run in their own process, so that a crash there (see "toolchain") cannot hide the

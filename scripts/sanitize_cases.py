@@ -9,13 +9,15 @@ import torch
 import flash_attn2
 
 # FA2_SANITIZE=kvcache runs only the split-KV / KV-cache cases; FA2_SANITIZE=fwd only forwards of several key
-# tiles (the double-buffered Hopper forward's pipeline: d128 and d256, plain and with score modifiers).
+# tiles (the double-buffered Hopper forward's pipeline: d128 with both loops and d256, plain and with score
+# modifiers).
 only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 
 torch.manual_seed(0)
 rng = torch.tensor([7, 8])
 if os.environ.get("FA2_SANITIZE") == "fwd":
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype, overlap in [(dt, o) for dt in (torch.bfloat16, torch.float16) for o in ("0", "1")]:
+        os.environ["FLASH_ATTN2_FWD_OVERLAP"] = overlap  # both d128 loops (read at every launch)
         for d, nq, nk, causal in [(128, 200, 300, True), (128, 40, 520, False), (256, 70, 200, False),
                                   (64, 130, 300, True)]:
             q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype)

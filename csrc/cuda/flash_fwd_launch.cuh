@@ -2,12 +2,14 @@
 // generated .cu files.
 #pragma once
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/flash_fwd_kernel.cuh"
@@ -55,6 +57,24 @@ inline bool use_sm90_kernels() {
 #endif
 }
 
+// Whether the d = 128 Hopper forward should take its overlapped loop: it pays when blocks walk many key tiles
+// (about 12 or more: measured -6% at 8.5 tiles per block, +7% at 16; docs/perf.md v7.1). The average key range
+// of a query row is estimated from the shapes and the window (causal = right bound 0). FLASH_ATTN2_FWD_OVERLAP=0
+// or 1 in the environment forces the choice (A/B runs, tests of both loops).
+inline bool fwd_overlap_pays(const FwdParams& p, int block_n) {
+  const char* force = std::getenv("FLASH_ATTN2_FWD_OVERLAP");
+  if (force != nullptr && force[0] != '\0') return std::strcmp(force, "0") != 0;
+  const int64_t nq = p.seqlen_q, nk = p.seqlen_k;
+  int64_t keys = nk;
+  if (p.window_left < 0 && p.window_right == 0) {  // causal
+    keys = nk >= nq ? nk - nq / 2 : nk / 2;
+  } else if (p.window_left >= 0 || p.window_right >= 0) {
+    const int64_t left = p.window_left < 0 ? nk : p.window_left, right = p.window_right < 0 ? nk : p.window_right;
+    keys = std::min<int64_t>(nk, left + right + 1);
+  }
+  return keys >= 12 * static_cast<int64_t>(block_n);
+}
+
 template <class Kernel, class Params>
 inline void launch(Kernel kernel, int64_t blocks, int threads, int smem_bytes, const Params& params,
                    cudaStream_t stream) {
@@ -74,8 +94,17 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
     if (detail::use_sm90_kernels()) {
       using K90 = FwdSm90Traits<T, kHeadDim>;
       const int64_t num_m = (params.seqlen_q + K90::kBlockM - 1) / K90::kBlockM;
-      return detail::launch(&flash_fwd_sm90_kernel<K90, kScoreMod>, num_m * bh, K90::kNThreads, K90::kSmemBytes,
-                            params, stream);
+      auto run = [&](auto overlap) {
+        constexpr bool kOverlap = decltype(overlap)::value;
+        detail::launch(&flash_fwd_sm90_kernel<K90, kScoreMod, kOverlap>, num_m * bh, K90::kNThreads,
+                       K90::smem_bytes(kOverlap), params, stream);
+      };
+      if constexpr (K90::kMustOverlap || !K90::kMayOverlap) {
+        return run(std::bool_constant<K90::kMustOverlap>{});
+      } else {
+        if (detail::fwd_overlap_pays(params, K90::kBlockN)) return run(std::true_type{});
+        return run(std::false_type{});
+      }
     }
   }
   const int64_t num_m = (params.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;

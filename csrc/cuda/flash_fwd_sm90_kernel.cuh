@@ -5,7 +5,7 @@
 // accumulators (their per-warp layout is the mma.sync one), then O += P V_j with P straight from registers
 // as the A operand and V as the N-major B operand.
 //
-// d = 256 overlaps each tile's softmax with MMAs (FlashAttention-3's intra-warpgroup pipelining): K and V
+// d = 256 (and d = 128 over long key ranges) overlaps each tile's softmax with MMAs (FlashAttention-3's intra-warpgroup pipelining): K and V
 // are double-buffered, and step j issues S_j = Q K_j^T and O += P_{j+1} V_{j+1} together, runs the softmax of
 // S_j once the first is done (while the tensor cores still work on the second), then rescales O:
 //
@@ -16,8 +16,8 @@
 //     wait O; O *= alpha
 //   O += P_first V_first
 //
-// d = 64 and 128 keep one K and one V buffer and run the steps back to back (at d = 64 two blocks per SM overlap
-// one block's softmax with the other's MMAs); the overlap measured no faster at d = 128 (docs/perf.md v7.1).
+// d = 64 (and d = 128 over short key ranges) keeps one K and one V buffer and runs the steps back to back (at
+// d = 64 two blocks per SM overlap one block's softmax with the other's MMAs).
 #pragma once
 
 #include <cmath>
@@ -46,26 +46,20 @@ struct FwdSm90Traits {
   // d = 64 does half the MMA work of d = 128 per softmax element: two blocks per SM (<= 128 registers per
   // thread) let one block's softmax overlap the other's MMAs.
   static constexpr int kMinBlocksPerSm = kHeadDim <= 64 ? 2 : 1;
-  // Softmax of tile j beside the MMAs of tiles j and j + 1 from this head dim up: +2-5% forward at d = 256; at
-  // d = 128 +6-7% non-causal but -6% causal N = 2048 (docs/perf.md v7.1), so d = 128 keeps the back-to-back loop.
-  // A compile-time knob for A/B runs (scripts/ab_forward.py): CUDAFLAGS=-DFA2_FWD_OVERLAP_MIN_D=128 or 512.
-#ifndef FA2_FWD_OVERLAP_MIN_D
-#define FA2_FWD_OVERLAP_MIN_D 256
-#endif
-  static constexpr bool kOverlap = kHeadDim >= FA2_FWD_OVERLAP_MIN_D;
-  static constexpr int kKvStages = kOverlap ? 2 : 1;  // K and V buffers each
-  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma forward: d = 64, 128 or 256");
-
+  // The overlapped loop (softmax of tile j beside the MMAs of tiles j and j + 1, K/V double-buffered) is the only
+  // one at d = 256 (+2-5% forward) and one of two at d = 128, where it gains 6-7% on long key ranges but loses 6%
+  // on short ones (causal N = 2048): the launcher picks it from the average key range (docs/perf.md v7.1).
+  static constexpr bool kMayOverlap = kHeadDim >= 128, kMustOverlap = kHeadDim >= 256;
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;  // also stages O for the output store
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kAlign = 1024;  // the 128-byte swizzle repeats every 1024 bytes
-  // Q | K_0 | V_0 [| K_1 | V_1], plus alignment slack
-  static constexpr int kSmemBytes = kSmemQ + 2 * kSmemKV * kKvStages + kAlign;
+  // Q | K_0 | V_0 [| K_1 | V_1 when overlapped], plus alignment slack
+  static constexpr int smem_bytes(bool overlap) { return kSmemQ + 2 * kSmemKV * (overlap ? 2 : 1) + kAlign; }
 };
 
-template <class Kt, bool kScoreMod>
+template <class Kt, bool kScoreMod, bool kOverlap>
 __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_sm90_kernel(const __grid_constant__ FwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Kt::Elem;
@@ -157,7 +151,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   load_k(n_last, 0);
   cp_async_commit();
 
-  if constexpr (Kt::kOverlap) {
+  static_assert(!kOverlap || Kt::kMayOverlap, "d = 64 keeps two blocks per SM instead");
+  if constexpr (kOverlap) {
     load_v(n_last, 0);
     cp_async_commit();
     if (n_last > io.n_begin) load_k(n_last - 1, 1);
