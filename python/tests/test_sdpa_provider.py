@@ -62,6 +62,13 @@ def reference(q, k, v, dout, **kw):
     return results
 
 
+def leaves(q_shape, kv_shape, device, dtype):
+    """Random q, k, v leaves that require grad, and a dout like q."""
+    q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+               for shape in (q_shape, kv_shape, kv_shape))
+    return q, k, v, torch.randn_like(q)
+
+
 def check(name, ours, ref64, same_dtype, factor=2.0):
     assert_close_to_reference(name, ours.detach(), same_dtype, ref64, factor)
 
@@ -148,10 +155,7 @@ def test_flash_attention_forward_dense(provider, device, window, causal):
     unbounded, causal = right bound 0), a scale, GQA, and the backward through autograd."""
     torch.manual_seed(1)
     b, hq, hkv, nq, nk, d = 2, 4, 2, 29, 45, 32
-    q = torch.randn(b, nq, hq, d, device=device, dtype=torch.float16, requires_grad=True)
-    k = torch.randn(b, nk, hkv, d, device=device, dtype=torch.float16, requires_grad=True)
-    v = torch.randn(b, nk, hkv, d, device=device, dtype=torch.float16, requires_grad=True)
-    dout = torch.randn_like(q)
+    q, k, v, dout = leaves((b, nq, hq, d), (b, nk, hkv, d), device, torch.float16)
     left, right = window
     before = counts()
     out, lse, rng, unused, debug = aten._flash_attention_forward(
@@ -213,10 +217,7 @@ def test_dropout_state_follows_atens_contract(provider, device, causal):
     equal flash_attn2's own ops given that [seed, offset]."""
     torch.manual_seed(3)
     b, h, nq, nk, d, p = 2, 3, 50, 70, 64, 0.3
-    q = torch.randn(b, h, nq, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(b, h, nk, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(b, h, nk, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-    dout = torch.randn_like(q)
+    q, k, v, dout = leaves((b, h, nq, d), (b, h, nk, d), device, torch.bfloat16)
     out, lse, _, _, _, _, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, p, causal)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     state = seed.view(torch.int64).cpu()
