@@ -5,9 +5,10 @@
 // accumulators (their per-warp layout is the mma.sync one), then O += P V_j with P straight from registers
 // as the A operand and V as the N-major B operand.
 //
-// d = 256 (and d = 128 over long key ranges) overlaps each tile's softmax with MMAs (FlashAttention-3's intra-warpgroup pipelining): K and V
-// are double-buffered, and step j issues S_j = Q K_j^T and O += P_{j+1} V_{j+1} together, runs the softmax of
-// S_j once the first is done (while the tensor cores still work on the second), then rescales O:
+// d = 256 (and d = 128 over long key ranges) overlaps each tile's softmax with MMAs (FlashAttention-3's
+// intra-warpgroup pipelining): K and V are double-buffered, and step j issues S_j = Q K_j^T and
+// O += P_{j+1} V_{j+1} together, runs the softmax of S_j once the first is done (while the tensor cores still work
+// on the second), then rescales O:
 //
 //   S_last = Q K_last^T; P_last = softmax(S_last)
 //   for j = last - 1 down to first:   (loads of V_j and K_{j-1} in flight meanwhile)
@@ -50,6 +51,8 @@ struct FwdSm90Traits {
   // one at d = 256 (+2-5% forward) and one of two at d = 128, where it gains 6-7% on long key ranges but loses 6%
   // on short ones (causal N = 2048): the launcher picks it from the average key range (docs/perf.md v7.1).
   static constexpr bool kMayOverlap = kHeadDim >= 128, kMustOverlap = kHeadDim >= 256;
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "wgmma forward: d = 64, 128 or 256");
+
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;  // also stages O for the output store
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
   static constexpr int kSmemQ = TileQ::kElems * 2;
