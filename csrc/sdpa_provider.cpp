@@ -190,10 +190,9 @@ DropoutState draw_dropout_state(const at::Tensor& q, int64_t batch, int64_t head
   return state;
 }
 
-// The [seed, offset] of a forward that ran here, or nothing when the state is not one flash_attn2 wrote: from the
-// host copy, else read back with the tag (three numbers from the device: a host synchronisation).
-std::optional<at::Tensor> our_dropout_state(const at::Tensor& rng_state, const at::Tensor& unused) {
-  if (auto remembered = recall(rng_state)) return remembered;
+// The [seed, offset] of a forward that ran here, or nothing when the state is not one flash_attn2 wrote, read back
+// with the tag (three numbers from the device: a host synchronisation). recall() is tried first.
+std::optional<at::Tensor> read_back_dropout_state(const at::Tensor& rng_state, const at::Tensor& unused) {
   if (!rng_state.defined() || !unused.defined() || rng_state.numel() != 2 || unused.numel() != 1 ||
       rng_state.element_size() != 8 || unused.element_size() != 8) {
     return std::nullopt;
@@ -205,6 +204,20 @@ std::optional<at::Tensor> our_dropout_state(const at::Tensor& rng_state, const a
     return std::nullopt;
   }
   return both.slice(0, 0, 2).clone();
+}
+
+// The dropout state a backward needs: from the host copy of a forward that ran here; else, outside CUDA-graph
+// capture (no device reads there), read back and checked by its tag. Sets `why` when the backward is not ours.
+std::optional<at::Tensor> backward_dropout_state(const at::Tensor& query, const at::Tensor& rng_state,
+                                                 const at::Tensor& unused, std::string& why) {
+  if (auto remembered = recall(rng_state)) return remembered;
+  if (capturing(query)) {
+    why = "dropout under CUDA graph capture whose forward did not run here";
+    return std::nullopt;
+  }
+  auto state = read_back_dropout_state(rng_state, unused);
+  if (!state) why = "dropout whose forward ran on PyTorch's kernel";
+  return state;
 }
 
 // ---- fallbacks -------------------------------------------------------------------------------------------------
@@ -286,13 +299,7 @@ Tensor3 flash_attention_backward(const at::Tensor& grad_out, const at::Tensor& q
       t_in_stock ? "a call from inside PyTorch's kernel" : unsupported(query, key, value, varlen ? 3 : 4);
   if (why.empty() && varlen != cum_seq_k.defined()) why = "only one of cum_seq_q / cum_seq_k";
   std::optional<at::Tensor> seed_offset;
-  if (why.empty() && dropout_p > 0) {
-    if (capturing(query)) {  // the state cannot be read back during capture; a captured forward ran on stock
-      why = "dropout under CUDA graph capture";
-    } else if (!(seed_offset = our_dropout_state(rng_state, unused))) {
-      why = "dropout whose forward ran on PyTorch's kernel";
-    }
-  }
+  if (why.empty() && dropout_p > 0) seed_offset = backward_dropout_state(query, rng_state, unused, why);
   if (!why.empty()) {
     if (!t_in_stock) ++n_fallback_backward;
 #ifdef FLASH_ATTN2_WITH_CUDA
@@ -360,13 +367,7 @@ Tensor3 sdpa_flash_backward(const at::Tensor& grad_out, const at::Tensor& query,
   if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
   std::string why = unsupported(query, key, value, 4);
   std::optional<at::Tensor> seed_offset;
-  if (why.empty() && dropout_p > 0) {
-    if (capturing(query)) {
-      why = "dropout under CUDA graph capture";
-    } else if (!(seed_offset = our_dropout_state(philox_seed, philox_offset))) {
-      why = "dropout whose forward ran on PyTorch's kernel";
-    }
-  }
+  if (why.empty() && dropout_p > 0) seed_offset = backward_dropout_state(query, philox_seed, philox_offset, why);
   if (!why.empty()) {
     ++n_fallback_backward;
 #ifdef FLASH_ATTN2_WITH_CUDA
