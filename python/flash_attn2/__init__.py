@@ -232,5 +232,7 @@ def sdpa_provider_status() -> dict:
     return dict(active=bool(active), forward=fwd, backward=bwd, fallback_forward=fb_fwd, fallback_backward=fb_bwd)
 
 
+import torch.nn.attention  # noqa: E402  (the registry; torch imports it today, but not by contract)
+
 if hasattr(torch.nn.attention, "register_flash_attention_impl"):
     torch.nn.attention.register_flash_attention_impl("flash_attn2", register_fn=_activate_sdpa_provider)
