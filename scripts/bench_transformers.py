@@ -42,11 +42,19 @@ def step_times(impl, args, device, dtype, padded):
     if impl == PROVIDER:  # transformers' "sdpa" with PyTorch's flash kernels replaced by flash_attn2's
         import torch.nn.attention as attn
 
+        import flash_attn2
+
+        before = flash_attn2.sdpa_provider_status()
         attn.activate_flash_attention_impl("flash_attn2")
         try:
-            return step_times("sdpa", args, device, dtype, padded)
+            result = step_times("sdpa", args, device, dtype, padded)
         finally:
             attn.restore_flash_attention_impl()
+        after = flash_attn2.sdpa_provider_status()
+        # Which of SDPA's calls reached the flash path (and so the provider) over all steps, warm-up included.
+        print("  provider calls: " + ", ".join(f"{k} {after[k] - before[k]}" for k in after if k != "active"),
+              flush=True)
+        return result
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(make_config(args.tiny, args.seqlen),
