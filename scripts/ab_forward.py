@@ -1,10 +1,12 @@
-"""A/B of the forward kernel between two builds of the library, or one build under two environments, in one call
-on one GPU: each side's timing runs in its own process (FLASH_ATTN2_LIBRARY plus the side's variables),
-alternately A, B, A, B, and each cell keeps the better of its runs.
+"""A/B of the forward kernel (--direction bwd: the backward) between two builds of the library, or one build under
+two environments, in one call on one GPU: each side's timing runs in its own process (FLASH_ATTN2_LIBRARY plus the
+side's variables), alternately A, B, A, B, and each cell keeps the better of its runs.
 
     python3 scripts/ab_forward.py build/a/libflash_attn2.so build/b/libflash_attn2.so [--head-dims 128,256]
     python3 scripts/ab_forward.py build/gpu/libflash_attn2.so,FLASH_ATTN2_FWD_OVERLAP=0 \
         build/gpu/libflash_attn2.so,FLASH_ATTN2_FWD_OVERLAP=1 --head-dims 128 --causal-lengths 2048,4096,8192
+    python3 scripts/ab_forward.py a.so b.so --head-dims 128 --lengths "" --causal-lengths 8192 \
+        --mods none,softcap,alibi,dropout      (score modifiers: softcap 50, ALiBi slopes, dropout 0.1)
 """
 
 import argparse
@@ -16,12 +18,19 @@ import sys
 CHILD = r"""
 import json, sys, torch, flash_attn2
 res = {}
-cases = [(d, causal, n) for d in [int(x) for x in sys.argv[1].split(",")] for causal in (False, True)
-         for n in [int(x) for x in sys.argv[3 if causal else 2].split(",")]]
-for d, causal, n in cases:
+ints = lambda s: [int(x) for x in s.split(",") if x]
+cases = [(d, causal, n, mod) for d in ints(sys.argv[1]) for causal in (False, True)
+         for n in ints(sys.argv[3 if causal else 2]) for mod in sys.argv[4].split(",")]
+for d, causal, n, mod in cases:
     b, h = 16384 // n, 2048 // d
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
-    f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal)
+    kw = {"softcap": dict(softcap=50.0), "alibi": dict(alibi_slopes=torch.rand(h, device="cuda")),
+          "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}}[mod]
+    f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal, **kw)
+    if sys.argv[5] == "bwd":
+        o, lse = torch.ops.flash_attn2.fwd_with_lse(q, k, v, causal, **kw)
+        do = torch.randn_like(o)
+        f = lambda: torch.ops.flash_attn2.bwd(do, q, k, v, o, lse, causal, **kw)
     for _ in range(3):
         f()
     ts = []
@@ -30,7 +39,8 @@ for d, causal, n in cases:
         s.record(); f(); e.record(); torch.cuda.synchronize()
         ts.append(s.elapsed_time(e))
     ms = sorted(ts)[len(ts) // 2]
-    res[f"{d} {causal} {n}"] = 4 * b * h * n * n * d / (2 if causal else 1) / ms / 1e9
+    flops = 4 * b * h * n * n * d / (2 if causal else 1) * (2.5 if sys.argv[5] == "bwd" else 1)
+    res[f"{d} {causal} {n} {mod}"] = flops / ms / 1e9
 print(json.dumps(res))
 """
 
@@ -42,18 +52,21 @@ def main():
     ap.add_argument("--head-dims", default="128,256")
     ap.add_argument("--lengths", default="2048,8192,16384", help="sequence lengths of the non-causal rows")
     ap.add_argument("--causal-lengths", default="2048,8192,16384")
+    ap.add_argument("--mods", default="none", help="score modifiers: none,softcap,alibi,dropout")
+    ap.add_argument("--direction", default="fwd", choices=("fwd", "bwd"), help="time the forward or the backward op")
     args = ap.parse_args()
     best = {"a": {}, "b": {}}
     for _ in range(2):
         for name in ("a", "b"):
             lib, *assignments = getattr(args, name).split(",")
             env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib, **dict(a.split("=", 1) for a in assignments))
-            out = subprocess.run([sys.executable, "-c", CHILD, args.head_dims, args.lengths, args.causal_lengths],
+            out = subprocess.run([sys.executable, "-c", CHILD, args.head_dims, args.lengths, args.causal_lengths,
+                                  args.mods, args.direction],
                                  env=env, capture_output=True, text=True, check=True).stdout
             for key, tf in json.loads(out.strip().splitlines()[-1]).items():
                 best[name][key] = max(best[name].get(key, 0.0), tf)
-    print("| D | causal | N | fwd A | fwd B | B/A |")
-    print("|---|---|---|---|---|---|")
+    print(f"| D | causal | N | modifier | {args.direction} A | {args.direction} B | B/A |")
+    print("|---|---|---|---|---|---|---|")
     for key, a in best["a"].items():
         b = best["b"][key]
         print(f"| {' | '.join(key.split())} | {a:.0f} | {b:.0f} | {b / a:.3f} |")

@@ -1,6 +1,7 @@
 """One flash_attn2 forward + backward on the benchmark's layout, for profilers (ncu -k regex:flash_bwd_kernel).
 
     ncu --section WarpStateStats -k regex:flash_bwd_kernel -c 1 python3 scripts/profile_case.py --d 128
+    ... profile_case.py --d 128 --n 8192 --causal --softcap 50     (or --alibi, --dropout 0.1)
 """
 
 import argparse
@@ -14,11 +15,15 @@ parser.add_argument("--d", type=int, default=128)
 parser.add_argument("--n", type=int, default=16384)
 parser.add_argument("--causal", action="store_true")
 parser.add_argument("--dtype", default="bfloat16")
+parser.add_argument("--softcap", type=float, default=0.0)
+parser.add_argument("--alibi", action="store_true")
+parser.add_argument("--dropout", type=float, default=0.0)
 args = parser.parse_args()
 b, h = max(1, 16384 // args.n), 2048 // args.d
 dtype = getattr(torch, args.dtype)
 q, k, v = (torch.randn(b, args.n, h, args.d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
            for _ in range(3))
-out = flash_attn2.attention(q, k, v, args.causal)
+slopes = torch.rand(h, device="cuda") if args.alibi else None
+out = flash_attn2.attention(q, k, v, args.causal, softcap=args.softcap, alibi_slopes=slopes, dropout_p=args.dropout)
 out.backward(torch.randn_like(out))
 torch.cuda.synchronize()

@@ -71,37 +71,92 @@ FA2_DEVICE void dscores_transposed(float (&dp)[1][NT][4], const float (&pr)[1][N
   }
 }
 
-// The score-modifier form: dS^T = P^T (Z dP^T - D) [* (1 - tanh^2)], Z = keep / (1 - p) with dropout.
-// With softcap, 1 - tanh^2 is recomputed from P and the LSE (keeping it in registers from the S step spills:
-// docs/perf.md v5).
-template <int NT>
-FA2_DEVICE void dscores_transposed_mod(float (&dp)[1][NT][4], const float (&pr)[1][NT][4], const float* s_d,
-                                       const float* s_lse, const KeepBits<1, NT>& keep, bool dropout,
-                                       const BwdParams& p, const ScoreRule<float>& rule, int key, int q0, int diag,
-                                       int t) {
+// The score-modifier form of probs_transposed, one pass per element over S^T (raw scores):
+//   x = cap_out tanh(cap_in s) - alibi |i + diag - j|   (each term when enabled), -inf where invisible
+//   P = exp2(x * scale_log2 - LSE * log2 e)
+// leaves P^T G in `s`, G = 1 - tanh^2 (the softcap's derivative; 1 without softcap), and writes P^T Z as the
+// A fragments of dV += (P Z)^T dO into `a` (Z = keep / (1 - p) with dropout, else 1). Computing G here, while
+// tanh is at hand, costs one FFMA per score; recomputing it at the dS step cost a lg2, the ALiBi term and a
+// branch per score (docs/perf.md v8).
+template <typename T, bool kSoftcap, bool kAlibi, int NT>
+FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1][NT / 2][4], const float* s_lse,
+                                          int key, int q0, bool need_mask, const Visibility<int>& vis,
+                                          const ScoreRule<float>& rule, const KeepBits<1, NT>& keep, bool dropout,
+                                          float keep_scale, float scale_log2, int t) {
   constexpr float kLog2e = 1.4426950408889634f;
-  const float inv_scale_log2 = 1.f / p.scale_log2;
-  const bool softcap = rule.has_softcap();
+  int lo[2], hi[2];  // visible queries [lo, hi) of the thread's key rows key and key + 8
+  float rel[2];      // i - j + diag for the thread's first query column and each key row (ALiBi)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = key + 8 * h;
+    lo[h] = vis.query_begin(row);
+    hi[h] = row < vis.seqlen_k ? vis.query_end(row) : lo[h];
+    rel[h] = static_cast<float>(q0 + vis.diag() - row);
+  }
+#pragma unroll
+  for (int ni = 0; ni < NT; ++ni) {
+    const float2 l = *reinterpret_cast<const float2*>(s_lse + 8 * ni + 2 * t);
+    const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float pz[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[0][ni][2 * h + e];
+        float g = 1.f;
+        if constexpr (kSoftcap) {
+          const float th = fast_tanh(x * rule.cap_in);
+          x = rule.cap_out * th;
+          g = fmaf(-th, th, 1.f);
+        }
+        if constexpr (kAlibi) x -= rule.alibi * fabsf(rel[h] + static_cast<float>(8 * ni + e));
+        const int col = q0 + 8 * ni + e;
+        if (need_mask && (col < lo[h] || col >= hi[h])) x = -INFINITY;
+        const float pr = fast_exp2(fmaf(x, scale_log2, -l2[e]));
+        x = pr * g;
+        pz[e] = !dropout ? pr : keep.get(0, ni, 2 * h + e) ? pr * keep_scale : 0.f;
+      }
+      a[0][ni / 2][2 * (ni % 2) + h] = pack2<T>(pz[0], pz[1]);
+    }
+  }
+}
+
+template <typename T, int NT>
+FA2_DEVICE void probs_mod_transposed(float (&s)[1][NT][4], uint32_t (&a)[1][NT / 2][4], const float* s_lse, int key,
+                                     int q0, bool need_mask, const Visibility<int>& vis, const ScoreRule<float>& rule,
+                                     const KeepBits<1, NT>& keep, bool dropout, float keep_scale, float scale_log2,
+                                     int t) {
+  // One copy of the loop per (softcap, ALiBi): the branches stay out of the per-score code.
+  if (rule.has_softcap()) {
+    if (rule.alibi != 0.f) {
+      probs_mod_transposed_impl<T, true, true>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
+                                               scale_log2, t);
+    } else {
+      probs_mod_transposed_impl<T, true, false>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
+                                                scale_log2, t);
+    }
+  } else if (rule.alibi != 0.f) {
+    probs_mod_transposed_impl<T, false, true>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
+                                              scale_log2, t);
+  } else {
+    probs_mod_transposed_impl<T, false, false>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
+                                               scale_log2, t);
+  }
+}
+
+// The score-modifier form of dscores_transposed: dS^T = P^T G (Z dP^T - D) in place of dP^T, from `pg` = P^T G
+// (probs_mod_transposed); Z = keep / (1 - p) with dropout.
+template <int NT>
+FA2_DEVICE void dscores_transposed_mod(float (&dp)[1][NT][4], const float (&pg)[1][NT][4], const float* s_d,
+                                       const KeepBits<1, NT>& keep, bool dropout, float keep_scale, int t) {
 #pragma unroll
   for (int ni = 0; ni < NT; ++ni) {
     const float2 dd = *reinterpret_cast<const float2*>(s_d + 8 * ni + 2 * t);
     const float d2[2] = {dd.x, dd.y};
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float g[2] = {1.f, 1.f};
-      if (softcap) {
-        const float2 l = *reinterpret_cast<const float2*>(s_lse + 8 * ni + 2 * t);
-        const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          g[e] = softcap_grad(pr[0][ni][2 * h + e], l2[e], q0 + 8 * ni + e, key + 8 * h, diag, rule, inv_scale_log2);
-      }
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float pv = pr[0][ni][2 * h + e];
-        const float z = !dropout ? 1.f : keep.get(0, ni, 2 * h + e) ? p.keep_scale : 0.f;
-        dp[0][ni][2 * h + e] = pv * (z * dp[0][ni][2 * h + e] - d2[e]) * g[e];
-      }
+    for (int j = 0; j < 4; ++j) {
+      const float z = !dropout ? 1.f : keep.get(0, ni, j) ? keep_scale : 0.f;
+      dp[0][ni][j] = pg[0][ni][j] * fmaf(z, dp[0][ni][j], -d2[j % 2]);
     }
   }
 }
@@ -233,23 +288,21 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     const float* s_d = s_lse + kBlockM;
     const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
     const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
-    wgmma_wait<1>();
-    fence_regs(acc_s);
-    if constexpr (kScoreMod) apply_score_rule<true>(acc_s, key_r0, q_c0, vis.diag(), rule);
-    probs_transposed(acc_s, s_lse, key_r0, q_c0, vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN), vis,
-                     p.scale_log2, t);
-    uint32_t p_frag[1][kKSteps][4];
+    const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
+    // The keep mask depends on positions only: draw it while the tensor cores work on S^T and dP^T.
     KeepBits<1, kNT_S> keep{};
     const bool dropout = kScoreMod && p.dropout.enabled();
-    if (dropout) {
+    if (dropout)
       keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
                                               q_c0);
-      float pz[1][kNT_S][4];
-#pragma unroll
-      for (int j = 0; j < kNT_S * 4; ++j) flat(pz)[j] = flat(acc_s)[j];
-      apply_keep(pz, keep, p.keep_scale);
-      acc_to_a_frags<T>(p_frag, pz);
+    wgmma_wait<1>();
+    fence_regs(acc_s);
+    uint32_t p_frag[1][kKSteps][4];
+    if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
+      probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
+                              p.scale_log2, t);
     } else {
+      probs_transposed(acc_s, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
       acc_to_a_frags<T>(p_frag, acc_s);
     }
 
@@ -257,7 +310,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     wgmma_wait<0>();
     fence_regs(acc_dp);
     if constexpr (kScoreMod) {
-      dscores_transposed_mod(acc_dp, acc_s, s_d, s_lse, keep, dropout, p, rule, key_r0, q_c0, vis.diag(), t);
+      dscores_transposed_mod(acc_dp, acc_s, s_d, keep, dropout, p.keep_scale, t);
     } else {
       dscores_transposed(acc_dp, acc_s, s_d, t);
     }

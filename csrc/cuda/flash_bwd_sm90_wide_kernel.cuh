@@ -120,41 +120,45 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_x), desc_k_major<TileKV>(is_p ? sK_u : sV_u, 0, ks),
                                              desc_k_major<TileQ>(is_p ? sQ_s : sdO_s, 0, ks), ks > 0);
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc_x);
 
     const int key_r0 = blk.key0 + warp_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
     const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
     const bool dropout = kScoreMod && p.dropout.enabled();
-    // Both warpgroups hold the same (key, query) positions, so each draws the same keep mask.
+    // Both warpgroups hold the same (key, query) positions, so each draws the same keep mask, while the tensor
+    // cores work on S^T / dP^T.
     KeepBits<1, kNT_S> keep{};
     if (dropout)
       keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
                                               q_c0);
+    wgmma_wait<0>();
+    fence_regs(acc_x);
+    uint32_t frag[1][kKSteps][4];  // A of dV += (P Z)^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1)
     if (is_p) {
-      if constexpr (kScoreMod) apply_score_rule<true>(acc_x, key_r0, q_c0, vis.diag(), rule);
-      probs_transposed(acc_x, s_lse, key_r0, q_c0, vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN), vis,
-                       p.scale_log2, t);
+      const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
+      if constexpr (kScoreMod) {  // P^T G handed over, P^T Z in frag
+        probs_mod_transposed<T>(acc_x, frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
+                                p.scale_log2, t);
+      } else {
+        probs_transposed(acc_x, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
+      }
 #pragma unroll
       for (int j = 0; j < kBlockM / 2; ++j) sP[j * 128 + wg_tid] = flat(acc_x)[j];
-      if (dropout) apply_keep(acc_x, keep, p.keep_scale);  // dV += (P Z)^T dO
     }
-    __syncthreads();  // P^T handed over
+    __syncthreads();  // P^T (G) handed over
     if (!is_p) {
       float pr[1][kNT_S][4];
 #pragma unroll
       for (int j = 0; j < kBlockM / 2; ++j) flat(pr)[j] = sP[j * 128 + wg_tid];
       if constexpr (kScoreMod) {
-        dscores_transposed_mod(acc_x, pr, s_d, s_lse, keep, dropout, p, rule, key_r0, q_c0, vis.diag(), t);
+        dscores_transposed_mod(acc_x, pr, s_d, keep, dropout, p.keep_scale, t);
       } else {
         dscores_transposed(acc_x, pr, s_d, t);
       }
       store_acc<T, TileDS>(sdS, acc_x, warp_row0, 0, lane, 1.f);
     }
+    if (!kScoreMod || !is_p) acc_to_a_frags<T>(frag, acc_x);
 
     // dV += P^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1), A from registers, B N-major.
-    uint32_t frag[1][kKSteps][4];
-    acc_to_a_frags<T>(frag, acc_x);
     wgmma_fence();
 #pragma unroll
     for (int n0 = 0; n0 < kHeadDim; n0 += Kt::kSliceN)
