@@ -46,6 +46,19 @@ def test_cpu_matches_reference(b, hq, hkv, nq, nk, d, causal, dtype, transposed)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cpu", transposed)
 
 
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,dtype", [(2, 4, 2, 300, 600, 64, torch.float32),
+                                                   (1, 4, 4, 513, 70, 32, torch.float64)])
+def test_cpu_wide_query_tiles(b, hq, hkv, nq, nk, d, dtype):
+    """Unmasked forwards take 256-row query tiles when that leaves every thread at least four tasks: with one
+    thread these shapes do (tails of 44 and 1 rows, key tiles of 512 and a partial one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_case(b, hq, hkv, nq, nk, d, False, dtype, "cpu", True)
+    finally:
+        torch.set_num_threads(threads)
+
+
 CUDA_CASES = []
 for _dtype in (torch.bfloat16, torch.float16):
     for _d in (32, 64, 72, 96, 128, 160, 192, 224, 256):

@@ -108,6 +108,18 @@ def test_cpu_variants_dtypes_and_shapes(dtype, nq, nk):
     check_variant_case(1, 6, 3, nq, nk, 24, dtype, "cpu", opts)
 
 
+@pytest.mark.parametrize("softcap,alibi,dropout_p", [(2.5, "batch", 0.3), (0.0, "head", 0.0), (1.5, None, 0.2)])
+def test_cpu_wide_query_tiles_with_score_modifiers(softcap, alibi, dropout_p):
+    """The forward's 256-row query tiles (unmasked layouts, here forced by one thread) with every score modifier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opts = make_options(2, 4, False, (-1, -1), softcap, alibi, dropout_p, "cpu", seed=3)
+        check_variant_case(2, 4, 2, 290, 530, 16, torch.float32, "cpu", opts)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_window_larger_than_sequence_equals_dense():
     q, k, v = random_qkv(2, 2, 2, 33, 45, 16, torch.float64, "cpu")
     big = flash_attn2.attention(q, k, v, window_size=(10_000, 10_000))
