@@ -82,6 +82,37 @@ inline void launch(Kernel kernel, int64_t blocks, int threads, int smem_bytes, c
   kernel<<<grid_1d(blocks), threads, smem_bytes, stream>>>(params);
   FA2_CHECK_LAUNCH();
 }
+
+// Programmatic dependent launch (sm_90+): the kernel may be launched while the previous kernel of the stream
+// is still running, and must call griddepcontrol.wait (wait_for_previous_grid) before it reads or writes memory
+// that kernel may touch; the previous kernel lets it in early with griddepcontrol.launch_dependents, or by
+// finishing. It hides the launch latency between the short kernels of a decode step (split-KV, then combine).
+// FLASH_ATTN2_PDL=0 in the environment launches these kernels plainly (A/B runs).
+inline bool pdl_enabled() {
+  const char* env = std::getenv("FLASH_ATTN2_PDL");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  int dev = 0, major = 0;
+  FA2_CUDA_CHECK(cudaGetDevice(&dev));
+  FA2_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  return major >= 9;
+}
+
+template <class Params>
+inline void launch_dependent(void (*kernel)(Params), int64_t blocks, int threads, int smem_bytes,
+                             const Params& params, cudaStream_t stream) {
+  set_smem_limit(kernel, smem_bytes);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid_1d(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = pdl_enabled() ? 1 : 0;
+  FA2_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
+}
 }  // namespace detail
 
 template <typename T, int kHeadDim, bool kScoreMod>

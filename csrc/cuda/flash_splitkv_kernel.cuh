@@ -117,6 +117,10 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   const int lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
 
+  // Launched with programmatic dependence (detail::launch_dependent): the previous kernel of the stream (an
+  // append into the cache, the previous layer) may still run; wait before reading anything it may write.
+  wait_for_previous_grid();
+
   // Block -> (batch, kv head, packed row tile, split); splits vary fastest.
   const int group = p.heads_q / p.heads_kv;
   const int packed_rows = p.seqlen_q * group;
@@ -249,6 +253,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     gemm_rs<T, 1, Kt::kNT_O, Kt::kKS_PV, Operand<TileKV, true>>(acc_o, frag_p, sV, 0, lane);
   }
   cp_async_wait<0>();
+  allow_next_grid();  // the combine may launch now; it still waits for this grid's writes
 
   // Merge the four warps: each row's max (log2 units) and sum per warp, then O rescaled and summed.
   float my_max[2];

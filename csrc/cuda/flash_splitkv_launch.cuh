@@ -16,7 +16,7 @@ void run_flash_splitkv(const FwdParams& params, cudaStream_t stream) {
   const int64_t packed_rows = static_cast<int64_t>(params.seqlen_q) * (params.heads_q / params.heads_kv);
   const int64_t num_m = (packed_rows + Kt::kBlockM - 1) / Kt::kBlockM;
   const int64_t blocks = num_m * params.heads_kv * params.batch * params.num_splits;
-  detail::launch(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
+  detail::launch_dependent(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
   if (params.num_splits > 1) run_splitkv_combine<T>(params, stream);
 }
 

@@ -23,6 +23,7 @@ constexpr int kCombineWarps = 4;
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) splitkv_combine_kernel(const __grid_constant__ FwdParams p) {
   __shared__ float s_weight[kCombineWarps][kMaxSplits];
+  wait_for_previous_grid();  // launched while the split-KV kernel runs: its partials are visible past here
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
   const index_t row = static_cast<index_t>(blockIdx.x) * kCombineWarps + warp;
@@ -107,8 +108,8 @@ template <typename T>
 void run_splitkv_combine(const FwdParams& params, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(params.batch) * params.heads_q * params.seqlen_q;
   if (rows == 0) return;
-  detail::launch(&splitkv_combine_kernel<T>, (rows + kCombineWarps - 1) / kCombineWarps, kCombineWarps * 32, 0,
-                 params, stream);
+  detail::launch_dependent(&splitkv_combine_kernel<T>, (rows + kCombineWarps - 1) / kCombineWarps,
+                           kCombineWarps * 32, 0, params, stream);
 }
 template void run_splitkv_combine<__half>(const FwdParams&, cudaStream_t);
 template void run_splitkv_combine<__nv_bfloat16>(const FwdParams&, cudaStream_t);

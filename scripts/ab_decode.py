@@ -1,0 +1,58 @@
+"""A/B of the decode step (fwd_kvcache, one query, bf16, D = 128, Hq = 32) between two builds of the library or
+one build under two environments: each side runs in its own process, alternately A, B, A, B; each cell keeps
+the better of its runs. Times are µs per call from CUDA graphs of 20 calls (flash_attn2.bench.graph_us), with
+SDPA's cuDNN backend on the same cache for reference.
+
+    python3 scripts/ab_decode.py build/gpu/libflash_attn2.so,FLASH_ATTN2_PDL=0 build/gpu/libflash_attn2.so
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys, torch, flash_attn2
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from flash_attn2.bench import graph_us
+res = {}
+for case in sys.argv[1].split(";"):
+    b, hkv, n = (int(x) for x in case.split(","))
+    q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, hkv, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ours = graph_us(lambda: flash_attn2.attention_kvcache(q, k, v))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        cudnn = graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    res[case] = (ours, cudnn)
+print(json.dumps(res))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("a")
+    ap.add_argument("b")
+    ap.add_argument("--cases", default="1,8,1024;1,8,8192;1,8,32768;1,32,8192;16,8,8192")
+    args = ap.parse_args()
+    best = {"a": {}, "b": {}}
+    for _ in range(2):
+        for name in ("a", "b"):
+            lib, *assignments = getattr(args, name).split(",")
+            env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib, **dict(a.split("=", 1) for a in assignments))
+            out = subprocess.run([sys.executable, "-c", CHILD, args.cases], env=env, capture_output=True, text=True,
+                                 check=True).stdout
+            for key, (ours, cudnn) in json.loads(out.strip().splitlines()[-1]).items():
+                old = best[name].get(key, (float("inf"), float("inf")))
+                best[name][key] = (min(old[0], ours), min(old[1], cudnn))
+    print("| B | Hkv | L | A µs | B µs | A/B | cuDNN µs | B vs cuDNN |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, (a, ca) in best["a"].items():
+        b, cb = best["b"][key]
+        print(f"| {' | '.join(key.split(','))} | {a:.1f} | {b:.1f} | {a / b:.3f} | {min(ca, cb):.1f} | "
+              f"{min(ca, cb) / b:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
