@@ -176,8 +176,12 @@ Variant prepare_variant(Variant var) {
 }
 
 // How many blocks split the keys of each (batch, kv head, packed row tile) in the split-KV kernel. requested > 0
-// is taken as is; 0 picks the smallest split count whose grid fills the GPU about as well as the best one does
-// (FlashAttention-2's rule), with two resident blocks per SM as the unit and at least two key tiles per split.
+// is taken as is; 0 models a split count n as waves x (key tiles per split + a block's fixed cost of about one
+// tile), with two resident blocks per SM as the wave, and takes the smallest n at the minimum, counting only
+// splits that get keys (n = 29 over 128 tiles is 26 splits of 5), at least two tiles per split and one wave at
+// most (more splits than that add partials and combine work to a grid that already fills the GPU). FlashAttention-2's
+// rule (the smallest n within 85% of the best wave efficiency) picked uneven splits, e.g. 29 over 128 tiles: an H200
+// sweep measured 17.5 us at B = 1, Hkv = 8, L = 8k, where 32 even splits take 15.4 (docs/perf.md v9).
 // Depends on shapes only (never on cache_seqlens), so a captured CUDA graph stays valid.
 int choose_num_splits(const ConcreteShape& s, int64_t requested) {
   if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxSplits));
@@ -187,16 +191,17 @@ int choose_num_splits(const ConcreteShape& s, int64_t requested) {
   const int64_t tiles = (s.seqlen_k + block_n - 1) / block_n;
   const int64_t slots = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   if (blocks >= slots || tiles < 4) return 1;
-  const int64_t max_splits = std::min<int64_t>({kMaxSplits, tiles / 2, (2 * slots + blocks - 1) / blocks});
-  auto efficiency = [&](int64_t n) {
-    const double waves = static_cast<double>(blocks * n) / slots;
-    return waves / std::ceil(waves);
-  };
-  double best = 0;
-  for (int64_t n = 1; n <= max_splits; ++n) best = std::max(best, efficiency(n));
-  for (int64_t n = 1; n <= max_splits; ++n)
-    if (efficiency(n) >= 0.85 * best) return static_cast<int>(n);
-  return 1;
+  const int64_t max_splits = std::min<int64_t>(kMaxSplits, tiles / 2);
+  constexpr int64_t kBlockCostTiles = 1;
+  int64_t best_n = 1, best_cost = std::numeric_limits<int64_t>::max();
+  for (int64_t n = 1; n <= max_splits; ++n) {
+    const int64_t per_split = (tiles + n - 1) / n, used = (tiles + per_split - 1) / per_split;
+    if (used > 1 && blocks * used > slots) break;
+    const int64_t waves = (blocks * used + slots - 1) / slots;
+    const int64_t cost = waves * (per_split + kBlockCostTiles);
+    if (cost < best_cost) best_cost = cost, best_n = used;
+  }
+  return static_cast<int>(best_n);
 }
 
 // The split-KV path (flash_splitkv_kernel.cuh): params already hold the inputs; adds the partial buffers.
