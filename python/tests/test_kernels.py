@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flash_attn2
-from conftest import requires_cuda
+from conftest import requires_cuda, requires_sm90
 from reference import assert_close_to_reference, naive_attention, random_qkv
 
 
@@ -112,3 +112,40 @@ def test_outputs_follow_the_inputs_memory_order(device):
     e_out, e_grads = step(q, k, v)
     assert c_out.stride() == e_out.stride() == q.stride()
     assert [g.stride() for g in c_grads] == [g.stride() for g in e_grads]
+
+
+# The experimental warp-specialised d128 forward (FLASH_ATTN2_FWD_WS; "require" raises where it would fall back):
+# key ranges from one tile to many turns of its 2-stage ring, masks, GQA, Nq != Nk, rows that see no key, padded
+# head dims and both input layouts (Nq >= 17: fewer queries take the split-KV kernel).
+WS_CASES = [
+    (2, 4, 4, 257, 257, 128, False, torch.bfloat16, False),
+    (2, 4, 4, 257, 257, 128, True, torch.bfloat16, True),
+    (1, 8, 2, 1000, 1000, 128, True, torch.float16, False),
+    (2, 4, 1, 300, 700, 120, False, torch.bfloat16, True),
+    (1, 2, 2, 700, 300, 104, True, torch.float16, False),
+    (1, 2, 2, 4096, 4096, 128, True, torch.bfloat16, False),
+    (3, 2, 2, 17, 70, 128, False, torch.bfloat16, True),
+]
+
+
+@requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_CASES)
+def test_cuda_warp_specialised_forward(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
+@requires_sm90
+def test_cuda_warp_specialised_forward_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16).expand(1, 2, 64, 128)  # head stride 0
+    with pytest.raises(ValueError, match="FLASH_ATTN2_FWD_WS=require, but the TMA cannot address"):
+        flash_attn2.attention(q, k, k)
+    packed = torch.randn(10, 2, 128, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="packed batches are not supported"):
+        flash_attn2.attention_varlen(packed, packed, packed, cu, cu, 6, 6)
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "1")  # falls back quietly
+    ref = naive_attention(q.double(), k.double(), k.double(), False)[0]
+    assert (flash_attn2.attention(q, k, k).double() - ref).abs().max() < 2e-2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flash_attn2
-from conftest import requires_cuda
+from conftest import requires_cuda, requires_sm90
 from reference import assert_close_to_reference, naive_attention, random_qkv
 
 F = torch.ops.flash_attn2
@@ -478,6 +478,17 @@ def test_cuda_option_combinations(shape, dtype, causal, window, softcap, alibi, 
 
 
 @requires_cuda
+@requires_sm90
+@pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
+    (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
+    (False, (-1, -1), 0.0, None, 0.0)])
+def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p):
+    """The experimental warp-specialised d128 forward (FLASH_ATTN2_FWD_WS=require) with every variant but varlen."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
+    check_variant_case(2, 4, 2, 333, 517, 128, torch.bfloat16, "cuda", opts, transposed=True)
+
+
 @pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
 @pytest.mark.parametrize("variant", ["plain", "causal", "all"])
 @pytest.mark.parametrize("d", [64, 128])

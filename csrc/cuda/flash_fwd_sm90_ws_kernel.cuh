@@ -1,0 +1,266 @@
+// Warp-specialised FlashAttention forward on Hopper (sm_90a), d = 128 — EXPERIMENTAL, opt-in with
+// FLASH_ATTN2_FWD_WS=1 (flash_fwd_launch.cuh), dense batches only. The first step of #11's rewrite: the same
+// algorithm and variants as flash_fwd_sm90_kernel's overlapped loop, with the loads moved to a producer.
+//
+//   warpgroup 0 (producer, 24 registers): one thread issues TMA copies of the Q tile and of K_j / V_j into a
+//     2-stage ring; each stage has a "full" barrier (the copy's bytes landed) and an "empty" barrier (both
+//     consumers are done reading it).
+//   warpgroups 1 and 2 (consumers, 240 registers): 64 query rows each, the overlapped loop of the main Hopper
+//     forward (S_j = Q K_j^T issued together with O += P_{j+1} V_{j+1}; the softmax of S_j runs while the second
+//     product does), waiting on the full barriers and releasing stages as their products complete. No barrier
+//     spans the block after the prologue, so the two consumers drift apart and one's softmax can run under the
+//     other's MMAs.
+//
+// Not yet: ping-pong ordering of the consumers' MMAs (named barriers), a persistent tile scheduler, varlen
+// (the launcher keeps packed batches on the main kernel), TMA stores of O.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/block_info.cuh"
+#include "cuda/flash_fwd_kernel.cuh"  // FwdBlockIO, store_empty_rows
+#include "cuda/flash_params.h"
+#include "cuda/mask.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/softmax.cuh"
+#include "cuda/tile_primitives.cuh"
+#include "cuda/tma.cuh"
+#include "cuda/warp_mma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace flash_attn2::cuda {
+
+template <typename T, int kHeadDim_>
+struct FwdSm90WsTraits {
+  using Elem = T;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kConsumers = 2;                      // consumer warpgroups, 64 query rows each
+  static constexpr int kNThreads = (kConsumers + 1) * 128;  // + the producer warpgroup
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kHeadDim == 128, "the warp-specialised forward is built for d = 128");
+  static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");
+
+  using TileQ = SwizzledTile<kBlockM, kHeadDim>;  // also stages O for the output store
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;
+  static constexpr int kSmemQ = TileQ::kElems * 2;
+  static constexpr int kSmemKV = TileKV::kElems * 2;
+  static constexpr int kAlign = 1024;
+  // Barriers: Q full, then per stage K full, K empty, V full, V empty.
+  static constexpr int kBarriers = 1 + 4 * kStages;
+  // Q | K_0 | K_1 | V_0 | V_1 | barriers, plus alignment slack
+  static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kBarriers * 8 + kAlign;
+};
+
+namespace sm90 {
+
+// Where the tiles and barriers of the warp-specialised forward live in (1024-byte aligned) shared memory.
+template <class Kt>
+struct WsSmem {
+  unsigned char* base;  // the Q tile
+  uint32_t base_u;      // its shared-space address
+  FA2_DEVICE static constexpr int k_off(int s) { return Kt::kSmemQ + s * Kt::kSmemKV; }
+  FA2_DEVICE static constexpr int v_off(int s) { return Kt::kSmemQ + (Kt::kStages + s) * Kt::kSmemKV; }
+  FA2_DEVICE uint64_t* bar(int i) const {
+    return reinterpret_cast<uint64_t*>(base + Kt::kSmemQ + 2 * Kt::kStages * Kt::kSmemKV) + i;
+  }
+  FA2_DEVICE uint64_t* q_full() const { return bar(0); }
+  FA2_DEVICE uint64_t* k_full(int s) const { return bar(1 + s); }
+  FA2_DEVICE uint64_t* k_empty(int s) const { return bar(1 + Kt::kStages + s); }
+  FA2_DEVICE uint64_t* v_full(int s) const { return bar(1 + 2 * Kt::kStages + s); }
+  FA2_DEVICE uint64_t* v_empty(int s) const { return bar(1 + 3 * Kt::kStages + s); }
+};
+
+}  // namespace sm90
+
+
+namespace sm90 {
+
+// A consumer warpgroup (c = 0 or 1: query rows [64 c, 64 c + 64) of the tile): see the file comment.
+template <class Kt, bool kScoreMod, class T>
+FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
+                        const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid) {
+  using TileQ = typename Kt::TileQ;
+  using TileKV = typename Kt::TileKV;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
+  T* sQ = reinterpret_cast<T*>(sm.base);
+  const uint32_t sQ_u = sm.base_u;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int d = p.head_dim;
+  T* o = io.o;
+  float* lse = io.lse;
+
+  tma::grow_registers<Kt::kConsumerRegs>();
+  const int warp_row0 = 64 * c + 16 * (warp % 4);  // first tile row of this warp's accumulators
+  const bool release_lane = tid % 128 == 0;         // one arrival per consumer on the empty barriers
+  const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
+  const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
+
+  auto issue_s = [&](float (&acc_s)[1][kBlockN / 8][4], int s) {
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks)
+      WgmmaOp<T, kBlockN>::template ss<0, 0>(flat(acc_s), desc_k_major<TileQ>(sQ_u, 64 * c, ks),
+                                             desc_k_major<TileKV>(sQ_u + sm.k_off(s), 0, ks), ks > 0);
+    wgmma_commit();
+  };
+  float acc_o[1][kHeadDim / 8][4];
+  zero_acc(acc_o);
+  auto issue_o = [&](const uint32_t (&frag_p)[1][kBlockN / 16][4], int s) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_o), frag_p[0][kk], desc_mn_major<TileKV>(sQ_u + sm.v_off(s), 0, kk),
+                                           1);
+    wgmma_commit();
+  };
+  OnlineSoftmax<1> softmax;
+  // The same step as flash_fwd_sm90_kernel's: score rule, mask where the tile crosses a visibility edge, online
+  // softmax (alpha: the factor O still owes), dropout keep.
+  auto softmax_step = [&](float (&acc_s)[1][kBlockN / 8][4], int n_block, float (&alpha)[1][2]) {
+    const int r0 = blk.row0 + warp_row0 + g, c0 = n_block * kBlockN + 2 * t;
+    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
+    if (vis.tile_needs_mask(blk.row0, kBlockM, n_block * kBlockN, kBlockN)) apply_mask(acc_s, r0, c0, vis);
+    softmax.update_scores(acc_s, p.scale_log2, alpha);
+    if constexpr (kScoreMod) {
+      if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
+    }
+  };
+
+  float acc_s[1][kBlockN / 8][4];
+  uint32_t frag_p[1][kBlockN / 16][4];
+  float alpha[1][2];
+  tma::wait(sm.q_full(), 0);
+  tma::wait(sm.k_full(0), 0);
+  wgmma_fence();
+  issue_s(acc_s, 0);
+  wgmma_wait<0>();
+  fence_regs(acc_s);
+  if (release_lane) tma::arrive(sm.k_empty(0));
+  softmax_step(acc_s, n_last, alpha);  // O is still zero: nothing to rescale
+  acc_to_a_frags<T>(frag_p, acc_s);
+  for (int i = 1; i < n_tiles; ++i) {
+    const int s = i % kStages, ps = (i - 1) % kStages;  // stages of tile i (K) and of tile i - 1 (V)
+    tma::wait(sm.k_full(s), (i / kStages) & 1);
+    tma::wait(sm.v_full(ps), ((i - 1) / kStages) & 1);
+    wgmma_fence();
+    issue_s(acc_s, s);
+    issue_o(frag_p, ps);
+    wgmma_wait<1>();  // S_i done: K_i may be overwritten; O += P_{i-1} V_{i-1} may still run
+    fence_regs(acc_s);
+    if (release_lane) tma::arrive(sm.k_empty(s));
+    softmax_step(acc_s, n_last - i, alpha);
+    wgmma_wait<0>();
+    fence_regs(acc_o);
+    fence_regs(frag_p);  // the A fragments stay untouched until the MMA reading them is done
+    if (release_lane) tma::arrive(sm.v_empty(ps));
+    softmax.rescale(acc_o, alpha);
+    acc_to_a_frags<T>(frag_p, acc_s);
+  }
+  {
+    const int s = (n_tiles - 1) % kStages;
+    tma::wait(sm.v_full(s), ((n_tiles - 1) / kStages) & 1);
+    wgmma_fence();
+    issue_o(frag_p, s);
+    wgmma_wait<0>();
+    fence_regs(acc_o);
+  }
+
+  float row_lse[1][2];
+  softmax.finalize(acc_o, p.scale_log2, row_lse);
+
+  // Epilogue: each consumer stages its O rows (as T) over its own Q rows — only its own S products read those,
+  // and they are done — then stores them with 16-byte writes after a barrier among its 128 threads.
+  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, kScoreMod && p.dropout.enabled() ? p.keep_scale : 1.f);
+  if (t == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_row0 + h * 8 + g;
+      if (r < blk.rows) lse[r] = row_lse[0][h];
+    }
+  }
+  tma::named_sync(1 + c, 128);
+  constexpr int kCPR = kHeadDim / 8;
+  for (int idx = tid % 128; idx < 64 * kCPR; idx += 128) {
+    const int r = 64 * c + idx / kCPR, ch = idx % kCPR;
+    if (r < blk.rows && ch * 8 < d)
+      *reinterpret_cast<uint4*>(o + static_cast<index_t>(r) * p.o_row_stride + ch * 8) =
+          *reinterpret_cast<const uint4*>(sQ + TileQ::chunk_offset(r, ch));
+  }
+}
+
+}  // namespace sm90
+
+template <class Kt, bool kScoreMod>
+__global__ void __launch_bounds__(Kt::kNThreads, 1)
+    flash_fwd_sm90_ws_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ FwdTmaMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Kt::Elem;
+  using namespace sm90;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_u = smem_u32(smem_raw);
+  const uint32_t base_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
+  const WsSmem<Kt> sm{smem_raw + (base_u - raw_u), base_u};
+  const int tid = static_cast<int>(threadIdx.x);
+  const int wg = tid / 128;
+
+  const FwdBlockInfo<kBlockM> blk(p);
+  if (blk.rows <= 0) return;  // (dense only: never taken; kept for the block info's contract)
+  const Visibility<int> vis = blk.seq.visibility(p);
+  const FwdBlockIO<T> io(p, blk, vis, kBlockN);
+  if (io.n_end == io.n_begin) {
+    store_empty_rows<T, kHeadDim, Kt::kNThreads>(io.o, p.o_row_stride, io.lse, blk.rows, p.head_dim, tid);
+    return;
+  }
+  const int n_last = io.n_end - 1, n_tiles = io.n_end - io.n_begin;  // tiles are walked from the last down
+
+  if (tid == 0) {
+    tma::init_barrier(sm.q_full(), 1);
+    for (int s = 0; s < kStages; ++s) {
+      tma::init_barrier(sm.k_full(s), 1);
+      tma::init_barrier(sm.v_full(s), 1);
+      tma::init_barrier(sm.k_empty(s), Kt::kConsumers);
+      tma::init_barrier(sm.v_empty(s), Kt::kConsumers);
+    }
+    tma::fence_barrier_init();
+  }
+  __syncthreads();  // the last block-wide barrier: the producer's idle threads leave early
+
+  // setmaxnreg needs the two roles as the two branches of one if / else (HOPPER.md).
+  if (wg == 0) {
+    // Producer. Use i of stage i % kStages reuses the buffer of use i - kStages: wait for its release first.
+    tma::shrink_registers<Kt::kProducerRegs>();
+    if (tid == 0) {
+      tma::arrive_expect_bytes(sm.q_full(), Kt::kSmemQ);
+#pragma unroll
+      for (int cb = 0; cb < kHeadDim / 64; ++cb)
+        tma::load_box(sm.base + cb * kBlockM * 128, &maps.q, 64 * cb, blk.row0, blk.head, blk.batch, sm.q_full());
+      for (int i = 0; i < n_tiles; ++i) {
+        const int s = i % kStages, key0 = (n_last - i) * kBlockN;
+        const uint32_t parity = ((i / kStages) - 1) & 1;
+        if (i >= kStages) tma::wait(sm.k_empty(s), parity);
+        tma::arrive_expect_bytes(sm.k_full(s), Kt::kSmemKV);
+#pragma unroll
+        for (int cb = 0; cb < kHeadDim / 64; ++cb)
+          tma::load_box(sm.base + sm.k_off(s) + cb * kBlockN * 128, &maps.k, 64 * cb, key0, blk.head_kv, blk.batch,
+                        sm.k_full(s));
+        if (i >= kStages) tma::wait(sm.v_empty(s), parity);
+        tma::arrive_expect_bytes(sm.v_full(s), Kt::kSmemKV);
+#pragma unroll
+        for (int cb = 0; cb < kHeadDim / 64; ++cb)
+          tma::load_box(sm.base + sm.v_off(s) + cb * kBlockN * 128, &maps.v, 64 * cb, key0, blk.head_kv, blk.batch,
+                        sm.v_full(s));
+      }
+    }
+  } else {
+    consume<Kt, kScoreMod>(p, blk, vis, io, sm, n_last, n_tiles, wg - 1, tid);
+  }
+#else
+  __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
+#endif
+}
+
+}  // namespace flash_attn2::cuda

@@ -1,0 +1,141 @@
+// The Tensor Memory Accelerator (sm_90) for the warp-specialised kernels: host-side tensor maps over our
+// (B, N, H, d) 16-bit tensors, and device-side mbarrier pipelines with bulk tensor copies (CCCL's cuda::ptx where
+// it covers the instruction; setmaxnreg and named barriers are inline PTX).
+//
+// A tensor map describes one 4-D tensor (d, N, H, B) in global memory (element strides of the row, head and batch
+// dims); a copy moves a box of 64 columns x kRows rows of one (head, batch) into shared memory with the 128-byte
+// swizzle, which is exactly one column block of a SwizzledTile<kRows, C> (smem_tile.cuh, wgmma.cuh). Rows and
+// columns outside the tensor are filled with zeros.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include <cuda/ptx>
+
+#include "cuda/cuda_check.cuh"
+#include "cuda/flash_params.h"
+#include "cuda/tile_primitives.cuh"
+
+namespace flash_attn2::cuda {
+
+// ---- host --------------------------------------------------------------------------------------------------
+
+namespace detail {
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver the runtime loaded (no link against libcuda).
+inline EncodeTiledFn encode_tiled_fn() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    FA2_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || f == nullptr)
+      throw std::runtime_error("flash_attn2: the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// A map over the 16-bit tensor at `base` with dims (d, n, h, b) and element strides (row, head, batch), copied in
+// boxes of 64 x box_rows with the 128-byte swizzle. Returns false (and leaves the map unusable) where the tensor
+// breaks the TMA's rules: base not 16-byte aligned, a stride not a multiple of 16 bytes (or zero), d * 2 bytes not
+// a multiple of 16; the caller then takes a kernel that does not use TMA.
+inline bool make_tensor_map(CUtensorMap* map, const void* base, bool bf16, int d, int n, int h, int b,
+                            index_t row_stride, index_t head_stride, index_t batch_stride, int box_rows) {
+  const index_t strides[3] = {row_stride, head_stride, batch_stride};
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || (d * 2) % 16 != 0 || d <= 0 || n <= 0 || h <= 0 || b <= 0)
+    return false;
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(n), static_cast<cuuint64_t>(h),
+                        static_cast<cuuint64_t>(b)};
+  cuuint64_t byte_strides[3];
+  for (int i = 0; i < 3; ++i) {
+    const index_t bytes = strides[i] * 2;
+    // A dim of size 1 is never stepped over: any aligned stride will do for it.
+    const bool unused = dims[i + 1] == 1;
+    if (!unused && (bytes <= 0 || bytes % 16 != 0 || bytes >= (index_t(1) << 40))) return false;
+    byte_strides[i] = unused ? 16 : static_cast<cuuint64_t>(bytes);
+  }
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode_tiled_fn()(
+      map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, const_cast<void*>(base), dims,
+      byte_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+}  // namespace detail
+
+// The Q, K and V maps of a forward call (kernel parameter: __grid_constant__, so copies take its address).
+struct FwdTmaMaps {  // CUtensorMap is 64-byte aligned itself
+  CUtensorMap q, k, v;
+};
+
+// ---- device ------------------------------------------------------------------------------------------------
+
+namespace tma {
+
+FA2_DEVICE void init_barrier(uint64_t* bar, uint32_t arrivals) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  ::cuda::ptx::mbarrier_init(bar, arrivals);
+#endif
+}
+// Makes initialised barriers visible to the async proxy (the copies' complete_tx).
+FA2_DEVICE void fence_barrier_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  ::cuda::ptx::fence_mbarrier_init(::cuda::ptx::sem_release, ::cuda::ptx::scope_cluster);
+#endif
+}
+// Spins until the barrier's phase with the given parity has completed.
+FA2_DEVICE void wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  while (!::cuda::ptx::mbarrier_try_wait_parity(bar, parity)) {
+  }
+#endif
+}
+FA2_DEVICE void arrive(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  (void)::cuda::ptx::mbarrier_arrive(bar);
+#endif
+}
+// One arrival that also announces `bytes` of copies completing on this barrier's current phase.
+FA2_DEVICE void arrive_expect_bytes(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  (void)::cuda::ptx::mbarrier_arrive_expect_tx(::cuda::ptx::sem_release, ::cuda::ptx::scope_cta,
+                                               ::cuda::ptx::space_shared, bar, bytes);
+#endif
+}
+// Box (col0, row0, head, batch) of the map into shared memory at dst (1024-byte aligned), completing on bar.
+FA2_DEVICE void load_box(void* dst, const CUtensorMap* map, int col0, int row0, int head, int batch, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int32_t coords[4] = {col0, row0, head, batch};
+  ::cuda::ptx::cp_async_bulk_tensor(::cuda::ptx::space_cluster, ::cuda::ptx::space_global, dst, map, coords, bar);
+#endif
+}
+
+// Register budget of this warpgroup (all its threads call it): producers give registers back, consumers take them.
+template <int kRegs>
+FA2_DEVICE void shrink_registers() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+template <int kRegs>
+FA2_DEVICE void grow_registers() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+
+// A barrier among `threads` threads of the block (a multiple of 32), id 1..15 (0 is __syncthreads).
+FA2_DEVICE void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+}  // namespace tma
+}  // namespace flash_attn2::cuda
