@@ -114,6 +114,7 @@ inline void launch_dependent(void (*kernel)(Params), int64_t blocks, int threads
   config.numAttrs = pdl_enabled() ? 1 : 0;
   FA2_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
 }
+
 // FLASH_ATTN2_FWD_WS=1: the experimental warp-specialised d128 forward (flash_fwd_sm90_ws_kernel.cuh) for dense
 // batches whose tensors the TMA can address; anything else keeps the main kernels. FLASH_ATTN2_FWD_WS=require
 // (tests) raises instead of falling back, so a test knows which kernel ran.

@@ -142,8 +142,6 @@ FA2_DEVICE int opaque(int x) {
   return y;
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Fast math: ex2.approx (exp2(-inf) = +0).
 // Programmatic dependent launch (detail::launch_dependent): wait until the previous kernel of the stream has
 // finished and its writes are visible / let the next kernel launch now. No-ops below sm_90 and for kernels
 // launched without the attribute.
@@ -158,6 +156,8 @@ FA2_DEVICE void allow_next_grid() {
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Fast math: ex2.approx (exp2(-inf) = +0).
 FA2_DEVICE float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
