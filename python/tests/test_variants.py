@@ -477,7 +477,6 @@ def test_cuda_option_combinations(shape, dtype, causal, window, softcap, alibi, 
     check_variant_case(b, hq, hkv, nq, nk, d, dtype, "cuda", opts, transposed)
 
 
-@requires_cuda
 @requires_sm90
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
@@ -489,6 +488,7 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
     check_variant_case(2, 4, 2, 333, 517, 128, torch.bfloat16, "cuda", opts, transposed=True)
 
 
+@requires_cuda
 @pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
 @pytest.mark.parametrize("variant", ["plain", "causal", "all"])
 @pytest.mark.parametrize("d", [64, 128])
