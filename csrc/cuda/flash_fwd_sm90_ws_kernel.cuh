@@ -1,5 +1,5 @@
 // Warp-specialised FlashAttention forward on Hopper (sm_90a), d = 128 — EXPERIMENTAL, opt-in with
-// FLASH_ATTN2_FWD_WS=1 (flash_fwd_launch.cuh), dense batches only. The first step of #11's rewrite: the same
+// FLASH_ATTN2_FWD_WS=1 (flash_fwd_launch.cuh). The first step of #11's rewrite: the same
 // algorithm and variants as flash_fwd_sm90_kernel's overlapped loop, with the loads moved to a producer.
 //
 //   warpgroup 0 (producer, 24 registers): one thread issues TMA copies of the Q tile and of K_j / V_j into a
@@ -11,8 +11,7 @@
 //     spans the block after the prologue, so the two consumers drift apart and one's softmax can run under the
 //     other's MMAs.
 //
-// Not yet: ping-pong ordering of the consumers' MMAs (named barriers), a persistent tile scheduler, varlen
-// (the launcher keeps packed batches on the main kernel), TMA stores of O.
+// Not yet: ping-pong ordering of the consumers' MMAs (named barriers), a persistent tile scheduler, TMA stores of O.
 #pragma once
 
 #include <cmath>
@@ -208,7 +207,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const int wg = tid / 128;
 
   const FwdBlockInfo<kBlockM> blk(p);
-  if (blk.rows <= 0) return;  // (dense only: never taken; kept for the block info's contract)
+  if (blk.rows <= 0) return;  // varlen: past the end of this sequence
   const Visibility<int> vis = blk.seq.visibility(p);
   const FwdBlockIO<T> io(p, blk, vis, kBlockN);
   if (io.n_end == io.n_begin) {
@@ -233,25 +232,30 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   if (wg == 0) {
     // Producer. Use i of stage i % kStages reuses the buffer of use i - kStages: wait for its release first.
     tma::shrink_registers<Kt::kProducerRegs>();
+    // Packed batches: one map over all sequences (batch coordinate 0), rows offset by the sequence's start.
+    // Tiles that run past a sequence's end read the next sequence's rows: masked keys (P = 0) and query rows
+    // that are never stored, as with the zero rows past a dense tensor's end.
+    const int map_b = p.cu_seqlens_q != nullptr ? 0 : blk.batch;
     if (tid == 0) {
       tma::arrive_expect_bytes(sm.q_full(), Kt::kSmemQ);
 #pragma unroll
       for (int cb = 0; cb < kHeadDim / 64; ++cb)
-        tma::load_box(sm.base + cb * kBlockM * 128, &maps.q, 64 * cb, blk.row0, blk.head, blk.batch, sm.q_full());
+        tma::load_box(sm.base + cb * kBlockM * 128, &maps.q, 64 * cb, blk.seq.q_start + blk.row0, blk.head, map_b,
+                      sm.q_full());
       for (int i = 0; i < n_tiles; ++i) {
-        const int s = i % kStages, key0 = (n_last - i) * kBlockN;
+        const int s = i % kStages, key0 = blk.seq.k_start + (n_last - i) * kBlockN;
         const uint32_t parity = ((i / kStages) - 1) & 1;
         if (i >= kStages) tma::wait(sm.k_empty(s), parity);
         tma::arrive_expect_bytes(sm.k_full(s), Kt::kSmemKV);
 #pragma unroll
         for (int cb = 0; cb < kHeadDim / 64; ++cb)
-          tma::load_box(sm.base + sm.k_off(s) + cb * kBlockN * 128, &maps.k, 64 * cb, key0, blk.head_kv, blk.batch,
+          tma::load_box(sm.base + sm.k_off(s) + cb * kBlockN * 128, &maps.k, 64 * cb, key0, blk.head_kv, map_b,
                         sm.k_full(s));
         if (i >= kStages) tma::wait(sm.v_empty(s), parity);
         tma::arrive_expect_bytes(sm.v_full(s), Kt::kSmemKV);
 #pragma unroll
         for (int cb = 0; cb < kHeadDim / 64; ++cb)
-          tma::load_box(sm.base + sm.v_off(s) + cb * kBlockN * 128, &maps.v, 64 * cb, key0, blk.head_kv, blk.batch,
+          tma::load_box(sm.base + sm.v_off(s) + cb * kBlockN * 128, &maps.v, 64 * cb, key0, blk.head_kv, map_b,
                         sm.v_full(s));
       }
     }
