@@ -145,7 +145,10 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
                       p.v_batch_stride, Kt::kBlockN);
   if (!ok) return unavailable("the TMA cannot address these tensors (alignment or strides)");
   const int64_t num_m = (p.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;
-  auto kernel = &flash_fwd_sm90_ws_kernel<Kt, kScoreMod>;
+  // FLASH_ATTN2_FWD_WS_PINGPONG=0 turns the consumers' turn-taking off (A/B runs).
+  const char* pp = std::getenv("FLASH_ATTN2_FWD_WS_PINGPONG");
+  auto kernel = pp != nullptr && std::strcmp(pp, "0") == 0 ? &flash_fwd_sm90_ws_kernel<Kt, kScoreMod, false>
+                                                            : &flash_fwd_sm90_ws_kernel<Kt, kScoreMod, true>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   kernel<<<grid_1d(num_m * bh), Kt::kNThreads, Kt::kSmemBytes, stream>>>(p, maps);
   FA2_CHECK_LAUNCH();

@@ -78,7 +78,7 @@ struct WsSmem {
 namespace sm90 {
 
 // A consumer warpgroup (c = 0 or 1: query rows [64 c, 64 c + 64) of the tile): see the file comment.
-template <class Kt, bool kScoreMod, class T>
+template <class Kt, bool kScoreMod, bool kPingPong, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid) {
   using TileQ = typename Kt::TileQ;
@@ -95,6 +95,17 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   tma::grow_registers<Kt::kConsumerRegs>();
   const int warp_row0 = 64 * c + 16 * (warp % 4);  // first tile row of this warp's accumulators
   const bool release_lane = tid % 128 == 0;         // one arrival per consumer on the empty barriers
+  // Ping-pong (FlashAttention-3): the consumers take turns issuing their MMAs, so one's softmax runs while the
+  // other's MMAs do. Barrier 3 + c is "consumer c may issue": consumer c waits on it (bar.sync, 128 threads)
+  // and the other consumer arrives on it (bar.arrive, 128 threads) after issuing its own. Consumer 1 pre-arrives
+  // so that consumer 0 goes first, and skips its last arrival (nobody waits for it).
+  auto wait_turn = [&] {
+    if (kPingPong) tma::named_sync(3 + c, 256);
+  };
+  auto pass_turn = [&](bool last) {
+    if (kPingPong && !(last && c == 1)) tma::named_arrive(3 + (1 - c), 256);
+  };
+  if (kPingPong && c == 1) tma::named_arrive(3, 256);
   const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
   const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
 
@@ -132,8 +143,10 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   float alpha[1][2];
   tma::wait(sm.q_full(), 0);
   tma::wait(sm.k_full(0), 0);
+  wait_turn();
   wgmma_fence();
   issue_s(acc_s, 0);
+  pass_turn(false);
   wgmma_wait<0>();
   fence_regs(acc_s);
   if (release_lane) tma::arrive(sm.k_empty(0));
@@ -143,9 +156,11 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     const int s = i % kStages, ps = (i - 1) % kStages;  // stages of tile i (K) and of tile i - 1 (V)
     tma::wait(sm.k_full(s), (i / kStages) & 1);
     tma::wait(sm.v_full(ps), ((i - 1) / kStages) & 1);
+    wait_turn();
     wgmma_fence();
     issue_s(acc_s, s);
     issue_o(frag_p, ps);
+    pass_turn(false);
     wgmma_wait<1>();  // S_i done: K_i may be overwritten; O += P_{i-1} V_{i-1} may still run
     fence_regs(acc_s);
     if (release_lane) tma::arrive(sm.k_empty(s));
@@ -160,8 +175,10 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   {
     const int s = (n_tiles - 1) % kStages;
     tma::wait(sm.v_full(s), ((n_tiles - 1) / kStages) & 1);
+    wait_turn();
     wgmma_fence();
     issue_o(frag_p, s);
+    pass_turn(true);
     wgmma_wait<0>();
     fence_regs(acc_o);
   }
@@ -191,7 +208,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 
 }  // namespace sm90
 
-template <class Kt, bool kScoreMod>
+template <class Kt, bool kScoreMod, bool kPingPong>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_fwd_sm90_ws_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ FwdTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -260,7 +277,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
     }
   } else {
-    consume<Kt, kScoreMod>(p, blk, vis, io, sm, n_last, n_tiles, wg - 1, tid);
+    consume<Kt, kScoreMod, kPingPong>(p, blk, vis, io, sm, n_last, n_tiles, wg - 1, tid);
   }
 #else
   __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
