@@ -164,9 +164,7 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   const int64_t bh = static_cast<int64_t>(params.heads_q) * params.batch;
   if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
     if (detail::use_sm90_kernels()) {
-      if constexpr (kHeadDim == 128) {
-        if (detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim>, kScoreMod>(params, bh, stream)) return;
-      }
+      if (detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim>, kScoreMod>(params, bh, stream)) return;
       using K90 = FwdSm90Traits<T, kHeadDim>;
       const int64_t num_m = (params.seqlen_q + K90::kBlockM - 1) / K90::kBlockM;
       auto run = [&](auto overlap) {

@@ -1,4 +1,4 @@
-// Warp-specialised FlashAttention forward on Hopper (sm_90a), d = 128 — EXPERIMENTAL, opt-in with
+// Warp-specialised FlashAttention forward on Hopper (sm_90a), d = 64, 128 and 256 — EXPERIMENTAL, opt-in with
 // FLASH_ATTN2_FWD_WS=1 (flash_fwd_launch.cuh). The first step of #11's rewrite: the same
 // algorithm and variants as flash_fwd_sm90_kernel's overlapped loop, with the loads moved to a producer.
 //
@@ -11,7 +11,8 @@
 //     spans the block after the prologue, so the two consumers drift apart and one's softmax can run under the
 //     other's MMAs.
 //
-// Not yet: ping-pong ordering of the consumers' MMAs (named barriers), a persistent tile scheduler, TMA stores of O.
+// The consumers take turns issuing their MMAs (ping-pong, FLASH_ATTN2_FWD_WS_PINGPONG=0 turns it off).
+// Not yet: a persistent tile scheduler, TMA stores of O.
 #pragma once
 
 #include <cmath>
@@ -36,10 +37,11 @@ struct FwdSm90WsTraits {
   static constexpr int kConsumers = 2;                      // consumer warpgroups, 64 query rows each
   static constexpr int kNThreads = (kConsumers + 1) * 128;  // + the producer warpgroup
   static constexpr int kBlockM = 64 * kConsumers;
-  static constexpr int kBlockN = 128;
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // d256: O alone is 128 registers per thread
+  static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
   static constexpr int kStages = 2;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-  static_assert(kHeadDim == 128, "the warp-specialised forward is built for d = 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "warp-specialised forward: d = 64, 128, 256");
   static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");
 
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;  // also stages O for the output store
@@ -120,9 +122,11 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   zero_acc(acc_o);
   auto issue_o = [&](const uint32_t (&frag_p)[1][kBlockN / 16][4], int s) {
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_o), frag_p[0][kk], desc_mn_major<TileKV>(sQ_u + sm.v_off(s), 0, kk),
-                                           1);
+    for (int n0 = 0; n0 < kHeadDim; n0 += Kt::kPvN)
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        WgmmaOp<T, Kt::kPvN>::template rs<1>(acc_cols<Kt::kPvN>(acc_o, n0), frag_p[0][kk],
+                                             desc_mn_major<TileKV>(sQ_u + sm.v_off(s), n0 / 64, kk), 1);
     wgmma_commit();
   };
   OnlineSoftmax<1> softmax;

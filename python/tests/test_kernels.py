@@ -125,6 +125,10 @@ WS_CASES = [
     (1, 2, 2, 700, 300, 104, True, torch.float16, False),
     (1, 2, 2, 4096, 4096, 128, True, torch.bfloat16, False),
     (3, 2, 2, 17, 70, 128, False, torch.bfloat16, True),
+    (2, 4, 4, 257, 257, 64, True, torch.bfloat16, False),
+    (2, 2, 2, 130, 300, 40, False, torch.float16, True),
+    (1, 4, 2, 300, 700, 256, False, torch.float16, True),
+    (1, 2, 2, 500, 500, 232, True, torch.bfloat16, False),
 ]
 
 
