@@ -58,6 +58,13 @@ if [[ $what == all || $what == tests ]]; then
     -p no:cacheprovider -k "cuda" >"$OUT/pytest_overlap.log" 2>&1
   grep -E "^(FAILED|ERROR)" "$OUT/pytest_overlap.log" | head -20
   summary+=("pytest kernels + variants, d128 forward overlapped everywhere: $(tail -1 "$OUT/pytest_overlap.log")")
+  # The experimental warp-specialised forward (FLASH_ATTN2_FWD_WS=1, opt-in): the CUDA tests with it on wherever it
+  # applies (it falls back quietly elsewhere).
+  FLASH_ATTN2_FWD_WS=1 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py \
+    python/tests/test_sdpa_provider.py python/tests/test_ops.py -q -rfE -p no:cacheprovider -k "cuda" \
+    >"$OUT/pytest_ws.log" 2>&1
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_ws.log" | head -20
+  summary+=("pytest kernels + variants + provider + ops, warp-specialised forward on: $(tail -1 "$OUT/pytest_ws.log")")
   grep -E "FAILED|Failure" "$OUT/ctest_portable.log" | head -20
   summary+=("CUDA kernel tests, portable kernels (rc $rc): $(grep -E '^\[  PASSED  \]|tests? FAILED' "$OUT/ctest_portable.log" | tr '\n' ' ')")
   # The error-path tests run in their own process, so that a crash there (see "toolchain") cannot hide the
@@ -77,6 +84,11 @@ if [[ $what == all || $what == sanitize ]]; then
         python3 scripts/sanitize_cases.py >"$OUT/$tool$portable.log" 2>&1
       summary+=("$tool, portable=$portable (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool$portable.log" | tail -1)")
     done
+  done
+  for tool in memcheck racecheck synccheck; do  # the warp-specialised forward (TMA, mbarriers)
+    FA2_SANITIZE=ws compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
+      >"$OUT/${tool}_ws.log" 2>&1
+    summary+=("$tool, warp-specialised forward (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/${tool}_ws.log" | tail -1)")
   done
 fi
 if [[ $what == all || $what == compare ]]; then
