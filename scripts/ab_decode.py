@@ -7,10 +7,8 @@ SDPA's cuDNN backend on the same cache for reference.
 """
 
 import argparse
-import json
-import os
-import subprocess
-import sys
+
+from ab_forward import run_sides  # scripts/ is on sys.path when this file runs
 
 CHILD = r"""
 import json, sys, torch, flash_attn2
@@ -37,13 +35,9 @@ def main():
     ap.add_argument("--cases", default="1,8,1024;1,8,8192;1,8,32768;1,32,8192;16,8,8192")
     args = ap.parse_args()
     best = {"a": {}, "b": {}}
-    for _ in range(2):
-        for name in ("a", "b"):
-            lib, *assignments = getattr(args, name).split(",")
-            env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib, **dict(a.split("=", 1) for a in assignments))
-            out = subprocess.run([sys.executable, "-c", CHILD, args.cases], env=env, capture_output=True, text=True,
-                                 check=True).stdout
-            for key, (ours, cudnn) in json.loads(out.strip().splitlines()[-1]).items():
+    for name, rounds in run_sides(args.a, args.b, CHILD, [args.cases]).items():
+        for res in rounds:
+            for key, (ours, cudnn) in res.items():
                 old = best[name].get(key, (float("inf"), float("inf")))
                 best[name][key] = (min(old[0], ours), min(old[1], cudnn))
     print("| B | Hkv | L | A µs | B µs | A/B | cuDNN µs | B vs cuDNN |")

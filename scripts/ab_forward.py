@@ -45,6 +45,21 @@ print(json.dumps(res))
 """
 
 
+def run_sides(side_a, side_b, child, child_args, rounds=2):
+    """Runs `child` (a Python source that prints one JSON object last) for each side, alternately A, B, A, B. A side
+    is "library[,VAR=VALUE...]": the process gets FLASH_ATTN2_LIBRARY and those variables. Returns
+    {"a": [result of round 1, ...], "b": [...]}."""
+    results = {"a": [], "b": []}
+    for _ in range(rounds):
+        for name, side in (("a", side_a), ("b", side_b)):
+            lib, *assignments = side.split(",")
+            env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib, **dict(a.split("=", 1) for a in assignments))
+            out = subprocess.run([sys.executable, "-c", child, *child_args], env=env, capture_output=True, text=True,
+                                 check=True).stdout
+            results[name].append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("a")
@@ -55,15 +70,12 @@ def main():
     ap.add_argument("--mods", default="none", help="score modifiers: none,softcap,alibi,dropout")
     ap.add_argument("--direction", default="fwd", choices=("fwd", "bwd"), help="time the forward or the backward op")
     args = ap.parse_args()
+    runs = run_sides(args.a, args.b, CHILD,
+                     [args.head_dims, args.lengths, args.causal_lengths, args.mods, args.direction])
     best = {"a": {}, "b": {}}
-    for _ in range(2):
-        for name in ("a", "b"):
-            lib, *assignments = getattr(args, name).split(",")
-            env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib, **dict(a.split("=", 1) for a in assignments))
-            out = subprocess.run([sys.executable, "-c", CHILD, args.head_dims, args.lengths, args.causal_lengths,
-                                  args.mods, args.direction],
-                                 env=env, capture_output=True, text=True, check=True).stdout
-            for key, tf in json.loads(out.strip().splitlines()[-1]).items():
+    for name, rounds in runs.items():
+        for res in rounds:
+            for key, tf in res.items():
                 best[name][key] = max(best[name].get(key, 0.0), tf)
     print(f"| D | causal | N | modifier | {args.direction} A | {args.direction} B | B/A |")
     print("|---|---|---|---|---|---|---|")
