@@ -115,8 +115,8 @@ inline void launch_dependent(void (*kernel)(Params), int64_t blocks, int threads
   FA2_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
 }
 
-// FLASH_ATTN2_FWD_WS=1: the experimental warp-specialised d128 forward (flash_fwd_sm90_ws_kernel.cuh) for dense
-// batches whose tensors the TMA can address; anything else keeps the main kernels. FLASH_ATTN2_FWD_WS=require
+// FLASH_ATTN2_FWD_WS=1: the experimental warp-specialised d128 forward (flash_fwd_sm90_ws_kernel.cuh) where the
+// TMA can address the tensors; anything else keeps the main kernels. FLASH_ATTN2_FWD_WS=require
 // (tests) raises instead of falling back, so a test knows which kernel ran.
 inline int fwd_ws_mode() {  // 0 off, 1 on, 2 required
   const char* env = std::getenv("FLASH_ATTN2_FWD_WS");
@@ -132,18 +132,23 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
     if (mode == 2) throw std::invalid_argument(std::string("flash_attn2: FLASH_ATTN2_FWD_WS=require, but ") + why);
     return false;
   };
-  if (p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr) return unavailable("packed batches are not supported");
+  // Packed batches: one (d, T, H, 1) map over all sequences; the kernel offsets rows by cu_seqlens.
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int nq = varlen ? p.total_q : p.seqlen_q, nk = varlen ? p.total_k : p.seqlen_k, maps_b = varlen ? 1 : p.batch;
   FwdTmaMaps maps;
   const bool ok =
-      make_tensor_map(&maps.q, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_row_stride,
-                      p.q_head_stride, p.q_batch_stride, Kt::kBlockM) &&
-      make_tensor_map(&maps.k, p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.k_row_stride,
-                      p.k_head_stride, p.k_batch_stride, Kt::kBlockN) &&
-      make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.heads_kv, p.batch, p.v_row_stride,
-                      p.v_head_stride, p.v_batch_stride, Kt::kBlockN);
+      make_tensor_map(&maps.q, p.q, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.q_row_stride, p.q_head_stride,
+                      p.q_batch_stride, Kt::kBlockM) &&
+      make_tensor_map(&maps.k, p.k, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.k_row_stride, p.k_head_stride,
+                      p.k_batch_stride, Kt::kBlockN) &&
+      make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride, p.v_head_stride,
+                      p.v_batch_stride, Kt::kBlockN);
   if (!ok) return unavailable("the TMA cannot address these tensors (alignment or strides)");
   const int64_t num_m = (p.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;
-  auto kernel = &flash_fwd_sm90_ws_kernel<Kt, kScoreMod>;
+  // FLASH_ATTN2_FWD_WS_PINGPONG=0 turns the consumers' turn-taking off (A/B runs).
+  const char* pp = std::getenv("FLASH_ATTN2_FWD_WS_PINGPONG");
+  auto kernel = pp != nullptr && std::strcmp(pp, "0") == 0 ? &flash_fwd_sm90_ws_kernel<Kt, kScoreMod, false>
+                                                            : &flash_fwd_sm90_ws_kernel<Kt, kScoreMod, true>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   kernel<<<grid_1d(num_m * bh), Kt::kNThreads, Kt::kSmemBytes, stream>>>(p, maps);
   FA2_CHECK_LAUNCH();
@@ -159,9 +164,7 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   const int64_t bh = static_cast<int64_t>(params.heads_q) * params.batch;
   if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
     if (detail::use_sm90_kernels()) {
-      if constexpr (kHeadDim == 128) {
-        if (detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim>, kScoreMod>(params, bh, stream)) return;
-      }
+      if (detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim>, kScoreMod>(params, bh, stream)) return;
       using K90 = FwdSm90Traits<T, kHeadDim>;
       const int64_t num_m = (params.seqlen_q + K90::kBlockM - 1) / K90::kBlockM;
       auto run = [&](auto overlap) {

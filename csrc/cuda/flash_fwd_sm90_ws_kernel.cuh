@@ -1,5 +1,5 @@
-// Warp-specialised FlashAttention forward on Hopper (sm_90a), d = 128 — EXPERIMENTAL, opt-in with
-// FLASH_ATTN2_FWD_WS=1 (flash_fwd_launch.cuh), dense batches only. The first step of #11's rewrite: the same
+// Warp-specialised FlashAttention forward on Hopper (sm_90a), d = 64, 128 and 256 — EXPERIMENTAL, opt-in with
+// FLASH_ATTN2_FWD_WS=1 (flash_fwd_launch.cuh). The first step of #11's rewrite: the same
 // algorithm and variants as flash_fwd_sm90_kernel's overlapped loop, with the loads moved to a producer.
 //
 //   warpgroup 0 (producer, 24 registers): one thread issues TMA copies of the Q tile and of K_j / V_j into a
@@ -11,8 +11,8 @@
 //     spans the block after the prologue, so the two consumers drift apart and one's softmax can run under the
 //     other's MMAs.
 //
-// Not yet: ping-pong ordering of the consumers' MMAs (named barriers), a persistent tile scheduler, varlen
-// (the launcher keeps packed batches on the main kernel), TMA stores of O.
+// The consumers take turns issuing their MMAs (ping-pong, FLASH_ATTN2_FWD_WS_PINGPONG=0 turns it off).
+// Not yet: a persistent tile scheduler, TMA stores of O.
 #pragma once
 
 #include <cmath>
@@ -37,10 +37,11 @@ struct FwdSm90WsTraits {
   static constexpr int kConsumers = 2;                      // consumer warpgroups, 64 query rows each
   static constexpr int kNThreads = (kConsumers + 1) * 128;  // + the producer warpgroup
   static constexpr int kBlockM = 64 * kConsumers;
-  static constexpr int kBlockN = 128;
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // d256: O alone is 128 registers per thread
+  static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
   static constexpr int kStages = 2;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-  static_assert(kHeadDim == 128, "the warp-specialised forward is built for d = 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "warp-specialised forward: d = 64, 128, 256");
   static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");
 
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;  // also stages O for the output store
@@ -79,7 +80,7 @@ struct WsSmem {
 namespace sm90 {
 
 // A consumer warpgroup (c = 0 or 1: query rows [64 c, 64 c + 64) of the tile): see the file comment.
-template <class Kt, bool kScoreMod, class T>
+template <class Kt, bool kScoreMod, bool kPingPong, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid) {
   using TileQ = typename Kt::TileQ;
@@ -96,6 +97,17 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   tma::grow_registers<Kt::kConsumerRegs>();
   const int warp_row0 = 64 * c + 16 * (warp % 4);  // first tile row of this warp's accumulators
   const bool release_lane = tid % 128 == 0;         // one arrival per consumer on the empty barriers
+  // Ping-pong (FlashAttention-3): the consumers take turns issuing their MMAs, so one's softmax runs while the
+  // other's MMAs do. Barrier 3 + c is "consumer c may issue": consumer c waits on it (bar.sync, 128 threads)
+  // and the other consumer arrives on it (bar.arrive, 128 threads) after issuing its own. Consumer 1 pre-arrives
+  // so that consumer 0 goes first, and skips its last arrival (nobody waits for it).
+  auto wait_turn = [&] {
+    if (kPingPong) tma::named_sync(3 + c, 256);
+  };
+  auto pass_turn = [&](bool last) {
+    if (kPingPong && !(last && c == 1)) tma::named_arrive(3 + (1 - c), 256);
+  };
+  if (kPingPong && c == 1) tma::named_arrive(3, 256);
   const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
   const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
 
@@ -110,9 +122,11 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   zero_acc(acc_o);
   auto issue_o = [&](const uint32_t (&frag_p)[1][kBlockN / 16][4], int s) {
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_o), frag_p[0][kk], desc_mn_major<TileKV>(sQ_u + sm.v_off(s), 0, kk),
-                                           1);
+    for (int n0 = 0; n0 < kHeadDim; n0 += Kt::kPvN)
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        WgmmaOp<T, Kt::kPvN>::template rs<1>(acc_cols<Kt::kPvN>(acc_o, n0), frag_p[0][kk],
+                                             desc_mn_major<TileKV>(sQ_u + sm.v_off(s), n0 / 64, kk), 1);
     wgmma_commit();
   };
   OnlineSoftmax<1> softmax;
@@ -133,8 +147,10 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   float alpha[1][2];
   tma::wait(sm.q_full(), 0);
   tma::wait(sm.k_full(0), 0);
+  wait_turn();
   wgmma_fence();
   issue_s(acc_s, 0);
+  pass_turn(false);
   wgmma_wait<0>();
   fence_regs(acc_s);
   if (release_lane) tma::arrive(sm.k_empty(0));
@@ -144,9 +160,11 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     const int s = i % kStages, ps = (i - 1) % kStages;  // stages of tile i (K) and of tile i - 1 (V)
     tma::wait(sm.k_full(s), (i / kStages) & 1);
     tma::wait(sm.v_full(ps), ((i - 1) / kStages) & 1);
+    wait_turn();
     wgmma_fence();
     issue_s(acc_s, s);
     issue_o(frag_p, ps);
+    pass_turn(false);
     wgmma_wait<1>();  // S_i done: K_i may be overwritten; O += P_{i-1} V_{i-1} may still run
     fence_regs(acc_s);
     if (release_lane) tma::arrive(sm.k_empty(s));
@@ -161,8 +179,10 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   {
     const int s = (n_tiles - 1) % kStages;
     tma::wait(sm.v_full(s), ((n_tiles - 1) / kStages) & 1);
+    wait_turn();
     wgmma_fence();
     issue_o(frag_p, s);
+    pass_turn(true);
     wgmma_wait<0>();
     fence_regs(acc_o);
   }
@@ -192,7 +212,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 
 }  // namespace sm90
 
-template <class Kt, bool kScoreMod>
+template <class Kt, bool kScoreMod, bool kPingPong>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_fwd_sm90_ws_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ FwdTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -208,7 +228,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const int wg = tid / 128;
 
   const FwdBlockInfo<kBlockM> blk(p);
-  if (blk.rows <= 0) return;  // (dense only: never taken; kept for the block info's contract)
+  if (blk.rows <= 0) return;  // varlen: past the end of this sequence
   const Visibility<int> vis = blk.seq.visibility(p);
   const FwdBlockIO<T> io(p, blk, vis, kBlockN);
   if (io.n_end == io.n_begin) {
@@ -233,30 +253,35 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   if (wg == 0) {
     // Producer. Use i of stage i % kStages reuses the buffer of use i - kStages: wait for its release first.
     tma::shrink_registers<Kt::kProducerRegs>();
+    // Packed batches: one map over all sequences (batch coordinate 0), rows offset by the sequence's start.
+    // Tiles that run past a sequence's end read the next sequence's rows: masked keys (P = 0) and query rows
+    // that are never stored, as with the zero rows past a dense tensor's end.
+    const int map_b = p.cu_seqlens_q != nullptr ? 0 : blk.batch;
     if (tid == 0) {
       tma::arrive_expect_bytes(sm.q_full(), Kt::kSmemQ);
 #pragma unroll
       for (int cb = 0; cb < kHeadDim / 64; ++cb)
-        tma::load_box(sm.base + cb * kBlockM * 128, &maps.q, 64 * cb, blk.row0, blk.head, blk.batch, sm.q_full());
+        tma::load_box(sm.base + cb * kBlockM * 128, &maps.q, 64 * cb, blk.seq.q_start + blk.row0, blk.head, map_b,
+                      sm.q_full());
       for (int i = 0; i < n_tiles; ++i) {
-        const int s = i % kStages, key0 = (n_last - i) * kBlockN;
+        const int s = i % kStages, key0 = blk.seq.k_start + (n_last - i) * kBlockN;
         const uint32_t parity = ((i / kStages) - 1) & 1;
         if (i >= kStages) tma::wait(sm.k_empty(s), parity);
         tma::arrive_expect_bytes(sm.k_full(s), Kt::kSmemKV);
 #pragma unroll
         for (int cb = 0; cb < kHeadDim / 64; ++cb)
-          tma::load_box(sm.base + sm.k_off(s) + cb * kBlockN * 128, &maps.k, 64 * cb, key0, blk.head_kv, blk.batch,
+          tma::load_box(sm.base + sm.k_off(s) + cb * kBlockN * 128, &maps.k, 64 * cb, key0, blk.head_kv, map_b,
                         sm.k_full(s));
         if (i >= kStages) tma::wait(sm.v_empty(s), parity);
         tma::arrive_expect_bytes(sm.v_full(s), Kt::kSmemKV);
 #pragma unroll
         for (int cb = 0; cb < kHeadDim / 64; ++cb)
-          tma::load_box(sm.base + sm.v_off(s) + cb * kBlockN * 128, &maps.v, 64 * cb, key0, blk.head_kv, blk.batch,
+          tma::load_box(sm.base + sm.v_off(s) + cb * kBlockN * 128, &maps.v, 64 * cb, key0, blk.head_kv, map_b,
                         sm.v_full(s));
       }
     }
   } else {
-    consume<Kt, kScoreMod>(p, blk, vis, io, sm, n_last, n_tiles, wg - 1, tid);
+    consume<Kt, kScoreMod, kPingPong>(p, blk, vis, io, sm, n_last, n_tiles, wg - 1, tid);
   }
 #else
   __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)

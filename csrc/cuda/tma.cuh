@@ -136,6 +136,10 @@ FA2_DEVICE void grow_registers() {
 FA2_DEVICE void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Counts this warp's threads toward barrier `id` without waiting (the other side calls named_sync).
+FA2_DEVICE void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 }  // namespace tma
 }  // namespace flash_attn2::cuda

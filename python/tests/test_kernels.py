@@ -125,6 +125,10 @@ WS_CASES = [
     (1, 2, 2, 700, 300, 104, True, torch.float16, False),
     (1, 2, 2, 4096, 4096, 128, True, torch.bfloat16, False),
     (3, 2, 2, 17, 70, 128, False, torch.bfloat16, True),
+    (2, 4, 4, 257, 257, 64, True, torch.bfloat16, False),
+    (2, 2, 2, 130, 300, 40, False, torch.float16, True),
+    (1, 4, 2, 300, 700, 256, False, torch.float16, True),
+    (1, 2, 2, 500, 500, 232, True, torch.bfloat16, False),
 ]
 
 
@@ -142,10 +146,6 @@ def test_cuda_warp_specialised_forward_refuses_what_it_cannot_run(monkeypatch):
     k = torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16).expand(1, 2, 64, 128)  # head stride 0
     with pytest.raises(ValueError, match="FLASH_ATTN2_FWD_WS=require, but the TMA cannot address"):
         flash_attn2.attention(q, k, k)
-    packed = torch.randn(10, 2, 128, device="cuda", dtype=torch.bfloat16)
-    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda")
-    with pytest.raises(ValueError, match="packed batches are not supported"):
-        flash_attn2.attention_varlen(packed, packed, packed, cu, cu, 6, 6)
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "1")  # falls back quietly
     ref = naive_attention(q.double(), k.double(), k.double(), False)[0]
     assert (flash_attn2.attention(q, k, k).double() - ref).abs().max() < 2e-2

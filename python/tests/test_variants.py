@@ -488,6 +488,18 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
     check_variant_case(2, 4, 2, 333, 517, 128, torch.bfloat16, "cuda", opts, transposed=True)
 
 
+@requires_sm90
+@pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
+@pytest.mark.parametrize("variant", ["plain", "causal", "all"])
+def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant):
+    """Packed batches on the experimental warp-specialised forward (one TMA map over all sequences)."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    opts = {"plain": make_options(len(lengths_q), 4, False, (-1, -1), 0.0, None, 0.0, "cuda"),
+            "causal": make_options(len(lengths_q), 4, True, (-1, -1), 0.0, None, 0.0, "cuda"),
+            "all": make_options(len(lengths_q), 4, True, (37, -1), 3.0, "batch", 0.1, "cuda")}[variant]
+    check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=128)
+
+
 @requires_cuda
 @pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
 @pytest.mark.parametrize("variant", ["plain", "causal", "all"])
