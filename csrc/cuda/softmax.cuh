@@ -34,21 +34,28 @@ struct OnlineSoftmax {
 
   // update() without touching o: returns the factor alpha each row's o must be multiplied by, so that a kernel
   // can overlap this softmax with an MMA still accumulating into o and rescale once that MMA is done.
-  template <int NS>
+  //
+  // kSlackLog2 > 0: a lazy running max (FlashAttention-4's conditional rescaling). A row's max, the offset of
+  // its P = exp2(s scale_log2 - max scale_log2), moves only when a new score exceeds it by more than
+  // 2^kSlackLog2 in P, so that most tiles leave alpha = 1 and O need not be rescaled (rescale_if_needed). P then
+  // stays below 2^kSlackLog2 (256 at 8: finite in bf16 and fp16 alike, rounded as relatively as P <= 1 is), and
+  // the LSE and the final division use the same offset as P did. kSlackLog2 = 0 moves it whenever it grows.
+  template <int kSlackLog2 = 0, int NS>
   FA2_DEVICE void update_scores(float (&s)[MT][NS][4], float scale_log2, float (&alpha)[MT][2]) {
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float m = row_max[mi][h];
+        const float m_old = row_max[mi][h];
+        float m = m_old;
 #pragma unroll
         for (int ni = 0; ni < NS; ++ni) m = fmaxf(m, fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]));
         m = quad_max(m);
-        // A row with nothing visible yet keeps max = -inf: use 0 as the offset so exp2(-inf - 0) = 0 instead
-        // of exp2(-inf + inf) = NaN.
-        const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
-        alpha[mi][h] = fast_exp2(row_max[mi][h] * scale_log2 - m_scaled);
-        row_max[mi][h] = m;
+        // -inf - -inf is NaN: false, the row keeps -inf; a first finite max gives +inf: true.
+        const bool move = (m - m_old) * scale_log2 > static_cast<float>(kSlackLog2);
+        alpha[mi][h] = move ? fast_exp2((m_old - m) * scale_log2) : 1.f;  // exp2(-inf) = 0: O and sums were 0
+        if (move) row_max[mi][h] = m;
+        const float m_scaled = row_max[mi][h] == -INFINITY ? 0.f : row_max[mi][h] * scale_log2;
         float sum = 0.f;
 #pragma unroll
         for (int ni = 0; ni < NS; ++ni)
@@ -60,6 +67,15 @@ struct OnlineSoftmax {
           }
         row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + sum;
       }
+  }
+
+  // rescale(o, alpha), skipped when no row of the warp has alpha != 1 (all lanes of the warp must call it).
+  template <int NO>
+  FA2_DEVICE static void rescale_if_needed(float (&o)[MT][NO][4], const float (&alpha)[MT][2]) {
+    bool needed = false;
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) needed |= alpha[mi][0] != 1.f || alpha[mi][1] != 1.f;
+    if (__any_sync(0xffffffffu, needed)) rescale(o, alpha);
   }
 
   template <int NO>
