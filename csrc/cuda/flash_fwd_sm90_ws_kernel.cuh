@@ -1,17 +1,17 @@
-// Warp-specialised FlashAttention forward on Hopper (sm_90a), d = 64, 128 and 256 — EXPERIMENTAL, opt-in with
-// FLASH_ATTN2_FWD_WS=1 (flash_fwd_launch.cuh). The first step of #11's rewrite: the same
-// algorithm and variants as flash_fwd_sm90_kernel's overlapped loop, with the loads moved to a producer.
+// Warp-specialised FlashAttention forward on Hopper (sm_90a), d = 64, 128 and 256: the default forward on
+// sm_90 where its traits say it pays (kDefaultMinKeyTiles) and the TMA can address the tensors (flash_fwd_launch.cuh;
+// FLASH_ATTN2_FWD_WS=0 / 1 / require override). The same algorithm and variants as flash_fwd_sm90_kernel's
+// overlapped loop, with the loads moved to a producer.
 //
 //   warpgroup 0 (producer, 24 registers): one thread issues TMA copies of the Q tile and of K_j / V_j into a
-//     2-stage ring; each stage has a "full" barrier (the copy's bytes landed) and an "empty" barrier (both
-//     consumers are done reading it).
-//   warpgroups 1 and 2 (consumers, 240 registers): 64 query rows each, the overlapped loop of the main Hopper
-//     forward (S_j = Q K_j^T issued together with O += P_{j+1} V_{j+1}; the softmax of S_j runs while the second
-//     product does), waiting on the full barriers and releasing stages as their products complete. No barrier
-//     spans the block after the prologue, so the two consumers drift apart and one's softmax can run under the
-//     other's MMAs.
+//     2-stage ring; each stage has a "full" barrier (the copy's bytes landed) and an "empty" barrier (every
+//     consumer is done reading it).
+//   warpgroups 1 .. kConsumers (consumers, 240 registers for two, 160 for three): 64 query rows each, the
+//     overlapped loop of the main Hopper forward (S_j = Q K_j^T issued together with O += P_{j+1} V_{j+1}; the
+//     softmax of S_j runs while the second product does), waiting on the full barriers and releasing stages as
+//     their products complete. No barrier spans the block after the prologue.
 //
-// The consumers take turns issuing their MMAs (ping-pong, FLASH_ATTN2_FWD_WS_PINGPONG=0 turns it off).
+// The consumers take turns issuing their MMAs (ping-pong), so one's softmax runs under another's MMAs.
 // Not yet: a persistent tile scheduler, TMA stores of O.
 #pragma once
 
@@ -34,13 +34,25 @@ template <typename T, int kHeadDim_>
 struct FwdSm90WsTraits {
   using Elem = T;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kConsumers = 2;                      // consumer warpgroups, 64 query rows each
+  // Consumer warpgroups, 64 query rows each: three at d64 (FlashAttention-3's 192-row tile: two leave the
+  // tensor cores idle while both run their softmax), two above (O needs the registers).
+  static constexpr int kConsumers = kHeadDim == 64 ? 3 : 2;
   static constexpr int kNThreads = (kConsumers + 1) * 128;  // + the producer warpgroup
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // d256: O alone is 128 registers per thread
   static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
   static constexpr int kStages = 2;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // The default where query rows see at least this many key tiles on average (perf.md v11): at d64 blocks of
+  // short loops are slower than flash_fwd_sm90_kernel's, whose two blocks per SM hide each other's prologue and
+  // epilogue; more so under a causal mask, whose diagonal blocks are shorter still (0.98x at causal N = 4k, 16
+  // tiles; 1.13x at non-causal N = 2k, also 16). At d128 and d256 it is faster everywhere measured.
+  static constexpr int kDefaultMinKeyTiles = kHeadDim == 64 ? 12 : 0;
+  static constexpr int kDefaultMinKeyTilesCausal = kHeadDim == 64 ? 32 : 0;
+  // Lazy rescaling (OnlineSoftmax::update_scores, slack 2^8) where it measured faster: d256, whose O
+  // rescale is 4 multiplies per score, and the score-modifier kernels; d128's plain kernel is level or slower.
+  static constexpr int kRescaleSlackLog2 = 8;
+  static constexpr bool lazy_rescale(bool score_mod) { return kHeadDim == 256 || score_mod; }
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "warp-specialised forward: d = 64, 128, 256");
   static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");
 
@@ -79,8 +91,8 @@ struct WsSmem {
 
 namespace sm90 {
 
-// A consumer warpgroup (c = 0 or 1: query rows [64 c, 64 c + 64) of the tile): see the file comment.
-template <class Kt, bool kScoreMod, bool kPingPong, class T>
+// A consumer warpgroup (c < kConsumers: query rows [64 c, 64 c + 64) of the tile): see the file comment.
+template <class Kt, bool kScoreMod, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid) {
   using TileQ = typename Kt::TileQ;
@@ -97,17 +109,18 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   tma::grow_registers<Kt::kConsumerRegs>();
   const int warp_row0 = 64 * c + 16 * (warp % 4);  // first tile row of this warp's accumulators
   const bool release_lane = tid % 128 == 0;         // one arrival per consumer on the empty barriers
-  // Ping-pong (FlashAttention-3): the consumers take turns issuing their MMAs, so one's softmax runs while the
-  // other's MMAs do. Barrier 3 + c is "consumer c may issue": consumer c waits on it (bar.sync, 128 threads)
-  // and the other consumer arrives on it (bar.arrive, 128 threads) after issuing its own. Consumer 1 pre-arrives
-  // so that consumer 0 goes first, and skips its last arrival (nobody waits for it).
-  auto wait_turn = [&] {
-    if (kPingPong) tma::named_sync(3 + c, 256);
-  };
+  // Ping-pong (FlashAttention-3): the consumers take turns issuing their MMAs, in a ring 0, 1, .., 0, so one's
+  // softmax runs while another's MMAs do. Named barrier turn_bar(c) is "consumer c may issue": consumer c waits
+  // on it (bar.sync, 128 threads) and its predecessor in the ring arrives on it (bar.arrive, 128 threads) after
+  // issuing its own. The last consumer pre-arrives so that consumer 0 goes first, and skips its last arrival
+  // (nobody waits for it). Barriers 1 .. kConsumers are the consumers' own (epilogue).
+  constexpr int kConsumers = Kt::kConsumers;
+  auto turn_bar = [](int k) { return 1 + kConsumers + k; };
+  auto wait_turn = [&] { tma::named_sync(turn_bar(c), 256); };
   auto pass_turn = [&](bool last) {
-    if (kPingPong && !(last && c == 1)) tma::named_arrive(3 + (1 - c), 256);
+    if (!(last && c == kConsumers - 1)) tma::named_arrive(turn_bar((c + 1) % kConsumers), 256);
   };
-  if (kPingPong && c == 1) tma::named_arrive(3, 256);
+  if (c == kConsumers - 1) tma::named_arrive(turn_bar(0), 256);
   const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
   const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
 
@@ -130,13 +143,14 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     wgmma_commit();
   };
   OnlineSoftmax<1> softmax;
+  constexpr bool kLazy = Kt::lazy_rescale(kScoreMod);
   // The same step as flash_fwd_sm90_kernel's: score rule, mask where the tile crosses a visibility edge, online
   // softmax (alpha: the factor O still owes), dropout keep.
   auto softmax_step = [&](float (&acc_s)[1][kBlockN / 8][4], int n_block, float (&alpha)[1][2]) {
     const int r0 = blk.row0 + warp_row0 + g, c0 = n_block * kBlockN + 2 * t;
     if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
     if (vis.tile_needs_mask(blk.row0, kBlockM, n_block * kBlockN, kBlockN)) apply_mask(acc_s, r0, c0, vis);
-    softmax.update_scores(acc_s, p.scale_log2, alpha);
+    softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0>(acc_s, p.scale_log2, alpha);
     if constexpr (kScoreMod) {
       if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
     }
@@ -173,7 +187,8 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     fence_regs(acc_o);
     fence_regs(frag_p);  // the A fragments stay untouched until the MMA reading them is done
     if (release_lane) tma::arrive(sm.v_empty(ps));
-    softmax.rescale(acc_o, alpha);
+    if constexpr (kLazy) softmax.rescale_if_needed(acc_o, alpha);
+    else softmax.rescale(acc_o, alpha);
     acc_to_a_frags<T>(frag_p, acc_s);
   }
   {
@@ -212,7 +227,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 
 }  // namespace sm90
 
-template <class Kt, bool kScoreMod, bool kPingPong>
+template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_fwd_sm90_ws_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ FwdTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -281,7 +296,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
     }
   } else {
-    consume<Kt, kScoreMod, kPingPong>(p, blk, vis, io, sm, n_last, n_tiles, wg - 1, tid);
+    consume<Kt, kScoreMod>(p, blk, vis, io, sm, n_last, n_tiles, wg - 1, tid);
   }
 #else
   __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
