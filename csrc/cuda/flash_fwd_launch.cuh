@@ -62,18 +62,22 @@ inline bool use_sm90_kernels() {
 // (about 12 or more: measured -6% at 8.5 tiles per block, +7% at 16; docs/perf.md v7.1). The average key range
 // of a query row is estimated from the shapes and the window (causal = right bound 0). FLASH_ATTN2_FWD_OVERLAP=0
 // or 1 in the environment forces the choice (A/B runs, tests of both loops).
+// Keys a query row sees on average (causal: half of them, a window: its width), the measure of how long a
+// block's key loop runs.
+inline int64_t visible_keys_per_row(const FwdParams& p) {
+  const int64_t nq = p.seqlen_q, nk = p.seqlen_k;
+  if (p.window_left < 0 && p.window_right == 0) return nk >= nq ? nk - nq / 2 : nk / 2;  // causal
+  if (p.window_left >= 0 || p.window_right >= 0) {
+    const int64_t left = p.window_left < 0 ? nk : p.window_left, right = p.window_right < 0 ? nk : p.window_right;
+    return std::min<int64_t>(nk, left + right + 1);
+  }
+  return nk;
+}
+
 inline bool fwd_overlap_pays(const FwdParams& p, int block_n) {
   const char* force = std::getenv("FLASH_ATTN2_FWD_OVERLAP");
   if (force != nullptr && force[0] != '\0') return std::strcmp(force, "0") != 0;
-  const int64_t nq = p.seqlen_q, nk = p.seqlen_k;
-  int64_t keys = nk;
-  if (p.window_left < 0 && p.window_right == 0) {  // causal
-    keys = nk >= nq ? nk - nq / 2 : nk / 2;
-  } else if (p.window_left >= 0 || p.window_right >= 0) {
-    const int64_t left = p.window_left < 0 ? nk : p.window_left, right = p.window_right < 0 ? nk : p.window_right;
-    keys = std::min<int64_t>(nk, left + right + 1);
-  }
-  return keys >= 12 * static_cast<int64_t>(block_n);
+  return visible_keys_per_row(p) >= 12 * static_cast<int64_t>(block_n);
 }
 
 template <class Kernel, class Params>
@@ -115,19 +119,25 @@ inline void launch_dependent(void (*kernel)(Params), int64_t blocks, int threads
   FA2_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
 }
 
-// FLASH_ATTN2_FWD_WS=1: the experimental warp-specialised d128 forward (flash_fwd_sm90_ws_kernel.cuh) where the
-// TMA can address the tensors; anything else keeps the main kernels. FLASH_ATTN2_FWD_WS=require
-// (tests) raises instead of falling back, so a test knows which kernel ran.
-inline int fwd_ws_mode() {  // 0 off, 1 on, 2 required
+// The warp-specialised forward (flash_fwd_sm90_ws_kernel.cuh) runs where the TMA can address the tensors and its
+// traits say it pays (rows see Kt::kDefaultMinKeyTiles key tiles or more; measured, perf.md v11); anything else
+// keeps the other kernels.
+// FLASH_ATTN2_FWD_WS=0 turns it off, =1 on for every head dim it has, =require (tests) raises instead of
+// falling back, so a test knows which kernel ran.
+inline int fwd_ws_mode() {  // -1 by the traits, 0 off, 1 on, 2 required
   const char* env = std::getenv("FLASH_ATTN2_FWD_WS");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return 0;
+  if (env == nullptr || env[0] == '\0') return -1;
+  if (std::strcmp(env, "0") == 0) return 0;
   return std::strcmp(env, "require") == 0 ? 2 : 1;
 }
 
 template <class Kt, bool kScoreMod>
 bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const int mode = fwd_ws_mode();
-  if (mode == 0) return false;
+  const bool causal = p.window_left < 0 && p.window_right == 0;
+  const int min_tiles = causal ? Kt::kDefaultMinKeyTilesCausal : Kt::kDefaultMinKeyTiles;
+  if (mode == 0 || (mode == -1 && visible_keys_per_row(p) < static_cast<int64_t>(min_tiles) * Kt::kBlockN))
+    return false;
   auto unavailable = [&](const char* why) {
     if (mode == 2) throw std::invalid_argument(std::string("flash_attn2: FLASH_ATTN2_FWD_WS=require, but ") + why);
     return false;
@@ -145,10 +155,7 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
                       p.v_batch_stride, Kt::kBlockN);
   if (!ok) return unavailable("the TMA cannot address these tensors (alignment or strides)");
   const int64_t num_m = (p.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;
-  // FLASH_ATTN2_FWD_WS_PINGPONG=0 turns the consumers' turn-taking off (A/B runs).
-  const char* pp = std::getenv("FLASH_ATTN2_FWD_WS_PINGPONG");
-  auto kernel = pp != nullptr && std::strcmp(pp, "0") == 0 ? &flash_fwd_sm90_ws_kernel<Kt, kScoreMod, false>
-                                                            : &flash_fwd_sm90_ws_kernel<Kt, kScoreMod, true>;
+  auto kernel = &flash_fwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   kernel<<<grid_1d(num_m * bh), Kt::kNThreads, Kt::kSmemBytes, stream>>>(p, maps);
   FA2_CHECK_LAUNCH();
