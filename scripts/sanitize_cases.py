@@ -11,21 +11,26 @@ import flash_attn2
 # FA2_SANITIZE=kvcache runs only the split-KV / KV-cache cases; FA2_SANITIZE=fwd only forwards of several key
 # tiles (the double-buffered Hopper forward's pipeline: d128 with both loops and d256, plain and with score
 # modifiers); FA2_SANITIZE=attention only the dense and varlen forward / backward cases (no KV cache);
-# FA2_SANITIZE=ws the experimental warp-specialised d128 forward (FLASH_ATTN2_FWD_WS).
+# FA2_SANITIZE=ws the warp-specialised forward (FLASH_ATTN2_FWD_WS=require), d = 64, 128, 256, dense and varlen.
 only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 skip_kvcache = os.environ.get("FA2_SANITIZE") == "attention"
 
 torch.manual_seed(0)
 rng = torch.tensor([7, 8])
-if os.environ.get("FA2_SANITIZE") == "ws":  # the experimental warp-specialised d128 forward (TMA, mbarriers)
+if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA, mbarriers, ping-pong), every d
     os.environ["FLASH_ATTN2_FWD_WS"] = "require"
     for dtype in (torch.bfloat16, torch.float16):
-        for nq, nk, causal in [(200, 300, True), (40, 520, False), (130, 130, True)]:
-            q = torch.randn(2, 2, nq, 128, device="cuda", dtype=dtype)
-            k = torch.randn(2, 1, nk, 128, device="cuda", dtype=dtype)
-            v = torch.randn(2, 1, nk, 128, device="cuda", dtype=dtype)
+        for d, nq, nk, causal in [(128, 200, 300, True), (128, 40, 520, False), (128, 130, 130, True),
+                                  (64, 200, 300, True), (64, 450, 200, False), (256, 130, 200, True)]:
+            q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype)
+            k = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype)
+            v = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype)
             flash_attn2.attention(q, k, v, causal)
             flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0, dropout_p=0.2, rng_state=rng)
+        for d in (64, 128, 256):  # packed, with an empty sequence
+            cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
+            q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype) for _ in range(3))
+            flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
     torch.cuda.synchronize()
     print("sanitize cases ran (ws)")
     raise SystemExit(0)

@@ -114,7 +114,8 @@ def test_outputs_follow_the_inputs_memory_order(device):
     assert [g.stride() for g in c_grads] == [g.stride() for g in e_grads]
 
 
-# The experimental warp-specialised d128 forward (FLASH_ATTN2_FWD_WS; "require" raises where it would fall back):
+# The warp-specialised forward (FLASH_ATTN2_FWD_WS; "require" raises where it would fall back), d64 on three
+# consumers, d128 and d256 on two:
 # key ranges from one tile to many turns of its 2-stage ring, masks, GQA, Nq != Nk, rows that see no key, padded
 # head dims and both input layouts (Nq >= 17: fewer queries take the split-KV kernel).
 WS_CASES = [
@@ -137,6 +138,29 @@ WS_CASES = [
 def test_cuda_warp_specialised_forward(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
+@requires_sm90
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (128, torch.float16), (256, torch.bfloat16)])
+def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype):
+    """Score-modifier kernels (and d256) move a row's running max only when P would exceed 2^8. The kernel walks
+    key tiles from the last down: keys that grow toward the front make the max move by far more than that, tile
+    after tile (raw scores up to ~8 sqrt(d) apart), so every rescale path runs; softcap 500 keeps the modifier
+    kernel but barely bends the scores."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    torch.manual_seed(5)
+    nk = 1100
+    q = torch.randn(2, 4, 300, d, device="cuda", dtype=dtype) * 2
+    ramp = torch.linspace(4.0, 0.25, nk, device="cuda").view(1, 1, nk, 1)
+    k = (torch.randn(2, 2, nk, d, device="cuda", dtype=torch.float32) * ramp).to(dtype)
+    v = torch.randn(2, 2, nk, d, device="cuda", dtype=dtype)
+    for causal in (False, True):
+        for kw in ({}, {"softcap": 500.0}):
+            out, lse = flash_attn2.attention_with_lse(q, k, v, causal, **kw)
+            ref_out, ref_lse = naive_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal, **kw)
+            torch_out, torch_lse = naive_attention(q, k, v, causal, **kw)
+            assert_close_to_reference("out", out, torch_out, ref_out)
+            assert_close_to_reference("lse", lse.cpu(), torch_lse.cpu(), ref_lse)
 
 
 @requires_sm90

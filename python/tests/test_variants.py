@@ -481,18 +481,19 @@ def test_cuda_option_combinations(shape, dtype, causal, window, softcap, alibi, 
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
     (False, (-1, -1), 0.0, None, 0.0)])
-def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p):
-    """The experimental warp-specialised d128 forward (FLASH_ATTN2_FWD_WS=require) with every variant but varlen."""
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p, d):
+    """The warp-specialised forward (FLASH_ATTN2_FWD_WS=require) with the dense variants, every head dim."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
-    check_variant_case(2, 4, 2, 333, 517, 128, torch.bfloat16, "cuda", opts, transposed=True)
+    check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
 
 
 @requires_sm90
 @pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
 @pytest.mark.parametrize("variant", ["plain", "causal", "all"])
 def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant):
-    """Packed batches on the experimental warp-specialised forward (one TMA map over all sequences)."""
+    """Packed batches on the warp-specialised forward (one TMA map over all sequences)."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     opts = {"plain": make_options(len(lengths_q), 4, False, (-1, -1), 0.0, None, 0.0, "cuda"),
             "causal": make_options(len(lengths_q), 4, True, (-1, -1), 0.0, None, 0.0, "cuda"),
