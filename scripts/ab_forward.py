@@ -6,7 +6,8 @@ side's variables), alternately A, B, A, B, and each cell keeps the better of its
     python3 scripts/ab_forward.py build/gpu/libflash_attn2.so,FLASH_ATTN2_FWD_OVERLAP=0 \
         build/gpu/libflash_attn2.so,FLASH_ATTN2_FWD_OVERLAP=1 --head-dims 128 --causal-lengths 2048,4096,8192
     python3 scripts/ab_forward.py a.so b.so --head-dims 128 --lengths "" --causal-lengths 8192 \
-        --mods none,softcap,alibi,dropout      (score modifiers: softcap 50, ALiBi slopes, dropout 0.1)
+        --mods none,softcap,alibi,dropout      (score modifiers: softcap 50, ALiBi slopes, dropout 0.1;
+                                                    varlen: 16k tokens packed, lengths drawn from 64..N)
 """
 
 import argparse
@@ -23,14 +24,28 @@ cases = [(d, causal, n, mod) for d in ints(sys.argv[1]) for causal in (False, Tr
          for n in ints(sys.argv[3 if causal else 2]) for mod in sys.argv[4].split(",")]
 for d, causal, n, mod in cases:
     b, h = 16384 // n, 2048 // d
-    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     kw = {"softcap": dict(softcap=50.0), "alibi": dict(alibi_slopes=torch.rand(h, device="cuda")),
-          "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}}[mod]
-    f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal, **kw)
+          "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}, "varlen": {}}[mod]
+    if mod == "varlen":  # 16k tokens packed, lengths drawn from 64..N
+        gen, lens = torch.Generator().manual_seed(0), []
+        while sum(lens) < 16384:
+            lens.append(min(int(torch.randint(64, n + 1, (1,), generator=gen)), 16384 - sum(lens)))
+        cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+        q, k, v = (torch.randn(16384, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        args = (cu, cu, max(lens), max(lens), causal)
+        fwd, fwd_lse, bwd = (torch.ops.flash_attn2.fwd_varlen, torch.ops.flash_attn2.fwd_varlen_with_lse,
+                             torch.ops.flash_attn2.bwd_varlen)
+        scores = sum(l * (l + 1) // 2 if causal else l * l for l in lens)
+    else:
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+        args = (causal,)
+        fwd, fwd_lse, bwd = torch.ops.flash_attn2.fwd, torch.ops.flash_attn2.fwd_with_lse, torch.ops.flash_attn2.bwd
+        scores = b * n * n / (2 if causal else 1)
+    f = lambda: fwd(q, k, v, *args, **kw)
     if sys.argv[5] == "bwd":
-        o, lse = torch.ops.flash_attn2.fwd_with_lse(q, k, v, causal, **kw)
+        o, lse = fwd_lse(q, k, v, *args, **kw)
         do = torch.randn_like(o)
-        f = lambda: torch.ops.flash_attn2.bwd(do, q, k, v, o, lse, causal, **kw)
+        f = lambda: bwd(do, q, k, v, o, lse, *args, **kw)
     for _ in range(3):
         f()
     ts = []
@@ -39,7 +54,7 @@ for d, causal, n, mod in cases:
         s.record(); f(); e.record(); torch.cuda.synchronize()
         ts.append(s.elapsed_time(e))
     ms = sorted(ts)[len(ts) // 2]
-    flops = 4 * b * h * n * n * d / (2 if causal else 1) * (2.5 if sys.argv[5] == "bwd" else 1)
+    flops = 4 * h * scores * d * (2.5 if sys.argv[5] == "bwd" else 1)
     res[f"{d} {causal} {n} {mod}"] = flops / ms / 1e9
 print(json.dumps(res))
 """
@@ -67,7 +82,7 @@ def main():
     ap.add_argument("--head-dims", default="128,256")
     ap.add_argument("--lengths", default="2048,8192,16384", help="sequence lengths of the non-causal rows")
     ap.add_argument("--causal-lengths", default="2048,8192,16384")
-    ap.add_argument("--mods", default="none", help="score modifiers: none,softcap,alibi,dropout")
+    ap.add_argument("--mods", default="none", help="none,softcap,alibi,dropout,varlen")
     ap.add_argument("--direction", default="fwd", choices=("fwd", "bwd"), help="time the forward or the backward op")
     args = ap.parse_args()
     runs = run_sides(args.a, args.b, CHILD,
