@@ -74,14 +74,27 @@ struct BwdBlockInfo {
   int key0;  // first key of the tile (within the sequence)
   int keys;  // valid keys in the tile (<= kBlockN; <= 0: the tile is past this sequence's end)
   SeqInfo seq;
-  FA2_DEVICE explicit BwdBlockInfo(const BwdParams& p)
-      : seq(p, static_cast<int>(blockIdx.x) / ceil_div(p.seqlen_k, kBlockN) / p.heads_kv) {
-    const int num_n = ceil_div(p.seqlen_k, kBlockN);
+  FA2_DEVICE explicit BwdBlockInfo(const BwdParams& p) : BwdBlockInfo(p, coords(p)) {}
+
+ private:
+  // (key tile, batch * heads_kv + head) of this block. The key tiles of one head are neighbours in the grid, so
+  // that the blocks running together share its Q and dO in L2. The deterministic mode (DqOrder) orders the
+  // other way: tile n of every head before tile n + 1 of any. There a block waits, at each query tile, for the
+  // key tiles before its own; neighbours in the grid would start a step apart, a whole head's tiles deep
+  // (0.44x the default backward), where this way only the few tiles of a wave do.
+  static FA2_DEVICE int2 coords(const BwdParams& p) {
     const int bid = static_cast<int>(blockIdx.x);
-    n_block = bid % num_n;
-    const int bh = bid / num_n;
-    head_kv = bh % p.heads_kv;
-    batch = bh / p.heads_kv;
+    if (p.dq_semaphore != nullptr) {
+      const int heads = p.batch * p.heads_kv;
+      return make_int2(bid / heads, bid % heads);
+    }
+    const int num_n = ceil_div(p.seqlen_k, kBlockN);
+    return make_int2(bid % num_n, bid / num_n);
+  }
+  FA2_DEVICE BwdBlockInfo(const BwdParams& p, int2 nb) : seq(p, nb.y / p.heads_kv) {
+    n_block = nb.x;
+    head_kv = nb.y % p.heads_kv;
+    batch = nb.y / p.heads_kv;
     key0 = n_block * kBlockN;
     keys = min(kBlockN, seq.seqlen_k - key0);
   }

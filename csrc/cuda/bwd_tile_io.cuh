@@ -82,7 +82,8 @@ FA2_DEVICE void store_dk_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk
 // Deterministic dQ: the key-tile blocks that visit query tile m of (batch, head) add into dq_accum one after the
 // other, in key-tile order. The visitors of m are the key tiles n >= n_first(m) (BwdSteps' ranges are monotone
 // in n), so block n waits for the counter to reach n - n_first(m), adds, and bumps it. Blocks are dispatched in
-// blockIdx order and earlier key tiles have lower indices, so the block being waited for is resident or done.
+// blockIdx order and earlier key tiles have lower indices (BwdBlockInfo orders the grid key tile first in this
+// mode), so the block being waited for is resident or done.
 struct DqOrder {
   int* counter;  // nullptr: not deterministic
   int rank;
