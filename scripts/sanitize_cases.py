@@ -31,6 +31,11 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
             cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
             q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype) for _ in range(3))
             flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
+            os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = "3"  # the persistent walk: many tiles per block
+            flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
+            q, k, v = (torch.randn(2, 4, 400, d, device="cuda", dtype=dtype) for _ in range(3))
+            flash_attn2.attention(q, k, v, True, window_size=(100, 0), softcap=4.0)
+            del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
     torch.cuda.synchronize()
     print("sanitize cases ran (ws)")
     raise SystemExit(0)

@@ -21,6 +21,10 @@ for tool in memcheck racecheck synccheck; do
 done
 timeout 150 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 --head-dims 64,128,256 \
   --lengths 2048,16384 --causal-lengths 2048,16384 ${AB_ARGS:-} | tee "$OUT/ab_ws.md"
+# The persistent walk vs one tile per block (the kernel before it).
+timeout 150 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
+  $lib,FLASH_ATTN2_FWD_WS=1 --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
+  | tee "$OUT/ab_persistent.md"
 FLASH_ATTN2_FWD_WS=${SUITE_WS:-0} timeout 200 python3 -m pytest python/tests -q -rfE -p no:cacheprovider \
   -k "not (bad or errors or refused)" >"$OUT/pytest_suite.log" 2>&1
 echo "whole suite with FLASH_ATTN2_FWD_WS=${SUITE_WS:-0} rc $?: $(tail -1 "$OUT/pytest_suite.log")"

@@ -164,6 +164,17 @@ def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype)
 
 
 @requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_CASES[i] for i in (1, 3, 5, 7, 9, 10)])
+def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype,
+                                                            transposed):
+    """The persistent grid capped at 5 blocks: every block walks many tiles, its K/V ring, Q buffer and
+    ping-pong turns running on from one tile to the next."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "5")
+    check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
+@requires_sm90
 def test_cuda_warp_specialised_forward_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)

@@ -483,8 +483,10 @@ def test_cuda_option_combinations(shape, dtype, causal, window, softcap, alibi, 
     (False, (-1, -1), 0.0, None, 0.0)])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p, d):
-    """The warp-specialised forward (FLASH_ATTN2_FWD_WS=require) with the dense variants, every head dim."""
+    """The warp-specialised forward (FLASH_ATTN2_FWD_WS=require) with the dense variants, every head dim, on a
+    persistent grid of 4 blocks (tiles that see no key under the window are written as empty rows in turn)."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "4")
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
     check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
 
@@ -492,9 +494,12 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
 @requires_sm90
 @pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
 @pytest.mark.parametrize("variant", ["plain", "causal", "all"])
-def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant):
-    """Packed batches on the warp-specialised forward (one TMA map over all sequences)."""
+@pytest.mark.parametrize("blocks", ["", "3"])
+def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant, blocks):
+    """Packed batches on the warp-specialised forward (one TMA map over all sequences); blocks = 3: a persistent
+    grid of 3 blocks walks every tile, past-the-end and empty ones included."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     opts = {"plain": make_options(len(lengths_q), 4, False, (-1, -1), 0.0, None, 0.0, "cuda"),
             "causal": make_options(len(lengths_q), 4, True, (-1, -1), 0.0, None, 0.0, "cuda"),
             "all": make_options(len(lengths_q), 4, True, (37, -1), 3.0, "batch", 0.1, "cuda")}[variant]
