@@ -7,7 +7,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flash_attn2_s9}
 mkdir -p "$OUT"
-OUT=$OUT SUITE_WS=${SUITE_WS:-} bash scripts/ws_check.sh
+OUT=$OUT SUITE_WS=${SUITE_WS:-1} bash scripts/ws_check.sh   # the suite with WS on for every head dim
 export FLASH_ATTN2_LIBRARY=$PWD/build/gpu/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 for portable in 0 1; do
   FLASH_ATTN2_PORTABLE_KERNELS=$portable timeout 120 python3 -m pytest python/tests -q -k "determin" \
