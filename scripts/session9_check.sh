@@ -2,7 +2,8 @@
 # One GPU call for wip/session9 (the persistent warp-specialised forward and the deferred deterministic dQ
 # releases, neither GPU-tested when written): scripts/ws_check.sh (build, WS tests, sanitizers, A/B incl.
 # persistent vs one tile per block, the suite with WS off), then the deterministic tests on both kernel
-# families and the variant rows (deterministic bwd vs plain).
+# families and the variant rows (deterministic bwd vs plain). The warp-specialised backward (merged from
+# wip/ws-bwd) needs a second call: scripts/ws_bwd_check.sh.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flash_attn2_s9}
