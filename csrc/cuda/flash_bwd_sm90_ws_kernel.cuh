@@ -141,23 +141,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     if (tid == 0) {
       tma::arrive_expect_bytes(sm.kv_full(), 2 * Kt::kSmemKV);
       const int key = blk.seq.k_start + blk.key0;
-#pragma unroll
-      for (int cb = 0; cb < kHeadDim / 64; ++cb) {
-        tma::load_box(sm.base + cb * kBlockN * 128, &maps.k, 64 * cb, key, blk.head_kv, map_b, sm.kv_full());
-        tma::load_box(sm.base + sm.v_off() + cb * kBlockN * 128, &maps.v, 64 * cb, key, blk.head_kv, map_b,
-                      sm.kv_full());
-      }
+      tma::load_tile<kBlockN, kHeadDim>(sm.base, &maps.k, key, blk.head_kv, map_b, sm.kv_full());
+      tma::load_tile<kBlockN, kHeadDim>(sm.base + sm.v_off(), &maps.v, key, blk.head_kv, map_b, sm.kv_full());
       for (int it = 0; it < steps.total; ++it) {
         const int s = it % kStages;
         if (it >= kStages) tma::wait(sm.empty(s), ((it / kStages) - 1) & 1);
         const int head = steps.head(it, blk.head_kv), row = blk.seq.q_start + steps.row0(it);
         tma::arrive_expect_bytes(sm.full(s), 2 * Kt::kSmemQ);
-#pragma unroll
-        for (int cb = 0; cb < kHeadDim / 64; ++cb) {
-          tma::load_box(sm.base + sm.q_off(s) + cb * kBlockM * 128, &maps.q, 64 * cb, row, head, map_b, sm.full(s));
-          tma::load_box(sm.base + sm.do_off(s) + cb * kBlockM * 128, &maps.dout, 64 * cb, row, head, map_b,
-                        sm.full(s));
-        }
+        tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.q_off(s), &maps.q, row, head, map_b, sm.full(s));
+        tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.do_off(s), &maps.dout, row, head, map_b, sm.full(s));
       }
     } else if (tid / 32 == 1) {
       const int lane = tid % 32;

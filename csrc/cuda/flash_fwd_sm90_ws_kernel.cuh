@@ -295,29 +295,22 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         // Tiles that run past a sequence's end read the next sequence's rows: masked keys (P = 0) and query rows
         // that are never stored, as with the zero rows past a dense tensor's end.
         const int map_b = p.cu_seqlens_q != nullptr ? 0 : blk.batch;
+        // Ring use j of a K or V stage: wait for use j - kStages's release, announce the bytes, copy.
+        auto fill = [&](uint64_t* empty, uint64_t* full, int off, const CUtensorMap* map, int j, int key0) {
+          if (j >= kStages) tma::wait(empty, ((j / kStages) - 1) & 1);
+          tma::arrive_expect_bytes(full, Kt::kSmemKV);
+          tma::load_tile<kBlockN, kHeadDim>(sm.base + off, map, key0, blk.head_kv, map_b, full);
+        };
         for (int i = 0; i < n_tiles; ++i) {
           const int j = kv_use + i, s = j % kStages, key0 = blk.seq.k_start + (n_last - i) * kBlockN;
-          const uint32_t parity = ((j / kStages) - 1) & 1;
-          if (j >= kStages) tma::wait(sm.k_empty(s), parity);
-          tma::arrive_expect_bytes(sm.k_full(s), Kt::kSmemKV);
-#pragma unroll
-          for (int cb = 0; cb < kHeadDim / 64; ++cb)
-            tma::load_box(sm.base + sm.k_off(s) + cb * kBlockN * 128, &maps.k, 64 * cb, key0, blk.head_kv, map_b,
-                          sm.k_full(s));
+          fill(sm.k_empty(s), sm.k_full(s), sm.k_off(s), &maps.k, j, key0);
           if (i == 0) {
             if (q_use > 0) tma::wait(sm.q_empty(), (q_use - 1) & 1);
             tma::arrive_expect_bytes(sm.q_full(), Kt::kSmemQ);
-#pragma unroll
-            for (int cb = 0; cb < kHeadDim / 64; ++cb)
-              tma::load_box(sm.base + cb * kBlockM * 128, &maps.q, 64 * cb, blk.seq.q_start + blk.row0, blk.head,
-                            map_b, sm.q_full());
+            tma::load_tile<kBlockM, kHeadDim>(sm.base, &maps.q, blk.seq.q_start + blk.row0, blk.head, map_b,
+                                              sm.q_full());
           }
-          if (j >= kStages) tma::wait(sm.v_empty(s), parity);
-          tma::arrive_expect_bytes(sm.v_full(s), Kt::kSmemKV);
-#pragma unroll
-          for (int cb = 0; cb < kHeadDim / 64; ++cb)
-            tma::load_box(sm.base + sm.v_off(s) + cb * kBlockN * 128, &maps.v, 64 * cb, key0, blk.head_kv, map_b,
-                          sm.v_full(s));
+          fill(sm.v_empty(s), sm.v_full(s), sm.v_off(s), &maps.v, j, key0);
         }
         kv_use += n_tiles;
         q_use += n_tiles > 0;
