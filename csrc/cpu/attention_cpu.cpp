@@ -13,6 +13,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <memory>
 #include <vector>
 
 #include "attention_rule.h"
@@ -133,6 +134,12 @@ struct CpuVariant {
   }
 };
 
+// n elements of scratch, not initialised (new T[n] default-initialises arithmetic types).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+}
+
 // One online-softmax step on a row of logits: updates the running max and sum, turns s into p in place and
 // returns the factor by which the row's output accumulator must be rescaled.
 template <typename acc_t>
@@ -192,43 +199,50 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
   constexpr int64_t kBlockKV = kBlockKVFwd;
+  // Per-thread scratch, sized by the largest tiles this call has (short sequences: small buffers) and not
+  // value-initialised (every element is written before it is read). Zero-filled full-size vectors cost ~40 us
+  // a call, more than the attention itself below N ~ 128. ld: row stride of the score and keep tiles.
+  const int64_t rows_cap = std::min(block_q, Nq), ld = std::min(kBlockKV, s.seqlen_k);
   at::parallel_for(0, s.batch * s.heads_q * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_tile(block_q * D), k_tile(kBlockKV * D), v_tile(kBlockKV * D), keep(block_q * kBlockKV);
-    std::vector<acc_t> scores(block_q * kBlockKV), acc(block_q * D), row_max(block_q), row_sum(block_q);
+    const auto q_tile = scratch<acc_t>(rows_cap * D), k_tile = scratch<acc_t>(ld * D),
+               v_tile = scratch<acc_t>(ld * D), scores = scratch<acc_t>(rows_cap * ld),
+               acc = scratch<acc_t>(rows_cap * D), row_max = scratch<acc_t>(rows_cap),
+               row_sum = scratch<acc_t>(rows_cap);
+    const auto keep = scratch<acc_t>(var.dropout.enabled() ? rows_cap * ld : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % q_tiles, bh = task / q_tiles;
       const int64_t b = bh / s.heads_q, h = bh % s.heads_q, h_kv = h / group;
       const int64_t q0 = tile * block_q, qn = std::min(block_q, Nq - q0);
       const ScoreRule<acc_t> rule = var.score_rule(b, h);
 
-      const auto [q_rows, ldq] = Q.rows(b, h, q0, qn, D, q_tile.data());
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(row_max.begin(), row_max.end(), kNegInf);
-      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+      const auto [q_rows, ldq] = Q.rows(b, h, q0, qn, D, q_tile.get());
+      std::fill(acc.get(), acc.get() + qn * D, acc_t(0));
+      std::fill(row_max.get(), row_max.get() + qn, kNegInf);
+      std::fill(row_sum.get(), row_sum.get() + qn, acc_t(0));
 
       // Keys any row of the tile sees: only these tiles are visited.
       const int64_t k_begin = var.vis.key_begin(q0), k_end = var.vis.key_end(q0 + qn - 1);
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockKV) {
         const int64_t kn = std::min(kBlockKV, k_end - k0);
-        const auto [k_rows, ldk] = K.rows(b, h_kv, k0, kn, D, k_tile.data());
-        const auto [v_rows, ldv] = V.rows(b, h_kv, k0, kn, D, v_tile.data());
+        const auto [k_rows, ldk] = K.rows(b, h_kv, k0, kn, D, k_tile.get());
+        const auto [v_rows, ldv] = V.rows(b, h_kv, k0, kn, D, v_tile.get());
         // S = scale * Q K^T, then logits
         gemm_rm(false, true, qn, kn, D, static_cast<acc_t>(scale), q_rows, ldq, k_rows, ldk, acc_t(0),
-                scores.data(), kBlockKV);
-        var.logits(scores.data(), kBlockKV, q0, qn, k0, kn, rule, nullptr);
-        if (var.dropout.enabled()) var.keep_tile(keep.data(), kBlockKV, var.rng_head(b, h), q0, qn, k0, kn);
+                scores.get(), ld);
+        var.logits(scores.get(), ld, q0, qn, k0, kn, rule, nullptr);
+        if (var.dropout.enabled()) var.keep_tile(keep.get(), ld, var.rng_head(b, h), q0, qn, k0, kn);
         for (int64_t i = 0; i < qn; ++i) {
-          acc_t* p = &scores[i * kBlockKV];
+          acc_t* p = &scores[i * ld];
           const acc_t rescale = online_softmax_row(p, kn, row_max[i], row_sum[i]);
           if (rescale != acc_t(1)) {
             for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= rescale;
           }
           if (var.dropout.enabled()) {  // after the sum: the LSE does not see dropout
-            for (int64_t j = 0; j < kn; ++j) p[j] *= keep[i * kBlockKV + j];
+            for (int64_t j = 0; j < kn; ++j) p[j] *= keep[i * ld + j];
           }
         }
         // O += P V
-        gemm_rm(false, false, qn, D, kn, acc_t(1), scores.data(), kBlockKV, v_rows, ldv, acc_t(1), acc.data(), D);
+        gemm_rm(false, false, qn, D, kn, acc_t(1), scores.get(), ld, v_rows, ldv, acc_t(1), acc.get(), D);
       }
 
       for (int64_t i = 0; i < qn; ++i) {

@@ -58,12 +58,8 @@ inline bool use_sm90_kernels() {
 #endif
 }
 
-// Whether the d = 128 Hopper forward should take its overlapped loop: it pays when blocks walk many key tiles
-// (about 12 or more: measured -6% at 8.5 tiles per block, +7% at 16; docs/perf.md v7.1). The average key range
-// of a query row is estimated from the shapes and the window (causal = right bound 0). FLASH_ATTN2_FWD_OVERLAP=0
-// or 1 in the environment forces the choice (A/B runs, tests of both loops).
-// Keys a query row sees on average (causal: half of them, a window: its width), the measure of how long a
-// block's key loop runs.
+// Keys a query row sees on average, estimated from the shapes and the window (causal = right bound 0: about
+// half of them; a window: its width): the measure of how long a block's key loop runs.
 inline int64_t visible_keys_per_row(const FwdParams& p) {
   const int64_t nq = p.seqlen_q, nk = p.seqlen_k;
   if (p.window_left < 0 && p.window_right == 0) return nk >= nq ? nk - nq / 2 : nk / 2;  // causal
@@ -74,6 +70,9 @@ inline int64_t visible_keys_per_row(const FwdParams& p) {
   return nk;
 }
 
+// Whether the d = 128 Hopper forward should take its overlapped loop: it pays when blocks walk many key tiles
+// (about 12 or more: measured -6% at 8.5 tiles per block, +7% at 16; docs/perf.md v7.1). FLASH_ATTN2_FWD_OVERLAP=0
+// or 1 in the environment forces the choice (A/B runs, tests of both loops).
 inline bool fwd_overlap_pays(const FwdParams& p, int block_n) {
   const char* force = std::getenv("FLASH_ATTN2_FWD_OVERLAP");
   if (force != nullptr && force[0] != '\0') return std::strcmp(force, "0") != 0;

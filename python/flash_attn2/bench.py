@@ -63,14 +63,19 @@ def check_correctness(device, dtype):
     return rows
 
 
-def median_ms_cpu(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def median_ms_cpu_pair(fn_a, fn_b, reps):
+    """Median ms of fn_a and of fn_b, timed alternately (A B, B A, A B, ...) after one warm-up call each, so
+    that drift of a shared machine's speed (other jobs, clocks) falls on both alike rather than on whichever
+    ran second."""
+    fn_a()
+    fn_b()
+    times = ([], [])
+    for i in range(reps):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (fn_a, fn_b)[j]()
+            times[j].append(time.perf_counter() - start)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 def median_ms_cuda(fn, warmup=3, reps=10):
@@ -92,7 +97,8 @@ def progress(i, total, what):
 
 
 def bench_cpu(reps, rows, seqlens=(1024, 4096)):
-    print(f"CPU ({torch.get_num_threads()} threads), float32, B=1, H=8, D=64; median ms of {reps}")
+    print(f"CPU ({torch.get_num_threads()} threads), float32, B=1, H=8, D=64; median ms of {reps}, ours and SDPA "
+          "timed alternately")
     print(f"{'N':>6} {'causal':>6} | {'fwd ours':>9} {'fwd sdpa':>9} {'sdpa/ours':>9} | "
           f"{'f+b ours':>9} {'f+b sdpa':>9} {'sdpa/ours':>9}")
     cases = [(n, causal) for n in seqlens for causal in (False, True)]
@@ -111,8 +117,8 @@ def bench_cpu(reps, rows, seqlens=(1024, 4096)):
             return lambda: torch.autograd.grad(fn(), (q, k, v), dout)
 
         with torch.no_grad():
-            f_ours, f_sdpa = median_ms_cpu(ours, reps), median_ms_cpu(sdpa, reps)
-        b_ours, b_sdpa = median_ms_cpu(with_backward(ours), reps), median_ms_cpu(with_backward(sdpa), reps)
+            f_ours, f_sdpa = median_ms_cpu_pair(ours, sdpa, reps)
+        b_ours, b_sdpa = median_ms_cpu_pair(with_backward(ours), with_backward(sdpa), reps)
         print(f"{n:>6} {str(causal):>6} | {f_ours:9.1f} {f_sdpa:9.1f} {f_sdpa / f_ours:9.2f} | "
               f"{b_ours:9.1f} {b_sdpa:9.1f} {b_sdpa / b_ours:9.2f}", flush=True)
         for impl, f_ms, b_ms in (("flash_attn2", f_ours, b_ours), ("sdpa", f_sdpa, b_sdpa)):
