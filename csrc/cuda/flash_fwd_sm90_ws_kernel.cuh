@@ -212,6 +212,8 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     turns.pass();
     wgmma_wait<0>();
     fence_regs(acc_o);
+    fence_regs(frag_p);
+    if (release_lane) tma::arrive(sm.v_empty(s));  // the producer's next tile refills this stage
   }
 
   float row_lse[1][2];

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# wip/session9 on the GPU in as few calls as the budget allows: every step has its own time limit and runs only
+# if the call's deadline (BUDGET seconds from the start, default 570) leaves room for it; a step skipped is
+# named. STEPS picks which run (default: all, in order of what they tell us):
+#   build wstests san_ws san_wsbwd ab_persistent ab_wsbwd suite det variants (and ab_ws, WS vs the other forward)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/flash_attn2_s9b}
+mkdir -p "$OUT"
+start=$(date +%s)
+budget=${BUDGET:-570}
+steps=" ${STEPS:-build wstests san_ws san_wsbwd ab_persistent ab_wsbwd suite det variants} "
+left() { echo $(( budget - ($(date +%s) - start) )); }
+# step NAME LIMIT: whether to run NAME now (selected, and LIMIT seconds still fit before the deadline).
+step() {
+  [[ $steps == *" $1 "* ]] || return 1
+  if (( $(left) < $2 )); then echo "SKIPPED $1 (needs $2 s, $(left) s left)"; return 1; fi
+  echo "--- $1 at $(( $(date +%s) - start )) s"
+}
+if step build 150; then scripts/gpu_check.sh none 2>&1 | tail -3; fi
+export FLASH_ATTN2_LIBRARY=$PWD/build/gpu/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
+lib=$FLASH_ATTN2_LIBRARY
+if step wstests 120; then
+  timeout 120 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py -q -rfE \
+    -k warp_specialised -p no:cacheprovider >"$OUT/wstests.log" 2>&1
+  echo "WS forward + backward tests (require) rc $?: $(tail -1 "$OUT/wstests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/wstests.log" | head -20
+fi
+for what in ws wsbwd; do
+  step san_$what 150 || continue
+  for tool in memcheck racecheck synccheck; do
+    FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
+      >"$OUT/san_${what}_$tool.log" 2>&1
+    echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
+  done
+done
+if step ab_persistent 100; then  # the persistent walk (B) vs one tile per block (A)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
+    $lib,FLASH_ATTN2_FWD_WS=1 --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
+    | tee "$OUT/ab_persistent.md"
+fi
+if step ab_wsbwd 100; then  # the warp-specialised d128 backward (B) vs flash_bwd_sm90_kernel (A)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
+    --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
+    | tee "$OUT/ab_wsbwd.md"
+fi
+if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \
+    --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 | tee "$OUT/ab_ws.md"
+fi
+if step suite 210; then
+  FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 timeout 200 python3 -m pytest python/tests -q -rfE -p no:cacheprovider \
+    -k "not (bad or errors or refused)" >"$OUT/suite.log" 2>&1
+  echo "whole suite with FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 rc $?: $(tail -1 "$OUT/suite.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -20
+fi
+if step det 130; then
+  for portable in 0 1; do
+    FLASH_ATTN2_PORTABLE_KERNELS=$portable timeout 60 python3 -m pytest python/tests -q -k "determin" \
+      -p no:cacheprovider >"$OUT/det$portable.log" 2>&1
+    echo "deterministic tests, portable=$portable rc $?: $(tail -1 "$OUT/det$portable.log")"
+  done
+fi
+if step variants 150; then
+  timeout 150 python3 -m flash_attn2.bench --device cuda --variants-only 2>&1 | grep -E "^\|" | tee "$OUT/variants.md"
+fi
+echo "done at $(( $(date +%s) - start )) s"
