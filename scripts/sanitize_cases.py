@@ -39,7 +39,7 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
     torch.cuda.synchronize()
     print("sanitize cases ran (ws)")
     raise SystemExit(0)
-if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the experimental warp-specialised d128 backward
+if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised d128 backward (the sm_90 default)
     os.environ["FLASH_ATTN2_BWD_WS"] = "require"
     for dtype in (torch.bfloat16, torch.float16):
         for nq, nk, causal in [(200, 300, True), (40, 520, False), (300, 130, True)]:

@@ -2,7 +2,8 @@
 # wip/session9 on the GPU in as few calls as the budget allows: every step has its own time limit and runs only
 # if the call's deadline (BUDGET seconds from the start, default 570) leaves room for it; a step skipped is
 # named. STEPS picks which run (default: all, in order of what they tell us):
-#   build wstests san_ws san_wsbwd ab_persistent ab_wsbwd suite det variants (and ab_ws, WS vs the other forward)
+#   build wstests san_ws san_wsbwd ab_persistent ab_wsbwd suite det variants (and ab_ws: WS vs the other
+#   forward; bench: the quick grid; suite_default: the suite under the default kernel choice)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flash_attn2_s9b}
@@ -63,5 +64,16 @@ if step det 130; then
 fi
 if step variants 150; then
   timeout 150 python3 -m flash_attn2.bench --device cuda --variants-only 2>&1 | grep -E "^\|" | tee "$OUT/variants.md"
+fi
+if step bench 170; then  # the quick grid beside every SDPA backend, with the variant rows
+  timeout 170 python3 -m flash_attn2.bench --device cuda --quick --head-dims 64,128,256 --variants \
+    --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
+  echo "bench rc $?"; cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+fi
+if step suite_default 210; then  # the whole suite under the default kernel choice
+  timeout 200 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
+    >"$OUT/suite_default.log" 2>&1
+  echo "whole suite, default kernels, rc $?: $(tail -1 "$OUT/suite_default.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/suite_default.log" | head -20
 fi
 echo "done at $(( $(date +%s) - start )) s"

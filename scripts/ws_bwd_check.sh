@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call for the experimental warp-specialised d128 backward (FLASH_ATTN2_BWD_WS): build, its tests
+# One GPU call for the warp-specialised d128 backward (FLASH_ATTN2_BWD_WS): build, its tests
 # (=require), sanitizers, A/B against flash_bwd_sm90_kernel, then the whole suite with it on.
 set -u
 cd "$(dirname "$0")/.."

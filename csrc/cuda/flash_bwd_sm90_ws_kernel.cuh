@@ -1,12 +1,15 @@
-// Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128 — EXPERIMENTAL, opt-in with
-// FLASH_ATTN2_BWD_WS=1 (flash_bwd_launch.cuh; =require raises where it would fall back). The algorithm and
+// Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128: the default on sm_90 where the TMA can
+// address the tensors (flash_bwd_launch.cuh; FLASH_ATTN2_BWD_WS=0 turns it off, =require raises where it would
+// fall back). The algorithm and
 // variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers, dQ by
 // fp32 red.add, ordered in the deterministic mode), with the loads moved to a producer:
 //
 //   warpgroup 0 (producer, 24 registers): thread 0 issues TMA copies of the block's K and V tiles once, then of
 //     each step's Q and dO tiles into a kStages ring; warp 1 copies the step's LSE and D rows (rows past the
 //     sequence's end: LSE = +inf, D = 0, so that P = 0 there whatever the Q / dO rows hold). A stage's "full"
-//     barrier takes both arrivals and the copies' bytes; its "empty" barrier one arrival per consumer.
+//     barrier takes the copies' bytes and an arrival from thread 0 and from each lane of warp 1; its "empty"
+//     barrier an arrival from every consumer thread once its reads of the stage are done (per thread, so that
+//     each generic read of LSE / D is ordered before the next write by the barrier itself: racecheck).
 //   warpgroups 1 and 2 (consumers, 240 registers): 64 keys each, the step of flash_bwd_sm90_kernel, with
 //     named barriers among the 256 consumer threads where that kernel has block-wide ones (dS^T complete for
 //     the dQ product; the deterministic dQ order); dS^T is double-buffered, so the next step's may be written
@@ -126,8 +129,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   if (tid == 0) {
     tma::init_barrier(sm.kv_full(), 1);
     for (int s = 0; s < kStages; ++s) {
-      tma::init_barrier(sm.full(s), 2);  // the copies' thread and the LSE / D warp
-      tma::init_barrier(sm.empty(s), Kt::kConsumers);
+      tma::init_barrier(sm.full(s), 1 + 32);              // the copies' thread and each lane of the LSE / D warp
+      tma::init_barrier(sm.empty(s), Kt::kConsumers * 128);  // every consumer thread
     }
     tma::fence_barrier_init();
   }
@@ -164,8 +167,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
           st[r] = ok ? p.lse[idx] : INFINITY;
           st[kBlockM + r] = ok ? p.softmax_d[idx] : 0.f;
         }
-        __syncwarp();
-        if (lane == 0) tma::arrive(sm.full(s));  // release: the stores above are visible to the waiters
+        tma::arrive(sm.full(s));  // each lane releases its own stores to the waiters
       }
     }
   } else {
@@ -181,7 +183,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
     constexpr int kBarDs = 1, kBarOrder = 2;  // named barriers among the consumers
     const int wg_row0 = 64 * c + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
-    const bool release_lane = ctid % 128 == 0;
     float acc_dk[1][kNT_KV][4], acc_dv[1][kNT_KV][4];
     zero_acc(acc_dk);
     zero_acc(acc_dv);
@@ -269,7 +270,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       fence_regs(acc_dk);
       fence_regs(p_frag);  // the A fragments stay untouched until the MMAs reading them are done
       fence_regs(ds_frag);
-      if (release_lane) tma::arrive(sm.empty(s));  // this consumer is done with the stage's Q, dO, LSE, D
+      tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
 
       const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
       dq_order_acquire(order, ctid, kBarOrder);

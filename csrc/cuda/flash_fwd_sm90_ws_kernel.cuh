@@ -12,7 +12,8 @@
 //     their products complete. No barrier spans the block after the prologue.
 //
 // The consumers take turns issuing their MMAs (ping-pong), so one's softmax runs under another's MMAs.
-// Persistent: a grid of at most one block per SM walks the tiles (see the kernel). Not yet: TMA stores of O.
+// Persistent where tiles are uniform: a grid of at most one block per SM walks the tiles (see the kernel and
+// flash_fwd_launch.cuh). Not yet: TMA stores of O, a dynamic tile scheduler for masked tiles.
 #pragma once
 
 #include <cmath>
@@ -52,6 +53,9 @@ struct FwdSm90WsTraits {
   // rescale is 4 multiplies per score, and the score-modifier kernels; d128's plain kernel is level or slower.
   static constexpr int kRescaleSlackLog2 = 8;
   static constexpr bool lazy_rescale(bool score_mod) { return kHeadDim == 256 || score_mod; }
+  // Persistent grid where tiles are uniform (flash_fwd_launch.cuh): measured 1.02-1.07x one block per tile at
+  // d128 / d256, 1.03x / 0.99x at d64 N = 2k / 16k (perf.md v12).
+  static constexpr bool kPersistent = kHeadDim >= 128;
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "warp-specialised forward: d = 64, 128, 256");
   static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");

@@ -163,8 +163,8 @@ def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype)
             assert_close_to_reference("lse", lse.cpu(), torch_lse.cpu(), ref_lse)
 
 
-# The experimental warp-specialised d128 backward (FLASH_ATTN2_BWD_WS; "require" raises where it would fall
-# back): one key tile to many, GQA groups, Nq != Nk both ways, rows that see no key, partial tiles, padded head
+# The warp-specialised d128 backward, the default on sm_90 (FLASH_ATTN2_BWD_WS; "require" raises where it would
+# fall back): one key tile to many, GQA groups, Nq != Nk both ways, rows that see no key, partial tiles, padded head
 # dims, both layouts.
 WS_BWD_CASES = [
     (2, 4, 4, 257, 257, 128, False, torch.bfloat16, False),

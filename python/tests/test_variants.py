@@ -496,7 +496,7 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
     (False, (-1, -1), 0.0, None, 0.0)])
 def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p):
-    """The experimental warp-specialised d128 backward (FLASH_ATTN2_BWD_WS=require) with the dense variants."""
+    """The warp-specialised d128 backward (FLASH_ATTN2_BWD_WS=require) with the dense variants."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
     check_variant_case(2, 4, 2, 333, 517, 128, torch.bfloat16, "cuda", opts, transposed=True)
