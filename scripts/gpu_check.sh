@@ -87,10 +87,12 @@ if [[ $what == all || $what == sanitize ]]; then
       summary+=("$tool, portable=$portable (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool$portable.log" | tail -1)")
     done
   done
-  for tool in memcheck racecheck synccheck; do  # the warp-specialised forward (TMA, mbarriers)
-    FA2_SANITIZE=ws compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
-      >"$OUT/${tool}_ws.log" 2>&1
-    summary+=("$tool, warp-specialised forward (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/${tool}_ws.log" | tail -1)")
+  for ws in ws wsbwd; do  # the warp-specialised forward and backward (TMA, mbarriers, named barriers)
+    for tool in memcheck racecheck synccheck; do
+      FA2_SANITIZE=$ws compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
+        >"$OUT/${tool}_$ws.log" 2>&1
+      summary+=("$tool, FA2_SANITIZE=$ws (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/${tool}_$ws.log" | tail -1)")
+    done
   done
 fi
 if [[ $what == all || $what == compare ]]; then

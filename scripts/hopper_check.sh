@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# wip/session9 on the GPU in as few calls as the budget allows: every step has its own time limit and runs only
-# if the call's deadline (BUDGET seconds from the start, default 570) leaves room for it; a step skipped is
-# named. STEPS picks which run (default: all, in order of what they tell us):
-#   build wstests san_ws san_wsbwd ab_persistent ab_wsbwd suite det variants (and ab_ws: WS vs the other
-#   forward; bench: the quick grid; suite_default: the suite under the default kernel choice)
+# The Hopper kernels on one GPU call, each step under its own time limit and run only if the call's deadline
+# (BUDGET seconds from the start, default 570) leaves room for it; a step skipped is named. STEPS picks which
+# run, in this order (default: all but ab_ws, bench and suite_default):
+#   build          scripts/gpu_check.sh none (sm_90a, system g++)
+#   wstests        the warp-specialised forward and backward tests (FLASH_ATTN2_FWD_WS / _BWD_WS=require)
+#   san_ws         memcheck, racecheck, synccheck on the warp-specialised forward (FA2_SANITIZE=ws)
+#   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
+#   ab_persistent  the persistent WS forward grid vs one block per tile (FLASH_ATTN2_FWD_WS_BLOCKS=all)
+#   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel (FLASH_ATTN2_BWD_WS=0 vs 1)
+#   ab_ws          the WS forward vs flash_fwd_sm90_kernel
+#   suite          the whole suite with both WS kernels forced on (d64 forward included)
+#   det            the deterministic tests on both kernel families
+#   variants       the variant bench rows
+#   bench          the quick grid with every SDPA backend and the variant rows
+#   suite_default  the whole suite under the default kernel choice
+#   BUDGET=540 STEPS="build wstests san_ws" scripts/hopper_check.sh      (OUT: the output folder)
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/flash_attn2_s9b}
+OUT=${OUT:-/tmp/flash_attn2_hopper}
 mkdir -p "$OUT"
 start=$(date +%s)
 budget=${BUDGET:-570}
