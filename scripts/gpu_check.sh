@@ -53,14 +53,15 @@ if [[ $what == all || $what == tests ]]; then
     -k "cuda" >"$OUT/pytest_variants_portable.log" 2>&1
   grep -E "^(FAILED|ERROR)" "$OUT/pytest_variants_portable.log" | head -20
   summary+=("pytest variants, portable kernels: $(tail -1 "$OUT/pytest_variants_portable.log")")
-  # The warp-specialised forward is the default for d128 / d256 on sm_90 (d64: FLASH_ATTN2_FWD_WS=1). The
-  # other Hopper forward (flash_fwd_sm90_kernel) still runs where the TMA cannot address the tensors: run the
-  # CUDA tests with it instead (FLASH_ATTN2_FWD_WS=0), its d128 overlapped loop forced everywhere; then with the
-  # warp-specialised one on for every head dim it has.
-  FLASH_ATTN2_FWD_WS=0 FLASH_ATTN2_FWD_OVERLAP=1 python3 -m pytest python/tests/test_kernels.py \
+  # The warp-specialised forward is the default for d128 / d256 on sm_90 (d64: FLASH_ATTN2_FWD_WS=1), the
+  # warp-specialised backward for d128. The other Hopper kernels (flash_fwd_sm90_kernel, flash_bwd_sm90_kernel)
+  # still run where the TMA cannot address the tensors: run the CUDA tests with them instead
+  # (FLASH_ATTN2_FWD_WS=0 FLASH_ATTN2_BWD_WS=0), the d128 overlapped forward loop forced everywhere; then with
+  # the warp-specialised forward on for every head dim it has.
+  FLASH_ATTN2_FWD_WS=0 FLASH_ATTN2_BWD_WS=0 FLASH_ATTN2_FWD_OVERLAP=1 python3 -m pytest python/tests/test_kernels.py \
     python/tests/test_variants.py -q -rfE -p no:cacheprovider -k "cuda" >"$OUT/pytest_overlap.log" 2>&1
   grep -E "^(FAILED|ERROR)" "$OUT/pytest_overlap.log" | head -20
-  summary+=("pytest kernels + variants, WS off, d128 forward overlapped everywhere: $(tail -1 "$OUT/pytest_overlap.log")")
+  summary+=("pytest kernels + variants, WS forward and backward off, d128 forward overlapped everywhere: $(tail -1 "$OUT/pytest_overlap.log")")
   FLASH_ATTN2_FWD_WS=1 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py \
     python/tests/test_sdpa_provider.py python/tests/test_ops.py -q -rfE -p no:cacheprovider -k "cuda" \
     >"$OUT/pytest_ws.log" 2>&1
@@ -86,10 +87,12 @@ if [[ $what == all || $what == sanitize ]]; then
       summary+=("$tool, portable=$portable (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool$portable.log" | tail -1)")
     done
   done
-  for tool in memcheck racecheck synccheck; do  # the warp-specialised forward (TMA, mbarriers)
-    FA2_SANITIZE=ws compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
-      >"$OUT/${tool}_ws.log" 2>&1
-    summary+=("$tool, warp-specialised forward (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/${tool}_ws.log" | tail -1)")
+  for ws in ws wsbwd; do  # the warp-specialised forward and backward (TMA, mbarriers, named barriers)
+    for tool in memcheck racecheck synccheck; do
+      FA2_SANITIZE=$ws compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
+        >"$OUT/${tool}_$ws.log" 2>&1
+      summary+=("$tool, FA2_SANITIZE=$ws (rc $?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/${tool}_$ws.log" | tail -1)")
+    done
   done
 fi
 if [[ $what == all || $what == compare ]]; then

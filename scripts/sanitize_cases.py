@@ -31,8 +31,32 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
             cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
             q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype) for _ in range(3))
             flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
+            os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = "3"  # the persistent walk: many tiles per block
+            flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
+            q, k, v = (torch.randn(2, 4, 400, d, device="cuda", dtype=dtype) for _ in range(3))
+            flash_attn2.attention(q, k, v, True, window_size=(100, 0), softcap=4.0)
+            del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
     torch.cuda.synchronize()
     print("sanitize cases ran (ws)")
+    raise SystemExit(0)
+if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised d128 backward (the sm_90 default)
+    os.environ["FLASH_ATTN2_BWD_WS"] = "require"
+    for dtype in (torch.bfloat16, torch.float16):
+        for nq, nk, causal in [(200, 300, True), (40, 520, False), (300, 130, True)]:
+            q = torch.randn(2, 2, nq, 128, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(2, 1, nk, 128, device="cuda", dtype=dtype, requires_grad=True)
+            v = torch.randn(2, 1, nk, 128, device="cuda", dtype=dtype, requires_grad=True)
+            flash_attn2.attention(q, k, v, causal).sum().backward()
+            flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0, dropout_p=0.2,
+                                  rng_state=rng).sum().backward()
+            out, lse = flash_attn2.attention_with_lse(q.detach(), k.detach(), v.detach(), causal)
+            torch.ops.flash_attn2.bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, causal,
+                                      None, deterministic=True)
+        cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
+        q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True).sum().backward()
+    torch.cuda.synchronize()
+    print("sanitize cases ran (wsbwd)")
     raise SystemExit(0)
 if os.environ.get("FA2_SANITIZE") == "fwd":
     for dtype, overlap in [(dt, o) for dt in (torch.bfloat16, torch.float16) for o in ("0", "1")]:

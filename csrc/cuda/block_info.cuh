@@ -51,9 +51,10 @@ struct FwdBlockInfo {
   int row0;   // first query row of the tile (within the sequence)
   int rows;   // valid query rows in the tile (<= kBlockM; <= 0: the tile is past this sequence's end)
   SeqInfo seq;
-  FA2_DEVICE explicit FwdBlockInfo(const FwdParams& p) : seq(p, static_cast<int>(blockIdx.x) / ceil_div(p.seqlen_q, kBlockM) / p.heads_q) {
+  FA2_DEVICE explicit FwdBlockInfo(const FwdParams& p) : FwdBlockInfo(p, static_cast<int>(blockIdx.x)) {}
+  // Tile `bid` of the same order (persistent kernels walk tiles themselves).
+  FA2_DEVICE FwdBlockInfo(const FwdParams& p, int bid) : seq(p, bid / ceil_div(p.seqlen_q, kBlockM) / p.heads_q) {
     const int num_m = ceil_div(p.seqlen_q, kBlockM);
-    const int bid = static_cast<int>(blockIdx.x);
     m_block = num_m - 1 - bid % num_m;
     const int bh = bid / num_m;
     head = bh % p.heads_q;

@@ -116,4 +116,21 @@ struct DqOrder {
   }
 };
 
+// A block's DqOrder releases, each deferred to its next acquire (or to finish()): the dQ additions of tile m
+// drain while the block computes tile m + 1's products, so the fence before the release seldom waits. Releases
+// never wait, so the chain of waits stays on lower block indices and cannot deadlock.
+struct DqOrderChain {
+  DqOrder pending{nullptr, 0};
+  // Every thread of the block calls these.
+  FA2_DEVICE void acquire(const DqOrder& next, int tid) {
+    pending.release(tid);
+    next.acquire(tid);
+    pending = next;
+  }
+  FA2_DEVICE void finish(int tid) {
+    pending.release(tid);
+    pending.counter = nullptr;
+  }
+};
+
 }  // namespace flash_attn2::cuda

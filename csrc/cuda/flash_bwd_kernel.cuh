@@ -166,6 +166,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
   zero_acc(acc_dk);
   zero_acc(acc_dv);
 
+  DqOrderChain dq_chain;  // deterministic mode
   for (int it = 0; it < steps.total; ++it) {
     const int head = steps.head(it, blk.head_kv);
     const int row0 = steps.row0(it);
@@ -302,7 +303,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
       float* dq = p.dq_accum + (row_base + row0) * d;
       const bool full_tile = row0 + kBlockM <= seqlen_q && d == Kt::kHeadDim;  // no bounds checks needed
       const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
-      order.acquire(tid);
+      dq_chain.acquire(order, tid);
 #pragma unroll
       for (int mi = 0; mi < Kt::kMT_Q; ++mi)
 #pragma unroll
@@ -317,9 +318,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
             }
           }
         }
-      order.release(tid);
     }
   }
+  dq_chain.finish(tid);
 
   // Epilogue: dK * scale and dV as T through the K / V buffers, then 16-byte stores.
   cp_async_wait<0>();

@@ -5,11 +5,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/flash_bwd_kernel.cuh"
 #include "cuda/flash_bwd_sm90_kernel.cuh"
 #include "cuda/flash_bwd_sm90_wide_kernel.cuh"
+#include "cuda/flash_bwd_sm90_ws_kernel.cuh"
 #include "cuda/flash_fwd_launch.cuh"  // detail:: helpers
 #include "cuda/flash_params.h"
 #include "cuda/kernel_traits.cuh"
@@ -38,6 +42,46 @@ void launch_bwd_portable(const BwdParams& params, cudaStream_t stream) {
       return launch_per_key_tile<KtLow>(&flash_bwd_kernel<KtLow, kScoreMod>, params, stream);
   }
   launch_per_key_tile<Kt>(&flash_bwd_kernel<Kt, kScoreMod>, params, stream);
+}
+
+// The warp-specialised backward (flash_bwd_sm90_ws_kernel.cuh, d128) is the default on sm_90 where the TMA can
+// address q, k, v and dout (1.03-1.09x flash_bwd_sm90_kernel over d128 plain, softcap and dropout, causal or
+// not, N = 2k and 16k; perf.md v12). FLASH_ATTN2_BWD_WS=0 turns it off; =require (tests) raises instead of
+// falling back.
+template <typename T, int kHeadDim, bool kScoreMod>
+bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
+  if constexpr (kHeadDim != 128) {
+    return false;
+  } else {
+  using Kt = BwdSm90WsTraits<T, kHeadDim>;
+  const char* env = std::getenv("FLASH_ATTN2_BWD_WS");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const bool required = env != nullptr && std::strcmp(env, "require") == 0;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int nq = varlen ? p.total_q : p.seqlen_q, nk = varlen ? p.total_k : p.seqlen_k, maps_b = varlen ? 1 : p.batch;
+  BwdTmaMaps maps;
+  const bool ok =
+      nq > 0 &&
+      make_tensor_map(&maps.q, p.q, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.q_row_stride, p.q_head_stride,
+                      p.q_batch_stride, Kt::kBlockM) &&
+      make_tensor_map(&maps.dout, p.dout, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.do_row_stride,
+                      p.do_head_stride, p.do_batch_stride, Kt::kBlockM) &&
+      make_tensor_map(&maps.k, p.k, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.k_row_stride, p.k_head_stride,
+                      p.k_batch_stride, Kt::kBlockN) &&
+      make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride, p.v_head_stride,
+                      p.v_batch_stride, Kt::kBlockN);
+  if (!ok) {
+    if (required)
+      throw std::invalid_argument("flash_attn2: FLASH_ATTN2_BWD_WS=require, but the TMA cannot address these tensors");
+    return false;
+  }
+  auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
+  set_smem_limit(kernel, Kt::kSmemBytes);
+  const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(p, maps);
+  FA2_CHECK_LAUNCH();
+  return true;
+  }
 }
 
 }  // namespace detail
@@ -69,9 +113,10 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
   if (params.seqlen_k > 0) {
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
       using K90 = BwdSm90Traits<T, kHeadDim>;
-      if (detail::use_sm90_kernels())
+      if (!detail::use_sm90_kernels())
+        detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
+      else if (!detail::try_launch_bwd_ws<T, kHeadDim, kScoreMod>(params, stream))
         detail::launch_per_key_tile<K90>(&flash_bwd_sm90_kernel<K90, kScoreMod>, params, stream);
-      else detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
     } else if constexpr (kHeadDim == 256) {
       using K90 = BwdSm90WideTraits<T, kHeadDim>;
       if (detail::use_sm90_kernels())

@@ -256,6 +256,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   zero_acc(acc_dk);
   zero_acc(acc_dv);
 
+  DqOrderChain dq_chain;  // deterministic mode
   for (int it = 0; it < steps.total; ++it) {
     const int head = steps.head(it, blk.head_kv);
     const int row0 = steps.row0(it);
@@ -347,11 +348,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     fence_regs(ds_frag);
 
     const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
-    order.acquire(tid);
+    dq_chain.acquire(order, tid);
     add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, dq_row0, dq_col0, warp, g, t,
                 row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
-    order.release(tid);
   }
+  dq_chain.finish(tid);
 
   // Epilogue: dK * scale and dV as T through the K / V buffers, then 16-byte stores.
   cp_async_wait<0>();

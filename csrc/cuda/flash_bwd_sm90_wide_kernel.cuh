@@ -96,6 +96,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   float acc_kv[1][kHeadDim / 8][4];  // dV (warpgroup 0) or dK (warpgroup 1)
   zero_acc(acc_kv);
 
+  DqOrderChain dq_chain;  // deterministic mode
   for (int it = 0; it < steps.total; ++it) {
     const int head = steps.head(it, blk.head_kv);
     const int row0 = steps.row0(it);
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     __syncthreads();  // dS^T is in shared memory
     const bool full_tile = row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim;
     const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
-    order.acquire(tid);
+    dq_chain.acquire(order, tid);
 #pragma unroll
     for (int c0 = 0; c0 < kHeadDim / 2; c0 += 64) {
       const int col0 = (is_p ? 0 : kHeadDim / 2) + c0;
@@ -187,10 +188,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       fence_regs(acc_dq);
       add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
     }
-    order.release(tid);
     fence_regs(acc_kv);
     fence_regs(frag);  // the A fragments stay untouched until the MMAs reading them are done
   }
+  dq_chain.finish(tid);
 
   // Epilogue: dV (warpgroup 0) and dK * scale (warpgroup 1) as T through the V / K buffers.
   cp_async_wait<0>();

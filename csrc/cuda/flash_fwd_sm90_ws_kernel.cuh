@@ -12,7 +12,8 @@
 //     their products complete. No barrier spans the block after the prologue.
 //
 // The consumers take turns issuing their MMAs (ping-pong), so one's softmax runs under another's MMAs.
-// Not yet: a persistent tile scheduler, TMA stores of O.
+// Persistent where tiles are uniform: a grid of at most one block per SM walks the tiles (see the kernel and
+// flash_fwd_launch.cuh). Not yet: TMA stores of O, a dynamic tile scheduler for masked tiles.
 #pragma once
 
 #include <cmath>
@@ -52,6 +53,9 @@ struct FwdSm90WsTraits {
   // rescale is 4 multiplies per score, and the score-modifier kernels; d128's plain kernel is level or slower.
   static constexpr int kRescaleSlackLog2 = 8;
   static constexpr bool lazy_rescale(bool score_mod) { return kHeadDim == 256 || score_mod; }
+  // Persistent grid where tiles are uniform (flash_fwd_launch.cuh): measured 1.02-1.07x one block per tile at
+  // d128 / d256, 1.03x / 0.99x at d64 N = 2k / 16k (perf.md v12).
+  static constexpr bool kPersistent = kHeadDim >= 128;
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "warp-specialised forward: d = 64, 128, 256");
   static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");
@@ -61,8 +65,8 @@ struct FwdSm90WsTraits {
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kAlign = 1024;
-  // Barriers: Q full, then per stage K full, K empty, V full, V empty.
-  static constexpr int kBarriers = 1 + 4 * kStages;
+  // Barriers: Q full, then per stage K full, K empty, V full, V empty, then Q empty.
+  static constexpr int kBarriers = 2 + 4 * kStages;
   // Q | K_0 | K_1 | V_0 | V_1 | barriers, plus alignment slack
   static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kBarriers * 8 + kAlign;
 };
@@ -84,6 +88,7 @@ struct WsSmem {
   FA2_DEVICE uint64_t* k_empty(int s) const { return bar(1 + Kt::kStages + s); }
   FA2_DEVICE uint64_t* v_full(int s) const { return bar(1 + 2 * Kt::kStages + s); }
   FA2_DEVICE uint64_t* v_empty(int s) const { return bar(1 + 3 * Kt::kStages + s); }
+  FA2_DEVICE uint64_t* q_empty() const { return bar(1 + 4 * Kt::kStages); }
 };
 
 }  // namespace sm90
@@ -91,10 +96,32 @@ struct WsSmem {
 
 namespace sm90 {
 
-// A consumer warpgroup (c < kConsumers: query rows [64 c, 64 c + 64) of the tile): see the file comment.
+// Ping-pong (FlashAttention-3): the consumers take turns issuing their MMAs, in a ring 0, 1, .., 0, so one's
+// softmax runs while another's MMAs do. Named barrier bar(c) is "consumer c may issue": consumer c waits on it
+// (bar.sync, 128 threads) and its predecessor in the ring arrives on it (bar.arrive, 128 threads) after issuing
+// its own. The last consumer pre-arrives so that consumer 0 goes first; the ring runs on across the block's
+// tiles, and consumer 0 takes the last arrival at the end (finish), so that every arrival is waited for.
+// Barriers 1 .. kConsumers are the consumers' own (epilogue).
+template <int kConsumers>
+struct ConsumerTurns {
+  int c;
+  static FA2_DEVICE int bar(int k) { return 1 + kConsumers + k; }
+  FA2_DEVICE explicit ConsumerTurns(int c_) : c(c_) {
+    if (c == kConsumers - 1) tma::named_arrive(bar(0), 256);
+  }
+  FA2_DEVICE void wait() const { tma::named_sync(bar(c), 256); }
+  FA2_DEVICE void pass() const { tma::named_arrive(bar((c + 1) % kConsumers), 256); }
+  FA2_DEVICE void finish() const {
+    if (c == 0) tma::named_sync(bar(0), 256);
+  }
+};
+
+// One query tile of a consumer warpgroup (c < kConsumers: query rows [64 c, 64 c + 64) of the tile): see the
+// file comment. kv_base: the block's K/V ring uses before this tile; q_phase: parity of this tile's Q copy.
 template <class Kt, bool kScoreMod, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
-                        const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid) {
+                        const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid,
+                        const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, uint32_t q_phase) {
   using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
@@ -106,21 +133,8 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   T* o = io.o;
   float* lse = io.lse;
 
-  tma::grow_registers<Kt::kConsumerRegs>();
   const int warp_row0 = 64 * c + 16 * (warp % 4);  // first tile row of this warp's accumulators
   const bool release_lane = tid % 128 == 0;         // one arrival per consumer on the empty barriers
-  // Ping-pong (FlashAttention-3): the consumers take turns issuing their MMAs, in a ring 0, 1, .., 0, so one's
-  // softmax runs while another's MMAs do. Named barrier turn_bar(c) is "consumer c may issue": consumer c waits
-  // on it (bar.sync, 128 threads) and its predecessor in the ring arrives on it (bar.arrive, 128 threads) after
-  // issuing its own. The last consumer pre-arrives so that consumer 0 goes first, and skips its last arrival
-  // (nobody waits for it). Barriers 1 .. kConsumers are the consumers' own (epilogue).
-  constexpr int kConsumers = Kt::kConsumers;
-  auto turn_bar = [](int k) { return 1 + kConsumers + k; };
-  auto wait_turn = [&] { tma::named_sync(turn_bar(c), 256); };
-  auto pass_turn = [&](bool last) {
-    if (!(last && c == kConsumers - 1)) tma::named_arrive(turn_bar((c + 1) % kConsumers), 256);
-  };
-  if (c == kConsumers - 1) tma::named_arrive(turn_bar(0), 256);
   const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
   const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
 
@@ -159,26 +173,28 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   float acc_s[1][kBlockN / 8][4];
   uint32_t frag_p[1][kBlockN / 16][4];
   float alpha[1][2];
-  tma::wait(sm.q_full(), 0);
-  tma::wait(sm.k_full(0), 0);
-  wait_turn();
+  auto stage = [&](int i) { return (kv_base + i) % kStages; };  // ring use kv_base + i
+  auto phase = [&](int i) { return static_cast<uint32_t>((kv_base + i) / kStages) & 1u; };
+  tma::wait(sm.q_full(), q_phase);
+  tma::wait(sm.k_full(stage(0)), phase(0));
+  turns.wait();
   wgmma_fence();
-  issue_s(acc_s, 0);
-  pass_turn(false);
+  issue_s(acc_s, stage(0));
+  turns.pass();
   wgmma_wait<0>();
   fence_regs(acc_s);
-  if (release_lane) tma::arrive(sm.k_empty(0));
+  if (release_lane) tma::arrive(sm.k_empty(stage(0)));
   softmax_step(acc_s, n_last, alpha);  // O is still zero: nothing to rescale
   acc_to_a_frags<T>(frag_p, acc_s);
   for (int i = 1; i < n_tiles; ++i) {
-    const int s = i % kStages, ps = (i - 1) % kStages;  // stages of tile i (K) and of tile i - 1 (V)
-    tma::wait(sm.k_full(s), (i / kStages) & 1);
-    tma::wait(sm.v_full(ps), ((i - 1) / kStages) & 1);
-    wait_turn();
+    const int s = stage(i), ps = stage(i - 1);  // stages of tile i (K) and of tile i - 1 (V)
+    tma::wait(sm.k_full(s), phase(i));
+    tma::wait(sm.v_full(ps), phase(i - 1));
+    turns.wait();
     wgmma_fence();
     issue_s(acc_s, s);
     issue_o(frag_p, ps);
-    pass_turn(false);
+    turns.pass();
     wgmma_wait<1>();  // S_i done: K_i may be overwritten; O += P_{i-1} V_{i-1} may still run
     fence_regs(acc_s);
     if (release_lane) tma::arrive(sm.k_empty(s));
@@ -192,14 +208,16 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     acc_to_a_frags<T>(frag_p, acc_s);
   }
   {
-    const int s = (n_tiles - 1) % kStages;
-    tma::wait(sm.v_full(s), ((n_tiles - 1) / kStages) & 1);
-    wait_turn();
+    const int s = stage(n_tiles - 1);
+    tma::wait(sm.v_full(s), phase(n_tiles - 1));
+    turns.wait();
     wgmma_fence();
     issue_o(frag_p, s);
-    pass_turn(true);
+    turns.pass();
     wgmma_wait<0>();
     fence_regs(acc_o);
+    fence_regs(frag_p);
+    if (release_lane) tma::arrive(sm.v_empty(s));  // the producer's next tile refills this stage
   }
 
   float row_lse[1][2];
@@ -223,6 +241,11 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
       *reinterpret_cast<uint4*>(o + static_cast<index_t>(r) * p.o_row_stride + ch * 8) =
           *reinterpret_cast<const uint4*>(sQ + TileQ::chunk_offset(r, ch));
   }
+  // The Q buffer is free for the next tile's copy once all 128 threads have read their O rows out of it; the
+  // copy writes through the async proxy what these threads touched through the generic one.
+  fence_proxy_async_smem();
+  tma::named_sync(1 + c, 128);
+  if (release_lane) tma::arrive(sm.q_empty());
 }
 
 }  // namespace sm90
@@ -242,18 +265,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const int tid = static_cast<int>(threadIdx.x);
   const int wg = tid / 128;
 
-  const FwdBlockInfo<kBlockM> blk(p);
-  if (blk.rows <= 0) return;  // varlen: past the end of this sequence
-  const Visibility<int> vis = blk.seq.visibility(p);
-  const FwdBlockIO<T> io(p, blk, vis, kBlockN);
-  if (io.n_end == io.n_begin) {
-    store_empty_rows<T, kHeadDim, Kt::kNThreads>(io.o, p.o_row_stride, io.lse, blk.rows, p.head_dim, tid);
-    return;
-  }
-  const int n_last = io.n_end - 1, n_tiles = io.n_end - io.n_begin;  // tiles are walked from the last down
+  // Persistent: block b takes tiles b, b + gridDim.x, ... of FwdBlockInfo's order (a head's query tiles
+  // together, its last, for causal the longest, first). Tiles past a sequence's end are skipped and tiles that
+  // see no key written as empty rows, by both roles alike, so that they agree on the ring's uses.
+  const int num_tiles = ceil_div(p.seqlen_q, kBlockM) * p.heads_q * p.batch;
 
   if (tid == 0) {
     tma::init_barrier(sm.q_full(), 1);
+    tma::init_barrier(sm.q_empty(), Kt::kConsumers);
     for (int s = 0; s < kStages; ++s) {
       tma::init_barrier(sm.k_full(s), 1);
       tma::init_barrier(sm.v_full(s), 1);
@@ -266,37 +285,65 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 
   // setmaxnreg needs the two roles as the two branches of one if / else (HOPPER.md).
   if (wg == 0) {
-    // Producer. Use i of stage i % kStages reuses the buffer of use i - kStages: wait for its release first.
+    // Producer. Ring use j (stage j % kStages) reuses the buffer of use j - kStages: wait for its release first.
+    // The next tile's first K copy is issued before waiting for the Q buffer, so it lands under the previous
+    // tile's last products and epilogue.
     tma::shrink_registers<Kt::kProducerRegs>();
-    // Packed batches: one map over all sequences (batch coordinate 0), rows offset by the sequence's start.
-    // Tiles that run past a sequence's end read the next sequence's rows: masked keys (P = 0) and query rows
-    // that are never stored, as with the zero rows past a dense tensor's end.
-    const int map_b = p.cu_seqlens_q != nullptr ? 0 : blk.batch;
     if (tid == 0) {
-      tma::arrive_expect_bytes(sm.q_full(), Kt::kSmemQ);
-#pragma unroll
-      for (int cb = 0; cb < kHeadDim / 64; ++cb)
-        tma::load_box(sm.base + cb * kBlockM * 128, &maps.q, 64 * cb, blk.seq.q_start + blk.row0, blk.head, map_b,
-                      sm.q_full());
-      for (int i = 0; i < n_tiles; ++i) {
-        const int s = i % kStages, key0 = blk.seq.k_start + (n_last - i) * kBlockN;
-        const uint32_t parity = ((i / kStages) - 1) & 1;
-        if (i >= kStages) tma::wait(sm.k_empty(s), parity);
-        tma::arrive_expect_bytes(sm.k_full(s), Kt::kSmemKV);
-#pragma unroll
-        for (int cb = 0; cb < kHeadDim / 64; ++cb)
-          tma::load_box(sm.base + sm.k_off(s) + cb * kBlockN * 128, &maps.k, 64 * cb, key0, blk.head_kv, map_b,
-                        sm.k_full(s));
-        if (i >= kStages) tma::wait(sm.v_empty(s), parity);
-        tma::arrive_expect_bytes(sm.v_full(s), Kt::kSmemKV);
-#pragma unroll
-        for (int cb = 0; cb < kHeadDim / 64; ++cb)
-          tma::load_box(sm.base + sm.v_off(s) + cb * kBlockN * 128, &maps.v, 64 * cb, key0, blk.head_kv, map_b,
-                        sm.v_full(s));
+      int kv_use = 0, q_use = 0;
+      for (int tile = static_cast<int>(blockIdx.x); tile < num_tiles; tile += static_cast<int>(gridDim.x)) {
+        const FwdBlockInfo<kBlockM> blk(p, tile);
+        if (blk.rows <= 0) continue;  // varlen: past the end of this sequence
+        const Visibility<int> vis = blk.seq.visibility(p);
+        const FwdBlockIO<T> io(p, blk, vis, kBlockN);
+        const int n_last = io.n_end - 1, n_tiles = io.n_end - io.n_begin;  // tiles are walked from the last down
+        // Packed batches: one map over all sequences (batch coordinate 0), rows offset by the sequence's start.
+        // Tiles that run past a sequence's end read the next sequence's rows: masked keys (P = 0) and query rows
+        // that are never stored, as with the zero rows past a dense tensor's end.
+        const int map_b = p.cu_seqlens_q != nullptr ? 0 : blk.batch;
+        // Ring use j of a K or V stage: wait for use j - kStages's release, announce the bytes, copy.
+        auto fill = [&](uint64_t* empty, uint64_t* full, int off, const CUtensorMap* map, int j, int key0) {
+          if (j >= kStages) tma::wait(empty, ((j / kStages) - 1) & 1);
+          tma::arrive_expect_bytes(full, Kt::kSmemKV);
+          tma::load_tile<kBlockN, kHeadDim>(sm.base + off, map, key0, blk.head_kv, map_b, full);
+        };
+        for (int i = 0; i < n_tiles; ++i) {
+          const int j = kv_use + i, s = j % kStages, key0 = blk.seq.k_start + (n_last - i) * kBlockN;
+          fill(sm.k_empty(s), sm.k_full(s), sm.k_off(s), &maps.k, j, key0);
+          if (i == 0) {
+            if (q_use > 0) tma::wait(sm.q_empty(), (q_use - 1) & 1);
+            tma::arrive_expect_bytes(sm.q_full(), Kt::kSmemQ);
+            tma::load_tile<kBlockM, kHeadDim>(sm.base, &maps.q, blk.seq.q_start + blk.row0, blk.head, map_b,
+                                              sm.q_full());
+          }
+          fill(sm.v_empty(s), sm.v_full(s), sm.v_off(s), &maps.v, j, key0);
+        }
+        kv_use += n_tiles;
+        q_use += n_tiles > 0;
       }
     }
   } else {
-    consume<Kt, kScoreMod>(p, blk, vis, io, sm, n_last, n_tiles, wg - 1, tid);
+    tma::grow_registers<Kt::kConsumerRegs>();
+    const int c = wg - 1;
+    const ConsumerTurns<Kt::kConsumers> turns(c);
+    int kv_use = 0, q_use = 0;
+    for (int tile = static_cast<int>(blockIdx.x); tile < num_tiles; tile += static_cast<int>(gridDim.x)) {
+      const FwdBlockInfo<kBlockM> blk(p, tile);
+      if (blk.rows <= 0) continue;
+      const Visibility<int> vis = blk.seq.visibility(p);
+      const FwdBlockIO<T> io(p, blk, vis, kBlockN);
+      const int n_tiles = io.n_end - io.n_begin;
+      if (n_tiles == 0) {
+        store_empty_rows<T, kHeadDim, Kt::kConsumers * 128>(io.o, p.o_row_stride, io.lse, blk.rows, p.head_dim,
+                                                            tid - 128);
+        continue;
+      }
+      consume<Kt, kScoreMod>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use,
+                             static_cast<uint32_t>(q_use) & 1u);
+      kv_use += n_tiles;
+      ++q_use;
+    }
+    turns.finish();
   }
 #else
   __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)

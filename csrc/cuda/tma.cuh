@@ -118,6 +118,14 @@ FA2_DEVICE void load_box(void* dst, const CUtensorMap* map, int col0, int row0, 
 #endif
 }
 
+// A kRows x kCols tile (rows row0 .. row0 + kRows of (head, batch)) into the SwizzledTile<kRows, kCols> at dst,
+// one box per 64-column block, completing on bar (whose bytes the caller announced).
+template <int kRows, int kCols>
+FA2_DEVICE void load_tile(unsigned char* dst, const CUtensorMap* map, int row0, int head, int batch, uint64_t* bar) {
+#pragma unroll
+  for (int cb = 0; cb < kCols / 64; ++cb) load_box(dst + cb * kRows * 128, map, 64 * cb, row0, head, batch, bar);
+}
+
 // Register budget of this warpgroup (all its threads call it): producers give registers back, consumers take them.
 template <int kRegs>
 FA2_DEVICE void shrink_registers() {

@@ -163,6 +163,48 @@ def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype)
             assert_close_to_reference("lse", lse.cpu(), torch_lse.cpu(), ref_lse)
 
 
+# The warp-specialised d128 backward, the default on sm_90 (FLASH_ATTN2_BWD_WS; "require" raises where it would
+# fall back): one key tile to many, GQA groups, Nq != Nk both ways, rows that see no key, partial tiles, padded head
+# dims, both layouts.
+WS_BWD_CASES = [
+    (2, 4, 4, 257, 257, 128, False, torch.bfloat16, False),
+    (2, 4, 4, 257, 257, 128, True, torch.bfloat16, True),
+    (1, 8, 2, 1000, 1000, 128, True, torch.float16, False),
+    (2, 4, 1, 300, 700, 120, False, torch.bfloat16, True),
+    (1, 2, 2, 700, 300, 104, True, torch.float16, False),
+    (3, 2, 2, 17, 70, 128, False, torch.bfloat16, True),
+    (1, 2, 2, 64, 2000, 128, True, torch.bfloat16, False),
+]
+
+
+@requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_BWD_CASES)
+def test_cuda_warp_specialised_backward(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
+@requires_sm90
+def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16).expand(1, 2, 64, 128)  # head stride 0
+    # Raised inside the autograd engine, whose translation turns a C++ std::invalid_argument into RuntimeError.
+    with pytest.raises(RuntimeError, match="FLASH_ATTN2_BWD_WS=require, but the TMA cannot address"):
+        flash_attn2.attention(q, k, k).sum().backward()
+
+
+@requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_CASES[i] for i in (1, 3, 5, 7, 9, 10)])
+def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype,
+                                                            transposed):
+    """The persistent grid capped at 5 blocks: every block walks many tiles, its K/V ring, Q buffer and
+    ping-pong turns running on from one tile to the next."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "5")
+    check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
 @requires_sm90
 def test_cuda_warp_specialised_forward_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")

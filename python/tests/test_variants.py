@@ -483,18 +483,61 @@ def test_cuda_option_combinations(shape, dtype, causal, window, softcap, alibi, 
     (False, (-1, -1), 0.0, None, 0.0)])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p, d):
-    """The warp-specialised forward (FLASH_ATTN2_FWD_WS=require) with the dense variants, every head dim."""
+    """The warp-specialised forward (FLASH_ATTN2_FWD_WS=require) with the dense variants, every head dim, on a
+    persistent grid of 4 blocks (tiles that see no key under the window are written as empty rows in turn)."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "4")
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
     check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
 
 
 @requires_sm90
+@pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
+    (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
+    (False, (-1, -1), 0.0, None, 0.0)])
+def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p):
+    """The warp-specialised d128 backward (FLASH_ATTN2_BWD_WS=require) with the dense variants."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
+    check_variant_case(2, 4, 2, 333, 517, 128, torch.bfloat16, "cuda", opts, transposed=True)
+
+
+@requires_sm90
+@pytest.mark.parametrize("variant", ["causal", "all"])
+def test_cuda_warp_specialised_backward_varlen(monkeypatch, variant):
+    """Packed batches on the warp-specialised backward: rows past a sequence's end hold the next sequence's rows."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    lengths_q, lengths_k = [300, 1, 129, 0, 520], [280, 64, 129, 7, 600]
+    opts = {"causal": make_options(5, 4, True, (-1, -1), 0.0, None, 0.0, "cuda"),
+            "all": make_options(5, 4, True, (37, -1), 3.0, "batch", 0.1, "cuda")}[variant]
+    check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=128)
+
+
+@requires_sm90
+def test_cuda_warp_specialised_backward_deterministic(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    q, k, v = random_qkv(2, 8, 2, 700, 900, 128, torch.bfloat16, "cuda")
+    out, lse = flash_attn2.attention_with_lse(q, k, v, True, window_size=(300, -1))
+    dout = torch.randn_like(out)
+    runs = [F.bwd(dout, q, k, v, out, lse, True, None, window_size=[300, -1], deterministic=True) for _ in range(3)]
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "0")
+    other = F.bwd(dout, q, k, v, out, lse, True, None, window_size=[300, -1])
+    for a, b in zip(runs[0], other):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@requires_sm90
 @pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
 @pytest.mark.parametrize("variant", ["plain", "causal", "all"])
-def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant):
-    """Packed batches on the warp-specialised forward (one TMA map over all sequences)."""
+@pytest.mark.parametrize("blocks", ["", "3"])
+def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant, blocks):
+    """Packed batches on the warp-specialised forward (one TMA map over all sequences); blocks = 3: a persistent
+    grid of 3 blocks walks every tile, past-the-end and empty ones included."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     opts = {"plain": make_options(len(lengths_q), 4, False, (-1, -1), 0.0, None, 0.0, "cuda"),
             "causal": make_options(len(lengths_q), 4, True, (-1, -1), 0.0, None, 0.0, "cuda"),
             "all": make_options(len(lengths_q), 4, True, (37, -1), 3.0, "batch", 0.1, "cuda")}[variant]

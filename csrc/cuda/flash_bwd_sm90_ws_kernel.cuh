@@ -1,0 +1,295 @@
+// Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128: the default on sm_90 where the TMA can
+// address the tensors (flash_bwd_launch.cuh; FLASH_ATTN2_BWD_WS=0 turns it off, =require raises where it would
+// fall back). The algorithm and
+// variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers, dQ by
+// fp32 red.add, ordered in the deterministic mode), with the loads moved to a producer:
+//
+//   warpgroup 0 (producer, 24 registers): thread 0 issues TMA copies of the block's K and V tiles once, then of
+//     each step's Q and dO tiles into a kStages ring; warp 1 copies the step's LSE and D rows (rows past the
+//     sequence's end: LSE = +inf, D = 0, so that P = 0 there whatever the Q / dO rows hold). A stage's "full"
+//     barrier takes the copies' bytes and an arrival from thread 0 and from each lane of warp 1; its "empty"
+//     barrier an arrival from every consumer thread once its reads of the stage are done (per thread, so that
+//     each generic read of LSE / D is ordered before the next write by the barrier itself: racecheck).
+//   warpgroups 1 and 2 (consumers, 240 registers): 64 keys each, the step of flash_bwd_sm90_kernel, with
+//     named barriers among the 256 consumer threads where that kernel has block-wide ones (dS^T complete for
+//     the dQ product; the deterministic dQ order); dS^T is double-buffered, so the next step's may be written
+//     while the other consumer still reads this one.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/block_info.cuh"
+#include "cuda/bwd_tile_io.cuh"
+#include "cuda/flash_bwd_sm90_kernel.cuh"  // the step's math: probs / dscores (transposed), add_dq_tile
+#include "cuda/flash_params.h"
+#include "cuda/mask.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/tile_primitives.cuh"
+#include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace flash_attn2::cuda {
+
+template <typename T, int kHeadDim_>
+struct BwdSm90WsTraits {
+  using Elem = T;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kConsumers = 2;
+  static constexpr int kNThreads = (kConsumers + 1) * 128;
+  static constexpr int kBlockN = 64 * kConsumers;  // keys per block, 64 per consumer
+  static constexpr int kBlockM = 64;               // queries per step
+  static constexpr int kStages = 2;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kHeadDim == 128, "warp-specialised backward: d = 128 (d64's 128-query steps need more registers)");
+  static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");
+
+  using TileQ = SwizzledTile<kBlockM, kHeadDim>;   // Q and dO
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;  // K and V (later dK and dV staging)
+  using TileDS = SwizzledTile<kBlockN, kBlockM>;   // dS^T, [key][query]
+  static constexpr int kSmemQ = TileQ::kElems * 2;
+  static constexpr int kSmemKV = TileKV::kElems * 2;
+  static constexpr int kSmemDS = TileDS::kElems * 2;
+  static constexpr int kSmemStats = 2 * kBlockM * 4;  // LSE and D of one step, fp32
+  static constexpr int kAlign = 1024;
+  // Barriers: K/V full, then per stage full and empty.
+  static constexpr int kBarriers = 1 + 2 * kStages;
+  // K | V | Q[kStages] | dO[kStages] | dS^T[2] | stats[kStages] | barriers, plus alignment slack
+  static constexpr int kSmemBytes =
+      2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemDS + kStages * kSmemStats + kBarriers * 8 + kAlign;
+};
+
+// The Q, K, V and dO maps of a backward call.
+struct BwdTmaMaps {
+  CUtensorMap q, k, v, dout;
+};
+
+namespace sm90 {
+
+template <class Kt>
+struct BwdWsSmem {
+  unsigned char* base;  // K
+  uint32_t base_u;
+  FA2_DEVICE static constexpr int v_off() { return Kt::kSmemKV; }
+  FA2_DEVICE static constexpr int q_off(int s) { return 2 * Kt::kSmemKV + s * Kt::kSmemQ; }
+  FA2_DEVICE static constexpr int do_off(int s) { return 2 * Kt::kSmemKV + (Kt::kStages + s) * Kt::kSmemQ; }
+  FA2_DEVICE static constexpr int ds_off(int b) { return 2 * Kt::kSmemKV + 2 * Kt::kStages * Kt::kSmemQ + b * Kt::kSmemDS; }
+  FA2_DEVICE static constexpr int stats_off(int s) { return ds_off(2) + s * Kt::kSmemStats; }
+  FA2_DEVICE uint64_t* bar(int i) const {
+    return reinterpret_cast<uint64_t*>(base + stats_off(Kt::kStages)) + i;
+  }
+  FA2_DEVICE uint64_t* kv_full() const { return bar(0); }
+  FA2_DEVICE uint64_t* full(int s) const { return bar(1 + s); }
+  FA2_DEVICE uint64_t* empty(int s) const { return bar(1 + Kt::kStages + s); }
+  FA2_DEVICE float* stats(int s) const { return reinterpret_cast<float*>(base + stats_off(s)); }
+};
+
+// DqOrder among the 256 consumer threads (named barrier `bar`) instead of the whole block.
+FA2_DEVICE void dq_order_acquire(const DqOrder& o, int ctid, int bar) {
+  if (o.counter == nullptr) return;
+  if (ctid == 0) {
+    int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(o.counter) : "memory");
+    } while (seen != o.rank);
+  }
+  tma::named_sync(bar, 256);
+}
+FA2_DEVICE void dq_order_release(const DqOrder& o, int ctid, int bar) {
+  if (o.counter == nullptr) return;
+  __threadfence();
+  tma::named_sync(bar, 256);
+  if (ctid == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(o.counter), "r"(o.rank + 1) : "memory");
+}
+
+}  // namespace sm90
+
+template <class Kt, bool kScoreMod>
+__global__ void __launch_bounds__(Kt::kNThreads, 1)
+    flash_bwd_sm90_ws_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ BwdTmaMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Kt::Elem;
+  using TileQ = typename Kt::TileQ;
+  using TileKV = typename Kt::TileKV;
+  using TileDS = typename Kt::TileDS;
+  using namespace sm90;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_u = smem_u32(smem_raw);
+  const uint32_t base_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
+  const BwdWsSmem<Kt> sm{smem_raw + (base_u - raw_u), base_u};
+  const int tid = static_cast<int>(threadIdx.x);
+  const int wg = tid / 128;
+
+  const BwdBlockInfo<kBlockN> blk(p);
+  if (blk.keys <= 0) return;  // varlen: past the end of this sequence
+  const Visibility<int> vis = blk.seq.visibility(p);
+  const BwdSteps<kBlockM> steps(p, blk, vis);
+
+  if (tid == 0) {
+    tma::init_barrier(sm.kv_full(), 1);
+    for (int s = 0; s < kStages; ++s) {
+      tma::init_barrier(sm.full(s), 1 + 32);              // the copies' thread and each lane of the LSE / D warp
+      tma::init_barrier(sm.empty(s), Kt::kConsumers * 128);  // every consumer thread
+    }
+    tma::fence_barrier_init();
+  }
+  __syncthreads();  // the last block-wide barrier
+
+  if (wg == 0) {
+    tma::shrink_registers<Kt::kProducerRegs>();
+    // Packed batches: one (d, T, H, 1) map over all sequences (batch coordinate 0), rows offset by the
+    // sequence's start; rows past its end hold the next sequence's rows, made harmless by LSE = +inf (P = 0).
+    const int map_b = p.cu_seqlens_q != nullptr ? 0 : blk.batch;
+    if (tid == 0) {
+      tma::arrive_expect_bytes(sm.kv_full(), 2 * Kt::kSmemKV);
+      const int key = blk.seq.k_start + blk.key0;
+      tma::load_tile<kBlockN, kHeadDim>(sm.base, &maps.k, key, blk.head_kv, map_b, sm.kv_full());
+      tma::load_tile<kBlockN, kHeadDim>(sm.base + sm.v_off(), &maps.v, key, blk.head_kv, map_b, sm.kv_full());
+      for (int it = 0; it < steps.total; ++it) {
+        const int s = it % kStages;
+        if (it >= kStages) tma::wait(sm.empty(s), ((it / kStages) - 1) & 1);
+        const int head = steps.head(it, blk.head_kv), row = blk.seq.q_start + steps.row0(it);
+        tma::arrive_expect_bytes(sm.full(s), 2 * Kt::kSmemQ);
+        tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.q_off(s), &maps.q, row, head, map_b, sm.full(s));
+        tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.do_off(s), &maps.dout, row, head, map_b, sm.full(s));
+      }
+    } else if (tid / 32 == 1) {
+      const int lane = tid % 32;
+      for (int it = 0; it < steps.total; ++it) {
+        const int s = it % kStages;
+        if (it >= kStages) tma::wait(sm.empty(s), ((it / kStages) - 1) & 1);
+        const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
+        float* st = sm.stats(s);
+        for (int r = lane; r < kBlockM; r += 32) {
+          const bool ok = row0 + r < blk.seq.seqlen_q;
+          const index_t idx = blk.seq.stat_index(p, blk.batch, head, row0 + r);
+          st[r] = ok ? p.lse[idx] : INFINITY;
+          st[kBlockM + r] = ok ? p.softmax_d[idx] : 0.f;
+        }
+        tma::arrive(sm.full(s));  // each lane releases its own stores to the waiters
+      }
+    }
+  } else {
+    tma::grow_registers<Kt::kConsumerRegs>();
+    const int c = wg - 1, ctid = tid - 128;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    T* sK = reinterpret_cast<T*>(sm.base);
+    T* sV = reinterpret_cast<T*>(sm.base + sm.v_off());
+    const uint32_t sK_u = sm.base_u, sV_u = sm.base_u + sm.v_off();
+    constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries per consumer)
+    constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
+    constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
+    constexpr int kBarDs = 1, kBarOrder = 2;  // named barriers among the consumers
+    const int wg_row0 = 64 * c + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
+    float acc_dk[1][kNT_KV][4], acc_dv[1][kNT_KV][4];
+    zero_acc(acc_dk);
+    zero_acc(acc_dv);
+    tma::wait(sm.kv_full(), 0);
+
+    for (int it = 0; it < steps.total; ++it) {
+      const int s = it % kStages;
+      const int head = steps.head(it, blk.head_kv);
+      const int row0 = steps.row0(it);
+      const uint32_t sQ_s = sm.base_u + sm.q_off(s), sdO_s = sm.base_u + sm.do_off(s);
+      T* sdS = reinterpret_cast<T*>(sm.base + sm.ds_off(it & 1));
+      const uint32_t sdS_u = sm.base_u + sm.ds_off(it & 1);
+      tma::wait(sm.full(s), (it / kStages) & 1);
+
+      // S^T = K Q^T and dP^T = V dO^T for this consumer's 64 keys.
+      float acc_s[1][kNT_S][4], acc_dp[1][kNT_S][4];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks)
+        WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_s), desc_k_major<TileKV>(sK_u, 64 * c, ks),
+                                               desc_k_major<TileQ>(sQ_s, 0, ks), ks > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks)
+        WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * c, ks),
+                                               desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
+      wgmma_commit();
+
+      const float* s_lse = sm.stats(s);
+      const float* s_d = s_lse + kBlockM;
+      const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
+      const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
+      const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
+      KeepBits<1, kNT_S> keep{};
+      const bool dropout = kScoreMod && p.dropout.enabled();
+      if (dropout)
+        keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head),
+                                                key_r0, q_c0);
+      wgmma_wait<1>();
+      fence_regs(acc_s);
+      uint32_t p_frag[1][kKSteps][4];
+      if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
+        probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout,
+                                p.keep_scale, p.scale_log2, t);
+      } else {
+        probs_transposed(acc_s, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
+        acc_to_a_frags<T>(p_frag, acc_s);
+      }
+
+      // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
+      wgmma_wait<0>();
+      fence_regs(acc_dp);
+      if constexpr (kScoreMod) {
+        dscores_transposed_mod(acc_dp, acc_s, s_d, keep, dropout, p.keep_scale, t);
+      } else {
+        dscores_transposed(acc_dp, acc_s, s_d, t);
+      }
+      uint32_t ds_frag[1][kKSteps][4];
+      acc_to_a_frags<T>(ds_frag, acc_dp);
+      store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
+
+      // dV += P^T dO, dK += dS^T Q (B operands M-major: the query rows of dO / Q are the K dim).
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk)
+        WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dv), p_frag[0][kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk)
+        WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dk), ds_frag[0][kk], desc_mn_major<TileQ>(sQ_s, 0, kk), 1);
+      wgmma_commit();
+
+      // dQ (64 queries x 64 columns per consumer) = dS K over the block's 128 keys.
+      fence_proxy_async_smem();
+      tma::named_sync(kBarDs, 256);  // both consumers' dS^T are in shared memory
+      float acc_dq[1][8][4];
+      const int dq_col0 = 64 * c;
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks)
+        WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, 0, ks),
+                                          desc_mn_major<TileKV>(sK_u, dq_col0 / 64, ks), ks > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(acc_dq);
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(p_frag);  // the A fragments stay untouched until the MMAs reading them are done
+      fence_regs(ds_frag);
+      tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
+
+      const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
+      dq_order_acquire(order, ctid, kBarOrder);
+      add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
+                  row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
+      dq_order_release(order, ctid, kBarOrder);
+    }
+
+    // Epilogue: dK * scale and dV as T through the K / V buffers (once both consumers are done reading them),
+    // then 16-byte stores by the 256 consumer threads.
+    tma::named_sync(kBarDs, 256);
+    store_acc<T, TileKV>(sK, acc_dk, wg_row0, 0, lane, p.scale);
+    store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, 1.f);
+    tma::named_sync(kBarDs, 256);
+    store_dk_dv<TileKV, 256>(p, blk, sK, sV, ctid);
+  }
+#else
+  __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
+#endif
+}
+
+}  // namespace flash_attn2::cuda

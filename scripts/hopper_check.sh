@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The Hopper kernels on one GPU call, each step under its own time limit and run only if the call's deadline
+# (BUDGET seconds from the start, default 570) leaves room for it; a step skipped is named. STEPS picks which
+# run, in this order (default: all but ab_ws, bench and suite_default):
+#   build          scripts/gpu_check.sh none (sm_90a, system g++)
+#   wstests        the warp-specialised forward and backward tests (FLASH_ATTN2_FWD_WS / _BWD_WS=require)
+#   san_ws         memcheck, racecheck, synccheck on the warp-specialised forward (FA2_SANITIZE=ws)
+#   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
+#   ab_persistent  the persistent WS forward grid vs one block per tile (FLASH_ATTN2_FWD_WS_BLOCKS=all)
+#   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel (FLASH_ATTN2_BWD_WS=0 vs 1)
+#   ab_ws          the WS forward vs flash_fwd_sm90_kernel
+#   suite          the whole suite with both WS kernels forced on (d64 forward included)
+#   det            the deterministic tests on both kernel families
+#   variants       the variant bench rows
+#   bench          the quick grid with every SDPA backend and the variant rows
+#   suite_default  the whole suite under the default kernel choice
+#   BUDGET=540 STEPS="build wstests san_ws" scripts/hopper_check.sh      (OUT: the output folder)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/flash_attn2_hopper}
+mkdir -p "$OUT"
+start=$(date +%s)
+budget=${BUDGET:-570}
+steps=" ${STEPS:-build wstests san_ws san_wsbwd ab_persistent ab_wsbwd suite det variants} "
+left() { echo $(( budget - ($(date +%s) - start) )); }
+# step NAME LIMIT: whether to run NAME now (selected, and LIMIT seconds still fit before the deadline).
+step() {
+  [[ $steps == *" $1 "* ]] || return 1
+  if (( $(left) < $2 )); then echo "SKIPPED $1 (needs $2 s, $(left) s left)"; return 1; fi
+  echo "--- $1 at $(( $(date +%s) - start )) s"
+}
+if step build 150; then scripts/gpu_check.sh none 2>&1 | tail -3; fi
+export FLASH_ATTN2_LIBRARY=$PWD/build/gpu/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
+lib=$FLASH_ATTN2_LIBRARY
+if step wstests 120; then
+  timeout 120 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py -q -rfE \
+    -k warp_specialised -p no:cacheprovider >"$OUT/wstests.log" 2>&1
+  echo "WS forward + backward tests (require) rc $?: $(tail -1 "$OUT/wstests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/wstests.log" | head -20
+fi
+for what in ws wsbwd; do
+  step san_$what 150 || continue
+  for tool in memcheck racecheck synccheck; do
+    FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
+      >"$OUT/san_${what}_$tool.log" 2>&1
+    echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
+  done
+done
+if step ab_persistent 100; then  # the persistent walk (B) vs one tile per block (A)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
+    $lib,FLASH_ATTN2_FWD_WS=1 --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
+    | tee "$OUT/ab_persistent.md"
+fi
+if step ab_wsbwd 100; then  # the warp-specialised d128 backward (B) vs flash_bwd_sm90_kernel (A)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
+    --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
+    | tee "$OUT/ab_wsbwd.md"
+fi
+if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \
+    --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 | tee "$OUT/ab_ws.md"
+fi
+if step suite 210; then
+  FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 timeout 200 python3 -m pytest python/tests -q -rfE -p no:cacheprovider \
+    -k "not (bad or errors or refused)" >"$OUT/suite.log" 2>&1
+  echo "whole suite with FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 rc $?: $(tail -1 "$OUT/suite.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -20
+fi
+if step det 130; then
+  for portable in 0 1; do
+    FLASH_ATTN2_PORTABLE_KERNELS=$portable timeout 60 python3 -m pytest python/tests -q -k "determin" \
+      -p no:cacheprovider >"$OUT/det$portable.log" 2>&1
+    echo "deterministic tests, portable=$portable rc $?: $(tail -1 "$OUT/det$portable.log")"
+  done
+fi
+if step variants 150; then
+  timeout 150 python3 -m flash_attn2.bench --device cuda --variants-only 2>&1 | grep -E "^\|" | tee "$OUT/variants.md"
+fi
+if step bench 170; then  # the quick grid beside every SDPA backend, with the variant rows
+  timeout 170 python3 -m flash_attn2.bench --device cuda --quick --head-dims 64,128,256 --variants \
+    --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
+  echo "bench rc $?"; cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+fi
+if step suite_default 210; then  # the whole suite under the default kernel choice
+  timeout 200 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
+    >"$OUT/suite_default.log" 2>&1
+  echo "whole suite, default kernels, rc $?: $(tail -1 "$OUT/suite_default.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/suite_default.log" | head -20
+fi
+echo "done at $(( $(date +%s) - start )) s"
