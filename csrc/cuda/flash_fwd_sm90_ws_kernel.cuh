@@ -117,11 +117,13 @@ struct ConsumerTurns {
 };
 
 // One query tile of a consumer warpgroup (c < kConsumers: query rows [64 c, 64 c + 64) of the tile): see the
-// file comment. kv_base: the block's K/V ring uses before this tile; q_phase: parity of this tile's Q copy.
+// file comment. kv_base: the block's K/V ring uses before this tile; q_phase: parity of this tile's Q copy;
+// more_tiles: whether the block walks another tile after this one (which needs the Q buffer back).
 template <class Kt, bool kScoreMod, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid,
-                        const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, uint32_t q_phase) {
+                        const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, uint32_t q_phase,
+                        bool more_tiles) {
   using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
@@ -242,7 +244,9 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
           *reinterpret_cast<const uint4*>(sQ + TileQ::chunk_offset(r, ch));
   }
   // The Q buffer is free for the next tile's copy once all 128 threads have read their O rows out of it; the
-  // copy writes through the async proxy what these threads touched through the generic one.
+  // copy writes through the async proxy what these threads touched through the generic one. A block's last tile
+  // (every tile where each has its own block) has no next copy to wait for.
+  if (!more_tiles) return;
   fence_proxy_async_smem();
   tma::named_sync(1 + c, 128);
   if (release_lane) tma::arrive(sm.q_empty());
@@ -339,7 +343,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         continue;
       }
       consume<Kt, kScoreMod>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use,
-                             static_cast<uint32_t>(q_use) & 1u);
+                             static_cast<uint32_t>(q_use) & 1u, tile + static_cast<int>(gridDim.x) < num_tiles);
       kv_use += n_tiles;
       ++q_use;
     }
