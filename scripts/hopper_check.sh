@@ -6,7 +6,7 @@
 #   wstests        the warp-specialised forward and backward tests (FLASH_ATTN2_FWD_WS / _BWD_WS=require)
 #   san_ws         memcheck, racecheck, synccheck on the warp-specialised forward (FA2_SANITIZE=ws)
 #   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
-#   ab_persistent  the persistent WS forward grid vs one block per tile (FLASH_ATTN2_FWD_WS_BLOCKS=all)
+#   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
@@ -46,10 +46,10 @@ for what in ws wsbwd; do
     echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
   done
 done
-if step ab_persistent 100; then  # the persistent walk (B) vs one tile per block (A)
-  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
+if step ab_persistent 130; then  # the persistent walk (B: static where uniform, dynamic where masked / packed)
+  timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
     $lib,FLASH_ATTN2_FWD_WS=1 --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
-    | tee "$OUT/ab_persistent.md"
+    --mods none,varlen | tee "$OUT/ab_persistent.md"  # vs one tile per block (A)
 fi
 if step ab_wsbwd 100; then  # the warp-specialised d128 backward (B) vs flash_bwd_sm90_kernel (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \

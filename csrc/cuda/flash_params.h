@@ -76,6 +76,9 @@ struct FwdParams {
   int num_splits;
   float* out_accum;
   float* lse_accum;
+  // A zeroed int32 per call where the warp-specialised forward may hand tiles to its persistent blocks
+  // dynamically (masked or packed tiles of unequal cost); nullptr: blocks walk tiles statically or one each.
+  int* tile_counter;
 };
 
 struct BwdParams : FwdParams {

@@ -199,7 +199,8 @@ def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
 def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype,
                                                             transposed):
     """The persistent grid capped at 5 blocks: every block walks many tiles, its K/V ring, Q buffer and
-    ping-pong turns running on from one tile to the next."""
+    ping-pong turns running on from one tile to the next; with a causal mask the blocks take their tiles from
+    the per-call tile counter (dynamic walk), without one they stride (static walk)."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "5")
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
