@@ -69,7 +69,10 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
       make_tensor_map(&maps.k, p.k, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.k_row_stride, p.k_head_stride,
                       p.k_batch_stride, Kt::kBlockN) &&
       make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride, p.v_head_stride,
-                      p.v_batch_stride, Kt::kBlockN);
+                      p.v_batch_stride, Kt::kBlockN) &&
+      make_f32_rows_map(&maps.dq, p.dq_accum, p.head_dim,
+                        static_cast<int64_t>(p.heads_q) * (varlen ? p.total_q : static_cast<int64_t>(p.batch) * p.seqlen_q),
+                        Kt::kBlockM);
   if (!ok) {
     if (required)
       throw std::invalid_argument("flash_attn2: FLASH_ATTN2_BWD_WS=require, but the TMA cannot address these tensors");
