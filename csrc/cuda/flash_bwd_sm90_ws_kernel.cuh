@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
 
       const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
-      if (order.counter == nullptr) {
+      if (order.counter == nullptr && !p.dq_red_add) {
         // dQ through shared memory and one bulk reduce-add per box (the TMA adds in L2). Rows past the sequence's
         // end add exact zeros (P = 0 there, LSE = +inf) to the rows that follow; rows past the array are clipped.
         store_dq_boxes(sdQ, acc_dq, warp, g, t);
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
           tma::reduce_add_box(&maps.dq, sdQ + 8192, dq_col0 + 32, row);
           tma::bulk_commit();
         }
-      } else {  // deterministic: red.add in the order of the key tiles (DqOrder)
+      } else {  // deterministic: red.add in the order of the key tiles (DqOrder); or FLASH_ATTN2_BWD_WS_DQ=red
         dq_order_acquire(order, ctid, kBarOrder);
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
                     row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
