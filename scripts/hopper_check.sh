@@ -8,6 +8,7 @@
 #   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel (FLASH_ATTN2_BWD_WS=0 vs 1)
+#   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
@@ -21,7 +22,7 @@ OUT=${OUT:-/tmp/flash_attn2_hopper}
 mkdir -p "$OUT"
 start=$(date +%s)
 budget=${BUDGET:-570}
-steps=" ${STEPS:-build wstests san_ws san_wsbwd ab_persistent ab_wsbwd suite det variants} "
+steps=" ${STEPS:-build wstests san_ws san_wsbwd ab_persistent ab_wsbwd ab_wsdq suite det variants} "
 left() { echo $(( budget - ($(date +%s) - start) )); }
 # step NAME LIMIT: whether to run NAME now (selected, and LIMIT seconds still fit before the deadline).
 step() {
@@ -55,6 +56,10 @@ if step ab_wsbwd 100; then  # the warp-specialised d128 backward (B) vs flash_bw
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
     --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
     | tee "$OUT/ab_wsbwd.md"
+fi
+if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd \
+    --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap | tee "$OUT/ab_wsdq.md"
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \

@@ -1,8 +1,11 @@
 // Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128: the default on sm_90 where the TMA can
 // address the tensors (flash_bwd_launch.cuh; FLASH_ATTN2_BWD_WS=0 turns it off, =require raises where it would
 // fall back). The algorithm and
-// variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers, dQ by
-// fp32 red.add, ordered in the deterministic mode), with the loads moved to a producer:
+// variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers), with the
+// loads moved to a producer and each step's dQ written back by the TMA: every consumer stages its 64 x 64
+// float32 dQ in shared memory (swizzled boxes) and one of its threads issues bulk reduce-adds into dq_accum,
+// which the L2 performs, instead of 128 threads' red.add (kept in the deterministic mode, where DqOrder orders
+// the additions of the key tiles):
 //
 //   warpgroup 0 (producer, 24 registers): thread 0 issues TMA copies of the block's K and V tiles once, then of
 //     each step's Q and dO tiles into a kStages ring; warp 1 copies the step's LSE and D rows (rows past the
@@ -50,17 +53,19 @@ struct BwdSm90WsTraits {
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kSmemDS = TileDS::kElems * 2;
   static constexpr int kSmemStats = 2 * kBlockM * 4;  // LSE and D of one step, fp32
+  static constexpr int kSmemDq = kBlockM * 64 * 4;     // a consumer's 64 x 64 float32 dQ: two 64 x 32 boxes
   static constexpr int kAlign = 1024;
   // Barriers: K/V full, then per stage full and empty.
   static constexpr int kBarriers = 1 + 2 * kStages;
-  // K | V | Q[kStages] | dO[kStages] | dS^T[2] | stats[kStages] | barriers, plus alignment slack
-  static constexpr int kSmemBytes =
-      2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemDS + kStages * kSmemStats + kBarriers * 8 + kAlign;
+  // K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | stats[kStages] | barriers, plus alignment slack
+  static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemDS + kConsumers * kSmemDq +
+                                    kStages * kSmemStats + kBarriers * 8 + kAlign;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-// The Q, K, V and dO maps of a backward call.
+// The Q, K, V and dO maps of a backward call, and the float32 map over dq_accum its dQ reduce-adds write.
 struct BwdTmaMaps {
-  CUtensorMap q, k, v, dout;
+  CUtensorMap q, k, v, dout, dq;
 };
 
 namespace sm90 {
@@ -73,7 +78,8 @@ struct BwdWsSmem {
   FA2_DEVICE static constexpr int q_off(int s) { return 2 * Kt::kSmemKV + s * Kt::kSmemQ; }
   FA2_DEVICE static constexpr int do_off(int s) { return 2 * Kt::kSmemKV + (Kt::kStages + s) * Kt::kSmemQ; }
   FA2_DEVICE static constexpr int ds_off(int b) { return 2 * Kt::kSmemKV + 2 * Kt::kStages * Kt::kSmemQ + b * Kt::kSmemDS; }
-  FA2_DEVICE static constexpr int stats_off(int s) { return ds_off(2) + s * Kt::kSmemStats; }
+  FA2_DEVICE static constexpr int dq_off(int c) { return ds_off(2) + c * Kt::kSmemDq; }
+  FA2_DEVICE static constexpr int stats_off(int s) { return dq_off(Kt::kConsumers) + s * Kt::kSmemStats; }
   FA2_DEVICE uint64_t* bar(int i) const {
     return reinterpret_cast<uint64_t*>(base + stats_off(Kt::kStages)) + i;
   }
@@ -99,6 +105,20 @@ FA2_DEVICE void dq_order_release(const DqOrder& o, int ctid, int bar) {
   __threadfence();
   tma::named_sync(bar, 256);
   if (ctid == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(o.counter), "r"(o.rank + 1) : "memory");
+}
+
+// A warpgroup's 64 x 64 float32 dQ accumulators (rows 16 (warp % 4) + g + 8 h, columns 8 ni + 2 t) into the
+// two 64 x 32 boxes at dst as the TMA reads them with the 128-byte swizzle: row r, column c of box b at byte
+// b * 8192 + r * 128 + ((c / 4) ^ (r % 8)) * 16 + (c % 4) * 4. A warp's stores spread over every bank.
+FA2_DEVICE void store_dq_boxes(unsigned char* dst, const float (&acc)[1][8][4], int warp, int g, int t) {
+#pragma unroll
+  for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 16 * (warp % 4) + g + 8 * h, c = 8 * (ni % 4) + 2 * t;
+      const int byte = (ni / 4) * 8192 + r * 128 + (((c >> 2) ^ (r & 7)) << 4) + (c & 3) * 4;
+      *reinterpret_cast<float2*>(dst + byte) = make_float2(acc[0][ni][2 * h], acc[0][ni][2 * h + 1]);
+    }
 }
 
 }  // namespace sm90
@@ -182,6 +202,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
     constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
     constexpr int kBarDs = 1, kBarOrder = 2;  // named barriers among the consumers
+    constexpr int kBarDq = 3;                 // + c: this consumer's dQ boxes are written
+    const bool dq_issuer = ctid % 128 == 0;   // issues this consumer's dQ reduce-adds
+    unsigned char* sdQ = sm.base + sm.dq_off(c);
     const int wg_row0 = 64 * c + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
     float acc_dk[1][kNT_KV][4], acc_dv[1][kNT_KV][4];
     zero_acc(acc_dk);
@@ -256,6 +279,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 
       // dQ (64 queries x 64 columns per consumer) = dS K over the block's 128 keys.
       fence_proxy_async_smem();
+      if (dq_issuer) tma::bulk_wait_read<0>();  // the last step's reduce-adds have read this consumer's dQ boxes
       tma::named_sync(kBarDs, 256);  // both consumers' dS^T are in shared memory
       float acc_dq[1][8][4];
       const int dq_col0 = 64 * c;
@@ -273,11 +297,26 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
 
       const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
-      dq_order_acquire(order, ctid, kBarOrder);
-      add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
-                  row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
-      dq_order_release(order, ctid, kBarOrder);
+      if (order.counter == nullptr && !p.dq_red_add) {
+        // dQ through shared memory and one bulk reduce-add per box (the TMA adds in L2). Rows past the sequence's
+        // end add exact zeros (P = 0 there, LSE = +inf) to the rows that follow; rows past the array are clipped.
+        store_dq_boxes(sdQ, acc_dq, warp, g, t);
+        fence_proxy_async_smem();
+        tma::named_sync(kBarDq + c, 128);
+        if (dq_issuer) {
+          const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
+          tma::reduce_add_box(&maps.dq, sdQ, dq_col0, row);
+          tma::reduce_add_box(&maps.dq, sdQ + 8192, dq_col0 + 32, row);
+          tma::bulk_commit();
+        }
+      } else {  // deterministic: red.add in the order of the key tiles (DqOrder); or FLASH_ATTN2_BWD_WS_DQ=red
+        dq_order_acquire(order, ctid, kBarOrder);
+        add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
+                    row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
+        dq_order_release(order, ctid, kBarOrder);
+      }
     }
+    if (dq_issuer) tma::bulk_wait<0>();  // the reduce-adds are done with shared memory before the block exits
 
     // Epilogue: dK * scale and dV as T through the K / V buffers (once both consumers are done reading them),
     // then 16-byte stores by the 256 consumer threads.

@@ -100,6 +100,7 @@ struct BwdParams : FwdParams {
   // in any order.
   int* dq_semaphore;
   int dq_semaphore_tiles;  // query tiles per (batch, head) in dq_semaphore
+  bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)
 };
 
 // Implemented once per (element type, compiled head dim, score modifiers) in the generated .cu files.

@@ -185,6 +185,15 @@ def test_cuda_warp_specialised_backward(monkeypatch, b, hq, hkv, nq, nk, d, caus
 
 
 @requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_BWD_CASES[i] for i in (1, 3, 5)])
+def test_cuda_warp_specialised_backward_dq_by_red_add(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
+    """FLASH_ATTN2_BWD_WS_DQ=red: the A/B switch back to red.add for dQ (the default: TMA reduce-adds)."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_DQ", "red")
+    check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
+@requires_sm90
 def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
