@@ -101,6 +101,8 @@ if [[ $what == all || $what == compare ]]; then
   cat "$OUT/compare.log"
 fi
 if [[ $what == all || $what == bench ]]; then
+  # FlashAttention-4's columns, where ../shared/tools/fa4-wheels.sh installed it on this machine.
+  [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:${PYTHONPATH:-}
   python3 -m flash_attn2.bench --device cuda ${BENCH_ARGS:---variants} --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
   summary+=("bench rc $?")
   grep -E "^check|^CUDA" "$OUT/bench.log"

@@ -142,6 +142,38 @@ def time_cuda_case(fn, q, k, v, dout):
     return fwd, bwd
 
 
+def flash_attn_4():
+    """FlashAttention-4's flash_attn_func (PyPI flash-attn-4, `flash_attn.cute`; inputs (B, N, H, D), returns
+    (out, lse)) where it imports, else None: an optional column of the CUDA grid (../shared/tools/fa4-wheels.sh
+    brings it to a machine without network)."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as e:  # not installed, or its CuTe DSL runtime does not load
+        print(f"FlashAttention-4: not available ({type(e).__name__}: {e})")
+        return None
+    print("FlashAttention-4: flash_attn.cute.flash_attn_func")
+    return flash_attn_func
+
+
+def grid_header(with_fa4):
+    """The CUDA grid's header: TFLOP/s of ours and each SDPA backend, ratios to SDPA flash and to cuDNN, and
+    FlashAttention-4's columns where it runs."""
+    header = ("| dtype | D | causal | N | B | H | fwd ours | fwd flash | fwd cudnn | fwd eff | fwd ours/flash "
+              "| bwd ours | bwd flash | bwd cudnn | bwd eff | bwd ours/flash | fwd ours/cudnn | bwd ours/cudnn |")
+    return header + (" fwd fa4 | bwd fa4 | fwd ours/fa4 | bwd ours/fa4 |" if with_fa4 else "")
+
+
+def grid_row(dtype, d, causal, n, b, h, f, bw):
+    """One row of grid_header's table: f and bw are TFLOP/s of ours, SDPA flash, cuDNN, efficient (and
+    FlashAttention-4 when a fifth entry is given); nan where an implementation did not run."""
+    row = (f"| {dtype} | {d} | {causal} | {n} | {b} | {h} | " + " | ".join(f"{x:.0f}" for x in f[:4])
+           + f" | {f[0] / f[1]:.2f} | " + " | ".join(f"{x:.0f}" for x in bw[:4]) + f" | {bw[0] / bw[1]:.2f} | "
+           + f"{f[0] / f[2]:.2f} | {bw[0] / bw[2]:.2f} |")
+    if len(f) > 4:
+        row += f" {f[4]:.0f} | {bw[4]:.0f} | {f[0] / f[4]:.2f} | {bw[0] / bw[4]:.2f} |"
+    return row
+
+
 def bench_cuda(quick, out_path, rows, head_dims=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -149,10 +181,10 @@ def bench_cuda(quick, out_path, rows, head_dims=None):
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
     head_dims = head_dims or ([64, 128] if quick else [64, 128, 256])
     seqlens = [2048, 8192, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
-    header = (f"| dtype | D | causal | N | B | H | fwd ours | fwd flash | fwd cudnn | fwd eff | fwd ours/flash "
-              f"| bwd ours | bwd flash | bwd cudnn | bwd eff | bwd ours/flash |")
-    lines = [header, "|" + "---|" * 16]
-    print("TFLOP/s (CUDA-event medians); ratio = flash_attn2 / SDPA flash")
+    fa4 = flash_attn_4()
+    header = grid_header(fa4 is not None)
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    print("TFLOP/s (CUDA-event medians); ratios = flash_attn2 / SDPA flash, / SDPA cuDNN (and / FlashAttention-4)")
     print(header)
     total = len(dtypes) * len(head_dims) * 2 * len(seqlens)
     done = 0
@@ -180,19 +212,27 @@ def bench_cuda(quick, out_path, rows, head_dims=None):
                                     q, k, v, dout)
                         except RuntimeError:
                             results[name] = None
+                    if fa4 is not None:  # on the (B, N, H, D) buffers themselves
+                        try:
+                            results["fa4"] = time_cuda_case(
+                                lambda q, k, v: fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                    causal=causal)[0].transpose(1, 2), q, k, v, dout)
+                        except Exception as e:  # a head dim or dtype it does not build
+                            print(f"FlashAttention-4 failed at D={d} causal={causal} N={n}: {e}")
+                            results["fa4"] = None
 
                     def tflops(name, idx, flops):
                         r = results.get(name)
                         return flops / (r[idx] * 1e-3) / 1e12 if r else float("nan")
 
-                    f = [tflops(x, 0, fwd_flops) for x in ("ours", "flash", "cudnn", "efficient")]
-                    bw = [tflops(x, 1, bwd_flops) for x in ("ours", "flash", "cudnn", "efficient")]
-                    row = (f"| {str(dtype).replace('torch.', '')} | {d} | {causal} | {n} | {b} | {h} | "
-                           + " | ".join(f"{x:.0f}" for x in f) + f" | {f[0] / f[1]:.2f} | "
-                           + " | ".join(f"{x:.0f}" for x in bw) + f" | {bw[0] / bw[1]:.2f} |")
+                    names = ("ours", "flash", "cudnn", "efficient") + (("fa4",) if fa4 is not None else ())
+                    f = [tflops(x, 0, fwd_flops) for x in names]
+                    bw = [tflops(x, 1, bwd_flops) for x in names]
+                    row = grid_row(str(dtype).replace("torch.", ""), d, causal, n, b, h, f, bw)
                     print(row, flush=True)
                     lines.append(row)
-                    for impl, fv, bv in zip(("flash_attn2", "sdpa flash", "sdpa cudnn", "sdpa efficient"), f, bw):
+                    impls = ("flash_attn2", "sdpa flash", "sdpa cudnn", "sdpa efficient", "flash-attn-4")
+                    for impl, fv, bv in zip(impls, f, bw):
                         base = dict(device="cuda", dtype=str(dtype).replace("torch.", ""), D=d, causal=causal, N=n,
                                     impl=impl)
                         rows.append(dict(base, direction="fwd", tflops=fv))

@@ -45,3 +45,27 @@ def test_plot_has_decode_panels(tmp_path):
                      direction="fwd", tflops=300.0))
     assert bench.write_plot(str(tmp_path / "d.png"), rows)
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("with_fa4", [False, True])
+def test_grid_rows_match_the_header(with_fa4):
+    """The CUDA grid's rows have the header's columns, with ratios to SDPA flash and cuDNN (and FlashAttention-4
+    when it ran); an implementation that did not run shows nan, not a crash."""
+    header = bench.grid_header(with_fa4)
+    f = [600.0, 300.0, 500.0, 150.0] + ([700.0] if with_fa4 else [])
+    bw = [400.0, 300.0, float("nan"), 100.0] + ([500.0] if with_fa4 else [])
+    row = bench.grid_row("bfloat16", 128, True, 8192, 2, 16, f, bw)
+    assert row.count("|") == header.count("|")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    names = [c.strip() for c in header.strip("|").split("|")]
+    got = dict(zip(names, cells))
+    assert got["fwd ours/flash"] == "2.00" and got["fwd ours/cudnn"] == "1.20" and got["bwd ours/cudnn"] == "nan"
+    assert ("fwd ours/fa4" in got) == with_fa4
+    if with_fa4:
+        assert got["fwd fa4"] == "700" and got["bwd ours/fa4"] == "0.80"
+
+
+def test_flash_attn_4_is_optional(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import flash_attn.cute now raises ImportError
+    assert bench.flash_attn_4() is None
+    assert "FlashAttention-4: not available" in capsys.readouterr().out
