@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "checks.h"
 #include "op_args.h"
@@ -225,15 +226,17 @@ bool use_splitkv(const Layout& L, const Variant& var) {
   return !L.varlen && var.dropout_p == 0 && L.s.seqlen_q <= kSplitKvBlockM;
 }
 
-// Whether the forward may run the warp-specialised Hopper kernel on tiles of unequal cost (a causal mask or
-// window, a packed batch), whose persistent blocks then take tiles from a per-call counter
-// (flash_fwd_launch.cuh). A counter allocated where the kernel does not run costs one small fill.
-bool may_walk_tiles(const FwdParams& p, int64_t head_dim) {
-  const int d = compiled_head_dim(head_dim);
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const bool uniform = p.cu_seqlens_q == nullptr && p.window_left < 0 && p.window_right < 0;
-  return !uniform && prop->major == 9 && prop->minor == 0 && (d == 64 || d == 128 || d == 256);
-}
+// FwdParams::zeroed_ints for one call: zeroed int32 tensors from the caching allocator, kept until the call
+// returns (the launches that use them are queued on the call's stream by then, so freeing them is safe).
+struct ZeroedInts {
+  at::TensorOptions options;
+  std::vector<at::Tensor> keep;
+  static int* make(void* ctx, int n) {
+    auto* self = static_cast<ZeroedInts*>(ctx);
+    self->keep.push_back(at::zeros({n}, self->options));
+    return self->keep.back().data_ptr<int>();
+  }
+};
 
 Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                     at::Tensor out, at::Tensor lse, const Layout& L, const Variant& var_in,
@@ -245,11 +248,9 @@ Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_
   if (use_splitkv(L, var)) {
     launch_splitkv(params, L.s, 0, q);
   } else {
-    at::Tensor tile_counter;  // freed by the caching allocator after the launch on this stream: safe
-    if (may_walk_tiles(params, L.s.head_dim)) {
-      tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
-      params.tile_counter = tile_counter.data_ptr<int>();
-    }
+    ZeroedInts zeroed{q.options().dtype(at::kInt), {}};
+    params.zeroed_ints = &ZeroedInts::make;
+    params.zeroed_ints_ctx = &zeroed;
     dispatch<FwdLauncher>(params, L.s.head_dim, at::cuda::getCurrentCUDAStream().stream());
   }
   return {out, lse};

@@ -76,9 +76,13 @@ struct FwdParams {
   int num_splits;
   float* out_accum;
   float* lse_accum;
-  // A zeroed int32 per call where the warp-specialised forward may hand tiles to its persistent blocks
-  // dynamically (masked or packed tiles of unequal cost); nullptr: blocks walk tiles statically or one each.
+  // The warp-specialised forward's tile counter, where its persistent blocks take masked or packed tiles (of
+  // unequal cost) dynamically; nullptr: blocks walk tiles statically or take one each. The launcher gets it from
+  // zeroed_ints (host: n zeroed int32 on the call's device and stream, alive until the call returns; nullptr
+  // where the caller gives none).
   int* tile_counter;
+  int* (*zeroed_ints)(void* ctx, int n);
+  void* zeroed_ints_ctx;
 };
 
 struct BwdParams : FwdParams {
