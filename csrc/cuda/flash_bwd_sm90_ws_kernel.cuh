@@ -110,13 +110,17 @@ FA2_DEVICE void dq_order_release(const DqOrder& o, int ctid, int bar) {
 // A warpgroup's 64 x 64 float32 dQ accumulators (rows 16 (warp % 4) + g + 8 h, columns 8 ni + 2 t) into the
 // two 64 x 32 boxes at dst as the TMA reads them with the 128-byte swizzle: row r, column c of box b at byte
 // b * 8192 + r * 128 + ((c / 4) ^ (r % 8)) * 16 + (c % 4) * 4. A warp's stores spread over every bank.
+// Row r = 16 (warp % 4) + g + 8 h has r % 8 = g, and column c = 8 (ni % 4) + 2 t has c / 4 = 2 (ni % 4) + t / 2.
+// The per-thread part is made opaque to the compiler, so that it recomputes the few offsets at each call rather
+// than keeping sixteen of them live across the backward's loop (which spilled).
 FA2_DEVICE void store_dq_boxes(unsigned char* dst, const float (&acc)[1][8][4], int warp, int g, int t) {
+  int base = (16 * (warp % 4) + g) * 128 + (t & 1) * 8, x = g, t2 = t >> 1;
+  asm volatile("" : "+r"(base), "+r"(x), "+r"(t2));
 #pragma unroll
   for (int ni = 0; ni < 8; ++ni)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int r = 16 * (warp % 4) + g + 8 * h, c = 8 * (ni % 4) + 2 * t;
-      const int byte = (ni / 4) * 8192 + r * 128 + (((c >> 2) ^ (r & 7)) << 4) + (c & 3) * 4;
+      const int byte = base + (ni / 4) * 8192 + h * 1024 + (((2 * (ni % 4) + t2) ^ x) << 4);
       *reinterpret_cast<float2*>(dst + byte) = make_float2(acc[0][ni][2 * h], acc[0][ni][2 * h + 1]);
     }
 }
