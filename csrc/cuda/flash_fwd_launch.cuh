@@ -157,16 +157,20 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // Persistent: at most one block per SM, each walking tiles (the next tile's loads then run under the last one's
   // epilogue). Where every tile costs the same (no causal mask or window, no packed batch) the blocks stride
   // through the tiles, at the head dims whose traits ask for it. Masked or packed tiles differ in cost: a static
-  // stride gave some blocks only long tiles (0.59-0.66x at causal N = 16k, perf.md v12), so there the blocks take
-  // tiles from a counter (zeroed per call, from p.zeroed_ints) in FwdBlockInfo's order, longest first within a
-  // head; where the caller gives no zeroed_ints each such tile gets its own block.
-  // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes); =all gives every
-  // tile its own block (A/B runs).
+  // stride gave some blocks only long tiles (0.59-0.66x at causal N = 16k, perf.md v12), and the dynamic walk
+  // (blocks take tiles from a counter zeroed per call, from p.zeroed_ints, in FwdBlockInfo's order, longest first
+  // within a head) lost 3-14% at N = 16k (perf.md v13), so there each tile gets its own block;
+  // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk (A/B runs, tests).
+  // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
+  // walk the blocks then stride); =all gives every tile its own block (A/B runs).
   const bool uniform = !varlen && p.window_left < 0 && p.window_right < 0;
+  const char* walk_env = std::getenv("FLASH_ATTN2_FWD_WS_WALK");
+  const bool dynamic = !uniform && p.zeroed_ints != nullptr && walk_env != nullptr &&
+                       std::strcmp(walk_env, "dynamic") == 0;
   FwdParams launch = p;
   launch.tile_counter = nullptr;
   int device = 0, sms = INT_MAX;
-  if ((uniform && Kt::kPersistent) || (!uniform && p.zeroed_ints != nullptr)) {
+  if ((uniform && Kt::kPersistent) || dynamic) {
     FA2_CUDA_CHECK(cudaGetDevice(&device));
     FA2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   }
@@ -175,7 +179,7 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
     else if (std::atoi(cap) > 0) sms = std::min(sms, std::atoi(cap));
   }
   const int64_t tiles = num_m * bh, blocks = std::min<int64_t>(tiles, std::max(sms, 1));
-  if (!uniform && blocks < tiles && p.zeroed_ints != nullptr) launch.tile_counter = p.zeroed_ints(p.zeroed_ints_ctx, 1);
+  if (dynamic && blocks < tiles) launch.tile_counter = p.zeroed_ints(p.zeroed_ints_ctx, 1);
   auto kernel = &flash_fwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   kernel<<<grid_1d(blocks), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);

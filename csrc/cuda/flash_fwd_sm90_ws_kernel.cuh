@@ -13,7 +13,8 @@
 //
 // The consumers take turns issuing their MMAs (ping-pong), so one's softmax runs under another's MMAs.
 // Persistent where tiles are uniform: a grid of at most one block per SM walks the tiles (see the kernel and
-// flash_fwd_launch.cuh). Not yet: TMA stores of O, a dynamic tile scheduler for masked tiles.
+// flash_fwd_launch.cuh); where tiles differ in cost, one block per tile, or on request (FLASH_ATTN2_FWD_WS_WALK=
+// dynamic) a dynamic walk (TileWalk), measured slower so far. Not yet: TMA stores of O.
 #pragma once
 
 #include <cmath>
