@@ -78,10 +78,11 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
       throw std::invalid_argument("flash_attn2: FLASH_ATTN2_BWD_WS=require, but the TMA cannot address these tensors");
     return false;
   }
-  // FLASH_ATTN2_BWD_WS_DQ=red: dQ by red.add as before the TMA reduce-adds (A/B runs).
+  // FLASH_ATTN2_BWD_WS_DQ=red: dQ by the consumers' red.add as before the TMA reduce-adds (A/B runs; not in the
+  // deterministic mode, whose order only the dQ writer keeps).
   BwdParams launch = p;
   const char* dq_env = std::getenv("FLASH_ATTN2_BWD_WS_DQ");
-  launch.dq_red_add = dq_env != nullptr && std::strcmp(dq_env, "red") == 0;
+  launch.dq_red_add = dq_env != nullptr && std::strcmp(dq_env, "red") == 0 && p.dq_semaphore == nullptr;
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;

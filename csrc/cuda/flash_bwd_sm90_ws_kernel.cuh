@@ -3,16 +3,19 @@
 // fall back). The algorithm and
 // variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers), with the
 // loads moved to a producer and each step's dQ written back by the TMA: every consumer stages its 64 x 64
-// float32 dQ in shared memory (swizzled boxes) and one of its threads issues bulk reduce-adds into dq_accum,
-// which the L2 performs, instead of 128 threads' red.add (kept in the deterministic mode, where DqOrder orders
-// the additions of the key tiles):
+// float32 dQ in shared memory (swizzled boxes, double-buffered) and a writer warp issues bulk reduce-adds into
+// dq_accum, which the L2 performs, instead of 128 threads' red.add per consumer (FLASH_ATTN2_BWD_WS_DQ=red, for
+// A/B runs). In the deterministic mode the writer alone waits for the block's turn at each query tile
+// (DqOrder), adds, waits for the additions to complete and passes the turn on, while the consumers go on:
 //
 //   warpgroup 0 (producer, 24 registers): thread 0 issues TMA copies of the block's K and V tiles once, then of
 //     each step's Q and dO tiles into a kStages ring; warp 1 copies the step's LSE and D rows (rows past the
 //     sequence's end: LSE = +inf, D = 0, so that P = 0 there whatever the Q / dO rows hold). A stage's "full"
 //     barrier takes the copies' bytes and an arrival from thread 0 and from each lane of warp 1; its "empty"
 //     barrier an arrival from every consumer thread once its reads of the stage are done (per thread, so that
-//     each generic read of LSE / D is ordered before the next write by the barrier itself: racecheck).
+//     each generic read of LSE / D is ordered before the next write by the barrier itself: racecheck). Warp 2's
+//     first lane writes dQ back: step i's dQ buffer (i % 2) has a "full" barrier (every consumer thread arrives
+//     once its part is stored) and an "empty" one (the writer arrives once the reduce-adds have read it).
 //   warpgroups 1 and 2 (consumers, 240 registers): 64 keys each, the step of flash_bwd_sm90_kernel, with
 //     named barriers among the 256 consumer threads where that kernel has block-wide ones (dS^T complete for
 //     the dQ product; the deterministic dQ order); dS^T is double-buffered, so the next step's may be written
@@ -54,12 +57,13 @@ struct BwdSm90WsTraits {
   static constexpr int kSmemDS = TileDS::kElems * 2;
   static constexpr int kSmemStats = 2 * kBlockM * 4;  // LSE and D of one step, fp32
   static constexpr int kSmemDq = kBlockM * 64 * 4;     // a consumer's 64 x 64 float32 dQ: two 64 x 32 boxes
+  static constexpr int kDqBufs = 2;                    // dQ buffers (steps) in flight to the writer
   static constexpr int kAlign = 1024;
-  // Barriers: K/V full, then per stage full and empty.
-  static constexpr int kBarriers = 1 + 2 * kStages;
-  // K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | stats[kStages] | barriers, plus alignment slack
-  static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemDS + kConsumers * kSmemDq +
-                                    kStages * kSmemStats + kBarriers * 8 + kAlign;
+  // Barriers: K/V full, per stage full and empty, per dQ buffer full and empty.
+  static constexpr int kBarriers = 1 + 2 * kStages + 2 * kDqBufs;
+  // K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kDqBufs][kConsumers] | stats[kStages] | barriers, plus slack
+  static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemDS +
+                                    kDqBufs * kConsumers * kSmemDq + kStages * kSmemStats + kBarriers * 8 + kAlign;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
@@ -78,34 +82,18 @@ struct BwdWsSmem {
   FA2_DEVICE static constexpr int q_off(int s) { return 2 * Kt::kSmemKV + s * Kt::kSmemQ; }
   FA2_DEVICE static constexpr int do_off(int s) { return 2 * Kt::kSmemKV + (Kt::kStages + s) * Kt::kSmemQ; }
   FA2_DEVICE static constexpr int ds_off(int b) { return 2 * Kt::kSmemKV + 2 * Kt::kStages * Kt::kSmemQ + b * Kt::kSmemDS; }
-  FA2_DEVICE static constexpr int dq_off(int c) { return ds_off(2) + c * Kt::kSmemDq; }
-  FA2_DEVICE static constexpr int stats_off(int s) { return dq_off(Kt::kConsumers) + s * Kt::kSmemStats; }
+  FA2_DEVICE static constexpr int dq_off(int b, int c) { return ds_off(2) + (b * Kt::kConsumers + c) * Kt::kSmemDq; }
+  FA2_DEVICE static constexpr int stats_off(int s) { return dq_off(Kt::kDqBufs, 0) + s * Kt::kSmemStats; }
   FA2_DEVICE uint64_t* bar(int i) const {
     return reinterpret_cast<uint64_t*>(base + stats_off(Kt::kStages)) + i;
   }
   FA2_DEVICE uint64_t* kv_full() const { return bar(0); }
   FA2_DEVICE uint64_t* full(int s) const { return bar(1 + s); }
   FA2_DEVICE uint64_t* empty(int s) const { return bar(1 + Kt::kStages + s); }
+  FA2_DEVICE uint64_t* dq_full(int b) const { return bar(1 + 2 * Kt::kStages + b); }
+  FA2_DEVICE uint64_t* dq_empty(int b) const { return bar(1 + 2 * Kt::kStages + Kt::kDqBufs + b); }
   FA2_DEVICE float* stats(int s) const { return reinterpret_cast<float*>(base + stats_off(s)); }
 };
-
-// DqOrder among the 256 consumer threads (named barrier `bar`) instead of the whole block.
-FA2_DEVICE void dq_order_acquire(const DqOrder& o, int ctid, int bar) {
-  if (o.counter == nullptr) return;
-  if (ctid == 0) {
-    int seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(o.counter) : "memory");
-    } while (seen != o.rank);
-  }
-  tma::named_sync(bar, 256);
-}
-FA2_DEVICE void dq_order_release(const DqOrder& o, int ctid, int bar) {
-  if (o.counter == nullptr) return;
-  __threadfence();
-  tma::named_sync(bar, 256);
-  if (ctid == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(o.counter), "r"(o.rank + 1) : "memory");
-}
 
 // A warpgroup's 64 x 64 float32 dQ accumulators (rows 16 (warp % 4) + g + 8 h, columns 8 ni + 2 t) into the
 // two 64 x 32 boxes at dst as the TMA reads them with the 128-byte swizzle: row r, column c of box b at byte
@@ -155,6 +143,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       tma::init_barrier(sm.full(s), 1 + 32);              // the copies' thread and each lane of the LSE / D warp
       tma::init_barrier(sm.empty(s), Kt::kConsumers * 128);  // every consumer thread
     }
+    for (int b = 0; b < Kt::kDqBufs; ++b) {
+      tma::init_barrier(sm.dq_full(b), Kt::kConsumers * 128);  // every consumer thread, its part stored
+      tma::init_barrier(sm.dq_empty(b), 1);                    // the writer, once the reduce-adds read it
+    }
     tma::fence_barrier_init();
   }
   __syncthreads();  // the last block-wide barrier
@@ -192,6 +184,35 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         }
         tma::arrive(sm.full(s));  // each lane releases its own stores to the waiters
       }
+    } else if (tid == 64 && !p.dq_red_add) {
+      // The dQ writer: each step's two consumers' boxes (64 queries x d) as bulk reduce-adds, in the
+      // deterministic mode in the block's turn, the additions complete before the turn passes on.
+      for (int it = 0; it < steps.total; ++it) {
+        const int b = it % Kt::kDqBufs;
+        const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
+        const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
+        const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
+        tma::wait(sm.dq_full(b), (it / Kt::kDqBufs) & 1);
+        if (order.counter != nullptr) {
+          order.wait_turn();
+          tma::fence_proxy_async_global();  // the turn's acquire before this thread's reduce-adds
+        }
+        for (int c = 0; c < Kt::kConsumers; ++c) {
+          const unsigned char* src = sm.base + sm.dq_off(b, c);
+          tma::reduce_add_box(&maps.dq, src, 64 * c, row);
+          tma::reduce_add_box(&maps.dq, src + 8192, 64 * c + 32, row);
+        }
+        tma::bulk_commit();
+        if (order.counter != nullptr) {
+          tma::bulk_wait<0>();              // the additions are done in global memory ...
+          tma::fence_proxy_async_global();  // ... and ordered before the release that passes the turn on
+          order.pass_turn();
+        } else {
+          tma::bulk_wait_read<0>();
+        }
+        tma::arrive(sm.dq_empty(b));
+      }
+      tma::bulk_wait<0>();
     }
   } else {
     tma::grow_registers<Kt::kConsumerRegs>();
@@ -203,10 +224,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     const uint32_t sK_u = sm.base_u, sV_u = sm.base_u + sm.v_off();
     constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
     constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
-    constexpr int kBarDs = 1, kBarOrder = 2;  // named barriers among the consumers
-    constexpr int kBarDq = 3;                 // + c: this consumer's dQ boxes are written
-    const bool dq_issuer = ctid % 128 == 0;   // issues this consumer's dQ reduce-adds
-    unsigned char* sdQ = sm.base + sm.dq_off(c);
+    constexpr int kBarDs = 1;  // named barrier among the consumers
     const int wg_row0 = 64 * c + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
     float acc_dk[1][kNT_KV][4], acc_dv[1][kNT_KV][4];
     zero_acc(acc_dk);
@@ -229,7 +247,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 
       // dQ (64 queries x 64 columns per consumer) = dS K over the block's 128 keys.
       fence_proxy_async_smem();
-      if (dq_issuer) tma::bulk_wait_read<0>();  // the last step's reduce-adds have read this consumer's dQ boxes
       tma::named_sync(kBarDs, 256);  // both consumers' dS^T are in shared memory
       float acc_dq[1][8][4];
       const int dq_col0 = 64 * c;
@@ -246,27 +263,20 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       fence_regs(ds_frag);
       tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
 
-      const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
-      if (order.counter == nullptr && !p.dq_red_add) {
-        // dQ through shared memory and one bulk reduce-add per box (the TMA adds in L2). Rows past the sequence's
-        // end add exact zeros (P = 0 there, LSE = +inf) to the rows that follow; rows past the array are clipped.
-        store_dq_boxes(sdQ, acc_dq, warp, g, t);
-        fence_proxy_async_smem();
-        tma::named_sync(kBarDq + c, 128);
-        if (dq_issuer) {
-          const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
-          tma::reduce_add_box(&maps.dq, sdQ, dq_col0, row);
-          tma::reduce_add_box(&maps.dq, sdQ + 8192, dq_col0 + 32, row);
-          tma::bulk_commit();
-        }
-      } else {  // deterministic: red.add in the order of the key tiles (DqOrder); or FLASH_ATTN2_BWD_WS_DQ=red
-        dq_order_acquire(order, ctid, kBarOrder);
+      if (!p.dq_red_add) {
+        // dQ to this step's buffer (once the writer's reduce-adds of two steps ago have read it), for the writer.
+        // Rows past the sequence's end add exact zeros (P = 0 there, LSE = +inf) to the rows that follow; rows
+        // past the array are clipped.
+        const int b = it % Kt::kDqBufs;
+        if (it >= Kt::kDqBufs) tma::wait(sm.dq_empty(b), ((it / Kt::kDqBufs) - 1) & 1);
+        store_dq_boxes(sm.base + sm.dq_off(b, c), acc_dq, warp, g, t);
+        fence_proxy_async_smem();  // the stores before the writer's bulk reads
+        tma::arrive(sm.dq_full(b));
+      } else {  // FLASH_ATTN2_BWD_WS_DQ=red (never in the deterministic mode)
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
                     row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
-        dq_order_release(order, ctid, kBarOrder);
       }
     }
-    if (dq_issuer) tma::bulk_wait<0>();  // the reduce-adds are done with shared memory before the block exits
 
     // Epilogue: dK * scale and dV as T through the K / V buffers (once both consumers are done reading them),
     // then 16-byte stores by the 256 consumer threads.

@@ -100,8 +100,8 @@ struct BwdParams : FwdParams {
   float* dq_accum;    // stat rows x head_dim, zero-filled by the launcher before the kernels run.
   float* softmax_d;   // stat rows: rowsum(dO * O), written by the preprocessing kernel.
   // Deterministic mode: one zeroed counter per (batch, q head, query tile); the key-tile blocks that see a
-  // query tile add their dQ in key-tile order, each waiting for the counter to reach its rank. nullptr: atomics
-  // in any order.
+  // query tile add their dQ in descending key-tile order, each waiting for the counter to reach its rank.
+  // nullptr: atomics in any order.
   int* dq_semaphore;
   int dq_semaphore_tiles;  // query tiles per (batch, head) in dq_semaphore
   bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)

@@ -173,6 +173,14 @@ FA2_DEVICE void bulk_wait() {
 #endif
 }
 
+// Orders this thread's generic-proxy accesses of global memory with its async-proxy ones (bulk copies and
+// reduce-adds), both ways.
+FA2_DEVICE void fence_proxy_async_global() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  ::cuda::ptx::fence_proxy_async(::cuda::ptx::space_global);
+#endif
+}
+
 // Register budget of this warpgroup (all its threads call it): producers give registers back, consumers take them.
 template <int kRegs>
 FA2_DEVICE void shrink_registers() {
