@@ -10,7 +10,6 @@
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
-#   ab_defer       the deterministic d64 / d256 backward with its turns deferred (default) or passed on at once
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
@@ -66,10 +65,6 @@ fi
 if step ab_det 120; then  # the deterministic backward (det) beside the default (none), WS off (A) and on (B)
   timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib --direction bwd --head-dims 64,128,256 \
     --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,det | tee "$OUT/ab_det.md"
-fi
-if step ab_defer 100; then  # the deterministic mma kernels (d64, d256): turns passed on deferred (A) or at once (B)
-  timeout 100 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_DET_DEFER=0 --direction bwd --head-dims 64,256 \
-    --lengths 2048,16384 --causal-lengths 2048,16384 --mods det | tee "$OUT/ab_defer.md"
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \

@@ -8,8 +8,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -302,10 +300,6 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
     params.dq_semaphore = semaphore.data_ptr<int>();
     params.dq_semaphore_tiles = static_cast<int>(std::max<int64_t>(tiles, 1));
   }
-  // FLASH_ATTN2_DET_DEFER=0: the mma kernels pass each query tile's turn on right after their adds instead of
-  // before the next tile's (DqOrderChain; A/B runs).
-  const char* defer = std::getenv("FLASH_ATTN2_DET_DEFER");
-  params.dq_release_now = defer != nullptr && std::strcmp(defer, "0") == 0;
   dispatch<BwdLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
   return {dq, dk, dv};
 }

@@ -139,11 +139,6 @@ struct DqOrderChain {
     pending.release(tid);
     pending.counter = nullptr;
   }
-  // After the block's dQ additions of a tile: the release right away where the launch asks for no deferral
-  // (p.dq_release_now: FLASH_ATTN2_DET_DEFER=0, A/B runs).
-  FA2_DEVICE void added(const BwdParams& p, int tid) {
-    if (p.dq_release_now) finish(tid);
-  }
 };
 
 }  // namespace flash_attn2::cuda

@@ -318,7 +318,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
             }
           }
         }
-      dq_chain.added(p, tid);
     }
   }
   dq_chain.finish(tid);

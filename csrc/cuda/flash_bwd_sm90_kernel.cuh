@@ -373,7 +373,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     dq_chain.acquire(order, tid);
     add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, dq_row0, dq_col0, warp, g, t,
                 row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
-    dq_chain.added(p, tid);
   }
   dq_chain.finish(tid);
 

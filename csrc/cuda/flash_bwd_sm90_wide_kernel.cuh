@@ -188,7 +188,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       fence_regs(acc_dq);
       add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
     }
-    dq_chain.added(p, tid);
     fence_regs(acc_kv);
     fence_regs(frag);  // the A fragments stay untouched until the MMAs reading them are done
   }

@@ -104,7 +104,6 @@ struct BwdParams : FwdParams {
   // nullptr: atomics in any order.
   int* dq_semaphore;
   int dq_semaphore_tiles;  // query tiles per (batch, head) in dq_semaphore
-  bool dq_release_now;     // deterministic mode: each tile's turn passed on right after its adds, not deferred
   bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)
 };
 
