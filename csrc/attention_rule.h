@@ -49,6 +49,15 @@ struct Visibility {
   FA2_HD I query_end(I j) const {
     return left < 0 ? seqlen_q : rule_detail::imax<I>(I(0), rule_detail::imin<I>(seqlen_q, j - diag() + left + 1));
   }
+  // The backward's tiles (key tiles of block_n keys, query tiles of block_m queries): key tile n visits the query
+  // tiles [query_begin(k0) / block_m, ceil(query_end(k_last) / block_m)) (none where query_end <= query_begin),
+  // so query tile m is visited by the key tiles [first_key_tile(m), last_key_tile(m)], one contiguous range
+  // (cpp_tests/test_attention_rule.cpp checks both ends against that walk); last < first: no visitor.
+  FA2_HD I first_key_tile(I q0, I block_n) const { return key_begin(q0) / block_n; }
+  FA2_HD I last_key_tile(I q0, I qn, I block_n) const {
+    const I end = key_end(rule_detail::imin<I>(q0 + qn, seqlen_q) - 1);
+    return end > 0 ? (end - 1) / block_n : I(-1);
+  }
   // Keys [k0, k0 + kn) for queries [q0, q0 + qn): does any pair need masking (some pair invisible)?
   FA2_HD bool tile_needs_mask(I q0, I qn, I k0, I kn) const {
     const I last_q = q0 + qn - 1, last_k = k0 + kn - 1;

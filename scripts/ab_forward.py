@@ -7,7 +7,8 @@ side's variables), alternately A, B, A, B, and each cell keeps the better of its
         build/gpu/libflash_attn2.so,FLASH_ATTN2_FWD_OVERLAP=1 --head-dims 128 --causal-lengths 2048,4096,8192
     python3 scripts/ab_forward.py a.so b.so --head-dims 128 --lengths "" --causal-lengths 8192 \
         --mods none,softcap,alibi,dropout      (score modifiers: softcap 50, ALiBi slopes, dropout 0.1;
-                                                    varlen: 16k tokens packed, lengths drawn from 64..N)
+                                                    varlen: 16k tokens packed, lengths drawn from 64..N;
+                                                    det: the deterministic backward)
 """
 
 import argparse
@@ -25,7 +26,8 @@ cases = [(d, causal, n, mod) for d in ints(sys.argv[1]) for causal in (False, Tr
 for d, causal, n, mod in cases:
     b, h = 16384 // n, 2048 // d
     kw = {"softcap": dict(softcap=50.0), "alibi": dict(alibi_slopes=torch.rand(h, device="cuda")),
-          "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}, "varlen": {}}[mod]
+          "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}, "varlen": {}, "det": {}}[mod]
+    bwd_kw = dict(kw, deterministic=True) if mod == "det" else kw  # det: the deterministic backward
     if mod == "varlen":  # 16k tokens packed, lengths drawn from 64..N
         gen, lens = torch.Generator().manual_seed(0), []
         while sum(lens) < 16384:
@@ -45,7 +47,7 @@ for d, causal, n, mod in cases:
     if sys.argv[5] == "bwd":
         o, lse = fwd_lse(q, k, v, *args, **kw)
         do = torch.randn_like(o)
-        f = lambda: bwd(do, q, k, v, o, lse, *args, **kw)
+        f = lambda: bwd(do, q, k, v, o, lse, *args, **bwd_kw)
     for _ in range(3):
         f()
     ts = []

@@ -6,8 +6,10 @@
 #   wstests        the warp-specialised forward and backward tests (FLASH_ATTN2_FWD_WS / _BWD_WS=require)
 #   san_ws         memcheck, racecheck, synccheck on the warp-specialised forward (FA2_SANITIZE=ws)
 #   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
-#   ab_persistent  the persistent WS forward grid vs one block per tile (FLASH_ATTN2_FWD_WS_BLOCKS=all)
+#   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel (FLASH_ATTN2_BWD_WS=0 vs 1)
+#   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
+#   ab_det         the deterministic backward beside the default one, WS backward off and on
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
@@ -21,7 +23,7 @@ OUT=${OUT:-/tmp/flash_attn2_hopper}
 mkdir -p "$OUT"
 start=$(date +%s)
 budget=${BUDGET:-570}
-steps=" ${STEPS:-build wstests san_ws san_wsbwd ab_persistent ab_wsbwd suite det variants} "
+steps=" ${STEPS:-build wstests san_ws san_wsbwd ab_persistent ab_wsbwd ab_wsdq ab_det suite det variants} "
 left() { echo $(( budget - ($(date +%s) - start) )); }
 # step NAME LIMIT: whether to run NAME now (selected, and LIMIT seconds still fit before the deadline).
 step() {
@@ -46,15 +48,23 @@ for what in ws wsbwd; do
     echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
   done
 done
-if step ab_persistent 100; then  # the persistent walk (B) vs one tile per block (A)
-  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
-    $lib,FLASH_ATTN2_FWD_WS=1 --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
-    | tee "$OUT/ab_persistent.md"
+if step ab_persistent 130; then  # the persistent walk (B: static where uniform, dynamic where masked / packed)
+  timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
+    $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
+    --mods none,varlen | tee "$OUT/ab_persistent.md"  # vs one tile per block (A)
 fi
 if step ab_wsbwd 100; then  # the warp-specialised d128 backward (B) vs flash_bwd_sm90_kernel (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
     --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
     | tee "$OUT/ab_wsbwd.md"
+fi
+if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd \
+    --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap | tee "$OUT/ab_wsdq.md"
+fi
+if step ab_det 120; then  # the deterministic backward (det) beside the default (none), WS off (A) and on (B)
+  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib --direction bwd --head-dims 64,128,256 \
+    --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,det | tee "$OUT/ab_det.md"
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \

@@ -33,6 +33,9 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
             flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
             os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = "3"  # the persistent walk: many tiles per block
             flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
+            os.environ["FLASH_ATTN2_FWD_WS_WALK"] = "dynamic"  # ... taken from the per-call tile counter
+            flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
+            del os.environ["FLASH_ATTN2_FWD_WS_WALK"]
             q, k, v = (torch.randn(2, 4, 400, d, device="cuda", dtype=dtype) for _ in range(3))
             flash_attn2.attention(q, k, v, True, window_size=(100, 0), softcap=4.0)
             del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
@@ -55,6 +58,9 @@ if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised d128 backw
         cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
         q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
         flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True).sum().backward()
+        out, lse = flash_attn2.attention_varlen_with_lse(q.detach(), k.detach(), v.detach(), cu, cu, 230, 230, True)
+        torch.ops.flash_attn2.bwd_varlen(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, cu,
+                                         230, 230, True, None, deterministic=True)
     torch.cuda.synchronize()
     print("sanitize cases ran (wsbwd)")
     raise SystemExit(0)

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "checks.h"
 #include "op_args.h"
@@ -225,6 +226,18 @@ bool use_splitkv(const Layout& L, const Variant& var) {
   return !L.varlen && var.dropout_p == 0 && L.s.seqlen_q <= kSplitKvBlockM;
 }
 
+// FwdParams::zeroed_ints for one call: zeroed int32 tensors from the caching allocator, kept until the call
+// returns (the launches that use them are queued on the call's stream by then, so freeing them is safe).
+struct ZeroedInts {
+  at::TensorOptions options;
+  std::vector<at::Tensor> keep;
+  static int* make(void* ctx, int n) {
+    auto* self = static_cast<ZeroedInts*>(ctx);
+    self->keep.push_back(at::zeros({n}, self->options));
+    return self->keep.back().data_ptr<int>();
+  }
+};
+
 Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                     at::Tensor out, at::Tensor lse, const Layout& L, const Variant& var_in,
                     std::optional<double> scale) {
@@ -235,6 +248,9 @@ Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_
   if (use_splitkv(L, var)) {
     launch_splitkv(params, L.s, 0, q);
   } else {
+    ZeroedInts zeroed{q.options().dtype(at::kInt), {}};
+    params.zeroed_ints = &ZeroedInts::make;
+    params.zeroed_ints_ctx = &zeroed;
     dispatch<FwdLauncher>(params, L.s.head_dim, at::cuda::getCurrentCUDAStream().stream());
   }
   return {out, lse};

@@ -80,16 +80,16 @@ struct BwdBlockInfo {
  private:
   // (key tile, batch * heads_kv + head) of this block. The key tiles of one head are neighbours in the grid, so
   // that the blocks running together share its Q and dO in L2. The deterministic mode (DqOrder) orders the
-  // other way: tile n of every head before tile n + 1 of any. There a block waits, at each query tile, for the
-  // key tiles before its own; neighbours in the grid would start a step apart, a whole head's tiles deep
-  // (0.44x the default backward), where this way only the few tiles of a wave do.
+  // other way: the last key tile of every head, then the one before it, and so on. There a block waits, at each
+  // query tile, for the key tiles after its own; neighbours in the grid would start a step apart, a whole
+  // head's tiles deep (0.44x the default backward), where this way only the few tiles of a wave do.
   static FA2_DEVICE int2 coords(const BwdParams& p) {
     const int bid = static_cast<int>(blockIdx.x);
+    const int num_n = ceil_div(p.seqlen_k, kBlockN);
     if (p.dq_semaphore != nullptr) {
       const int heads = p.batch * p.heads_kv;
-      return make_int2(bid / heads, bid % heads);
+      return make_int2(num_n - 1 - bid / heads, bid % heads);
     }
-    const int num_n = ceil_div(p.seqlen_k, kBlockN);
     return make_int2(bid % num_n, bid / num_n);
   }
   FA2_DEVICE BwdBlockInfo(const BwdParams& p, int2 nb) : seq(p, nb.y / p.heads_kv) {

@@ -80,10 +80,13 @@ FA2_DEVICE void store_dk_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk
 }
 
 // Deterministic dQ: the key-tile blocks that visit query tile m of (batch, head) add into dq_accum one after the
-// other, in key-tile order. The visitors of m are the key tiles n >= n_first(m) (BwdSteps' ranges are monotone
-// in n), so block n waits for the counter to reach n - n_first(m), adds, and bumps it. Blocks are dispatched in
-// blockIdx order and earlier key tiles have lower indices (BwdBlockInfo orders the grid key tile first in this
-// mode), so the block being waited for is resident or done.
+// other, from the last key tile down. The visitors of m are the key tiles [first_key_tile(m), last_key_tile(m)]
+// (attention_rule.h), so block n waits for the counter to reach last_key_tile(m) - n, adds, and bumps it. From
+// the last visitor down, a causal (or windowed) block's first query tiles, on its diagonal, are its own turn at
+// once and block n + 1 reaches each later tile two steps ahead of block n; in key-tile order every block waited
+// at its first tile for all the tiles before it. Blocks are dispatched in blockIdx order and later key tiles
+// have lower indices (BwdBlockInfo orders the grid last key tile first in this mode), so the block being waited
+// for is resident or done.
 struct DqOrder {
   int* counter;  // nullptr: not deterministic
   int rank;
@@ -94,25 +97,30 @@ struct DqOrder {
     if (p.dq_semaphore == nullptr) return o;
     const int m = row0 / kBlockM;
     o.counter = p.dq_semaphore + (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.dq_semaphore_tiles + m;
-    o.rank = blk.n_block - vis.key_begin(row0) / kBlockN;
+    o.rank = vis.last_key_tile(row0, kBlockM, kBlockN) - blk.n_block;
     return o;
+  }
+  // One thread: waits for this block's turn (acquire), hands the turn on (release).
+  FA2_DEVICE void wait_turn() const {
+    int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen != rank);
+  }
+  FA2_DEVICE void pass_turn() const {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(rank + 1) : "memory");
   }
   // Every thread of the block calls these two around its dQ additions.
   FA2_DEVICE void acquire(int tid) const {
     if (counter == nullptr) return;
-    if (tid == 0) {
-      int seen;
-      do {
-        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
-      } while (seen != rank);
-    }
+    if (tid == 0) wait_turn();
     __syncthreads();
   }
   FA2_DEVICE void release(int tid) const {
     if (counter == nullptr) return;
     __threadfence();
     __syncthreads();
-    if (tid == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(rank + 1) : "memory");
+    if (tid == 0) pass_turn();
   }
 };
 

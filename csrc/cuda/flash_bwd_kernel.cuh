@@ -11,7 +11,7 @@
 //       dQ_accum += dS K                                          (fp32 red.global.add)
 //     Q/dO are double-buffered (cp.async prefetch of the next query tile) where shared memory allows.
 //     dK is scaled by `scale` at the end; dK, dV staged through smem for 16-byte stores.
-//     Deterministic mode: the dQ additions of a query tile happen in key-tile order (DqOrder).
+//     Deterministic mode: the dQ additions of a query tile happen in descending key-tile order (DqOrder).
 //   flash_bwd_convert_dq_kernel : dq = dq_accum * scale, converted to T.
 //
 // dS here is the gradient w.r.t. the scaled logits scale * Q K^T, hence dQ = scale * dS K, dK = scale * dS^T Q.

@@ -69,16 +69,24 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
       make_tensor_map(&maps.k, p.k, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.k_row_stride, p.k_head_stride,
                       p.k_batch_stride, Kt::kBlockN) &&
       make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride, p.v_head_stride,
-                      p.v_batch_stride, Kt::kBlockN);
+                      p.v_batch_stride, Kt::kBlockN) &&
+      make_f32_rows_map(&maps.dq, p.dq_accum, p.head_dim,
+                        static_cast<int64_t>(p.heads_q) * (varlen ? p.total_q : static_cast<int64_t>(p.batch) * p.seqlen_q),
+                        Kt::kBlockM);
   if (!ok) {
     if (required)
       throw std::invalid_argument("flash_attn2: FLASH_ATTN2_BWD_WS=require, but the TMA cannot address these tensors");
     return false;
   }
+  // FLASH_ATTN2_BWD_WS_DQ=red: dQ by the consumers' red.add as before the TMA reduce-adds (A/B runs; not in the
+  // deterministic mode, whose order only the dQ writer keeps).
+  BwdParams launch = p;
+  const char* dq_env = std::getenv("FLASH_ATTN2_BWD_WS_DQ");
+  launch.dq_red_add = dq_env != nullptr && std::strcmp(dq_env, "red") == 0 && p.dq_semaphore == nullptr;
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
-  kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(p, maps);
+  kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);
   FA2_CHECK_LAUNCH();
   return true;
   }

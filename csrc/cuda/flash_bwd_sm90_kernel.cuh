@@ -178,6 +178,82 @@ FA2_DEVICE void add_dq_tile(const BwdParams& p, const SeqInfo& seq, const float 
     }
 }
 
+
+// One step of a Hopper backward for one warpgroup's 64 keys (rows [64 wg, 64 wg + 64) of the block's K and V),
+// shared by flash_bwd_sm90_kernel and the warp-specialised flash_bwd_sm90_ws_kernel: S^T = K Q^T and
+// dP^T = V dO^T; P^T by the score rule and dS^T from the step's LSE and D rows (s_lse, s_d = s_lse + kBlockM);
+// dS^T stored to sdS for the dQ product; then dV += P^T dO and dK += dS^T Q issued and committed, not waited
+// for. p_frag and ds_frag are those products' A operands: the caller keeps them untouched until its wait.
+template <class Kt, bool kScoreMod, class T = typename Kt::Elem>
+FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlockN>& blk, const Visibility<int>& vis,
+                               int head, int row0, int wg, int warp, int lane, uint32_t sK_u, uint32_t sV_u,
+                               uint32_t sQ_s, uint32_t sdO_s, const float* s_lse, T* sdS,
+                               float (&acc_dk)[1][Kt::kHeadDim / 8][4], float (&acc_dv)[1][Kt::kHeadDim / 8][4],
+                               uint32_t (&p_frag)[1][Kt::kBlockM / 16][4],
+                               uint32_t (&ds_frag)[1][Kt::kBlockM / 16][4]) {
+  using TileQ = typename Kt::TileQ;
+  using TileKV = typename Kt::TileKV;
+  using TileDS = typename Kt::TileDS;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
+  constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries per warpgroup)
+  constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
+  const int g = lane >> 2, t = lane & 3;
+  const int wg_row0 = 64 * wg + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
+
+  float acc_s[1][kNT_S][4], acc_dp[1][kNT_S][4];
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kHeadDim / 16; ++ks)
+    WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_s), desc_k_major<TileKV>(sK_u, 64 * wg, ks),
+                                           desc_k_major<TileQ>(sQ_s, 0, ks), ks > 0);
+  wgmma_commit();
+#pragma unroll
+  for (int ks = 0; ks < kHeadDim / 16; ++ks)
+    WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
+                                           desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
+  wgmma_commit();
+
+  const float* s_d = s_lse + kBlockM;
+  const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
+  const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
+  const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
+  // The keep mask depends on positions only: draw it while the tensor cores work on S^T and dP^T.
+  KeepBits<1, kNT_S> keep{};
+  const bool dropout = kScoreMod && p.dropout.enabled();
+  if (dropout)
+    keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
+                                            q_c0);
+  wgmma_wait<1>();
+  fence_regs(acc_s);
+  if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
+    probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
+                            p.scale_log2, t);
+  } else {
+    probs_transposed(acc_s, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
+    acc_to_a_frags<T>(p_frag, acc_s);
+  }
+
+  // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
+  wgmma_wait<0>();
+  fence_regs(acc_dp);
+  if constexpr (kScoreMod) {
+    dscores_transposed_mod(acc_dp, acc_s, s_d, keep, dropout, p.keep_scale, t);
+  } else {
+    dscores_transposed(acc_dp, acc_s, s_d, t);
+  }
+  acc_to_a_frags<T>(ds_frag, acc_dp);
+  store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
+
+  // dV += P^T dO, dK += dS^T Q (B operands M-major: the query rows of dO / Q are the K dim).
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk)
+    WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dv), p_frag[0][kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk)
+    WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dk), ds_frag[0][kk], desc_mn_major<TileQ>(sQ_s, 0, kk), 1);
+  wgmma_commit();
+}
 }  // namespace sm90
 
 template <typename T, int kHeadDim_>
@@ -248,7 +324,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   if (steps.total > 0) load_q_do(0, 0);
   cp_async_commit();
 
-  constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries per warpgroup)
   constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
   constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
   const int wg_row0 = 64 * wg + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
@@ -271,63 +346,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
     const uint32_t sQ_s = sQ_u + stage * Kt::kSmemQ;
     const uint32_t sdO_s = sdO_u + stage * Kt::kSmemQ;
 
-    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys.
-    float acc_s[1][kNT_S][4], acc_dp[1][kNT_S][4];
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_s), desc_k_major<TileKV>(sK_u, 64 * wg, ks),
-                                             desc_k_major<TileQ>(sQ_s, 0, ks), ks > 0);
-    wgmma_commit();
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
-                                             desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
-    wgmma_commit();
-
-    const float* s_lse = sStats + stage * (Kt::kSmemRowStats / 4);
-    const float* s_d = s_lse + kBlockM;
-    const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
-    const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
-    const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
-    // The keep mask depends on positions only: draw it while the tensor cores work on S^T and dP^T.
-    KeepBits<1, kNT_S> keep{};
-    const bool dropout = kScoreMod && p.dropout.enabled();
-    if (dropout)
-      keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
-                                              q_c0);
-    wgmma_wait<1>();
-    fence_regs(acc_s);
-    uint32_t p_frag[1][kKSteps][4];
-    if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
-      probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
-                              p.scale_log2, t);
-    } else {
-      probs_transposed(acc_s, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
-      acc_to_a_frags<T>(p_frag, acc_s);
-    }
-
-    // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
-    wgmma_wait<0>();
-    fence_regs(acc_dp);
-    if constexpr (kScoreMod) {
-      dscores_transposed_mod(acc_dp, acc_s, s_d, keep, dropout, p.keep_scale, t);
-    } else {
-      dscores_transposed(acc_dp, acc_s, s_d, t);
-    }
-    uint32_t ds_frag[1][kKSteps][4];
-    acc_to_a_frags<T>(ds_frag, acc_dp);
-    store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
-
-    // dV += P^T dO, dK += dS^T Q (B operands M-major: the query rows of dO / Q are the K dim).
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk)
-      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dv), p_frag[0][kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk)
-      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dk), ds_frag[0][kk], desc_mn_major<TileQ>(sQ_s, 0, kk), 1);
-    wgmma_commit();
+    // S^T, dP^T, P^T, dS^T (to shared memory for dQ); dV and dK issued.
+    uint32_t p_frag[1][kKSteps][4], ds_frag[1][kKSteps][4];
+    bwd_step_dk_dv<Kt, kScoreMod>(p, blk, vis, head, row0, wg, warp, lane, sK_u, sV_u, sQ_s, sdO_s,
+                                  sStats + stage * (Kt::kSmemRowStats / 4), sdS, acc_dk, acc_dv, p_frag, ds_frag);
 
     // dQ (64 x 64 per warpgroup) = dS K over the block's 128 keys: A = dS from dS^T (M-major), B = K (N-major).
     fence_proxy_async_smem();

@@ -1,15 +1,21 @@
 // Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128: the default on sm_90 where the TMA can
 // address the tensors (flash_bwd_launch.cuh; FLASH_ATTN2_BWD_WS=0 turns it off, =require raises where it would
 // fall back). The algorithm and
-// variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers, dQ by
-// fp32 red.add, ordered in the deterministic mode), with the loads moved to a producer:
+// variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers), with the
+// loads moved to a producer and each step's dQ written back by the TMA: every consumer stages its 64 x 64
+// float32 dQ in shared memory (swizzled boxes, double-buffered) and a writer warp issues bulk reduce-adds into
+// dq_accum, which the L2 performs, instead of 128 threads' red.add per consumer (FLASH_ATTN2_BWD_WS_DQ=red, for
+// A/B runs). In the deterministic mode the writer alone waits for the block's turn at each query tile
+// (DqOrder), adds, waits for the additions to complete and passes the turn on, while the consumers go on:
 //
 //   warpgroup 0 (producer, 24 registers): thread 0 issues TMA copies of the block's K and V tiles once, then of
 //     each step's Q and dO tiles into a kStages ring; warp 1 copies the step's LSE and D rows (rows past the
 //     sequence's end: LSE = +inf, D = 0, so that P = 0 there whatever the Q / dO rows hold). A stage's "full"
 //     barrier takes the copies' bytes and an arrival from thread 0 and from each lane of warp 1; its "empty"
 //     barrier an arrival from every consumer thread once its reads of the stage are done (per thread, so that
-//     each generic read of LSE / D is ordered before the next write by the barrier itself: racecheck).
+//     each generic read of LSE / D is ordered before the next write by the barrier itself: racecheck). Warp 2's
+//     first lane writes dQ back: step i's dQ buffer (i % 2) has a "full" barrier (every consumer thread arrives
+//     once its part is stored) and an "empty" one (the writer arrives once the reduce-adds have read it).
 //   warpgroups 1 and 2 (consumers, 240 registers): 64 keys each, the step of flash_bwd_sm90_kernel, with
 //     named barriers among the 256 consumer threads where that kernel has block-wide ones (dS^T complete for
 //     the dQ product; the deterministic dQ order); dS^T is double-buffered, so the next step's may be written
@@ -50,17 +56,20 @@ struct BwdSm90WsTraits {
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kSmemDS = TileDS::kElems * 2;
   static constexpr int kSmemStats = 2 * kBlockM * 4;  // LSE and D of one step, fp32
+  static constexpr int kSmemDq = kBlockM * 64 * 4;     // a consumer's 64 x 64 float32 dQ: two 64 x 32 boxes
+  static constexpr int kDqBufs = 2;                    // dQ buffers (steps) in flight to the writer
   static constexpr int kAlign = 1024;
-  // Barriers: K/V full, then per stage full and empty.
-  static constexpr int kBarriers = 1 + 2 * kStages;
-  // K | V | Q[kStages] | dO[kStages] | dS^T[2] | stats[kStages] | barriers, plus alignment slack
-  static constexpr int kSmemBytes =
-      2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemDS + kStages * kSmemStats + kBarriers * 8 + kAlign;
+  // Barriers: K/V full, per stage full and empty, per dQ buffer full and empty.
+  static constexpr int kBarriers = 1 + 2 * kStages + 2 * kDqBufs;
+  // K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kDqBufs][kConsumers] | stats[kStages] | barriers, plus slack
+  static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemDS +
+                                    kDqBufs * kConsumers * kSmemDq + kStages * kSmemStats + kBarriers * 8 + kAlign;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-// The Q, K, V and dO maps of a backward call.
+// The Q, K, V and dO maps of a backward call, and the float32 map over dq_accum its dQ reduce-adds write.
 struct BwdTmaMaps {
-  CUtensorMap q, k, v, dout;
+  CUtensorMap q, k, v, dout, dq;
 };
 
 namespace sm90 {
@@ -73,32 +82,35 @@ struct BwdWsSmem {
   FA2_DEVICE static constexpr int q_off(int s) { return 2 * Kt::kSmemKV + s * Kt::kSmemQ; }
   FA2_DEVICE static constexpr int do_off(int s) { return 2 * Kt::kSmemKV + (Kt::kStages + s) * Kt::kSmemQ; }
   FA2_DEVICE static constexpr int ds_off(int b) { return 2 * Kt::kSmemKV + 2 * Kt::kStages * Kt::kSmemQ + b * Kt::kSmemDS; }
-  FA2_DEVICE static constexpr int stats_off(int s) { return ds_off(2) + s * Kt::kSmemStats; }
+  FA2_DEVICE static constexpr int dq_off(int b, int c) { return ds_off(2) + (b * Kt::kConsumers + c) * Kt::kSmemDq; }
+  FA2_DEVICE static constexpr int stats_off(int s) { return dq_off(Kt::kDqBufs, 0) + s * Kt::kSmemStats; }
   FA2_DEVICE uint64_t* bar(int i) const {
     return reinterpret_cast<uint64_t*>(base + stats_off(Kt::kStages)) + i;
   }
   FA2_DEVICE uint64_t* kv_full() const { return bar(0); }
   FA2_DEVICE uint64_t* full(int s) const { return bar(1 + s); }
   FA2_DEVICE uint64_t* empty(int s) const { return bar(1 + Kt::kStages + s); }
+  FA2_DEVICE uint64_t* dq_full(int b) const { return bar(1 + 2 * Kt::kStages + b); }
+  FA2_DEVICE uint64_t* dq_empty(int b) const { return bar(1 + 2 * Kt::kStages + Kt::kDqBufs + b); }
   FA2_DEVICE float* stats(int s) const { return reinterpret_cast<float*>(base + stats_off(s)); }
 };
 
-// DqOrder among the 256 consumer threads (named barrier `bar`) instead of the whole block.
-FA2_DEVICE void dq_order_acquire(const DqOrder& o, int ctid, int bar) {
-  if (o.counter == nullptr) return;
-  if (ctid == 0) {
-    int seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(o.counter) : "memory");
-    } while (seen != o.rank);
-  }
-  tma::named_sync(bar, 256);
-}
-FA2_DEVICE void dq_order_release(const DqOrder& o, int ctid, int bar) {
-  if (o.counter == nullptr) return;
-  __threadfence();
-  tma::named_sync(bar, 256);
-  if (ctid == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(o.counter), "r"(o.rank + 1) : "memory");
+// A warpgroup's 64 x 64 float32 dQ accumulators (rows 16 (warp % 4) + g + 8 h, columns 8 ni + 2 t) into the
+// two 64 x 32 boxes at dst as the TMA reads them with the 128-byte swizzle: row r, column c of box b at byte
+// b * 8192 + r * 128 + ((c / 4) ^ (r % 8)) * 16 + (c % 4) * 4. A warp's stores spread over every bank.
+// Row r = 16 (warp % 4) + g + 8 h has r % 8 = g, and column c = 8 (ni % 4) + 2 t has c / 4 = 2 (ni % 4) + t / 2.
+// The per-thread part is made opaque to the compiler, so that it recomputes the few offsets at each call rather
+// than keeping sixteen of them live across the backward's loop (which spilled).
+FA2_DEVICE void store_dq_boxes(unsigned char* dst, const float (&acc)[1][8][4], int warp, int g, int t) {
+  int base = (16 * (warp % 4) + g) * 128 + (t & 1) * 8, x = g, t2 = t >> 1;
+  asm volatile("" : "+r"(base), "+r"(x), "+r"(t2));
+#pragma unroll
+  for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int byte = base + (ni / 4) * 8192 + h * 1024 + (((2 * (ni % 4) + t2) ^ x) << 4);
+      *reinterpret_cast<float2*>(dst + byte) = make_float2(acc[0][ni][2 * h], acc[0][ni][2 * h + 1]);
+    }
 }
 
 }  // namespace sm90
@@ -108,7 +120,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_bwd_sm90_ws_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ BwdTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Kt::Elem;
-  using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   using TileDS = typename Kt::TileDS;
   using namespace sm90;
@@ -131,6 +142,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       tma::init_barrier(sm.full(s), 1 + 32);              // the copies' thread and each lane of the LSE / D warp
       tma::init_barrier(sm.empty(s), Kt::kConsumers * 128);  // every consumer thread
+    }
+    for (int b = 0; b < Kt::kDqBufs; ++b) {
+      tma::init_barrier(sm.dq_full(b), Kt::kConsumers * 128);  // every consumer thread, its part stored
+      tma::init_barrier(sm.dq_empty(b), 1);                    // the writer, once the reduce-adds read it
     }
     tma::fence_barrier_init();
   }
@@ -169,6 +184,35 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         }
         tma::arrive(sm.full(s));  // each lane releases its own stores to the waiters
       }
+    } else if (tid == 64 && !p.dq_red_add) {
+      // The dQ writer: each step's two consumers' boxes (64 queries x d) as bulk reduce-adds, in the
+      // deterministic mode in the block's turn, the additions complete before the turn passes on.
+      for (int it = 0; it < steps.total; ++it) {
+        const int b = it % Kt::kDqBufs;
+        const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
+        const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
+        const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
+        tma::wait(sm.dq_full(b), (it / Kt::kDqBufs) & 1);
+        if (order.counter != nullptr) {
+          order.wait_turn();
+          tma::fence_proxy_async_global();  // the turn's acquire before this thread's reduce-adds
+        }
+        for (int c = 0; c < Kt::kConsumers; ++c) {
+          const unsigned char* src = sm.base + sm.dq_off(b, c);
+          tma::reduce_add_box(&maps.dq, src, 64 * c, row);
+          tma::reduce_add_box(&maps.dq, src + 8192, 64 * c + 32, row);
+        }
+        tma::bulk_commit();
+        if (order.counter != nullptr) {
+          tma::bulk_wait<0>();              // the additions are done in global memory ...
+          tma::fence_proxy_async_global();  // ... and ordered before the release that passes the turn on
+          order.pass_turn();
+        } else {
+          tma::bulk_wait_read<0>();
+        }
+        tma::arrive(sm.dq_empty(b));
+      }
+      tma::bulk_wait<0>();
     }
   } else {
     tma::grow_registers<Kt::kConsumerRegs>();
@@ -178,10 +222,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     T* sK = reinterpret_cast<T*>(sm.base);
     T* sV = reinterpret_cast<T*>(sm.base + sm.v_off());
     const uint32_t sK_u = sm.base_u, sV_u = sm.base_u + sm.v_off();
-    constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries per consumer)
     constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
     constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
-    constexpr int kBarDs = 1, kBarOrder = 2;  // named barriers among the consumers
+    constexpr int kBarDs = 1;  // named barrier among the consumers
     const int wg_row0 = 64 * c + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
     float acc_dk[1][kNT_KV][4], acc_dv[1][kNT_KV][4];
     zero_acc(acc_dk);
@@ -197,62 +240,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       const uint32_t sdS_u = sm.base_u + sm.ds_off(it & 1);
       tma::wait(sm.full(s), (it / kStages) & 1);
 
-      // S^T = K Q^T and dP^T = V dO^T for this consumer's 64 keys.
-      float acc_s[1][kNT_S][4], acc_dp[1][kNT_S][4];
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks)
-        WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_s), desc_k_major<TileKV>(sK_u, 64 * c, ks),
-                                               desc_k_major<TileQ>(sQ_s, 0, ks), ks > 0);
-      wgmma_commit();
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks)
-        WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * c, ks),
-                                               desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
-      wgmma_commit();
-
-      const float* s_lse = sm.stats(s);
-      const float* s_d = s_lse + kBlockM;
-      const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
-      const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
-      const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
-      KeepBits<1, kNT_S> keep{};
-      const bool dropout = kScoreMod && p.dropout.enabled();
-      if (dropout)
-        keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head),
-                                                key_r0, q_c0);
-      wgmma_wait<1>();
-      fence_regs(acc_s);
-      uint32_t p_frag[1][kKSteps][4];
-      if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
-        probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout,
-                                p.keep_scale, p.scale_log2, t);
-      } else {
-        probs_transposed(acc_s, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
-        acc_to_a_frags<T>(p_frag, acc_s);
-      }
-
-      // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
-      wgmma_wait<0>();
-      fence_regs(acc_dp);
-      if constexpr (kScoreMod) {
-        dscores_transposed_mod(acc_dp, acc_s, s_d, keep, dropout, p.keep_scale, t);
-      } else {
-        dscores_transposed(acc_dp, acc_s, s_d, t);
-      }
-      uint32_t ds_frag[1][kKSteps][4];
-      acc_to_a_frags<T>(ds_frag, acc_dp);
-      store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
-
-      // dV += P^T dO, dK += dS^T Q (B operands M-major: the query rows of dO / Q are the K dim).
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk)
-        WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dv), p_frag[0][kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk)
-        WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dk), ds_frag[0][kk], desc_mn_major<TileQ>(sQ_s, 0, kk), 1);
-      wgmma_commit();
+      // S^T, dP^T, P^T, dS^T (to shared memory for dQ); dV and dK issued.
+      uint32_t p_frag[1][kKSteps][4], ds_frag[1][kKSteps][4];
+      bwd_step_dk_dv<Kt, kScoreMod>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s, sdO_s, sm.stats(s),
+                                    sdS, acc_dk, acc_dv, p_frag, ds_frag);
 
       // dQ (64 queries x 64 columns per consumer) = dS K over the block's 128 keys.
       fence_proxy_async_smem();
@@ -272,11 +263,19 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       fence_regs(ds_frag);
       tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
 
-      const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
-      dq_order_acquire(order, ctid, kBarOrder);
-      add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
-                  row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
-      dq_order_release(order, ctid, kBarOrder);
+      if (!p.dq_red_add) {
+        // dQ to this step's buffer (once the writer's reduce-adds of two steps ago have read it), for the writer.
+        // Rows past the sequence's end add exact zeros (P = 0 there, LSE = +inf) to the rows that follow; rows
+        // past the array are clipped.
+        const int b = it % Kt::kDqBufs;
+        if (it >= Kt::kDqBufs) tma::wait(sm.dq_empty(b), ((it / Kt::kDqBufs) - 1) & 1);
+        store_dq_boxes(sm.base + sm.dq_off(b, c), acc_dq, warp, g, t);
+        fence_proxy_async_smem();  // the stores before the writer's bulk reads
+        tma::arrive(sm.dq_full(b));
+      } else {  // FLASH_ATTN2_BWD_WS_DQ=red (never in the deterministic mode)
+        add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
+                    row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
+      }
     }
 
     // Epilogue: dK * scale and dV as T through the K / V buffers (once both consumers are done reading them),

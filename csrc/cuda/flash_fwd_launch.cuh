@@ -154,15 +154,23 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
                       p.v_batch_stride, Kt::kBlockN);
   if (!ok) return unavailable("the TMA cannot address these tensors (alignment or strides)");
   const int64_t num_m = (p.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;
-  // Persistent (at most one block per SM, each walking tiles) where every tile costs the same: no causal mask
-  // or window and no packed batch, at the head dims whose traits ask for it. Tiles of unequal length keep a
-  // block each: the hardware hands the next block to the first free SM, longest first (FwdBlockInfo's order),
-  // where the static walk gave some blocks only long tiles (0.59-0.66x at causal N = 16k, perf.md v12).
-  // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes, masked ones too);
-  // =all gives every tile its own block (A/B runs).
+  // Persistent: at most one block per SM, each walking tiles (the next tile's loads then run under the last one's
+  // epilogue). Where every tile costs the same (no causal mask or window, no packed batch) the blocks stride
+  // through the tiles, at the head dims whose traits ask for it. Masked or packed tiles differ in cost: a static
+  // stride gave some blocks only long tiles (0.59-0.66x at causal N = 16k, perf.md v12), and the dynamic walk
+  // (blocks take tiles from a counter zeroed per call, from p.zeroed_ints, in FwdBlockInfo's order, longest first
+  // within a head) lost 3-14% at N = 16k (perf.md v13), so there each tile gets its own block;
+  // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk (A/B runs, tests).
+  // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
+  // walk the blocks then stride); =all gives every tile its own block (A/B runs).
   const bool uniform = !varlen && p.window_left < 0 && p.window_right < 0;
+  const char* walk_env = std::getenv("FLASH_ATTN2_FWD_WS_WALK");
+  const bool dynamic = !uniform && p.zeroed_ints != nullptr && walk_env != nullptr &&
+                       std::strcmp(walk_env, "dynamic") == 0;
+  FwdParams launch = p;
+  launch.tile_counter = nullptr;
   int device = 0, sms = INT_MAX;
-  if (uniform && Kt::kPersistent) {
+  if ((uniform && Kt::kPersistent) || dynamic) {
     FA2_CUDA_CHECK(cudaGetDevice(&device));
     FA2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   }
@@ -170,10 +178,11 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
     if (std::strcmp(cap, "all") == 0) sms = INT_MAX;
     else if (std::atoi(cap) > 0) sms = std::min(sms, std::atoi(cap));
   }
+  const int64_t tiles = num_m * bh, blocks = std::min<int64_t>(tiles, std::max(sms, 1));
+  if (dynamic && blocks < tiles) launch.tile_counter = p.zeroed_ints(p.zeroed_ints_ctx, 1);
   auto kernel = &flash_fwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
-  kernel<<<grid_1d(std::min<int64_t>(num_m * bh, std::max(sms, 1))), Kt::kNThreads, Kt::kSmemBytes, stream>>>(p,
-                                                                                                             maps);
+  kernel<<<grid_1d(blocks), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);
   FA2_CHECK_LAUNCH();
   return true;
 }

@@ -13,7 +13,8 @@
 //
 // The consumers take turns issuing their MMAs (ping-pong), so one's softmax runs under another's MMAs.
 // Persistent where tiles are uniform: a grid of at most one block per SM walks the tiles (see the kernel and
-// flash_fwd_launch.cuh). Not yet: TMA stores of O, a dynamic tile scheduler for masked tiles.
+// flash_fwd_launch.cuh); where tiles differ in cost, one block per tile, or on request (FLASH_ATTN2_FWD_WS_WALK=
+// dynamic) a dynamic walk (TileWalk), measured slower so far. Not yet: TMA stores of O.
 #pragma once
 
 #include <cmath>
@@ -65,10 +66,11 @@ struct FwdSm90WsTraits {
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kAlign = 1024;
-  // Barriers: Q full, then per stage K full, K empty, V full, V empty, then Q empty.
-  static constexpr int kBarriers = 2 + 4 * kStages;
-  // Q | K_0 | K_1 | V_0 | V_1 | barriers, plus alignment slack
-  static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kBarriers * 8 + kAlign;
+  // Barriers: Q full, then per stage K full, K empty, V full, V empty, then Q empty, then the two slots of the
+  // tile ring (TileWalk): full, full, empty, empty.
+  static constexpr int kBarriers = 2 + 4 * kStages + 4;
+  // Q | K_0 | K_1 | V_0 | V_1 | barriers | the tile ring's two ints, plus alignment slack
+  static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kBarriers * 8 + 8 + kAlign;
 };
 
 namespace sm90 {
@@ -89,6 +91,40 @@ struct WsSmem {
   FA2_DEVICE uint64_t* v_full(int s) const { return bar(1 + 2 * Kt::kStages + s); }
   FA2_DEVICE uint64_t* v_empty(int s) const { return bar(1 + 3 * Kt::kStages + s); }
   FA2_DEVICE uint64_t* q_empty() const { return bar(1 + 4 * Kt::kStages); }
+  FA2_DEVICE uint64_t* tile_full(int s) const { return bar(2 + 4 * Kt::kStages + s); }
+  FA2_DEVICE uint64_t* tile_empty(int s) const { return bar(4 + 4 * Kt::kStages + s); }
+  FA2_DEVICE volatile int* tile_slot(int s) const { return reinterpret_cast<volatile int*>(bar(Kt::kBarriers)) + s; }
+};
+
+// The order in which a persistent block walks tiles; both roles see the same sequence, skipped tiles included.
+// Static (p.tile_counter == nullptr): tiles b, b + gridDim.x, ... — balanced where every tile costs the same.
+// Dynamic: after its first tile (blockIdx.x) a block takes gridDim.x + atomicAdd(counter, 1), the next tile of
+// FwdBlockInfo's order not yet taken (longest first within a head), when the producer thread starts on a tile,
+// so a tile ahead of the consumers; it publishes each through a 2-slot ring in shared memory (slot k % 2:
+// "full" takes the producer's arrival, "empty" one from every consumer thread once read). A value past
+// num_tiles ends both walks.
+template <class Kt>
+struct TileWalk {
+  int k = 0;  // tiles published / read so far
+  FA2_DEVICE int producer_next(const FwdParams& p, const WsSmem<Kt>& sm, int tile) {
+    if (p.tile_counter == nullptr) return tile + static_cast<int>(gridDim.x);
+    const int next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
+    const int s = k & 1;
+    if (k >= 2) tma::wait(sm.tile_empty(s), ((k >> 1) - 1) & 1);
+    *sm.tile_slot(s) = next;
+    tma::arrive(sm.tile_full(s));  // release: the slot's store is visible to the consumers that wait
+    ++k;
+    return next;
+  }
+  FA2_DEVICE int consumer_next(const FwdParams& p, const WsSmem<Kt>& sm, int tile) {
+    if (p.tile_counter == nullptr) return tile + static_cast<int>(gridDim.x);
+    const int s = k & 1;
+    tma::wait(sm.tile_full(s), (k >> 1) & 1);
+    const int next = *sm.tile_slot(s);
+    tma::arrive(sm.tile_empty(s));
+    ++k;
+    return next;
+  }
 };
 
 }  // namespace sm90
@@ -117,11 +153,13 @@ struct ConsumerTurns {
 };
 
 // One query tile of a consumer warpgroup (c < kConsumers: query rows [64 c, 64 c + 64) of the tile): see the
-// file comment. kv_base: the block's K/V ring uses before this tile; q_phase: parity of this tile's Q copy.
+// file comment. kv_base: the block's K/V ring uses before this tile; q_phase: parity of this tile's Q copy;
+// more_tiles: whether the block walks another tile after this one (which needs the Q buffer back).
 template <class Kt, bool kScoreMod, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid,
-                        const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, uint32_t q_phase) {
+                        const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, uint32_t q_phase,
+                        bool more_tiles) {
   using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
@@ -242,7 +280,9 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
           *reinterpret_cast<const uint4*>(sQ + TileQ::chunk_offset(r, ch));
   }
   // The Q buffer is free for the next tile's copy once all 128 threads have read their O rows out of it; the
-  // copy writes through the async proxy what these threads touched through the generic one.
+  // copy writes through the async proxy what these threads touched through the generic one. A block's last tile
+  // (every tile where each has its own block) has no next copy to wait for.
+  if (!more_tiles) return;
   fence_proxy_async_smem();
   tma::named_sync(1 + c, 128);
   if (release_lane) tma::arrive(sm.q_empty());
@@ -265,9 +305,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const int tid = static_cast<int>(threadIdx.x);
   const int wg = tid / 128;
 
-  // Persistent: block b takes tiles b, b + gridDim.x, ... of FwdBlockInfo's order (a head's query tiles
-  // together, its last, for causal the longest, first). Tiles past a sequence's end are skipped and tiles that
-  // see no key written as empty rows, by both roles alike, so that they agree on the ring's uses.
+  // Persistent: block b walks tiles of FwdBlockInfo's order (a head's query tiles together, its last, for causal
+  // the longest, first) as TileWalk hands them out. Tiles past a sequence's end are skipped and tiles that see no
+  // key written as empty rows, by both roles alike, so that they agree on the ring's uses.
   const int num_tiles = ceil_div(p.seqlen_q, kBlockM) * p.heads_q * p.batch;
 
   if (tid == 0) {
@@ -278,6 +318,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       tma::init_barrier(sm.v_full(s), 1);
       tma::init_barrier(sm.k_empty(s), Kt::kConsumers);
       tma::init_barrier(sm.v_empty(s), Kt::kConsumers);
+      tma::init_barrier(sm.tile_full(s), 1);
+      tma::init_barrier(sm.tile_empty(s), Kt::kConsumers * 128);
     }
     tma::fence_barrier_init();
   }
@@ -291,7 +333,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     tma::shrink_registers<Kt::kProducerRegs>();
     if (tid == 0) {
       int kv_use = 0, q_use = 0;
-      for (int tile = static_cast<int>(blockIdx.x); tile < num_tiles; tile += static_cast<int>(gridDim.x)) {
+      TileWalk<Kt> walk;
+      for (int tile = static_cast<int>(blockIdx.x), next; tile < num_tiles; tile = next) {
+        next = walk.producer_next(p, sm, tile);
         const FwdBlockInfo<kBlockM> blk(p, tile);
         if (blk.rows <= 0) continue;  // varlen: past the end of this sequence
         const Visibility<int> vis = blk.seq.visibility(p);
@@ -327,7 +371,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     const int c = wg - 1;
     const ConsumerTurns<Kt::kConsumers> turns(c);
     int kv_use = 0, q_use = 0;
-    for (int tile = static_cast<int>(blockIdx.x); tile < num_tiles; tile += static_cast<int>(gridDim.x)) {
+    TileWalk<Kt> walk;
+    for (int tile = static_cast<int>(blockIdx.x), next; tile < num_tiles; tile = next) {
+      next = walk.consumer_next(p, sm, tile);
       const FwdBlockInfo<kBlockM> blk(p, tile);
       if (blk.rows <= 0) continue;
       const Visibility<int> vis = blk.seq.visibility(p);
@@ -339,7 +385,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         continue;
       }
       consume<Kt, kScoreMod>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use,
-                             static_cast<uint32_t>(q_use) & 1u);
+                             static_cast<uint32_t>(q_use) & 1u, next < num_tiles);
       kv_use += n_tiles;
       ++q_use;
     }

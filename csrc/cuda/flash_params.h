@@ -76,6 +76,13 @@ struct FwdParams {
   int num_splits;
   float* out_accum;
   float* lse_accum;
+  // The warp-specialised forward's tile counter, where its persistent blocks take masked or packed tiles (of
+  // unequal cost) dynamically; nullptr: blocks walk tiles statically or take one each. The launcher gets it from
+  // zeroed_ints (host: n zeroed int32 on the call's device and stream, alive until the call returns; nullptr
+  // where the caller gives none).
+  int* tile_counter;
+  int* (*zeroed_ints)(void* ctx, int n);
+  void* zeroed_ints_ctx;
 };
 
 struct BwdParams : FwdParams {
@@ -93,10 +100,11 @@ struct BwdParams : FwdParams {
   float* dq_accum;    // stat rows x head_dim, zero-filled by the launcher before the kernels run.
   float* softmax_d;   // stat rows: rowsum(dO * O), written by the preprocessing kernel.
   // Deterministic mode: one zeroed counter per (batch, q head, query tile); the key-tile blocks that see a
-  // query tile add their dQ in key-tile order, each waiting for the counter to reach its rank. nullptr: atomics
-  // in any order.
+  // query tile add their dQ in descending key-tile order, each waiting for the counter to reach its rank.
+  // nullptr: atomics in any order.
   int* dq_semaphore;
   int dq_semaphore_tiles;  // query tiles per (batch, head) in dq_semaphore
+  bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)
 };
 
 // Implemented once per (element type, compiled head dim, score modifiers) in the generated .cu files.

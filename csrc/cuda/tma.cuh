@@ -69,6 +69,23 @@ inline bool make_tensor_map(CUtensorMap* map, const void* base, bool bf16, int d
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
+
+// A 2-D map over the float32 (rows, cols) row-major array at `base` (dQ accumulators: stat rows x d), written
+// back from shared memory by reduce-adds in boxes of 32 columns (128 bytes, the 128-byte swizzle's span) x
+// box_rows rows. Elements outside the array are not written. False where the TMA cannot address it.
+inline bool make_f32_rows_map(CUtensorMap* map, float* base, int cols, int64_t rows, int box_rows) {
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || cols <= 0 || (cols * 4) % 16 != 0 || rows <= 0 ||
+      rows >= (int64_t(1) << 31))  // coordinates are int32
+    return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t byte_strides[1] = {static_cast<cuuint64_t>(cols) * 4};
+  const cuuint32_t box[2] = {32, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode_tiled_fn()(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, base, dims, byte_strides, box,
+                                       element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
 }  // namespace detail
 
 // The Q, K and V maps of a forward call (kernel parameter: __grid_constant__, so copies take its address).
@@ -124,6 +141,44 @@ template <int kRows, int kCols>
 FA2_DEVICE void load_tile(unsigned char* dst, const CUtensorMap* map, int row0, int head, int batch, uint64_t* bar) {
 #pragma unroll
   for (int cb = 0; cb < kCols / 64; ++cb) load_box(dst + cb * kRows * 128, map, 64 * cb, row0, head, batch, bar);
+}
+
+// Adds the float32 box at src (shared, 1024-byte aligned, 128-byte swizzled rows) into the map's box at
+// (col0, row0) in global memory, as one bulk operation of this thread's current bulk group.
+FA2_DEVICE void reduce_add_box(const CUtensorMap* map, const void* src, int col0, int row0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int32_t coords[2] = {col0, row0};
+  ::cuda::ptx::cp_reduce_async_bulk_tensor(::cuda::ptx::space_global, ::cuda::ptx::space_shared, ::cuda::ptx::op_add,
+                                           map, coords, src);
+#endif
+}
+// Closes this thread's bulk group (the reduce-adds issued since the last commit).
+FA2_DEVICE void bulk_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  ::cuda::ptx::cp_async_bulk_commit_group();
+#endif
+}
+// Waits until at most kPending of this thread's bulk groups still read their shared-memory sources.
+template <int kPending>
+FA2_DEVICE void bulk_wait_read() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  ::cuda::ptx::cp_async_bulk_wait_group_read(::cuda::ptx::n32_t<kPending>{});
+#endif
+}
+// Waits until at most kPending of this thread's bulk groups are incomplete (their global writes done).
+template <int kPending>
+FA2_DEVICE void bulk_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  ::cuda::ptx::cp_async_bulk_wait_group(::cuda::ptx::n32_t<kPending>{});
+#endif
+}
+
+// Orders this thread's generic-proxy accesses of global memory with its async-proxy ones (bulk copies and
+// reduce-adds), both ways.
+FA2_DEVICE void fence_proxy_async_global() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  ::cuda::ptx::fence_proxy_async(::cuda::ptx::space_global);
+#endif
 }
 
 // Register budget of this warpgroup (all its threads call it): producers give registers back, consumers take them.

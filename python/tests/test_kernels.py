@@ -185,6 +185,15 @@ def test_cuda_warp_specialised_backward(monkeypatch, b, hq, hkv, nq, nk, d, caus
 
 
 @requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_BWD_CASES[i] for i in (1, 3, 5)])
+def test_cuda_warp_specialised_backward_dq_by_red_add(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
+    """FLASH_ATTN2_BWD_WS_DQ=red: the A/B switch back to red.add for dQ (the default: TMA reduce-adds)."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_DQ", "red")
+    check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
+@requires_sm90
 def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -195,13 +204,17 @@ def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
 
 
 @requires_sm90
+@pytest.mark.parametrize("walk", ["", "dynamic"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_CASES[i] for i in (1, 3, 5, 7, 9, 10)])
 def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype,
-                                                            transposed):
+                                                            transposed, walk):
     """The persistent grid capped at 5 blocks: every block walks many tiles, its K/V ring, Q buffer and
-    ping-pong turns running on from one tile to the next."""
+    ping-pong turns running on from one tile to the next. Without a mask, or by default, the blocks stride
+    (static walk); with a causal mask and FLASH_ATTN2_FWD_WS_WALK=dynamic they take their tiles from the
+    per-call tile counter (dynamic walk)."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "5")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_WALK", walk)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
 
 

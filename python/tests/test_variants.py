@@ -514,30 +514,55 @@ def test_cuda_warp_specialised_backward_varlen(monkeypatch, variant):
 
 
 @requires_sm90
-def test_cuda_warp_specialised_backward_deterministic(monkeypatch):
+@pytest.mark.parametrize("nq,nk,causal,window", [(700, 900, True, (300, -1)), (900, 700, True, (-1, -1)),
+                                                 (520, 520, False, (-1, -1)), (333, 517, False, (64, 7))])
+def test_cuda_warp_specialised_backward_deterministic(monkeypatch, nq, nk, causal, window):
+    """The WS backward's deterministic mode (the dQ writer adds each query tile in the key tiles' turn): bitwise
+    the same over runs, and the default kernel's gradients to rounding."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
-    q, k, v = random_qkv(2, 8, 2, 700, 900, 128, torch.bfloat16, "cuda")
-    out, lse = flash_attn2.attention_with_lse(q, k, v, True, window_size=(300, -1))
+    q, k, v = random_qkv(2, 8, 2, nq, nk, 128, torch.bfloat16, "cuda")
+    out, lse = flash_attn2.attention_with_lse(q, k, v, causal, window_size=window)
     dout = torch.randn_like(out)
-    runs = [F.bwd(dout, q, k, v, out, lse, True, None, window_size=[300, -1], deterministic=True) for _ in range(3)]
+    runs = [F.bwd(dout, q, k, v, out, lse, causal, None, window_size=list(window), deterministic=True)
+            for _ in range(3)]
     for r in runs[1:]:
         for a, b in zip(runs[0], r):
             assert torch.equal(a, b)
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "0")
-    other = F.bwd(dout, q, k, v, out, lse, True, None, window_size=[300, -1])
+    other = F.bwd(dout, q, k, v, out, lse, causal, None, window_size=list(window))
     for a, b in zip(runs[0], other):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
 @requires_sm90
+def test_cuda_warp_specialised_backward_varlen_deterministic(monkeypatch):
+    """Packed batches on the WS backward's deterministic mode: bitwise reproducible and equal to rounding to the
+    default mode (rows past a sequence's end add zeros to the next sequence's rows outside any turn)."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    lengths = [300, 0, 700, 5, 129]
+    q, k, v, cu_q, cu_k = packed_batch(lengths, lengths, 4, 2, 128, torch.bfloat16, "cuda")
+    out, lse = flash_attn2.attention_varlen_with_lse(q, k, v, cu_q, cu_k, 700, 700, True)
+    dout = torch.randn_like(out)
+    a = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None, deterministic=True)
+    b = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None, deterministic=True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    fast = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None)
+    for x, y in zip(a, fast):
+        torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=2e-2)
+
+
+@requires_sm90
 @pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
 @pytest.mark.parametrize("variant", ["plain", "causal", "all"])
-@pytest.mark.parametrize("blocks", ["", "3"])
-def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant, blocks):
+@pytest.mark.parametrize("blocks,walk", [("", ""), ("3", ""), ("3", "dynamic")])
+def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant, blocks, walk):
     """Packed batches on the warp-specialised forward (one TMA map over all sequences); blocks = 3: a persistent
-    grid of 3 blocks walks every tile, past-the-end and empty ones included."""
+    grid of 3 blocks walks every tile, past-the-end and empty ones included, striding or (walk = dynamic) taking
+    tiles from the per-call counter."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_WALK", walk)
     opts = {"plain": make_options(len(lengths_q), 4, False, (-1, -1), 0.0, None, 0.0, "cuda"),
             "causal": make_options(len(lengths_q), 4, True, (-1, -1), 0.0, None, 0.0, "cuda"),
             "all": make_options(len(lengths_q), 4, True, (37, -1), 3.0, "batch", 0.1, "cuda")}[variant]
