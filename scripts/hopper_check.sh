@@ -7,7 +7,7 @@
 #   san_ws         memcheck, racecheck, synccheck on the warp-specialised forward (FA2_SANITIZE=ws)
 #   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
-#   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel (FLASH_ATTN2_BWD_WS=0 vs 1)
+#   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
@@ -53,9 +53,9 @@ if step ab_persistent 130; then  # the persistent walk (B: static where uniform,
     $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
     --mods none,varlen | tee "$OUT/ab_persistent.md"  # vs one tile per block (A)
 fi
-if step ab_wsbwd 100; then  # the warp-specialised d128 backward (B) vs flash_bwd_sm90_kernel (A)
-  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
-    --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
+if step ab_wsbwd 130; then  # the warp-specialised backward (B) vs flash_bwd_sm90_kernel (A), d64 and d128
+  timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
+    --head-dims 64,128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
     | tee "$OUT/ab_wsbwd.md"
 fi
 if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)
@@ -63,8 +63,8 @@ if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.ad
     --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap | tee "$OUT/ab_wsdq.md"
 fi
 if step ab_det 120; then  # the deterministic backward (det) beside the default (none), WS off (A) and on (B)
-  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib --direction bwd --head-dims 64,128,256 \
-    --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,det | tee "$OUT/ab_det.md"
+  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
+    --head-dims 64,128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,det | tee "$OUT/ab_det.md"
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \

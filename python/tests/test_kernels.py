@@ -163,9 +163,10 @@ def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype)
             assert_close_to_reference("lse", lse.cpu(), torch_lse.cpu(), ref_lse)
 
 
-# The warp-specialised d128 backward, the default on sm_90 (FLASH_ATTN2_BWD_WS; "require" raises where it would
-# fall back): one key tile to many, GQA groups, Nq != Nk both ways, rows that see no key, partial tiles, padded head
-# dims, both layouts.
+# The warp-specialised backward, the default on sm_90 at d128, on request at d64 (FLASH_ATTN2_BWD_WS; "require"
+# raises where it would fall back): one key tile to many, GQA groups, Nq != Nk both ways, rows that see no key,
+# partial tiles, padded head dims, both layouts; at d64 an odd and an even number of steps per block (the consumers
+# take the steps' dQ in turn).
 WS_BWD_CASES = [
     (2, 4, 4, 257, 257, 128, False, torch.bfloat16, False),
     (2, 4, 4, 257, 257, 128, True, torch.bfloat16, True),
@@ -174,6 +175,11 @@ WS_BWD_CASES = [
     (1, 2, 2, 700, 300, 104, True, torch.float16, False),
     (3, 2, 2, 17, 70, 128, False, torch.bfloat16, True),
     (1, 2, 2, 64, 2000, 128, True, torch.bfloat16, False),
+    (2, 4, 4, 257, 257, 64, False, torch.bfloat16, False),
+    (1, 8, 2, 1000, 1000, 64, True, torch.float16, True),
+    (2, 4, 1, 300, 700, 40, True, torch.bfloat16, False),
+    (3, 2, 2, 17, 70, 64, False, torch.float16, True),
+    (1, 2, 2, 700, 300, 56, True, torch.bfloat16, True),
 ]
 
 
@@ -185,7 +191,7 @@ def test_cuda_warp_specialised_backward(monkeypatch, b, hq, hkv, nq, nk, d, caus
 
 
 @requires_sm90
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_BWD_CASES[i] for i in (1, 3, 5)])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_BWD_CASES[i] for i in (1, 3, 5, 8, 9)])
 def test_cuda_warp_specialised_backward_dq_by_red_add(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
     """FLASH_ATTN2_BWD_WS_DQ=red: the A/B switch back to red.add for dQ (the default: TMA reduce-adds)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")

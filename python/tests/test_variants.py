@@ -495,32 +495,35 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
     (False, (-1, -1), 0.0, None, 0.0)])
-def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p):
-    """The warp-specialised d128 backward (FLASH_ATTN2_BWD_WS=require) with the dense variants."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p, d):
+    """The warp-specialised backward (FLASH_ATTN2_BWD_WS=require) with the dense variants."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
-    check_variant_case(2, 4, 2, 333, 517, 128, torch.bfloat16, "cuda", opts, transposed=True)
+    check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
 
 
 @requires_sm90
 @pytest.mark.parametrize("variant", ["causal", "all"])
-def test_cuda_warp_specialised_backward_varlen(monkeypatch, variant):
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_warp_specialised_backward_varlen(monkeypatch, variant, d):
     """Packed batches on the warp-specialised backward: rows past a sequence's end hold the next sequence's rows."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     lengths_q, lengths_k = [300, 1, 129, 0, 520], [280, 64, 129, 7, 600]
     opts = {"causal": make_options(5, 4, True, (-1, -1), 0.0, None, 0.0, "cuda"),
             "all": make_options(5, 4, True, (37, -1), 3.0, "batch", 0.1, "cuda")}[variant]
-    check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=128)
+    check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=d)
 
 
 @requires_sm90
-@pytest.mark.parametrize("nq,nk,causal,window", [(700, 900, True, (300, -1)), (900, 700, True, (-1, -1)),
-                                                 (520, 520, False, (-1, -1)), (333, 517, False, (64, 7))])
-def test_cuda_warp_specialised_backward_deterministic(monkeypatch, nq, nk, causal, window):
+@pytest.mark.parametrize("nq,nk,causal,window,d", [(700, 900, True, (300, -1), 128), (900, 700, True, (-1, -1), 128),
+                                                   (520, 520, False, (-1, -1), 128), (333, 517, False, (64, 7), 128),
+                                                   (700, 900, True, (300, -1), 64), (520, 520, False, (-1, -1), 64)])
+def test_cuda_warp_specialised_backward_deterministic(monkeypatch, nq, nk, causal, window, d):
     """The WS backward's deterministic mode (the dQ writer adds each query tile in the key tiles' turn): bitwise
     the same over runs, and the default kernel's gradients to rounding."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
-    q, k, v = random_qkv(2, 8, 2, nq, nk, 128, torch.bfloat16, "cuda")
+    q, k, v = random_qkv(2, 8, 2, nq, nk, d, torch.bfloat16, "cuda")
     out, lse = flash_attn2.attention_with_lse(q, k, v, causal, window_size=window)
     dout = torch.randn_like(out)
     runs = [F.bwd(dout, q, k, v, out, lse, causal, None, window_size=list(window), deterministic=True)
