@@ -6,7 +6,8 @@
 // float32 dQ in shared memory (swizzled boxes, double-buffered) and a writer warp issues bulk reduce-adds into
 // dq_accum, which the L2 performs, instead of 128 threads' red.add per consumer (FLASH_ATTN2_BWD_WS_DQ=red, for
 // A/B runs). In the deterministic mode the writer alone waits for the block's turn at each query tile
-// (DqOrder), adds, waits for the additions to complete and passes the turn on, while the consumers go on:
+// (DqOrder), adds, and passes the turn on once the additions are complete (a step later), while the consumers
+// go on:
 //
 //   warpgroup 0 (producer, 24 registers): thread 0 issues TMA copies of the block's K and V tiles once, then of
 //     each step's Q and dO tiles into a kStages ring; warp 1 copies the step's LSE and D rows (rows past the
@@ -192,15 +193,21 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         tma::arrive(sm.full(s));  // each lane releases its own stores to the waiters
       }
     } else if (tid == 64 && !p.dq_red_add) {
-      // The dQ writer: each step's dQ chunks (64 queries x d) as bulk reduce-adds, in the deterministic mode in
-      // the block's turn, the additions complete before the turn passes on.
+      // The dQ writer: each step's dQ chunks (64 queries x d) as bulk reduce-adds. In the deterministic mode they
+      // go in the block's turn, and the turn passes on once they are complete: a step late, after the next step's
+      // adds are issued, so that the writer does not wait out every step's round trip to memory (in that mode the
+      // blocks running together add into different query tiles, and the adds miss L2). The chain of waits still
+      // runs to later key tiles only (DqOrder), as with DqOrderChain.
+      const bool deterministic = p.dq_semaphore != nullptr;
+      DqOrder pending{nullptr, 0};  // the last step's turn, passed on once its adds are complete
+      int pending_buf = -1;
       for (int it = 0; it < steps.total; ++it) {
         const int b = it % Kt::kDqBufs;
         const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
         const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
         const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
         tma::wait(sm.dq_full(b), (it / Kt::kDqBufs) & 1);
-        if (order.counter != nullptr) {
+        if (deterministic) {
           order.wait_turn();
           tma::fence_proxy_async_global();  // the turn's acquire before this thread's reduce-adds
         }
@@ -210,16 +217,25 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
           tma::reduce_add_box(&maps.dq, src + 8192, 64 * c + 32, row);
         }
         tma::bulk_commit();
-        if (order.counter != nullptr) {
-          tma::bulk_wait<0>();              // the additions are done in global memory ...
-          tma::fence_proxy_async_global();  // ... and ordered before the release that passes the turn on
-          order.pass_turn();
+        if (deterministic) {
+          tma::bulk_wait<1>();  // the last step's adds are done in global memory (this step's may run on) ...
+          if (pending_buf >= 0) {
+            tma::fence_proxy_async_global();  // ... and ordered before the release that passes its turn on
+            pending.pass_turn();
+            tma::arrive(sm.dq_empty(pending_buf));
+          }
+          pending = order;
+          pending_buf = b;
         } else {
           tma::bulk_wait_read<0>();
+          tma::arrive(sm.dq_empty(b));
         }
-        tma::arrive(sm.dq_empty(b));
       }
       tma::bulk_wait<0>();
+      if (pending_buf >= 0) {
+        tma::fence_proxy_async_global();
+        pending.pass_turn();
+      }
     }
   } else {
     tma::grow_registers<Kt::kConsumerRegs>();
