@@ -19,7 +19,7 @@
 //     once its part is stored) and an "empty" one (the writer arrives once the reduce-adds have read it).
 //   warpgroups 1 and 2 (consumers, 240 registers): 64 keys each, the step of flash_bwd_sm90_kernel, with
 //     named barriers among the 256 consumer threads where that kernel has block-wide ones (dS^T complete for
-//     the dQ product; the deterministic dQ order); dS^T is double-buffered, so the next step's may be written
+//     the dQ product; the epilogue); dS^T is double-buffered, so the next step's may be written
 //     while the other consumer still reads this one.
 #pragma once
 
