@@ -317,6 +317,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // the longest, first) as TileWalk hands them out. Tiles past a sequence's end are skipped and tiles that see no
   // key written as empty rows, by both roles alike, so that they agree on the ring's uses.
   const int num_tiles = ceil_div(p.seqlen_q, kBlockM) * p.heads_q * p.batch;
+  // One block per tile (the grid covers every tile): a packed batch's tiles past their sequence's end (the grid
+  // spans the longest sequence) leave before any setup, like the other forward kernels' blocks.
+  if (static_cast<int>(gridDim.x) >= num_tiles && FwdBlockInfo<kBlockM>(p, static_cast<int>(blockIdx.x)).rows <= 0)
+    return;
 
   if (tid == 0) {
     tma::init_barrier(sm.q_full(), 1);
