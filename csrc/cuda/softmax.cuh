@@ -64,7 +64,8 @@ struct OnlineSoftmax {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float x = fmaf(s[mi][ni][2 * h + e], scale_log2, -m_scaled);
-            const float p = kFmaExpEvery > 0 && ni % kFmaExpEvery == kFmaExpEvery - 1 ? exp2_fma(x) : fast_exp2(x);
+            constexpr int kEvery = kFmaExpEvery > 0 ? kFmaExpEvery : 1;
+            const float p = kFmaExpEvery > 0 && ni % kEvery == kEvery - 1 ? exp2_fma(x) : fast_exp2(x);
             s[mi][ni][2 * h + e] = p;
             sum += p;
           }
