@@ -15,7 +15,6 @@
 
 #include <climits>
 #include <cmath>
-#include <type_traits>
 
 #include "cuda/block_info.cuh"
 #include "cuda/bwd_tile_io.cuh"
@@ -79,7 +78,7 @@ FA2_DEVICE void dscores_transposed(float (&dp)[1][NT][4], const float (&pr)[1][N
 // A fragments of dV += (P Z)^T dO into `a` (Z = keep / (1 - p) with dropout, else 1). Computing G here, while
 // tanh is at hand, costs one FFMA per score; recomputing it at the dS step cost a lg2, the ALiBi term and a
 // branch per score (docs/perf.md v8).
-template <typename T, bool kSoftcap, bool kAlibi, bool kFmaExp, int NT>
+template <typename T, bool kSoftcap, bool kAlibi, int NT>
 FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1][NT / 2][4], const float* s_lse,
                                           int key, int q0, bool need_mask, const Visibility<int>& vis,
                                           const ScoreRule<float>& rule, const KeepBits<1, NT>& keep, bool dropout,
@@ -113,8 +112,7 @@ FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1]
         if constexpr (kAlibi) x -= rule.alibi * fabsf(rel[h] + static_cast<float>(8 * ni + e));
         const int col = q0 + 8 * ni + e;
         if (need_mask && (col < lo[h] || col >= hi[h])) x = -INFINITY;
-        const float arg = fmaf(x, scale_log2, -l2[e]);
-        const float pr = kFmaExp && ni % 2 == 1 ? exp2_fma(arg) : fast_exp2(arg);  // kFmaExp: half on the FMA pipe
+        const float pr = fast_exp2(fmaf(x, scale_log2, -l2[e]));
         x = pr * g;
         pz[e] = !dropout ? pr : keep.get(0, ni, 2 * h + e) ? pr * keep_scale : 0.f;
       }
@@ -127,22 +125,22 @@ template <typename T, int NT>
 FA2_DEVICE void probs_mod_transposed(float (&s)[1][NT][4], uint32_t (&a)[1][NT / 2][4], const float* s_lse, int key,
                                      int q0, bool need_mask, const Visibility<int>& vis, const ScoreRule<float>& rule,
                                      const KeepBits<1, NT>& keep, bool dropout, float keep_scale, float scale_log2,
-                                     int t, bool fma_exp = false) {
-  // One copy of the loop per (softcap, ALiBi), and under a softcap (whose tanh also takes the MUFU) per
-  // fma_exp (half of the exponentials from exp2_fma): the branches stay out of the per-score code.
-  auto run = [&](auto softcap, auto alibi, auto fma) {
-    probs_mod_transposed_impl<T, decltype(softcap)::value, decltype(alibi)::value, decltype(fma)::value>(
-        s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale, scale_log2, t);
-  };
-  using yes = std::true_type;
-  using no = std::false_type;
+                                     int t) {
+  // One copy of the loop per (softcap, ALiBi): the branches stay out of the per-score code.
   if (rule.has_softcap()) {
-    if (rule.alibi != 0.f) fma_exp ? run(yes{}, yes{}, yes{}) : run(yes{}, yes{}, no{});
-    else fma_exp ? run(yes{}, no{}, yes{}) : run(yes{}, no{}, no{});
+    if (rule.alibi != 0.f) {
+      probs_mod_transposed_impl<T, true, true>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
+                                               scale_log2, t);
+    } else {
+      probs_mod_transposed_impl<T, true, false>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
+                                                scale_log2, t);
+    }
   } else if (rule.alibi != 0.f) {
-    run(no{}, yes{}, no{});
+    probs_mod_transposed_impl<T, false, true>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
+                                              scale_log2, t);
   } else {
-    run(no{}, no{}, no{});
+    probs_mod_transposed_impl<T, false, false>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
+                                               scale_log2, t);
   }
 }
 
@@ -229,7 +227,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   fence_regs(acc_s);
   if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
     probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
-                            p.scale_log2, t, !p.exp2_mufu_only);
+                            p.scale_log2, t);
   } else {
     probs_transposed(acc_s, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
     acc_to_a_frags<T>(p_frag, acc_s);

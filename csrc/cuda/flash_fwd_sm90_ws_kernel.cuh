@@ -212,7 +212,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     constexpr int kSlack = kLazy ? Kt::kRescaleSlackLog2 : 0;
     if constexpr (kScoreMod) {
       // With a softcap the MUFU computes a tanh and an exponential per score: half of the exponentials go to the
-      // FMA pipe (exp2_fma) unless the call asks otherwise (p.exp2_mufu_only: FLASH_ATTN2_EXP2=mufu).
+      // FMA pipe (exp2_fma) unless the launch asks otherwise (p.exp2_mufu_only: FLASH_ATTN2_FWD_EXP2=mufu).
       if (rule.has_softcap() && !p.exp2_mufu_only)
         softmax.template update_scores<kSlack, 2>(acc_s, p.scale_log2, alpha);
       else

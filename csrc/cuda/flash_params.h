@@ -81,7 +81,7 @@ struct FwdParams {
   // zeroed_ints (host: n zeroed int32 on the call's device and stream, alive until the call returns; nullptr
   // where the caller gives none).
   int* tile_counter;
-  bool exp2_mufu_only;  // under a softcap, keep every softmax exponential on the MUFU (A/B runs: FLASH_ATTN2_EXP2)
+  bool exp2_mufu_only;  // the WS forward keeps every exponential on the MUFU, softcap or not (A/B runs)
   int* (*zeroed_ints)(void* ctx, int n);
   void* zeroed_ints_ctx;
 };
