@@ -177,7 +177,7 @@ FA2_DEVICE float exp2_fma(float x) {
   p = fmaf(p, f, 0.24024981f);
   p = fmaf(p, f, 0.69312197f);
   p = fmaf(p, f, 0.99999917f);
-  const float y = __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));  // unsigned: wraps, no UB
+  const float y = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
   return x < -126.f ? 0.f : y;
 }
 
