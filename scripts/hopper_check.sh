@@ -10,7 +10,6 @@
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
-#   ab_exp2        the softcapped WS forward with all exponentials on the MUFU vs half on the FMA pipe
 #   ab_blockn      the d128 WS forward with 176-key tiles (a second build, its WS forward tests) vs 128
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
@@ -67,10 +66,6 @@ fi
 if step ab_det 120; then  # the deterministic backward (det) beside the default (none), WS off (A) and on (B)
   timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
     --head-dims 64,128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,det | tee "$OUT/ab_det.md"
-fi
-if step ab_exp2 110; then  # softcapped forward: every exponential on the MUFU (A) vs half on the FMA pipe (B)
-  timeout 110 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_EXP2=mufu $lib --head-dims 64,128,256 \
-    --lengths 2048,16384 --causal-lengths 2048,16384 --mods softcap,none | tee "$OUT/ab_exp2.md"
 fi
 if step ab_blockn 260; then  # d128 WS forward: key tiles of 176 (B, a second build) vs 128 (A), tests on B first
   CUDAFLAGS=-DFA2_WS_FWD_D128_BLOCK_N=176 BUILD=build/gpu176 OUT="$OUT/b176" scripts/gpu_check.sh none 2>&1 | tail -2

@@ -169,8 +169,6 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
                        std::strcmp(walk_env, "dynamic") == 0;
   FwdParams launch = p;
   launch.tile_counter = nullptr;
-  const char* exp2_env = std::getenv("FLASH_ATTN2_FWD_EXP2");
-  launch.exp2_mufu_only = exp2_env != nullptr && std::strcmp(exp2_env, "mufu") == 0;
   int device = 0, sms = INT_MAX;
   if ((uniform && Kt::kPersistent) || dynamic) {
     FA2_CUDA_CHECK(cudaGetDevice(&device));

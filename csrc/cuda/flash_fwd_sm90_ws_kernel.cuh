@@ -209,17 +209,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     const int r0 = blk.row0 + warp_row0 + g, c0 = n_block * kBlockN + 2 * t;
     if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
     if (vis.tile_needs_mask(blk.row0, kBlockM, n_block * kBlockN, kBlockN)) apply_mask(acc_s, r0, c0, vis);
-    constexpr int kSlack = kLazy ? Kt::kRescaleSlackLog2 : 0;
-    if constexpr (kScoreMod) {
-      // With a softcap the MUFU computes a tanh and an exponential per score: half of the exponentials go to the
-      // FMA pipe (exp2_fma) unless the launch asks otherwise (p.exp2_mufu_only: FLASH_ATTN2_FWD_EXP2=mufu).
-      if (rule.has_softcap() && !p.exp2_mufu_only)
-        softmax.template update_scores<kSlack, 2>(acc_s, p.scale_log2, alpha);
-      else
-        softmax.template update_scores<kSlack>(acc_s, p.scale_log2, alpha);
-    } else {
-      softmax.template update_scores<kSlack>(acc_s, p.scale_log2, alpha);
-    }
+    softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0>(acc_s, p.scale_log2, alpha);
     if constexpr (kScoreMod) {
       if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
     }

@@ -81,7 +81,6 @@ struct FwdParams {
   // zeroed_ints (host: n zeroed int32 on the call's device and stream, alive until the call returns; nullptr
   // where the caller gives none).
   int* tile_counter;
-  bool exp2_mufu_only;  // the WS forward keeps every exponential on the MUFU, softcap or not (A/B runs)
   int* (*zeroed_ints)(void* ctx, int n);
   void* zeroed_ints_ctx;
 };

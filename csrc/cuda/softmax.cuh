@@ -40,9 +40,7 @@ struct OnlineSoftmax {
   // 2^kSlackLog2 in P, so that most tiles leave alpha = 1 and O need not be rescaled (rescale_if_needed). P then
   // stays below 2^kSlackLog2 (256 at 8: finite in bf16 and fp16 alike, rounded as relatively as P <= 1 is), and
   // the LSE and the final division use the same offset as P did. kSlackLog2 = 0 moves it whenever it grows.
-  // kFmaExpEvery > 0: every kFmaExpEvery-th n8 tile of P takes its exponentials from exp2_fma (FMA pipe) rather
-  // than the MUFU, for kernels whose MUFU also computes a softcap's tanh per score.
-  template <int kSlackLog2 = 0, int kFmaExpEvery = 0, int NS>
+  template <int kSlackLog2 = 0, int NS>
   FA2_DEVICE void update_scores(float (&s)[MT][NS][4], float scale_log2, float (&alpha)[MT][2]) {
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
@@ -63,9 +61,7 @@ struct OnlineSoftmax {
         for (int ni = 0; ni < NS; ++ni)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float x = fmaf(s[mi][ni][2 * h + e], scale_log2, -m_scaled);
-            constexpr int kEvery = kFmaExpEvery > 0 ? kFmaExpEvery : 1;
-            const float p = kFmaExpEvery > 0 && ni % kEvery == kEvery - 1 ? exp2_fma(x) : fast_exp2(x);
+            const float p = fast_exp2(fmaf(s[mi][ni][2 * h + e], scale_log2, -m_scaled));
             s[mi][ni][2 * h + e] = p;
             sum += p;
           }

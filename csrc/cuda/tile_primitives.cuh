@@ -164,23 +164,6 @@ FA2_DEVICE float fast_exp2(float x) {
   return y;
 }
 
-// 2^x on the FMA and integer pipes instead of the MUFU (FlashAttention-4's split of the softmax's exponentials,
-// for kernels whose MUFU is busy with tanh too): x = j + f with j = round(x) (the 1.5 * 2^23 trick, whose low
-// mantissa bits then hold j), 2^f by a degree-4 polynomial fitted on [-0.5, 0.5] (relative error <= 2.8e-6;
-// ex2.approx: ~2.4e-7, both far below P's bf16 / fp16 rounding), j added to the exponent bits. x < -126
-// (-inf included) gives 0.
-FA2_DEVICE float exp2_fma(float x) {
-  const float xc = fmaxf(x, -126.f);
-  const float t = xc + 12582912.f;
-  const float f = xc - (t - 12582912.f);
-  float p = fmaf(f, 0.009560515f, 0.05591708f);
-  p = fmaf(p, f, 0.24024981f);
-  p = fmaf(p, f, 0.69312197f);
-  p = fmaf(p, f, 0.99999917f);
-  const float y = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-  return x < -126.f ? 0.f : y;
-}
-
 // Reductions over the 4 lanes of a quad (the 4 threads that share a row of an mma C fragment).
 FA2_DEVICE float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));

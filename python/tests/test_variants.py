@@ -513,17 +513,6 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
 
 
 @requires_sm90
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_cuda_warp_specialised_forward_softcap_exponentials_on_mufu(monkeypatch, d):
-    """FLASH_ATTN2_FWD_EXP2=mufu: the A/B switch that keeps every exponential of a softcapped forward on the MUFU
-    (by default half of them go to the FMA pipe, exp2_fma)."""
-    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
-    monkeypatch.setenv("FLASH_ATTN2_FWD_EXP2", "mufu")
-    opts = make_options(2, 4, True, (-1, -1), 30.0, None, 0.0, "cuda", seed=11)
-    check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
-
-
-@requires_sm90
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
     (False, (-1, -1), 0.0, None, 0.0)])
