@@ -10,7 +10,7 @@
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
-#   ab_blockn      the d128 WS forward with 176-key tiles (a second build, its WS forward tests) vs 128
+#   ab_blockn      the d128 WS forward with 176-key tiles vs 128, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
@@ -67,14 +67,9 @@ if step ab_det 120; then  # the deterministic backward (det) beside the default 
   timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
     --head-dims 64,128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,det | tee "$OUT/ab_det.md"
 fi
-if step ab_blockn 260; then  # d128 WS forward: key tiles of 176 (B, a second build) vs 128 (A), tests on B first
-  CUDAFLAGS=-DFA2_WS_FWD_D128_BLOCK_N=176 BUILD=build/gpu176 OUT="$OUT/b176" scripts/gpu_check.sh none 2>&1 | tail -2
-  lib176=$PWD/build/gpu176/libflash_attn2.so
-  FLASH_ATTN2_LIBRARY=$lib176 timeout 60 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py \
-    -q -k "warp_specialised_forward" -p no:cacheprovider >"$OUT/b176_tests.log" 2>&1
-  echo "WS forward tests on the 176 build rc $?: $(tail -1 "$OUT/b176_tests.log")"
-  timeout 100 python3 scripts/ab_forward.py $lib $lib176 --head-dims 128 --lengths 2048,16384 \
-    --causal-lengths 2048,16384 --mods none,softcap | tee "$OUT/ab_blockn.md"
+if step ab_blockn 120; then  # d128 WS forward: key tiles of 176 (B) vs 128 (A), forced (FLASH_ATTN2_FWD_WS_BLOCKN)
+  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=128 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=176 \
+    --head-dims 128 --lengths 2048,4096,8192,16384 --causal-lengths 4096,8192,16384 --mods none | tee "$OUT/ab_blockn.md"
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \

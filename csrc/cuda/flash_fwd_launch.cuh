@@ -186,6 +186,18 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   FA2_CHECK_LAUNCH();
   return true;
 }
+
+// The d128 WS forward's 176-key tiles (FlashAttention-3's): fewer, longer steps per block. Measured against 128
+// (perf.md v14, H200): 1.04-1.09x where rows see 16k keys (8k under a causal mask), 0.93-0.96x at 2k, and
+// 0.85-0.94x with a softcap (the consumers spill), so only the kernel without score modifiers has them, for rows
+// that see at least kWideKeyTilesMinKeys keys. FLASH_ATTN2_FWD_WS_BLOCKN=128 or 176 forces the choice (A/B runs,
+// tests).
+inline constexpr int64_t kWideKeyTilesMinKeys = 8192;
+inline bool use_wide_key_tiles(const FwdParams& p) {
+  const char* force = std::getenv("FLASH_ATTN2_FWD_WS_BLOCKN");
+  if (force != nullptr && force[0] != '\0') return std::strcmp(force, "176") == 0;
+  return visible_keys_per_row(p) >= kWideKeyTilesMinKeys;
+}
 }  // namespace detail
 
 template <typename T, int kHeadDim, bool kScoreMod>
@@ -196,6 +208,11 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   const int64_t bh = static_cast<int64_t>(params.heads_q) * params.batch;
   if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
     if (detail::use_sm90_kernels()) {
+      if constexpr (kHeadDim == 128 && !kScoreMod) {
+        if (detail::use_wide_key_tiles(params) &&
+            detail::try_launch_fwd_ws<FwdSm90WsTraits<T, 128, 176>, false>(params, bh, stream))
+          return;
+      }
       if (detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim>, kScoreMod>(params, bh, stream)) return;
       using K90 = FwdSm90Traits<T, kHeadDim>;
       const int64_t num_m = (params.seqlen_q + K90::kBlockM - 1) / K90::kBlockM;

@@ -32,12 +32,10 @@
 
 namespace flash_attn2::cuda {
 
-// The d128 key tile (128; FlashAttention-3 uses 176): a compile-time knob for A/B builds.
-#ifndef FA2_WS_FWD_D128_BLOCK_N
-#define FA2_WS_FWD_D128_BLOCK_N 128
-#endif
-
-template <typename T, int kHeadDim_>
+// kBlockN_: the key tile. 128 at d64 / d128 and 64 at d256 (O alone is 128 registers per thread) by default;
+// d128 also has a 176-key kernel (FlashAttention-3's tile) for long rows without score modifiers
+// (flash_fwd_launch.cuh, use_wide_key_tiles).
+template <typename T, int kHeadDim_, int kBlockN_ = (kHeadDim_ <= 128 ? 128 : 64)>
 struct FwdSm90WsTraits {
   using Elem = T;
   static constexpr int kHeadDim = kHeadDim_;
@@ -46,9 +44,9 @@ struct FwdSm90WsTraits {
   static constexpr int kConsumers = kHeadDim == 64 ? 3 : 2;
   static constexpr int kNThreads = (kConsumers + 1) * 128;  // + the producer warpgroup
   static constexpr int kBlockM = 64 * kConsumers;
-  // d256: O alone is 128 registers per thread. d128: FA2_WS_FWD_D128_BLOCK_N (128; 176, FlashAttention-3's
-  // choice, for A/B builds).
-  static constexpr int kBlockN = kHeadDim == 128 ? FA2_WS_FWD_D128_BLOCK_N : kHeadDim < 128 ? 128 : 64;
+  static constexpr int kBlockN = kBlockN_;
+  static_assert(kBlockN == (kHeadDim <= 128 ? 128 : 64) || (kHeadDim == 128 && kBlockN == 176),
+                "warp-specialised forward: key tiles of 128 (d64, d128), 176 (d128) or 64 (d256)");
   static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
   static constexpr int kStages = 2;
   // The default where query rows see at least this many key tiles on average (perf.md v11): at d64 blocks of
