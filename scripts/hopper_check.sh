@@ -70,6 +70,8 @@ fi
 if step ab_blockn 120; then  # d128 WS forward: key tiles of 176 (B) vs 128 (A), forced (FLASH_ATTN2_FWD_WS_BLOCKN)
   timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=128 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=176 \
     --head-dims 128 --lengths 2048,4096,8192,16384 --causal-lengths 4096,8192,16384 --mods none | tee "$OUT/ab_blockn.md"
+  timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=128 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=176 \
+    --head-dims 128 --lengths 16384 --causal-lengths 16384 --mods window,varlen | tee -a "$OUT/ab_blockn.md"
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \
