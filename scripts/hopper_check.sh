@@ -16,6 +16,7 @@
 #   det            the deterministic tests on both kernel families
 #   variants       the variant bench rows
 #   bench          the quick grid with every SDPA backend and the variant rows
+#   gqa            the GQA bench rows
 #   suite_default  the whole suite under the default kernel choice
 #   BUDGET=540 STEPS="build wstests san_ws" scripts/hopper_check.sh      (OUT: the output folder)
 set -u
@@ -99,8 +100,12 @@ if step bench 170; then  # the quick grid beside every SDPA backend (and FlashAt
     --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
   echo "bench rc $?"; cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 fi
-if step suite_default 210; then  # the whole suite under the default kernel choice
-  timeout 200 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
+if step gqa 90; then  # the GQA rows (32/8 and 64/8 heads, D = 128, causal, N = 4k / 8k) beside every backend
+  [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH
+  timeout 90 python3 -m flash_attn2.bench --device cuda --gqa-only 2>&1 | grep -E "^\|" | tee "$OUT/gqa.md"
+fi
+if step suite_default 240; then  # the whole suite under the default kernel choice
+  timeout 230 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
     >"$OUT/suite_default.log" 2>&1
   echo "whole suite, default kernels, rc $?: $(tail -1 "$OUT/suite_default.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/suite_default.log" | head -20

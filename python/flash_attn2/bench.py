@@ -13,6 +13,8 @@ FLOPs count visible scores only.
 --decode adds decoding rows (bf16, D=128, Hq=32, one query over a cache of 1k-128k keys, Hkv 8 / 32, B 1 / 16 / 64;
 then Nq = 4 / 16): fwd_kvcache's K/V read bandwidth beside the copy bandwidth measured in the same run, the plain
 fwd on the same tensors, each SDPA backend (enable_gqa), and paged caches (pages of 16 / 256) vs dense.
+--gqa adds GQA rows (bf16, D=128, causal, Hq / Hkv = 32 / 8 and 64 / 8, N = 4k and 8k): fwd and bwd TFLOP/s of
+ours, each SDPA backend (enable_gqa) and FlashAttention-4, and fwd+bwd time against cuDNN.
 """
 
 from __future__ import annotations
@@ -240,6 +242,58 @@ def bench_cuda(quick, out_path, rows, head_dims=None):
                     del q, k, v, dout
     if out_path:
         with open(out_path, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+def bench_gqa_cuda(out_path=None):
+    """#11's GQA rows: bf16, D = 128, causal, Hq / Hkv = 32 / 8 and 64 / 8, N = 4k and 8k, 16k tokens, (B, N, H, D)
+    buffers viewed as (B, H, N, D). Every implementation gets the grouped K/V: SDPA with enable_gqa, and
+    FlashAttention-4 where it imports; a backend that refuses it shows n/a."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fa4 = flash_attn_4()
+    names = ["ours", "flash", "cudnn", "efficient"] + (["fa4"] if fa4 is not None else [])
+    header = ("| Hq/Hkv | N | B | " + " | ".join(f"fwd {x}" for x in names) + " | "
+              + " | ".join(f"bwd {x}" for x in names) + " | fwd ours/cudnn | bwd ours/cudnn | fwd+bwd ours/cudnn |")
+    lines = ["", "GQA: TFLOP/s, bf16, D = 128, causal (SDPA with enable_gqa)", "", header,
+             "|" + "---|" * (header.count("|") - 1)]
+    print("\n".join(lines[1:]), flush=True)
+    cases = [(hq, hkv, n) for hq, hkv in ((32, 8), (64, 8)) for n in (4096, 8192)]
+    d, dtype = 128, torch.bfloat16
+    for i, (hq, hkv, n) in enumerate(cases, 1):
+        progress(i, len(cases), f"GQA {hq}/{hkv} N={n}")
+        b = 16384 // n
+        q = torch.randn(b, n, hq, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+        k, v = (torch.randn(b, n, hkv, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+                for _ in range(2))
+        dout = torch.randn(b, n, hq, d, device="cuda", dtype=dtype).transpose(1, 2)
+        fwd_flops = 4 * b * hq * n * n * d / 2
+        res = {"ours": time_cuda_case(lambda q, k, v: flash_attn2.attention(q, k, v, True), q, k, v, dout)}
+        for name, backend in SDPA_BACKENDS.items():
+            try:
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    res[name] = time_cuda_case(lambda q, k, v: F.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, enable_gqa=True), q, k, v, dout)
+            except RuntimeError:
+                res[name] = None
+        if fa4 is not None:
+            try:
+                res["fa4"] = time_cuda_case(lambda q, k, v: fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                                 causal=True)[0].transpose(1, 2), q, k, v, dout)
+            except Exception as e:
+                print(f"FlashAttention-4 failed on GQA {hq}/{hkv} N={n}: {e}")
+                res["fa4"] = None
+        tf = {x: (fwd_flops / (res[x][0] * 1e-3) / 1e12, 2.5 * fwd_flops / (res[x][1] * 1e-3) / 1e12)
+              if res.get(x) else (float("nan"), float("nan")) for x in names}
+        both = (lambda x: res[x][0] + res[x][1] if res.get(x) else float("nan"))
+        line = (f"| {hq}/{hkv} | {n} | {b} | " + " | ".join(f"{tf[x][0]:.0f}" for x in names) + " | "
+                + " | ".join(f"{tf[x][1]:.0f}" for x in names) + f" | {tf['ours'][0] / tf['cudnn'][0]:.2f} | "
+                f"{tf['ours'][1] / tf['cudnn'][1]:.2f} | {both('cudnn') / both('ours'):.2f} |")
+        print(line, flush=True)
+        lines.append(line)
+        del q, k, v, dout
+    if out_path:
+        with open(out_path, "a") as fh:
             fh.write("\n".join(lines) + "\n")
 
 
@@ -596,6 +650,9 @@ def main(argv=None):
     parser.add_argument("--provider", action="store_true",
                         help="CUDA: also time SDPA's flash path with the flash_attn2 SDPA provider active")
     parser.add_argument("--provider-only", action="store_true", help="CUDA: only the SDPA provider rows")
+    parser.add_argument("--gqa", action="store_true",
+                        help="CUDA: add the GQA rows (D=128, causal, 32/8 and 64/8 heads, N=4k and 8k)")
+    parser.add_argument("--gqa-only", action="store_true", help="CUDA: only the GQA rows")
     parser.add_argument("--json", help="also write every timing as JSON here (for machines)")
     parser.add_argument("--plot", help="write a PNG plot here (default: next to --out, with .png); needs matplotlib")
     parser.add_argument("--cpu-seqlens", type=lambda x: [int(n) for n in x.split(",")], default=[1024, 4096],
@@ -622,7 +679,7 @@ def main(argv=None):
         if device == "cpu":
             bench_cpu(args.reps, rows, args.cpu_seqlens)
         else:
-            if not (args.variants_only or args.decode_only or args.provider_only):
+            if not (args.variants_only or args.decode_only or args.provider_only or args.gqa_only):
                 bench_cuda(args.quick, args.out, rows, args.head_dims)
             if args.variants or args.variants_only:
                 bench_variants_cuda(args.out)
@@ -630,6 +687,8 @@ def main(argv=None):
                 bench_decode_cuda(args.out, rows)
             if args.provider or args.provider_only:
                 bench_provider_cuda(args.out, rows)
+            if args.gqa or args.gqa_only:
+                bench_gqa_cuda(args.out)
     if args.json:
         write_json(args.json, rows)
     plot = args.plot or (args.out.rsplit(".", 1)[0] + ".png" if args.out else None)
