@@ -184,62 +184,69 @@ def bench_cuda(quick, out_path, rows, head_dims=None):
     head_dims = head_dims or ([64, 128] if quick else [64, 128, 256])
     seqlens = [2048, 8192, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
     fa4 = flash_attn_4()
+    cases = [(dtype, d, causal, n) for dtype in dtypes for d in head_dims for causal in (False, True) for n in seqlens]
+
+    def inputs(dtype, d, n):
+        b, h = 16384 // n, 2048 // d
+        # (B, N, H, D) buffers viewed as (B, H, N, D), the layout a QKV projection produces.
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+                   for _ in range(3))
+        return q, k, v, torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2)
+
+    # Ours and SDPA first over the whole grid, then FlashAttention-4 over it in a second pass: in calls where
+    # FlashAttention-4 ran between our rows, our later rows read up to 18% lower than in calls without it, while
+    # cuDNN's did not move (perf.md v14), so nothing of ours is timed after it has run.
+    results = {}
+    for i, (dtype, d, causal, n) in enumerate(cases, 1):
+        progress(i, len(cases), f"cuda {str(dtype).replace('torch.', '')} D={d} causal={causal} N={n}")
+        q, k, v, dout = inputs(dtype, d, n)
+        res = results[(dtype, d, causal, n)] = {}
+        res["ours"] = time_cuda_case(lambda q, k, v: flash_attn2.attention(q, k, v, causal), q, k, v, dout)
+        for name, backend in SDPA_BACKENDS.items():
+            try:
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    res[name] = time_cuda_case(
+                        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v, dout)
+            except RuntimeError:
+                res[name] = None
+        del q, k, v, dout
+    if fa4 is not None:
+        for i, (dtype, d, causal, n) in enumerate(cases, 1):
+            progress(i, len(cases), f"FlashAttention-4 {str(dtype).replace('torch.', '')} D={d} causal={causal} N={n}")
+            q, k, v, dout = inputs(dtype, d, n)
+            try:  # on the (B, N, H, D) buffers themselves
+                results[(dtype, d, causal, n)]["fa4"] = time_cuda_case(
+                    lambda q, k, v: fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        causal=causal)[0].transpose(1, 2), q, k, v, dout)
+            except Exception as e:  # a head dim or dtype it does not build
+                print(f"FlashAttention-4 failed at D={d} causal={causal} N={n}: {e}")
+                results[(dtype, d, causal, n)]["fa4"] = None
+            del q, k, v, dout
+
     header = grid_header(fa4 is not None)
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     print("TFLOP/s (CUDA-event medians); ratios = flash_attn2 / SDPA flash, / SDPA cuDNN (and / FlashAttention-4)")
     print(header)
-    total = len(dtypes) * len(head_dims) * 2 * len(seqlens)
-    done = 0
-    for dtype in dtypes:
-        for d in head_dims:
-            for causal in (False, True):
-                for n in seqlens:
-                    done += 1
-                    progress(done, total, f"cuda {str(dtype).replace('torch.', '')} D={d} causal={causal} N={n}")
-                    b, h = 16384 // n, 2048 // d
-                    # (B, N, H, D) buffers viewed as (B, H, N, D), the layout a QKV projection produces.
-                    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
-                               for _ in range(3))
-                    dout = torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2)
-                    fwd_flops = 4 * b * h * n * n * d / (2 if causal else 1)
-                    bwd_flops = 2.5 * fwd_flops
-                    results = {}
-                    results["ours"] = time_cuda_case(
-                        lambda q, k, v: flash_attn2.attention(q, k, v, causal), q, k, v, dout)
-                    for name, backend in SDPA_BACKENDS.items():
-                        try:
-                            with sdpa_kernel(getattr(SDPBackend, backend)):
-                                results[name] = time_cuda_case(
-                                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                                    q, k, v, dout)
-                        except RuntimeError:
-                            results[name] = None
-                    if fa4 is not None:  # on the (B, N, H, D) buffers themselves
-                        try:
-                            results["fa4"] = time_cuda_case(
-                                lambda q, k, v: fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                    causal=causal)[0].transpose(1, 2), q, k, v, dout)
-                        except Exception as e:  # a head dim or dtype it does not build
-                            print(f"FlashAttention-4 failed at D={d} causal={causal} N={n}: {e}")
-                            results["fa4"] = None
+    names = ("ours", "flash", "cudnn", "efficient") + (("fa4",) if fa4 is not None else ())
+    for (dtype, d, causal, n), res in results.items():
+        b, h = 16384 // n, 2048 // d
+        fwd_flops = 4 * b * h * n * n * d / (2 if causal else 1)
+        bwd_flops = 2.5 * fwd_flops
 
-                    def tflops(name, idx, flops):
-                        r = results.get(name)
-                        return flops / (r[idx] * 1e-3) / 1e12 if r else float("nan")
+        def tflops(name, idx, flops):
+            r = res.get(name)
+            return flops / (r[idx] * 1e-3) / 1e12 if r else float("nan")
 
-                    names = ("ours", "flash", "cudnn", "efficient") + (("fa4",) if fa4 is not None else ())
-                    f = [tflops(x, 0, fwd_flops) for x in names]
-                    bw = [tflops(x, 1, bwd_flops) for x in names]
-                    row = grid_row(str(dtype).replace("torch.", ""), d, causal, n, b, h, f, bw)
-                    print(row, flush=True)
-                    lines.append(row)
-                    impls = ("flash_attn2", "sdpa flash", "sdpa cudnn", "sdpa efficient", "flash-attn-4")
-                    for impl, fv, bv in zip(impls, f, bw):
-                        base = dict(device="cuda", dtype=str(dtype).replace("torch.", ""), D=d, causal=causal, N=n,
-                                    impl=impl)
-                        rows.append(dict(base, direction="fwd", tflops=fv))
-                        rows.append(dict(base, direction="bwd", tflops=bv))
-                    del q, k, v, dout
+        f = [tflops(x, 0, fwd_flops) for x in names]
+        bw = [tflops(x, 1, bwd_flops) for x in names]
+        row = grid_row(str(dtype).replace("torch.", ""), d, causal, n, b, h, f, bw)
+        print(row, flush=True)
+        lines.append(row)
+        impls = ("flash_attn2", "sdpa flash", "sdpa cudnn", "sdpa efficient", "flash-attn-4")
+        for impl, fv, bv in zip(impls, f, bw):
+            base = dict(device="cuda", dtype=str(dtype).replace("torch.", ""), D=d, causal=causal, N=n, impl=impl)
+            rows.append(dict(base, direction="fwd", tflops=fv))
+            rows.append(dict(base, direction="bwd", tflops=bv))
     if out_path:
         with open(out_path, "w") as fh:
             fh.write("\n".join(lines) + "\n")
