@@ -8,7 +8,10 @@ side's variables), alternately A, B, A, B, and each cell keeps the better of its
     python3 scripts/ab_forward.py a.so b.so --head-dims 128 --lengths "" --causal-lengths 8192 \
         --mods none,softcap,alibi,dropout      (score modifiers: softcap 50, ALiBi slopes, dropout 0.1;
                                                     varlen: 16k tokens packed, lengths drawn from 64..N;
-                                                    det: the deterministic backward)
+                                                    det: the deterministic backward;
+                                                    window: 4096 keys left (and right, not causal); its
+                                                    TFLOP/s count every score of the mask's shape: compare
+                                                    the B/A ratio only)
 """
 
 import argparse
@@ -26,7 +29,8 @@ cases = [(d, causal, n, mod) for d in ints(sys.argv[1]) for causal in (False, Tr
 for d, causal, n, mod in cases:
     b, h = 16384 // n, 2048 // d
     kw = {"softcap": dict(softcap=50.0), "alibi": dict(alibi_slopes=torch.rand(h, device="cuda")),
-          "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}, "varlen": {}, "det": {}}[mod]
+          "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}, "varlen": {}, "det": {},
+          "window": dict(window_size=(4096, 0) if causal else (4096, 4096))}[mod]
     bwd_kw = dict(kw, deterministic=True) if mod == "det" else kw  # det: the deterministic backward
     if mod == "varlen":  # 16k tokens packed, lengths drawn from 64..N
         gen, lens = torch.Generator().manual_seed(0), []

@@ -7,14 +7,16 @@
 #   san_ws         memcheck, racecheck, synccheck on the warp-specialised forward (FA2_SANITIZE=ws)
 #   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
-#   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel (FLASH_ATTN2_BWD_WS=0 vs 1)
+#   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
+#   ab_blockn      the d128 WS forward with 176-key tiles vs 128, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
 #   variants       the variant bench rows
 #   bench          the quick grid with every SDPA backend and the variant rows
+#   gqa            the GQA bench rows
 #   suite_default  the whole suite under the default kernel choice
 #   BUDGET=540 STEPS="build wstests san_ws" scripts/hopper_check.sh      (OUT: the output folder)
 set -u
@@ -53,9 +55,9 @@ if step ab_persistent 130; then  # the persistent walk (B: static where uniform,
     $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
     --mods none,varlen | tee "$OUT/ab_persistent.md"  # vs one tile per block (A)
 fi
-if step ab_wsbwd 100; then  # the warp-specialised d128 backward (B) vs flash_bwd_sm90_kernel (A)
-  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
-    --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
+if step ab_wsbwd 130; then  # the warp-specialised backward (B) vs flash_bwd_sm90_kernel (A), d64 and d128
+  timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
+    --head-dims 64,128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
     | tee "$OUT/ab_wsbwd.md"
 fi
 if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)
@@ -63,8 +65,14 @@ if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.ad
     --head-dims 128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap | tee "$OUT/ab_wsdq.md"
 fi
 if step ab_det 120; then  # the deterministic backward (det) beside the default (none), WS off (A) and on (B)
-  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib --direction bwd --head-dims 64,128,256 \
-    --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,det | tee "$OUT/ab_det.md"
+  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
+    --head-dims 64,128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,det | tee "$OUT/ab_det.md"
+fi
+if step ab_blockn 120; then  # d128 WS forward: key tiles of 176 (B) vs 128 (A), forced (FLASH_ATTN2_FWD_WS_BLOCKN)
+  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=128 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=176 \
+    --head-dims 128 --lengths 2048,4096,8192,16384 --causal-lengths 4096,8192,16384 --mods none | tee "$OUT/ab_blockn.md"
+  timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=128 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=176 \
+    --head-dims 128 --lengths 16384 --causal-lengths 16384 --mods window,varlen | tee -a "$OUT/ab_blockn.md"
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \
@@ -92,8 +100,12 @@ if step bench 170; then  # the quick grid beside every SDPA backend (and FlashAt
     --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
   echo "bench rc $?"; cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 fi
-if step suite_default 210; then  # the whole suite under the default kernel choice
-  timeout 200 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
+if step gqa 90; then  # the GQA rows (32/8 and 64/8 heads, D = 128, causal, N = 4k / 8k) beside every backend
+  [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH
+  timeout 90 python3 -m flash_attn2.bench --device cuda --gqa-only 2>&1 | grep -E "^\|" | tee "$OUT/gqa.md"
+fi
+if step suite_default 240; then  # the whole suite under the default kernel choice
+  timeout 230 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
     >"$OUT/suite_default.log" 2>&1
   echo "whole suite, default kernels, rc $?: $(tail -1 "$OUT/suite_default.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/suite_default.log" | head -20

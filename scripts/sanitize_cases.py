@@ -11,7 +11,8 @@ import flash_attn2
 # FA2_SANITIZE=kvcache runs only the split-KV / KV-cache cases; FA2_SANITIZE=fwd only forwards of several key
 # tiles (the double-buffered Hopper forward's pipeline: d128 with both loops and d256, plain and with score
 # modifiers); FA2_SANITIZE=attention only the dense and varlen forward / backward cases (no KV cache);
-# FA2_SANITIZE=ws the warp-specialised forward (FLASH_ATTN2_FWD_WS=require), d = 64, 128, 256, dense and varlen.
+# FA2_SANITIZE=ws the warp-specialised forward (FLASH_ATTN2_FWD_WS=require), d = 64, 128, 256, dense and varlen,
+# and d128's 176-key tiles.
 only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 skip_kvcache = os.environ.get("FA2_SANITIZE") == "attention"
 
@@ -39,16 +40,27 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
             q, k, v = (torch.randn(2, 4, 400, d, device="cuda", dtype=dtype) for _ in range(3))
             flash_attn2.attention(q, k, v, True, window_size=(100, 0), softcap=4.0)
             del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
+        os.environ["FLASH_ATTN2_FWD_WS_BLOCKN"] = "176"  # d128's 176-key tiles: one and persistent, dense and packed
+        q, k, v = (torch.randn(2, 2, n, 128, device="cuda", dtype=dtype) for n in (200, 400, 400))
+        flash_attn2.attention(q, k, v, True)
+        flash_attn2.attention(q, k, v, False, window_size=(150, 7))
+        cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
+        q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=dtype) for _ in range(3))
+        flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
+        os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = "3"
+        q, k, v = (torch.randn(2, 4, n, 128, device="cuda", dtype=dtype) for n in (400, 500, 500))
+        flash_attn2.attention(q, k, v, False)
+        del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"], os.environ["FLASH_ATTN2_FWD_WS_BLOCKN"]
     torch.cuda.synchronize()
     print("sanitize cases ran (ws)")
     raise SystemExit(0)
-if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised d128 backward (the sm_90 default)
+if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (the sm_90 default at d128; d64)
     os.environ["FLASH_ATTN2_BWD_WS"] = "require"
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype, d in [(torch.bfloat16, 128), (torch.float16, 128), (torch.bfloat16, 64)]:
         for nq, nk, causal in [(200, 300, True), (40, 520, False), (300, 130, True)]:
-            q = torch.randn(2, 2, nq, 128, device="cuda", dtype=dtype, requires_grad=True)
-            k = torch.randn(2, 1, nk, 128, device="cuda", dtype=dtype, requires_grad=True)
-            v = torch.randn(2, 1, nk, 128, device="cuda", dtype=dtype, requires_grad=True)
+            q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
+            v = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
             flash_attn2.attention(q, k, v, causal).sum().backward()
             flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0, dropout_p=0.2,
                                   rng_state=rng).sum().backward()
@@ -56,7 +68,7 @@ if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised d128 backw
             torch.ops.flash_attn2.bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, causal,
                                       None, deterministic=True)
         cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
-        q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
         flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True).sum().backward()
         out, lse = flash_attn2.attention_varlen_with_lse(q.detach(), k.detach(), v.detach(), cu, cu, 230, 230, True)
         torch.ops.flash_attn2.bwd_varlen(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, cu,

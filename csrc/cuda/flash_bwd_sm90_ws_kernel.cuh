@@ -1,12 +1,13 @@
-// Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128: the default on sm_90 where the TMA can
-// address the tensors (flash_bwd_launch.cuh; FLASH_ATTN2_BWD_WS=0 turns it off, =require raises where it would
-// fall back). The algorithm and
+// Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128 and 64: the default on sm_90 at d128 where
+// the TMA can address the tensors (flash_bwd_launch.cuh; FLASH_ATTN2_BWD_WS=0 turns it off, =require raises where
+// it would fall back), on request at d64 (FLASH_ATTN2_BWD_WS=1 or require; not yet measured). The algorithm and
 // variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers), with the
 // loads moved to a producer and each step's dQ written back by the TMA: every consumer stages its 64 x 64
 // float32 dQ in shared memory (swizzled boxes, double-buffered) and a writer warp issues bulk reduce-adds into
 // dq_accum, which the L2 performs, instead of 128 threads' red.add per consumer (FLASH_ATTN2_BWD_WS_DQ=red, for
 // A/B runs). In the deterministic mode the writer alone waits for the block's turn at each query tile
-// (DqOrder), adds, waits for the additions to complete and passes the turn on, while the consumers go on:
+// (DqOrder), adds, and passes the turn on once the additions are complete (a step later), while the consumers
+// go on:
 //
 //   warpgroup 0 (producer, 24 registers): thread 0 issues TMA copies of the block's K and V tiles once, then of
 //     each step's Q and dO tiles into a kStages ring; warp 1 copies the step's LSE and D rows (rows past the
@@ -46,7 +47,14 @@ struct BwdSm90WsTraits {
   static constexpr int kBlockM = 64;               // queries per step
   static constexpr int kStages = 2;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-  static_assert(kHeadDim == 128, "warp-specialised backward: d = 128 (d64's 128-query steps need more registers)");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "warp-specialised backward: d = 64 or 128");
+  // dQ of a step (64 queries x d = dS K over the block's 128 keys) in 64-column chunks: at d128 each consumer
+  // computes one (columns 64 c), at d64 the one chunk is computed by the consumers in turn (step i: consumer
+  // i % 2), so that each does the same work over two steps and the other only signals its dS^T.
+  static constexpr int kDqChunks = kHeadDim / 64;
+  // At d64 the consumer without the step's dQ arrives on the dS^T barrier without waiting; two barrier ids
+  // (by step parity) keep its arrivals apart, which holds while the 2-stage ring keeps it within two steps.
+  static_assert(kDqChunks == kConsumers || kStages == 2, "dS^T barrier ids assume a 2-stage ring");
   static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");
 
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;   // Q and dO
@@ -56,14 +64,14 @@ struct BwdSm90WsTraits {
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kSmemDS = TileDS::kElems * 2;
   static constexpr int kSmemStats = 2 * kBlockM * 4;  // LSE and D of one step, fp32
-  static constexpr int kSmemDq = kBlockM * 64 * 4;     // a consumer's 64 x 64 float32 dQ: two 64 x 32 boxes
+  static constexpr int kSmemDq = kBlockM * 64 * 4;     // a 64 x 64 float32 dQ chunk: two 64 x 32 boxes
   static constexpr int kDqBufs = 2;                    // dQ buffers (steps) in flight to the writer
   static constexpr int kAlign = 1024;
   // Barriers: K/V full, per stage full and empty, per dQ buffer full and empty.
   static constexpr int kBarriers = 1 + 2 * kStages + 2 * kDqBufs;
-  // K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kDqBufs][kConsumers] | stats[kStages] | barriers, plus slack
+  // K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kDqBufs][kDqChunks] | stats[kStages] | barriers, plus slack
   static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemDS +
-                                    kDqBufs * kConsumers * kSmemDq + kStages * kSmemStats + kBarriers * 8 + kAlign;
+                                    kDqBufs * kDqChunks * kSmemDq + kStages * kSmemStats + kBarriers * 8 + kAlign;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
@@ -82,7 +90,7 @@ struct BwdWsSmem {
   FA2_DEVICE static constexpr int q_off(int s) { return 2 * Kt::kSmemKV + s * Kt::kSmemQ; }
   FA2_DEVICE static constexpr int do_off(int s) { return 2 * Kt::kSmemKV + (Kt::kStages + s) * Kt::kSmemQ; }
   FA2_DEVICE static constexpr int ds_off(int b) { return 2 * Kt::kSmemKV + 2 * Kt::kStages * Kt::kSmemQ + b * Kt::kSmemDS; }
-  FA2_DEVICE static constexpr int dq_off(int b, int c) { return ds_off(2) + (b * Kt::kConsumers + c) * Kt::kSmemDq; }
+  FA2_DEVICE static constexpr int dq_off(int b, int c) { return ds_off(2) + (b * Kt::kDqChunks + c) * Kt::kSmemDq; }
   FA2_DEVICE static constexpr int stats_off(int s) { return dq_off(Kt::kDqBufs, 0) + s * Kt::kSmemStats; }
   FA2_DEVICE uint64_t* bar(int i) const {
     return reinterpret_cast<uint64_t*>(base + stats_off(Kt::kStages)) + i;
@@ -144,7 +152,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       tma::init_barrier(sm.empty(s), Kt::kConsumers * 128);  // every consumer thread
     }
     for (int b = 0; b < Kt::kDqBufs; ++b) {
-      tma::init_barrier(sm.dq_full(b), Kt::kConsumers * 128);  // every consumer thread, its part stored
+      tma::init_barrier(sm.dq_full(b), Kt::kDqChunks * 128);  // every thread of the step's dQ, its part stored
       tma::init_barrier(sm.dq_empty(b), 1);                    // the writer, once the reduce-adds read it
     }
     tma::fence_barrier_init();
@@ -185,34 +193,49 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         tma::arrive(sm.full(s));  // each lane releases its own stores to the waiters
       }
     } else if (tid == 64 && !p.dq_red_add) {
-      // The dQ writer: each step's two consumers' boxes (64 queries x d) as bulk reduce-adds, in the
-      // deterministic mode in the block's turn, the additions complete before the turn passes on.
+      // The dQ writer: each step's dQ chunks (64 queries x d) as bulk reduce-adds. In the deterministic mode they
+      // go in the block's turn, and the turn passes on once they are complete: a step late, after the next step's
+      // adds are issued, so that the writer does not wait out every step's round trip to memory (in that mode the
+      // blocks running together add into different query tiles, and the adds miss L2). The chain of waits still
+      // runs to later key tiles only (DqOrder), as with DqOrderChain.
+      const bool deterministic = p.dq_semaphore != nullptr;
+      DqOrder pending{nullptr, 0};  // the last step's turn, passed on once its adds are complete
+      int pending_buf = -1;
       for (int it = 0; it < steps.total; ++it) {
         const int b = it % Kt::kDqBufs;
         const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
         const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
         const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
         tma::wait(sm.dq_full(b), (it / Kt::kDqBufs) & 1);
-        if (order.counter != nullptr) {
+        if (deterministic) {
           order.wait_turn();
           tma::fence_proxy_async_global();  // the turn's acquire before this thread's reduce-adds
         }
-        for (int c = 0; c < Kt::kConsumers; ++c) {
+        for (int c = 0; c < Kt::kDqChunks; ++c) {
           const unsigned char* src = sm.base + sm.dq_off(b, c);
           tma::reduce_add_box(&maps.dq, src, 64 * c, row);
           tma::reduce_add_box(&maps.dq, src + 8192, 64 * c + 32, row);
         }
         tma::bulk_commit();
-        if (order.counter != nullptr) {
-          tma::bulk_wait<0>();              // the additions are done in global memory ...
-          tma::fence_proxy_async_global();  // ... and ordered before the release that passes the turn on
-          order.pass_turn();
+        if (deterministic) {
+          tma::bulk_wait<1>();  // the last step's adds are done in global memory (this step's may run on) ...
+          if (pending_buf >= 0) {
+            tma::fence_proxy_async_global();  // ... and ordered before the release that passes its turn on
+            pending.pass_turn();
+            tma::arrive(sm.dq_empty(pending_buf));
+          }
+          pending = order;
+          pending_buf = b;
         } else {
           tma::bulk_wait_read<0>();
+          tma::arrive(sm.dq_empty(b));
         }
-        tma::arrive(sm.dq_empty(b));
       }
       tma::bulk_wait<0>();
+      if (pending_buf >= 0) {
+        tma::fence_proxy_async_global();
+        pending.pass_turn();
+      }
     }
   } else {
     tma::grow_registers<Kt::kConsumerRegs>();
@@ -224,7 +247,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     const uint32_t sK_u = sm.base_u, sV_u = sm.base_u + sm.v_off();
     constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
     constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
-    constexpr int kBarDs = 1;  // named barrier among the consumers
+    constexpr int kBarDs = 1, kBarEpilogue = 3;  // named barriers among the consumers: kBarDs + step parity (dS^T)
+    // This consumer's dQ chunk: at d128 columns 64 c at every step, at d64 all columns at every other step.
+    constexpr bool kDqEveryStep = Kt::kDqChunks == Kt::kConsumers;
+    const int dq_chunk = kDqEveryStep ? c : 0, dq_col0 = 64 * dq_chunk;
     const int wg_row0 = 64 * c + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
     float acc_dk[1][kNT_KV][4], acc_dv[1][kNT_KV][4];
     zero_acc(acc_dk);
@@ -245,16 +271,19 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       bwd_step_dk_dv<Kt, kScoreMod>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s, sdO_s, sm.stats(s),
                                     sdS, acc_dk, acc_dv, p_frag, ds_frag);
 
-      // dQ (64 queries x 64 columns per consumer) = dS K over the block's 128 keys.
+      // dQ chunk (64 queries x 64 columns) = dS K over the block's 128 keys, by the consumers whose step it is.
+      const bool dq_mine = kDqEveryStep || it % Kt::kConsumers == c;
       fence_proxy_async_smem();
-      tma::named_sync(kBarDs, 256);  // both consumers' dS^T are in shared memory
+      if (dq_mine) tma::named_sync(kBarDs + (it & 1), 256);  // both consumers' dS^T are in shared memory
+      else tma::named_arrive(kBarDs + (it & 1), 256);        // this one's is
       float acc_dq[1][8][4];
-      const int dq_col0 = 64 * c;
+      if (dq_mine) {
 #pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks)
-        WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, 0, ks),
-                                          desc_mn_major<TileKV>(sK_u, dq_col0 / 64, ks), ks > 0);
-      wgmma_commit();
+        for (int ks = 0; ks < kBlockN / 16; ++ks)
+          WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, 0, ks),
+                                            desc_mn_major<TileKV>(sK_u, dq_chunk, ks), ks > 0);
+        wgmma_commit();
+      }
       wgmma_wait<0>();
       fence_regs(acc_dq);
       fence_regs(acc_dv);
@@ -263,13 +292,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       fence_regs(ds_frag);
       tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
 
-      if (!p.dq_red_add) {
+      if (!dq_mine) {
+        // no dQ this step
+      } else if (!p.dq_red_add) {
         // dQ to this step's buffer (once the writer's reduce-adds of two steps ago have read it), for the writer.
         // Rows past the sequence's end add exact zeros (P = 0 there, LSE = +inf) to the rows that follow; rows
         // past the array are clipped.
         const int b = it % Kt::kDqBufs;
         if (it >= Kt::kDqBufs) tma::wait(sm.dq_empty(b), ((it / Kt::kDqBufs) - 1) & 1);
-        store_dq_boxes(sm.base + sm.dq_off(b, c), acc_dq, warp, g, t);
+        store_dq_boxes(sm.base + sm.dq_off(b, dq_chunk), acc_dq, warp, g, t);
         fence_proxy_async_smem();  // the stores before the writer's bulk reads
         tma::arrive(sm.dq_full(b));
       } else {  // FLASH_ATTN2_BWD_WS_DQ=red (never in the deterministic mode)
@@ -280,10 +311,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 
     // Epilogue: dK * scale and dV as T through the K / V buffers (once both consumers are done reading them),
     // then 16-byte stores by the 256 consumer threads.
-    tma::named_sync(kBarDs, 256);
+    tma::named_sync(kBarEpilogue, 256);
     store_acc<T, TileKV>(sK, acc_dk, wg_row0, 0, lane, p.scale);
     store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, 1.f);
-    tma::named_sync(kBarDs, 256);
+    tma::named_sync(kBarEpilogue, 256);
     store_dk_dv<TileKV, 256>(p, blk, sK, sV, ctid);
   }
 #else

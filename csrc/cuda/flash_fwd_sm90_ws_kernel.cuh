@@ -32,7 +32,10 @@
 
 namespace flash_attn2::cuda {
 
-template <typename T, int kHeadDim_>
+// kBlockN_: the key tile. 128 at d64 / d128 and 64 at d256 (O alone is 128 registers per thread) by default;
+// d128 also has a 176-key kernel (FlashAttention-3's tile) for long rows without score modifiers
+// (flash_fwd_launch.cuh, use_wide_key_tiles).
+template <typename T, int kHeadDim_, int kBlockN_ = (kHeadDim_ <= 128 ? 128 : 64)>
 struct FwdSm90WsTraits {
   using Elem = T;
   static constexpr int kHeadDim = kHeadDim_;
@@ -41,7 +44,9 @@ struct FwdSm90WsTraits {
   static constexpr int kConsumers = kHeadDim == 64 ? 3 : 2;
   static constexpr int kNThreads = (kConsumers + 1) * 128;  // + the producer warpgroup
   static constexpr int kBlockM = 64 * kConsumers;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // d256: O alone is 128 registers per thread
+  static constexpr int kBlockN = kBlockN_;
+  static_assert(kBlockN == (kHeadDim <= 128 ? 128 : 64) || (kHeadDim == 128 && kBlockN == 176),
+                "warp-specialised forward: key tiles of 128 (d64, d128), 176 (d128) or 64 (d256)");
   static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
   static constexpr int kStages = 2;
   // The default where query rows see at least this many key tiles on average (perf.md v11): at d64 blocks of
@@ -309,6 +314,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // the longest, first) as TileWalk hands them out. Tiles past a sequence's end are skipped and tiles that see no
   // key written as empty rows, by both roles alike, so that they agree on the ring's uses.
   const int num_tiles = ceil_div(p.seqlen_q, kBlockM) * p.heads_q * p.batch;
+  // One block per tile (the grid covers every tile): a packed batch's tiles past their sequence's end (the grid
+  // spans the longest sequence) leave before any setup, like the other forward kernels' blocks.
+  if (static_cast<int>(gridDim.x) >= num_tiles && FwdBlockInfo<kBlockM>(p, static_cast<int>(blockIdx.x)).rows <= 0)
+    return;
 
   if (tid == 0) {
     tma::init_barrier(sm.q_full(), 1);

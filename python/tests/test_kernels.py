@@ -163,11 +163,18 @@ def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype)
             assert_close_to_reference("lse", lse.cpu(), torch_lse.cpu(), ref_lse)
 
 
-# The warp-specialised d128 backward, the default on sm_90 (FLASH_ATTN2_BWD_WS; "require" raises where it would
-# fall back): one key tile to many, GQA groups, Nq != Nk both ways, rows that see no key, partial tiles, padded head
-# dims, both layouts: the forward's d128-bucket cases but its 4k one, and a key range of many tiles for few queries.
+# The warp-specialised backward, the default on sm_90 at d128, on request at d64 (FLASH_ATTN2_BWD_WS; "require"
+# raises where it would fall back): one key tile to many, GQA groups, Nq != Nk both ways, rows that see no key,
+# partial tiles, padded head dims, both layouts (the forward's d128-bucket cases but its 4k one, and a key range of
+# many tiles for few queries); at d64 an odd and an even number of steps per block (the consumers take the steps'
+# dQ in turn).
 WS_BWD_CASES = [WS_CASES[i] for i in (0, 1, 2, 3, 4, 6)] + [
     (1, 2, 2, 64, 2000, 128, True, torch.bfloat16, False),
+    (2, 4, 4, 257, 257, 64, False, torch.bfloat16, False),
+    (1, 8, 2, 1000, 1000, 64, True, torch.float16, True),
+    (2, 4, 1, 300, 700, 40, True, torch.bfloat16, False),
+    (3, 2, 2, 17, 70, 64, False, torch.float16, True),
+    (1, 2, 2, 700, 300, 56, True, torch.bfloat16, True),
 ]
 
 
@@ -179,7 +186,7 @@ def test_cuda_warp_specialised_backward(monkeypatch, b, hq, hkv, nq, nk, d, caus
 
 
 @requires_sm90
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_BWD_CASES[i] for i in (1, 3, 5)])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_BWD_CASES[i] for i in (1, 3, 5, 8, 9)])
 def test_cuda_warp_specialised_backward_dq_by_red_add(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
     """FLASH_ATTN2_BWD_WS_DQ=red: the A/B switch back to red.add for dQ (the default: TMA reduce-adds)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
@@ -209,6 +216,20 @@ def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, 
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "5")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_WALK", walk)
+    check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
+@requires_sm90
+@pytest.mark.parametrize("blocks", ["", "5"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_CASES[:7])
+def test_cuda_warp_specialised_forward_wide_key_tiles(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed,
+                                                      blocks):
+    """The d128 WS forward's 176-key tiles (FLASH_ATTN2_FWD_WS_BLOCKN=176; by default for long rows without score
+    modifiers): key ranges ending anywhere in a tile, masks across its 22 n8 columns, one key tile or many, one
+    block per tile or a persistent grid of 5."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
 
 

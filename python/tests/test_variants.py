@@ -203,6 +203,17 @@ def test_with_lse_and_bwd_need_rng_state_for_dropout():
 # ---------------------------------------------------------------------------------------------------------
 # Variable-length batches.
 
+def assert_deterministic_backward(deterministic, default, runs=3):
+    """deterministic() and default() give (dq, dk, dv): the deterministic mode bitwise the same over `runs` calls,
+    and the default mode's gradients to rounding."""
+    first = deterministic()
+    for _ in range(runs - 1):
+        for a, b in zip(first, deterministic()):
+            assert torch.equal(a, b)
+    for a, b in zip(first, default()):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
 def packed_batch(lengths_q, lengths_k, hq, hkv, d, dtype, device, requires_grad=False):
     tq, tk = sum(lengths_q), sum(lengths_k)
     q = torch.randn(tq, hq, d, dtype=dtype, device=device, requires_grad=requires_grad)
@@ -210,6 +221,16 @@ def packed_batch(lengths_q, lengths_k, hq, hkv, d, dtype, device, requires_grad=
     v = torch.randn(tk, hkv, d, dtype=dtype, device=device, requires_grad=requires_grad)
     cu = lambda ls: torch.tensor([0] + list(itertools.accumulate(ls)), dtype=torch.int32, device=device)  # noqa
     return q, k, v, cu(lengths_q), cu(lengths_k)
+
+
+def check_varlen_deterministic(lengths, d):
+    """Packed causal batch: the deterministic backward bitwise reproducible and the default one to rounding."""
+    q, k, v, cu_q, cu_k = packed_batch(lengths, lengths, 4, 2, d, torch.bfloat16, "cuda")
+    n = max(lengths)
+    out, lse = flash_attn2.attention_varlen_with_lse(q, k, v, cu_q, cu_k, n, n, True)
+    dout = torch.randn_like(out)
+    bwd = lambda **kw: F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, n, n, True, None, **kw)
+    assert_deterministic_backward(lambda: bwd(deterministic=True), bwd)
 
 
 def check_varlen_against_reference(lengths_q, lengths_k, dtype, device, opts, hq=4, hkv=2, d=32, factor=2.0):
@@ -495,61 +516,50 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
     (False, (-1, -1), 0.0, None, 0.0)])
-def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p):
-    """The warp-specialised d128 backward (FLASH_ATTN2_BWD_WS=require) with the dense variants."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p, d):
+    """The warp-specialised backward (FLASH_ATTN2_BWD_WS=require) with the dense variants."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
-    check_variant_case(2, 4, 2, 333, 517, 128, torch.bfloat16, "cuda", opts, transposed=True)
+    check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
 
 
 @requires_sm90
 @pytest.mark.parametrize("variant", ["causal", "all"])
-def test_cuda_warp_specialised_backward_varlen(monkeypatch, variant):
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_warp_specialised_backward_varlen(monkeypatch, variant, d):
     """Packed batches on the warp-specialised backward: rows past a sequence's end hold the next sequence's rows."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     lengths_q, lengths_k = [300, 1, 129, 0, 520], [280, 64, 129, 7, 600]
     opts = {"causal": make_options(5, 4, True, (-1, -1), 0.0, None, 0.0, "cuda"),
             "all": make_options(5, 4, True, (37, -1), 3.0, "batch", 0.1, "cuda")}[variant]
-    check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=128)
+    check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=d)
 
 
 @requires_sm90
-@pytest.mark.parametrize("nq,nk,causal,window", [(700, 900, True, (300, -1)), (900, 700, True, (-1, -1)),
-                                                 (520, 520, False, (-1, -1)), (333, 517, False, (64, 7))])
-def test_cuda_warp_specialised_backward_deterministic(monkeypatch, nq, nk, causal, window):
+@pytest.mark.parametrize("nq,nk,causal,window,d", [(700, 900, True, (300, -1), 128), (900, 700, True, (-1, -1), 128),
+                                                   (520, 520, False, (-1, -1), 128), (333, 517, False, (64, 7), 128),
+                                                   (700, 900, True, (300, -1), 64), (520, 520, False, (-1, -1), 64)])
+def test_cuda_warp_specialised_backward_deterministic(monkeypatch, nq, nk, causal, window, d):
     """The WS backward's deterministic mode (the dQ writer adds each query tile in the key tiles' turn): bitwise
     the same over runs, and the default kernel's gradients to rounding."""
-    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
-    q, k, v = random_qkv(2, 8, 2, nq, nk, 128, torch.bfloat16, "cuda")
+    q, k, v = random_qkv(2, 8, 2, nq, nk, d, torch.bfloat16, "cuda")
     out, lse = flash_attn2.attention_with_lse(q, k, v, causal, window_size=window)
     dout = torch.randn_like(out)
-    runs = [F.bwd(dout, q, k, v, out, lse, causal, None, window_size=list(window), deterministic=True)
-            for _ in range(3)]
-    for r in runs[1:]:
-        for a, b in zip(runs[0], r):
-            assert torch.equal(a, b)
-    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "0")
-    other = F.bwd(dout, q, k, v, out, lse, causal, None, window_size=list(window))
-    for a, b in zip(runs[0], other):
-        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+    def bwd(ws, **kw):
+        monkeypatch.setenv("FLASH_ATTN2_BWD_WS", ws)
+        return F.bwd(dout, q, k, v, out, lse, causal, None, window_size=list(window), **kw)
+    assert_deterministic_backward(lambda: bwd("require", deterministic=True), lambda: bwd("0"))
 
 
 @requires_sm90
-def test_cuda_warp_specialised_backward_varlen_deterministic(monkeypatch):
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_warp_specialised_backward_varlen_deterministic(monkeypatch, d):
     """Packed batches on the WS backward's deterministic mode: bitwise reproducible and equal to rounding to the
     default mode (rows past a sequence's end add zeros to the next sequence's rows outside any turn)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
-    lengths = [300, 0, 700, 5, 129]
-    q, k, v, cu_q, cu_k = packed_batch(lengths, lengths, 4, 2, 128, torch.bfloat16, "cuda")
-    out, lse = flash_attn2.attention_varlen_with_lse(q, k, v, cu_q, cu_k, 700, 700, True)
-    dout = torch.randn_like(out)
-    a = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None, deterministic=True)
-    b = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None, deterministic=True)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    fast = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None)
-    for x, y in zip(a, fast):
-        torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=2e-2)
+    check_varlen_deterministic([300, 0, 700, 5, 129], d=d)
 
 
 @requires_sm90
@@ -567,6 +577,23 @@ def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k,
             "causal": make_options(len(lengths_q), 4, True, (-1, -1), 0.0, None, 0.0, "cuda"),
             "all": make_options(len(lengths_q), 4, True, (37, -1), 3.0, "batch", 0.1, "cuda")}[variant]
     check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=128)
+
+
+@requires_sm90
+@pytest.mark.parametrize("case", ["window", "window_causal", "varlen", "varlen_causal"])
+def test_cuda_warp_specialised_forward_wide_key_tiles_with_variants(monkeypatch, case):
+    """The d128 WS forward's 176-key tiles (FLASH_ATTN2_FWD_WS_BLOCKN=176) under the variants that keep the
+    kernel without score modifiers: windows (tiles that see no key, masks on both sides) and packed batches."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176")
+    if case.startswith("window"):
+        causal, window = (True, (300, -1)) if case == "window_causal" else (False, (200, 7))
+        opts = make_options(2, 4, causal, window, 0.0, None, 0.0, "cuda", seed=3)
+        check_variant_case(2, 4, 2, 333, 717, 128, torch.bfloat16, "cuda", opts, transposed=True)
+    else:
+        lengths_q, lengths_k = [300, 1, 129, 0, 520], [280, 64, 177, 7, 600]
+        opts = make_options(5, 4, case == "varlen_causal", (-1, -1), 0.0, None, 0.0, "cuda")
+        check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=128)
 
 
 @requires_cuda
@@ -610,13 +637,8 @@ def test_cuda_deterministic_backward_is_bitwise_reproducible(d):
     q, k, v = random_qkv(2, 8, 2, 700, 900, d, torch.bfloat16, "cuda")
     out, lse = flash_attn2.attention_with_lse(q, k, v, True, window_size=(300, -1))
     dout = torch.randn_like(out)
-    runs = [F.bwd(dout, q, k, v, out, lse, True, None, window_size=[300, -1], deterministic=True) for _ in range(3)]
-    for r in runs[1:]:
-        for a, b in zip(runs[0], r):
-            assert torch.equal(a, b)
-    fast = F.bwd(dout, q, k, v, out, lse, True, None, window_size=[300, -1])
-    for a, b in zip(runs[0], fast):
-        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    bwd = lambda **kw: F.bwd(dout, q, k, v, out, lse, True, None, window_size=[300, -1], **kw)
+    assert_deterministic_backward(lambda: bwd(deterministic=True), bwd)
     # Through autograd: torch.use_deterministic_algorithms turns it on.
     torch.use_deterministic_algorithms(True)
     try:
@@ -633,11 +655,4 @@ def test_cuda_deterministic_backward_is_bitwise_reproducible(d):
 
 @requires_cuda
 def test_cuda_varlen_deterministic_and_graph_safe():
-    lengths = [300, 0, 700, 5]
-    q, k, v, cu_q, cu_k = packed_batch(lengths, lengths, 4, 2, 64, torch.bfloat16, "cuda")
-    out, lse = flash_attn2.attention_varlen_with_lse(q, k, v, cu_q, cu_k, 700, 700, True)
-    dout = torch.randn_like(out)
-    a = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None, deterministic=True)
-    b = F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, 700, 700, True, None, deterministic=True)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    check_varlen_deterministic([300, 0, 700, 5], d=64)
