@@ -11,6 +11,7 @@
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
 #   ab_blockn      the d128 WS forward with 176-key tiles vs 128, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
+#   ab_qbuf        the WS forward's two Q buffers vs one (d128, persistent rows), and the dynamic walk with them
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
@@ -73,6 +74,13 @@ if step ab_blockn 120; then  # d128 WS forward: key tiles of 176 (B) vs 128 (A),
     --head-dims 128 --lengths 2048,4096,8192,16384 --causal-lengths 4096,8192,16384 --mods none | tee "$OUT/ab_blockn.md"
   timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=128 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=176 \
     --head-dims 128 --lengths 16384 --causal-lengths 16384 --mods window,varlen | tee -a "$OUT/ab_blockn.md"
+fi
+if step ab_qbuf 150; then  # the WS forward: two Q buffers (B) vs one (A, FLASH_ATTN2_FWD_WS_QBUF=1), then the
+  # dynamic walk (B) vs one block per tile (A) on the causal rows now that the next tile's Q can land early
+  timeout 70 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_QBUF=1 $lib --head-dims 128 \
+    --lengths 1024,2048,4096,8192 --causal-lengths "" --mods none | tee "$OUT/ab_qbuf.md"
+  timeout 80 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 128 \
+    --lengths "" --causal-lengths 2048,4096,16384 --mods none,varlen | tee -a "$OUT/ab_qbuf.md"
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \

@@ -83,6 +83,8 @@ struct FwdParams {
   int* tile_counter;
   int* (*zeroed_ints)(void* ctx, int n);
   void* zeroed_ints_ctx;
+  // The warp-specialised forward's Q buffers in use (1 or its traits' kQStages; set by its launcher).
+  int ws_q_stages;
 };
 
 struct BwdParams : FwdParams {
