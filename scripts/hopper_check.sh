@@ -12,6 +12,7 @@
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
 #   ab_blockn      the d128 WS forward with 176-key tiles vs 128, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_qbuf        the WS forward's two Q buffers vs one (d128, persistent rows), and the dynamic walk with them
+#   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
@@ -81,6 +82,19 @@ if step ab_qbuf 150; then  # the WS forward: two Q buffers (B) vs one (A, FLASH_
     --lengths 1024,2048,4096,8192 --causal-lengths "" --mods none | tee "$OUT/ab_qbuf.md"
   timeout 80 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 128 \
     --lengths "" --causal-lengths 2048,4096,16384 --mods none,varlen | tee -a "$OUT/ab_qbuf.md"
+fi
+if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7): ncu on both, forward and backward
+  for mod in plain softcap; do
+    args="--d 128 --n 8192 --causal"; [[ $mod == softcap ]] && args="$args --softcap 50"
+    for k in flash_fwd_sm90_ws_kernel flash_bwd_sm90_ws_kernel; do
+      timeout 90 ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+        --section InstructionStats --section LaunchStats -k regex:$k -c 1 python3 scripts/profile_case.py $args \
+        >"$OUT/ncu_${mod}_${k}.txt" 2>&1
+      echo "ncu $mod $k rc $?"
+      grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Stall|Executed Ipc|Registers Per|Pipe" \
+        "$OUT/ncu_${mod}_${k}.txt" | head -24
+    done
+  done
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \
