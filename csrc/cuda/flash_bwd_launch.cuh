@@ -87,6 +87,7 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
   const char* dq_env = std::getenv("FLASH_ATTN2_BWD_WS_DQ");
   launch.dq_red_add = dq_env != nullptr && std::strcmp(dq_env, "red") == 0 && p.dq_semaphore == nullptr;
+  launch.ws_prefetch_maps = ws_prefetch_maps();
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;

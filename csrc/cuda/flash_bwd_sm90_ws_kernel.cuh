@@ -146,6 +146,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const BwdSteps<kBlockM> steps(p, blk, vis);
 
   if (tid == 0) {
+    if (p.ws_prefetch_maps) {  // the first copies' descriptors load under the barrier set-up
+      tma::prefetch_map(&maps.k);
+      tma::prefetch_map(&maps.v);
+      tma::prefetch_map(&maps.q);
+      tma::prefetch_map(&maps.dout);
+      tma::prefetch_map(&maps.dq);
+    }
     tma::init_barrier(sm.kv_full(), 1);
     for (int s = 0; s < kStages; ++s) {
       tma::init_barrier(sm.full(s), 1 + 32);              // the copies' thread and each lane of the LSE / D warp

@@ -331,6 +331,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     return;
 
   if (tid == 0) {
+    if (p.ws_prefetch_maps) {  // the first copies' descriptors load under the barrier set-up
+      tma::prefetch_map(&maps.q);
+      tma::prefetch_map(&maps.k);
+      tma::prefetch_map(&maps.v);
+    }
     for (int qs = 0; qs < Kt::kQStages; ++qs) {
       tma::init_barrier(sm.q_full(qs), 1);
       tma::init_barrier(sm.q_empty(qs), Kt::kConsumers);
