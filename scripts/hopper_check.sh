@@ -12,6 +12,7 @@
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
 #   ab_blockn      the d128 WS forward with 176-key tiles vs 128, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_qbuf        the WS forward's two Q buffers vs one (d128, persistent rows), and the dynamic walk with them
+#   ab_blockn256   the d256 WS forward with 80-key tiles vs 64, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_prefetch    the WS kernels prefetching their tensor maps vs not (FLASH_ATTN2_WS_PREFETCH=0)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
@@ -83,6 +84,11 @@ if step ab_qbuf 150; then  # the WS forward: two Q buffers (B) vs one (A, FLASH_
     --lengths 1024,2048,4096,8192 --causal-lengths "" --mods none | tee "$OUT/ab_qbuf.md"
   timeout 80 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 128 \
     --lengths "" --causal-lengths 2048,4096,16384 --mods none,varlen | tee -a "$OUT/ab_qbuf.md"
+fi
+if step ab_blockn256 100; then  # d256 WS forward: key tiles of 80 (B) vs 64 (A), forced (FLASH_ATTN2_FWD_WS_BLOCKN)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=64 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=80 \
+    --head-dims 256 --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,varlen \
+    | tee "$OUT/ab_blockn256.md"
 fi
 if step ab_prefetch 120; then  # the WS kernels prefetching their tensor maps (B) vs not (A): short blocks first
   timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_WS_PREFETCH=0 $lib --head-dims 64,128,256 \

@@ -223,14 +223,14 @@ def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, 
 
 @requires_sm90
 @pytest.mark.parametrize("blocks", ["", "5"])
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_CASES[:7])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_CASES[:7] + WS_CASES[9:11])
 def test_cuda_warp_specialised_forward_wide_key_tiles(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed,
                                                       blocks):
-    """The d128 WS forward's 176-key tiles (FLASH_ATTN2_FWD_WS_BLOCKN=176; by default for long rows without score
-    modifiers): key ranges ending anywhere in a tile, masks across its 22 n8 columns, one key tile or many, one
-    block per tile or a persistent grid of 5."""
+    """The WS forward's wider key tiles (FLASH_ATTN2_FWD_WS_BLOCKN): 176 keys at d128 (by default for long rows
+    without score modifiers), 80 at d256 (on request): key ranges ending anywhere in a tile, masks across its
+    22 / 10 n8 columns, one key tile or many, one block per tile or a persistent grid of 5."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
-    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176" if d <= 128 else "80")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
 
