@@ -316,9 +316,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
 
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw_u = smem_u32(smem_raw);
-  const uint32_t base_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
-  const WsSmem<Kt> sm{smem_raw + (base_u - raw_u), base_u};
+  const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
+  const WsSmem<Kt> sm{aligned.ptr, aligned.addr};
   const int tid = static_cast<int>(threadIdx.x);
   const int wg = tid / 128;
   const int q_stages = p.ws_q_stages == 1 ? 1 : Kt::kQStages;
