@@ -176,9 +176,46 @@ def grid_row(dtype, d, causal, n, b, h, f, bw):
     return row
 
 
-def bench_cuda(quick, out_path, rows, head_dims=None):
+def time_implementations(cases, describe, inputs, causal_of, fa4, sdpa_kwargs=None):
+    """{case: {"ours" | an SDPA backend | "fa4": (fwd ms, bwd ms), or None where it did not run}}: ours and each
+    SDPA backend over every case first, then FlashAttention-4 (where given) over them in a second pass. In calls
+    where FlashAttention-4 ran between our rows, our later rows read up to 18% lower than in calls without it,
+    while cuDNN's did not move (perf.md v14), so nothing of ours is timed after it has run. inputs(case) gives
+    (q, k, v, dout), (B, H, N, D) views of (B, N, H, D) buffers; describe(case) a progress label."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    sdpa_kwargs = sdpa_kwargs or {}
+    results = {}
+    for i, case in enumerate(cases, 1):
+        progress(i, len(cases), describe(case))
+        causal = causal_of(case)
+        q, k, v, dout = inputs(case)
+        res = results[case] = {}
+        res["ours"] = time_cuda_case(lambda q, k, v: flash_attn2.attention(q, k, v, causal), q, k, v, dout)
+        for name, backend in SDPA_BACKENDS.items():
+            try:
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    res[name] = time_cuda_case(lambda q, k, v: F.scaled_dot_product_attention(
+                        q, k, v, is_causal=causal, **sdpa_kwargs), q, k, v, dout)
+            except RuntimeError:
+                res[name] = None
+        del q, k, v, dout
+    for i, case in enumerate(cases if fa4 is not None else [], 1):
+        progress(i, len(cases), f"FlashAttention-4 {describe(case)}")
+        causal = causal_of(case)
+        q, k, v, dout = inputs(case)
+        try:  # on the (B, N, H, D) buffers themselves
+            results[case]["fa4"] = time_cuda_case(lambda q, k, v: fa4(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)[0].transpose(1, 2),
+                q, k, v, dout)
+        except Exception as e:  # a head dim, dtype or layout it does not build
+            print(f"FlashAttention-4 failed at {describe(case)}: {e}")
+            results[case]["fa4"] = None
+        del q, k, v, dout
+    return results
+
+
+def bench_cuda(quick, out_path, rows, head_dims=None):
     print(f"CUDA: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
     head_dims = head_dims or ([64, 128] if quick else [64, 128, 256])
@@ -186,42 +223,17 @@ def bench_cuda(quick, out_path, rows, head_dims=None):
     fa4 = flash_attn_4()
     cases = [(dtype, d, causal, n) for dtype in dtypes for d in head_dims for causal in (False, True) for n in seqlens]
 
-    def inputs(dtype, d, n):
+    def inputs(case):
+        dtype, d, _, n = case
         b, h = 16384 // n, 2048 // d
         # (B, N, H, D) buffers viewed as (B, H, N, D), the layout a QKV projection produces.
         q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
                    for _ in range(3))
         return q, k, v, torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2)
 
-    # Ours and SDPA first over the whole grid, then FlashAttention-4 over it in a second pass: in calls where
-    # FlashAttention-4 ran between our rows, our later rows read up to 18% lower than in calls without it, while
-    # cuDNN's did not move (perf.md v14), so nothing of ours is timed after it has run.
-    results = {}
-    for i, (dtype, d, causal, n) in enumerate(cases, 1):
-        progress(i, len(cases), f"cuda {str(dtype).replace('torch.', '')} D={d} causal={causal} N={n}")
-        q, k, v, dout = inputs(dtype, d, n)
-        res = results[(dtype, d, causal, n)] = {}
-        res["ours"] = time_cuda_case(lambda q, k, v: flash_attn2.attention(q, k, v, causal), q, k, v, dout)
-        for name, backend in SDPA_BACKENDS.items():
-            try:
-                with sdpa_kernel(getattr(SDPBackend, backend)):
-                    res[name] = time_cuda_case(
-                        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v, dout)
-            except RuntimeError:
-                res[name] = None
-        del q, k, v, dout
-    if fa4 is not None:
-        for i, (dtype, d, causal, n) in enumerate(cases, 1):
-            progress(i, len(cases), f"FlashAttention-4 {str(dtype).replace('torch.', '')} D={d} causal={causal} N={n}")
-            q, k, v, dout = inputs(dtype, d, n)
-            try:  # on the (B, N, H, D) buffers themselves
-                results[(dtype, d, causal, n)]["fa4"] = time_cuda_case(
-                    lambda q, k, v: fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                        causal=causal)[0].transpose(1, 2), q, k, v, dout)
-            except Exception as e:  # a head dim or dtype it does not build
-                print(f"FlashAttention-4 failed at D={d} causal={causal} N={n}: {e}")
-                results[(dtype, d, causal, n)]["fa4"] = None
-            del q, k, v, dout
+    results = time_implementations(
+        cases, lambda c: f"cuda {str(c[0]).replace('torch.', '')} D={c[1]} causal={c[2]} N={c[3]}", inputs,
+        lambda c: c[2], fa4)
 
     header = grid_header(fa4 is not None)
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -256,8 +268,6 @@ def bench_gqa_cuda(out_path=None):
     """#11's GQA rows: bf16, D = 128, causal, Hq / Hkv = 32 / 8 and 64 / 8, N = 4k and 8k, 16k tokens, (B, N, H, D)
     buffers viewed as (B, H, N, D). Every implementation gets the grouped K/V: SDPA with enable_gqa, and
     FlashAttention-4 where it imports; a backend that refuses it shows nan."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     fa4 = flash_attn_4()
     names = ["ours", "flash", "cudnn", "efficient"] + (["fa4"] if fa4 is not None else [])
     header = ("| Hq/Hkv | N | B | " + " | ".join(f"fwd {x}" for x in names) + " | "
@@ -268,39 +278,16 @@ def bench_gqa_cuda(out_path=None):
     cases = [(hq, hkv, n) for hq, hkv in ((32, 8), (64, 8)) for n in (4096, 8192)]
     d, dtype = 128, torch.bfloat16
 
-    def inputs(hq, hkv, n):
+    def inputs(case):
+        hq, hkv, n = case
         b = 16384 // n
         q = torch.randn(b, n, hq, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
         k, v = (torch.randn(b, n, hkv, d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
                 for _ in range(2))
         return q, k, v, torch.randn(b, n, hq, d, device="cuda", dtype=dtype).transpose(1, 2)
 
-    # As in bench_cuda: ours and SDPA over every case first, FlashAttention-4 in a second pass.
-    results = {}
-    for i, case in enumerate(cases, 1):
-        progress(i, len(cases), f"GQA {case[0]}/{case[1]} N={case[2]}")
-        q, k, v, dout = inputs(*case)
-        res = results[case] = {}
-        res["ours"] = time_cuda_case(lambda q, k, v: flash_attn2.attention(q, k, v, True), q, k, v, dout)
-        for name, backend in SDPA_BACKENDS.items():
-            try:
-                with sdpa_kernel(getattr(SDPBackend, backend)):
-                    res[name] = time_cuda_case(lambda q, k, v: F.scaled_dot_product_attention(
-                        q, k, v, is_causal=True, enable_gqa=True), q, k, v, dout)
-            except RuntimeError:
-                res[name] = None
-        del q, k, v, dout
-    for i, case in enumerate(cases if fa4 is not None else [], 1):
-        progress(i, len(cases), f"FlashAttention-4 GQA {case[0]}/{case[1]} N={case[2]}")
-        q, k, v, dout = inputs(*case)
-        try:
-            results[case]["fa4"] = time_cuda_case(lambda q, k, v: fa4(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)[0].transpose(1, 2),
-                q, k, v, dout)
-        except Exception as e:
-            print(f"FlashAttention-4 failed on GQA {case[0]}/{case[1]} N={case[2]}: {e}")
-            results[case]["fa4"] = None
-        del q, k, v, dout
+    results = time_implementations(cases, lambda c: f"GQA {c[0]}/{c[1]} N={c[2]}", inputs, lambda c: True, fa4,
+                                   sdpa_kwargs={"enable_gqa": True})
     for (hq, hkv, n), res in results.items():
         b = 16384 // n
         fwd_flops = 4 * b * hq * n * n * d / 2
