@@ -164,10 +164,10 @@ def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype)
 
 
 # The warp-specialised backward, the default on sm_90 at d128 and, in the deterministic mode, at d64
-# (FLASH_ATTN2_BWD_WS; "require" raises where it would fall back): one key tile to many, GQA groups, Nq != Nk
-# both ways, rows that see no key, partial tiles, padded head dims, both layouts (the forward's d128-bucket cases but its 4k one, and a key range of
-# many tiles for few queries); at d64 an odd and an even number of steps per block (the consumers take the steps'
-# dQ in turn).
+# (FLASH_ATTN2_BWD_WS; "require" raises where it would fall back): one key tile to many, GQA groups, Nq != Nk both
+# ways, rows that see no key, partial tiles, padded head dims, both layouts (the forward's d128-bucket cases but its
+# 4k one, and a key range of many tiles for few queries); at d64 an odd and an even number of steps per block (the
+# consumers take the steps' dQ in turn).
 WS_BWD_CASES = [WS_CASES[i] for i in (0, 1, 2, 3, 4, 6)] + [
     (1, 2, 2, 64, 2000, 128, True, torch.bfloat16, False),
     (2, 4, 4, 257, 257, 64, False, torch.bfloat16, False),
