@@ -113,8 +113,8 @@ if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper f
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \
     --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 | tee "$OUT/ab_ws.md"
 fi
-if step suite 210; then
-  FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 timeout 200 python3 -m pytest python/tests -q -rfE -p no:cacheprovider \
+if step suite 280; then
+  FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 timeout 270 python3 -m pytest python/tests -q -rfE -p no:cacheprovider \
     -k "not (bad or errors or refused)" >"$OUT/suite.log" 2>&1
   echo "whole suite with FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 rc $?: $(tail -1 "$OUT/suite.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -20
@@ -139,8 +139,8 @@ if step gqa 90; then  # the GQA rows (32/8 and 64/8 heads, D = 128, causal, N = 
   [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH
   timeout 90 python3 -m flash_attn2.bench --device cuda --gqa-only 2>&1 | grep -E "^\|" | tee "$OUT/gqa.md"
 fi
-if step suite_default 240; then  # the whole suite under the default kernel choice
-  timeout 230 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
+if step suite_default 280; then  # the whole suite under the default kernel choice
+  timeout 270 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
     >"$OUT/suite_default.log" 2>&1
   echo "whole suite, default kernels, rc $?: $(tail -1 "$OUT/suite_default.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/suite_default.log" | head -20
