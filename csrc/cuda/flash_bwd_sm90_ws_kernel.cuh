@@ -138,7 +138,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
   const BwdWsSmem<Kt> sm{aligned.ptr, aligned.addr};
   const int tid = static_cast<int>(threadIdx.x);
-  const int wg = tid / 128;
+  // The warpgroup index, broadcast from lane 0 (CUTLASS's canonical_warp_group_idx) so that ptxas knows it is
+  // warp-uniform: computed from threadIdx.x, the d64 consumers' `if (dq_mine)` around the dQ wgmma (every
+  // other step) looked divergent, and ptxas serialised every wgmma of the kernel (warning C7520).
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
   const BwdBlockInfo<kBlockN> blk(p);
   if (blk.keys <= 0) return;  // varlen: past the end of this sequence
