@@ -1,7 +1,6 @@
-// Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128 and 64: the default on sm_90 at d128 where
-// the TMA can address the tensors, at d64 only in the deterministic mode (measured, perf.md v14), elsewhere on
-// request (flash_bwd_launch.cuh; FLASH_ATTN2_BWD_WS=0 turns it off, =1 on, =require raises where it would fall
-// back). The algorithm and
+// Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128 and 64: the default on sm_90 where the TMA
+// can address the tensors (measured, perf.md v12-v15; flash_bwd_launch.cuh: FLASH_ATTN2_BWD_WS=0 turns it off,
+// =1 on, =require raises where it would fall back). The algorithm and
 // variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers), with the
 // loads moved to a producer and each step's dQ written back by the TMA: every consumer stages its 64 x 64
 // float32 dQ in shared memory (swizzled boxes, double-buffered) and a writer warp issues bulk reduce-adds into

@@ -163,7 +163,7 @@ def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype)
             assert_close_to_reference("lse", lse.cpu(), torch_lse.cpu(), ref_lse)
 
 
-# The warp-specialised backward, the default on sm_90 at d128 and, in the deterministic mode, at d64
+# The warp-specialised backward, the default on sm_90 at d64 and d128
 # (FLASH_ATTN2_BWD_WS; "require" raises where it would fall back): one key tile to many, GQA groups, Nq != Nk both
 # ways, rows that see no key, partial tiles, padded head dims, both layouts (the forward's d128-bucket cases but its
 # 4k one, and a key range of many tiles for few queries); at d64 an odd and an even number of steps per block (the
