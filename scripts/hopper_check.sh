@@ -11,6 +11,10 @@
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
 #   ab_blockn      the d128 WS forward with 176-key tiles vs 128, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
+#   ab_qbuf        the WS forward's two Q buffers vs one (d128, persistent rows), and the dynamic walk with them
+#   ab_blockn256   the d256 WS forward with 80-key tiles vs 64, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
+#   ab_prefetch    the WS kernels prefetching their tensor maps vs not (FLASH_ATTN2_WS_PREFETCH=0)
+#   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
@@ -74,12 +78,43 @@ if step ab_blockn 120; then  # d128 WS forward: key tiles of 176 (B) vs 128 (A),
   timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=128 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=176 \
     --head-dims 128 --lengths 16384 --causal-lengths 16384 --mods window,varlen | tee -a "$OUT/ab_blockn.md"
 fi
+if step ab_qbuf 150; then  # the WS forward: two Q buffers (B) vs one (A, FLASH_ATTN2_FWD_WS_QBUF=1), then the
+  # dynamic walk (B) vs one block per tile (A) on the causal rows now that the next tile's Q can land early
+  timeout 70 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_QBUF=1 $lib --head-dims 128 \
+    --lengths 1024,2048,4096,8192 --causal-lengths "" --mods none | tee "$OUT/ab_qbuf.md"
+  timeout 80 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 128 \
+    --lengths "" --causal-lengths 2048,4096,16384 --mods none,varlen | tee -a "$OUT/ab_qbuf.md"
+fi
+if step ab_blockn256 100; then  # d256 WS forward: key tiles of 80 (B) vs 64 (A), forced (FLASH_ATTN2_FWD_WS_BLOCKN)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=64 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=80 \
+    --head-dims 256 --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,varlen \
+    | tee "$OUT/ab_blockn256.md"
+fi
+if step ab_prefetch 120; then  # the WS kernels prefetching their tensor maps (B) vs not (A): short blocks first
+  timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_WS_PREFETCH=0 $lib --head-dims 64,128,256 \
+    --lengths 2048 --causal-lengths 2048,16384 --mods none | tee "$OUT/ab_prefetch.md"
+  timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_WS_PREFETCH=0 $lib --direction bwd --head-dims 128 \
+    --lengths 2048 --causal-lengths 2048,16384 --mods none | tee -a "$OUT/ab_prefetch.md"
+fi
+if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7): ncu on both, forward and backward
+  for mod in plain softcap; do
+    args="--d 128 --n 8192 --causal"; [[ $mod == softcap ]] && args="$args --softcap 50"
+    for k in flash_fwd_sm90_ws_kernel flash_bwd_sm90_ws_kernel; do
+      timeout 90 ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+        --section InstructionStats --section LaunchStats -k regex:$k -c 1 python3 scripts/profile_case.py $args \
+        >"$OUT/ncu_${mod}_${k}.txt" 2>&1
+      echo "ncu $mod $k rc $?"
+      grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Stall|Executed Ipc|Registers Per|Pipe" \
+        "$OUT/ncu_${mod}_${k}.txt" | head -24
+    done
+  done
+fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \
     --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 | tee "$OUT/ab_ws.md"
 fi
-if step suite 210; then
-  FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 timeout 200 python3 -m pytest python/tests -q -rfE -p no:cacheprovider \
+if step suite 280; then
+  FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 timeout 270 python3 -m pytest python/tests -q -rfE -p no:cacheprovider \
     -k "not (bad or errors or refused)" >"$OUT/suite.log" 2>&1
   echo "whole suite with FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 rc $?: $(tail -1 "$OUT/suite.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -20
@@ -104,8 +139,8 @@ if step gqa 90; then  # the GQA rows (32/8 and 64/8 heads, D = 128, causal, N = 
   [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH
   timeout 90 python3 -m flash_attn2.bench --device cuda --gqa-only 2>&1 | grep -E "^\|" | tee "$OUT/gqa.md"
 fi
-if step suite_default 240; then  # the whole suite under the default kernel choice
-  timeout 230 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
+if step suite_default 280; then  # the whole suite under the default kernel choice
+  timeout 270 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
     >"$OUT/suite_default.log" 2>&1
   echo "whole suite, default kernels, rc $?: $(tail -1 "$OUT/suite_default.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/suite_default.log" | head -20

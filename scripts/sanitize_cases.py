@@ -12,7 +12,7 @@ import flash_attn2
 # tiles (the double-buffered Hopper forward's pipeline: d128 with both loops and d256, plain and with score
 # modifiers); FA2_SANITIZE=attention only the dense and varlen forward / backward cases (no KV cache);
 # FA2_SANITIZE=ws the warp-specialised forward (FLASH_ATTN2_FWD_WS=require), d = 64, 128, 256, dense and varlen,
-# and d128's 176-key tiles.
+# and the wider key tiles (176 at d128, 80 at d256).
 only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 skip_kvcache = os.environ.get("FA2_SANITIZE") == "attention"
 
@@ -50,7 +50,12 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
         os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = "3"
         q, k, v = (torch.randn(2, 4, n, 128, device="cuda", dtype=dtype) for n in (400, 500, 500))
         flash_attn2.attention(q, k, v, False)
-        del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"], os.environ["FLASH_ATTN2_FWD_WS_BLOCKN"]
+        os.environ["FLASH_ATTN2_FWD_WS_BLOCKN"] = "80"  # d256's 80-key tiles, persistent and one block per tile
+        q, k, v = (torch.randn(2, 2, n, 256, device="cuda", dtype=dtype) for n in (200, 330, 330))
+        flash_attn2.attention(q, k, v, False)
+        del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
+        flash_attn2.attention(q, k, v, True)
+        del os.environ["FLASH_ATTN2_FWD_WS_BLOCKN"]
     torch.cuda.synchronize()
     print("sanitize cases ran (ws)")
     raise SystemExit(0)

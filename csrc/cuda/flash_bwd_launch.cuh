@@ -46,10 +46,9 @@ void launch_bwd_portable(const BwdParams& params, cudaStream_t stream) {
 
 // The warp-specialised backward (flash_bwd_sm90_ws_kernel.cuh) is the default at d128 on sm_90 where the TMA can
 // address q, k, v and dout (1.09-1.36x flash_bwd_sm90_kernel over d128 plain, softcap and dropout, causal or
-// not, N = 2k and 16k; perf.md v12-v13). At d64 it is the default only in the deterministic mode: there it
-// measured 1.03-1.13x the deterministic flash_bwd_sm90_kernel, while by default it was 0.89-0.91x (plain) and
-// 0.97-0.99x (softcap, dropout; perf.md v14). FLASH_ATTN2_BWD_WS=0 turns it off, =1 on wherever it runs,
-// =require (tests) raises instead of falling back.
+// not, N = 2k and 16k; perf.md v12-v13), and at d64: 1.11-1.19x over plain, softcap and dropout, causal or
+// not, N = 2k and 16k (perf.md v15; 0.89-0.99x in v14, before ptxas stopped serialising its wgmma).
+// FLASH_ATTN2_BWD_WS=0 turns it off, =1 on wherever it runs, =require (tests) raises instead of falling back.
 template <typename T, int kHeadDim, bool kScoreMod>
 bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   if constexpr (kHeadDim != 64 && kHeadDim != 128) {
@@ -59,8 +58,6 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   const char* env = std::getenv("FLASH_ATTN2_BWD_WS");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const bool required = env != nullptr && std::strcmp(env, "require") == 0;
-  const bool forced = required || (env != nullptr && std::strcmp(env, "1") == 0);
-  if (kHeadDim == 64 && !forced && p.dq_semaphore == nullptr) return false;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int nq = varlen ? p.total_q : p.seqlen_q, nk = varlen ? p.total_k : p.seqlen_k, maps_b = varlen ? 1 : p.batch;
   BwdTmaMaps maps;
@@ -87,6 +84,7 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
   const char* dq_env = std::getenv("FLASH_ATTN2_BWD_WS_DQ");
   launch.dq_red_add = dq_env != nullptr && std::strcmp(dq_env, "red") == 0 && p.dq_semaphore == nullptr;
+  launch.ws_prefetch_maps = ws_prefetch_maps();
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;

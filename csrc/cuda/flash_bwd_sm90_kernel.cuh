@@ -77,21 +77,26 @@ FA2_DEVICE void dscores_transposed(float (&dp)[1][NT][4], const float (&pr)[1][N
 // leaves P^T G in `s`, G = 1 - tanh^2 (the softcap's derivative; 1 without softcap), and writes P^T Z as the
 // A fragments of dV += (P Z)^T dO into `a` (Z = keep / (1 - p) with dropout, else 1). Computing G here, while
 // tanh is at hand, costs one FFMA per score; recomputing it at the dS step cost a lg2, the ALiBi term and a
-// branch per score (docs/perf.md v8).
-template <typename T, bool kSoftcap, bool kAlibi, int NT>
+// branch per score (docs/perf.md v8). Softcap, ALiBi and the mask are compile-time flags of the loop
+// (with_flags): the mask as a run-time condition cost three compares and a select per score on every tile, the
+// diagonal's or not (SASS, perf.md v15). Dropout stays a run-time select: as a flag too, its keep bits lived
+// across the branches and the consumers of the WS backward spilled 52-412 B more (ptxas -v).
+template <typename T, bool kSoftcap, bool kAlibi, bool kMask, int NT>
 FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1][NT / 2][4], const float* s_lse,
-                                          int key, int q0, bool need_mask, const Visibility<int>& vis,
-                                          const ScoreRule<float>& rule, const KeepBits<1, NT>& keep, bool dropout,
-                                          float keep_scale, float scale_log2, int t) {
+                                          int key, int q0, const Visibility<int>& vis, const ScoreRule<float>& rule,
+                                          const KeepBits<1, NT>& keep, bool dropout, float keep_scale,
+                                          float scale_log2, int t) {
   constexpr float kLog2e = 1.4426950408889634f;
   int lo[2], hi[2];  // visible queries [lo, hi) of the thread's key rows key and key + 8
   float rel[2];      // i - j + diag for the thread's first query column and each key row (ALiBi)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = key + 8 * h;
-    lo[h] = vis.query_begin(row);
-    hi[h] = row < vis.seqlen_k ? vis.query_end(row) : lo[h];
-    rel[h] = static_cast<float>(q0 + vis.diag() - row);
+    if constexpr (kMask) {
+      lo[h] = vis.query_begin(row);
+      hi[h] = row < vis.seqlen_k ? vis.query_end(row) : lo[h];
+    }
+    if constexpr (kAlibi) rel[h] = static_cast<float>(q0 + vis.diag() - row);
   }
 #pragma unroll
   for (int ni = 0; ni < NT; ++ni) {
@@ -110,8 +115,10 @@ FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1]
           g = fmaf(-th, th, 1.f);
         }
         if constexpr (kAlibi) x -= rule.alibi * fabsf(rel[h] + static_cast<float>(8 * ni + e));
-        const int col = q0 + 8 * ni + e;
-        if (need_mask && (col < lo[h] || col >= hi[h])) x = -INFINITY;
+        if constexpr (kMask) {
+          const int col = q0 + 8 * ni + e;
+          if (col < lo[h] || col >= hi[h]) x = -INFINITY;
+        }
         const float pr = fast_exp2(fmaf(x, scale_log2, -l2[e]));
         x = pr * g;
         pz[e] = !dropout ? pr : keep.get(0, ni, 2 * h + e) ? pr * keep_scale : 0.f;
@@ -126,22 +133,12 @@ FA2_DEVICE void probs_mod_transposed(float (&s)[1][NT][4], uint32_t (&a)[1][NT /
                                      int q0, bool need_mask, const Visibility<int>& vis, const ScoreRule<float>& rule,
                                      const KeepBits<1, NT>& keep, bool dropout, float keep_scale, float scale_log2,
                                      int t) {
-  // One copy of the loop per (softcap, ALiBi): the branches stay out of the per-score code.
-  if (rule.has_softcap()) {
-    if (rule.alibi != 0.f) {
-      probs_mod_transposed_impl<T, true, true>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
-                                               scale_log2, t);
-    } else {
-      probs_mod_transposed_impl<T, true, false>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
-                                                scale_log2, t);
-    }
-  } else if (rule.alibi != 0.f) {
-    probs_mod_transposed_impl<T, false, true>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
-                                              scale_log2, t);
-  } else {
-    probs_mod_transposed_impl<T, false, false>(s, a, s_lse, key, q0, need_mask, vis, rule, keep, dropout, keep_scale,
-                                               scale_log2, t);
-  }
+  with_flags(
+      [&](auto softcap, auto alibi, auto mask) {
+        probs_mod_transposed_impl<T, decltype(softcap)::value, decltype(alibi)::value, decltype(mask)::value>(
+            s, a, s_lse, key, q0, vis, rule, keep, dropout, keep_scale, scale_log2, t);
+      },
+      rule.has_softcap(), rule.alibi != 0.f, need_mask);
 }
 
 // The score-modifier form of dscores_transposed: dS^T = P^T G (Z dP^T - D) in place of dP^T, from `pg` = P^T G
@@ -293,9 +290,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kThreads = Kt::kNThreads;
 
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw_u = smem_u32(smem_raw);
-  const uint32_t sK_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
-  unsigned char* smem = smem_raw + (sK_u - raw_u);
+  const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
+  unsigned char* smem = aligned.ptr;
+  const uint32_t sK_u = aligned.addr;
   const uint32_t sV_u = sK_u + Kt::kSmemKV;
   const uint32_t sQ_u = sV_u + Kt::kSmemKV;               // stage s at + s * kSmemQ
   const uint32_t sdO_u = sQ_u + 2 * Kt::kSmemQ;           // stage s at + s * kSmemQ

@@ -58,9 +58,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
 
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw_u = smem_u32(smem_raw);
-  const uint32_t sK_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
-  unsigned char* smem = smem_raw + (sK_u - raw_u);
+  const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
+  unsigned char* smem = aligned.ptr;
+  const uint32_t sK_u = aligned.addr;
   const uint32_t sV_u = sK_u + Kt::kSmemKV;
   const uint32_t sQ_u = sV_u + Kt::kSmemKV;      // stage s at + s * kSmemQ
   const uint32_t sdO_u = sQ_u + 2 * Kt::kSmemQ;  // stage s at + s * kSmemQ

@@ -1,7 +1,6 @@
-// Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128 and 64: the default on sm_90 at d128 where
-// the TMA can address the tensors, at d64 only in the deterministic mode (measured, perf.md v14), elsewhere on
-// request (flash_bwd_launch.cuh; FLASH_ATTN2_BWD_WS=0 turns it off, =1 on, =require raises where it would fall
-// back). The algorithm and
+// Warp-specialised FlashAttention backward on Hopper (sm_90a), d = 128 and 64: the default on sm_90 where the TMA
+// can address the tensors (measured, perf.md v12-v15; flash_bwd_launch.cuh: FLASH_ATTN2_BWD_WS=0 turns it off,
+// =1 on, =require raises where it would fall back). The algorithm and
 // variants of flash_bwd_sm90_kernel (one block per key tile of 128, keys as rows, dK / dV in registers), with the
 // loads moved to a producer and each step's dQ written back by the TMA: every consumer stages its 64 x 64
 // float32 dQ in shared memory (swizzled boxes, double-buffered) and a writer warp issues bulk reduce-adds into
@@ -135,11 +134,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
 
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw_u = smem_u32(smem_raw);
-  const uint32_t base_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
-  const BwdWsSmem<Kt> sm{smem_raw + (base_u - raw_u), base_u};
+  const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
+  const BwdWsSmem<Kt> sm{aligned.ptr, aligned.addr};
   const int tid = static_cast<int>(threadIdx.x);
-  const int wg = tid / 128;
+  // The warpgroup index, broadcast from lane 0 (CUTLASS's canonical_warp_group_idx) so that ptxas knows it is
+  // warp-uniform: computed from threadIdx.x, the d64 consumers' `if (dq_mine)` around the dQ wgmma (every
+  // other step) looked divergent, and ptxas serialised every wgmma of the kernel (warning C7520).
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
   const BwdBlockInfo<kBlockN> blk(p);
   if (blk.keys <= 0) return;  // varlen: past the end of this sequence
@@ -147,6 +148,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const BwdSteps<kBlockM> steps(p, blk, vis);
 
   if (tid == 0) {
+    if (p.ws_prefetch_maps) {  // the first copies' descriptors load under the barrier set-up
+      tma::prefetch_map(&maps.k);
+      tma::prefetch_map(&maps.v);
+      tma::prefetch_map(&maps.q);
+      tma::prefetch_map(&maps.dout);
+      tma::prefetch_map(&maps.dq);
+    }
     tma::init_barrier(sm.kv_full(), 1);
     for (int s = 0; s < kStages; ++s) {
       tma::init_barrier(sm.full(s), 1 + 32);              // the copies' thread and each lane of the LSE / D warp

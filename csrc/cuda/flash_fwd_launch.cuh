@@ -169,6 +169,10 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
                        std::strcmp(walk_env, "dynamic") == 0;
   FwdParams launch = p;
   launch.tile_counter = nullptr;
+  // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).
+  const char* qbuf_env = std::getenv("FLASH_ATTN2_FWD_WS_QBUF");
+  launch.ws_q_stages = qbuf_env != nullptr && std::strcmp(qbuf_env, "1") == 0 ? 1 : Kt::kQStages;
+  launch.ws_prefetch_maps = ws_prefetch_maps();
   int device = 0, sms = INT_MAX;
   if ((uniform && Kt::kPersistent) || dynamic) {
     FA2_CUDA_CHECK(cudaGetDevice(&device));
@@ -187,16 +191,19 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   return true;
 }
 
-// The d128 WS forward's 176-key tiles (FlashAttention-3's): fewer, longer steps per block. Measured against 128
-// (perf.md v14, H200, one call): where the longest row sees 8k keys or more 1.02-1.08x (non-causal 8k / 16k,
-// causal 8k / 16k, packed 16k, a 4096 + 4096 window at 16k); below, 0.93-1.00x (non-causal 2k / 4k, causal 4k, a
-// causal 4096 window at 16k); with a softcap 0.85-0.94x (the consumers spill). So only the kernel without score
-// modifiers has them, for rows of kWideKeyTilesMinKeys keys or more. FLASH_ATTN2_FWD_WS_BLOCKN=128 or 176 forces
-// the choice (A/B runs, tests).
+// The WS forward's wider key tiles (FlashAttention-3's): 176 keys at d128, 80 at d256; fewer, longer steps per
+// block. d128, measured against 128 (perf.md v14, H200, one call): where the longest row sees 8k keys or more
+// 1.02-1.08x (non-causal 8k / 16k, causal 8k / 16k, packed 16k, a 4096 + 4096 window at 16k); below, 0.93-1.00x
+// (non-causal 2k / 4k, causal 4k, a causal 4096 window at 16k); with a softcap 0.85-0.94x (the consumers spill).
+// So only the kernels without score modifiers have them, at d128 for rows of kWideKeyTilesMinKeys keys or more.
+// d256, 80 against 64 (perf.md v15, H200, one call): 1.07-1.11x non-causal, 1.02-1.09x causal, 1.01-1.11x packed,
+// N = 2k-16k; so at d256 they are the default wherever the kernel has no score modifier.
+// FLASH_ATTN2_FWD_WS_BLOCKN=176 / 80 (or 128 / 64) forces the choice (A/B runs, tests).
 inline constexpr int64_t kWideKeyTilesMinKeys = 8192;
-inline bool use_wide_key_tiles(const FwdParams& p) {
+inline bool use_wide_key_tiles(const FwdParams& p, int wide_n) {
   const char* force = std::getenv("FLASH_ATTN2_FWD_WS_BLOCKN");
-  if (force != nullptr && force[0] != '\0') return std::strcmp(force, "176") == 0;
+  if (force != nullptr && force[0] != '\0') return std::atoi(force) == wide_n;
+  if (wide_n != 176) return true;  // d256: 80 keys
   const int64_t nk = p.seqlen_k;  // the longest row's keys: all of them, or the window's width
   const int64_t left = p.window_left < 0 ? nk : p.window_left, right = p.window_right < 0 ? nk : p.window_right;
   return std::min<int64_t>(nk, left + right + 1) >= kWideKeyTilesMinKeys;
@@ -211,9 +218,10 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   const int64_t bh = static_cast<int64_t>(params.heads_q) * params.batch;
   if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
     if (detail::use_sm90_kernels()) {
-      if constexpr (kHeadDim == 128 && !kScoreMod) {
-        if (detail::use_wide_key_tiles(params) &&
-            detail::try_launch_fwd_ws<FwdSm90WsTraits<T, 128, 176>, false>(params, bh, stream))
+      if constexpr ((kHeadDim == 128 || kHeadDim == 256) && !kScoreMod) {
+        constexpr int kWideN = kHeadDim == 128 ? 176 : 80;
+        if (detail::use_wide_key_tiles(params, kWideN) &&
+            detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim, kWideN>, false>(params, bh, stream))
           return;
       }
       if (detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim>, kScoreMod>(params, bh, stream)) return;

@@ -72,9 +72,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kThreads = Kt::kNThreads;
 
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw_u = smem_u32(smem_raw);
-  const uint32_t sQ_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
-  T* sQ = reinterpret_cast<T*>(smem_raw + (sQ_u - raw_u));
+  const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
+  T* sQ = reinterpret_cast<T*>(aligned.ptr);
+  const uint32_t sQ_u = aligned.addr;
   auto sK_u = [&](int stage) { return sQ_u + Kt::kSmemQ + static_cast<uint32_t>(stage * 2 * Kt::kSmemKV); };
   auto sV_u = [&](int stage) { return sK_u(stage) + Kt::kSmemKV; };
 

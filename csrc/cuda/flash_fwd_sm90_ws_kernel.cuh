@@ -14,7 +14,9 @@
 // The consumers take turns issuing their MMAs (ping-pong), so one's softmax runs under another's MMAs.
 // Persistent where tiles are uniform: a grid of at most one block per SM walks the tiles (see the kernel and
 // flash_fwd_launch.cuh); where tiles differ in cost, one block per tile, or on request (FLASH_ATTN2_FWD_WS_WALK=
-// dynamic) a dynamic walk (TileWalk), measured slower so far. Not yet: TMA stores of O.
+// dynamic) a dynamic walk (TileWalk), measured slower so far. Where blocks walk tiles and shared memory has room
+// (d128, 128-key tiles), two Q buffers: tile k's Q in buffer k % 2, copied while tile k - 1 still computes.
+// Not yet: TMA stores of O.
 #pragma once
 
 #include <cmath>
@@ -33,8 +35,8 @@
 namespace flash_attn2::cuda {
 
 // kBlockN_: the key tile. 128 at d64 / d128 and 64 at d256 (O alone is 128 registers per thread) by default;
-// d128 also has a 176-key kernel (FlashAttention-3's tile) for long rows without score modifiers
-// (flash_fwd_launch.cuh, use_wide_key_tiles).
+// d128 also has a 176-key kernel (long rows) and d256 an 80-key one (every row) for the kernels without score
+// modifiers, FlashAttention-3's tiles (flash_fwd_launch.cuh, use_wide_key_tiles).
 template <typename T, int kHeadDim_, int kBlockN_ = (kHeadDim_ <= 128 ? 128 : 64)>
 struct FwdSm90WsTraits {
   using Elem = T;
@@ -45,8 +47,9 @@ struct FwdSm90WsTraits {
   static constexpr int kNThreads = (kConsumers + 1) * 128;  // + the producer warpgroup
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kBlockN_;
-  static_assert(kBlockN == (kHeadDim <= 128 ? 128 : 64) || (kHeadDim == 128 && kBlockN == 176),
-                "warp-specialised forward: key tiles of 128 (d64, d128), 176 (d128) or 64 (d256)");
+  static_assert(kBlockN == (kHeadDim <= 128 ? 128 : 64) || (kHeadDim == 128 && kBlockN == 176) ||
+                    (kHeadDim == 256 && kBlockN == 80),
+                "warp-specialised forward: key tiles of 128 (d64, d128), 176 (d128), 64 or 80 (d256)");
   static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
   static constexpr int kStages = 2;
   // The default where query rows see at least this many key tiles on average (perf.md v11): at d64 blocks of
@@ -71,11 +74,17 @@ struct FwdSm90WsTraits {
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kAlign = 1024;
-  // Barriers: Q full, then per stage K full, K empty, V full, V empty, then Q empty, then the two slots of the
-  // tile ring (TileWalk): full, full, empty, empty.
-  static constexpr int kBarriers = 2 + 4 * kStages + 4;
-  // Q | K_0 | K_1 | V_0 | V_1 | barriers | the tile ring's two ints, plus alignment slack
-  static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kBarriers * 8 + 8 + kAlign;
+  // Q buffers: two where blocks walk several tiles (persistent) and shared memory has room (d128 with 128-key
+  // tiles: 192 KB), so the next tile's Q lands while this one computes and stores O instead of after it; one
+  // elsewhere. FLASH_ATTN2_FWD_WS_QBUF=1 keeps one (p.ws_q_stages; A/B runs, tests).
+  static constexpr int kQStages =
+      kPersistent && 2 * kSmemQ + 2 * kStages * kSmemKV + kAlign + 256 <= 227 * 1024 ? 2 : 1;
+  // Barriers: Q full per Q buffer, then per stage K full, K empty, V full, V empty, then Q empty per Q buffer,
+  // then the two slots of the tile ring (TileWalk): full, full, empty, empty.
+  static constexpr int kBarriers = 2 * kQStages + 4 * kStages + 4;
+  // Q_0 (| Q_1) | K_0 | K_1 | V_0 | V_1 | barriers | the tile ring's two ints, plus alignment slack
+  static constexpr int kSmemBytes = kQStages * kSmemQ + 2 * kStages * kSmemKV + kBarriers * 8 + 8 + kAlign;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
 namespace sm90 {
@@ -83,21 +92,23 @@ namespace sm90 {
 // Where the tiles and barriers of the warp-specialised forward live in (1024-byte aligned) shared memory.
 template <class Kt>
 struct WsSmem {
-  unsigned char* base;  // the Q tile
+  unsigned char* base;  // the first Q buffer
   uint32_t base_u;      // its shared-space address
-  FA2_DEVICE static constexpr int k_off(int s) { return Kt::kSmemQ + s * Kt::kSmemKV; }
-  FA2_DEVICE static constexpr int v_off(int s) { return Kt::kSmemQ + (Kt::kStages + s) * Kt::kSmemKV; }
+  static constexpr int kQ = Kt::kQStages, kKv0 = kQ * Kt::kSmemQ;  // K/V stages follow the Q buffers
+  FA2_DEVICE static constexpr int q_off(int qs) { return qs * Kt::kSmemQ; }
+  FA2_DEVICE static constexpr int k_off(int s) { return kKv0 + s * Kt::kSmemKV; }
+  FA2_DEVICE static constexpr int v_off(int s) { return kKv0 + (Kt::kStages + s) * Kt::kSmemKV; }
   FA2_DEVICE uint64_t* bar(int i) const {
-    return reinterpret_cast<uint64_t*>(base + Kt::kSmemQ + 2 * Kt::kStages * Kt::kSmemKV) + i;
+    return reinterpret_cast<uint64_t*>(base + kKv0 + 2 * Kt::kStages * Kt::kSmemKV) + i;
   }
-  FA2_DEVICE uint64_t* q_full() const { return bar(0); }
-  FA2_DEVICE uint64_t* k_full(int s) const { return bar(1 + s); }
-  FA2_DEVICE uint64_t* k_empty(int s) const { return bar(1 + Kt::kStages + s); }
-  FA2_DEVICE uint64_t* v_full(int s) const { return bar(1 + 2 * Kt::kStages + s); }
-  FA2_DEVICE uint64_t* v_empty(int s) const { return bar(1 + 3 * Kt::kStages + s); }
-  FA2_DEVICE uint64_t* q_empty() const { return bar(1 + 4 * Kt::kStages); }
-  FA2_DEVICE uint64_t* tile_full(int s) const { return bar(2 + 4 * Kt::kStages + s); }
-  FA2_DEVICE uint64_t* tile_empty(int s) const { return bar(4 + 4 * Kt::kStages + s); }
+  FA2_DEVICE uint64_t* q_full(int qs) const { return bar(qs); }
+  FA2_DEVICE uint64_t* k_full(int s) const { return bar(kQ + s); }
+  FA2_DEVICE uint64_t* k_empty(int s) const { return bar(kQ + Kt::kStages + s); }
+  FA2_DEVICE uint64_t* v_full(int s) const { return bar(kQ + 2 * Kt::kStages + s); }
+  FA2_DEVICE uint64_t* v_empty(int s) const { return bar(kQ + 3 * Kt::kStages + s); }
+  FA2_DEVICE uint64_t* q_empty(int qs) const { return bar(kQ + 4 * Kt::kStages + qs); }
+  FA2_DEVICE uint64_t* tile_full(int s) const { return bar(2 * kQ + 4 * Kt::kStages + s); }
+  FA2_DEVICE uint64_t* tile_empty(int s) const { return bar(2 * kQ + 4 * Kt::kStages + 2 + s); }
   FA2_DEVICE volatile int* tile_slot(int s) const { return reinterpret_cast<volatile int*>(bar(Kt::kBarriers)) + s; }
 };
 
@@ -158,18 +169,19 @@ struct ConsumerTurns {
 };
 
 // One query tile of a consumer warpgroup (c < kConsumers: query rows [64 c, 64 c + 64) of the tile): see the
-// file comment. kv_base: the block's K/V ring uses before this tile; q_phase: parity of this tile's Q copy;
-// more_tiles: whether the block walks another tile after this one (which needs the Q buffer back).
+// file comment. kv_base: the block's K/V ring uses before this tile; qs, q_phase: this tile's Q buffer and the
+// parity of its copy there; more_tiles: whether the block walks another tile after this one (which may need
+// this Q buffer back).
 template <class Kt, bool kScoreMod, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid,
-                        const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, uint32_t q_phase,
+                        const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, int qs, uint32_t q_phase,
                         bool more_tiles) {
   using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
-  T* sQ = reinterpret_cast<T*>(sm.base);
-  const uint32_t sQ_u = sm.base_u;
+  T* sQ = reinterpret_cast<T*>(sm.base + sm.q_off(qs));
+  const uint32_t sQ_u = sm.base_u + sm.q_off(qs);
   const int lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int d = p.head_dim;
@@ -185,7 +197,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks)
       WgmmaOp<T, kBlockN>::template ss<0, 0>(flat(acc_s), desc_k_major<TileQ>(sQ_u, 64 * c, ks),
-                                             desc_k_major<TileKV>(sQ_u + sm.k_off(s), 0, ks), ks > 0);
+                                             desc_k_major<TileKV>(sm.base_u + sm.k_off(s), 0, ks), ks > 0);
     wgmma_commit();
   };
   float acc_o[1][kHeadDim / 8][4];
@@ -196,7 +208,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk)
         WgmmaOp<T, Kt::kPvN>::template rs<1>(acc_cols<Kt::kPvN>(acc_o, n0), frag_p[0][kk],
-                                             desc_mn_major<TileKV>(sQ_u + sm.v_off(s), n0 / 64, kk), 1);
+                                             desc_mn_major<TileKV>(sm.base_u + sm.v_off(s), n0 / 64, kk), 1);
     wgmma_commit();
   };
   OnlineSoftmax<1> softmax;
@@ -218,7 +230,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   float alpha[1][2];
   auto stage = [&](int i) { return (kv_base + i) % kStages; };  // ring use kv_base + i
   auto phase = [&](int i) { return static_cast<uint32_t>((kv_base + i) / kStages) & 1u; };
-  tma::wait(sm.q_full(), q_phase);
+  tma::wait(sm.q_full(qs), q_phase);
   tma::wait(sm.k_full(stage(0)), phase(0));
   turns.wait();
   wgmma_fence();
@@ -284,13 +296,13 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
       *reinterpret_cast<uint4*>(o + static_cast<index_t>(r) * p.o_row_stride + ch * 8) =
           *reinterpret_cast<const uint4*>(sQ + TileQ::chunk_offset(r, ch));
   }
-  // The Q buffer is free for the next tile's copy once all 128 threads have read their O rows out of it; the
+  // The Q buffer is free for a later tile's copy once all 128 threads have read their O rows out of it; the
   // copy writes through the async proxy what these threads touched through the generic one. A block's last tile
-  // (every tile where each has its own block) has no next copy to wait for.
+  // (every tile where each has its own block) has no later copy to wait for.
   if (!more_tiles) return;
   fence_proxy_async_smem();
   tma::named_sync(1 + c, 128);
-  if (release_lane) tma::arrive(sm.q_empty());
+  if (release_lane) tma::arrive(sm.q_empty(qs));
 }
 
 }  // namespace sm90
@@ -304,11 +316,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
 
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw_u = smem_u32(smem_raw);
-  const uint32_t base_u = (raw_u + Kt::kAlign - 1) & ~static_cast<uint32_t>(Kt::kAlign - 1);
-  const WsSmem<Kt> sm{smem_raw + (base_u - raw_u), base_u};
+  const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
+  const WsSmem<Kt> sm{aligned.ptr, aligned.addr};
   const int tid = static_cast<int>(threadIdx.x);
   const int wg = tid / 128;
+  const int q_stages = p.ws_q_stages == 1 ? 1 : Kt::kQStages;
 
   // Persistent: block b walks tiles of FwdBlockInfo's order (a head's query tiles together, its last, for causal
   // the longest, first) as TileWalk hands them out. Tiles past a sequence's end are skipped and tiles that see no
@@ -320,8 +332,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     return;
 
   if (tid == 0) {
-    tma::init_barrier(sm.q_full(), 1);
-    tma::init_barrier(sm.q_empty(), Kt::kConsumers);
+    if (p.ws_prefetch_maps) {  // the first copies' descriptors load under the barrier set-up
+      tma::prefetch_map(&maps.q);
+      tma::prefetch_map(&maps.k);
+      tma::prefetch_map(&maps.v);
+    }
+    for (int qs = 0; qs < Kt::kQStages; ++qs) {
+      tma::init_barrier(sm.q_full(qs), 1);
+      tma::init_barrier(sm.q_empty(qs), Kt::kConsumers);
+    }
     for (int s = 0; s < kStages; ++s) {
       tma::init_barrier(sm.k_full(s), 1);
       tma::init_barrier(sm.v_full(s), 1);
@@ -363,11 +382,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         for (int i = 0; i < n_tiles; ++i) {
           const int j = kv_use + i, s = j % kStages, key0 = blk.seq.k_start + (n_last - i) * kBlockN;
           fill(sm.k_empty(s), sm.k_full(s), sm.k_off(s), &maps.k, j, key0);
-          if (i == 0) {
-            if (q_use > 0) tma::wait(sm.q_empty(), (q_use - 1) & 1);
-            tma::arrive_expect_bytes(sm.q_full(), Kt::kSmemQ);
-            tma::load_tile<kBlockM, kHeadDim>(sm.base, &maps.q, blk.seq.q_start + blk.row0, blk.head, map_b,
-                                              sm.q_full());
+          if (i == 0) {  // Q use q_use goes to buffer q_use % q_stages, after use q_use - q_stages released it
+            const int qs = q_use % q_stages;
+            if (q_use >= q_stages) tma::wait(sm.q_empty(qs), ((q_use / q_stages) - 1) & 1);
+            tma::arrive_expect_bytes(sm.q_full(qs), Kt::kSmemQ);
+            tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.q_off(qs), &maps.q, blk.seq.q_start + blk.row0, blk.head,
+                                              map_b, sm.q_full(qs));
           }
           fill(sm.v_empty(s), sm.v_full(s), sm.v_off(s), &maps.v, j, key0);
         }
@@ -393,8 +413,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
                                                             tid - 128);
         continue;
       }
-      consume<Kt, kScoreMod>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use,
-                             static_cast<uint32_t>(q_use) & 1u, next < num_tiles);
+      consume<Kt, kScoreMod>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,
+                             static_cast<uint32_t>(q_use / q_stages) & 1u, next < num_tiles);
       kv_use += n_tiles;
       ++q_use;
     }

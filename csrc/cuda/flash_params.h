@@ -83,6 +83,10 @@ struct FwdParams {
   int* tile_counter;
   int* (*zeroed_ints)(void* ctx, int n);
   void* zeroed_ints_ctx;
+  // The warp-specialised forward's Q buffers in use (1 or its traits' kQStages; set by its launcher).
+  int ws_q_stages;
+  // The warp-specialised kernels prefetch their tensor maps at the start (set by their launchers; 0 for A/B runs).
+  int ws_prefetch_maps;
 };
 
 struct BwdParams : FwdParams {

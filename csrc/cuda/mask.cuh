@@ -15,6 +15,19 @@
 
 namespace flash_attn2::cuda {
 
+// with_flags(f, a, b, ...) calls f(std::bool_constant<a>{}, std::bool_constant<b>{}, ...): the run-time choices
+// a per-score loop depends on (softcap, ALiBi, a tile that needs its mask, dropout) become one compiled copy of
+// the loop per combination, the branch taken once per tile instead of a select per score.
+template <bool... kDone, class F>
+FA2_DEVICE void with_flags(F&& f) {
+  f(std::bool_constant<kDone>{}...);
+}
+template <bool... kDone, class F, class... Rest>
+FA2_DEVICE void with_flags(F&& f, bool flag, Rest... rest) {
+  if (flag) with_flags<kDone..., true>(f, rest...);
+  else with_flags<kDone..., false>(f, rest...);
+}
+
 // Calls f(value, query, key) for every element of the fragment.
 template <bool kKeysAsRows, int MT, int NT, class F>
 FA2_DEVICE void for_each_score(float (&s)[MT][NT][4], int r0, int c0, F&& f) {

@@ -17,6 +17,20 @@ namespace flash_attn2::cuda {
 // Shared-memory addressing.
 FA2_DEVICE uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
+// The block's dynamic shared memory from its first kAlign-aligned byte (the Hopper kernels ask for kAlign bytes of
+// slack for it: wgmma / TMA tiles with the 128-byte swizzle need 1024-byte alignment), as a pointer and as a
+// shared-space address.
+struct AlignedSmem {
+  unsigned char* ptr;
+  uint32_t addr;
+};
+template <int kAlign>
+FA2_DEVICE AlignedSmem aligned_smem(unsigned char* raw) {
+  const uint32_t raw_u = smem_u32(raw);
+  const uint32_t addr = (raw_u + kAlign - 1) & ~static_cast<uint32_t>(kAlign - 1);
+  return {raw + (addr - raw_u), addr};
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // cp.async: 16-byte global->shared copy bypassing L1. When `pred` is false the source size is 0: nothing is
 // read and the 16 destination bytes are zero-filled (so `src` only has to be some valid pointer).

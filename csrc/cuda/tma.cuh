@@ -12,6 +12,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 
 #include <cuda/ptx>
@@ -28,6 +30,12 @@ namespace detail {
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// Whether the warp-specialised kernels prefetch their tensor maps (FLASH_ATTN2_WS_PREFETCH=0: not; A/B runs).
+inline int ws_prefetch_maps() {
+  const char* env = std::getenv("FLASH_ATTN2_WS_PREFETCH");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
 
 // cuTensorMapEncodeTiled from the driver the runtime loaded (no link against libcuda).
 inline EncodeTiledFn encode_tiled_fn() {
@@ -125,6 +133,14 @@ FA2_DEVICE void arrive_expect_bytes(uint64_t* bar, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   (void)::cuda::ptx::mbarrier_arrive_expect_tx(::cuda::ptx::sem_release, ::cuda::ptx::scope_cta,
                                                ::cuda::ptx::space_shared, bar, bytes);
+#endif
+}
+// Fetches a tensor map (a __grid_constant__ kernel parameter) into the TMA unit's descriptor cache ahead of its
+// first copy, so that copy does not wait for it (CUTLASS's prefetch_tma_descriptor). CCCL's cuda::ptx has no
+// wrapper for prefetch.tensormap: inline PTX.
+FA2_DEVICE void prefetch_map(const CUtensorMap* map) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 #endif
 }
 // Box (col0, row0, head, batch) of the map into shared memory at dst (1024-byte aligned), completing on bar.

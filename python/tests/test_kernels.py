@@ -163,7 +163,7 @@ def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype)
             assert_close_to_reference("lse", lse.cpu(), torch_lse.cpu(), ref_lse)
 
 
-# The warp-specialised backward, the default on sm_90 at d128 and, in the deterministic mode, at d64
+# The warp-specialised backward, the default on sm_90 at d64 and d128
 # (FLASH_ATTN2_BWD_WS; "require" raises where it would fall back): one key tile to many, GQA groups, Nq != Nk both
 # ways, rows that see no key, partial tiles, padded head dims, both layouts (the forward's d128-bucket cases but its
 # 4k one, and a key range of many tiles for few queries); at d64 an odd and an even number of steps per block (the
@@ -205,30 +205,32 @@ def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
 
 
 @requires_sm90
-@pytest.mark.parametrize("walk", ["", "dynamic"])
+@pytest.mark.parametrize("walk,qbuf", [("", ""), ("dynamic", ""), ("", "1")])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_CASES[i] for i in (1, 3, 5, 7, 9, 10)])
 def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype,
-                                                            transposed, walk):
-    """The persistent grid capped at 5 blocks: every block walks many tiles, its K/V ring, Q buffer and
+                                                            transposed, walk, qbuf):
+    """The persistent grid capped at 5 blocks: every block walks many tiles, its K/V ring, Q buffers and
     ping-pong turns running on from one tile to the next. Without a mask, or by default, the blocks stride
     (static walk); with a causal mask and FLASH_ATTN2_FWD_WS_WALK=dynamic they take their tiles from the
-    per-call tile counter (dynamic walk)."""
+    per-call tile counter (dynamic walk). d128 has two Q buffers (tile k's in buffer k % 2);
+    FLASH_ATTN2_FWD_WS_QBUF=1 keeps to one."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "5")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_WALK", walk)
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_QBUF", qbuf)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
 
 
 @requires_sm90
 @pytest.mark.parametrize("blocks", ["", "5"])
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_CASES[:7])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_CASES[:7] + WS_CASES[9:11])
 def test_cuda_warp_specialised_forward_wide_key_tiles(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed,
                                                       blocks):
-    """The d128 WS forward's 176-key tiles (FLASH_ATTN2_FWD_WS_BLOCKN=176; by default for long rows without score
-    modifiers): key ranges ending anywhere in a tile, masks across its 22 n8 columns, one key tile or many, one
-    block per tile or a persistent grid of 5."""
+    """The WS forward's wider key tiles (FLASH_ATTN2_FWD_WS_BLOCKN): 176 keys at d128 (by default for long rows
+    without score modifiers), 80 at d256 (by default without score modifiers): key ranges ending anywhere in a tile, masks across its
+    22 / 10 n8 columns, one key tile or many, one block per tile or a persistent grid of 5."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
-    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176" if d <= 128 else "80")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
 

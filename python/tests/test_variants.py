@@ -581,19 +581,21 @@ def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k,
 
 @requires_sm90
 @pytest.mark.parametrize("case", ["window", "window_causal", "varlen", "varlen_causal"])
-def test_cuda_warp_specialised_forward_wide_key_tiles_with_variants(monkeypatch, case):
-    """The d128 WS forward's 176-key tiles (FLASH_ATTN2_FWD_WS_BLOCKN=176) under the variants that keep the
-    kernel without score modifiers: windows (tiles that see no key, masks on both sides) and packed batches."""
+@pytest.mark.parametrize("d", [128, 256])
+def test_cuda_warp_specialised_forward_wide_key_tiles_with_variants(monkeypatch, case, d):
+    """The WS forward's wider key tiles (FLASH_ATTN2_FWD_WS_BLOCKN: 176 at d128, 80 at d256) under the variants
+    that keep the kernel without score modifiers: windows (tiles that see no key, masks on both sides) and packed
+    batches."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
-    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176" if d == 128 else "80")
     if case.startswith("window"):
         causal, window = (True, (300, -1)) if case == "window_causal" else (False, (200, 7))
         opts = make_options(2, 4, causal, window, 0.0, None, 0.0, "cuda", seed=3)
-        check_variant_case(2, 4, 2, 333, 717, 128, torch.bfloat16, "cuda", opts, transposed=True)
+        check_variant_case(2, 4, 2, 333, 717, d, torch.bfloat16, "cuda", opts, transposed=True)
     else:
         lengths_q, lengths_k = [300, 1, 129, 0, 520], [280, 64, 177, 7, 600]
         opts = make_options(5, 4, case == "varlen_causal", (-1, -1), 0.0, None, 0.0, "cuda")
-        check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=128)
+        check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=d)
 
 
 @requires_cuda
