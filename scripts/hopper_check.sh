@@ -37,7 +37,7 @@ step() {
   if (( $(left) < $2 )); then echo "SKIPPED $1 (needs $2 s, $(left) s left)"; return 1; fi
   echo "--- $1 at $(( $(date +%s) - start )) s"
 }
-if step build 150; then scripts/gpu_check.sh none 2>&1 | tail -3; fi
+if step build 150; then scripts/gpu_check.sh none 2>&1 | tail -4; fi
 export FLASH_ATTN2_LIBRARY=$PWD/build/gpu/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 lib=$FLASH_ATTN2_LIBRARY
 if step wstests 120; then
