@@ -130,14 +130,6 @@ inline int fwd_ws_mode() {  // -1 by the traits, 0 off, 1 on, 2 required
   return std::strcmp(env, "require") == 0 ? 2 : 1;
 }
 
-// The keys the longest query row sees: all of max_seqlen_k, or its window's width.
-inline int64_t longest_row_keys(const FwdParams& p) {
-  const int64_t nk = p.seqlen_k;
-  const int64_t left = p.window_left < 0 ? nk : p.window_left, right = p.window_right < 0 ? nk : p.window_right;
-  return std::min<int64_t>(nk, left + right + 1);
-}
-inline constexpr int64_t kDynamicWalkMaxKeys = 4096;  // packed batches: the dynamic walk up to this row length
-
 template <class Kt, bool kScoreMod>
 bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const int mode = fwd_ws_mode();
@@ -167,19 +159,14 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // through the tiles, at the head dims whose traits ask for it. Masked or packed tiles differ in cost: a static
   // stride gave some blocks only long tiles (0.59-0.66x at causal N = 16k, perf.md v12), and the dynamic walk
   // (blocks take tiles from a counter zeroed per call, from p.zeroed_ints, in FwdBlockInfo's order, longest first
-  // within a head) lost 3-14% at N = 16k (perf.md v13), so there each tile gets its own block, except in packed
-  // batches of short sequences at d <= 128: their many one- or two-key-tile blocks gained 2-6% from the walk
-  // (d128 non-causal, rows of <= 2k keys: 1.03 in v13, 1.06 in v15; d64 1.02-1.04; d256 0.96-0.99 and d128 at
-  // 16k 0.96, so not there). FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk wherever tiles are not
-  // uniform, =static for none (A/B runs, tests).
+  // within a head) lost 3-14% at N = 16k (perf.md v13), so there each tile gets its own block;
+  // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk (A/B runs, tests).
   // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
   // walk the blocks then stride); =all gives every tile its own block (A/B runs).
   const bool uniform = !varlen && p.window_left < 0 && p.window_right < 0;
   const char* walk_env = std::getenv("FLASH_ATTN2_FWD_WS_WALK");
-  const bool want_dynamic = walk_env != nullptr && walk_env[0] != '\0'
-                                ? std::strcmp(walk_env, "dynamic") == 0
-                                : varlen && Kt::kHeadDim <= 128 && longest_row_keys(p) <= kDynamicWalkMaxKeys;
-  const bool dynamic = !uniform && p.zeroed_ints != nullptr && want_dynamic;
+  const bool dynamic = !uniform && p.zeroed_ints != nullptr && walk_env != nullptr &&
+                       std::strcmp(walk_env, "dynamic") == 0;
   FwdParams launch = p;
   launch.tile_counter = nullptr;
   // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).
@@ -217,7 +204,9 @@ inline bool use_wide_key_tiles(const FwdParams& p, int wide_n) {
   const char* force = std::getenv("FLASH_ATTN2_FWD_WS_BLOCKN");
   if (force != nullptr && force[0] != '\0') return std::atoi(force) == wide_n;
   if (wide_n != 176) return true;  // d256: 80 keys
-  return longest_row_keys(p) >= kWideKeyTilesMinKeys;
+  const int64_t nk = p.seqlen_k;  // the longest row's keys: all of them, or the window's width
+  const int64_t left = p.window_left < 0 ? nk : p.window_left, right = p.window_right < 0 ? nk : p.window_right;
+  return std::min<int64_t>(nk, left + right + 1) >= kWideKeyTilesMinKeys;
 }
 }  // namespace detail
 
