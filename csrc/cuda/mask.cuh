@@ -16,8 +16,9 @@
 namespace flash_attn2::cuda {
 
 // with_flags(f, a, b, ...) calls f(std::bool_constant<a>{}, std::bool_constant<b>{}, ...): the run-time choices
-// a per-score loop depends on (softcap, ALiBi, a tile that needs its mask, dropout) become one compiled copy of
-// the loop per combination, the branch taken once per tile instead of a select per score.
+// a per-score loop depends on (softcap, ALiBi, a tile that needs its mask) become one compiled copy of the loop
+// per combination, the branch taken once per tile instead of a select per score. Each flag doubles the copies:
+// flags whose state lives across the loop (dropout's keep bits) can cost registers instead (perf.md v15).
 template <bool... kDone, class F>
 FA2_DEVICE void with_flags(F&& f) {
   f(std::bool_constant<kDone>{}...);
