@@ -133,16 +133,17 @@ inline int fwd_ws_mode() {  // -1 by the traits, 0 off, 1 on, 2 required
 // The WS forward's softcap against a fixed offset (OnlineSoftmax::update_scores_fixed), where it is exact: a softcap
 // without ALiBi in bfloat16. Every logit then lies in [-c, c] (c = softcap * log2 e in log2 units), and
 // P = exp2(logit - offset) in [2^(top - 2c), 2^top]. top = max(0, 2c - 102) keeps the smallest P a normal float
-// with 24 bits to spare (a row whose scores all sit at -softcap still sums exactly), and top <= 96 keeps a row sum
-// of up to 2^31 keys finite: softcaps up to 68. bfloat16 P (the P V product's operand) has float32's exponent
-// range; float16 has not, so it keeps the running max. FLASH_ATTN2_SOFTCAP_FIXED=0 turns it off (A/B runs, tests).
+// with 24 bits to spare (a row whose scores all sit at -softcap still sums exactly); top <= 60 keeps the row sum
+// and O = sum P V finite for up to 2^31 keys of |V| < 2^37: softcaps up to 56 (Gemma 2's 50: top = 42; up to 35,
+// top = 0, P <= 1 as with the running max). bfloat16 P (the P V product's operand) has float32's exponent range;
+// float16 has not, so it keeps the running max. FLASH_ATTN2_SOFTCAP_FIXED=0 turns it off (A/B runs, tests).
 inline void set_softcap_fixed_offset(FwdParams& p) {
   const char* env = std::getenv("FLASH_ATTN2_SOFTCAP_FIXED");
   if (env != nullptr && std::strcmp(env, "0") == 0) return;
   if (!(p.softcap_out > 0.f) || p.alibi_slopes != nullptr || !p.is_bf16) return;
   const float c = p.softcap_out * p.scale_log2;  // (softcap / scale) * (scale * log2 e)
   const float top = std::max(0.f, 2.f * c - 102.f);
-  if (!(top <= 96.f)) return;
+  if (!(top <= 60.f)) return;
   p.softcap_scale_log2 = c;
   p.softcap_offset_log2 = c - top;
 }
