@@ -163,11 +163,10 @@ def test_cuda_warp_specialised_forward_lazy_rescale_moves(monkeypatch, d, dtype)
             assert_close_to_reference("lse", lse.cpu(), torch_lse.cpu(), ref_lse)
 
 
-# The warp-specialised backward, the default on sm_90 at d64 and d128
-# (FLASH_ATTN2_BWD_WS; "require" raises where it would fall back): one key tile to many, GQA groups, Nq != Nk both
-# ways, rows that see no key, partial tiles, padded head dims, both layouts (the forward's d128-bucket cases but its
-# 4k one, and a key range of many tiles for few queries); at d64 an odd and an even number of steps per block (the
-# consumers take the steps' dQ in turn).
+# The warp-specialised backward, the default on sm_90 at d64 and d128 (FLASH_ATTN2_BWD_WS; "require" raises where
+# it would fall back): one key tile to many, GQA groups, Nq != Nk both ways, rows that see no key, partial tiles,
+# padded head dims, both layouts (the forward's d128-bucket cases but its 4k one, and a key range of many tiles for
+# few queries); at d64 an odd and an even number of steps per block (the consumers take the steps' dQ in turn).
 WS_BWD_CASES = [WS_CASES[i] for i in (0, 1, 2, 3, 4, 6)] + [
     (1, 2, 2, 64, 2000, 128, True, torch.bfloat16, False),
     (2, 4, 4, 257, 257, 64, False, torch.bfloat16, False),
@@ -226,9 +225,9 @@ def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, 
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_CASES[:7] + WS_CASES[9:11])
 def test_cuda_warp_specialised_forward_wide_key_tiles(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed,
                                                       blocks):
-    """The WS forward's wider key tiles (FLASH_ATTN2_FWD_WS_BLOCKN): 176 keys at d128 (by default for long rows
-    without score modifiers), 80 at d256 (by default without score modifiers): key ranges ending anywhere in a tile, masks across its
-    22 / 10 n8 columns, one key tile or many, one block per tile or a persistent grid of 5."""
+    """The WS forward's wider key tiles (FLASH_ATTN2_FWD_WS_BLOCKN), the default without score modifiers: 176 keys
+    at d128 (long rows), 80 at d256 (every row): key ranges ending anywhere in a tile, masks across its 22 / 10 n8
+    columns, one key tile or many, one block per tile or a persistent grid of 5."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176" if d <= 128 else "80")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
