@@ -97,7 +97,7 @@ if step ab_prefetch 120; then  # the WS kernels prefetching their tensor maps (B
   timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_WS_PREFETCH=0 $lib --direction bwd --head-dims 128 \
     --lengths 2048 --causal-lengths 2048,16384 --mods none | tee -a "$OUT/ab_prefetch.md"
 fi
-if step ab_softcap 130; then  # softcap 50: P against a fixed offset (B) vs the running max (A), d128 / d256
+if step ab_softcap 130; then  # softcap 50: P against a fixed offset (B) vs the running max (A), d256 (d128: B = A)
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_SOFTCAP_FIXED=0 $lib --head-dims 128,256 \
     --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods softcap,none | tee "$OUT/ab_softcap.md"
 fi
