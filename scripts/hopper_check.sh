@@ -14,6 +14,7 @@
 #   ab_qbuf        the WS forward's two Q buffers vs one (d128, persistent rows), and the dynamic walk with them
 #   ab_blockn256   the d256 WS forward with 80-key tiles vs 64, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_prefetch    the WS kernels prefetching their tensor maps vs not (FLASH_ATTN2_WS_PREFETCH=0)
+#   ab_softcap     the WS forward's softcap against a fixed offset vs the running max (FLASH_ATTN2_SOFTCAP_FIXED=0)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
@@ -95,6 +96,10 @@ if step ab_prefetch 120; then  # the WS kernels prefetching their tensor maps (B
     --lengths 2048 --causal-lengths 2048,16384 --mods none | tee "$OUT/ab_prefetch.md"
   timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_WS_PREFETCH=0 $lib --direction bwd --head-dims 128 \
     --lengths 2048 --causal-lengths 2048,16384 --mods none | tee -a "$OUT/ab_prefetch.md"
+fi
+if step ab_softcap 130; then  # softcap 50: P against a fixed offset (B) vs the running max (A), d256 (d128: B = A)
+  timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_SOFTCAP_FIXED=0 $lib --head-dims 128,256 \
+    --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods softcap,none | tee "$OUT/ab_softcap.md"
 fi
 if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7): ncu on both, forward and backward
   for mod in plain softcap; do

@@ -130,6 +130,25 @@ inline int fwd_ws_mode() {  // -1 by the traits, 0 off, 1 on, 2 required
   return std::strcmp(env, "require") == 0 ? 2 : 1;
 }
 
+// The WS forward's softcap against a fixed offset (OnlineSoftmax::update_scores_fixed; the d256 kernel, where
+// Kt::kSoftcapFixed), where it is exact: a softcap without ALiBi in bfloat16. Every logit then lies in [-c, c] (c =
+// softcap * log2 e in log2 units), and P = exp2(logit - offset) in [2^(top - 2c), 2^top]. top = max(0, 2c - 102) keeps
+// the smallest P a normal float with 24 bits to spare (a row whose scores all sit at -softcap still sums exactly); top
+// <= 60 keeps the row sum and O = sum P V finite for up to 2^31 keys of |V| < 2^37: softcaps up to 56 (Gemma 2's 50:
+// top = 42; up to 35, top = 0, P <= 1 as with the running max). bfloat16 P (the P V product's operand) has float32's
+// exponent range; float16 has not, so it keeps the running max. FLASH_ATTN2_SOFTCAP_FIXED=0 turns it off (A/B runs,
+// tests).
+inline void set_softcap_fixed_offset(FwdParams& p) {
+  const char* env = std::getenv("FLASH_ATTN2_SOFTCAP_FIXED");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return;
+  if (!(p.softcap_out > 0.f) || p.alibi_slopes != nullptr || !p.is_bf16) return;
+  const float c = p.softcap_out * p.scale_log2;  // (softcap / scale) * (scale * log2 e)
+  const float top = std::max(0.f, 2.f * c - 102.f);
+  if (!(top <= 60.f)) return;
+  p.softcap_scale_log2 = c;
+  p.softcap_offset_log2 = c - top;
+}
+
 template <class Kt, bool kScoreMod>
 bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const int mode = fwd_ws_mode();
@@ -173,6 +192,8 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const char* qbuf_env = std::getenv("FLASH_ATTN2_FWD_WS_QBUF");
   launch.ws_q_stages = qbuf_env != nullptr && std::strcmp(qbuf_env, "1") == 0 ? 1 : Kt::kQStages;
   launch.ws_prefetch_maps = ws_prefetch_maps();
+  launch.softcap_scale_log2 = launch.softcap_offset_log2 = 0.f;
+  if (kScoreMod && Kt::kSoftcapFixed) set_softcap_fixed_offset(launch);
   int device = 0, sms = INT_MAX;
   if ((uniform && Kt::kPersistent) || dynamic) {
     FA2_CUDA_CHECK(cudaGetDevice(&device));

@@ -62,6 +62,11 @@ struct FwdSm90WsTraits {
   // rescale is 4 multiplies per score, and the score-modifier kernels; d128's plain kernel is level or slower.
   static constexpr int kRescaleSlackLog2 = 8;
   static constexpr bool lazy_rescale(bool score_mod) { return kHeadDim == 256 || score_mod; }
+  // A softcap against a fixed offset (OnlineSoftmax::update_scores_fixed, flash_fwd_launch.cuh) at d256, where it
+  // measured 1.08-1.17x the running max (softcap 50, N = 2k-16k, perf.md v16); at d128 it was level (0.95-1.01:
+  // tanh and ex2 per score keep the MUFU pipe as busy as the tensor cores either way), and at d64 a second softmax
+  // form took the score-modifier consumers (160 registers) from 32 to 112 B of spills.
+  static constexpr bool kSoftcapFixed = kHeadDim == 256;
   // Persistent grid where tiles are uniform (flash_fwd_launch.cuh): measured 1.02-1.07x one block per tile at
   // d128 / d256, 1.03x / 0.99x at d64 N = 2k / 16k (perf.md v12).
   static constexpr bool kPersistent = kHeadDim >= 128;
@@ -213,13 +218,25 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   };
   OnlineSoftmax<1> softmax;
   constexpr bool kLazy = Kt::lazy_rescale(kScoreMod);
+  // A softcap without ALiBi (bfloat16; p.softcap_scale_log2 > 0, set by the launcher): every score lies in
+  // [-softcap, softcap], so P is taken against a fixed offset (update_scores_fixed) with the cap folded into its
+  // scale: per score no max and no multiply by the cap, per tile no quad shuffles and nothing to rescale.
+  const bool softcap_fixed = kScoreMod && Kt::kSoftcapFixed && p.softcap_scale_log2 > 0.f;
   // The same step as flash_fwd_sm90_kernel's: score rule, mask where the tile crosses a visibility edge, online
   // softmax (alpha: the factor O still owes), dropout keep.
   auto softmax_step = [&](float (&acc_s)[1][kBlockN / 8][4], int n_block, float (&alpha)[1][2]) {
     const int r0 = blk.row0 + warp_row0 + g, c0 = n_block * kBlockN + 2 * t;
-    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
-    if (vis.tile_needs_mask(blk.row0, kBlockM, n_block * kBlockN, kBlockN)) apply_mask(acc_s, r0, c0, vis);
-    softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0>(acc_s, p.scale_log2, alpha);
+    const bool masked = vis.tile_needs_mask(blk.row0, kBlockM, n_block * kBlockN, kBlockN);
+    if (softcap_fixed) {
+      apply_softcap_unit(acc_s, rule);
+      if (masked) apply_mask(acc_s, r0, c0, vis);
+      softmax.update_scores_fixed(acc_s, p.softcap_scale_log2, p.softcap_offset_log2);
+      alpha[0][0] = alpha[0][1] = 1.f;
+    } else {
+      if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
+      if (masked) apply_mask(acc_s, r0, c0, vis);
+      softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0>(acc_s, p.scale_log2, alpha);
+    }
     if constexpr (kScoreMod) {
       if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
     }
@@ -276,7 +293,12 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   }
 
   float row_lse[1][2];
-  softmax.finalize(acc_o, p.scale_log2, row_lse);
+  if (softcap_fixed) {
+    const float offset[1][2] = {{p.softcap_offset_log2, p.softcap_offset_log2}};
+    softmax.finalize_at(acc_o, offset, row_lse);
+  } else {
+    softmax.finalize(acc_o, p.scale_log2, row_lse);
+  }
 
   // Epilogue: each consumer stages its O rows (as T) over its own Q rows — only its own S products read those,
   // and they are done — then stores them with 16-byte writes after a barrier among its 128 threads.

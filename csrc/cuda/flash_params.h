@@ -87,6 +87,9 @@ struct FwdParams {
   int ws_q_stages;
   // The warp-specialised kernels prefetch their tensor maps at the start (set by their launchers; 0 for A/B runs).
   int ws_prefetch_maps;
+  // The warp-specialised forward's softcap against a fixed offset (its launcher; softcap_scale_log2 = 0: not):
+  // P = exp2(tanh(cap_in s) * softcap_scale_log2 - softcap_offset_log2), softcap_scale_log2 = softcap * log2 e.
+  float softcap_scale_log2, softcap_offset_log2;
 };
 
 struct BwdParams : FwdParams {

@@ -97,6 +97,12 @@ FA2_DEVICE void apply_score_rule(float (&s)[MT][NT][4], int r0, int c0, int diag
   }
 }
 
+// The softcap in units of the cap: x = tanh(cap_in x) in [-1, 1] (update_scores_fixed scales it by the cap).
+template <int MT, int NT>
+FA2_DEVICE void apply_softcap_unit(float (&s)[MT][NT][4], const ScoreRule<float>& r) {
+  for_each_score<false>(s, 0, 0, [&](float& x, int, int) { x = fast_tanh(x * r.cap_in); });
+}
+
 // d logit / d (scale q.k) = 1 - tanh^2 for a score whose probability p = exp2(x * scale_log2 - lse2) is known
 // (the backward recomputes tanh from P instead of keeping it in registers): cap_out tanh = x + alibi |i + diag - j|.
 FA2_DEVICE float softcap_grad(float p, float lse2, int i, int j, int diag, const ScoreRule<float>& r, float inv_scale_log2) {

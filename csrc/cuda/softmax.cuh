@@ -69,6 +69,29 @@ struct OnlineSoftmax {
       }
   }
 
+  // P = exp2(s * scale_log2 - offset_log2) in place of s, against an offset fixed for the whole row instead of
+  // its running max: for scores bounded above and below (a softcap without ALiBi, in units where the bound is
+  // +-1), whose P over the whole range stay normal floats with the offset the launcher picks. No max, no
+  // quad shuffles, nothing to rescale. Masked scores (-inf) give P = 0. finalize_at(o, offset_log2) ends it.
+  template <int NS>
+  FA2_DEVICE void update_scores_fixed(float (&s)[MT][NS][4], float scale_log2, float offset_log2) {
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float sum = 0.f;
+#pragma unroll
+        for (int ni = 0; ni < NS; ++ni)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = fast_exp2(fmaf(s[mi][ni][2 * h + e], scale_log2, -offset_log2));
+            s[mi][ni][2 * h + e] = p;
+            sum += p;
+          }
+        row_sum[mi][h] += sum;
+      }
+  }
+
   // rescale(o, alpha), skipped when no row of the warp has alpha != 1 (all lanes of the warp must call it).
   template <int NO>
   FA2_DEVICE static void rescale_if_needed(float (&o)[MT][NO][4], const float (&alpha)[MT][2]) {
@@ -95,6 +118,17 @@ struct OnlineSoftmax {
   // o = 0 and lse = -inf.
   template <int NO>
   FA2_DEVICE void finalize(float (&o)[MT][NO][4], float scale_log2, float (&lse)[MT][2]) {
+    float offset[MT][2];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) offset[mi][h] = row_max[mi][h] * scale_log2;
+    finalize_at(o, offset, lse);
+  }
+
+  // finalize() for P taken as exp2(... - offset_log2[mi][h]) (update_scores_fixed: the same offset for all rows).
+  template <int NO>
+  FA2_DEVICE void finalize_at(float (&o)[MT][NO][4], const float (&offset_log2)[MT][2], float (&lse)[MT][2]) {
     constexpr float kLn2 = 0.6931471805599453f;
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
@@ -103,7 +137,7 @@ struct OnlineSoftmax {
         const float sum = quad_sum(row_sum[mi][h]);
         const bool empty = !(sum > 0.f);
         const float inv = empty ? 0.f : 1.f / sum;
-        lse[mi][h] = empty ? -INFINITY : (row_max[mi][h] * scale_log2 + __log2f(sum)) * kLn2;
+        lse[mi][h] = empty ? -INFINITY : (offset_log2[mi][h] + __log2f(sum)) * kLn2;
 #pragma unroll
         for (int ni = 0; ni < NO; ++ni) {
           o[mi][ni][2 * h] *= inv;

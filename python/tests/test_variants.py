@@ -31,8 +31,8 @@ def reference_options(opts, keep):
                 dropout_p=opts["dropout_p"], keep=keep)
 
 
-def check_variant_case(b, hq, hkv, nq, nk, d, dtype, device, opts, transposed=False, factor=2.0):
-    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, device, transposed, requires_grad=True)
+def check_variant_case(b, hq, hkv, nq, nk, d, dtype, device, opts, transposed=False, factor=2.0, qkv=None):
+    q, k, v = qkv or random_qkv(b, hq, hkv, nq, nk, d, dtype, device, transposed, requires_grad=True)
     dout = torch.randn(b, hq, nq, d, dtype=dtype, device=device)
     keep = None
     if opts["dropout_p"] > 0:
@@ -510,6 +510,35 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "4")
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
     check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
+
+
+@requires_sm90
+@pytest.mark.parametrize("fixed", ["", "0"])
+@pytest.mark.parametrize("softcap,causal,dropout_p", [(0.5, False, 0.0), (20.0, True, 0.0), (50.0, False, 0.1),
+                                                      (56.0, True, 0.0)])
+@pytest.mark.parametrize("d", [128, 256])
+def test_cuda_warp_specialised_forward_softcap_fixed_offset(monkeypatch, fixed, softcap, causal, dropout_p, d):
+    """The WS forward's softcap against a fixed offset (d256, bfloat16, no ALiBi, softcap up to 56;
+    FLASH_ATTN2_SOFTCAP_FIXED=0 keeps the running max, as d128 always does): keys share one direction u, and query heads 0 and 1
+    point along -u and +u, so their rows saturate at -softcap (every P at the floor of the offset's range) and
+    at +softcap (its top); heads 2 and 3 spread between. Causal cases have Nq > Nk: rows that see no key (LSE
+    -inf, zero output) and rows that see one. Output, LSE and gradients against float64."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_SOFTCAP_FIXED", fixed)
+    b, hq, hkv = 2, 4, 2
+    nq, nk = (333, 200) if causal else (200, 333)
+    gen = torch.Generator().manual_seed(int(softcap) + d)
+    u = torch.randn(d, generator=gen)
+    u = u / u.norm()
+    k = 0.3 * torch.randn(b, hkv, nk, d, generator=gen) + 3.0 * u
+    q = torch.randn(b, hq, nq, d, generator=gen)
+    a = softcap * d ** 0.5  # scale * a * 3 = 3 softcap: tanh(3) = 0.995
+    q[:, 0] = -a * u + 0.1 * q[:, 0]  # head 0: every score far below -softcap before the cap
+    q[:, 1] = a * u + 0.1 * q[:, 1]   # head 1: every score far above
+    v = torch.randn(b, hkv, nk, d, generator=gen)
+    qkv = tuple(t.to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v))
+    opts = make_options(b, hq, causal, (-1, -1), softcap, None, dropout_p, "cuda", seed=5)
+    check_variant_case(b, hq, hkv, nq, nk, d, torch.bfloat16, "cuda", opts, qkv=qkv)
 
 
 @requires_sm90
