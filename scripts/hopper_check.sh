@@ -6,6 +6,9 @@
 #   wstests        the warp-specialised forward and backward tests (FLASH_ATTN2_FWD_WS / _BWD_WS=require)
 #   san_ws         memcheck, racecheck, synccheck on the warp-specialised forward (FA2_SANITIZE=ws)
 #   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
+#   san_widebwd    the same on the d256 backward (FA2_SANITIZE=widebwd), dQ by TMA reduce-adds and by red.add
+#   widetests      the d256 backward tests (test_kernels.py -k "wide or 256")
+#   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
@@ -47,7 +50,13 @@ if step wstests 120; then
   echo "WS forward + backward tests (require) rc $?: $(tail -1 "$OUT/wstests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/wstests.log" | head -20
 fi
-for what in ws wsbwd; do
+if step widetests 120; then
+  timeout 120 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py -q -rfE \
+    -k "wide or 256" -p no:cacheprovider >"$OUT/widetests.log" 2>&1
+  echo "d256 tests rc $?: $(tail -1 "$OUT/widetests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/widetests.log" | head -20
+fi
+for what in ws wsbwd widebwd; do
   step san_$what 150 || continue
   for tool in memcheck racecheck synccheck; do
     FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
@@ -64,6 +73,11 @@ if step ab_wsbwd 130; then  # the warp-specialised backward (B) vs flash_bwd_sm9
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
     --head-dims 64,128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
     | tee "$OUT/ab_wsbwd.md"
+fi
+if step ab_widedq 100; then  # the d256 backward's dQ: TMA reduce-adds (B) vs red.add (A)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd \
+    --head-dims 256 --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,varlen \
+    | tee "$OUT/ab_widedq.md"
 fi
 if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd \

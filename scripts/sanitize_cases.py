@@ -81,6 +81,26 @@ if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (
     torch.cuda.synchronize()
     print("sanitize cases ran (wsbwd)")
     raise SystemExit(0)
+if os.environ.get("FA2_SANITIZE") == "widebwd":  # the d256 backward, its dQ by TMA reduce-adds and by red.add
+    for dq in ("", "red"):
+        os.environ["FLASH_ATTN2_BWD_WS_DQ"] = dq
+        for dtype, d in [(torch.bfloat16, 256), (torch.float16, 240)]:
+            for nq, nk, causal in [(200, 130, True), (40, 260, False), (300, 70, True)]:
+                q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype, requires_grad=True)
+                k = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
+                v = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
+                flash_attn2.attention(q, k, v, causal).sum().backward()
+                flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0, dropout_p=0.2,
+                                      rng_state=rng).sum().backward()
+                out, lse = flash_attn2.attention_with_lse(q.detach(), k.detach(), v.detach(), causal)
+                torch.ops.flash_attn2.bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, causal,
+                                          None, deterministic=True)
+            cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
+            q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True).sum().backward()
+    torch.cuda.synchronize()
+    print("sanitize cases ran (widebwd)")
+    raise SystemExit(0)
 if os.environ.get("FA2_SANITIZE") == "fwd":
     for dtype, overlap in [(dt, o) for dt in (torch.bfloat16, torch.float16) for o in ("0", "1")]:
         os.environ["FLASH_ATTN2_FWD_OVERLAP"] = overlap  # both d128 loops (read at every launch)

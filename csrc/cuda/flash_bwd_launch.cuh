@@ -94,6 +94,25 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   }
 }
 
+// The d256 backward (flash_bwd_sm90_wide_kernel.cuh) with its dQ as TMA bulk reduce-adds into dq_accum where
+// the map can be made and the adds need no order; the deterministic mode and FLASH_ATTN2_BWD_WS_DQ=red (A/B runs)
+// keep the threads' red.global.add.
+template <class Kt, bool kScoreMod>
+void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
+  BwdParams launch = p;
+  CUtensorMap dq_map{};
+  const char* dq_env = std::getenv("FLASH_ATTN2_BWD_WS_DQ");
+  const int64_t q_rows = static_cast<int64_t>(p.heads_q) *
+                         (p.cu_seqlens_q != nullptr ? p.total_q : static_cast<int64_t>(p.batch) * p.seqlen_q);
+  launch.dq_red_add = p.dq_semaphore != nullptr || (dq_env != nullptr && std::strcmp(dq_env, "red") == 0) ||
+                      !make_f32_rows_map(&dq_map, p.dq_accum, p.head_dim, q_rows, Kt::kBlockM);
+  auto kernel = &flash_bwd_sm90_wide_kernel<Kt, kScoreMod>;
+  set_smem_limit(kernel, Kt::kSmemBytes);
+  const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, dq_map);
+  FA2_CHECK_LAUNCH();
+}
+
 }  // namespace detail
 
 template <typename T, int kHeadDim, bool kScoreMod>
@@ -130,7 +149,7 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
     } else if constexpr (kHeadDim == 256) {
       using K90 = BwdSm90WideTraits<T, kHeadDim>;
       if (detail::use_sm90_kernels())
-        detail::launch_per_key_tile<K90>(&flash_bwd_sm90_wide_kernel<K90, kScoreMod>, params, stream);
+        detail::launch_bwd_wide<K90, kScoreMod>(params, stream);
       else detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
     } else {
       detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);

@@ -5,8 +5,15 @@
 // each holding one 64 x d accumulator:
 //   warpgroup 0:  S^T = K Q^T -> P^T (handed to warpgroup 1 through shared memory),  dV += P^T dO
 //   warpgroup 1:  dP^T = V dO^T,  dS^T = P^T (dP^T - D) (to shared memory),          dK += dS^T Q
-//   both:         dQ_accum += dS K, each on half of the columns, 64 at a time (fp32 red.global.add)
+//   both:         dQ_accum += dS K, each on half of the columns, 64 at a time
 // Both warpgroups cover the same 64 keys with the same thread layout, so P^T crosses over element for element.
+// dQ (64 queries x 256 columns of float32 per step: twice the d128 kernels' per key) goes out as TMA bulk
+// reduce-adds, which the L2 performs: each warpgroup stages its 64 x 128 part in the step's stage buffer that
+// its own last product read (warpgroup 0: dO, after dV += P^T dO; warpgroup 1: Q, after dK += dS^T Q; 32 KB
+// each, the size of the part) and one thread issues four 64 x 64 chunks' boxes. The next step's Q / dO loads
+// into the other stage are issued after that step's S^T / dP^T products, once the issuers have seen the reads
+// of the last reduce-adds complete. The deterministic mode (ordered adds) and FLASH_ATTN2_BWD_WS_DQ=red keep
+// the threads' red.global.add.
 #pragma once
 
 #include "cuda/block_info.cuh"
@@ -14,8 +21,10 @@
 #include "cuda/flash_bwd_sm90_kernel.cuh"  // probs_transposed, dscores_transposed, add_dq_tile
 #include "cuda/flash_params.h"
 #include "cuda/mask.cuh"
+#include "cuda/flash_bwd_sm90_ws_kernel.cuh"  // store_dq_boxes
 #include "cuda/smem_tile.cuh"
 #include "cuda/tile_primitives.cuh"
+#include "cuda/tma.cuh"
 #include "cuda/warp_mma.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -46,7 +55,7 @@ struct BwdSm90WideTraits {
 
 template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
-    flash_bwd_sm90_wide_kernel(const __grid_constant__ BwdParams p) {
+    flash_bwd_sm90_wide_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap dq_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Kt::Elem;
   using TileQ = typename Kt::TileQ;
@@ -77,7 +86,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const int lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int wg_tid = tid % 128;
-  const bool is_p = warp < 4;               // warpgroup 0: S^T, P^T, dV; warpgroup 1: dP^T, dS^T, dK
+  const bool is_p = __shfl_sync(0xffffffffu, warp < 4, 0);  // warpgroup 0: S^T, P^T, dV; 1: dP^T, dS^T, dK
+  const bool dq_tma = !p.dq_red_add;        // dQ by bulk reduce-adds (the launcher made dq_map)
+  const bool dq_issuer = dq_tma && wg_tid == 0;
   const int warp_row0 = 16 * (warp % 4);    // first key row of this warp's accumulators
 
   const BwdBlockInfo<kBlockN> blk(p);
@@ -104,7 +115,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     cp_async_wait<0>();
     fence_proxy_async_smem();  // cp.async wrote through the generic proxy; wgmma reads through the async one
     __syncthreads();           // ... and every warp is done with the previous step's buffers
-    if (it + 1 < steps.total) {
+    if (!dq_tma && it + 1 < steps.total) {
       load_q_do(it + 1, stage ^ 1);
       cp_async_commit();
     }
@@ -145,7 +156,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 #pragma unroll
       for (int j = 0; j < kBlockM / 2; ++j) sP[j * 128 + wg_tid] = flat(acc_x)[j];
     }
-    __syncthreads();  // P^T (G) handed over
+    if (dq_issuer) tma::bulk_wait_read<0>();  // the last step's dQ boxes (in the other stage) are read
+    __syncthreads();                          // P^T (G) handed over; the other stage is free
+    if (dq_tma && it + 1 < steps.total) {
+      load_q_do(it + 1, stage ^ 1);
+      cp_async_commit();
+    }
     if (!is_p) {
       float pr[1][kNT_S][4];
 #pragma unroll
@@ -173,8 +189,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     fence_proxy_async_smem();
     __syncthreads();  // dS^T is in shared memory
     const bool full_tile = row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim;
-    const DqOrder order = DqOrder::make<kBlockM>(p, blk, vis, head, row0);
-    dq_chain.acquire(order, tid);
+    if (!dq_tma) dq_chain.acquire(DqOrder::make<kBlockM>(p, blk, vis, head, row0), tid);
+    // The warpgroup's staging buffer: the stage's dO (warpgroup 0) or Q (warpgroup 1), free once the first
+    // chunk's wait has retired dV += P^T dO / dK += dS^T Q (the other warpgroup's reads of it, S^T = K Q^T and
+    // dP^T = V dO^T, were done before the barrier above).
+    unsigned char* dq_buf = smem + ((is_p ? sdO_s : sQ_s) - sK_u);
 #pragma unroll
     for (int c0 = 0; c0 < kHeadDim / 2; c0 += 64) {
       const int col0 = (is_p ? 0 : kHeadDim / 2) + c0;
@@ -186,12 +205,30 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(acc_dq);
-      add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
+      // Rows past the sequence's end add exact zeros (zero-filled dO / Q rows there: dS = 0) to the rows that
+      // follow; rows past the array and columns past d are clipped by the map.
+      if (dq_tma) store_dq_boxes(dq_buf + (c0 / 64) * 16384, acc_dq, warp, g, t);
+      else add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
+    }
+    if (dq_tma) {
+      fence_proxy_async_smem();                // the stores before the issuer's bulk reads
+      tma::named_sync(1 + (is_p ? 0 : 1), 128);  // the warpgroup's part is staged
+      if (dq_issuer) {
+        const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
+        const int col0 = is_p ? 0 : kHeadDim / 2;
+#pragma unroll
+        for (int c = 0; c < kHeadDim / 128; ++c) {
+          tma::reduce_add_box(&dq_map, dq_buf + c * 16384, col0 + 64 * c, row);
+          tma::reduce_add_box(&dq_map, dq_buf + c * 16384 + 8192, col0 + 64 * c + 32, row);
+        }
+        tma::bulk_commit();
+      }
     }
     fence_regs(acc_kv);
     fence_regs(frag);  // the A fragments stay untouched until the MMAs reading them are done
   }
-  dq_chain.finish(tid);
+  if (!dq_tma) dq_chain.finish(tid);
+  if (dq_issuer) tma::bulk_wait<0>();  // the last reduce-adds are done before the block's shared memory goes
 
   // Epilogue: dV (warpgroup 0) and dK * scale (warpgroup 1) as T through the V / K buffers.
   cp_async_wait<0>();
