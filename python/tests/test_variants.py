@@ -521,8 +521,8 @@ def test_cuda_warp_specialised_forward_softcap_fixed_offset(monkeypatch, fixed, 
     """The WS forward's softcap against a fixed offset (d256, bfloat16, no ALiBi, softcap up to 56;
     FLASH_ATTN2_SOFTCAP_FIXED=0 keeps the running max, as d128 always does): keys share one direction u, and
     query heads 0 and 1 point along -u and +u, so their rows saturate at -softcap (every P at the floor of the
-    offset's range) and at +softcap (its top); heads 2 and 3 spread between. Causal cases have Nq > Nk: rows that see no key (LSE
-    -inf, zero output) and rows that see one. Output, LSE and gradients against float64."""
+    offset's range) and at +softcap (its top); heads 2 and 3 spread between. Causal cases have Nq > Nk: rows that
+    see no key (LSE -inf, zero output) and rows that see one. Output, LSE and gradients against float64."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_SOFTCAP_FIXED", fixed)
     b, hq, hkv = 2, 4, 2
