@@ -1,7 +1,7 @@
 """One flash_attn2 forward + backward on the benchmark's layout, for profilers (ncu -k regex:flash_bwd_kernel).
 
     ncu --section WarpStateStats -k regex:flash_bwd_kernel -c 1 python3 scripts/profile_case.py --d 128
-    ... profile_case.py --d 128 --n 8192 --causal --softcap 50     (or --alibi, --dropout 0.1)
+    ... profile_case.py --d 128 --n 8192 --causal --softcap 50     (or --alibi, --dropout 0.1, --window 4096)
 """
 
 import argparse
@@ -18,12 +18,15 @@ parser.add_argument("--dtype", default="bfloat16")
 parser.add_argument("--softcap", type=float, default=0.0)
 parser.add_argument("--alibi", action="store_true")
 parser.add_argument("--dropout", type=float, default=0.0)
+parser.add_argument("--window", type=int, default=-1, help="keys to the left (and, without --causal, right)")
 args = parser.parse_args()
 b, h = max(1, 16384 // args.n), 2048 // args.d
 dtype = getattr(torch, args.dtype)
 q, k, v = (torch.randn(b, args.n, h, args.d, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
            for _ in range(3))
 slopes = torch.rand(h, device="cuda") if args.alibi else None
-out = flash_attn2.attention(q, k, v, args.causal, softcap=args.softcap, alibi_slopes=slopes, dropout_p=args.dropout)
+window = (args.window, -1 if args.window < 0 else 0 if args.causal else args.window)
+out = flash_attn2.attention(q, k, v, args.causal, softcap=args.softcap, alibi_slopes=slopes, dropout_p=args.dropout,
+                            window_size=window)
 out.backward(torch.randn_like(out))
 torch.cuda.synchronize()
