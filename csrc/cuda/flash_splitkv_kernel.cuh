@@ -63,8 +63,12 @@ struct SplitKvTraits {
 };
 
 // Where the rows of key tiles live, for K and V (element offsets). Dense caches: (batch, kv head, key) with
-// the strides. Paged caches: the page of every row of a tile is read from block_table one tile ahead into
-// shared memory (fetch_pages), so the dependent table load never stalls the cp.async issue of a tile.
+// the strides. Paged caches: the page of every row of a tile is read from block_table two tiles ahead into a
+// register (read_page) and stored into shared memory a loop iteration later (store_page), so neither the
+// cp.async issue of a tile nor the warp's math waits for the table load. Stored at once, as fetch_pages does in
+// the prologue, its latency fell inside every tile's step: pages of 16 read the cache at 0.83 of a dense one,
+// and did so whether or not a sequence's pages lay in order (the same addresses as pages of 256, at 0.94);
+// now every page size reads at 0.90-0.94 (perf.md v16).
 template <int kBlockN, int kStages>
 struct KvRows {
   const FwdParams& p;
@@ -72,17 +76,19 @@ struct KvRows {
   int* s_pages;  // [kStages][kBlockN] page per row, one slot per pipeline stage (paged only)
 
   FA2_DEVICE bool paged() const { return p.block_table != nullptr; }
-  // Pages of `tile`'s rows into slot `stage` (threads tid < kBlockN, one row each); visible after a barrier.
-  FA2_DEVICE void fetch_pages(int tile, int stage, int tid) const {
-    if (!paged() || tid >= kBlockN) return;
+  // The page of row tid of `tile` (threads tid < kBlockN, one row each; 0 past the sequence, whose entries are
+  // never read), as a load whose result the caller stores later.
+  FA2_DEVICE int read_page(int tile, int tid) const {
     const int key = tile * kBlockN + tid;
-    int page = 0;
-    if (key < seqlen_k) {  // entries past the sequence are never read; the rest are clamped into the cache
-      page = p.block_table[static_cast<index_t>(batch) * p.block_table_batch_stride + (key >> p.page_size_log2)];
-      page = min(max(page, 0), p.num_pages - 1);
-    }
-    s_pages[stage * kBlockN + tid] = page;
+    if (!paged() || tid >= kBlockN || key >= seqlen_k) return 0;
+    return p.block_table[static_cast<index_t>(batch) * p.block_table_batch_stride + (key >> p.page_size_log2)];
   }
+  // A page from read_page into slot `stage`, clamped into the cache; visible after a barrier.
+  FA2_DEVICE void store_page(int page, int stage, int tid) const {
+    if (!paged() || tid >= kBlockN) return;
+    s_pages[stage * kBlockN + tid] = min(max(page, 0), p.num_pages - 1);
+  }
+  FA2_DEVICE void fetch_pages(int tile, int stage, int tid) const { store_page(read_page(tile, tid), stage, tid); }
   // Row r of the tile staged in `stage`, key `key`.
   FA2_DEVICE void offsets(int key, int stage, int r, index_t& k_off, index_t& v_off) const {
     if (!paged()) {
@@ -200,6 +206,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     cp_async_commit();  // one group per stage (the first also carries Q), empty or not
   }
   if (t_begin + kStages - 1 < t_end) kv.fetch_pages(t_begin + kStages - 1, kStages - 1, tid);
+  int next_page = t_begin + kStages < t_end ? kv.read_page(t_begin + kStages, tid) : 0;  // stored next
 
   float acc_o[1][Kt::kNT_O][4];
   zero_acc(acc_o);
@@ -212,9 +219,10 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     __syncthreads();  // tile landed for everyone; everyone is done with the stage the next load overwrites
     if (tile + kStages - 1 < t_end) load_tile(tile + kStages - 1);
     cp_async_commit();
-    // Pages of the tile after that, into the slot of tile `tile` (its load was issued stages ago); the
-    // barrier at the top of the next iteration publishes them.
-    if (tile + kStages < t_end) kv.fetch_pages(tile + kStages, (tile - t_begin) % kStages, tid);
+    // Pages of the tile after that (read an iteration ago), into the slot of tile `tile` (its load was issued
+    // stages ago); the barrier at the top of the next iteration publishes them. Then the read for the next one.
+    if (tile + kStages < t_end) kv.store_page(next_page, (tile - t_begin) % kStages, tid);
+    next_page = tile + kStages + 1 < t_end ? kv.read_page(tile + kStages + 1, tid) : 0;
 
     const uint32_t sK = stage_k((tile - t_begin) % kStages) + 2u * static_cast<uint32_t>(warp * kWarpN * TileKV::kBK);
     const uint32_t sV = sK + Kt::kSmemKV;
