@@ -20,6 +20,8 @@
 #   ab_softcap     the WS forward's softcap against a fixed offset vs the running max (FLASH_ATTN2_SOFTCAP_FIXED=0)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
+#   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
+#                  | tar -x -C .abbase`), built here, on the masked rows (causal, windows, packed), fwd and bwd
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
 #   variants       the variant bench rows
@@ -127,6 +129,22 @@ if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7
         "$OUT/ncu_${mod}_${k}.txt" | head -24
     done
   done
+fi
+if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that need no run-time switch
+  base=${BASE_SRC:-.abbase}
+  if [[ -f $base/CMakeLists.txt ]]; then
+    ( cd "$base" && CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ cmake -S . -B build/base -G Ninja \
+        -DFLASH_ATTN2_WITH_CUDA=ON -DFLASH_ATTN2_CUDA_ARCHS=90a -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
+        -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ >/dev/null && cmake --build build/base -j"$(nproc)" >/dev/null )
+    blib=$PWD/$base/build/base/libflash_attn2.so
+    echo "base library built: $(ls "$blib" 2>/dev/null || echo missing) at $(( $(date +%s) - start )) s"
+    timeout 100 python3 scripts/ab_forward.py "$blib" $lib --head-dims 64,128,256 --lengths 2048 \
+      --causal-lengths 2048,16384 --mods none,window,varlen | tee "$OUT/ab_base.md"
+    timeout 80 python3 scripts/ab_forward.py "$blib" $lib --direction bwd --head-dims 64,128 --lengths "" \
+      --causal-lengths 2048,16384 --mods none,window | tee -a "$OUT/ab_base.md"
+  else
+    echo "ab_base: no source tree in $base"
+  fi
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \
