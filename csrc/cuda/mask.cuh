@@ -44,9 +44,10 @@ FA2_DEVICE void for_each_score(float (&s)[MT][NT][4], int r0, int c0, F&& f) {
 }
 
 // Visibility of a column within a row's visible range [lo, lo + span): one unsigned compare (col - lo wraps to a
-// large value below lo), so that a mask is a compare and a select per score. `if (col < lo || col >= hi)` and
-// the per-score key_begin / key_end compiled to two branches and a convergence barrier per score (BSSY / BSYNC:
-// 99 in the d128 WS forward, 32 in the Hopper backwards), about 10 instructions each (SASS, perf.md v16).
+// large value below lo), so that a mask is an add, a compare and a select per score. The forward's former
+// `if (j < vis.key_begin(i) || j >= vis.key_end(i))` per score compiled to two branches and a convergence
+// barrier (BSSY / BSYNC) per score, about 10 instructions each: the d128 WS forward had 99 BSSY, now 35, and
+// 3968 SASS instructions, now 3440 (perf.md v16).
 struct VisibleSpan {
   int lo;
   unsigned span;
