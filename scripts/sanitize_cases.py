@@ -59,25 +59,35 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
     torch.cuda.synchronize()
     print("sanitize cases ran (ws)")
     raise SystemExit(0)
-if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (the sm_90 default at d128; d64)
-    os.environ["FLASH_ATTN2_BWD_WS"] = "require"
-    for dtype, d in [(torch.bfloat16, 128), (torch.float16, 128), (torch.bfloat16, 64)]:
-        for nq, nk, causal in [(200, 300, True), (40, 520, False), (300, 130, True)]:
-            q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype, requires_grad=True)
-            k = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
-            v = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
-            flash_attn2.attention(q, k, v, causal).sum().backward()
-            flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0, dropout_p=0.2,
-                                  rng_state=rng).sum().backward()
-            out, lse = flash_attn2.attention_with_lse(q.detach(), k.detach(), v.detach(), causal)
-            torch.ops.flash_attn2.bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, causal,
-                                      None, deterministic=True)
-        cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
-        q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-        flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True).sum().backward()
+
+
+def backward_cases(dtype, d, shapes, deterministic_varlen):
+    """Backward cases for one (dtype, d): each (nq, nk, causal) of `shapes` plain, with a window, softcap and
+    dropout, and deterministic (GQA 2:1); then a packed causal batch with an empty sequence (and, with
+    deterministic_varlen, its deterministic backward)."""
+    for nq, nk, causal in shapes:
+        q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
+        flash_attn2.attention(q, k, v, causal).sum().backward()
+        flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0, dropout_p=0.2,
+                              rng_state=rng).sum().backward()
+        out, lse = flash_attn2.attention_with_lse(q.detach(), k.detach(), v.detach(), causal)
+        torch.ops.flash_attn2.bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, causal,
+                                  None, deterministic=True)
+    cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
+    q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True).sum().backward()
+    if deterministic_varlen:
         out, lse = flash_attn2.attention_varlen_with_lse(q.detach(), k.detach(), v.detach(), cu, cu, 230, 230, True)
         torch.ops.flash_attn2.bwd_varlen(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, cu,
                                          230, 230, True, None, deterministic=True)
+
+
+if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (the sm_90 default at d128; d64)
+    os.environ["FLASH_ATTN2_BWD_WS"] = "require"
+    for dtype, d in [(torch.bfloat16, 128), (torch.float16, 128), (torch.bfloat16, 64)]:
+        backward_cases(dtype, d, [(200, 300, True), (40, 520, False), (300, 130, True)], deterministic_varlen=True)
     torch.cuda.synchronize()
     print("sanitize cases ran (wsbwd)")
     raise SystemExit(0)
@@ -85,19 +95,7 @@ if os.environ.get("FA2_SANITIZE") == "widebwd":  # the d256 backward, its dQ by 
     for dq in ("", "red"):
         os.environ["FLASH_ATTN2_BWD_WS_DQ"] = dq
         for dtype, d in [(torch.bfloat16, 256), (torch.float16, 240)]:
-            for nq, nk, causal in [(200, 130, True), (40, 260, False), (300, 70, True)]:
-                q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype, requires_grad=True)
-                k = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
-                v = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
-                flash_attn2.attention(q, k, v, causal).sum().backward()
-                flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0, dropout_p=0.2,
-                                      rng_state=rng).sum().backward()
-                out, lse = flash_attn2.attention_with_lse(q.detach(), k.detach(), v.detach(), causal)
-                torch.ops.flash_attn2.bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, causal,
-                                          None, deterministic=True)
-            cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
-            q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-            flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True).sum().backward()
+            backward_cases(dtype, d, [(200, 130, True), (40, 260, False), (300, 70, True)], deterministic_varlen=False)
     torch.cuda.synchronize()
     print("sanitize cases ran (widebwd)")
     raise SystemExit(0)
