@@ -44,6 +44,19 @@ void launch_bwd_portable(const BwdParams& params, cudaStream_t stream) {
   launch_per_key_tile<Kt>(&flash_bwd_kernel<Kt, kScoreMod>, params, stream);
 }
 
+// Rows of dq_accum (float32, d per row): (Hq, B * Nq), or (Hq, Tq) for a packed batch; the Hopper backwards' dQ
+// maps cover them all.
+inline int64_t dq_accum_rows(const BwdParams& p) {
+  return static_cast<int64_t>(p.heads_q) *
+         (p.cu_seqlens_q != nullptr ? p.total_q : static_cast<int64_t>(p.batch) * p.seqlen_q);
+}
+// FLASH_ATTN2_BWD_WS_DQ=red: the Hopper backwards add dQ by the threads' red.add instead of TMA reduce-adds
+// (A/B runs).
+inline bool dq_red_add_requested() {
+  const char* env = std::getenv("FLASH_ATTN2_BWD_WS_DQ");
+  return env != nullptr && std::strcmp(env, "red") == 0;
+}
+
 // The warp-specialised backward (flash_bwd_sm90_ws_kernel.cuh) is the default at d128 on sm_90 where the TMA can
 // address q, k, v and dout (1.09-1.36x flash_bwd_sm90_kernel over d128 plain, softcap and dropout, causal or
 // not, N = 2k and 16k; perf.md v12-v13), and at d64: 1.11-1.19x over plain, softcap and dropout, causal or
@@ -71,9 +84,7 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
                       p.k_batch_stride, Kt::kBlockN) &&
       make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride, p.v_head_stride,
                       p.v_batch_stride, Kt::kBlockN) &&
-      make_f32_rows_map(&maps.dq, p.dq_accum, p.head_dim,
-                        static_cast<int64_t>(p.heads_q) * (varlen ? p.total_q : static_cast<int64_t>(p.batch) * p.seqlen_q),
-                        Kt::kBlockM);
+      make_f32_rows_map(&maps.dq, p.dq_accum, p.head_dim, dq_accum_rows(p), Kt::kBlockM);
   if (!ok) {
     if (required)
       throw std::invalid_argument("flash_attn2: FLASH_ATTN2_BWD_WS=require, but the TMA cannot address these tensors");
@@ -82,8 +93,7 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   // FLASH_ATTN2_BWD_WS_DQ=red: dQ by the consumers' red.add as before the TMA reduce-adds (A/B runs; not in the
   // deterministic mode, whose order only the dQ writer keeps).
   BwdParams launch = p;
-  const char* dq_env = std::getenv("FLASH_ATTN2_BWD_WS_DQ");
-  launch.dq_red_add = dq_env != nullptr && std::strcmp(dq_env, "red") == 0 && p.dq_semaphore == nullptr;
+  launch.dq_red_add = dq_red_add_requested() && p.dq_semaphore == nullptr;
   launch.ws_prefetch_maps = ws_prefetch_maps();
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
@@ -101,11 +111,8 @@ template <class Kt, bool kScoreMod>
 void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
   CUtensorMap dq_map{};
-  const char* dq_env = std::getenv("FLASH_ATTN2_BWD_WS_DQ");
-  const int64_t q_rows = static_cast<int64_t>(p.heads_q) *
-                         (p.cu_seqlens_q != nullptr ? p.total_q : static_cast<int64_t>(p.batch) * p.seqlen_q);
-  launch.dq_red_add = p.dq_semaphore != nullptr || (dq_env != nullptr && std::strcmp(dq_env, "red") == 0) ||
-                      !make_f32_rows_map(&dq_map, p.dq_accum, p.head_dim, q_rows, Kt::kBlockM);
+  launch.dq_red_add = p.dq_semaphore != nullptr || dq_red_add_requested() ||
+                      !make_f32_rows_map(&dq_map, p.dq_accum, p.head_dim, dq_accum_rows(p), Kt::kBlockM);
   auto kernel = &flash_bwd_sm90_wide_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;

@@ -18,10 +18,10 @@
 
 #include "cuda/block_info.cuh"
 #include "cuda/bwd_tile_io.cuh"
-#include "cuda/flash_bwd_sm90_kernel.cuh"  // probs_transposed, dscores_transposed, add_dq_tile
+#include "cuda/flash_bwd_sm90_kernel.cuh"     // probs_transposed, dscores_transposed, add_dq_tile
+#include "cuda/flash_bwd_sm90_ws_kernel.cuh"  // store_dq_boxes
 #include "cuda/flash_params.h"
 #include "cuda/mask.cuh"
-#include "cuda/flash_bwd_sm90_ws_kernel.cuh"  // store_dq_boxes
 #include "cuda/smem_tile.cuh"
 #include "cuda/tile_primitives.cuh"
 #include "cuda/tma.cuh"
