@@ -56,16 +56,7 @@ struct OnlineSoftmax {
         alpha[mi][h] = move ? fast_exp2((m_old - m) * scale_log2) : 1.f;  // exp2(-inf) = 0: O and sums were 0
         if (move) row_max[mi][h] = m;
         const float m_scaled = row_max[mi][h] == -INFINITY ? 0.f : row_max[mi][h] * scale_log2;
-        float sum = 0.f;
-#pragma unroll
-        for (int ni = 0; ni < NS; ++ni)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float p = fast_exp2(fmaf(s[mi][ni][2 * h + e], scale_log2, -m_scaled));
-            s[mi][ni][2 * h + e] = p;
-            sum += p;
-          }
-        row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + sum;
+        row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + exp2_row(s, mi, h, scale_log2, m_scaled);
       }
   }
 
@@ -78,18 +69,23 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float sum = 0.f;
+      for (int h = 0; h < 2; ++h) row_sum[mi][h] += exp2_row(s, mi, h, scale_log2, offset_log2);
+  }
+
+  // Row h of m16 tile mi of s into P = exp2(s * scale_log2 - offset_log2) in place (-inf gives 0); returns this
+  // thread's sum of the row's P. The step both update_scores forms share.
+  template <int NS>
+  FA2_DEVICE static float exp2_row(float (&s)[MT][NS][4], int mi, int h, float scale_log2, float offset_log2) {
+    float sum = 0.f;
 #pragma unroll
-        for (int ni = 0; ni < NS; ++ni)
+    for (int ni = 0; ni < NS; ++ni)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float p = fast_exp2(fmaf(s[mi][ni][2 * h + e], scale_log2, -offset_log2));
-            s[mi][ni][2 * h + e] = p;
-            sum += p;
-          }
-        row_sum[mi][h] += sum;
+      for (int e = 0; e < 2; ++e) {
+        const float p = fast_exp2(fmaf(s[mi][ni][2 * h + e], scale_log2, -offset_log2));
+        s[mi][ni][2 * h + e] = p;
+        sum += p;
       }
+    return sum;
   }
 
   // rescale(o, alpha), skipped when no row of the warp has alpha != 1 (all lanes of the warp must call it).
