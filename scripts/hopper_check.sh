@@ -22,7 +22,8 @@
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
-#                  | tar -x -C .abbase`), built here, on the masked rows (causal, windows, packed), fwd and bwd
+#                  | tar -x -C .abbase`), built here (BASE_BG=1: in the background from the start), on the masked
+#                  rows (causal, windows, packed), fwd and bwd
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
 #   variants       the variant bench rows
@@ -44,6 +45,16 @@ step() {
   if (( $(left) < $2 )); then echo "SKIPPED $1 (needs $2 s, $(left) s left)"; return 1; fi
   echo "--- $1 at $(( $(date +%s) - start )) s"
 }
+# The base tree of ab_base, built where it is; BASE_BG=1 starts that in the background beside this tree's build.
+build_base() {
+  ( cd "$1" && CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ cmake -S . -B build/base -G Ninja \
+      -DFLASH_ATTN2_WITH_CUDA=ON -DFLASH_ATTN2_CUDA_ARCHS=90a -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
+      -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ >/dev/null && cmake --build build/base -j"$(nproc)" >/dev/null )
+}
+if [[ ${BASE_BG:-0} == 1 && $steps == *" ab_base "* && -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
+  touch "${BASE_SRC:-.abbase}/building"
+  ( build_base "${BASE_SRC:-.abbase}"; rm -f "${BASE_SRC:-.abbase}/building" ) &
+fi
 if step build 150; then scripts/gpu_check.sh none 2>&1 | tail -4; fi
 export FLASH_ATTN2_LIBRARY=$PWD/build/gpu/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 lib=$FLASH_ATTN2_LIBRARY
@@ -139,9 +150,9 @@ fi
 if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that need no run-time switch
   base=${BASE_SRC:-.abbase}
   if [[ -f $base/CMakeLists.txt ]]; then
-    ( cd "$base" && CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ cmake -S . -B build/base -G Ninja \
-        -DFLASH_ATTN2_WITH_CUDA=ON -DFLASH_ATTN2_CUDA_ARCHS=90a -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
-        -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ >/dev/null && cmake --build build/base -j"$(nproc)" >/dev/null )
+    # build_base (below) may already be building it in the background: wait for that, or build it now
+    while [[ -f $base/building ]]; do sleep 2; done
+    [[ -f $base/build/base/libflash_attn2.so ]] || build_base "$base"
     blib=$PWD/$base/build/base/libflash_attn2.so
     echo "base library built: $(ls "$blib" 2>/dev/null || echo missing) at $(( $(date +%s) - start )) s"
     timeout 100 python3 scripts/ab_forward.py "$blib" $lib --head-dims 64,128,256 --lengths 2048 \
