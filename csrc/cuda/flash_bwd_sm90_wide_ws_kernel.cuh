@@ -73,8 +73,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries)
   constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
   // Named barriers (0 is __syncthreads): the step's data landed (warpgroups 0 and 1), P^T handed over (0 and
-  // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), the epilogue.
-  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7;
+  // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), the epilogue, the
+  // dQ warpgroup done (2 arrives, 0 and 1 wait).
+  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7, kBarDone = 8;
 
   extern __shared__ unsigned char smem_raw[];
   const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
@@ -116,7 +117,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     cp_async_wait<1>();        // K and V landed (this thread's copies) ...
     fence_proxy_async_smem();  // ... for the async proxy (wgmma) too
   }
-  __syncthreads();  // K and V for every warpgroup; the last block-wide barrier before the epilogue
+  __syncthreads();  // K and V for every warpgroup; the kernel's only block-wide barrier
 
   if (wg == 2) {
     // The dQ warpgroup: step it's dQ = dS_it K once warpgroup 1 has stored dS_it^T, 64 columns at a time.
@@ -143,7 +144,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
       }
     }
-    __syncthreads();  // warpgroups 0 and 1 may overwrite K (the epilogue's dK staging)
+    // Warpgroups 0 and 1 may overwrite K (the epilogue's dK staging). An arrival at a named barrier, not a
+    // __syncthreads at another address than theirs (synccheck: "divergent threads in block").
+    tma::named_arrive(kBarDone, Kt::kNThreads);
     return;
   }
 
@@ -234,7 +237,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // Epilogue: dV (warpgroup 0) and dK * scale (warpgroup 1) as T through the V / K buffers, once the dQ
   // warpgroup is done reading K.
   cp_async_wait<0>();
-  __syncthreads();
+  tma::named_sync(kBarDone, Kt::kNThreads);  // the dQ warpgroup is done reading K
   store_acc<T, TileKV>(is_p ? sV : sK, acc_kv, warp_row0, 0, lane, is_p ? 1.f : p.scale);
   tma::named_sync(kBarEpilogue, kLoaders);
   store_dk_dv<TileKV, kLoaders>(p, blk, sK, sV, tid);
