@@ -19,6 +19,8 @@
 // steps later). setmaxnreg: 216 / 216 / 72 registers (the 504 per thread of 384 threads at launch).
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/block_info.cuh"
 #include "cuda/bwd_tile_io.cuh"
 #include "cuda/flash_bwd_sm90_kernel.cuh"  // probs_transposed, dscores_transposed, add_dq_tile
@@ -73,9 +75,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries)
   constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
   // Named barriers (0 is __syncthreads): the step's data landed (warpgroups 0 and 1), P^T handed over (0 and
-  // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), the epilogue, the
-  // dQ warpgroup done (2 arrives, 0 and 1 wait).
-  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7, kBarDone = 8;
+  // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), the epilogue (0, 1).
+  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7;
 
   extern __shared__ unsigned char smem_raw[];
   const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
@@ -87,8 +88,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const uint32_t sdS_u = sdO_u + 2 * Kt::kSmemQ;  // buffer b at + b * kSmemDS
   const uint32_t sP_u = sdS_u + 2 * Kt::kSmemDS;
   const uint32_t sStats_u = sP_u + Kt::kSmemP;   // stage s: LSE at s * 2M, D at + M (floats)
-  T* sK = reinterpret_cast<T*>(smem);
-  T* sV = reinterpret_cast<T*>(smem + Kt::kSmemKV);
   float* sP = reinterpret_cast<float*>(smem + (sP_u - sK_u));
   const float* sStats = reinterpret_cast<const float*>(smem + (sStats_u - sK_u));
 
@@ -117,7 +116,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     cp_async_wait<1>();        // K and V landed (this thread's copies) ...
     fence_proxy_async_smem();  // ... for the async proxy (wgmma) too
   }
-  __syncthreads();  // K and V for every warpgroup; the kernel's only block-wide barrier
+  __syncthreads();  // K and V for every warpgroup; the only block-wide barrier (the dQ warpgroup returns early)
 
   if (wg == 2) {
     // The dQ warpgroup: step it's dQ = dS_it K once warpgroup 1 has stored dS_it^T, 64 columns at a time.
@@ -144,10 +143,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
       }
     }
-    // Warpgroups 0 and 1 may overwrite K (the epilogue's dK staging). An arrival at a named barrier, not a
-    // __syncthreads at another address than theirs (synccheck: "divergent threads in block").
-    tma::named_arrive(kBarDone, Kt::kNThreads);
-    return;
+    return;  // nothing to meet the others for: the epilogue stages dK and dV away from K
   }
 
   tma::grow_registers<Kt::kComputeRegs>();
@@ -234,13 +230,17 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     fence_regs(frag);  // the A fragments stay untouched until the MMAs reading them are done
   }
 
-  // Epilogue: dV (warpgroup 0) and dK * scale (warpgroup 1) as T through the V / K buffers, once the dQ
-  // warpgroup is done reading K.
+  // Epilogue: dV (warpgroup 0) and dK * scale (warpgroup 1) as T, staged in stage 0's dO and Q buffers (the dQ
+  // warpgroup may still be reading K: staged there, the two warpgroups would have to meet it first; a barrier
+  // with it, __syncthreads or named, left racecheck reporting the staging stores and the copy-out as racing).
+  static_assert(std::is_same_v<TileQ, TileKV>, "dK and dV are staged in the Q / dO buffers");
+  T* s_dk = reinterpret_cast<T*>(smem + (sQ_u - sK_u));
+  T* s_dv = reinterpret_cast<T*>(smem + (sdO_u - sK_u));
   cp_async_wait<0>();
-  tma::named_sync(kBarDone, Kt::kNThreads);  // the dQ warpgroup is done reading K
-  store_acc<T, TileKV>(is_p ? sV : sK, acc_kv, warp_row0, 0, lane, is_p ? 1.f : p.scale);
+  tma::named_sync(kBarEpilogue, kLoaders);  // both are done with every stage's Q and dO (their MMAs waited for)
+  store_acc<T, TileKV>(is_p ? s_dv : s_dk, acc_kv, warp_row0, 0, lane, is_p ? 1.f : p.scale);
   tma::named_sync(kBarEpilogue, kLoaders);
-  store_dk_dv<TileKV, kLoaders>(p, blk, sK, sV, tid);
+  store_dk_dv<TileKV, kLoaders>(p, blk, s_dk, s_dv, tid);
 #else
   __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
 #endif
