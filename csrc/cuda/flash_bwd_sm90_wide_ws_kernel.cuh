@@ -75,7 +75,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries)
   constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
   // Named barriers (0 is __syncthreads): the step's data landed (warpgroups 0 and 1), P^T handed over (0 and
-  // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), the epilogue (0, 1).
+  // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), warpgroup w's
+  // epilogue (7 + w).
   constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7;
 
   extern __shared__ unsigned char smem_raw[];
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
       }
     }
-    return;  // nothing to meet the others for: the epilogue stages dK and dV away from K
+    return;  // nothing to meet the others for: the epilogue stages dK and dV away from K and dS^T
   }
 
   tma::grow_registers<Kt::kComputeRegs>();
@@ -230,17 +231,17 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     fence_regs(frag);  // the A fragments stay untouched until the MMAs reading them are done
   }
 
-  // Epilogue: dV (warpgroup 0) and dK * scale (warpgroup 1) as T, staged in stage 0's dO and Q buffers (the dQ
-  // warpgroup may still be reading K: staged there, the two warpgroups would have to meet it first; a barrier
-  // with it, __syncthreads or named, left racecheck reporting the staging stores and the copy-out as racing).
+  // Epilogue: each warpgroup stages its gradient as T, dV (warpgroup 0) in stage 0's dO buffer and dK * scale
+  // (warpgroup 1) in stage 0's Q buffer, and copies it out itself. The other compute warpgroup's last read of that
+  // buffer came before the last P^T hand-over (dP^T = V dO^T, S^T = K Q^T), this one's were waited for, and the dQ
+  // warpgroup reads neither; so only the warpgroup's own warps meet. (Staged in K / V behind a barrier of both
+  // warpgroups, with the dQ warpgroup or not, racecheck reported the stores and the copy-out as racing.)
   static_assert(std::is_same_v<TileQ, TileKV>, "dK and dV are staged in the Q / dO buffers");
-  T* s_dk = reinterpret_cast<T*>(smem + (sQ_u - sK_u));
-  T* s_dv = reinterpret_cast<T*>(smem + (sdO_u - sK_u));
+  T* s_grad = reinterpret_cast<T*>(smem + ((is_p ? sdO_u : sQ_u) - sK_u));
   cp_async_wait<0>();
-  tma::named_sync(kBarEpilogue, kLoaders);  // both are done with every stage's Q and dO (their MMAs waited for)
-  store_acc<T, TileKV>(is_p ? s_dv : s_dk, acc_kv, warp_row0, 0, lane, is_p ? 1.f : p.scale);
-  tma::named_sync(kBarEpilogue, kLoaders);
-  store_dk_dv<TileKV, kLoaders>(p, blk, s_dk, s_dv, tid);
+  store_acc<T, TileKV>(s_grad, acc_kv, warp_row0, 0, lane, is_p ? 1.f : p.scale);
+  tma::named_sync(kBarEpilogue + wg, 128);
+  store_dk_or_dv<TileKV, 128>(p, blk, !is_p, s_grad, wg_tid);
 #else
   __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
 #endif
