@@ -74,7 +74,8 @@ fi
 for what in ws wsbwd widebwd; do
   step san_$what 150 || continue
   for tool in memcheck racecheck synccheck; do
-    FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
+    extra=(); [[ $tool == racecheck ]] && extra=(${RACECHECK_ARGS:-})  # e.g. "--racecheck-report hazard"
+    FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 python3 scripts/sanitize_cases.py \
       >"$OUT/san_${what}_$tool.log" 2>&1
     echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
   done
