@@ -19,7 +19,6 @@
 #   ab_blockn256   the d256 WS forward with 80-key tiles vs 64, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_prefetch    the WS kernels prefetching their tensor maps vs not (FLASH_ATTN2_WS_PREFETCH=0)
 #   ab_softcap     the WS forward's softcap against a fixed offset vs the running max (FLASH_ATTN2_SOFTCAP_FIXED=0)
-#   ab_fmaexp      softcap 50 with half its exps on the FMA pipe (FLASH_ATTN2_SOFTCAP_FMA_EXP=1) vs all on MUFU
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
@@ -135,11 +134,6 @@ fi
 if step ab_softcap 130; then  # softcap 50: P against a fixed offset (B) vs the running max (A), d256 (d128: B = A)
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_SOFTCAP_FIXED=0 $lib --head-dims 128,256 \
     --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods softcap,none | tee "$OUT/ab_softcap.md"
-fi
-if step ab_fmaexp 100; then  # softcap 50 (running max): half the exps by exp2_fma (B) vs all on MUFU (A); plain rows
-  # beside them (B = A there: the noise, and the softcap / plain ratio of #7 from column B)
-  timeout 100 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_SOFTCAP_FMA_EXP=1 --head-dims 64,128 \
-    --lengths 2048,8192,16384 --causal-lengths 2048,16384 --mods none,softcap | tee "$OUT/ab_fmaexp.md"
 fi
 if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7): ncu on both, forward and backward
   for mod in plain softcap; do

@@ -194,11 +194,6 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   launch.ws_prefetch_maps = ws_prefetch_maps();
   launch.softcap_scale_log2 = launch.softcap_offset_log2 = 0.f;
   if (kScoreMod && Kt::kSoftcapFixed) set_softcap_fixed_offset(launch);
-  // FLASH_ATTN2_SOFTCAP_FMA_EXP=1: with a softcap taken against the running max, every other n8 tile's exps on the
-  // FMA pipe (exp2_fma). Off by default until measured (A/B runs, tests).
-  const char* fma_exp_env = std::getenv("FLASH_ATTN2_SOFTCAP_FMA_EXP");
-  launch.softcap_fma_exp = kScoreMod && p.softcap_out > 0.f && launch.softcap_scale_log2 == 0.f &&
-                           fma_exp_env != nullptr && std::strcmp(fma_exp_env, "1") == 0;
   int device = 0, sms = INT_MAX;
   if ((uniform && Kt::kPersistent) || dynamic) {
     FA2_CUDA_CHECK(cudaGetDevice(&device));

@@ -235,10 +235,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     } else {
       if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
       if (masked) apply_mask(acc_s, r0, c0, vis);
-      if (kScoreMod && p.softcap_fma_exp)
-        softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0, true>(acc_s, p.scale_log2, alpha);
-      else
-        softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0>(acc_s, p.scale_log2, alpha);
+      softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0>(acc_s, p.scale_log2, alpha);
     }
     if constexpr (kScoreMod) {
       if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);

@@ -90,8 +90,6 @@ struct FwdParams {
   // The warp-specialised forward's softcap against a fixed offset (its launcher; softcap_scale_log2 = 0: not):
   // P = exp2(tanh(cap_in s) * softcap_scale_log2 - softcap_offset_log2), softcap_scale_log2 = softcap * log2 e.
   float softcap_scale_log2, softcap_offset_log2;
-  // The warp-specialised forward with a softcap takes half its exps on the FMA pipe (exp2_fma; its launcher).
-  int softcap_fma_exp;
 };
 
 struct BwdParams : FwdParams {

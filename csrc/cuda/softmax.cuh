@@ -40,9 +40,7 @@ struct OnlineSoftmax {
   // 2^kSlackLog2 in P, so that most tiles leave alpha = 1 and O need not be rescaled (rescale_if_needed). P then
   // stays below 2^kSlackLog2 (256 at 8: finite in bf16 and fp16 alike, rounded as relatively as P <= 1 is), and
   // the LSE and the final division use the same offset as P did. kSlackLog2 = 0 moves it whenever it grows.
-  //
-  // kFmaExp: every other n8 tile's exps on the FMA pipe (exp2_fma), the rest on the MUFU unit.
-  template <int kSlackLog2 = 0, bool kFmaExp = false, int NS>
+  template <int kSlackLog2 = 0, int NS>
   FA2_DEVICE void update_scores(float (&s)[MT][NS][4], float scale_log2, float (&alpha)[MT][2]) {
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
@@ -58,7 +56,7 @@ struct OnlineSoftmax {
         alpha[mi][h] = move ? fast_exp2((m_old - m) * scale_log2) : 1.f;  // exp2(-inf) = 0: O and sums were 0
         if (move) row_max[mi][h] = m;
         const float m_scaled = row_max[mi][h] == -INFINITY ? 0.f : row_max[mi][h] * scale_log2;
-        row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + exp2_row<kFmaExp>(s, mi, h, scale_log2, m_scaled);
+        row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + exp2_row(s, mi, h, scale_log2, m_scaled);
       }
   }
 
@@ -75,16 +73,15 @@ struct OnlineSoftmax {
   }
 
   // Row h of m16 tile mi of s into P = exp2(s * scale_log2 - offset_log2) in place (-inf gives 0); returns this
-  // thread's sum of the row's P. The step both update_scores forms share. kFmaExp: odd n8 tiles by exp2_fma.
-  template <bool kFmaExp = false, int NS>
+  // thread's sum of the row's P. The step both update_scores forms share.
+  template <int NS>
   FA2_DEVICE static float exp2_row(float (&s)[MT][NS][4], int mi, int h, float scale_log2, float offset_log2) {
     float sum = 0.f;
 #pragma unroll
     for (int ni = 0; ni < NS; ++ni)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float x = fmaf(s[mi][ni][2 * h + e], scale_log2, -offset_log2);
-        const float p = kFmaExp && ni % 2 == 1 ? exp2_fma(x) : fast_exp2(x);
+        const float p = fast_exp2(fmaf(s[mi][ni][2 * h + e], scale_log2, -offset_log2));
         s[mi][ni][2 * h + e] = p;
         sum += p;
       }

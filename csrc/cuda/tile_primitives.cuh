@@ -178,25 +178,6 @@ FA2_DEVICE float fast_exp2(float x) {
   return y;
 }
 
-// exp2 on the FMA pipe instead of the MUFU unit (FlashAttention-4's idea), for kernels that keep the MUFU unit as
-// busy as the tensor cores (a softcap's tanh and exp per score at d128): x = j + f with j = round(x) (adding
-// 1.5 * 2^23 leaves j in the low mantissa bits), 2^f for f in [-0.5, 0.5] by a degree-4 polynomial fitted for
-// relative error (2.8e-6 at most, against ex2.approx's 2^-22; c0 = 1 exactly), then j added to the exponent
-// field. Arguments below -127 (-inf included) give +0, as ex2.approx.ftz does below -126; between -127 and -126
-// a value under 2^-126 (flushed by ftz there): either way below any normal float. Arguments above 127 are not
-// supported (the softmax's are <= 2^8).
-FA2_DEVICE float exp2_fma(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23
-  x = fmaxf(x, -127.f);
-  const float t = x + kRound;
-  const float f = x - (t - kRound);
-  float q = fmaf(0.009582851f, f, 0.05590643f);
-  q = fmaf(q, f, 0.24024099f);
-  q = fmaf(q, f, 0.69312418f);
-  q = fmaf(q, f, 1.f);
-  return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
-}
-
 // Reductions over the 4 lanes of a quad (the 4 threads that share a row of an mma C fragment).
 FA2_DEVICE float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));

@@ -513,22 +513,18 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
 
 
 @requires_sm90
-@pytest.mark.parametrize("fma_exp", ["", "1"])
 @pytest.mark.parametrize("fixed", ["", "0"])
 @pytest.mark.parametrize("softcap,causal,dropout_p", [(0.5, False, 0.0), (20.0, True, 0.0), (50.0, False, 0.1),
                                                       (56.0, True, 0.0)])
 @pytest.mark.parametrize("d", [128, 256])
-def test_cuda_warp_specialised_forward_softcap_fixed_offset(monkeypatch, fma_exp, fixed, softcap, causal, dropout_p,
-                                                            d):
+def test_cuda_warp_specialised_forward_softcap_fixed_offset(monkeypatch, fixed, softcap, causal, dropout_p, d):
     """The WS forward's softcap against a fixed offset (d256, bfloat16, no ALiBi, softcap up to 56;
-    FLASH_ATTN2_SOFTCAP_FIXED=0 keeps the running max, as d128 always does), and against the running max with
-    half its exps on the FMA pipe (FLASH_ATTN2_SOFTCAP_FMA_EXP=1, exp2_fma): keys share one direction u, and
+    FLASH_ATTN2_SOFTCAP_FIXED=0 keeps the running max, as d128 always does): keys share one direction u, and
     query heads 0 and 1 point along -u and +u, so their rows saturate at -softcap (every P at the floor of the
     offset's range) and at +softcap (its top); heads 2 and 3 spread between. Causal cases have Nq > Nk: rows that
     see no key (LSE -inf, zero output) and rows that see one. Output, LSE and gradients against float64."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_SOFTCAP_FIXED", fixed)
-    monkeypatch.setenv("FLASH_ATTN2_SOFTCAP_FMA_EXP", fma_exp)
     b, hq, hkv = 2, 4, 2
     nq, nk = (333, 200) if causal else (200, 333)
     gen = torch.Generator().manual_seed(int(softcap) + d)
@@ -543,23 +539,6 @@ def test_cuda_warp_specialised_forward_softcap_fixed_offset(monkeypatch, fma_exp
     qkv = tuple(t.to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v))
     opts = make_options(b, hq, causal, (-1, -1), softcap, None, dropout_p, "cuda", seed=5)
     check_variant_case(b, hq, hkv, nq, nk, d, torch.bfloat16, "cuda", opts, qkv=qkv)
-
-
-@requires_sm90
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal,window,alibi,dropout_p", [
-    (True, (-1, -1), "head", 0.0), (False, (200, 7), "batch", 0.2), (True, (300, -1), None, 0.1),
-    (False, (-1, -1), None, 0.0)])
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_cuda_warp_specialised_forward_softcap_fma_exp(monkeypatch, dtype, causal, window, alibi, dropout_p, d):
-    """FLASH_ATTN2_SOFTCAP_FMA_EXP=1: the WS forward with a softcap (30) against the running max takes every other
-    n8 tile's exps by exp2_fma, with the other options, in both dtypes (float16 and ALiBi: never the fixed
-    offset), on a persistent grid of 4 blocks. Output, LSE and gradients against float64."""
-    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
-    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "4")
-    monkeypatch.setenv("FLASH_ATTN2_SOFTCAP_FMA_EXP", "1")
-    opts = make_options(2, 4, causal, window, 30.0, alibi, dropout_p, "cuda", seed=13)
-    check_variant_case(2, 4, 2, 333, 517, d, dtype, "cuda", opts, transposed=True)
 
 
 @requires_sm90
