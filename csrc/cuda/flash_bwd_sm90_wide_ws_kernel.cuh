@@ -1,6 +1,6 @@
-// FlashAttention-2 backward on Hopper (sm_90a) for wide heads (d = 256), with a dQ warpgroup. NOT GPU-TESTED
-// (written in session 13 from perf.md v16's profile of flash_bwd_sm90_wide_kernel; FLASH_ATTN2_BWD_WIDE=2wg
-// keeps that kernel, which the deterministic mode always uses).
+// FlashAttention-2 backward on Hopper (sm_90a) for wide heads (d = 256), with a dQ warpgroup: the default d256
+// backward, 1.09-1.35x flash_bwd_sm90_wide_kernel on an H200 (perf.md v17). FLASH_ATTN2_BWD_WIDE=2wg keeps that
+// kernel, which the deterministic mode always uses (it orders dQ through its TMA reduce-adds).
 //
 // The split-role kernel (flash_bwd_sm90_wide_kernel.cuh) ran its two warpgroups in lock step through three
 // block-wide barriers per step, and nothing was queued on the tensor cores while warpgroup 0 computed P^T
