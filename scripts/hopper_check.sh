@@ -9,6 +9,7 @@
 #   san_widebwd    the same on the d256 backward (FA2_SANITIZE=widebwd), dQ by TMA reduce-adds and by red.add
 #   widetests      the d256 backward tests (test_kernels.py -k "wide or 256")
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
+#   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
@@ -20,6 +21,9 @@
 #   ab_softcap     the WS forward's softcap against a fixed offset vs the running max (FLASH_ATTN2_SOFTCAP_FIXED=0)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
+#   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
+#                  | tar -x -C .abbase`), built here (BASE_BG=1: in the background from the start), on the masked
+#                  rows (causal, windows, packed), fwd and bwd
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
 #   variants       the variant bench rows
@@ -41,6 +45,16 @@ step() {
   if (( $(left) < $2 )); then echo "SKIPPED $1 (needs $2 s, $(left) s left)"; return 1; fi
   echo "--- $1 at $(( $(date +%s) - start )) s"
 }
+# The base tree of ab_base, built where it is; BASE_BG=1 starts that in the background beside this tree's build.
+build_base() {
+  ( cd "$1" && CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ cmake -S . -B build/base -G Ninja \
+      -DFLASH_ATTN2_WITH_CUDA=ON -DFLASH_ATTN2_CUDA_ARCHS=90a -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
+      -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ >/dev/null && cmake --build build/base -j"$(nproc)" >/dev/null )
+}
+if [[ ${BASE_BG:-0} == 1 && $steps == *" ab_base "* && -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
+  touch "${BASE_SRC:-.abbase}/building"
+  ( build_base "${BASE_SRC:-.abbase}"; rm -f "${BASE_SRC:-.abbase}/building" ) &
+fi
 if step build 150; then scripts/gpu_check.sh none 2>&1 | tail -4; fi
 export FLASH_ATTN2_LIBRARY=$PWD/build/gpu/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 lib=$FLASH_ATTN2_LIBRARY
@@ -59,7 +73,8 @@ fi
 for what in ws wsbwd widebwd; do
   step san_$what 150 || continue
   for tool in memcheck racecheck synccheck; do
-    FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_cases.py \
+    extra=(); [[ $tool == racecheck ]] && extra=(${RACECHECK_ARGS:-})  # e.g. "--racecheck-report hazard"
+    FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 python3 scripts/sanitize_cases.py \
       >"$OUT/san_${what}_$tool.log" 2>&1
     echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
   done
@@ -74,9 +89,14 @@ if step ab_wsbwd 130; then  # the warp-specialised backward (B) vs flash_bwd_sm9
     --head-dims 64,128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,softcap,dropout \
     | tee "$OUT/ab_wsbwd.md"
 fi
-if step ab_widedq 100; then  # the d256 backward's dQ: TMA reduce-adds (B) vs red.add (A)
-  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd \
-    --head-dims 256 --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,varlen \
+if step ab_widews 110; then  # the d256 backward: the dQ warpgroup (B) vs the split-role kernel (A)
+  timeout 110 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE=2wg $lib --direction bwd --head-dims 256 \
+    --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,dropout,varlen \
+    | tee "$OUT/ab_widews.md"
+fi
+if step ab_widedq 100; then  # the d256 backward's dQ: TMA reduce-adds (B) vs red.add (A), split-role kernel
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE=2wg,FLASH_ATTN2_BWD_WS_DQ=red \
+    $lib,FLASH_ATTN2_BWD_WIDE=2wg --direction bwd --head-dims 256 --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,varlen \
     | tee "$OUT/ab_widedq.md"
 fi
 if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)
@@ -127,6 +147,22 @@ if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7
         "$OUT/ncu_${mod}_${k}.txt" | head -24
     done
   done
+fi
+if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that need no run-time switch
+  base=${BASE_SRC:-.abbase}
+  if [[ -f $base/CMakeLists.txt ]]; then
+    # build_base (below) may already be building it in the background: wait for that, or build it now
+    while [[ -f $base/building ]]; do sleep 2; done
+    [[ -f $base/build/base/libflash_attn2.so ]] || build_base "$base"
+    blib=$PWD/$base/build/base/libflash_attn2.so
+    echo "base library built: $(ls "$blib" 2>/dev/null || echo missing) at $(( $(date +%s) - start )) s"
+    timeout 100 python3 scripts/ab_forward.py "$blib" $lib --head-dims 64,128,256 --lengths 2048 \
+      --causal-lengths 2048,16384 --mods none,window,varlen | tee "$OUT/ab_base.md"
+    timeout 80 python3 scripts/ab_forward.py "$blib" $lib --direction bwd --head-dims 64,128 --lengths "" \
+      --causal-lengths 2048,16384 --mods none,window | tee -a "$OUT/ab_base.md"
+  else
+    echo "ab_base: no source tree in $base"
+  fi
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=0 $lib,FLASH_ATTN2_FWD_WS=1 \

@@ -65,18 +65,25 @@ FA2_DEVICE void load_q_do_async(const BwdParams& p, const SeqInfo& seq, int batc
   }
 }
 
-// Copies dK and dV, already staged as T in TileKV layout at s_dk / s_dv, to global memory (valid keys and
-// head-dim columns only). The caller synchronises before.
+// Copies dK (is_dk) or dV, already staged as T in TileKV layout at s, to global memory (valid keys and head-dim
+// columns only). The caller synchronises before.
+template <class TileKV, int kThreads, typename T, int kBlockN>
+FA2_DEVICE void store_dk_or_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, bool is_dk, const T* s,
+                               int tid) {
+  const int key = blk.seq.k_start + blk.key0;
+  const index_t row_stride = is_dk ? p.dk_row_stride : p.dv_row_stride;
+  T* g = static_cast<T*>(is_dk ? p.dk : p.dv) +
+         row_offset(blk.batch, blk.head_kv, key, is_dk ? p.dk_batch_stride : p.dv_batch_stride,
+                    is_dk ? p.dk_head_stride : p.dv_head_stride, row_stride);
+  s2g_tile<TileKV, kThreads>(g, row_stride, s, blk.keys, p.head_dim, tid);
+}
+
+// Copies dK and dV, staged at s_dk / s_dv, to global memory (store_dk_or_dv for each).
 template <class TileKV, int kThreads, typename T, int kBlockN>
 FA2_DEVICE void store_dk_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const T* s_dk, const T* s_dv,
                             int tid) {
-  const int key = blk.seq.k_start + blk.key0;
-  T* dk = static_cast<T*>(p.dk) +
-          row_offset(blk.batch, blk.head_kv, key, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
-  T* dv = static_cast<T*>(p.dv) +
-          row_offset(blk.batch, blk.head_kv, key, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
-  s2g_tile<TileKV, kThreads>(dk, p.dk_row_stride, s_dk, blk.keys, p.head_dim, tid);
-  s2g_tile<TileKV, kThreads>(dv, p.dv_row_stride, s_dv, blk.keys, p.head_dim, tid);
+  store_dk_or_dv<TileKV, kThreads>(p, blk, true, s_dk, tid);
+  store_dk_or_dv<TileKV, kThreads>(p, blk, false, s_dv, tid);
 }
 
 // Deterministic dQ: the key-tile blocks that visit query tile m of (batch, head) add into dq_accum one after the

@@ -13,6 +13,7 @@
 #include "cuda/flash_bwd_kernel.cuh"
 #include "cuda/flash_bwd_sm90_kernel.cuh"
 #include "cuda/flash_bwd_sm90_wide_kernel.cuh"
+#include "cuda/flash_bwd_sm90_wide_ws_kernel.cuh"
 #include "cuda/flash_bwd_sm90_ws_kernel.cuh"
 #include "cuda/flash_fwd_launch.cuh"  // detail:: helpers
 #include "cuda/flash_params.h"
@@ -155,9 +156,17 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
         detail::launch_per_key_tile<K90>(&flash_bwd_sm90_kernel<K90, kScoreMod>, params, stream);
     } else if constexpr (kHeadDim == 256) {
       using K90 = BwdSm90WideTraits<T, kHeadDim>;
-      if (detail::use_sm90_kernels())
+      using K90Ws = BwdSm90WideWsTraits<T, kHeadDim>;
+      // The dQ-warpgroup kernel (NOT GPU-TESTED, session 13) unless deterministic (its ordered adds are the
+      // split-role kernel's) or FLASH_ATTN2_BWD_WIDE=2wg asks for the split-role kernel (A/B runs, tests).
+      const char* wide_env = std::getenv("FLASH_ATTN2_BWD_WIDE");
+      const bool two_wg = params.dq_semaphore != nullptr || (wide_env != nullptr && std::strcmp(wide_env, "2wg") == 0);
+      if (!detail::use_sm90_kernels())
+        detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
+      else if (two_wg)
         detail::launch_bwd_wide<K90, kScoreMod>(params, stream);
-      else detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
+      else
+        detail::launch_per_key_tile<K90Ws>(&flash_bwd_sm90_wide_ws_kernel<K90Ws, kScoreMod>, params, stream);
     } else {
       detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
     }

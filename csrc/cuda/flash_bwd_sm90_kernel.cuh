@@ -87,14 +87,14 @@ FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1]
                                           const KeepBits<1, NT>& keep, bool dropout, float keep_scale,
                                           float scale_log2, int t) {
   constexpr float kLog2e = 1.4426950408889634f;
-  int lo[2], hi[2];  // visible queries [lo, hi) of the thread's key rows key and key + 8
-  float rel[2];      // i - j + diag for the thread's first query column and each key row (ALiBi)
+  VisibleSpan visible[2] = {{0, 0}, {0, 0}};  // visible queries of the thread's key rows key and key + 8
+  float rel[2];  // i - j + diag for the thread's first query column and each key row (ALiBi)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = key + 8 * h;
     if constexpr (kMask) {
-      lo[h] = vis.query_begin(row);
-      hi[h] = row < vis.seqlen_k ? vis.query_end(row) : lo[h];
+      const int lo = vis.query_begin(row);
+      visible[h] = VisibleSpan(lo, row < vis.seqlen_k ? vis.query_end(row) : lo);
     }
     if constexpr (kAlibi) rel[h] = static_cast<float>(q0 + vis.diag() - row);
   }
@@ -115,10 +115,7 @@ FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1]
           g = fmaf(-th, th, 1.f);
         }
         if constexpr (kAlibi) x -= rule.alibi * fabsf(rel[h] + static_cast<float>(8 * ni + e));
-        if constexpr (kMask) {
-          const int col = q0 + 8 * ni + e;
-          if (col < lo[h] || col >= hi[h]) x = -INFINITY;
-        }
+        if constexpr (kMask) x = visible[h](q0 + 8 * ni + e) ? x : -INFINITY;
         const float pr = fast_exp2(fmaf(x, scale_log2, -l2[e]));
         x = pr * g;
         pz[e] = !dropout ? pr : keep.get(0, ni, 2 * h + e) ? pr * keep_scale : 0.f;

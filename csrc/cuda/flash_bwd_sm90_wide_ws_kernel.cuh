@@ -1,0 +1,250 @@
+// FlashAttention-2 backward on Hopper (sm_90a) for wide heads (d = 256), with a dQ warpgroup: the default d256
+// backward, 1.09-1.35x flash_bwd_sm90_wide_kernel on an H200 (perf.md v17). FLASH_ATTN2_BWD_WIDE=2wg keeps that
+// kernel, which the deterministic mode always uses (it orders dQ through its TMA reduce-adds).
+//
+// The split-role kernel (flash_bwd_sm90_wide_kernel.cuh) ran its two warpgroups in lock step through three
+// block-wide barriers per step, and nothing was queued on the tensor cores while warpgroup 0 computed P^T
+// (ncu: tensor pipe 29% busy, 39% of the cycles between issues at a barrier). Here a third warpgroup takes the
+// dQ product off the other two and runs a step behind them, so that step i's dQ = dS_i K (a quarter of the
+// step's tensor work) is queued while warpgroup 0 computes step i + 1's exponentials:
+//
+//   warpgroup 0:  S^T = K Q^T -> P^T (handed to warpgroup 1 through shared memory),  dV += P^T dO
+//   warpgroup 1:  dP^T = V dO^T,  dS^T = P^T (dP^T - D) (to shared memory, two buffers), dK += dS^T Q
+//   warpgroup 2:  dQ_accum += dS K, 64 columns at a time (fp32 red.global.add: no shared memory is left to
+//                 stage it for the TMA)
+//
+// Warpgroups 0 and 1 load Q, dO, LSE and D (cp.async, two stages) and meet at two named barriers per step (the
+// step's data, the P^T hand-over); warpgroup 1 and warpgroup 2 meet at the dS^T buffers ("stored": 1 arrives,
+// 2 waits; "free": 2 arrives once its products that read it are done, 1 waits before writing that buffer two
+// steps later). setmaxnreg: 216 / 216 / 72 registers (the 504 per thread of 384 threads at launch).
+#pragma once
+
+#include <type_traits>
+
+#include "cuda/block_info.cuh"
+#include "cuda/bwd_tile_io.cuh"
+#include "cuda/flash_bwd_sm90_kernel.cuh"  // probs_transposed, dscores_transposed, add_dq_tile
+#include "cuda/flash_params.h"
+#include "cuda/mask.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/tile_primitives.cuh"
+#include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace flash_attn2::cuda {
+
+template <typename T, int kHeadDim_>
+struct BwdSm90WideWsTraits {
+  using Elem = T;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNThreads = 384;   // three warpgroups
+  static constexpr int kLoadThreads = 256;  // warpgroups 0 and 1 load Q, dO, LSE and D
+  static constexpr int kBlockN = 64;      // keys per block
+  static constexpr int kBlockM = 64;      // queries per step
+  static constexpr int kSliceN = 128;     // dV / dK products are issued in column slices of this width
+  static constexpr int kComputeRegs = 216, kDqRegs = 72;
+  static_assert(kHeadDim == 256, "the dQ-warpgroup wgmma backward is built for d = 256");
+  // 384 threads launch with 168 registers each (65536 / 384, in steps of 8): 504 per thread across the three.
+  static_assert(2 * kComputeRegs + kDqRegs <= 3 * 168, "setmaxnreg: more registers than the launch gives");
+
+  using TileQ = SwizzledTile<kBlockM, kHeadDim>;   // Q and dO
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;  // K and V (later dK and dV staging)
+  using TileDS = SwizzledTile<kBlockN, kBlockM>;   // dS^T, [key][query]
+  static constexpr int kSmemQ = TileQ::kElems * 2;
+  static constexpr int kSmemKV = TileKV::kElems * 2;
+  static constexpr int kSmemDS = TileDS::kElems * 2;
+  static constexpr int kSmemP = kBlockM / 2 * 128 * 4;   // P^T hand-over: kBlockM / 2 floats per thread
+  static constexpr int kSmemRowStats = 2 * kBlockM * 4;  // LSE and D of one query tile, fp32
+  static constexpr int kAlign = 1024;
+  // K | V | Q[2] | dO[2] | dS^T[2] | P^T | (LSE, D)[2], plus slack to align the start.
+  static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + 2 * kSmemDS + kSmemP + 2 * kSmemRowStats + kAlign;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+};
+
+template <class Kt, bool kScoreMod>
+__global__ void __launch_bounds__(Kt::kNThreads, 1)
+    flash_bwd_sm90_wide_ws_kernel(const __grid_constant__ BwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Kt::Elem;
+  using TileQ = typename Kt::TileQ;
+  using TileKV = typename Kt::TileKV;
+  using TileDS = typename Kt::TileDS;
+  using namespace sm90;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
+  constexpr int kLoaders = Kt::kLoadThreads;
+  constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries)
+  constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
+  // Named barriers (0 is __syncthreads): the step's data landed (warpgroups 0 and 1), P^T handed over (0 and
+  // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), warpgroup w's
+  // epilogue (7 + w).
+  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7;
+
+  extern __shared__ unsigned char smem_raw[];
+  const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
+  unsigned char* smem = aligned.ptr;
+  const uint32_t sK_u = aligned.addr;
+  const uint32_t sV_u = sK_u + Kt::kSmemKV;
+  const uint32_t sQ_u = sV_u + Kt::kSmemKV;      // stage s at + s * kSmemQ
+  const uint32_t sdO_u = sQ_u + 2 * Kt::kSmemQ;  // stage s at + s * kSmemQ
+  const uint32_t sdS_u = sdO_u + 2 * Kt::kSmemQ;  // buffer b at + b * kSmemDS
+  const uint32_t sP_u = sdS_u + 2 * Kt::kSmemDS;
+  const uint32_t sStats_u = sP_u + Kt::kSmemP;   // stage s: LSE at s * 2M, D at + M (floats)
+  float* sP = reinterpret_cast<float*>(smem + (sP_u - sK_u));
+  const float* sStats = reinterpret_cast<const float*>(smem + (sStats_u - sK_u));
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wg_tid = tid % 128;
+  // The warpgroup index, broadcast from lane 0 so that ptxas knows it is warp-uniform (flash_bwd_sm90_ws_kernel).
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int warp_row0 = 16 * (warp % 4);  // first key row of this warp's accumulators
+
+  const BwdBlockInfo<kBlockN> blk(p);
+  if (blk.keys <= 0) return;  // varlen: past the end of this sequence
+  const Visibility<int> vis = blk.seq.visibility(p);
+  const BwdSteps<kBlockM> steps(p, blk, vis);
+  auto load_q_do = [&](int it, int stage) {
+    load_q_do_async<TileQ, kLoaders, T>(p, blk.seq, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
+                                        sQ_u + stage * Kt::kSmemQ, sdO_u + stage * Kt::kSmemQ,
+                                        sStats_u + stage * Kt::kSmemRowStats, tid);
+  };
+  if (wg < 2) {
+    load_k_v_async<TileKV, kLoaders, T>(p, blk, sK_u, sV_u, tid);
+    cp_async_commit();
+    if (steps.total > 0) load_q_do(0, 0);
+    cp_async_commit();
+    cp_async_wait<1>();        // K and V landed (this thread's copies) ...
+    fence_proxy_async_smem();  // ... for the async proxy (wgmma) too
+  }
+  __syncthreads();  // K and V for every warpgroup; the only block-wide barrier (the dQ warpgroup returns early)
+
+  if (wg == 2) {
+    // The dQ warpgroup: step it's dQ = dS_it K once warpgroup 1 has stored dS_it^T, 64 columns at a time.
+    tma::shrink_registers<Kt::kDqRegs>();
+    for (int it = 0; it < steps.total; ++it) {
+      const int b = it & 1;
+      const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
+      const uint32_t sdS_b = sdS_u + b * Kt::kSmemDS;
+      tma::named_sync(kBarDsFull + b, 256);  // dS_it^T is in buffer b
+      const bool full_tile = row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim;
+#pragma unroll 1
+      for (int col0 = 0; col0 < kHeadDim; col0 += 64) {
+        float acc_dq[1][8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kBlockN / 16; ++ks)
+          WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_b, 0, ks),
+                                            desc_mn_major<TileKV>(sK_u, col0 / 64, ks), ks > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(acc_dq);
+        if (col0 + 64 >= kHeadDim && it + 2 < steps.total)
+          tma::named_arrive(kBarDsFree + b, 256);  // buffer b read: warpgroup 1 may write dS_{it+2}^T there
+        add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
+      }
+    }
+    return;  // nothing to meet the others for: the epilogue stages dK and dV away from K and dS^T
+  }
+
+  tma::grow_registers<Kt::kComputeRegs>();
+  const bool is_p = wg == 0;  // warpgroup 0: S^T, P^T, dV; warpgroup 1: dP^T, dS^T, dK
+  float acc_kv[1][kHeadDim / 8][4];  // dV (warpgroup 0) or dK (warpgroup 1)
+  zero_acc(acc_kv);
+  uint32_t frag[1][kKSteps][4];  // A of dV += (P Z)^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1)
+
+  for (int it = 0; it < steps.total; ++it) {
+    const int head = steps.head(it, blk.head_kv);
+    const int row0 = steps.row0(it);
+    const int stage = it & 1;
+    cp_async_wait<0>();
+    fence_proxy_async_smem();         // cp.async wrote through the generic proxy; wgmma reads through the async one
+    tma::named_sync(kBarTop, kLoaders);  // the step's data landed for both; both are done with the other stage
+    if (it + 1 < steps.total) load_q_do(it + 1, stage ^ 1);
+    cp_async_commit();
+    const uint32_t sQ_s = sQ_u + stage * Kt::kSmemQ;
+    const uint32_t sdO_s = sdO_u + stage * Kt::kSmemQ;
+    const float* s_lse = sStats + stage * (Kt::kSmemRowStats / 4);
+    const float* s_d = s_lse + kBlockM;
+
+    // S^T = K Q^T (warpgroup 0) or dP^T = V dO^T (warpgroup 1).
+    float acc_x[1][kNT_S][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks)
+      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_x), desc_k_major<TileKV>(is_p ? sK_u : sV_u, 0, ks),
+                                             desc_k_major<TileQ>(is_p ? sQ_s : sdO_s, 0, ks), ks > 0);
+    wgmma_commit();
+
+    const int key_r0 = blk.key0 + warp_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
+    const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
+    const bool dropout = kScoreMod && p.dropout.enabled();
+    KeepBits<1, kNT_S> keep{};
+    if (dropout)
+      keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
+                                              q_c0);
+    wgmma_wait<0>();
+    fence_regs(acc_x);
+    if (is_p) {
+      const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
+      if constexpr (kScoreMod) {  // P^T G handed over, P^T Z in frag
+        probs_mod_transposed<T>(acc_x, frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
+                                p.scale_log2, t);
+      } else {
+        probs_transposed(acc_x, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
+      }
+#pragma unroll
+      for (int j = 0; j < kBlockM / 2; ++j) sP[j * 128 + wg_tid] = flat(acc_x)[j];
+    }
+    tma::named_sync(kBarP, kLoaders);  // P^T (G) handed over
+    if (!is_p) {
+      float pr[1][kNT_S][4];
+#pragma unroll
+      for (int j = 0; j < kBlockM / 2; ++j) flat(pr)[j] = sP[j * 128 + wg_tid];
+      if constexpr (kScoreMod) {
+        dscores_transposed_mod(acc_x, pr, s_d, keep, dropout, p.keep_scale, t);
+      } else {
+        dscores_transposed(acc_x, pr, s_d, t);
+      }
+      // dS^T into buffer it % 2, once the dQ warpgroup has read what step it - 2 left there.
+      const int b = it & 1;
+      if (it >= 2) tma::named_sync(kBarDsFree + b, 256);
+      store_acc<T, TileDS>(reinterpret_cast<T*>(smem + (sdS_u + b * Kt::kSmemDS - sK_u)), acc_x, warp_row0, 0, lane,
+                           1.f);
+      fence_proxy_async_smem();                 // the stores before the dQ warpgroup's wgmma reads
+      tma::named_arrive(kBarDsFull + b, 256);  // dS_it^T stored
+    }
+    if (!kScoreMod || !is_p) acc_to_a_frags<T>(frag, acc_x);
+
+    // dV += P^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1), A from registers, B N-major. Waited for within
+    // the step: left in flight across the loop's back edge, ptxas serialised every wgmma of the kernel (C7515).
+    wgmma_fence();
+#pragma unroll
+    for (int n0 = 0; n0 < kHeadDim; n0 += Kt::kSliceN)
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk)
+        WgmmaOp<T, Kt::kSliceN>::template rs<1>(acc_cols<Kt::kSliceN>(acc_kv, n0), frag[0][kk],
+                                                desc_mn_major<TileQ>(is_p ? sdO_s : sQ_s, n0 / 64, kk), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc_kv);
+    fence_regs(frag);  // the A fragments stay untouched until the MMAs reading them are done
+  }
+
+  // Epilogue: each warpgroup stages its gradient as T, dV (warpgroup 0) in stage 0's dO buffer and dK * scale
+  // (warpgroup 1) in stage 0's Q buffer, and copies it out itself. The other compute warpgroup's last read of that
+  // buffer came before the last P^T hand-over (dP^T = V dO^T, S^T = K Q^T), this one's were waited for, and the dQ
+  // warpgroup reads neither; so only the warpgroup's own warps meet. (Staged in K / V behind a barrier of both
+  // warpgroups, with the dQ warpgroup or not, racecheck reported the stores and the copy-out as racing.)
+  static_assert(std::is_same_v<TileQ, TileKV>, "dK and dV are staged in the Q / dO buffers");
+  T* s_grad = reinterpret_cast<T*>(smem + ((is_p ? sdO_u : sQ_u) - sK_u));
+  cp_async_wait<0>();
+  store_acc<T, TileKV>(s_grad, acc_kv, warp_row0, 0, lane, is_p ? 1.f : p.scale);
+  tma::named_sync(kBarEpilogue + wg, 128);
+  store_dk_or_dv<TileKV, 128>(p, blk, !is_p, s_grad, wg_tid);
+#else
+  __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)
+#endif
+}
+
+}  // namespace flash_attn2::cuda
