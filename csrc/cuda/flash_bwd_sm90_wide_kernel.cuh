@@ -53,6 +53,97 @@ struct BwdSm90WideTraits {
   static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + kSmemDS + kSmemP + 2 * kSmemRowStats + kAlign;
 };
 
+// The pieces of a step both d256 backwards share (this kernel and flash_bwd_sm90_wide_ws_kernel.cuh). Both
+// compute warpgroups cover the same 64 keys x kBlockM queries with the same thread layout: warpgroup 0 (is_p)
+// holds S^T and then P^T, warpgroup 1 dP^T and then dS^T, and P^T crosses over element for element.
+namespace wide_step {
+
+template <class Kt>
+using ScoreAcc = float[1][Kt::kBlockM / 8][4];
+template <class Kt>
+using KvFrags = uint32_t[1][Kt::kBlockM / 16][4];
+
+// Issues S^T = K Q^T (warpgroup 0) or dP^T = V dO^T (warpgroup 1) for the stage's Q / dO, and commits.
+template <class Kt>
+FA2_DEVICE void issue_scores(ScoreAcc<Kt>& acc_x, bool is_p, uint32_t sK_u, uint32_t sV_u, uint32_t sQ_s,
+                             uint32_t sdO_s) {
+  using namespace sm90;
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < Kt::kHeadDim / 16; ++ks)
+    WgmmaOp<typename Kt::Elem, Kt::kBlockM>::template ss<0, 0>(
+        flat(acc_x), desc_k_major<typename Kt::TileKV>(is_p ? sK_u : sV_u, 0, ks),
+        desc_k_major<typename Kt::TileQ>(is_p ? sQ_s : sdO_s, 0, ks), ks > 0);
+  wgmma_commit();
+}
+
+// The step's dropout keep bits: both warpgroups hold the same (key, query) positions, so each draws the same
+// mask (while the tensor cores work on S^T / dP^T).
+template <class Kt>
+FA2_DEVICE KeepBits<1, Kt::kBlockM / 8> keep_bits(const BwdParams& p, int batch, int head, int key_r0, int q_c0,
+                                                  bool dropout) {
+  using namespace sm90;
+  KeepBits<1, Kt::kBlockM / 8> keep{};
+  if (dropout)
+    keep = dropout_bits_keys_as_rows<Kt::kBlockM / 8>(p.dropout, static_cast<uint32_t>(batch * p.heads_q + head),
+                                                      key_r0, q_c0);
+  return keep;
+}
+
+// Warpgroup 0: S^T into P^T (with score modifiers P^T G, and P^T Z into frag), masked where the tile crosses
+// a visibility edge; then P^T (G) into the hand-over buffer sP, kBlockM / 2 floats per thread.
+template <class Kt, bool kScoreMod>
+FA2_DEVICE void probs_to_hand_over(ScoreAcc<Kt>& acc_x, KvFrags<Kt>& frag, float* sP, const float* s_lse,
+                                   int key_r0, int q_c0, int row0, int key0, const Visibility<int>& vis,
+                                   const ScoreRule<float>& rule, const KeepBits<1, Kt::kBlockM / 8>& keep,
+                                   bool dropout, const BwdParams& p, int t, int wg_tid) {
+  using namespace sm90;
+  const bool need_mask = vis.tile_needs_mask(row0, Kt::kBlockM, key0, Kt::kBlockN);
+  if constexpr (kScoreMod) {
+    probs_mod_transposed<typename Kt::Elem>(acc_x, frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout,
+                                            p.keep_scale, p.scale_log2, t);
+  } else {
+    probs_transposed(acc_x, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
+  }
+#pragma unroll
+  for (int j = 0; j < Kt::kBlockM / 2; ++j) sP[j * 128 + wg_tid] = flat(acc_x)[j];
+}
+
+// Warpgroup 1: dP^T into dS^T = P^T (dP^T - D) (Z and G with score modifiers), P^T (G) taken from sP.
+template <class Kt, bool kScoreMod>
+FA2_DEVICE void dscores_from_hand_over(ScoreAcc<Kt>& acc_x, const float* sP, const float* s_d,
+                                       const KeepBits<1, Kt::kBlockM / 8>& keep, bool dropout, const BwdParams& p,
+                                       int t, int wg_tid) {
+  using namespace sm90;
+  float pr[1][Kt::kBlockM / 8][4];
+#pragma unroll
+  for (int j = 0; j < Kt::kBlockM / 2; ++j) flat(pr)[j] = sP[j * 128 + wg_tid];
+  if constexpr (kScoreMod) {
+    dscores_transposed_mod(acc_x, pr, s_d, keep, dropout, p.keep_scale, t);
+  } else {
+    dscores_transposed(acc_x, pr, s_d, t);
+  }
+}
+
+// Issues dV += P^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1), A from registers, B N-major, in column
+// slices of kSliceN, and commits.
+template <class Kt>
+FA2_DEVICE void issue_kv_grad(float (&acc_kv)[1][Kt::kHeadDim / 8][4], const KvFrags<Kt>& frag, bool is_p,
+                              uint32_t sQ_s, uint32_t sdO_s) {
+  using namespace sm90;
+  wgmma_fence();
+#pragma unroll
+  for (int n0 = 0; n0 < Kt::kHeadDim; n0 += Kt::kSliceN)
+#pragma unroll
+    for (int kk = 0; kk < Kt::kBlockM / 16; ++kk)
+      WgmmaOp<typename Kt::Elem, Kt::kSliceN>::template rs<1>(
+          acc_cols<Kt::kSliceN>(acc_kv, n0), frag[0][kk],
+          desc_mn_major<typename Kt::TileQ>(is_p ? sdO_s : sQ_s, n0 / 64, kk), 1);
+  wgmma_commit();
+}
+
+}  // namespace wide_step
+
 template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_bwd_sm90_wide_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap dq_map) {
@@ -126,36 +217,17 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 
     // S^T = K Q^T (warpgroup 0) or dP^T = V dO^T (warpgroup 1).
     float acc_x[1][kNT_S][4];
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_x), desc_k_major<TileKV>(is_p ? sK_u : sV_u, 0, ks),
-                                             desc_k_major<TileQ>(is_p ? sQ_s : sdO_s, 0, ks), ks > 0);
-    wgmma_commit();
-
+    wide_step::issue_scores<Kt>(acc_x, is_p, sK_u, sV_u, sQ_s, sdO_s);
     const int key_r0 = blk.key0 + warp_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
     const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
     const bool dropout = kScoreMod && p.dropout.enabled();
-    // Both warpgroups hold the same (key, query) positions, so each draws the same keep mask, while the tensor
-    // cores work on S^T / dP^T.
-    KeepBits<1, kNT_S> keep{};
-    if (dropout)
-      keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
-                                              q_c0);
+    const KeepBits<1, kNT_S> keep = wide_step::keep_bits<Kt>(p, blk.batch, head, key_r0, q_c0, dropout);
     wgmma_wait<0>();
     fence_regs(acc_x);
     uint32_t frag[1][kKSteps][4];  // A of dV += (P Z)^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1)
-    if (is_p) {
-      const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
-      if constexpr (kScoreMod) {  // P^T G handed over, P^T Z in frag
-        probs_mod_transposed<T>(acc_x, frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
-                                p.scale_log2, t);
-      } else {
-        probs_transposed(acc_x, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
-      }
-#pragma unroll
-      for (int j = 0; j < kBlockM / 2; ++j) sP[j * 128 + wg_tid] = flat(acc_x)[j];
-    }
+    if (is_p)
+      wide_step::probs_to_hand_over<Kt, kScoreMod>(acc_x, frag, sP, s_lse, key_r0, q_c0, row0, blk.key0, vis, rule,
+                                                   keep, dropout, p, t, wg_tid);
     if (dq_issuer) tma::bulk_wait_read<0>();  // the last step's dQ boxes (in the other stage) are read
     __syncthreads();                          // P^T (G) handed over; the other stage is free
     if (dq_tma && it + 1 < steps.total) {
@@ -163,27 +235,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       cp_async_commit();
     }
     if (!is_p) {
-      float pr[1][kNT_S][4];
-#pragma unroll
-      for (int j = 0; j < kBlockM / 2; ++j) flat(pr)[j] = sP[j * 128 + wg_tid];
-      if constexpr (kScoreMod) {
-        dscores_transposed_mod(acc_x, pr, s_d, keep, dropout, p.keep_scale, t);
-      } else {
-        dscores_transposed(acc_x, pr, s_d, t);
-      }
+      wide_step::dscores_from_hand_over<Kt, kScoreMod>(acc_x, sP, s_d, keep, dropout, p, t, wg_tid);
       store_acc<T, TileDS>(sdS, acc_x, warp_row0, 0, lane, 1.f);
     }
     if (!kScoreMod || !is_p) acc_to_a_frags<T>(frag, acc_x);
 
-    // dV += P^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1), A from registers, B N-major.
-    wgmma_fence();
-#pragma unroll
-    for (int n0 = 0; n0 < kHeadDim; n0 += Kt::kSliceN)
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk)
-        WgmmaOp<T, Kt::kSliceN>::template rs<1>(acc_cols<Kt::kSliceN>(acc_kv, n0), frag[0][kk],
-                                                desc_mn_major<TileQ>(is_p ? sdO_s : sQ_s, n0 / 64, kk), 1);
-    wgmma_commit();
+    // dV += P^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1).
+    wide_step::issue_kv_grad<Kt>(acc_kv, frag, is_p, sQ_s, sdO_s);
 
     // dQ = dS K: warpgroup w takes columns [w d / 2, (w + 1) d / 2), 64 at a time.
     fence_proxy_async_smem();

@@ -23,7 +23,8 @@
 
 #include "cuda/block_info.cuh"
 #include "cuda/bwd_tile_io.cuh"
-#include "cuda/flash_bwd_sm90_kernel.cuh"  // probs_transposed, dscores_transposed, add_dq_tile
+#include "cuda/flash_bwd_sm90_kernel.cuh"       // add_dq_tile
+#include "cuda/flash_bwd_sm90_wide_kernel.cuh"  // wide_step
 #include "cuda/flash_params.h"
 #include "cuda/mask.cuh"
 #include "cuda/smem_tile.cuh"
@@ -33,31 +34,17 @@
 
 namespace flash_attn2::cuda {
 
+// The split-role kernel's tiles and buffers (BwdSm90WideTraits), with a third warpgroup and a second dS^T buffer.
 template <typename T, int kHeadDim_>
-struct BwdSm90WideWsTraits {
-  using Elem = T;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kNThreads = 384;   // three warpgroups
+struct BwdSm90WideWsTraits : BwdSm90WideTraits<T, kHeadDim_> {
+  using Base = BwdSm90WideTraits<T, kHeadDim_>;
+  static constexpr int kNThreads = 384;     // three warpgroups
   static constexpr int kLoadThreads = 256;  // warpgroups 0 and 1 load Q, dO, LSE and D
-  static constexpr int kBlockN = 64;      // keys per block
-  static constexpr int kBlockM = 64;      // queries per step
-  static constexpr int kSliceN = 128;     // dV / dK products are issued in column slices of this width
   static constexpr int kComputeRegs = 216, kDqRegs = 72;
-  static_assert(kHeadDim == 256, "the dQ-warpgroup wgmma backward is built for d = 256");
   // 384 threads launch with 168 registers each (65536 / 384, in steps of 8): 504 per thread across the three.
   static_assert(2 * kComputeRegs + kDqRegs <= 3 * 168, "setmaxnreg: more registers than the launch gives");
-
-  using TileQ = SwizzledTile<kBlockM, kHeadDim>;   // Q and dO
-  using TileKV = SwizzledTile<kBlockN, kHeadDim>;  // K and V (later dK and dV staging)
-  using TileDS = SwizzledTile<kBlockN, kBlockM>;   // dS^T, [key][query]
-  static constexpr int kSmemQ = TileQ::kElems * 2;
-  static constexpr int kSmemKV = TileKV::kElems * 2;
-  static constexpr int kSmemDS = TileDS::kElems * 2;
-  static constexpr int kSmemP = kBlockM / 2 * 128 * 4;   // P^T hand-over: kBlockM / 2 floats per thread
-  static constexpr int kSmemRowStats = 2 * kBlockM * 4;  // LSE and D of one query tile, fp32
-  static constexpr int kAlign = 1024;
   // K | V | Q[2] | dO[2] | dS^T[2] | P^T | (LSE, D)[2], plus slack to align the start.
-  static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + 2 * kSmemDS + kSmemP + 2 * kSmemRowStats + kAlign;
+  static constexpr int kSmemBytes = Base::kSmemBytes + Base::kSmemDS;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
@@ -169,43 +156,19 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 
     // S^T = K Q^T (warpgroup 0) or dP^T = V dO^T (warpgroup 1).
     float acc_x[1][kNT_S][4];
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_x), desc_k_major<TileKV>(is_p ? sK_u : sV_u, 0, ks),
-                                             desc_k_major<TileQ>(is_p ? sQ_s : sdO_s, 0, ks), ks > 0);
-    wgmma_commit();
-
+    wide_step::issue_scores<Kt>(acc_x, is_p, sK_u, sV_u, sQ_s, sdO_s);
     const int key_r0 = blk.key0 + warp_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
     const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
     const bool dropout = kScoreMod && p.dropout.enabled();
-    KeepBits<1, kNT_S> keep{};
-    if (dropout)
-      keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
-                                              q_c0);
+    const KeepBits<1, kNT_S> keep = wide_step::keep_bits<Kt>(p, blk.batch, head, key_r0, q_c0, dropout);
     wgmma_wait<0>();
     fence_regs(acc_x);
-    if (is_p) {
-      const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
-      if constexpr (kScoreMod) {  // P^T G handed over, P^T Z in frag
-        probs_mod_transposed<T>(acc_x, frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
-                                p.scale_log2, t);
-      } else {
-        probs_transposed(acc_x, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
-      }
-#pragma unroll
-      for (int j = 0; j < kBlockM / 2; ++j) sP[j * 128 + wg_tid] = flat(acc_x)[j];
-    }
+    if (is_p)
+      wide_step::probs_to_hand_over<Kt, kScoreMod>(acc_x, frag, sP, s_lse, key_r0, q_c0, row0, blk.key0, vis, rule,
+                                                   keep, dropout, p, t, wg_tid);
     tma::named_sync(kBarP, kLoaders);  // P^T (G) handed over
     if (!is_p) {
-      float pr[1][kNT_S][4];
-#pragma unroll
-      for (int j = 0; j < kBlockM / 2; ++j) flat(pr)[j] = sP[j * 128 + wg_tid];
-      if constexpr (kScoreMod) {
-        dscores_transposed_mod(acc_x, pr, s_d, keep, dropout, p.keep_scale, t);
-      } else {
-        dscores_transposed(acc_x, pr, s_d, t);
-      }
+      wide_step::dscores_from_hand_over<Kt, kScoreMod>(acc_x, sP, s_d, keep, dropout, p, t, wg_tid);
       // dS^T into buffer it % 2, once the dQ warpgroup has read what step it - 2 left there.
       const int b = it & 1;
       if (it >= 2) tma::named_sync(kBarDsFree + b, 256);
@@ -216,16 +179,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     }
     if (!kScoreMod || !is_p) acc_to_a_frags<T>(frag, acc_x);
 
-    // dV += P^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1), A from registers, B N-major. Waited for within
-    // the step: left in flight across the loop's back edge, ptxas serialised every wgmma of the kernel (C7515).
-    wgmma_fence();
-#pragma unroll
-    for (int n0 = 0; n0 < kHeadDim; n0 += Kt::kSliceN)
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk)
-        WgmmaOp<T, Kt::kSliceN>::template rs<1>(acc_cols<Kt::kSliceN>(acc_kv, n0), frag[0][kk],
-                                                desc_mn_major<TileQ>(is_p ? sdO_s : sQ_s, n0 / 64, kk), 1);
-    wgmma_commit();
+    // dV += P^T dO (warpgroup 0) or dK += dS^T Q (warpgroup 1). Waited for within the step: left in flight
+    // across the loop's back edge, ptxas serialised every wgmma of the kernel (C7515).
+    wide_step::issue_kv_grad<Kt>(acc_kv, frag, is_p, sQ_s, sdO_s);
     wgmma_wait<0>();
     fence_regs(acc_kv);
     fence_regs(frag);  // the A fragments stay untouched until the MMAs reading them are done
