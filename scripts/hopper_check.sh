@@ -24,6 +24,7 @@
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
 #                  | tar -x -C .abbase`), built here (BASE_BG=1: in the background from the start), on the masked
 #                  rows (causal, windows, packed), fwd and bwd
+#   ab_base_decode the decode step (fwd_kvcache), this tree vs BASE_SRC as in ab_base, long caches and B = 1
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
 #   variants       the variant bench rows
@@ -51,7 +52,16 @@ build_base() {
       -DFLASH_ATTN2_WITH_CUDA=ON -DFLASH_ATTN2_CUDA_ARCHS=90a -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
       -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ >/dev/null && cmake --build build/base -j"$(nproc)" >/dev/null )
 }
-if [[ ${BASE_BG:-0} == 1 && $steps == *" ab_base "* && -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
+# The base tree's library, once built (waiting for the background build, or building it now); empty if no tree.
+base_lib() {
+  local base=${BASE_SRC:-.abbase}
+  [[ -f $base/CMakeLists.txt ]] || return 0
+  while [[ -f $base/building ]]; do sleep 2; done
+  [[ -f $base/build/base/libflash_attn2.so ]] || build_base "$base"
+  [[ -f $base/build/base/libflash_attn2.so ]] && echo "$PWD/$base/build/base/libflash_attn2.so"
+}
+if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "*) &&
+      -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
   touch "${BASE_SRC:-.abbase}/building"
   ( build_base "${BASE_SRC:-.abbase}"; rm -f "${BASE_SRC:-.abbase}/building" ) &
 fi
@@ -149,19 +159,24 @@ if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7
   done
 fi
 if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that need no run-time switch
-  base=${BASE_SRC:-.abbase}
-  if [[ -f $base/CMakeLists.txt ]]; then
-    # build_base (below) may already be building it in the background: wait for that, or build it now
-    while [[ -f $base/building ]]; do sleep 2; done
-    [[ -f $base/build/base/libflash_attn2.so ]] || build_base "$base"
-    blib=$PWD/$base/build/base/libflash_attn2.so
-    echo "base library built: $(ls "$blib" 2>/dev/null || echo missing) at $(( $(date +%s) - start )) s"
+  blib=$(base_lib)
+  if [[ -n $blib ]]; then
+    echo "base library built at $(( $(date +%s) - start )) s"
     timeout 100 python3 scripts/ab_forward.py "$blib" $lib --head-dims 64,128,256 --lengths 2048 \
       --causal-lengths 2048,16384 --mods none,window,varlen | tee "$OUT/ab_base.md"
     timeout 80 python3 scripts/ab_forward.py "$blib" $lib --direction bwd --head-dims 64,128 --lengths "" \
       --causal-lengths 2048,16384 --mods none,window | tee -a "$OUT/ab_base.md"
   else
-    echo "ab_base: no source tree in $base"
+    echo "ab_base: no base library (source tree ${BASE_SRC:-.abbase})"
+  fi
+fi
+if step ab_base_decode 240; then  # the decode step, this tree (B) vs BASE_SRC (A), long caches and B = 1
+  blib=$(base_lib)
+  if [[ -n $blib ]]; then
+    timeout 150 python3 scripts/ab_decode.py "$blib" $lib \
+      --cases "16,8,32768;16,8,131072;64,8,32768;1,8,8192;1,8,32768" | tee "$OUT/ab_base_decode.md"
+  else
+    echo "ab_base_decode: no base library (source tree ${BASE_SRC:-.abbase})"
   fi
 fi
 if step ab_ws 100; then  # the (now persistent) WS forward vs the other Hopper forward
