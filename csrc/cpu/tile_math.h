@@ -34,26 +34,41 @@ inline void pack_rows(const scalar_t* head, int64_t row_stride, int64_t col_stri
   }
 }
 
-// exp(x) for x <= 0 in float, about 2 ulp, written so the compiler vectorises loops over it: 2^n from the
-// exponent bits times a degree-6 polynomial for 2^f, f in [-0.5, 0.5]. Inputs below -87 (and -inf) give 0.
+// 2^t for t <= 0 in float, about 2 ulp, written so the compiler vectorises loops over it: t = n + f with n =
+// round(t) (adding 1.5 * 2^23 leaves n in the low mantissa bits), 2^f for f in [-0.5, 0.5] by a degree-5
+// polynomial fitted for relative error (1.9e-7 in float arithmetic; c0 = 1 exactly), then n added to the exponent
+// field. 12 vector operations; t below -127 (and -inf) give +0, between -127 and -126 a value under 2^-126.
+__attribute__((always_inline)) inline float exp2_nonpositive(float t) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  t = std::max(t, -127.0f);
+  const float r = t + kRound;
+  const float f = t - (r - kRound);
+  float p = 0.0013264727f;
+  p = p * f + 0.0096715130f;
+  p = p * f + 0.055507336f;
+  p = p * f + 0.24022242f;
+  p = p * f + 0.69314700f;
+  p = p * f + 1.0f;
+  int32_t pb, rb;
+  std::memcpy(&pb, &p, sizeof(pb));
+  std::memcpy(&rb, &r, sizeof(rb));
+  pb += static_cast<int32_t>(static_cast<uint32_t>(rb) << 23);
+  float out;
+  std::memcpy(&out, &pb, sizeof(out));
+  return out;
+}
+// exp(x) for x <= 0 in float (exp2_nonpositive of x log2 e).
 __attribute__((always_inline)) inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  const float t = std::max(x * kLog2e, -126.0f);
-  // Round to nearest by adding and removing 1.5 * 2^23: plain SSE2, so the loop vectorises on any x86-64.
-  const float n = (t + 12582912.0f) - 12582912.0f;
-  const float f = (t - n) * 0.693147180559945309f;  // e^f with |f| <= ln2/2
-  float p = 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  return exp2_nonpositive(x * 1.44269504088896341f);
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// exp(s - m) for s <= m (softmax rows): in float one multiply-add into exp2_nonpositive's argument (m log2 e is
+// the same for a whole row, and the compiler contracts the rest to an FMA); in double exp(s - m) as it reads.
+__attribute__((always_inline)) inline float exp_minus(float s, float m) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  return exp2_nonpositive(s * kLog2e - m * kLog2e);
+}
+inline double exp_minus(double s, double m) { return std::exp(s - m); }
 
 }  // namespace flash_attn2::cpu
