@@ -20,6 +20,7 @@
 #   ab_blockn256   the d256 WS forward with 80-key tiles vs 64, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_prefetch    the WS kernels prefetching their tensor maps vs not (FLASH_ATTN2_WS_PREFETCH=0)
 #   ab_softcap     the WS forward's softcap against a fixed offset vs the running max (FLASH_ATTN2_SOFTCAP_FIXED=0)
+#   mufu           ops per clock per SM of ex2.approx, tanh.approx, both, and FMA (scripts/mufu_rate.cu)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
@@ -149,6 +150,10 @@ fi
 if step ab_softcap 130; then  # softcap 50: P against a fixed offset (B) vs the running max (A), d256 (d128: B = A)
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_SOFTCAP_FIXED=0 $lib --head-dims 128,256 \
     --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods softcap,none | tee "$OUT/ab_softcap.md"
+fi
+if step mufu 40; then  # ex2 / tanh / FMA issue rates on this GPU (is the d128 softcap forward's tanh half-rate?)
+  /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/mufu_rate scripts/mufu_rate.cu && timeout 30 /tmp/mufu_rate \
+    | tee "$OUT/mufu.txt"
 fi
 if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7): ncu on both, forward and backward
   for mod in plain softcap; do

@@ -1,0 +1,99 @@
+// Throughput of the special-function unit's instructions that the softmax and the softcap issue per score
+// (ex2.approx, tanh.approx) against FMA, on the GPU this runs on: ops per clock per SM.
+// The question it answers (perf.md v17): is the d128 softcap forward bound by a tanh that runs at a lower rate
+// than ex2 on this GPU? Build and run (the hopper_check step `mufu` does):
+//   nvcc -O3 -arch=sm_90a -o /tmp/mufu_rate scripts/mufu_rate.cu && /tmp/mufu_rate
+#include <cstdio>
+#include <cstdlib>
+
+#include <cuda_runtime.h>
+
+#define CHECK(x)                                                                             \
+  do {                                                                                       \
+    cudaError_t e = (x);                                                                     \
+    if (e != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+constexpr int kChains = 8;    // independent chains per thread, so that latency is hidden
+constexpr int kIters = 4096;  // dependent steps per chain
+
+enum Op { kEx2, kTanh, kEx2Tanh, kFma };
+
+template <Op op>
+__device__ __forceinline__ float step(float x) {
+  float y;
+  if constexpr (op == kEx2) {
+    asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  } else if constexpr (op == kTanh) {
+    asm volatile("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  } else if constexpr (op == kEx2Tanh) {  // one of each per step: the softcap forward's pair per score
+    float t;
+    asm volatile("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(x));
+    asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(t));
+  } else {
+    y = fmaf(x, 0.999f, 1e-3f);
+  }
+  return y;
+}
+
+template <Op op>
+__global__ void run(float* out, float seed) {
+  float x[kChains];
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) x[c] = seed * (threadIdx.x + c) * 1e-6f - 0.5f;
+  for (int i = 0; i < kIters; ++i) {
+#pragma unroll
+    for (int c = 0; c < kChains; ++c) x[c] = step<op>(x[c]);
+  }
+  float s = 0.f;
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) s += x[c];
+  if (s == 12345.f) out[0] = s;  // never true; keeps the chains live
+}
+
+template <Op op>
+double ops_per_clock_per_sm(const char* name, int sms, double clock_hz, float* out) {
+  const int blocks = sms * 4, threads = 512;  // 64 warps per SM
+  run<op><<<blocks, threads>>>(out, 1.f);       // warm-up
+  CHECK(cudaGetLastError());
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  CHECK(cudaEventRecord(a));
+  run<op><<<blocks, threads>>>(out, 1.f);
+  CHECK(cudaEventRecord(b));
+  CHECK(cudaEventSynchronize(b));
+  float ms = 0.f;
+  CHECK(cudaEventElapsedTime(&ms, a, b));
+  const double per_step = op == kEx2Tanh ? 2.0 : 1.0;
+  const double ops = static_cast<double>(blocks) * threads * kChains * kIters * per_step;
+  const double rate = ops / (ms * 1e-3) / clock_hz / sms;
+  std::printf("%-10s %8.3f ms  %7.2f ops per clock per SM\n", name, ms, rate);
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  return rate;
+}
+
+int main() {
+  int dev = 0, sms = 0, khz = 0;
+  CHECK(cudaGetDevice(&dev));
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, dev));
+  std::printf("%s, %d SMs, clock %.0f MHz (the attribute's; rates assume the GPU ran at it)\n", prop.name, sms,
+              khz / 1e3);
+  float* out = nullptr;
+  CHECK(cudaMalloc(&out, sizeof(float)));
+  const double hz = khz * 1e3;
+  const double ex2 = ops_per_clock_per_sm<kEx2>("ex2", sms, hz, out);
+  const double tanh = ops_per_clock_per_sm<kTanh>("tanh", sms, hz, out);
+  ops_per_clock_per_sm<kEx2Tanh>("tanh+ex2", sms, hz, out);
+  ops_per_clock_per_sm<kFma>("fma", sms, hz, out);
+  std::printf("tanh / ex2 rate: %.2f\n", tanh / ex2);
+  CHECK(cudaFree(out));
+  return 0;
+}
