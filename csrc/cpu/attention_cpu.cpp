@@ -157,7 +157,7 @@ acc_t online_softmax_row(acc_t* s, int64_t n, acc_t& row_max, acc_t& row_sum) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    s[j] = exp_minus(s[j], m);
+    s[j] = exp_nonpositive(s[j] - m);
     sum += s[j];
   }
   const acc_t rescale = exp_nonpositive(row_max - m);  // row_max = -inf gives 0
@@ -177,7 +177,7 @@ void probabilities_row(acc_t* s, int64_t n, acc_t lse) {
     return;
   }
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] = exp_minus(s[j], lse);
+  for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] - lse);
 }
 
 // out and lse are written through their strides (dense outputs, or a varlen sequence's slice).
