@@ -10,6 +10,7 @@
 #   widetests      the d256 backward tests (test_kernels.py -k "wide or 256")
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
+#   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
@@ -104,6 +105,10 @@ if step ab_widews 110; then  # the d256 backward: the dQ warpgroup (B) vs the sp
   timeout 110 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE=2wg $lib --direction bwd --head-dims 256 \
     --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,dropout,varlen \
     | tee "$OUT/ab_widews.md"
+fi
+if step ab_detwide 120; then  # the d256 deterministic backward: the dQ-warpgroup kernel (B) vs the split-role (A)
+  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE=2wg $lib --direction bwd --head-dims 256 \
+    --lengths 2048,8192 --causal-lengths 2048,8192 --mods none,det | tee "$OUT/ab_detwide.md"
 fi
 if step ab_widedq 100; then  # the d256 backward's dQ: TMA reduce-adds (B) vs red.add (A), split-role kernel
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE=2wg,FLASH_ATTN2_BWD_WS_DQ=red \
