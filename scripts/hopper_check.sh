@@ -32,6 +32,7 @@
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
 #                  | tar -x -C .abbase`), built here (BASE_BG=1: in the background from the start), on the masked
 #                  rows (causal, windows, packed), fwd and bwd
+#   ab_base_softcap  softcap 50 rows, this tree vs BASE_SRC as in ab_base, forward (d128) and backward
 #   ab_base_decode the decode step (fwd_kvcache), this tree vs BASE_SRC as in ab_base, long caches and B = 1
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
@@ -68,7 +69,8 @@ base_lib() {
   [[ -f $base/build/base/libflash_attn2.so ]] || build_base "$base"
   [[ -f $base/build/base/libflash_attn2.so ]] && echo "$PWD/$base/build/base/libflash_attn2.so"
 }
-if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "*) &&
+if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "* ||
+      $steps == *" ab_base_softcap "*) &&
       -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
   touch "${BASE_SRC:-.abbase}/building"
   ( build_base "${BASE_SRC:-.abbase}"; rm -f "${BASE_SRC:-.abbase}/building" ) &
@@ -201,6 +203,17 @@ if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that 
       --causal-lengths 2048,16384 --mods none,window | tee -a "$OUT/ab_base.md"
   else
     echo "ab_base: no base library (source tree ${BASE_SRC:-.abbase})"
+  fi
+fi
+if step ab_base_softcap 150; then  # softcap 50 rows, this tree (B) vs BASE_SRC (A): forward and backward
+  blib=$(base_lib)
+  if [[ -n $blib ]]; then
+    timeout 60 python3 scripts/ab_forward.py "$blib" $lib --head-dims 128 --lengths 8192 \
+      --causal-lengths 8192 --mods none,softcap | tee "$OUT/ab_base_softcap.md"
+    timeout 80 python3 scripts/ab_forward.py "$blib" $lib --direction bwd --head-dims 64,128,256 --lengths 8192 \
+      --causal-lengths 8192 --mods none,softcap | tee -a "$OUT/ab_base_softcap.md"
+  else
+    echo "ab_base_softcap: no base library (source tree ${BASE_SRC:-.abbase})"
   fi
 fi
 if step ab_base_decode 240; then  # the decode step, this tree (B) vs BASE_SRC (A), long caches and B = 1
