@@ -8,8 +8,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -158,9 +156,6 @@ void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
   const ScoreRule<float> rule = ScoreRule<float>::make(sm_scale, var.softcap, 0.0);
   p.softcap_in = rule.cap_in;
   p.softcap_out = rule.cap_out;
-  // FLASH_ATTN2_SOFTCAP_POLY=0: tanh.approx for every score (A/B runs, tests).
-  const char* poly_env = std::getenv("FLASH_ATTN2_SOFTCAP_POLY");
-  p.softcap_poly = make_softcap_poly(rule.cap_in, rule.cap_out, poly_env == nullptr || std::strcmp(poly_env, "0") != 0);
   p.alibi_slopes = var.alibi_slopes.defined() ? var.alibi_slopes.data_ptr<float>() : nullptr;
   p.alibi_batch_stride = var.alibi_slopes.defined() && var.alibi_slopes.dim() == 2 ? static_cast<int>(s.heads_q) : 0;
   if (var.dropout_p > 0) {

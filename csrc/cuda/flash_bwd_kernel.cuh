@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
       zero_acc(acc_s);
       gemm_ss<T, Kt::kMT_S, Kt::kNT_S, Kt::kHeadDim / 16, Operand<TileQ, false>, Operand<TileKV, false>>(
           acc_s, sQ_s, in_loop(s_m0, Kt::kGemmS), sK_u, in_loop(s_n0, Kt::kGemmS), in_loop(lane, Kt::kGemmS));
-      if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule, p.softcap_poly);
+      if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
       if (vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN)) apply_mask(acc_s, r0, c0, vis);
 #pragma unroll
       for (int mi = 0; mi < Kt::kMT_S; ++mi)

@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
                                                                                        sK_u, 0, lane);
 
     const int r0 = blk.row0 + warp_row0 + g, c0 = key0 + 2 * t;  // this thread's first query / key
-    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule, p.softcap_poly);
+    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
     if (vis.tile_needs_mask(blk.row0, kBlockM, key0, kBlockN)) apply_mask(acc_s, r0, c0, vis);
 
     softmax.update(acc_s, acc_o, p.scale_log2);

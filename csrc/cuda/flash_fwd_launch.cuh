@@ -136,12 +136,11 @@ inline int fwd_ws_mode() {  // -1 by the traits, 0 off, 1 on, 2 required
 // the smallest P a normal float with 24 bits to spare (a row whose scores all sit at -softcap still sums exactly); top
 // <= 60 keeps the row sum and O = sum P V finite for up to 2^31 keys of |V| < 2^37: softcaps up to 56 (Gemma 2's 50:
 // top = 42; up to 35, top = 0, P <= 1 as with the running max). bfloat16 P (the P V product's operand) has float32's
-// exponent range; float16 has not, so it keeps the running max. FLASH_ATTN2_SOFTCAP_FIXED=0 turns it off, =1 on where
-// the kernel has it but not by default (Kt::kSoftcapFixedDefault; A/B runs, tests).
-inline void set_softcap_fixed_offset(FwdParams& p, bool by_default) {
+// exponent range; float16 has not, so it keeps the running max. FLASH_ATTN2_SOFTCAP_FIXED=0 turns it off (A/B runs,
+// tests).
+inline void set_softcap_fixed_offset(FwdParams& p) {
   const char* env = std::getenv("FLASH_ATTN2_SOFTCAP_FIXED");
   if (env != nullptr && std::strcmp(env, "0") == 0) return;
-  if (!by_default && !(env != nullptr && std::strcmp(env, "1") == 0)) return;
   if (!(p.softcap_out > 0.f) || p.alibi_slopes != nullptr || !p.is_bf16) return;
   const float c = p.softcap_out * p.scale_log2;  // (softcap / scale) * (scale * log2 e)
   const float top = std::max(0.f, 2.f * c - 102.f);
@@ -183,11 +182,8 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk (A/B runs, tests).
   // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
   // walk the blocks then stride); =all gives every tile its own block (A/B runs).
-  // FLASH_ATTN2_FWD_WS_WALK=static: the static stride for masked or packed tiles too (A/B runs: sliding windows,
-  // whose row tiles past the first window cost the same).
+  const bool uniform = !varlen && p.window_left < 0 && p.window_right < 0;
   const char* walk_env = std::getenv("FLASH_ATTN2_FWD_WS_WALK");
-  const bool uniform = (!varlen && p.window_left < 0 && p.window_right < 0) ||
-                       (walk_env != nullptr && std::strcmp(walk_env, "static") == 0);
   const bool dynamic = !uniform && p.zeroed_ints != nullptr && walk_env != nullptr &&
                        std::strcmp(walk_env, "dynamic") == 0;
   FwdParams launch = p;
@@ -197,7 +193,7 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   launch.ws_q_stages = qbuf_env != nullptr && std::strcmp(qbuf_env, "1") == 0 ? 1 : Kt::kQStages;
   launch.ws_prefetch_maps = ws_prefetch_maps();
   launch.softcap_scale_log2 = launch.softcap_offset_log2 = 0.f;
-  if (kScoreMod && Kt::kSoftcapFixed) set_softcap_fixed_offset(launch, Kt::kSoftcapFixedDefault);
+  if (kScoreMod && Kt::kSoftcapFixed) set_softcap_fixed_offset(launch);
   int device = 0, sms = INT_MAX;
   if ((uniform && Kt::kPersistent) || dynamic) {
     FA2_CUDA_CHECK(cudaGetDevice(&device));

@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   // softmax (alpha: the factor O still owes), dropout keep.
   auto softmax_step = [&](float (&acc_s)[1][kBlockN / 8][4], int n_block, float (&alpha)[1][2]) {
     const int r0 = blk.row0 + warp_row0 + g, c0 = n_block * kBlockN + 2 * t;  // this thread's first query / key
-    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule, p.softcap_poly);
+    if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
     if (vis.tile_needs_mask(blk.row0, kBlockM, n_block * kBlockN, kBlockN)) apply_mask(acc_s, r0, c0, vis);
     softmax.update_scores(acc_s, p.scale_log2, alpha);
     if constexpr (kScoreMod) {

@@ -66,10 +66,7 @@ struct FwdSm90WsTraits {
   // measured 1.08-1.17x the running max (softcap 50, N = 2k-16k, perf.md v16); at d128 it was level (0.95-1.01:
   // tanh and ex2 per score keep the MUFU pipe as busy as the tensor cores either way), and at d64 a second softmax
   // form took the score-modifier consumers (160 registers) from 32 to 112 B of spills.
-  // At d128 the form is compiled but off by default (FLASH_ATTN2_SOFTCAP_FIXED=1 turns it on): measured against
-  // the softcap polynomial (softcap_poly.h), which takes the tanh off the MUFU pipe.
-  static constexpr bool kSoftcapFixed = kHeadDim >= 128;
-  static constexpr bool kSoftcapFixedDefault = kHeadDim == 256;
+  static constexpr bool kSoftcapFixed = kHeadDim == 256;
   // Persistent grid where tiles are uniform (flash_fwd_launch.cuh): measured 1.02-1.07x one block per tile at
   // d128 / d256, 1.03x / 0.99x at d64 N = 2k / 16k (perf.md v12).
   static constexpr bool kPersistent = kHeadDim >= 128;
@@ -231,12 +228,12 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     const int r0 = blk.row0 + warp_row0 + g, c0 = n_block * kBlockN + 2 * t;
     const bool masked = vis.tile_needs_mask(blk.row0, kBlockM, n_block * kBlockN, kBlockN);
     if (softcap_fixed) {
-      apply_softcap_unit(acc_s, rule, p.softcap_poly);
+      apply_softcap_unit(acc_s, rule);
       if (masked) apply_mask(acc_s, r0, c0, vis);
       softmax.update_scores_fixed(acc_s, p.softcap_scale_log2, p.softcap_offset_log2);
       alpha[0][0] = alpha[0][1] = 1.f;
     } else {
-      if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule, p.softcap_poly);
+      if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
       if (masked) apply_mask(acc_s, r0, c0, vis);
       softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0>(acc_s, p.scale_log2, alpha);
     }

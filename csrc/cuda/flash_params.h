@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include "attention_rule.h"
-#include "cuda/softcap_poly.h"
 
 namespace flash_attn2::cuda {
 
@@ -53,7 +52,6 @@ struct FwdParams {
   // Score transform (kernels built with score modifiers only): softcap in raw-score units (ScoreRule with
   // unit = scale), ALiBi slopes / scale per (batch, head) = alibi_slopes[b * alibi_batch_stride + h].
   float softcap_in, softcap_out;  // 0, 0: no softcap
-  SoftcapPoly softcap_poly;       // the softcap's tanh as a polynomial where scores are small (softcap_poly.h)
   const float* alibi_slopes;      // nullptr: no ALiBi
   int alibi_batch_stride;
   float inv_scale;                // 1 / scale

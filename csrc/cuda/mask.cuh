@@ -93,43 +93,12 @@ FA2_DEVICE ScoreRule<float> score_rule(const FwdParams& p, int b, int h) {
   return r;
 }
 
-// Whether every score of the warp's fragment lies where the softcap polynomial holds (|x| <= x_max, softcap_poly.h):
-// the same answer in every lane, so the branch it picks does not diverge. A NaN score is passed over (the polynomial
-// gives NaN for it, as tanh.approx does); an infinite one is not. All 32 lanes must call it.
-template <int MT, int NT>
-FA2_DEVICE bool softcap_poly_fits(const float (&s)[MT][NT][4], float x_max) {
-  float m[8] = {};  // eight partial maxima: chains of 8 FMNMX at 64 scores a thread instead of one of 64
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) m[(ni % 2) * 4 + e] = fmaxf(m[(ni % 2) * 4 + e], fabsf(s[mi][ni][e]));
-#pragma unroll
-  for (int w = 4; w > 0; w /= 2)
-#pragma unroll
-    for (int i = 0; i < w; ++i) m[i] = fmaxf(m[i], m[i + w]);
-  return __all_sync(0xffffffffu, m[0] <= x_max);
-}
-
-// x -> cap_out tanh(cap_in x) (kUnit: tanh(cap_in x), in units of the cap) over the fragment: by the polynomial where
-// the warp's scores are all small enough, by tanh.approx elsewhere.
-template <bool kUnit, int MT, int NT>
-FA2_DEVICE void apply_softcap(float (&s)[MT][NT][4], const ScoreRule<float>& r, const SoftcapPoly& poly) {
-  if (softcap_poly_fits(s, poly.x_max)) {
-    for_each_score<false>(s, 0, 0, [&](float& x, int, int) { x = softcap_poly(x, kUnit ? poly.unit : poly.out); });
-  } else {
-    for_each_score<false>(s, 0, 0, [&](float& x, int, int) {
-      x = kUnit ? fast_tanh(x * r.cap_in) : r.cap_out * fast_tanh(x * r.cap_in);
-    });
-  }
-}
-
 // Raw scores -> transformed scores (softcap, then ALiBi). Runs before the mask, which overwrites with -inf.
 template <bool kKeysAsRows = false, int MT, int NT>
-FA2_DEVICE void apply_score_rule(float (&s)[MT][NT][4], int r0, int c0, int diag, const ScoreRule<float>& r,
-                                 const SoftcapPoly& poly) {
-  if (r.has_softcap()) apply_softcap<false>(s, r, poly);
+FA2_DEVICE void apply_score_rule(float (&s)[MT][NT][4], int r0, int c0, int diag, const ScoreRule<float>& r) {
+  if (r.has_softcap()) {
+    for_each_score<kKeysAsRows>(s, r0, c0, [&](float& x, int, int) { x = r.cap_out * fast_tanh(x * r.cap_in); });
+  }
   if (r.alibi != 0.f) {
     for_each_score<kKeysAsRows>(s, r0, c0, [&](float& x, int i, int j) { x -= r.alibi * fabsf(static_cast<float>(i + diag - j)); });
   }
@@ -137,8 +106,8 @@ FA2_DEVICE void apply_score_rule(float (&s)[MT][NT][4], int r0, int c0, int diag
 
 // The softcap in units of the cap: x = tanh(cap_in x) in [-1, 1] (update_scores_fixed scales it by the cap).
 template <int MT, int NT>
-FA2_DEVICE void apply_softcap_unit(float (&s)[MT][NT][4], const ScoreRule<float>& r, const SoftcapPoly& poly) {
-  apply_softcap<true>(s, r, poly);
+FA2_DEVICE void apply_softcap_unit(float (&s)[MT][NT][4], const ScoreRule<float>& r) {
+  for_each_score<false>(s, 0, 0, [&](float& x, int, int) { x = fast_tanh(x * r.cap_in); });
 }
 
 // d logit / d (scale q.k) = 1 - tanh^2 for a score whose probability p = exp2(x * scale_log2 - lse2) is known
