@@ -87,10 +87,6 @@ FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1]
                                           const KeepBits<1, NT>& keep, bool dropout, float keep_scale,
                                           float scale_log2, int t) {
   constexpr float kLog2e = 1.4426950408889634f;
-  // A softcap without ALiBi leaves x in units of the cap (x = tanh) and folds cap_out into the exponent's scale:
-  // one multiply per score fewer.
-  constexpr bool kUnit = kSoftcap && !kAlibi;
-  const float x_scale_log2 = kUnit ? scale_log2 * rule.cap_out : scale_log2;
   VisibleSpan visible[2] = {{0, 0}, {0, 0}};  // visible queries of the thread's key rows key and key + 8
   float rel[2];  // i - j + diag for the thread's first query column and each key row (ALiBi)
 #pragma unroll
@@ -115,12 +111,12 @@ FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1]
         float g = 1.f;
         if constexpr (kSoftcap) {
           const float th = fast_tanh(x * rule.cap_in);
-          x = kUnit ? th : rule.cap_out * th;
+          x = rule.cap_out * th;
           g = fmaf(-th, th, 1.f);
         }
         if constexpr (kAlibi) x -= rule.alibi * fabsf(rel[h] + static_cast<float>(8 * ni + e));
         if constexpr (kMask) x = visible[h](q0 + 8 * ni + e) ? x : -INFINITY;
-        const float pr = fast_exp2(fmaf(x, x_scale_log2, -l2[e]));
+        const float pr = fast_exp2(fmaf(x, scale_log2, -l2[e]));
         x = pr * g;
         pz[e] = !dropout ? pr : keep.get(0, ni, 2 * h + e) ? pr * keep_scale : 0.f;
       }
