@@ -22,8 +22,6 @@
 #   ab_softcap     the WS forward's softcap against a fixed offset vs the running max (FLASH_ATTN2_SOFTCAP_FIXED=0)
 #   softtests      the variant tests (test_variants.py), then the softcap and option-combination ones on the portable
 #                  kernels (FLASH_ATTN2_PORTABLE_KERNELS=1)
-#   ab_winwalk     sliding windows on the persistent grid's static stride (B, FLASH_ATTN2_FWD_WS_WALK=static) vs a
-#                  block per tile (A), N = 16k
 #   mufu           ops per clock per SM of ex2.approx, tanh.approx, both, and FMA (scripts/mufu_rate.cu)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
@@ -163,10 +161,6 @@ fi
 if step ab_softcap 130; then  # softcap 50: P against a fixed offset (B) vs the running max (A), d256 (d128: B = A)
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_SOFTCAP_FIXED=0 $lib --head-dims 128,256 \
     --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods softcap,none | tee "$OUT/ab_softcap.md"
-fi
-if step ab_winwalk 80; then  # windows: the persistent static stride (B) vs a block per tile (A)
-  timeout 80 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_FWD_WS_WALK=static --head-dims 128,256 \
-    --lengths 16384 --causal-lengths 8192,16384 --mods window | tee "$OUT/ab_winwalk.md"
 fi
 if step mufu 40; then  # ex2 / tanh / FMA issue rates on this GPU (is the d128 softcap forward's tanh half-rate?)
   /usr/local/cuda/bin/nvcc -O3 -arch=sm_90a -o /tmp/mufu_rate scripts/mufu_rate.cu && timeout 30 /tmp/mufu_rate \

@@ -182,11 +182,8 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk (A/B runs, tests).
   // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
   // walk the blocks then stride); =all gives every tile its own block (A/B runs).
-  // FLASH_ATTN2_FWD_WS_WALK=static: the static stride for masked or packed tiles too (A/B runs: sliding windows,
-  // whose row tiles past the first window cost the same).
+  const bool uniform = !varlen && p.window_left < 0 && p.window_right < 0;
   const char* walk_env = std::getenv("FLASH_ATTN2_FWD_WS_WALK");
-  const bool uniform = (!varlen && p.window_left < 0 && p.window_right < 0) ||
-                       (walk_env != nullptr && std::strcmp(walk_env, "static") == 0);
   const bool dynamic = !uniform && p.zeroed_ints != nullptr && walk_env != nullptr &&
                        std::strcmp(walk_env, "dynamic") == 0;
   FwdParams launch = p;
