@@ -10,6 +10,7 @@
 #   widetests      the d256 backward tests (test_kernels.py -k "wide or 256")
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
+#   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
@@ -19,12 +20,15 @@
 #   ab_blockn256   the d256 WS forward with 80-key tiles vs 64, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_prefetch    the WS kernels prefetching their tensor maps vs not (FLASH_ATTN2_WS_PREFETCH=0)
 #   ab_softcap     the WS forward's softcap against a fixed offset vs the running max (FLASH_ATTN2_SOFTCAP_FIXED=0)
+#   softtests      the variant tests (test_variants.py), then the softcap and option-combination ones on the portable
+#                  kernels (FLASH_ATTN2_PORTABLE_KERNELS=1)
 #   mufu           ops per clock per SM of ex2.approx, tanh.approx, both, and FMA (scripts/mufu_rate.cu)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
 #                  | tar -x -C .abbase`), built here (BASE_BG=1: in the background from the start), on the masked
 #                  rows (causal, windows, packed), fwd and bwd
+#   ab_base_softcap  softcap 50 rows, this tree vs BASE_SRC as in ab_base, forward (d128) and backward
 #   ab_base_decode the decode step (fwd_kvcache), this tree vs BASE_SRC as in ab_base, long caches and B = 1
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families
@@ -61,7 +65,8 @@ base_lib() {
   [[ -f $base/build/base/libflash_attn2.so ]] || build_base "$base"
   [[ -f $base/build/base/libflash_attn2.so ]] && echo "$PWD/$base/build/base/libflash_attn2.so"
 }
-if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "*) &&
+if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "* ||
+      $steps == *" ab_base_softcap "*) &&
       -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
   touch "${BASE_SRC:-.abbase}/building"
   ( build_base "${BASE_SRC:-.abbase}"; rm -f "${BASE_SRC:-.abbase}/building" ) &
@@ -74,6 +79,13 @@ if step wstests 120; then
     -k warp_specialised -p no:cacheprovider >"$OUT/wstests.log" 2>&1
   echo "WS forward + backward tests (require) rc $?: $(tail -1 "$OUT/wstests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/wstests.log" | head -20
+fi
+if step softtests 200; then
+  timeout 140 python3 -m pytest python/tests/test_variants.py -q -x -p no:cacheprovider >"$OUT/softtests.log" 2>&1
+  echo "test_variants.py rc $?: $(tail -1 "$OUT/softtests.log")"
+  FLASH_ATTN2_PORTABLE_KERNELS=1 timeout 60 python3 -m pytest python/tests/test_variants.py -q -x -p no:cacheprovider \
+    -k "softcap or option_combinations" >"$OUT/softtests_portable.log" 2>&1
+  echo "portable softcap tests rc $?: $(tail -1 "$OUT/softtests_portable.log")"
 fi
 if step widetests 120; then
   timeout 120 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py -q -rfE \
@@ -104,6 +116,10 @@ if step ab_widews 110; then  # the d256 backward: the dQ warpgroup (B) vs the sp
   timeout 110 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE=2wg $lib --direction bwd --head-dims 256 \
     --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,dropout,varlen \
     | tee "$OUT/ab_widews.md"
+fi
+if step ab_detwide 120; then  # the d256 deterministic backward: the dQ-warpgroup kernel (B) vs the split-role (A)
+  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE=2wg $lib --direction bwd --head-dims 256 \
+    --lengths 2048,8192 --causal-lengths 2048,8192 --mods none,det | tee "$OUT/ab_detwide.md"
 fi
 if step ab_widedq 100; then  # the d256 backward's dQ: TMA reduce-adds (B) vs red.add (A), split-role kernel
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE=2wg,FLASH_ATTN2_BWD_WS_DQ=red \
@@ -173,6 +189,17 @@ if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that 
       --causal-lengths 2048,16384 --mods none,window | tee -a "$OUT/ab_base.md"
   else
     echo "ab_base: no base library (source tree ${BASE_SRC:-.abbase})"
+  fi
+fi
+if step ab_base_softcap 150; then  # softcap 50 rows, this tree (B) vs BASE_SRC (A): forward and backward
+  blib=$(base_lib)
+  if [[ -n $blib ]]; then
+    timeout 60 python3 scripts/ab_forward.py "$blib" $lib --head-dims 128 --lengths 8192 \
+      --causal-lengths 8192 --mods none,softcap | tee "$OUT/ab_base_softcap.md"
+    timeout 80 python3 scripts/ab_forward.py "$blib" $lib --direction bwd --head-dims 64,128,256 --lengths 8192 \
+      --causal-lengths 8192 --mods none,softcap | tee -a "$OUT/ab_base_softcap.md"
+  else
+    echo "ab_base_softcap: no base library (source tree ${BASE_SRC:-.abbase})"
   fi
 fi
 if step ab_base_decode 240; then  # the decode step, this tree (B) vs BASE_SRC (A), long caches and B = 1

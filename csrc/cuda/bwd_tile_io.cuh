@@ -94,6 +94,20 @@ FA2_DEVICE void store_dk_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk
 // at its first tile for all the tiles before it. Blocks are dispatched in blockIdx order and later key tiles
 // have lower indices (BwdBlockInfo orders the grid last key tile first in this mode), so the block being waited
 // for is resident or done.
+// The threads that add a block's dQ and meet around its turns: the whole block (bar 0: __syncthreads), or the
+// `threads` threads of named barrier `bar` (the d256 backward's dQ warpgroup, whose turns the others never wait
+// for). tid in DqOrder's calls counts within them.
+struct DqAdders {
+  int bar = 0, threads = 0;
+  FA2_DEVICE void sync() const {
+    if (bar == 0) {
+      __syncthreads();
+    } else {
+      asm volatile("bar.sync %0, %1;\n" ::"r"(bar), "r"(threads) : "memory");
+    }
+  }
+};
+
 struct DqOrder {
   int* counter;  // nullptr: not deterministic
   int rank;
@@ -117,16 +131,16 @@ struct DqOrder {
   FA2_DEVICE void pass_turn() const {
     asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(rank + 1) : "memory");
   }
-  // Every thread of the block calls these two around its dQ additions.
-  FA2_DEVICE void acquire(int tid) const {
+  // Every adder (by default every thread of the block) calls these two around its dQ additions.
+  FA2_DEVICE void acquire(int tid, DqAdders adders = {}) const {
     if (counter == nullptr) return;
     if (tid == 0) wait_turn();
-    __syncthreads();
+    adders.sync();
   }
-  FA2_DEVICE void release(int tid) const {
+  FA2_DEVICE void release(int tid, DqAdders adders = {}) const {
     if (counter == nullptr) return;
     __threadfence();
-    __syncthreads();
+    adders.sync();
     if (tid == 0) pass_turn();
   }
 };
@@ -136,14 +150,14 @@ struct DqOrder {
 // never wait, so the chain of waits stays on lower block indices and cannot deadlock.
 struct DqOrderChain {
   DqOrder pending{nullptr, 0};
-  // Every thread of the block calls these.
+  DqAdders adders{};  // who calls these: every thread of the block unless set
   FA2_DEVICE void acquire(const DqOrder& next, int tid) {
-    pending.release(tid);
-    next.acquire(tid);
+    pending.release(tid, adders);
+    next.acquire(tid, adders);
     pending = next;
   }
   FA2_DEVICE void finish(int tid) {
-    pending.release(tid);
+    pending.release(tid, adders);
     pending.counter = nullptr;
   }
 };

@@ -157,11 +157,11 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
     } else if constexpr (kHeadDim == 256) {
       using K90 = BwdSm90WideTraits<T, kHeadDim>;
       using K90Ws = BwdSm90WideWsTraits<T, kHeadDim>;
-      // The dQ-warpgroup kernel (1.09-1.35x the split-role kernel on an H200, perf.md v17) unless deterministic
-      // (its ordered adds are the split-role kernel's) or FLASH_ATTN2_BWD_WIDE=2wg asks for the split-role kernel
-      // (A/B runs, tests).
+      // The dQ-warpgroup kernel (1.09-1.35x the split-role kernel on an H200, perf.md v17), in the deterministic
+      // mode too (NOT GPU-TESTED there yet), unless FLASH_ATTN2_BWD_WIDE=2wg asks for the split-role kernel (A/B
+      // runs, tests).
       const char* wide_env = std::getenv("FLASH_ATTN2_BWD_WIDE");
-      const bool two_wg = params.dq_semaphore != nullptr || (wide_env != nullptr && std::strcmp(wide_env, "2wg") == 0);
+      const bool two_wg = wide_env != nullptr && std::strcmp(wide_env, "2wg") == 0;
       if (!detail::use_sm90_kernels())
         detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
       else if (two_wg)

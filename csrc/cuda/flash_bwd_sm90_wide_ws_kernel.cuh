@@ -1,6 +1,6 @@
 // FlashAttention-2 backward on Hopper (sm_90a) for wide heads (d = 256), with a dQ warpgroup: the default d256
 // backward, 1.09-1.35x flash_bwd_sm90_wide_kernel on an H200 (perf.md v17). FLASH_ATTN2_BWD_WIDE=2wg keeps that
-// kernel, which the deterministic mode always uses (it orders dQ through its TMA reduce-adds).
+// kernel. The deterministic mode (on this kernel NOT GPU-TESTED yet, session 14) orders the dQ warpgroup's adds.
 //
 // The split-role kernel (flash_bwd_sm90_wide_kernel.cuh) ran its two warpgroups in lock step through three
 // block-wide barriers per step, and nothing was queued on the tensor cores while warpgroup 0 computed P^T
@@ -63,8 +63,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
   // Named barriers (0 is __syncthreads): the step's data landed (warpgroups 0 and 1), P^T handed over (0 and
   // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), warpgroup w's
-  // epilogue (7 + w).
-  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7;
+  // epilogue (7 + w), the dQ warpgroup's deterministic turns (2).
+  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7, kBarDq = 9;
 
   extern __shared__ unsigned char smem_raw[];
   const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
@@ -107,13 +107,18 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   __syncthreads();  // K and V for every warpgroup; the only block-wide barrier (the dQ warpgroup returns early)
 
   if (wg == 2) {
-    // The dQ warpgroup: step it's dQ = dS_it K once warpgroup 1 has stored dS_it^T, 64 columns at a time.
+    // The dQ warpgroup: step it's dQ = dS_it K once warpgroup 1 has stored dS_it^T, 64 columns at a time. In the
+    // deterministic mode it adds in the key tiles' turn (DqOrder), which only it waits for: the other two run on
+    // up to two steps ahead meanwhile.
     tma::shrink_registers<Kt::kDqRegs>();
+    DqOrderChain dq_chain;
+    dq_chain.adders = DqAdders{kBarDq, 128};
     for (int it = 0; it < steps.total; ++it) {
       const int b = it & 1;
       const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
       const uint32_t sdS_b = sdS_u + b * Kt::kSmemDS;
       tma::named_sync(kBarDsFull + b, 256);  // dS_it^T is in buffer b
+      dq_chain.acquire(DqOrder::make<kBlockM>(p, blk, vis, head, row0), wg_tid);
       const bool full_tile = row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim;
 #pragma unroll 1
       for (int col0 = 0; col0 < kHeadDim; col0 += 64) {
@@ -131,6 +136,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
       }
     }
+    dq_chain.finish(wg_tid);
     return;  // nothing to meet the others for: the epilogue stages dK and dV away from K and dS^T
   }
 

@@ -592,6 +592,30 @@ def test_cuda_warp_specialised_backward_varlen_deterministic(monkeypatch, d):
 
 
 @requires_sm90
+@pytest.mark.parametrize("wide", ["", "2wg"])
+@pytest.mark.parametrize("nq,nk,causal,window,d", [(700, 900, True, (300, -1), 256), (900, 700, True, (-1, -1), 256),
+                                                   (333, 517, False, (64, 7), 240), (520, 520, False, (-1, -1), 256)])
+def test_cuda_wide_backward_deterministic(monkeypatch, wide, nq, nk, causal, window, d):
+    """The d256 backwards' deterministic mode: the dQ-warpgroup kernel (its dQ warpgroup adds each query tile in
+    the key tiles' turn while the other two run ahead) and the split-role kernel (FLASH_ATTN2_BWD_WIDE=2wg):
+    bitwise the same over runs, and the default mode's gradients to rounding."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WIDE", wide)
+    q, k, v = random_qkv(2, 8, 2, nq, nk, d, torch.bfloat16, "cuda")
+    out, lse = flash_attn2.attention_with_lse(q, k, v, causal, window_size=window)
+    dout = torch.randn_like(out)
+    bwd = lambda **kw: F.bwd(dout, q, k, v, out, lse, causal, None, window_size=list(window), **kw)
+    assert_deterministic_backward(lambda: bwd(deterministic=True), bwd)
+
+
+@requires_sm90
+@pytest.mark.parametrize("wide", ["", "2wg"])
+def test_cuda_wide_backward_varlen_deterministic(monkeypatch, wide):
+    """Packed batches on the d256 backwards' deterministic mode (an empty sequence and one of 5 rows)."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WIDE", wide)
+    check_varlen_deterministic([300, 0, 700, 5, 129], d=256)
+
+
+@requires_sm90
 @pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
 @pytest.mark.parametrize("variant", ["plain", "causal", "all"])
 @pytest.mark.parametrize("blocks,walk", [("", ""), ("3", ""), ("3", "dynamic")])
