@@ -24,6 +24,8 @@
 #                  kernels (FLASH_ATTN2_PORTABLE_KERNELS=1)
 #   mufu           ops per clock per SM of ex2.approx, tanh.approx, both, and FMA (scripts/mufu_rate.cu)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
+#   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
+#                  tiles) and softcap 50, causal 8k: the per-instruction CSVs come back gzipped
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
 #                  | tar -x -C .abbase`), built here (BASE_BG=1: in the background from the start), on the masked
@@ -177,6 +179,19 @@ if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7
       grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Stall|Executed Ipc|Registers Per|Pipe" \
         "$OUT/ncu_${mod}_${k}.txt" | head -24
     done
+  done
+fi
+if step ncu_src 200; then  # where the softcap forward's consumer warps stall, per SASS instruction (#7)
+  for mod in plain softcap; do
+    args="--d 128 --n 8192 --causal"; [[ $mod == softcap ]] && args="$args --softcap 50"
+    FLASH_ATTN2_FWD_WS_BLOCKN=128 timeout 90 ncu --section SpeedOfLight --section WarpStateStats \
+      --section SourceCounters -k regex:flash_fwd_sm90_ws_kernel -c 1 -f -o /tmp/ncu_src_$mod \
+      python3 scripts/profile_case.py $args >"$OUT/ncu_src_$mod.log" 2>&1
+    echo "ncu source counters $mod rc $?"
+    grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/ncu_src_$mod.log" | head -12
+    timeout 60 ncu --import /tmp/ncu_src_$mod.ncu-rep --page source --csv --print-source sass 2>&1 \
+      | gzip >"$OUT/ncu_src_$mod.csv.gz"
+    ls -la "$OUT/ncu_src_$mod.csv.gz"
   done
 fi
 if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that need no run-time switch
