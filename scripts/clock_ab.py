@@ -5,6 +5,8 @@ time to a lower clock (perf.md v18).
 
     python3 scripts/clock_ab.py build/gpu/libflash_attn2.so,FLASH_ATTN2_SOFTCAP_POLY=0 \\
         build/gpu/libflash_attn2.so --d 128 --n 8192 --softcap 50 [--causal] [--rounds 2]
+    python3 scripts/clock_ab.py cudnn build/gpu/libflash_attn2.so --d 128      (a side named cudnn or flash
+                                                                                runs SDPA's backend)
 """
 
 import argparse
@@ -19,6 +21,12 @@ d, n, causal, softcap, secs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] ==
 b, h = 16384 // n, 2048 // d
 q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
 f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal, softcap=softcap)
+if sys.argv[6] != "ours":  # an SDPA backend (softcap not applicable)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[sys.argv[6]]
+    def f():
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 for _ in range(5):
     f()
 torch.cuda.synchronize()
@@ -42,10 +50,13 @@ print(f"{flops / ms / 1e9:.1f}", flush=True)
 
 def run_side(side, args):
     lib, *envs = side.split(",")
+    kernel = "ours"
+    if lib in ("cudnn", "flash"):  # SDPA's backend instead of our op
+        kernel, lib = lib, os.environ.get("FLASH_ATTN2_LIBRARY", "")
     env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib)
     env.update(kv.split("=", 1) for kv in envs)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.d), str(args.n), "1" if args.causal else "0",
-                              str(args.softcap), str(args.seconds)], env=env, stdin=subprocess.PIPE,
+                              str(args.softcap), str(args.seconds), kernel], env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.active",

@@ -28,6 +28,7 @@
 #                  tiles) and softcap 50, causal 8k: the per-instruction CSVs come back gzipped
 #   clock_softcap  softcap 50 forward beside the SM clock and power (scripts/clock_ab.py): A = FLASH_ATTN2_SOFTCAP_POLY=0,
 #                  B = the default (a tree with the polynomial), d128, N = 8k, non-causal and causal
+#   clock_cudnn    our forward and cuDNN's beside the SM clock and power (scripts/clock_ab.py), N = 8k
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
 #                  | tar -x -C .abbase`), built here (BASE_BG=1: in the background from the start), on the masked
@@ -200,6 +201,13 @@ if step clock_softcap 120; then  # does a change that saves cycles lose time to 
   for c in "" --causal; do
     timeout 55 python3 scripts/clock_ab.py $lib,FLASH_ATTN2_SOFTCAP_POLY=0 $lib --d 128 --n 8192 --softcap 50 $c \
       | tee -a "$OUT/clock_softcap.md"
+  done
+fi
+if step clock_cudnn 150; then  # our forward and cuDNN's beside the SM clock and power, d64 / d128 / d256, N = 8k
+  for d in 64 128 256; do
+    for c in "" --causal; do
+      timeout 40 python3 scripts/clock_ab.py cudnn $lib --d $d --n 8192 --rounds 1 $c | tee -a "$OUT/clock_cudnn.md"
+    done
   done
 fi
 if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that need no run-time switch
