@@ -158,7 +158,7 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
       using K90 = BwdSm90WideTraits<T, kHeadDim>;
       using K90Ws = BwdSm90WideWsTraits<T, kHeadDim>;
       // The dQ-warpgroup kernel (1.09-1.35x the split-role kernel on an H200, perf.md v17), in the deterministic
-      // mode too (NOT GPU-TESTED there yet), unless FLASH_ATTN2_BWD_WIDE=2wg asks for the split-role kernel (A/B
+      // mode too (1.01-1.06x there, v18), unless FLASH_ATTN2_BWD_WIDE=2wg asks for the split-role kernel (A/B
       // runs, tests).
       const char* wide_env = std::getenv("FLASH_ATTN2_BWD_WIDE");
       const bool two_wg = wide_env != nullptr && std::strcmp(wide_env, "2wg") == 0;

@@ -1,6 +1,6 @@
 // FlashAttention-2 backward on Hopper (sm_90a) for wide heads (d = 256), with a dQ warpgroup: the default d256
 // backward, 1.09-1.35x flash_bwd_sm90_wide_kernel on an H200 (perf.md v17). FLASH_ATTN2_BWD_WIDE=2wg keeps that
-// kernel. The deterministic mode (on this kernel NOT GPU-TESTED yet, session 14) orders the dQ warpgroup's adds.
+// kernel. The deterministic mode orders the dQ warpgroup's adds (1.01-1.06x the split-role kernel's, v18).
 //
 // The split-role kernel (flash_bwd_sm90_wide_kernel.cuh) ran its two warpgroups in lock step through three
 // block-wide barriers per step, and nothing was queued on the tensor cores while warpgroup 0 computed P^T
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
   // Named barriers (0 is __syncthreads): the step's data landed (warpgroups 0 and 1), P^T handed over (0 and
   // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), warpgroup w's
-  // epilogue (7 + w), the dQ warpgroup's deterministic turns (2).
+  // epilogue (7 + w), the dQ warpgroup's deterministic turns (9: its 128 threads only).
   constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7, kBarDq = 9;
 
   extern __shared__ unsigned char smem_raw[];
