@@ -26,8 +26,6 @@
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
 #                  tiles) and softcap 50, causal 8k: the per-instruction CSVs come back gzipped
-#   clock_softcap  softcap 50 forward beside the SM clock and power (scripts/clock_ab.py): A = FLASH_ATTN2_SOFTCAP_POLY=0,
-#                  B = the default (a tree with the polynomial), d128, N = 8k, non-causal and causal
 #   clock_cudnn    our forward and cuDNN's beside the SM clock and power (scripts/clock_ab.py), N = 8k
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
@@ -195,12 +193,6 @@ if step ncu_src 200; then  # where the softcap forward's consumer warps stall, p
     timeout 60 ncu --import /tmp/ncu_src_$mod.ncu-rep --page source --csv --print-source sass 2>&1 \
       | gzip >"$OUT/ncu_src_$mod.csv.gz"
     ls -la "$OUT/ncu_src_$mod.csv.gz"
-  done
-fi
-if step clock_softcap 120; then  # does a change that saves cycles lose time to the clock? (perf.md v18)
-  for c in "" --causal; do
-    timeout 55 python3 scripts/clock_ab.py $lib,FLASH_ATTN2_SOFTCAP_POLY=0 $lib --d 128 --n 8192 --softcap 50 $c \
-      | tee -a "$OUT/clock_softcap.md"
   done
 fi
 if step clock_cudnn 150; then  # our forward and cuDNN's beside the SM clock and power, d64 / d128 / d256, N = 8k
