@@ -66,18 +66,54 @@ print(json.dumps(res))
 """
 
 
+def start_clock_samples():
+    """nvidia-smi sampling the SM clock and power every 100 ms (None where there is no nvidia-smi)."""
+    try:
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                                 "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        return None
+
+
+def stop_clock_samples(smi):
+    """[(MHz, W), ...] from start_clock_samples."""
+    if smi is None:
+        return []
+    smi.terminate()
+    samples = []
+    for line in smi.communicate()[0].splitlines():
+        try:
+            mhz, watts = (float(x) for x in line.split(","))
+            samples.append((mhz, watts))
+        except ValueError:
+            pass
+    return samples
+
+
 def run_sides(side_a, side_b, child, child_args, rounds=2):
     """Runs `child` (a Python source that prints one JSON object last) for each side, alternately A, B, A, B. A side
     is "library[,VAR=VALUE...]": the process gets FLASH_ATTN2_LIBRARY and those variables. Returns
-    {"a": [result of round 1, ...], "b": [...]}."""
+    {"a": [result of round 1, ...], "b": [...]}. Prints each side's median SM clock and power over its runs: on
+    an H200 attention runs at the power cap, so a change that moves work between pipes is paid in clock (perf.md
+    v18), and a B/A ratio is read with the clocks beside it."""
     results = {"a": [], "b": []}
+    samples = {"a": [], "b": []}
     for _ in range(rounds):
         for name, side in (("a", side_a), ("b", side_b)):
             lib, *assignments = side.split(",")
             env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib, **dict(a.split("=", 1) for a in assignments))
+            smi = start_clock_samples()
             out = subprocess.run([sys.executable, "-c", child, *child_args], env=env, capture_output=True, text=True,
                                  check=True).stdout
+            samples[name] += stop_clock_samples(smi)
             results[name].append(json.loads(out.strip().splitlines()[-1]))
+    for name in ("a", "b"):
+        busy = [s for s in samples[name] if s[1] > 150]  # the samples under load (not the process start-up)
+        if busy:
+            mhz = sorted(s[0] for s in busy)[len(busy) // 2]
+            watts = sorted(s[1] for s in busy)[len(busy) // 2]
+            print(f"side {name.upper()}: SM clock {mhz:.0f} MHz, {watts:.0f} W (medians of {len(busy)} samples "
+                  "above 150 W)", flush=True)
     return results
 
 
