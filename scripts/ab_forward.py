@@ -103,9 +103,11 @@ def run_sides(side_a, side_b, child, child_args, rounds=2):
             lib, *assignments = side.split(",")
             env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib, **dict(a.split("=", 1) for a in assignments))
             smi = start_clock_samples()
-            out = subprocess.run([sys.executable, "-c", child, *child_args], env=env, capture_output=True, text=True,
-                                 check=True).stdout
-            samples[name] += stop_clock_samples(smi)
+            try:
+                out = subprocess.run([sys.executable, "-c", child, *child_args], env=env, capture_output=True,
+                                     text=True, check=True).stdout
+            finally:
+                samples[name] += stop_clock_samples(smi)
             results[name].append(json.loads(out.strip().splitlines()[-1]))
     for name in ("a", "b"):
         busy = [s for s in samples[name] if s[1] > 150]  # the samples under load (not the process start-up)
