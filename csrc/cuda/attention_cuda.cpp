@@ -15,6 +15,7 @@
 #include "op_args.h"
 #include "trivial_cases.h"
 #include "cuda/flash_params.h"
+#include "cuda/splitkv_counters.h"
 
 namespace flash_attn2::cuda {
 namespace {
@@ -209,14 +210,18 @@ int choose_num_splits(const ConcreteShape& s, int64_t requested) {
 void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested_splits, const at::Tensor& q) {
   params.num_splits = choose_num_splits(s, requested_splits);
   at::Tensor out_accum, lse_accum;
+  std::vector<at::Tensor> keep;
   if (params.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
     out_accum = at::empty({params.num_splits, s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
     lse_accum = at::empty({params.num_splits, s.batch, s.heads_q, s.seqlen_q}, f32);
     params.out_accum = out_accum.data_ptr<float>();
     params.lse_accum = lse_accum.data_ptr<float>();
+    const int64_t row_tiles = s.batch * s.heads_kv * ((s.seqlen_q * (s.heads_q / s.heads_kv) + kSplitKvBlockM - 1) / kSplitKvBlockM);
+    params.splitkv_counters = splitkv_counters(q, row_tiles, keep);
   }
-  // out_accum / lse_accum are freed by the caching allocator after the launch on this stream: safe.
+  // out_accum / lse_accum (and counters in `keep`) are freed by the caching allocator after the launch on this
+  // stream: safe.
   dispatch<SplitKvLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
 }
 

@@ -10,6 +10,7 @@
 #include "cuda/cuda_check.cuh"
 #include "cuda/flash_fwd_launch.cuh"
 #include "cuda/flash_params.h"
+#include "cuda/splitkv_combine.cuh"
 #include "cuda/tile_primitives.cuh"
 
 namespace flash_attn2::cuda {
@@ -17,9 +18,7 @@ namespace {
 
 constexpr int kCombineWarps = 4;
 
-// One warp per output row (b, h, query): the LSE over the splits, each split's weight exp(lse_s - lse) into
-// shared memory, then O = sum_s weight_s O_s with the split loop unrolled so that several partial rows are in
-// flight at once (a split that saw no key has weight 0 and a zero partial, so no branch is needed).
+// One warp per output row (b, h, query): combine_split_row (splitkv_combine.cuh).
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) splitkv_combine_kernel(const __grid_constant__ FwdParams p) {
   __shared__ float s_weight[kCombineWarps][kMaxSplits];
@@ -31,41 +30,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) splitkv_combine_kernel(con
   const int qi = static_cast<int>(row % p.seqlen_q);
   const int h = static_cast<int>((row / p.seqlen_q) % p.heads_q);
   const int b = static_cast<int>(row / p.seqlen_q / p.heads_q);
-  const int splits = p.num_splits;
-
-  float m = -INFINITY;
-  for (int s = lane; s < splits; s += 32) m = fmaxf(m, p.lse_accum[s * plane + row]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  float l = 0.f;
-  for (int s = lane; s < splits; s += 32) {
-    const float ls = p.lse_accum[s * plane + row];
-    const float e = m == -INFINITY || ls == -INFINITY ? 0.f : __expf(ls - m);
-    s_weight[warp][s] = e;
-    l += e;
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-  const bool empty = !(l > 0.f);
-  const float lse = empty ? -INFINITY : m + __logf(l);
-  if (lane == 0) p.lse[static_cast<index_t>(b) * p.stat_batch_stride + static_cast<index_t>(h) * p.stat_head_stride + qi] = lse;
-  const float inv_l = empty ? 0.f : 1.f / l;
-  __syncwarp();
-
-  const int d = p.head_dim;
-  T* out = static_cast<T*>(p.out) + row_offset(b, h, qi, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
-  const float* partial = p.out_accum + row * d;
-  const index_t split_stride = plane * d;
-  for (int c = lane * 4; c < d; c += 128) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-      const float w = s_weight[warp][s] * inv_l;
-      const float4 x = *reinterpret_cast<const float4*>(partial + s * split_stride + c);
-      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
-    }
-    *reinterpret_cast<uint2*>(out + c) = make_uint2(pack2<T>(acc.x, acc.y), pack2<T>(acc.z, acc.w));
-  }
+  combine_split_row<T>(p, row, b, h, qi, lane, s_weight[warp]);
 }
 
 // One thread per 16-byte chunk of a new row: k_new / v_new row n of (b, kv head) goes to cache row

@@ -223,6 +223,79 @@ def test_kvcache_cuda_graph_replay():
             assert (static["out"][i : i + 1].double() - ref).abs().max() < 2e-2, f"replay {it} seq {i}"
 
 
+FOLD_CASES = [  # (B, Hq, Hkv, Nq, D, capacity, page size, num_splits): splits that get no keys included
+    (1, 32, 8, 1, 128, 8192, None, 0), (2, 16, 2, 4, 64, 3000, 16, 3), (3, 8, 8, 17, 96, 700, None, 64),
+    (1, 4, 1, 1, 256, 2048, 256, 0), (2, 8, 2, 5, 32, 1000, None, 7),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", FOLD_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}/{c[2]}-q{c[3]}-d{c[4]}-p{c[6]}-s{c[7]}")
+def test_kvcache_folded_combine_is_the_combine_kernel(case, monkeypatch):
+    """The split-KV kernel's folded combine (its last block per row tile merges the partials) gives bitwise the
+    combine kernel's out and LSE, call after call (its counters must be back at zero after each)."""
+    b, hq, hkv, nq, d, cap, page, splits = case
+    gen = torch.Generator().manual_seed(sum(case[:6]))
+    kc, vc, table = make_cache(b, hkv, cap, d, torch.bfloat16, "cpu", page, gen)
+    kc, vc, table = kc.cuda(), vc.cuda(), None if table is None else table.cuda()
+    lens = torch.tensor([cap - 1 - 37 * i for i in range(b)], dtype=torch.int32, device="cuda")
+    q = torch.randn(b, hq, nq, d, generator=gen).to("cuda", torch.bfloat16)
+
+    def run(fold):
+        monkeypatch.setenv("FLASH_ATTN2_SPLITKV_FOLD", fold)
+        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # unwritten output shows as NaN
+        return flash_attn2.attention_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, causal=True,
+                                             num_splits=splits)
+
+    want_out, want_lse = run("0")
+    assert torch.isfinite(want_out).all()
+    for _ in range(3):
+        out, lse = run("always")
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+
+@requires_cuda
+def test_kvcache_graphs_fold_with_counters_of_their_own():
+    """Captured decode steps fold the combine with counters of their own: two graphs of the same step replayed
+    at once on two streams, beside eager calls on a third, each give the eager answer every time."""
+    torch.manual_seed(1)
+    b, hq, hkv, d, cap = 1, 32, 8, 128, 8192
+    kc = torch.randn(b, hkv, cap, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    lens = torch.tensor([cap - 5], dtype=torch.int32, device="cuda")
+    qs = [torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    outs = [None, None]
+    graphs = []
+    capture = torch.cuda.Stream()
+    capture.wait_stream(torch.cuda.current_stream())
+    for i in range(2):
+        with torch.cuda.stream(capture):
+            flash_attn2.attention_kvcache(qs[i], kc, vc, cache_seqlens=lens)  # warm-up outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=capture):
+            outs[i], _ = flash_attn2.attention_kvcache(qs[i], kc, vc, cache_seqlens=lens)
+        graphs.append(g)
+    torch.cuda.synchronize()
+    wants = [flash_attn2.attention_kvcache(qs[i], kc, vc, cache_seqlens=lens)[0] for i in range(2)]
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    eager_q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    eager_want = flash_attn2.attention_kvcache(eager_q, kc, vc, cache_seqlens=lens)[0]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    eager_outs = []
+    for _ in range(20):
+        for i in range(2):
+            with torch.cuda.stream(streams[i]):
+                graphs[i].replay()
+        with torch.cuda.stream(streams[2]):
+            eager_outs.append(flash_attn2.attention_kvcache(eager_q, kc, vc, cache_seqlens=lens)[0])
+        for i in range(2):
+            streams[i].synchronize()
+            assert torch.equal(outs[i], wants[i]), f"graph {i}"
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, eager_want) for o in eager_outs)
+
+
 def small_case(device, paged=False, dtype=torch.float32):
     b, hq, hkv, d = 2, 4, 2, 16
     if paged:
