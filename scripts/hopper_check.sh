@@ -13,6 +13,7 @@
 #   san_kvcache    memcheck, racecheck, synccheck on the split-KV / KV-cache cases (FA2_SANITIZE=kvcache), the
 #                  folded combine included
 #   ab_fold        the decode step with the combine folded into the split-KV kernel (B) vs the combine kernel (A)
+#   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
 #   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k), folded or not
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
@@ -103,8 +104,9 @@ if step widetests 120; then
   grep -E "^(FAILED|ERROR)" "$OUT/widetests.log" | head -20
 fi
 if step foldtests 200; then
-  timeout 100 python3 -m pytest python/tests/test_kvcache.py -q -x -p no:cacheprovider >"$OUT/foldtests.log" 2>&1
-  echo "test_kvcache.py rc $?: $(tail -1 "$OUT/foldtests.log")"
+  timeout 100 python3 -m pytest python/tests/test_kvcache.py -q -x -p no:cacheprovider -k "cuda or few_queries" \
+    >"$OUT/foldtests.log" 2>&1
+  echo "test_kvcache.py CUDA rc $?: $(tail -1 "$OUT/foldtests.log")"
   FLASH_ATTN2_SPLITKV_FOLD=always timeout 90 python3 -m pytest python/tests/test_kvcache.py -q -x -p no:cacheprovider \
     -k "cuda or few_queries" >"$OUT/foldtests_always.log" 2>&1
   echo "test_kvcache.py CUDA, every call folded, rc $?: $(tail -1 "$OUT/foldtests_always.log")"
@@ -116,11 +118,15 @@ for what in ws wsbwd widebwd kvcache; do
     FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 python3 scripts/sanitize_cases.py \
       >"$OUT/san_${what}_$tool.log" 2>&1
     echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
+    grep -E -A4 "^========= (Warning|Error)" "$OUT/san_${what}_$tool.log" | head -24
   done
 done
 if step ab_fold 150; then  # the decode step: combine folded into the split-KV kernel (B) vs the combine kernel (A)
   timeout 150 python3 scripts/ab_decode.py $lib,FLASH_ATTN2_SPLITKV_FOLD=0 $lib \
     --cases "1,8,1024;1,8,8192;1,8,32768;1,32,1024;1,32,8192;16,8,8192" | tee "$OUT/ab_fold.md"
+fi
+if step decode_splits 90; then  # the decode step's time per forced split count (folded, CUDA graphs)
+  timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"
 fi
 if step ncu_decode 120; then  # per-kernel duration and DRAM throughput of the decode step, folded or not
   cat >"$OUT/decode_step.py" <<'PY'
