@@ -8,13 +8,10 @@
 #   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
 #   san_widebwd    the same on the d256 backward (FA2_SANITIZE=widebwd), dQ by TMA reduce-adds and by red.add
 #   widetests      the d256 backward tests (test_kernels.py -k "wide or 256")
-#   foldtests      test_kvcache.py as it runs by default (captured calls fold the split-KV combine), then its CUDA
-#                  tests with every call folded (FLASH_ATTN2_SPLITKV_FOLD=always)
-#   san_kvcache    memcheck, racecheck, synccheck on the split-KV / KV-cache cases (FA2_SANITIZE=kvcache), the
-#                  folded combine included
-#   ab_fold        the decode step with the combine folded into the split-KV kernel (B) vs the combine kernel (A)
+#   kvtests        test_kvcache.py's CUDA tests (decode, paged caches, graphs, the plain op's split-KV path)
+#   san_kvcache    memcheck, racecheck, synccheck on the split-KV / KV-cache cases (FA2_SANITIZE=kvcache)
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
-#   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k), folded or not
+#   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k)
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
@@ -103,13 +100,10 @@ if step widetests 120; then
   echo "d256 tests rc $?: $(tail -1 "$OUT/widetests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/widetests.log" | head -20
 fi
-if step foldtests 200; then
+if step kvtests 110; then
   timeout 100 python3 -m pytest python/tests/test_kvcache.py -q -x -p no:cacheprovider -k "cuda or few_queries" \
-    >"$OUT/foldtests.log" 2>&1
-  echo "test_kvcache.py CUDA rc $?: $(tail -1 "$OUT/foldtests.log")"
-  FLASH_ATTN2_SPLITKV_FOLD=always timeout 90 python3 -m pytest python/tests/test_kvcache.py -q -x -p no:cacheprovider \
-    -k "cuda or few_queries" >"$OUT/foldtests_always.log" 2>&1
-  echo "test_kvcache.py CUDA, every call folded, rc $?: $(tail -1 "$OUT/foldtests_always.log")"
+    >"$OUT/kvtests.log" 2>&1
+  echo "test_kvcache.py CUDA rc $?: $(tail -1 "$OUT/kvtests.log")"
 fi
 for what in ws wsbwd widebwd kvcache; do
   step san_$what 150 || continue
@@ -121,20 +115,15 @@ for what in ws wsbwd widebwd kvcache; do
     grep -E -A4 "^========= (Warning|Error)" "$OUT/san_${what}_$tool.log" | head -24
   done
 done
-if step ab_fold 150; then  # the decode step: combine folded into the split-KV kernel (B) vs the combine kernel (A)
-  timeout 150 python3 scripts/ab_decode.py $lib,FLASH_ATTN2_SPLITKV_FOLD=0 $lib \
-    --cases "1,8,1024;1,8,8192;1,8,32768;1,32,1024;1,32,8192;16,8,8192" | tee "$OUT/ab_fold.md"
-fi
-if step decode_splits 90; then  # the decode step's time per forced split count (folded, CUDA graphs)
+if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
   timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"
 fi
-if step ncu_decode 120; then  # per-kernel duration and DRAM throughput of the decode step, folded or not
+if step ncu_decode 120; then  # per-kernel duration and DRAM throughput of the decode step
   cat >"$OUT/decode_step.py" <<'PY'
 import os, torch, flash_attn2
 q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
 k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-for fold in ("0", "always", "0", "always"):
-    os.environ["FLASH_ATTN2_SPLITKV_FOLD"] = fold
+for _ in range(2):
     flash_attn2.attention_kvcache(q, k, v)
 torch.cuda.synchronize()
 PY

@@ -15,7 +15,6 @@
 #include "op_args.h"
 #include "trivial_cases.h"
 #include "cuda/flash_params.h"
-#include "cuda/splitkv_counters.h"
 
 namespace flash_attn2::cuda {
 namespace {
@@ -180,10 +179,11 @@ Variant prepare_variant(Variant var) {
 // How many blocks split the keys of each (batch, kv head, packed row tile) in the split-KV kernel. requested > 0
 // is taken as is; 0 models a split count n as waves x (key tiles per split + a block's fixed cost of about one
 // tile), with two resident blocks per SM as the wave, and takes the smallest n at the minimum, counting only
-// splits that get keys (n = 29 over 128 tiles is 26 splits of 5), at least two tiles per split and one wave at
-// most (more splits than that add partials and combine work to a grid that already fills the GPU). FlashAttention-2's
-// rule (the smallest n within 85% of the best wave efficiency) picked uneven splits, e.g. 29 over 128 tiles: an H200
-// sweep measured 17.5 us at B = 1, Hkv = 8, L = 8k, where 32 even splits take 15.4 (docs/perf.md v9).
+// splits that get keys (n = 29 over 128 tiles is 26 splits of 5) and one wave at most (more splits than that add
+// partials and combine work to a grid that already fills the GPU). FlashAttention-2's rule (the smallest n within
+// 85% of the best wave efficiency) picked uneven splits, e.g. 29 over 128 tiles: an H200 sweep measured 17.5 us at
+// B = 1, Hkv = 8, L = 8k, where 32 even splits take 15.4 (docs/perf.md v9). A split may be one tile: at B = 1,
+// Hkv = 8, L = 1k, 16 splits of one tile took 7.5 us where 8 of two took 8.6 (perf.md v19).
 // Depends on shapes only (never on cache_seqlens), so a captured CUDA graph stays valid.
 int choose_num_splits(const ConcreteShape& s, int64_t requested) {
   if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxSplits));
@@ -193,7 +193,7 @@ int choose_num_splits(const ConcreteShape& s, int64_t requested) {
   const int64_t tiles = (s.seqlen_k + block_n - 1) / block_n;
   const int64_t slots = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   if (blocks >= slots || tiles < 4) return 1;
-  const int64_t max_splits = std::min<int64_t>(kMaxSplits, tiles / 2);
+  const int64_t max_splits = std::min<int64_t>(kMaxSplits, tiles);
   constexpr int64_t kBlockCostTiles = 1;
   int64_t best_n = 1, best_cost = std::numeric_limits<int64_t>::max();
   for (int64_t n = 1; n <= max_splits; ++n) {
@@ -210,18 +210,14 @@ int choose_num_splits(const ConcreteShape& s, int64_t requested) {
 void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested_splits, const at::Tensor& q) {
   params.num_splits = choose_num_splits(s, requested_splits);
   at::Tensor out_accum, lse_accum;
-  std::vector<at::Tensor> keep;
   if (params.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
     out_accum = at::empty({params.num_splits, s.batch, s.heads_q, s.seqlen_q, s.head_dim}, f32);
     lse_accum = at::empty({params.num_splits, s.batch, s.heads_q, s.seqlen_q}, f32);
     params.out_accum = out_accum.data_ptr<float>();
     params.lse_accum = lse_accum.data_ptr<float>();
-    const int64_t row_tiles = s.batch * s.heads_kv * ((s.seqlen_q * (s.heads_q / s.heads_kv) + kSplitKvBlockM - 1) / kSplitKvBlockM);
-    params.splitkv_counters = splitkv_counters(q, row_tiles, keep);
   }
-  // out_accum / lse_accum (and counters in `keep`) are freed by the caching allocator after the launch on this
-  // stream: safe.
+  // out_accum / lse_accum are freed by the caching allocator after the launch on this stream: safe.
   dispatch<SplitKvLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
 }
 

@@ -76,11 +76,6 @@ struct FwdParams {
   int num_splits;
   float* out_accum;
   float* lse_accum;
-  // Non-null (with num_splits > 1): the combine is folded into the split-KV kernel. One counter per packed row
-  // tile, zero on entry; each split block counts its arrival after storing its partials, the last one merges
-  // them and sets the counter back to zero (splitkv_counters.h says who owns such a buffer). Null: the combine
-  // kernel runs after the split-KV kernel.
-  unsigned* splitkv_counters;
   // The warp-specialised forward's tile counter, where its persistent blocks take masked or packed tiles (of
   // unequal cost) dynamically; nullptr: blocks walk tiles statically or take one each. The launcher gets it from
   // zeroed_ints (host: n zeroed int32 on the call's device and stream, alive until the call returns; nullptr

@@ -6,8 +6,7 @@
 //   - the four warps split each key tile (warp w takes keys [w kWarpN, (w + 1) kWarpN)), each keeps its own
 //     online softmax, and the block merges the four with the log-sum-exp rule at the end;
 //   - keys are split over blocks (num_splits): each split writes a float32 partial O and LSE, and
-//     splitkv_combine_kernel (kvcache.cu) merges them, or, with counters (p.splitkv_counters), the last split
-//     block of each row tile to finish merges them itself; with one split the block writes O and LSE itself;
+//     splitkv_combine_kernel (kvcache.cu) merges them; with one split the block writes O and LSE itself;
 //   - K/V tiles stream through a kStages-deep cp.async ring; rows come from a dense cache or through a block
 //     table (paged cache: (pages, page_size, Hkv, d)), per row, so any power-of-two page size works;
 //   - the attention rule (visibility, softcap, ALiBi) is the same as every other kernel's (attention_rule.h),
@@ -19,8 +18,7 @@
 //     wait tile t; sync; issue tile t + kStages - 1
 //     S_w = Q K_w^T (16 x kWarpN); score rule; mask (tiles crossing a window edge or the sequence end)
 //     online softmax (per warp); O_w += P_w V_w
-//   merge the warps' (max, sum, O) through shared memory; store O / LSE (one split) or the float32 partials;
-//   folded combine: count this block's arrival; the last of the row tile merges every split's partials.
+//   merge the warps' (max, sum, O) through shared memory; store O / LSE (one split) or the float32 partials.
 #pragma once
 
 #include <cmath>
@@ -30,7 +28,6 @@
 #include "cuda/mask.cuh"
 #include "cuda/smem_tile.cuh"
 #include "cuda/softmax.cuh"
-#include "cuda/splitkv_combine.cuh"
 #include "cuda/tile_primitives.cuh"
 #include "cuda/warp_mma.cuh"
 
@@ -63,8 +60,6 @@ struct SplitKvTraits {
   static constexpr int kSmemBytes =
       kSmemQ + (kSmemStages > kSmemMerge ? kSmemStages : kSmemMerge) + kSmemStats + kSmemPages;
   static_assert(kBlockM == 16 && kWarpN % 16 == 0 && kHeadDim % 16 == 0);
-  // The folded combine's split weights (a warp's kMaxSplits floats) reuse the merge rows.
-  static_assert(kNWarps * kMaxSplits <= kNWarps * kBlockM * kORowStride);
 };
 
 // Where the rows of key tiles live, for K and V (element offsets). Dense caches: (batch, kv head, key) with
@@ -337,28 +332,6 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
         p.lse[seq.stat_index(p, batch, row_h[h], row_q[h])] = row_lse[h];
       }
     }
-  }
-  if (!partial || p.splitkv_counters == nullptr) return;
-
-  // Folded combine. Every thread's partial stores are made visible device-wide before the block's arrival is
-  // counted; the block that brings the count to num_splits is the last of its row tile: every other split's
-  // partials are visible to it (read through L2), it merges them, and sets the counter back to zero.
-  __shared__ int s_last;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    unsigned* counter = p.splitkv_counters + blockIdx.x / p.num_splits;
-    const bool last = atomicAdd(counter, 1u) == static_cast<unsigned>(p.num_splits - 1);
-    if (last) *counter = 0u;
-    s_last = last;
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int r = warp; r < rows; r += Kt::kNWarps) {  // one warp per row; weights in the merge rows
-    const int pr = row0 + r, qi = pr / group, h = head_kv * group + pr % group;
-    const index_t row = (static_cast<index_t>(batch) * p.heads_q + h) * p.seqlen_q + qi;
-    combine_split_row<T>(p, row, batch, h, qi, lane, s_merge + warp * kMaxSplits);
   }
 }
 

@@ -17,7 +17,7 @@ void run_flash_splitkv(const FwdParams& params, cudaStream_t stream) {
   const int64_t num_m = (packed_rows + Kt::kBlockM - 1) / Kt::kBlockM;
   const int64_t blocks = num_m * params.heads_kv * params.batch * params.num_splits;
   detail::launch_dependent(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
-  if (params.num_splits > 1 && params.splitkv_counters == nullptr) run_splitkv_combine<T>(params, stream);
+  if (params.num_splits > 1) run_splitkv_combine<T>(params, stream);
 }
 
 }  // namespace flash_attn2::cuda
