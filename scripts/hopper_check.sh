@@ -255,7 +255,7 @@ if step ab_base_decode 240; then  # the decode step, this tree (B) vs BASE_SRC (
   blib=$(base_lib)
   if [[ -n $blib ]]; then
     timeout 150 python3 scripts/ab_decode.py "$blib" $lib \
-      --cases "16,8,32768;16,8,131072;64,8,32768;1,8,8192;1,8,32768" | tee "$OUT/ab_base_decode.md"
+      --cases "1,8,1024;1,8,8192;1,8,32768;1,32,1024;1,32,8192;16,8,32768;64,8,32768" | tee "$OUT/ab_base_decode.md"
   else
     echo "ab_base_decode: no base library (source tree ${BASE_SRC:-.abbase})"
   fi
