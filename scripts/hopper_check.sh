@@ -10,6 +10,8 @@
 #   widetests      the d256 backward tests (test_kernels.py -k "wide or 256")
 #   kvtests        test_kvcache.py's CUDA tests (decode, paged caches, graphs, the plain op's split-KV path)
 #   san_kvcache    memcheck, racecheck, synccheck on the split-KV / KV-cache cases (FA2_SANITIZE=kvcache)
+#   ab_l2          the split-KV K/V loads with an L2 prefetch size hint, 256 and 128 bytes (B) vs none (A)
+#   decode_bench   the bench's decode rows and examples/generate (scripts/gpu_check.sh decode)
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
 #   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k)
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
@@ -115,6 +117,15 @@ for what in ws wsbwd widebwd kvcache; do
     grep -E -A4 "^========= (Warning|Error)" "$OUT/san_${what}_$tool.log" | head -24
   done
 done
+if step ab_l2 200; then  # the split-KV K/V loads with an L2 prefetch size hint (B: 256 bytes, then 128) vs none (A)
+  for size in 256 128; do
+    timeout 95 python3 scripts/ab_decode.py $lib,FLASH_ATTN2_SPLITKV_L2=0 $lib,FLASH_ATTN2_SPLITKV_L2=$size \
+      --cases "1,8,8192;1,8,32768;1,32,8192;16,8,8192;16,8,32768;64,8,8192;16,32,8192" | tee "$OUT/ab_l2_$size.md"
+  done
+fi
+if step decode_bench 300; then  # the decode rows of the bench and examples/generate (scripts/gpu_check.sh decode)
+  OUT=$OUT/decode timeout 290 scripts/gpu_check.sh decode 2>&1 | tail -45
+fi
 if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
   timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"
 fi

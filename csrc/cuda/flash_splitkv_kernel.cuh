@@ -189,8 +189,16 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       index_t k_off = 0, v_off = 0;
       if (pred) kv.offsets(key0 + r, stage, r, k_off, v_off);
       const uint32_t off = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r, ch));
-      cp_async_16(sK + off, k + k_off + ch * 8, pred);
-      cp_async_16(sV + off, v + v_off + ch * 8, pred);
+      if (p.kv_l2_prefetch == 256) {
+        cp_async_16_prefetch<256>(sK + off, k + k_off + ch * 8, pred);
+        cp_async_16_prefetch<256>(sV + off, v + v_off + ch * 8, pred);
+      } else if (p.kv_l2_prefetch == 128) {
+        cp_async_16_prefetch<128>(sK + off, k + k_off + ch * 8, pred);
+        cp_async_16_prefetch<128>(sV + off, v + v_off + ch * 8, pred);
+      } else {
+        cp_async_16(sK + off, k + k_off + ch * 8, pred);
+        cp_async_16(sV + off, v + v_off + ch * 8, pred);
+      }
     }
   };
   // Prologue: pages of the first kStages - 1 tiles, then their loads; then the pages of the next one.
