@@ -10,7 +10,6 @@
 #   widetests      the d256 backward tests (test_kernels.py -k "wide or 256")
 #   kvtests        test_kvcache.py's CUDA tests (decode, paged caches, graphs, the plain op's split-KV path)
 #   san_kvcache    memcheck, racecheck, synccheck on the split-KV / KV-cache cases (FA2_SANITIZE=kvcache)
-#   ab_l2          the split-KV K/V loads with an L2 prefetch size hint, 256 and 128 bytes (B) vs none (A)
 #   decode_bench   the bench's decode rows and examples/generate (scripts/gpu_check.sh decode)
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
 #   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k)
@@ -117,12 +116,6 @@ for what in ws wsbwd widebwd kvcache; do
     grep -E -A4 "^========= (Warning|Error)" "$OUT/san_${what}_$tool.log" | head -24
   done
 done
-if step ab_l2 200; then  # the split-KV K/V loads with an L2 prefetch size hint (B: 256 bytes, then 128) vs none (A)
-  for size in 256 128; do
-    timeout 95 python3 scripts/ab_decode.py $lib,FLASH_ATTN2_SPLITKV_L2=0 $lib,FLASH_ATTN2_SPLITKV_L2=$size \
-      --cases "1,8,8192;1,8,32768;1,32,8192;16,8,8192;16,8,32768;64,8,8192;16,32,8192" | tee "$OUT/ab_l2_$size.md"
-  done
-fi
 if step decode_bench 300; then  # the decode rows of the bench and examples/generate (scripts/gpu_check.sh decode)
   OUT=$OUT/decode timeout 290 scripts/gpu_check.sh decode 2>&1 | tail -45
 fi
@@ -266,7 +259,7 @@ if step ab_base_decode 240; then  # the decode step, this tree (B) vs BASE_SRC (
   blib=$(base_lib)
   if [[ -n $blib ]]; then
     timeout 150 python3 scripts/ab_decode.py "$blib" $lib \
-      --cases "1,8,1024;1,8,8192;1,8,32768;1,32,1024;1,32,8192;16,8,32768;64,8,32768" | tee "$OUT/ab_base_decode.md"
+      --cases "1,8,1024;1,8,8192;1,8,32768;1,32,8192;16,8,8192;16,8,32768;64,8,8192;16,32,8192" | tee "$OUT/ab_base_decode.md"
   else
     echo "ab_base_decode: no base library (source tree ${BASE_SRC:-.abbase})"
   fi

@@ -210,7 +210,6 @@ int choose_num_splits(const ConcreteShape& s, int64_t requested) {
 // The split-KV path (flash_splitkv_kernel.cuh): params already hold the inputs; adds the partial buffers.
 void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested_splits, const at::Tensor& q) {
   params.num_splits = choose_num_splits(s, requested_splits);
-  if (const char* env = std::getenv("FLASH_ATTN2_SPLITKV_L2"); env != nullptr) params.kv_l2_prefetch = std::atoi(env);
   at::Tensor out_accum, lse_accum;
   if (params.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);

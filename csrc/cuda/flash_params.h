@@ -76,7 +76,6 @@ struct FwdParams {
   int num_splits;
   float* out_accum;
   float* lse_accum;
-  int kv_l2_prefetch;  // split-KV K/V loads: L2 prefetch size hint in bytes (0: none, 128, 256)
   // The warp-specialised forward's tile counter, where its persistent blocks take masked or packed tiles (of
   // unequal cost) dynamically; nullptr: blocks walk tiles statically or take one each. The launcher gets it from
   // zeroed_ints (host: n zeroed int32 on the call's device and stream, alive until the call returns; nullptr
