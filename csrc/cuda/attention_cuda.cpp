@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 

@@ -51,9 +51,6 @@ struct SplitKvTraits {
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kStages = 3 * 2 * kSmemKV <= 100 * 1024 ? 3 : 2;
-  // K/V rows are read whole, so L2 may fetch a row's whole aligned span at once: 256 bytes where rows are
-  // multiples of that (D = 128, 256), 128 where they are multiples of 128 (D = 64, 192), else no hint.
-  static constexpr int kL2Prefetch = kHeadDim * 2 % 256 == 0 ? 256 : kHeadDim * 2 % 128 == 0 ? 128 : 0;
   static constexpr int kSmemStages = kStages * 2 * kSmemKV;
   // The warps' partial O rows (float32, padded rows) reuse the K/V stages once the loop is done.
   static constexpr int kORowStride = kHeadDim + 8;
@@ -192,8 +189,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       index_t k_off = 0, v_off = 0;
       if (pred) kv.offsets(key0 + r, stage, r, k_off, v_off);
       const uint32_t off = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r, ch));
-      cp_async_16_prefetch<Kt::kL2Prefetch>(sK + off, k + k_off + ch * 8, pred);
-      cp_async_16_prefetch<Kt::kL2Prefetch>(sV + off, v + v_off + ch * 8, pred);
+      cp_async_16(sK + off, k + k_off + ch * 8, pred);
+      cp_async_16(sV + off, v + v_off + ch * 8, pred);
     }
   };
   // Prologue: pages of the first kStages - 1 tiles, then their loads; then the pages of the next one.

@@ -38,19 +38,6 @@ FA2_DEVICE void cp_async_16(uint32_t dst, const void* src, bool pred) {
   const int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
 }
-// The same with an L2 prefetch size hint (.L2::128B / .L2::256B: L2 fetches the whole aligned span from DRAM;
-// 0: no hint).
-template <int kPrefetchBytes>
-FA2_DEVICE void cp_async_16_prefetch(uint32_t dst, const void* src, bool pred) {
-  static_assert(kPrefetchBytes == 0 || kPrefetchBytes == 128 || kPrefetchBytes == 256);
-  const int src_size = pred ? 16 : 0;
-  if constexpr (kPrefetchBytes == 128)
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
-  else if constexpr (kPrefetchBytes == 256)
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
-  else
-    cp_async_16(dst, src, pred);
-}
 // 4-byte variant (row statistics such as the LSE; .cg takes only 16 bytes, so this one goes through L1).
 FA2_DEVICE void cp_async_4(uint32_t dst, const void* src, bool pred) {
   const int src_size = pred ? 4 : 0;
