@@ -11,6 +11,7 @@
 #   kvtests        test_kvcache.py's CUDA tests (decode, paged caches, graphs, the plain op's split-KV path)
 #   san_kvcache    memcheck, racecheck, synccheck on the split-KV / KV-cache cases (FA2_SANITIZE=kvcache)
 #   decode_bench   the bench's decode rows and examples/generate (scripts/gpu_check.sh decode)
+#   timeline       the decode step block by block (a -DFLASH_ATTN2_SPLITKV_TIMELINE build; splitkv_timeline.py)
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
 #   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k)
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
@@ -118,6 +119,16 @@ for what in ws wsbwd widebwd kvcache; do
 done
 if step decode_bench 300; then  # the decode rows of the bench and examples/generate (scripts/gpu_check.sh decode)
   OUT=$OUT/decode timeout 290 scripts/gpu_check.sh decode 2>&1 | tail -45
+fi
+if step timeline 260; then  # the decode step block by block, from a debug build that stamps time (splitkv_timeline.py)
+  ( CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ cmake -S . -B build/timeline -G Ninja \
+      -DFLASH_ATTN2_WITH_CUDA=ON -DFLASH_ATTN2_CUDA_ARCHS=90a -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
+      -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ -DCMAKE_CXX_FLAGS=-DFLASH_ATTN2_SPLITKV_TIMELINE \
+      -DCMAKE_CUDA_FLAGS=-DFLASH_ATTN2_SPLITKV_TIMELINE >"$OUT/timeline_build.log" 2>&1 &&
+    timeout 170 cmake --build build/timeline -j"$(nproc)" >>"$OUT/timeline_build.log" 2>&1 ) ||
+    { echo "timeline build failed"; tail -20 "$OUT/timeline_build.log"; }
+  [[ -f build/timeline/libflash_attn2.so ]] && FLASH_ATTN2_LIBRARY=$PWD/build/timeline/libflash_attn2.so timeout 60 \
+    python3 scripts/splitkv_timeline.py | tee "$OUT/timeline.md"
 fi
 if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
   timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"

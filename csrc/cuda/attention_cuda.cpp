@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -218,7 +220,34 @@ void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested
     params.lse_accum = lse_accum.data_ptr<float>();
   }
   // out_accum / lse_accum are freed by the caching allocator after the launch on this stream: safe.
+#ifdef FLASH_ATTN2_SPLITKV_TIMELINE
+  // Debug builds only: every block's stamps, appended to $FLASH_ATTN2_TIMELINE_FILE as one line per call
+  // ("split_blocks combine_blocks num_splits" then the stamps); synchronises (scripts/splitkv_timeline.py).
+  const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
+  const int64_t group = s.heads_q / s.heads_kv;
+  const int64_t split_blocks = s.batch * s.heads_kv * ((s.seqlen_q * group + kSplitKvBlockM - 1) / kSplitKvBlockM) *
+                               params.num_splits;
+  const int64_t combine_blocks = params.num_splits > 1 ? (s.batch * s.heads_q * s.seqlen_q + 3) / 4 : 0;
+  at::Tensor timeline;
+  if (timeline_file != nullptr) {
+    timeline = at::zeros({(split_blocks + combine_blocks) * kTimelineSlots}, q.options().dtype(at::kLong));
+    params.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
+  }
+#endif
   dispatch<SplitKvLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
+#ifdef FLASH_ATTN2_SPLITKV_TIMELINE
+  if (timeline_file != nullptr) {
+    const at::Tensor host = timeline.cpu();
+    std::FILE* f = std::fopen(timeline_file, "a");
+    TORCH_CHECK(f != nullptr, "cannot open FLASH_ATTN2_TIMELINE_FILE ", timeline_file);
+    std::fprintf(f, "%lld %lld %d", static_cast<long long>(split_blocks), static_cast<long long>(combine_blocks),
+                 params.num_splits);
+    const int64_t* v = host.data_ptr<int64_t>();
+    for (int64_t i = 0; i < host.numel(); ++i) std::fprintf(f, " %lld", static_cast<long long>(v[i]));
+    std::fprintf(f, "\n");
+    std::fclose(f);
+  }
+#endif
 }
 
 // The dense forward takes the split-KV kernel for few queries (decoding through the plain op): the main

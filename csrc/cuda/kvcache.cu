@@ -83,7 +83,10 @@ FA2_DEVICE void combine_split_row(const FwdParams& p, index_t row, int b, int h,
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) splitkv_combine_kernel(const __grid_constant__ FwdParams p) {
   __shared__ float s_weight[kCombineWarps][kMaxSplits];
+  FA2_TIMELINE(p, 0, timeline_ns());
+  FA2_TIMELINE(p, 1, clock64());
   wait_for_previous_grid();  // launched while the split-KV kernel runs: its partials are visible past here
+  FA2_TIMELINE(p, 2, clock64());
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
   const index_t row = static_cast<index_t>(blockIdx.x) * kCombineWarps + warp;
@@ -92,6 +95,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) splitkv_combine_kernel(con
   const int h = static_cast<int>((row / p.seqlen_q) % p.heads_q);
   const int b = static_cast<int>(row / p.seqlen_q / p.heads_q);
   combine_split_row<T>(p, row, b, h, qi, lane, s_weight[warp]);
+  FA2_TIMELINE(p, 5, clock64());
+  FA2_TIMELINE(p, 6, timeline_ns());
+  FA2_TIMELINE(p, 7, timeline_smid());
 }
 
 // One thread per 16-byte chunk of a new row: k_new / v_new row n of (b, kv head) goes to cache row
