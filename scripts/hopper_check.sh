@@ -120,7 +120,7 @@ done
 if step decode_bench 300; then  # the decode rows of the bench and examples/generate (scripts/gpu_check.sh decode)
   OUT=$OUT/decode timeout 290 scripts/gpu_check.sh decode 2>&1 | tail -45
 fi
-if step timeline 260; then  # the decode step block by block, from a debug build that stamps time (splitkv_timeline.py)
+if step timeline 200; then  # the decode step block by block, from a debug build that stamps time (splitkv_timeline.py)
   ( CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ cmake -S . -B build/timeline -G Ninja \
       -DFLASH_ATTN2_WITH_CUDA=ON -DFLASH_ATTN2_CUDA_ARCHS=90a -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
       -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ -DCMAKE_CXX_FLAGS=-DFLASH_ATTN2_SPLITKV_TIMELINE \
