@@ -8,6 +8,12 @@
 #   san_wsbwd      the same on the warp-specialised backward (FA2_SANITIZE=wsbwd)
 #   san_widebwd    the same on the d256 backward (FA2_SANITIZE=widebwd), dQ by TMA reduce-adds and by red.add
 #   widetests      the d256 backward tests (test_kernels.py -k "wide or 256")
+#   kvtests        test_kvcache.py's CUDA tests (decode, paged caches, graphs, the plain op's split-KV path)
+#   san_kvcache    memcheck, racecheck, synccheck on the split-KV / KV-cache cases (FA2_SANITIZE=kvcache)
+#   decode_bench   the bench's decode rows and examples/generate (scripts/gpu_check.sh decode)
+#   timeline       the decode step block by block (a -DFLASH_ATTN2_SPLITKV_TIMELINE build; splitkv_timeline.py)
+#   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
+#   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k)
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
@@ -96,15 +102,50 @@ if step widetests 120; then
   echo "d256 tests rc $?: $(tail -1 "$OUT/widetests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/widetests.log" | head -20
 fi
-for what in ws wsbwd widebwd; do
+if step kvtests 110; then
+  timeout 100 python3 -m pytest python/tests/test_kvcache.py -q -x -p no:cacheprovider -k "cuda or few_queries" \
+    >"$OUT/kvtests.log" 2>&1
+  echo "test_kvcache.py CUDA rc $?: $(tail -1 "$OUT/kvtests.log")"
+fi
+for what in ws wsbwd widebwd kvcache; do
   step san_$what 150 || continue
   for tool in memcheck racecheck synccheck; do
     extra=(); [[ $tool == racecheck ]] && extra=(${RACECHECK_ARGS:-})  # e.g. "--racecheck-report hazard"
     FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 python3 scripts/sanitize_cases.py \
       >"$OUT/san_${what}_$tool.log" 2>&1
     echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
+    grep -E -A4 "^========= (Warning|Error)" "$OUT/san_${what}_$tool.log" | head -24
   done
 done
+if step decode_bench 300; then  # the decode rows of the bench and examples/generate (scripts/gpu_check.sh decode)
+  OUT=$OUT/decode timeout 290 scripts/gpu_check.sh decode 2>&1 | tail -45
+fi
+if step timeline 200; then  # the decode step block by block, from a debug build that stamps time (splitkv_timeline.py)
+  ( CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ cmake -S . -B build/timeline -G Ninja \
+      -DFLASH_ATTN2_WITH_CUDA=ON -DFLASH_ATTN2_CUDA_ARCHS=90a -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
+      -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ -DCMAKE_CXX_FLAGS=-DFLASH_ATTN2_SPLITKV_TIMELINE \
+      -DCMAKE_CUDA_FLAGS=-DFLASH_ATTN2_SPLITKV_TIMELINE >"$OUT/timeline_build.log" 2>&1 &&
+    timeout 170 cmake --build build/timeline -j"$(nproc)" >>"$OUT/timeline_build.log" 2>&1 ) ||
+    { echo "timeline build failed"; tail -20 "$OUT/timeline_build.log"; }
+  [[ -f build/timeline/libflash_attn2.so ]] && FLASH_ATTN2_LIBRARY=$PWD/build/timeline/libflash_attn2.so timeout 60 \
+    python3 scripts/splitkv_timeline.py | tee "$OUT/timeline.md"
+fi
+if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
+  timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"
+fi
+if step ncu_decode 120; then  # per-kernel duration and DRAM throughput of the decode step
+  cat >"$OUT/decode_step.py" <<'PY'
+import os, torch, flash_attn2
+q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+for _ in range(2):
+    flash_attn2.attention_kvcache(q, k, v)
+torch.cuda.synchronize()
+PY
+  timeout 110 ncu --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
+    python3 "$OUT/decode_step.py" >"$OUT/ncu_decode.txt" 2>&1
+  echo "ncu decode rc $?"; grep -E "splitkv|combine|gpu__time|dram__|warps_active" "$OUT/ncu_decode.txt" | head -40
+fi
 if step ab_persistent 130; then  # the persistent walk (B: static where uniform, dynamic where masked / packed)
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
     $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
@@ -229,7 +270,7 @@ if step ab_base_decode 240; then  # the decode step, this tree (B) vs BASE_SRC (
   blib=$(base_lib)
   if [[ -n $blib ]]; then
     timeout 150 python3 scripts/ab_decode.py "$blib" $lib \
-      --cases "16,8,32768;16,8,131072;64,8,32768;1,8,8192;1,8,32768" | tee "$OUT/ab_base_decode.md"
+      --cases "1,8,1024;1,8,8192;1,8,32768;1,32,8192;16,8,8192;16,8,32768;64,8,8192;16,32,8192" | tee "$OUT/ab_base_decode.md"
   else
     echo "ab_base_decode: no base library (source tree ${BASE_SRC:-.abbase})"
   fi

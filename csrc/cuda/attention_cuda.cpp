@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -179,10 +181,11 @@ Variant prepare_variant(Variant var) {
 // How many blocks split the keys of each (batch, kv head, packed row tile) in the split-KV kernel. requested > 0
 // is taken as is; 0 models a split count n as waves x (key tiles per split + a block's fixed cost of about one
 // tile), with two resident blocks per SM as the wave, and takes the smallest n at the minimum, counting only
-// splits that get keys (n = 29 over 128 tiles is 26 splits of 5), at least two tiles per split and one wave at
-// most (more splits than that add partials and combine work to a grid that already fills the GPU). FlashAttention-2's
-// rule (the smallest n within 85% of the best wave efficiency) picked uneven splits, e.g. 29 over 128 tiles: an H200
-// sweep measured 17.5 us at B = 1, Hkv = 8, L = 8k, where 32 even splits take 15.4 (docs/perf.md v9).
+// splits that get keys (n = 29 over 128 tiles is 26 splits of 5) and one wave at most (more splits than that add
+// partials and combine work to a grid that already fills the GPU). FlashAttention-2's rule (the smallest n within
+// 85% of the best wave efficiency) picked uneven splits, e.g. 29 over 128 tiles: an H200 sweep measured 17.5 us at
+// B = 1, Hkv = 8, L = 8k, where 32 even splits take 15.4 (docs/perf.md v9). A split may be one tile: at B = 1,
+// Hkv = 8, L = 1k, 16 splits of one tile took 7.5 us where 8 of two took 8.6 (perf.md v19).
 // Depends on shapes only (never on cache_seqlens), so a captured CUDA graph stays valid.
 int choose_num_splits(const ConcreteShape& s, int64_t requested) {
   if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxSplits));
@@ -192,7 +195,7 @@ int choose_num_splits(const ConcreteShape& s, int64_t requested) {
   const int64_t tiles = (s.seqlen_k + block_n - 1) / block_n;
   const int64_t slots = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   if (blocks >= slots || tiles < 4) return 1;
-  const int64_t max_splits = std::min<int64_t>(kMaxSplits, tiles / 2);
+  const int64_t max_splits = std::min<int64_t>(kMaxSplits, tiles);
   constexpr int64_t kBlockCostTiles = 1;
   int64_t best_n = 1, best_cost = std::numeric_limits<int64_t>::max();
   for (int64_t n = 1; n <= max_splits; ++n) {
@@ -217,7 +220,34 @@ void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested
     params.lse_accum = lse_accum.data_ptr<float>();
   }
   // out_accum / lse_accum are freed by the caching allocator after the launch on this stream: safe.
+#ifdef FLASH_ATTN2_SPLITKV_TIMELINE
+  // Debug builds only: every block's stamps, appended to $FLASH_ATTN2_TIMELINE_FILE as one line per call
+  // ("split_blocks combine_blocks num_splits" then the stamps); synchronises (scripts/splitkv_timeline.py).
+  const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
+  const int64_t group = s.heads_q / s.heads_kv;
+  const int64_t split_blocks = s.batch * s.heads_kv * ((s.seqlen_q * group + kSplitKvBlockM - 1) / kSplitKvBlockM) *
+                               params.num_splits;
+  const int64_t combine_blocks = params.num_splits > 1 ? (s.batch * s.heads_q * s.seqlen_q + 3) / 4 : 0;
+  at::Tensor timeline;
+  if (timeline_file != nullptr) {
+    timeline = at::zeros({(split_blocks + combine_blocks) * kTimelineSlots}, q.options().dtype(at::kLong));
+    params.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
+  }
+#endif
   dispatch<SplitKvLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
+#ifdef FLASH_ATTN2_SPLITKV_TIMELINE
+  if (timeline_file != nullptr) {
+    const at::Tensor host = timeline.cpu();
+    std::FILE* f = std::fopen(timeline_file, "a");
+    TORCH_CHECK(f != nullptr, "cannot open FLASH_ATTN2_TIMELINE_FILE ", timeline_file);
+    std::fprintf(f, "%lld %lld %d", static_cast<long long>(split_blocks), static_cast<long long>(combine_blocks),
+                 params.num_splits);
+    const int64_t* v = host.data_ptr<int64_t>();
+    for (int64_t i = 0; i < host.numel(); ++i) std::fprintf(f, " %lld", static_cast<long long>(v[i]));
+    std::fprintf(f, "\n");
+    std::fclose(f);
+  }
+#endif
 }
 
 // The dense forward takes the split-KV kernel for few queries (decoding through the plain op): the main

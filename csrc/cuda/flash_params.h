@@ -19,6 +19,10 @@ using index_t = int64_t;
 // can make a kernel leave the tensors); seqlen_q / seqlen_k are then the max_seqlen bounds that size the grid.
 // Per-row statistics (lse, softmax_d, and dq_accum rows of d floats) live at
 //   b * stat_batch_stride + h * stat_head_stride + (sequence start) + row:  (B, Hq, Nq) dense, (Hq, Tq) varlen.
+#ifdef FLASH_ATTN2_SPLITKV_TIMELINE
+constexpr int kTimelineSlots = 8;  // stamps per block of the split-KV and combine kernels (tile_primitives.cuh)
+#endif
+
 struct FwdParams {
   const void* q;
   const void* k;
@@ -76,6 +80,11 @@ struct FwdParams {
   int num_splits;
   float* out_accum;
   float* lse_accum;
+#ifdef FLASH_ATTN2_SPLITKV_TIMELINE
+  // Debug builds only (scripts/splitkv_timeline.py): kTimelineSlots stamps per split-KV block, then per combine
+  // block (flash_splitkv_kernel.cuh says which); nullptr: none.
+  unsigned long long* timeline;
+#endif
   // The warp-specialised forward's tile counter, where its persistent blocks take masked or packed tiles (of
   // unequal cost) dynamically; nullptr: blocks walk tiles statically or take one each. The launcher gets it from
   // zeroed_ints (host: n zeroed int32 on the call's device and stream, alive until the call returns; nullptr

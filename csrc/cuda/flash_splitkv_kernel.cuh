@@ -123,9 +123,12 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   const int lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
 
+  FA2_TIMELINE(p, 0, timeline_ns());
+  FA2_TIMELINE(p, 1, clock64());
   // Launched with programmatic dependence (detail::launch_dependent): the previous kernel of the stream (an
   // append into the cache, the previous layer) may still run; wait before reading anything it may write.
   wait_for_previous_grid();
+  FA2_TIMELINE(p, 2, clock64());
 
   // Block -> (batch, kv head, packed row tile, split); splits vary fastest.
   const int group = p.heads_q / p.heads_kv;
@@ -217,6 +220,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   for (int tile = t_begin; tile < t_end; ++tile) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // tile landed for everyone; everyone is done with the stage the next load overwrites
+    if (tile == t_begin) FA2_TIMELINE(p, 3, clock64());
     if (tile + kStages - 1 < t_end) load_tile(tile + kStages - 1);
     cp_async_commit();
     // Pages of the tile after that (read an iteration ago), into the slot of tile `tile` (its load was issued
@@ -262,6 +266,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   }
   cp_async_wait<0>();
   allow_next_grid();  // the combine may launch now; it still waits for this grid's writes
+  FA2_TIMELINE(p, 4, clock64());
 
   // Merge the four warps: each row's max (log2 units) and sum per warp, then O rescaled and summed.
   float my_max[2];
@@ -333,6 +338,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       }
     }
   }
+  FA2_TIMELINE(p, 5, clock64());  // thread 0's stores issued
+  FA2_TIMELINE(p, 6, timeline_ns());
+  FA2_TIMELINE(p, 7, timeline_smid());
 }
 
 }  // namespace flash_attn2::cuda

@@ -17,7 +17,13 @@ void run_flash_splitkv(const FwdParams& params, cudaStream_t stream) {
   const int64_t num_m = (packed_rows + Kt::kBlockM - 1) / Kt::kBlockM;
   const int64_t blocks = num_m * params.heads_kv * params.batch * params.num_splits;
   detail::launch_dependent(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
+#ifdef FLASH_ATTN2_SPLITKV_TIMELINE
+  FwdParams combine = params;  // the combine's blocks stamp after the split-KV blocks
+  if (combine.timeline != nullptr) combine.timeline += blocks * kTimelineSlots;
+  if (params.num_splits > 1) run_splitkv_combine<T>(combine, stream);
+#else
   if (params.num_splits > 1) run_splitkv_combine<T>(params, stream);
+#endif
 }
 
 }  // namespace flash_attn2::cuda

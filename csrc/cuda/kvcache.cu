@@ -17,31 +17,43 @@ namespace {
 
 constexpr int kCombineWarps = 4;
 
-// One warp per output row (b, h, query): the LSE over the splits, each split's weight exp(lse_s - lse) into
-// shared memory, then O = sum_s weight_s O_s with the split loop unrolled so that several partial rows are in
-// flight at once (a split that saw no key has weight 0 and a zero partial, so no branch is needed).
+// Row `row` = (b, h, qi) of the (B, Hq, Nq) plane: the LSE over the splits, each split's weight exp(lse_s - lse)
+// into s_weight (kMaxSplits floats, this warp's), then O = sum_s weight_s O_s. Latency bound (the partials sit in
+// L2), so it is written for few round trips: the first kBatch partial rows are loaded before the weights are
+// known, every lane loads its splits' LSEs at once (lane + 32 i), and the partial rows come kBatch at a time (a
+// split that saw no key has weight 0 and a zero partial, so no branch is needed).
 template <typename T>
-__global__ void __launch_bounds__(kCombineWarps * 32) splitkv_combine_kernel(const __grid_constant__ FwdParams p) {
-  __shared__ float s_weight[kCombineWarps][kMaxSplits];
-  wait_for_previous_grid();  // launched while the split-KV kernel runs: its partials are visible past here
-  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+FA2_DEVICE void combine_split_row(const FwdParams& p, index_t row, int b, int h, int qi, int lane, float* s_weight) {
+  constexpr int kBatch = 16, kLsePerLane = kMaxSplits / 32;
   const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
-  const index_t row = static_cast<index_t>(blockIdx.x) * kCombineWarps + warp;
-  if (row >= plane) return;
-  const int qi = static_cast<int>(row % p.seqlen_q);
-  const int h = static_cast<int>((row / p.seqlen_q) % p.heads_q);
-  const int b = static_cast<int>(row / p.seqlen_q / p.heads_q);
-  const int splits = p.num_splits;
+  const int splits = p.num_splits, d = p.head_dim;
+  const float* partial = p.out_accum + row * d;
+  const index_t split_stride = plane * d;
+  float4 x[kBatch];
+  auto load_batch = [&](int s0, int c) {
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j)
+      x[j] = s0 + j < splits && c < d ? __ldcg(reinterpret_cast<const float4*>(partial + (s0 + j) * split_stride + c))
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+  };
+  load_batch(0, lane * 4);
 
+  float ls[kLsePerLane];
   float m = -INFINITY;
-  for (int s = lane; s < splits; s += 32) m = fmaxf(m, p.lse_accum[s * plane + row]);
+#pragma unroll
+  for (int i = 0; i < kLsePerLane; ++i) {
+    const int s = lane + 32 * i;
+    ls[i] = s < splits ? __ldcg(p.lse_accum + s * plane + row) : -INFINITY;
+    m = fmaxf(m, ls[i]);
+  }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   float l = 0.f;
-  for (int s = lane; s < splits; s += 32) {
-    const float ls = p.lse_accum[s * plane + row];
-    const float e = m == -INFINITY || ls == -INFINITY ? 0.f : __expf(ls - m);
-    s_weight[warp][s] = e;
+#pragma unroll
+  for (int i = 0; i < kLsePerLane; ++i) {
+    const int s = lane + 32 * i;
+    const float e = m == -INFINITY || ls[i] == -INFINITY ? 0.f : __expf(ls[i] - m);
+    if (s < splits) s_weight[s] = e;
     l += e;
   }
 #pragma unroll
@@ -52,20 +64,40 @@ __global__ void __launch_bounds__(kCombineWarps * 32) splitkv_combine_kernel(con
   const float inv_l = empty ? 0.f : 1.f / l;
   __syncwarp();
 
-  const int d = p.head_dim;
   T* out = static_cast<T*>(p.out) + row_offset(b, h, qi, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
-  const float* partial = p.out_accum + row * d;
-  const index_t split_stride = plane * d;
   for (int c = lane * 4; c < d; c += 128) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-      const float w = s_weight[warp][s] * inv_l;
-      const float4 x = *reinterpret_cast<const float4*>(partial + s * split_stride + c);
-      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
+    for (int s0 = 0; s0 < splits; s0 += kBatch) {
+      if (s0 > 0 || c != lane * 4) load_batch(s0, c);
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const float w = s0 + j < splits ? s_weight[s0 + j] * inv_l : 0.f;
+        acc.x += w * x[j].x, acc.y += w * x[j].y, acc.z += w * x[j].z, acc.w += w * x[j].w;
+      }
     }
     *reinterpret_cast<uint2*>(out + c) = make_uint2(pack2<T>(acc.x, acc.y), pack2<T>(acc.z, acc.w));
   }
+}
+
+// One warp per output row (b, h, query).
+template <typename T>
+__global__ void __launch_bounds__(kCombineWarps * 32) splitkv_combine_kernel(const __grid_constant__ FwdParams p) {
+  __shared__ float s_weight[kCombineWarps][kMaxSplits];
+  FA2_TIMELINE(p, 0, timeline_ns());
+  FA2_TIMELINE(p, 1, clock64());
+  wait_for_previous_grid();  // launched while the split-KV kernel runs: its partials are visible past here
+  FA2_TIMELINE(p, 2, clock64());
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
+  const index_t row = static_cast<index_t>(blockIdx.x) * kCombineWarps + warp;
+  if (row >= plane) return;
+  const int qi = static_cast<int>(row % p.seqlen_q);
+  const int h = static_cast<int>((row / p.seqlen_q) % p.heads_q);
+  const int b = static_cast<int>(row / p.seqlen_q / p.heads_q);
+  combine_split_row<T>(p, row, b, h, qi, lane, s_weight[warp]);
+  FA2_TIMELINE(p, 5, clock64());
+  FA2_TIMELINE(p, 6, timeline_ns());
+  FA2_TIMELINE(p, 7, timeline_smid());
 }
 
 // One thread per 16-byte chunk of a new row: k_new / v_new row n of (b, kv head) goes to cache row

@@ -1,0 +1,100 @@
+"""Where the decode step's time goes, block by block: run against a debug build of the library configured with
+-DFLASH_ATTN2_SPLITKV_TIMELINE in CMAKE_CXX_FLAGS and CMAKE_CUDA_FLAGS (hopper_check.sh's `timeline` step builds
+one), whose split-KV and combine blocks stamp %globaltimer and clock64 at fixed points (tile_primitives.cuh,
+FA2_TIMELINE) into a buffer the launcher appends to $FLASH_ATTN2_TIMELINE_FILE after each call (synchronising).
+
+Each call runs alone (the previous one was waited for), so there is no programmatic-dependent overlap with a
+previous kernel here. Times in µs from the first split-KV block's entry; per-block phases from clock64 at the
+SM clock estimated from the blocks' own clock64 / %globaltimer ratio. Medians over the calls of each figure.
+
+    FLASH_ATTN2_LIBRARY=build/timeline/libflash_attn2.so PYTHONPATH=python python3 scripts/splitkv_timeline.py
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+
+import torch
+
+import flash_attn2
+
+SLOTS = 8  # kTimelineSlots: ns entry, clk entry, clk after wait, clk first tile, clk after loop, clk end, ns end, smid
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
+
+
+def analyse(line):
+    vals = [int(x) for x in line.split()]
+    nsplit, ncomb, splits = vals[:3]
+    stamps = vals[3:]
+    blocks = [stamps[i * SLOTS:(i + 1) * SLOTS] for i in range(nsplit)]
+    comb = [stamps[(nsplit + i) * SLOTS:(nsplit + i + 1) * SLOTS] for i in range(ncomb)]
+    t0 = min(b[0] for b in blocks)
+    ratios = [(b[5] - b[1]) / (b[6] - b[0]) for b in blocks if b[6] - b[0] >= 2000]
+    ghz = statistics.median(ratios) if ratios else 1.98
+    us = lambda clk: clk / ghz / 1000.0  # noqa: E731
+    with_tiles = [b for b in blocks if b[3] > 0]
+    per_sm = {}
+    for b in blocks:
+        per_sm[b[7]] = per_sm.get(b[7], 0) + 1
+    r = {
+        "splits": splits, "blocks": nsplit, "ghz": ghz,
+        "start p50": pct([(b[0] - t0) / 1000 for b in blocks], 0.5),
+        "start max": max((b[0] - t0) / 1000 for b in blocks),
+        "wait p50": pct([us(b[2] - b[1]) for b in blocks], 0.5),
+        "1st tile p50": pct([us(b[3] - b[2]) for b in with_tiles], 0.5),
+        "1st tile max": max((us(b[3] - b[2]) for b in with_tiles), default=float("nan")),
+        "loop p50": pct([us(b[4] - b[3]) for b in with_tiles], 0.5),
+        "loop max": max((us(b[4] - b[3]) for b in with_tiles), default=float("nan")),
+        "epilogue p50": pct([us(b[5] - b[4]) for b in blocks], 0.5),
+        "block p50": pct([us(b[5] - b[1]) for b in blocks], 0.5),
+        "split end p50": pct([(b[6] - t0) / 1000 for b in blocks], 0.5),
+        "split end": max((b[6] - t0) / 1000 for b in blocks),
+        "blocks/SM max": max(per_sm.values()), "SMs": len(per_sm),
+    }
+    if comb:
+        r["combine start"] = min((c[0] - t0) / 1000 for c in comb)
+        r["combine wait p50"] = pct([us(c[2] - c[1]) for c in comb], 0.5)
+        r["combine work p50"] = pct([us(c[5] - c[2]) for c in comb], 0.5)
+        r["combine end"] = max((c[6] - t0) / 1000 for c in comb)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="1,8,1024;1,8,8192;1,8,32768;1,32,8192;16,8,8192")
+    ap.add_argument("--calls", type=int, default=7)
+    args = ap.parse_args()
+    rows = []
+    for case in args.cases.split(";"):
+        b, hkv, n = (int(x) for x in case.split(","))
+        q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, hkv, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for _ in range(5):
+            flash_attn2.attention_kvcache(q, k, v)
+        torch.cuda.synchronize()
+        with tempfile.NamedTemporaryFile("r", suffix=".txt") as f:
+            os.environ["FLASH_ATTN2_TIMELINE_FILE"] = f.name
+            for _ in range(args.calls):
+                flash_attn2.attention_kvcache(q, k, v)
+            del os.environ["FLASH_ATTN2_TIMELINE_FILE"]
+            calls = [analyse(line) for line in f.read().splitlines() if line.strip()]
+        assert calls, "no timeline written: is this a -DFLASH_ATTN2_SPLITKV_TIMELINE build?"
+        med = {key: statistics.median(c[key] for c in calls) for key in calls[0]}
+        rows.append((case, med))
+    keys = list(rows[0][1])
+    for _, med in rows[1:]:
+        keys += [k for k in med if k not in keys]
+    print("| B,Hkv,L | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for case, med in rows:
+        cells = [f"{med[k]:.2f}" if isinstance(med.get(k), float) else str(med.get(k, "")) for k in keys]
+        print(f"| {case} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
