@@ -189,8 +189,7 @@ Variant prepare_variant(Variant var) {
 // Depends on shapes only (never on cache_seqlens), so a captured CUDA graph stays valid.
 int choose_num_splits(const ConcreteShape& s, int64_t requested) {
   if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxSplits));
-  const int64_t group = s.heads_q / s.heads_kv;
-  const int64_t blocks = s.batch * s.heads_kv * ((s.seqlen_q * group + kSplitKvBlockM - 1) / kSplitKvBlockM);
+  const int64_t blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q);
   const int64_t block_n = splitkv_block_n(static_cast<int>(compiled_head_dim(s.head_dim)));
   const int64_t tiles = (s.seqlen_k + block_n - 1) / block_n;
   const int64_t slots = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
@@ -224,10 +223,10 @@ void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested
   // Debug builds only: every block's stamps, appended to $FLASH_ATTN2_TIMELINE_FILE as one line per call
   // ("split_blocks combine_blocks num_splits" then the stamps); synchronises (scripts/splitkv_timeline.py).
   const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
-  const int64_t group = s.heads_q / s.heads_kv;
-  const int64_t split_blocks = s.batch * s.heads_kv * ((s.seqlen_q * group + kSplitKvBlockM - 1) / kSplitKvBlockM) *
-                               params.num_splits;
-  const int64_t combine_blocks = params.num_splits > 1 ? (s.batch * s.heads_q * s.seqlen_q + 3) / 4 : 0;
+  const int64_t split_blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q) * params.num_splits;
+  const int64_t combine_rows = s.batch * s.heads_q * s.seqlen_q;
+  const int64_t combine_blocks =
+      params.num_splits > 1 ? (combine_rows + kSplitKvCombineWarps - 1) / kSplitKvCombineWarps : 0;
   at::Tensor timeline;
   if (timeline_file != nullptr) {
     timeline = at::zeros({(split_blocks + combine_blocks) * kTimelineSlots}, q.options().dtype(at::kLong));

@@ -132,6 +132,12 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream);
 // Keys per tile of the split-KV kernel (SplitKvTraits), for the launcher's choice of num_splits.
 constexpr int splitkv_block_n(int head_dim) { return head_dim <= 64 ? 128 : 64; }
 constexpr int kSplitKvBlockM = 16;  // packed (query, q head) rows per split-KV block
+// Row tiles of the split-KV kernel: (batch, kv head, kSplitKvBlockM packed (query, q head of the group) rows); its
+// grid is this times num_splits.
+constexpr int64_t splitkv_row_tiles(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q) {
+  return batch * heads_kv * ((seqlen_q * (heads_q / heads_kv) + kSplitKvBlockM - 1) / kSplitKvBlockM);
+}
+constexpr int kSplitKvCombineWarps = 4;  // output rows (a warp each) per block of the split-KV combine kernel
 constexpr int kMaxSplits = 256;
 
 // The split-KV kernel (any variant but dropout; rules read at run time), then the combine when num_splits > 1.

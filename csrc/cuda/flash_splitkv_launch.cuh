@@ -13,9 +13,9 @@ void run_flash_splitkv(const FwdParams& params, cudaStream_t stream) {
   detail::check_shapes(params, kHeadDim);
   if (params.num_splits < 1) throw std::invalid_argument("flash_attn2: num_splits must be >= 1");
   if (params.batch == 0 || params.heads_q == 0 || params.seqlen_q == 0) return;
-  const int64_t packed_rows = static_cast<int64_t>(params.seqlen_q) * (params.heads_q / params.heads_kv);
-  const int64_t num_m = (packed_rows + Kt::kBlockM - 1) / Kt::kBlockM;
-  const int64_t blocks = num_m * params.heads_kv * params.batch * params.num_splits;
+  static_assert(Kt::kBlockM == kSplitKvBlockM);
+  const int64_t blocks =
+      splitkv_row_tiles(params.batch, params.heads_q, params.heads_kv, params.seqlen_q) * params.num_splits;
   detail::launch_dependent(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
   FwdParams combine = params;  // the combine's blocks stamp after the split-KV blocks

@@ -15,8 +15,6 @@
 namespace flash_attn2::cuda {
 namespace {
 
-constexpr int kCombineWarps = 4;
-
 // Row `row` = (b, h, qi) of the (B, Hq, Nq) plane: the LSE over the splits, each split's weight exp(lse_s - lse)
 // into s_weight (kMaxSplits floats, this warp's), then O = sum_s weight_s O_s. Latency bound (the partials sit in
 // L2), so it is written for few round trips: the first kBatch partial rows are loaded before the weights are
@@ -81,15 +79,15 @@ FA2_DEVICE void combine_split_row(const FwdParams& p, index_t row, int b, int h,
 
 // One warp per output row (b, h, query).
 template <typename T>
-__global__ void __launch_bounds__(kCombineWarps * 32) splitkv_combine_kernel(const __grid_constant__ FwdParams p) {
-  __shared__ float s_weight[kCombineWarps][kMaxSplits];
+__global__ void __launch_bounds__(kSplitKvCombineWarps * 32) splitkv_combine_kernel(const __grid_constant__ FwdParams p) {
+  __shared__ float s_weight[kSplitKvCombineWarps][kMaxSplits];
   FA2_TIMELINE(p, 0, timeline_ns());
   FA2_TIMELINE(p, 1, clock64());
   wait_for_previous_grid();  // launched while the split-KV kernel runs: its partials are visible past here
   FA2_TIMELINE(p, 2, clock64());
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
-  const index_t row = static_cast<index_t>(blockIdx.x) * kCombineWarps + warp;
+  const index_t row = static_cast<index_t>(blockIdx.x) * kSplitKvCombineWarps + warp;
   if (row >= plane) return;
   const int qi = static_cast<int>(row % p.seqlen_q);
   const int h = static_cast<int>((row / p.seqlen_q) % p.heads_q);
@@ -140,8 +138,8 @@ template <typename T>
 void run_splitkv_combine(const FwdParams& params, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(params.batch) * params.heads_q * params.seqlen_q;
   if (rows == 0) return;
-  detail::launch_dependent(&splitkv_combine_kernel<T>, (rows + kCombineWarps - 1) / kCombineWarps,
-                           kCombineWarps * 32, 0, params, stream);
+  detail::launch_dependent(&splitkv_combine_kernel<T>, (rows + kSplitKvCombineWarps - 1) / kSplitKvCombineWarps,
+                           kSplitKvCombineWarps * 32, 0, params, stream);
 }
 template void run_splitkv_combine<__half>(const FwdParams&, cudaStream_t);
 template void run_splitkv_combine<__nv_bfloat16>(const FwdParams&, cudaStream_t);

@@ -156,13 +156,10 @@ FA2_DEVICE int opaque(int x) {
   return y;
 }
 
-// Programmatic dependent launch (detail::launch_dependent): wait until the previous kernel of the stream has
-// finished and its writes are visible / let the next kernel launch now. No-ops below sm_90 and for kernels
-// launched without the attribute.
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
 // Debug builds only: a block's timeline stamps (scripts/splitkv_timeline.py). Slots: 0 %globaltimer (ns) at
-// entry, 1 clock64 at entry, 2 after the wait for the previous grid, 3 when the first key tile landed (split-KV)
-// or the weights were known (combine), 4 after the key loop, 5 at the end, 6 %globaltimer at the end, 7 %smid.
+// entry, 1 clock64 at entry, 2 after the wait for the previous grid, 3 when the first key tile landed and 4 after
+// the key loop (split-KV only), 5 at the end, 6 %globaltimer at the end, 7 %smid.
 FA2_DEVICE unsigned long long timeline_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -184,6 +181,9 @@ FA2_DEVICE unsigned timeline_smid() {
   } while (0)
 #endif
 
+// Programmatic dependent launch (detail::launch_dependent): wait until the previous kernel of the stream has
+// finished and its writes are visible / let the next kernel launch now. No-ops below sm_90 and for kernels
+// launched without the attribute.
 FA2_DEVICE void wait_for_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cudaGridDependencySynchronize();
