@@ -135,7 +135,7 @@ if step decode_splits 90; then  # the decode step's time per forced split count 
 fi
 if step ncu_decode 120; then  # per-kernel duration and DRAM throughput of the decode step
   cat >"$OUT/decode_step.py" <<'PY'
-import os, torch, flash_attn2
+import torch, flash_attn2
 q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
 k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 for _ in range(2):
