@@ -182,6 +182,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     cp_async_16(sQ_u + 2u * static_cast<uint32_t>(TileQ::chunk_offset(r, ch)), pred ? src : q, pred);
   }
   auto stage_k = [&](int s) { return sKV_u + static_cast<uint32_t>(s * 2 * Kt::kSmemKV); };
+  // K/V are read once per call: evict them from L2 first, so that the partials and the code of this kernel's
+  // epilogue and the combine stay there.
+  const uint64_t stream_policy = l2_evict_first_policy();
   auto load_tile = [&](int tile) {
     const int stage = (tile - t_begin) % kStages;
     const uint32_t sK = stage_k(stage), sV = sK + Kt::kSmemKV;
@@ -192,8 +195,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       index_t k_off = 0, v_off = 0;
       if (pred) kv.offsets(key0 + r, stage, r, k_off, v_off);
       const uint32_t off = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r, ch));
-      cp_async_16(sK + off, k + k_off + ch * 8, pred);
-      cp_async_16(sV + off, v + v_off + ch * 8, pred);
+      cp_async_16_policy(sK + off, k + k_off + ch * 8, pred, stream_policy);
+      cp_async_16_policy(sV + off, v + v_off + ch * 8, pred, stream_policy);
     }
   };
   // Prologue: pages of the first kStages - 1 tiles, then their loads; then the pages of the next one.
