@@ -13,7 +13,8 @@
 #   decode_bench   the bench's decode rows and examples/generate (scripts/gpu_check.sh decode)
 #   timeline       the decode step block by block (a -DFLASH_ATTN2_SPLITKV_TIMELINE build; splitkv_timeline.py)
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
-#   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k)
+#   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k), then their
+#                  warp stall reasons with caches and clocks as they run
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
@@ -145,6 +146,11 @@ PY
   timeout 110 ncu --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
     python3 "$OUT/decode_step.py" >"$OUT/ncu_decode.txt" 2>&1
   echo "ncu decode rc $?"; grep -E "splitkv|combine|gpu__time|dram__|warps_active" "$OUT/ncu_decode.txt" | head -40
+  # Where the warps wait, with caches and clocks left as they run (is the tail's time code fetched cold?)
+  timeout 100 ncu --cache-control none --clock-control none -k regex:"splitkv|combine" --section WarpStateStats \
+    python3 "$OUT/decode_step.py" >"$OUT/ncu_decode_stalls.txt" 2>&1
+  echo "ncu decode stalls rc $?"
+  grep -E "flash_splitkv|splitkv_combine|Stall|Warp Cycles Per" "$OUT/ncu_decode_stalls.txt" | head -60
 fi
 if step ab_persistent 130; then  # the persistent walk (B: static where uniform, dynamic where masked / packed)
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
