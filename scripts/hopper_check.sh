@@ -150,7 +150,13 @@ PY
   timeout 100 ncu --cache-control none --clock-control none -k regex:"splitkv|combine" --section WarpStateStats \
     python3 "$OUT/decode_step.py" >"$OUT/ncu_decode_stalls.txt" 2>&1
   echo "ncu decode stalls rc $?"
-  grep -E "flash_splitkv|splitkv_combine|Stall|Warp Cycles Per" "$OUT/ncu_decode_stalls.txt" | head -60
+  grep -E "flash_splitkv|splitkv_combine|Stall|stall|Warp Cycles Per" "$OUT/ncu_decode_stalls.txt" | head -40
+  m=""; for r in no_instruction long_scoreboard barrier membar wait short_scoreboard lg_throttle imc_miss selected; do
+    m+="smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio,"; done
+  timeout 100 ncu --cache-control none --clock-control none -k regex:"splitkv|combine" --metrics "${m%,}" \
+    python3 "$OUT/decode_step.py" >"$OUT/ncu_decode_stall_metrics.txt" 2>&1
+  echo "ncu decode stall metrics rc $?"
+  grep -E "flash_splitkv|splitkv_combine|stalled|ERR" "$OUT/ncu_decode_stall_metrics.txt" | sed 's/  */ /g' | head -60
 fi
 if step ab_persistent 130; then  # the persistent walk (B: static where uniform, dynamic where masked / packed)
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
