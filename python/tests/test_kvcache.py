@@ -146,7 +146,7 @@ def test_kvcache_cuda(case):
 @pytest.mark.parametrize("page_size", [None, 16, 32, 64, 128, 256])
 def test_kvcache_cuda_long_decode(page_size):
     """Decoding shapes: one query over thousands of keys, splits chosen by the heuristic and forced."""
-    for splits in (0, 1, 7):
+    for splits in (0, 1, 7, 256):  # 256: every lane of the combine holds eight splits' LSEs
         check_kvcache_case(b=2, hq=32, hkv=8, nq=1, nnew=1, d=128, capacity=4096, page_size=page_size,
                            dtype=torch.bfloat16, device="cuda", num_splits=splits, lens=[4000, 1234], seed=splits)
 
