@@ -13,6 +13,7 @@
 #   decode_bench   the bench's decode rows and examples/generate (scripts/gpu_check.sh decode)
 #   timeline       the decode step block by block (a -DFLASH_ATTN2_SPLITKV_TIMELINE build; splitkv_timeline.py)
 #   gqa_probe      #11's GQA rows beside the same shapes without grouping, fwd and bwd, ours and cuDNN
+#   ab_wide        Nq = 16 and 8 decode rows (64 / 32 packed rows): this tree vs BASE_SRC as in ab_base
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
 #   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k), then their
 #                  warp stall reasons with caches and clocks as they run
@@ -76,7 +77,7 @@ base_lib() {
   [[ -f $base/build/base/libflash_attn2.so ]] || build_base "$base"
   [[ -f $base/build/base/libflash_attn2.so ]] && echo "$PWD/$base/build/base/libflash_attn2.so"
 }
-if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "* ||
+if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "* || $steps == *" ab_wide "* ||
       $steps == *" ab_base_softcap "*) &&
       -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
   touch "${BASE_SRC:-.abbase}/building"
@@ -134,6 +135,16 @@ if step timeline 200; then  # the decode step block by block, from a debug build
 fi
 if step gqa_probe 120; then  # the GQA rows' shapes with and without grouping, ours and cuDNN (scripts/gqa_probe.py)
   for n in 4096 8192; do timeout 55 python3 scripts/gqa_probe.py --n $n | tee -a "$OUT/gqa_probe.md"; done
+fi
+if step ab_wide 150; then  # speculative decoding rows (Nq x group > 16): the row-split kernel (this tree) vs BASE_SRC
+  if base=$(base_lib) && [[ -n $base ]]; then
+    for nq in 16 8; do
+      timeout 70 python3 scripts/ab_decode.py "$base" $lib --nq $nq \
+        --cases "1,8,8192;16,8,8192;16,8,32768;4,8,32768;1,32,8192" | tee -a "$OUT/ab_wide.md"
+    done
+  else
+    echo "ab_wide: no base library (source tree ${BASE_SRC:-.abbase})"
+  fi
 fi
 if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
   timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"

@@ -152,6 +152,21 @@ def test_kvcache_cuda_long_decode(page_size):
 
 
 @requires_cuda
+@pytest.mark.parametrize("hq,hkv,nq", [(8, 8, 17), (32, 8, 5), (32, 8, 16), (40, 8, 13), (16, 2, 9)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_kvcache_cuda_wide_row_tiles(hq, hkv, nq, page_size):
+    """More than 16 packed (query, q head) rows take the split-KV kernel whose warps split 64 rows: 17, 20, 64,
+    65 (two row tiles) and 72 rows, with splits, causal, window, softcap and ALiBi."""
+    for i, opts in enumerate((dict(), dict(causal=True, num_splits=3), dict(window=(50, 3), softcap=8.0, alibi=True),
+                              dict(causal=True, num_splits=64))):
+        for d in (64, 128):
+            check_kvcache_case(b=2, hq=hq, hkv=hkv, nq=nq, nnew=nq if i % 2 else 0, d=d, capacity=1024,
+                               page_size=page_size, dtype=torch.bfloat16 if i % 2 else torch.float16, device="cuda",
+                               seed=100 * i + d + nq, **opts)
+
+
+@requires_cuda
 @pytest.mark.parametrize("nq", [1, 5, 16])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_fwd_few_queries_takes_split_kv(nq, d):
