@@ -1,4 +1,4 @@
-"""A/B of the decode step (fwd_kvcache, one query, bf16, D = 128, Hq = 32) between two builds of the library or
+"""A/B of the decode step (fwd_kvcache, one query or --nq, bf16, D = 128, Hq = 32) between two builds of the library or
 one build under two environments: each side runs in its own process, alternately A, B, A, B; each cell keeps
 the better of its runs. Times are µs per call from CUDA graphs of 20 calls (flash_attn2.bench.graph_us), with
 SDPA's cuDNN backend on the same cache for reference.
@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from flash_attn2.bench import graph_us
 res = {}
+nq = int(sys.argv[2])
 for case in sys.argv[1].split(";"):
     b, hkv, n = (int(x) for x in case.split(","))
-    q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(b, 32, nq, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     ours = graph_us(lambda: flash_attn2.attention_kvcache(q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -33,9 +34,10 @@ def main():
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--cases", default="1,8,1024;1,8,8192;1,8,32768;1,32,8192;16,8,8192")
+    ap.add_argument("--nq", type=int, default=1, help="queries per sequence (speculative decoding: > 1)")
     args = ap.parse_args()
     best = {"a": {}, "b": {}}
-    for name, rounds in run_sides(args.a, args.b, CHILD, [args.cases]).items():
+    for name, rounds in run_sides(args.a, args.b, CHILD, [args.cases, str(args.nq)]).items():
         for res in rounds:
             for key, (ours, cudnn) in res.items():
                 old = best[name].get(key, (float("inf"), float("inf")))

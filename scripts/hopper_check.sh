@@ -12,8 +12,11 @@
 #   san_kvcache    memcheck, racecheck, synccheck on the split-KV / KV-cache cases (FA2_SANITIZE=kvcache)
 #   decode_bench   the bench's decode rows and examples/generate (scripts/gpu_check.sh decode)
 #   timeline       the decode step block by block (a -DFLASH_ATTN2_SPLITKV_TIMELINE build; splitkv_timeline.py)
+#   gqa_probe      #11's GQA rows beside the same shapes without grouping, fwd and bwd, ours and cuDNN
+#   ab_wide        Nq = 16 and 8 decode rows (64 / 32 packed rows): this tree vs BASE_SRC as in ab_base
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
-#   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k)
+#   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k), then their
+#                  warp stall reasons with caches and clocks as they run
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
@@ -74,7 +77,7 @@ base_lib() {
   [[ -f $base/build/base/libflash_attn2.so ]] || build_base "$base"
   [[ -f $base/build/base/libflash_attn2.so ]] && echo "$PWD/$base/build/base/libflash_attn2.so"
 }
-if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "* ||
+if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "* || $steps == *" ab_wide "* ||
       $steps == *" ab_base_softcap "*) &&
       -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
   touch "${BASE_SRC:-.abbase}/building"
@@ -130,6 +133,19 @@ if step timeline 200; then  # the decode step block by block, from a debug build
   [[ -f build/timeline/libflash_attn2.so ]] && FLASH_ATTN2_LIBRARY=$PWD/build/timeline/libflash_attn2.so timeout 60 \
     python3 scripts/splitkv_timeline.py | tee "$OUT/timeline.md"
 fi
+if step gqa_probe 120; then  # the GQA rows' shapes with and without grouping, ours and cuDNN (scripts/gqa_probe.py)
+  for n in 4096 8192; do timeout 55 python3 scripts/gqa_probe.py --n $n | tee -a "$OUT/gqa_probe.md"; done
+fi
+if step ab_wide 150; then  # speculative decoding rows (Nq x group > 16): the row-split kernel (this tree) vs BASE_SRC
+  if base=$(base_lib) && [[ -n $base ]]; then
+    for nq in 16 8; do
+      timeout 70 python3 scripts/ab_decode.py "$base" $lib --nq $nq \
+        --cases "1,8,8192;16,8,8192;16,8,32768;4,8,32768;1,32,8192" | tee -a "$OUT/ab_wide.md"
+    done
+  else
+    echo "ab_wide: no base library (source tree ${BASE_SRC:-.abbase})"
+  fi
+fi
 if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
   timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"
 fi
@@ -145,6 +161,17 @@ PY
   timeout 110 ncu --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
     python3 "$OUT/decode_step.py" >"$OUT/ncu_decode.txt" 2>&1
   echo "ncu decode rc $?"; grep -E "splitkv|combine|gpu__time|dram__|warps_active" "$OUT/ncu_decode.txt" | head -40
+  # Where the warps wait, with caches and clocks left as they run (is the tail's time code fetched cold?)
+  timeout 100 ncu --cache-control none --clock-control none -k regex:"splitkv|combine" --section WarpStateStats \
+    python3 "$OUT/decode_step.py" >"$OUT/ncu_decode_stalls.txt" 2>&1
+  echo "ncu decode stalls rc $?"
+  grep -E "flash_splitkv|splitkv_combine|Stall|stall|Warp Cycles Per" "$OUT/ncu_decode_stalls.txt" | head -40
+  m=""; for r in no_instruction long_scoreboard barrier membar wait short_scoreboard lg_throttle imc_miss selected; do
+    m+="smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio,"; done
+  timeout 100 ncu --cache-control none --clock-control none -k regex:"splitkv|combine" --metrics "${m%,}" \
+    python3 "$OUT/decode_step.py" >"$OUT/ncu_decode_stall_metrics.txt" 2>&1
+  echo "ncu decode stall metrics rc $?"
+  grep -E "flash_splitkv|splitkv_combine|stalled|ERR" "$OUT/ncu_decode_stall_metrics.txt" | sed 's/  */ /g' | head -60
 fi
 if step ab_persistent 130; then  # the persistent walk (B: static where uniform, dynamic where masked / packed)
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \

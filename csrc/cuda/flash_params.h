@@ -131,11 +131,16 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream);
 
 // Keys per tile of the split-KV kernel (SplitKvTraits), for the launcher's choice of num_splits.
 constexpr int splitkv_block_n(int head_dim) { return head_dim <= 64 ? 128 : 64; }
-constexpr int kSplitKvBlockM = 16;  // packed (query, q head) rows per split-KV block
-// Row tiles of the split-KV kernel: (batch, kv head, kSplitKvBlockM packed (query, q head of the group) rows); its
-// grid is this times num_splits.
+constexpr int kSplitKvBlockM = 16;      // packed (query, q head) rows per split-KV block, up to 16 such rows
+constexpr int kSplitKvBlockMWide = 64;  // ... and beyond 16 (SplitKvTraits::kSplitKeys = false)
+constexpr int64_t splitkv_block_m(int64_t packed_rows) {
+  return packed_rows > kSplitKvBlockM ? kSplitKvBlockMWide : kSplitKvBlockM;
+}
+// Row tiles of the split-KV kernel: (batch, kv head, splitkv_block_m packed (query, q head of the group) rows);
+// its grid is this times num_splits.
 constexpr int64_t splitkv_row_tiles(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q) {
-  return batch * heads_kv * ((seqlen_q * (heads_q / heads_kv) + kSplitKvBlockM - 1) / kSplitKvBlockM);
+  const int64_t packed_rows = seqlen_q * (heads_q / heads_kv), block_m = splitkv_block_m(packed_rows);
+  return batch * heads_kv * ((packed_rows + block_m - 1) / block_m);
 }
 constexpr int kSplitKvCombineWarps = 4;  // output rows (a warp each) per block of the split-KV combine kernel
 constexpr int kMaxSplits = 256;

@@ -1,10 +1,13 @@
 // Split-KV forward ("flash decoding"): the kernel for few queries over many keys (decoding, speculative decoding,
 // chunked prefill against a KV cache, and `fwd` with Nq <= 16). Memory bound, so it is shaped for bandwidth:
 //
-//   - GQA packed: a block works on one kv head and 16 rows of (query, q head of the group) pairs, so every K/V
-//     byte is read once per group instead of once per query head;
-//   - the four warps split each key tile (warp w takes keys [w kWarpN, (w + 1) kWarpN)), each keeps its own
-//     online softmax, and the block merges the four with the log-sum-exp rule at the end;
+//   - GQA packed: a block works on one kv head and 16 or 64 rows of (query, q head of the group) pairs, so every
+//     K/V byte is read once per group instead of once per query head;
+//   - up to 16 packed rows (decoding: Nq x group <= 16), the four warps split each key tile (warp w takes keys
+//     [w kWarpN, (w + 1) kWarpN)) of one m16 row tile, each keeps its own online softmax, and the block merges
+//     the four with the log-sum-exp rule at the end; beyond 16 (speculative decoding, chunked prefill) the four
+//     warps split 64 rows instead (16 each, every key of the tile), so K/V is read once per 64 rows, not once per
+//     16, and each warp writes its own rows;
 //   - keys are split over blocks (num_splits): each split writes a float32 partial O and LSE, and
 //     splitkv_combine_kernel (kvcache.cu) merges them; with one split the block writes O and LSE itself;
 //   - K/V tiles stream through a kStages-deep cp.async ring; rows come from a dense cache or through a block
@@ -13,12 +16,13 @@
 //     applied per row since the rows of a packed tile belong to different queries and heads. No dropout: the
 //     launcher keeps dropout calls on the main forward kernels.
 //
-//   load Q (16 packed rows), K/V tiles t0 .. t0 + kStages - 2
+//   load Q (16 or 64 packed rows), K/V tiles t0 .. t0 + kStages - 2
 //   for each key tile t of this split:
 //     wait tile t; sync; issue tile t + kStages - 1
-//     S_w = Q K_w^T (16 x kWarpN); score rule; mask (tiles crossing a window edge or the sequence end)
+//     S_w = Q_w K_w^T (16 x kWarpN); score rule; mask (tiles crossing a window edge or the sequence end)
 //     online softmax (per warp); O_w += P_w V_w
-//   merge the warps' (max, sum, O) through shared memory; store O / LSE (one split) or the float32 partials.
+//   16 rows: merge the warps' (max, sum, O) through shared memory; 64 rows: each warp has whole rows;
+//   store O / LSE (one split) or the float32 partials.
 #pragma once
 
 #include <cmath>
@@ -33,15 +37,18 @@
 
 namespace flash_attn2::cuda {
 
-template <typename T, int kHeadDim_>
+template <typename T, int kHeadDim_, bool kSplitKeys_ = true>
 struct SplitKvTraits {
   using Elem = T;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kSplitKvBlockM;  // packed (query, head) rows: one m16 tile shared by all warps
+  // true: one m16 row tile whose key tiles the warps split; false: kSplitKvBlockMWide rows, 16 per warp, each
+  // warp every key of a tile.
+  static constexpr bool kSplitKeys = kSplitKeys_;
   static constexpr int kNWarps = 4;
+  static constexpr int kBlockM = kSplitKeys ? kSplitKvBlockM : kSplitKvBlockMWide;  // packed (query, head) rows
   static constexpr int kNThreads = kNWarps * 32;
-  static constexpr int kBlockN = splitkv_block_n(kHeadDim);  // keys per tile (a stage of K + V is 32-64 KB)
-  static constexpr int kWarpN = kBlockN / kNWarps;           // keys per warp per tile
+  static constexpr int kBlockN = splitkv_block_n(kHeadDim);           // keys per tile (a stage of K + V is 32-64 KB)
+  static constexpr int kWarpN = kSplitKeys ? kBlockN / kNWarps : kBlockN;  // keys per warp per tile
   static constexpr int kNT_S = kWarpN / 8;
   static constexpr int kNT_O = kHeadDim / 8;
   static constexpr int kKS_QK = kHeadDim / 16;
@@ -52,14 +59,14 @@ struct SplitKvTraits {
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kStages = 3 * 2 * kSmemKV <= 100 * 1024 ? 3 : 2;
   static constexpr int kSmemStages = kStages * 2 * kSmemKV;
-  // The warps' partial O rows (float32, padded rows) reuse the K/V stages once the loop is done.
+  // Split keys: the warps' partial O rows (float32, padded rows) reuse the K/V stages once the loop is done.
   static constexpr int kORowStride = kHeadDim + 8;
-  static constexpr int kSmemMerge = kNWarps * kBlockM * kORowStride * 4;
-  static constexpr int kSmemStats = 2 * kNWarps * kBlockM * 4;  // per warp and row: max (log2 units), sum
+  static constexpr int kSmemMerge = kSplitKeys ? kNWarps * kBlockM * kORowStride * 4 : 0;
+  static constexpr int kSmemStats = kSplitKeys ? 2 * kNWarps * kBlockM * 4 : 0;  // per warp and row: max, sum
   static constexpr int kSmemPages = kStages * kBlockN * 4;       // paged caches: page of every staged row
   static constexpr int kSmemBytes =
       kSmemQ + (kSmemStages > kSmemMerge ? kSmemStages : kSmemMerge) + kSmemStats + kSmemPages;
-  static_assert(kBlockM == 16 && kWarpN % 16 == 0 && kHeadDim % 16 == 0);
+  static_assert(kBlockM == 16 * (kSplitKeys ? 1 : kNWarps) && kWarpN % 16 == 0 && kHeadDim % 16 == 0);
 };
 
 // Where the rows of key tiles live, for K and V (element offsets). Dense caches: (batch, kv head, key) with
@@ -159,20 +166,22 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   const T* v = static_cast<const T*>(p.v);
   const KvRows<kBlockN, kStages> kv{p, batch, head_kv, seq.k_start, seqlen_k, s_pages};
 
-  // The thread's two rows (g and g + 8): query, head, ALiBi slope.
+  // The warp's 16 rows of the tile (all warps share them where they split the keys), and the thread's two rows
+  // among them (g and g + 8): query, head, ALiBi slope.
+  const int warp_row0 = Kt::kSplitKeys ? 0 : warp * 16;
   int row_q[2], row_h[2];
   float row_slope[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int pr = row0 + g + 8 * h;
+    const int pr = row0 + warp_row0 + g + 8 * h;
     row_q[h] = pr / group;
     row_h[h] = head_kv * group + pr % group;
-    row_slope[h] = p.alibi_slopes != nullptr && g + 8 * h < rows
+    row_slope[h] = p.alibi_slopes != nullptr && warp_row0 + g + 8 * h < rows
                        ? p.alibi_slopes[static_cast<index_t>(batch) * p.alibi_batch_stride + row_h[h]] * p.inv_scale
                        : 0.f;
   }
 
-  // Q: 16 packed rows, each from its own (query, head).
+  // Q: the tile's packed rows, each from its own (query, head).
   for (int idx = tid; idx < kBlockM * kCPR; idx += Kt::kNThreads) {
     const int r = idx / kCPR, ch = idx % kCPR;
     const int pr = row0 + r;
@@ -182,6 +191,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     cp_async_16(sQ_u + 2u * static_cast<uint32_t>(TileQ::chunk_offset(r, ch)), pred ? src : q, pred);
   }
   auto stage_k = [&](int s) { return sKV_u + static_cast<uint32_t>(s * 2 * Kt::kSmemKV); };
+  // Where each K/V byte is read by one block (one packed row tile), evict it from L2 first, so that the partials
+  // and the code of this kernel's epilogue and the combine stay there; row tiles that share K/V keep it normal.
+  const uint64_t stream_policy = l2_policy(num_m == 1);
   auto load_tile = [&](int tile) {
     const int stage = (tile - t_begin) % kStages;
     const uint32_t sK = stage_k(stage), sV = sK + Kt::kSmemKV;
@@ -192,8 +204,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       index_t k_off = 0, v_off = 0;
       if (pred) kv.offsets(key0 + r, stage, r, k_off, v_off);
       const uint32_t off = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r, ch));
-      cp_async_16(sK + off, k + k_off + ch * 8, pred);
-      cp_async_16(sV + off, v + v_off + ch * 8, pred);
+      cp_async_16_policy(sK + off, k + k_off + ch * 8, pred, stream_policy);
+      cp_async_16_policy(sV + off, v + v_off + ch * 8, pred, stream_policy);
     }
   };
   // Prologue: pages of the first kStages - 1 tiles, then their loads; then the pages of the next one.
@@ -228,13 +240,15 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     if (tile + kStages < t_end) kv.store_page(next_page, (tile - t_begin) % kStages, tid);
     next_page = tile + kStages + 1 < t_end ? kv.read_page(tile + kStages + 1, tid) : 0;
 
-    const uint32_t sK = stage_k((tile - t_begin) % kStages) + 2u * static_cast<uint32_t>(warp * kWarpN * TileKV::kBK);
+    const int warp_key0 = Kt::kSplitKeys ? warp * kWarpN : 0;  // this warp's first key within the tile
+    const uint32_t sK = stage_k((tile - t_begin) % kStages) + 2u * static_cast<uint32_t>(warp_key0 * TileKV::kBK);
     const uint32_t sV = sK + Kt::kSmemKV;
     float acc_s[1][Kt::kNT_S][4];
     zero_acc(acc_s);
-    gemm_ss<T, 1, Kt::kNT_S, Kt::kKS_QK, Operand<TileQ, false>, Operand<TileKV, false>>(acc_s, sQ_u, 0, sK, 0, lane);
+    gemm_ss<T, 1, Kt::kNT_S, Kt::kKS_QK, Operand<TileQ, false>, Operand<TileKV, false>>(acc_s, sQ_u, warp_row0, sK, 0,
+                                                                                        lane);
 
-    const int key_w = tile * kBlockN + warp * kWarpN;  // this warp's first key
+    const int key_w = tile * kBlockN + warp_key0;  // this warp's first key
     if (rule.has_softcap() || p.alibi_slopes != nullptr) {
 #pragma unroll
       for (int ni = 0; ni < Kt::kNT_S; ++ni)
@@ -267,6 +281,43 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   cp_async_wait<0>();
   allow_next_grid();  // the combine may launch now; it still waits for this grid's writes
   FA2_TIMELINE(p, 4, clock64());
+
+  const bool partial = p.num_splits > 1;
+  const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;  // rows of one split's partials
+  if constexpr (!Kt::kSplitKeys) {
+    // Each warp holds whole rows: its own max and sum are the row's; O and the LSE straight from registers.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (warp_row0 + g + 8 * h >= rows) continue;
+      const float m = softmax.row_max[0][h];
+      const float l = quad_sum(softmax.row_sum[0][h]);
+      const bool empty = m == -INFINITY || !(l > 0.f);
+      const float lse = empty ? -INFINITY : (m * p.scale_log2 + __log2f(l)) * 0.6931471805599453f;
+      const float f = empty ? 0.f : 1.f / l;
+      const index_t row = (static_cast<index_t>(batch) * p.heads_q + row_h[h]) * p.seqlen_q + row_q[h];
+#pragma unroll
+      for (int ni = 0; ni < Kt::kNT_O; ++ni) {
+        const int c = 8 * ni + 2 * t;
+        if (c >= d) continue;
+        const float x = acc_o[0][ni][2 * h] * f, y = acc_o[0][ni][2 * h + 1] * f;
+        if (partial) {
+          *reinterpret_cast<float2*>(p.out_accum + (split * plane + row) * d + c) = make_float2(x, y);
+        } else {
+          T* dst = static_cast<T*>(p.out) + row_offset(batch, row_h[h], seq.q_start + row_q[h], p.o_batch_stride,
+                                                       p.o_head_stride, p.o_row_stride) + c;
+          *reinterpret_cast<uint32_t*>(dst) = pack2<T>(x, y);
+        }
+      }
+      if (t == 0) {
+        if (partial) p.lse_accum[split * plane + row] = lse;
+        else p.lse[seq.stat_index(p, batch, row_h[h], row_q[h])] = lse;
+      }
+    }
+    FA2_TIMELINE(p, 5, clock64());
+    FA2_TIMELINE(p, 6, timeline_ns());
+    FA2_TIMELINE(p, 7, timeline_smid());
+    return;
+  }
 
   // Merge the four warps: each row's max (log2 units) and sum per warp, then O rescaled and summed.
   float my_max[2];
@@ -304,8 +355,6 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   }
   __syncthreads();
 
-  const bool partial = p.num_splits > 1;
-  const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;  // rows of one split's partials
   for (int idx = tid; idx < kBlockM * (Kt::kHeadDim / 4); idx += Kt::kNThreads) {
     const int r = idx / (Kt::kHeadDim / 4), c = (idx % (Kt::kHeadDim / 4)) * 4;
     if (r >= rows || c >= d) continue;

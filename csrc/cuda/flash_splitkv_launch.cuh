@@ -7,23 +7,34 @@
 
 namespace flash_attn2::cuda {
 
-template <typename T, int kHeadDim>
-void run_flash_splitkv(const FwdParams& params, cudaStream_t stream) {
-  using Kt = SplitKvTraits<T, kHeadDim>;
-  detail::check_shapes(params, kHeadDim);
-  if (params.num_splits < 1) throw std::invalid_argument("flash_attn2: num_splits must be >= 1");
-  if (params.batch == 0 || params.heads_q == 0 || params.seqlen_q == 0) return;
-  static_assert(Kt::kBlockM == kSplitKvBlockM);
+namespace detail {
+template <class Kt>
+void launch_splitkv_kernel(const FwdParams& params, cudaStream_t stream) {
+  static_assert(Kt::kBlockM == (Kt::kSplitKeys ? kSplitKvBlockM : kSplitKvBlockMWide));
   const int64_t blocks =
       splitkv_row_tiles(params.batch, params.heads_q, params.heads_kv, params.seqlen_q) * params.num_splits;
-  detail::launch_dependent(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
+  launch_dependent(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
   FwdParams combine = params;  // the combine's blocks stamp after the split-KV blocks
   if (combine.timeline != nullptr) combine.timeline += blocks * kTimelineSlots;
-  if (params.num_splits > 1) run_splitkv_combine<T>(combine, stream);
+  if (params.num_splits > 1) run_splitkv_combine<typename Kt::Elem>(combine, stream);
 #else
-  if (params.num_splits > 1) run_splitkv_combine<T>(params, stream);
+  if (params.num_splits > 1) run_splitkv_combine<typename Kt::Elem>(params, stream);
 #endif
+}
+}  // namespace detail
+
+// Up to 16 packed (query, q head) rows the warps split the key tiles of one m16 tile; beyond, they split 64 rows.
+template <typename T, int kHeadDim>
+void run_flash_splitkv(const FwdParams& params, cudaStream_t stream) {
+  detail::check_shapes(params, kHeadDim);
+  if (params.num_splits < 1) throw std::invalid_argument("flash_attn2: num_splits must be >= 1");
+  if (params.batch == 0 || params.heads_q == 0 || params.seqlen_q == 0) return;
+  const int64_t packed_rows = static_cast<int64_t>(params.seqlen_q) * (params.heads_q / params.heads_kv);
+  if (splitkv_block_m(packed_rows) == kSplitKvBlockM)
+    detail::launch_splitkv_kernel<SplitKvTraits<T, kHeadDim, true>>(params, stream);
+  else
+    detail::launch_splitkv_kernel<SplitKvTraits<T, kHeadDim, false>>(params, stream);
 }
 
 }  // namespace flash_attn2::cuda

@@ -16,42 +16,44 @@ namespace flash_attn2::cuda {
 namespace {
 
 // Row `row` = (b, h, qi) of the (B, Hq, Nq) plane: the LSE over the splits, each split's weight exp(lse_s - lse)
-// into s_weight (kMaxSplits floats, this warp's), then O = sum_s weight_s O_s. Latency bound (the partials sit in
-// L2), so it is written for few round trips: the first kBatch partial rows are loaded before the weights are
-// known, every lane loads its splits' LSEs at once (lane + 32 i), and the partial rows come kBatch at a time (a
-// split that saw no key has weight 0 and a zero partial, so no branch is needed).
+// into s_weight (kMaxSplits floats, this warp's), then O = sum_s weight_s O_s. Latency bound, and run once per
+// call, so written for few round trips to L2 and little code (a call's combine starts with its code cold): the
+// first kBatch partial rows are loaded before the weights are known, the LSEs one load per lane per 32 splits,
+// then the partial rows kBatch at a time, without predicates: loads past the last split re-read it and weigh 0,
+// lanes past the head dim re-read its last columns and store nothing (a split that saw no key has weight 0 and
+// a zero partial, so no branch is needed either).
 template <typename T>
 FA2_DEVICE void combine_split_row(const FwdParams& p, index_t row, int b, int h, int qi, int lane, float* s_weight) {
-  constexpr int kBatch = 16, kLsePerLane = kMaxSplits / 32;
+  constexpr int kBatch = 16;
   const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
   const int splits = p.num_splits, d = p.head_dim;
-  const float* partial = p.out_accum + row * d;
   const index_t split_stride = plane * d;
+  const float* partial = p.out_accum + row * d;
   float4 x[kBatch];
-  auto load_batch = [&](int s0, int c) {
+  auto load_batch = [&](int s0, int col) {  // partial rows s0 .. s0 + kBatch - 1, this lane's columns in [col, +128)
+    const float* src = partial + min(lane * 4 + col, d - 4);
 #pragma unroll
     for (int j = 0; j < kBatch; ++j)
-      x[j] = s0 + j < splits && c < d ? __ldcg(reinterpret_cast<const float4*>(partial + (s0 + j) * split_stride + c))
-                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+      x[j] = __ldcg(reinterpret_cast<const float4*>(src + static_cast<index_t>(min(s0 + j, splits - 1)) * split_stride));
   };
-  load_batch(0, lane * 4);
+  load_batch(0, 0);
 
-  float ls[kLsePerLane];
-  float m = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < kLsePerLane; ++i) {
-    const int s = lane + 32 * i;
-    ls[i] = s < splits ? __ldcg(p.lse_accum + s * plane + row) : -INFINITY;
-    m = fmaxf(m, ls[i]);
+  const int padded = (splits + kBatch - 1) / kBatch * kBatch;
+  float m = -INFINITY;  // the raw LSEs into s_weight first (each lane its own splits), then the weights in place
+#pragma unroll 1
+  for (int s = lane; s < splits; s += 32) {
+    const float ls = __ldcg(p.lse_accum + s * plane + row);
+    s_weight[s] = ls;
+    m = fmaxf(m, ls);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   float l = 0.f;
-#pragma unroll
-  for (int i = 0; i < kLsePerLane; ++i) {
-    const int s = lane + 32 * i;
-    const float e = m == -INFINITY || ls[i] == -INFINITY ? 0.f : __expf(ls[i] - m);
-    if (s < splits) s_weight[s] = e;
+#pragma unroll 1
+  for (int s = lane; s < padded; s += 32) {
+    const float ls = s < splits ? s_weight[s] : -INFINITY;
+    const float e = m == -INFINITY || ls == -INFINITY ? 0.f : __expf(ls - m);
+    s_weight[s] = e;
     l += e;
   }
 #pragma unroll
@@ -63,17 +65,21 @@ FA2_DEVICE void combine_split_row(const FwdParams& p, index_t row, int b, int h,
   __syncwarp();
 
   T* out = static_cast<T*>(p.out) + row_offset(b, h, qi, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
-  for (int c = lane * 4; c < d; c += 128) {
+#pragma unroll 1
+  for (int col = 0; col < d; col += 128) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 1
     for (int s0 = 0; s0 < splits; s0 += kBatch) {
-      if (s0 > 0 || c != lane * 4) load_batch(s0, c);
+      if (s0 > 0 || col > 0) load_batch(s0, col);
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        const float w = s0 + j < splits ? s_weight[s0 + j] * inv_l : 0.f;
+        const float w = s_weight[s0 + j];
         acc.x += w * x[j].x, acc.y += w * x[j].y, acc.z += w * x[j].z, acc.w += w * x[j].w;
       }
     }
-    *reinterpret_cast<uint2*>(out + c) = make_uint2(pack2<T>(acc.x, acc.y), pack2<T>(acc.z, acc.w));
+    if (lane * 4 + col < d)
+      *reinterpret_cast<uint2*>(out + lane * 4 + col) =
+          make_uint2(pack2<T>(acc.x * inv_l, acc.y * inv_l), pack2<T>(acc.z * inv_l, acc.w * inv_l));
   }
 }
 

@@ -38,6 +38,19 @@ FA2_DEVICE void cp_async_16(uint32_t dst, const void* src, bool pred) {
   const int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
 }
+// The same under an L2 cache policy (l2_policy): evict-first for streams read once, so that they leave what else
+// sits in L2 (code, partials, the next kernel's inputs) in place; evict-normal for data other blocks read again.
+FA2_DEVICE uint64_t l2_policy(bool read_once) {
+  uint64_t first, normal;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(first));
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(normal));
+  return read_once ? first : normal;
+}
+FA2_DEVICE void cp_async_16_policy(uint32_t dst, const void* src, bool pred, uint64_t policy) {
+  const int src_size = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src), "r"(src_size),
+               "l"(policy) : "memory");
+}
 // 4-byte variant (row statistics such as the LSE; .cg takes only 16 bytes, so this one goes through L1).
 FA2_DEVICE void cp_async_4(uint32_t dst, const void* src, bool pred) {
   const int src_size = pred ? 4 : 0;

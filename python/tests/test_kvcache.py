@@ -146,9 +146,24 @@ def test_kvcache_cuda(case):
 @pytest.mark.parametrize("page_size", [None, 16, 32, 64, 128, 256])
 def test_kvcache_cuda_long_decode(page_size):
     """Decoding shapes: one query over thousands of keys, splits chosen by the heuristic and forced."""
-    for splits in (0, 1, 7):
+    for splits in (0, 1, 7, 256):  # 256: every lane of the combine holds eight splits' LSEs
         check_kvcache_case(b=2, hq=32, hkv=8, nq=1, nnew=1, d=128, capacity=4096, page_size=page_size,
                            dtype=torch.bfloat16, device="cuda", num_splits=splits, lens=[4000, 1234], seed=splits)
+
+
+@requires_cuda
+@pytest.mark.parametrize("hq,hkv,nq", [(8, 8, 17), (32, 8, 5), (32, 8, 16), (40, 8, 13), (16, 2, 9)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_kvcache_cuda_wide_row_tiles(hq, hkv, nq, page_size):
+    """More than 16 packed (query, q head) rows take the split-KV kernel whose warps split 64 rows: 17, 20, 64,
+    65 (two row tiles) and 72 rows, with splits, causal, window, softcap and ALiBi."""
+    for i, opts in enumerate((dict(), dict(causal=True, num_splits=3), dict(window=(50, 3), softcap=8.0, alibi=True),
+                              dict(causal=True, num_splits=64))):
+        for d in (64, 128):
+            check_kvcache_case(b=2, hq=hq, hkv=hkv, nq=nq, nnew=nq if i % 2 else 0, d=d, capacity=1024,
+                               page_size=page_size, dtype=torch.bfloat16 if i % 2 else torch.float16, device="cuda",
+                               seed=100 * i + d + nq, **opts)
 
 
 @requires_cuda
