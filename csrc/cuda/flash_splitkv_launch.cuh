@@ -8,8 +8,16 @@
 namespace flash_attn2::cuda {
 
 namespace detail {
+// FLASH_ATTN2_SPLITKV_EVICT_FIRST=0: the K/V loads evict-normal everywhere (A/B runs).
+inline bool splitkv_evict_first() {
+  const char* env = std::getenv("FLASH_ATTN2_SPLITKV_EVICT_FIRST");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 template <class Kt>
-void launch_splitkv_kernel(const FwdParams& params, cudaStream_t stream) {
+void launch_splitkv_kernel(const FwdParams& params_in, cudaStream_t stream) {
+  FwdParams params = params_in;
+  params.splitkv_evict_first = splitkv_evict_first() ? 1 : 0;
   static_assert(Kt::kBlockM == (Kt::kSplitKeys ? kSplitKvBlockM : kSplitKvBlockMWide));
   const int64_t blocks =
       splitkv_row_tiles(params.batch, params.heads_q, params.heads_kv, params.seqlen_q) * params.num_splits;
