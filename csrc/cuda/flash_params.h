@@ -145,7 +145,7 @@ constexpr int64_t splitkv_row_tiles(int64_t batch, int64_t heads_q, int64_t head
   const int64_t packed_rows = seqlen_q * (heads_q / heads_kv), block_m = splitkv_block_m(packed_rows);
   return batch * heads_kv * ((packed_rows + block_m - 1) / block_m);
 }
-constexpr int kSplitKvCombineWarps = 4;  // output rows (a warp each) per block of the split-KV combine kernel
+constexpr int kSplitKvCombineThreads = 128;  // threads of the split-KV combine kernel's blocks (one output row each)
 constexpr int kMaxSplits = 256;
 
 // The split-KV kernel (any variant but dropout; rules read at run time), then the combine when num_splits > 1.
