@@ -348,6 +348,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     const bool empty = !(l > 0.f);
     row_lse[h] = empty ? -INFINITY : (m + __log2f(l)) * 0.6931471805599453f;
     const float f = empty || my_max[h] == -INFINITY ? 0.f : exp2f(my_max[h] - m) / l;
+    if (r >= rows) continue;  // decoding with G < 16: most of the m16 tile's rows are padding
     float* dst = s_merge + (warp * kBlockM + r) * Kt::kORowStride + 2 * t;
 #pragma unroll
     for (int ni = 0; ni < Kt::kNT_O; ++ni)
@@ -355,9 +356,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   }
   __syncthreads();
 
-  for (int idx = tid; idx < kBlockM * (Kt::kHeadDim / 4); idx += Kt::kNThreads) {
+  for (int idx = tid; idx < rows * (Kt::kHeadDim / 4); idx += Kt::kNThreads) {  // the tile's real rows only
     const int r = idx / (Kt::kHeadDim / 4), c = (idx % (Kt::kHeadDim / 4)) * 4;
-    if (r >= rows || c >= d) continue;
+    if (c >= d) continue;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int w = 0; w < Kt::kNWarps; ++w) {
