@@ -81,7 +81,7 @@ struct FwdParams {
   float* out_accum;
   float* lse_accum;
   // The split-KV kernel's K/V loads under L2 evict-first where a row tile reads them alone (its launcher: 1, or 0
-  // with FLASH_ATTN2_SPLITKV_EVICT_FIRST=0 for A/B runs); 0: evict-normal everywhere.
+  // with FLASH_ATTN2_SPLITKV_EVICT_FIRST=0 for A/B runs); 0: evict-unchanged everywhere.
   int splitkv_evict_first;
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
   // Debug builds only (scripts/splitkv_timeline.py): kTimelineSlots stamps per split-KV block, then per combine

@@ -8,7 +8,7 @@
 namespace flash_attn2::cuda {
 
 namespace detail {
-// FLASH_ATTN2_SPLITKV_EVICT_FIRST=0: the K/V loads evict-normal everywhere (A/B runs).
+// FLASH_ATTN2_SPLITKV_EVICT_FIRST=0: the K/V loads evict-unchanged everywhere (A/B runs).
 inline bool splitkv_evict_first() {
   const char* env = std::getenv("FLASH_ATTN2_SPLITKV_EVICT_FIRST");
   return env == nullptr || std::strcmp(env, "0") != 0;
