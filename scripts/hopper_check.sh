@@ -133,6 +133,9 @@ if step timeline 200; then  # the decode step block by block, from a debug build
     { echo "timeline build failed"; tail -20 "$OUT/timeline_build.log"; }
   [[ -f build/timeline/libflash_attn2.so ]] && FLASH_ATTN2_LIBRARY=$PWD/build/timeline/libflash_attn2.so timeout 60 \
     python3 scripts/splitkv_timeline.py | tee "$OUT/timeline.md"
+  [[ -f build/timeline/libflash_attn2.so ]] && echo "each step twice, the second's stamps (warm code):" &&
+    FLASH_ATTN2_TIMELINE_TWICE=1 FLASH_ATTN2_LIBRARY=$PWD/build/timeline/libflash_attn2.so timeout 60 \
+    python3 scripts/splitkv_timeline.py | tee "$OUT/timeline_twice.md"
 fi
 if step gqa_probe 120; then  # the GQA rows' shapes with and without grouping, ours and cuDNN (scripts/gqa_probe.py)
   for n in 4096 8192; do timeout 55 python3 scripts/gqa_probe.py --n $n | tee -a "$OUT/gqa_probe.md"; done
