@@ -14,6 +14,7 @@
 #   timeline       the decode step block by block (a -DFLASH_ATTN2_SPLITKV_TIMELINE build; splitkv_timeline.py)
 #   gqa_probe      #11's GQA rows beside the same shapes without grouping, fwd and bwd, ours and cuDNN
 #   ab_wide        Nq = 16 and 8 decode rows (64 / 32 packed rows): this tree vs BASE_SRC as in ab_base
+#   ab_evict       the split-KV K/V loads evict-unchanged (FLASH_ATTN2_SPLITKV_EVICT_FIRST=0) vs evict-first, long rows
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
 #   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k), then their
 #                  warp stall reasons with caches and clocks as they run
@@ -132,6 +133,9 @@ if step timeline 200; then  # the decode step block by block, from a debug build
     { echo "timeline build failed"; tail -20 "$OUT/timeline_build.log"; }
   [[ -f build/timeline/libflash_attn2.so ]] && FLASH_ATTN2_LIBRARY=$PWD/build/timeline/libflash_attn2.so timeout 60 \
     python3 scripts/splitkv_timeline.py | tee "$OUT/timeline.md"
+  [[ -f build/timeline/libflash_attn2.so ]] && echo "each step twice, the second's stamps (warm code):" &&
+    FLASH_ATTN2_TIMELINE_TWICE=1 FLASH_ATTN2_LIBRARY=$PWD/build/timeline/libflash_attn2.so timeout 60 \
+    python3 scripts/splitkv_timeline.py | tee "$OUT/timeline_twice.md"
 fi
 if step gqa_probe 120; then  # the GQA rows' shapes with and without grouping, ours and cuDNN (scripts/gqa_probe.py)
   for n in 4096 8192; do timeout 55 python3 scripts/gqa_probe.py --n $n | tee -a "$OUT/gqa_probe.md"; done
@@ -145,6 +149,10 @@ if step ab_wide 150; then  # speculative decoding rows (Nq x group > 16): the ro
   else
     echo "ab_wide: no base library (source tree ${BASE_SRC:-.abbase})"
   fi
+fi
+if step ab_evict 130; then  # the split-KV K/V loads evict-unchanged (A) vs evict-first where one row tile reads them (B)
+  timeout 120 python3 scripts/ab_decode.py $lib,FLASH_ATTN2_SPLITKV_EVICT_FIRST=0 $lib \
+    --cases "64,8,32768;16,8,131072;16,32,32768;1,32,131072;64,32,1024;1,8,8192;16,8,8192" | tee "$OUT/ab_evict.md"
 fi
 if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
   timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"

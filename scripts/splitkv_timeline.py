@@ -8,6 +8,9 @@ previous kernel here. Times in µs from the first split-KV block's entry; per-bl
 SM clock estimated from the blocks' own clock64 / %globaltimer ratio. Medians over the calls of each figure.
 
     FLASH_ATTN2_LIBRARY=build/timeline/libflash_attn2.so PYTHONPATH=python python3 scripts/splitkv_timeline.py
+
+With FLASH_ATTN2_TIMELINE_TWICE=1 the launcher runs each step twice and the second's stamps are kept: its code is
+warm in the instruction caches, so phases that shrink there (the epilogue, the combine) are code fetched cold.
 """
 
 import argparse

@@ -225,8 +225,7 @@ void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested
   const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
   const int64_t split_blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q) * params.num_splits;
   const int64_t combine_rows = s.batch * s.heads_q * s.seqlen_q;
-  const int64_t combine_blocks =
-      params.num_splits > 1 ? (combine_rows + kSplitKvCombineWarps - 1) / kSplitKvCombineWarps : 0;
+  const int64_t combine_blocks = params.num_splits > 1 ? combine_rows : 0;  // a row each
   at::Tensor timeline;
   if (timeline_file != nullptr) {
     timeline = at::zeros({(split_blocks + combine_blocks) * kTimelineSlots}, q.options().dtype(at::kLong));

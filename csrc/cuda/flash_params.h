@@ -80,6 +80,9 @@ struct FwdParams {
   int num_splits;
   float* out_accum;
   float* lse_accum;
+  // The split-KV kernel's K/V loads under L2 evict-first where a row tile reads them alone (its launcher: 1, or 0
+  // with FLASH_ATTN2_SPLITKV_EVICT_FIRST=0 for A/B runs); 0: evict-unchanged everywhere.
+  int splitkv_evict_first;
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
   // Debug builds only (scripts/splitkv_timeline.py): kTimelineSlots stamps per split-KV block, then per combine
   // block (flash_splitkv_kernel.cuh says which); nullptr: none.
@@ -142,7 +145,7 @@ constexpr int64_t splitkv_row_tiles(int64_t batch, int64_t heads_q, int64_t head
   const int64_t packed_rows = seqlen_q * (heads_q / heads_kv), block_m = splitkv_block_m(packed_rows);
   return batch * heads_kv * ((packed_rows + block_m - 1) / block_m);
 }
-constexpr int kSplitKvCombineWarps = 4;  // output rows (a warp each) per block of the split-KV combine kernel
+constexpr int kSplitKvCombineThreads = 128;  // threads of the split-KV combine kernel's blocks (one output row each)
 constexpr int kMaxSplits = 256;
 
 // The split-KV kernel (any variant but dropout; rules read at run time), then the combine when num_splits > 1.

@@ -192,8 +192,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   }
   auto stage_k = [&](int s) { return sKV_u + static_cast<uint32_t>(s * 2 * Kt::kSmemKV); };
   // Where each K/V byte is read by one block (one packed row tile), evict it from L2 first, so that the partials
-  // and the code of this kernel's epilogue and the combine stay there; row tiles that share K/V keep it normal.
-  const uint64_t stream_policy = l2_policy(num_m == 1);
+  // and the code of this kernel's epilogue and the combine stay there; row tiles that share K/V leave it unchanged.
+  const uint64_t stream_policy = l2_policy(num_m == 1 && p.splitkv_evict_first != 0);
   auto load_tile = [&](int tile) {
     const int stage = (tile - t_begin) % kStages;
     const uint32_t sK = stage_k(stage), sV = sK + Kt::kSmemKV;
@@ -348,6 +348,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     const bool empty = !(l > 0.f);
     row_lse[h] = empty ? -INFINITY : (m + __log2f(l)) * 0.6931471805599453f;
     const float f = empty || my_max[h] == -INFINITY ? 0.f : exp2f(my_max[h] - m) / l;
+    if (r >= rows) continue;  // decoding with G < 16: most of the m16 tile's rows are padding
     float* dst = s_merge + (warp * kBlockM + r) * Kt::kORowStride + 2 * t;
 #pragma unroll
     for (int ni = 0; ni < Kt::kNT_O; ++ni)
@@ -355,9 +356,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   }
   __syncthreads();
 
-  for (int idx = tid; idx < kBlockM * (Kt::kHeadDim / 4); idx += Kt::kNThreads) {
+  for (int idx = tid; idx < rows * (Kt::kHeadDim / 4); idx += Kt::kNThreads) {  // the tile's real rows only
     const int r = idx / (Kt::kHeadDim / 4), c = (idx % (Kt::kHeadDim / 4)) * 4;
-    if (r >= rows || c >= d) continue;
+    if (c >= d) continue;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int w = 0; w < Kt::kNWarps; ++w) {
