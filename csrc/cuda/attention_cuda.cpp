@@ -225,7 +225,8 @@ void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested
   const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
   const int64_t split_blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q) * params.num_splits;
   const int64_t combine_rows = s.batch * s.heads_q * s.seqlen_q;
-  const int64_t combine_blocks = params.num_splits > 1 ? combine_rows : 0;  // a row each
+  const int64_t combine_blocks =  // a row each, up to 65535 batches (splitkv_combine.cuh)
+      params.num_splits > 1 ? combine_rows / std::max<int64_t>(s.batch, 1) * std::min<int64_t>(s.batch, 65535) : 0;
   at::Tensor timeline;
   if (timeline_file != nullptr) {
     timeline = at::zeros({(split_blocks + combine_blocks) * kTimelineSlots}, q.options().dtype(at::kLong));

@@ -9,7 +9,7 @@
 //     warps split 64 rows instead (16 each, every key of the tile), so K/V is read once per 64 rows, not once per
 //     16, and each warp writes its own rows;
 //   - keys are split over blocks (num_splits): each split writes a float32 partial O and LSE, and
-//     splitkv_combine_kernel (kvcache.cu) merges them; with one split the block writes O and LSE itself;
+//     splitkv_combine_kernel (splitkv_combine.cuh) merges them; with one split the block writes O and LSE itself;
 //   - K/V tiles stream through a kStages-deep cp.async ring; rows come from a dense cache or through a block
 //     table (paged cache: (pages, page_size, Hkv, d)), per row, so any power-of-two page size works;
 //   - the attention rule (visibility, softcap, ALiBi) is the same as every other kernel's (attention_rule.h),

@@ -188,7 +188,8 @@ FA2_DEVICE unsigned timeline_smid() {
 #define FA2_TIMELINE(p, slot, value)                                                                \
   do {                                                                                              \
     if ((p).timeline != nullptr && threadIdx.x == 0)                                                \
-      (p).timeline[static_cast<long long>(blockIdx.x) * kTimelineSlots + (slot)] = (value);         \
+      (p).timeline[((static_cast<long long>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x +      \
+                    blockIdx.x) * kTimelineSlots + (slot)] = (value);                               \
   } while (0)
 #else
 #define FA2_TIMELINE(p, slot, value) \
