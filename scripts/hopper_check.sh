@@ -36,6 +36,7 @@
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
 #                  tiles) and softcap 50, causal 8k: the per-instruction CSVs come back gzipped
+#   clock_gqa      ours and cuDNN beside the SM clock and power on 16/16, 64/64 and 64/8 heads (N = 4k, causal, d128)
 #   clock_cudnn    our forward and cuDNN's beside the SM clock and power (scripts/clock_ab.py), N = 8k
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
@@ -269,6 +270,12 @@ if step ncu_src 200; then  # where the softcap forward's consumer warps stall, p
     timeout 60 ncu --import /tmp/ncu_src_$mod.ncu-rep --page source --csv --print-source sass 2>&1 \
       | gzip >"$OUT/ncu_src_$mod.csv.gz"
     ls -la "$OUT/ncu_src_$mod.csv.gz"
+  done
+fi
+if step clock_gqa 200; then  # ours and cuDNN beside the clock on the gqa_probe shapes: does the gap with more heads
+  for hh in 16/16 64/64 64/8; do  # (0.90-0.97 of cuDNN at 16 heads, 0.79-0.86 at 64, perf.md v20) follow the power?
+    timeout 45 python3 scripts/clock_ab.py cudnn $lib --d 128 --n 4096 --batch 4 --heads ${hh%/*} --heads-kv ${hh#*/} \
+      --causal --rounds 1 | tee -a "$OUT/clock_gqa.md"
   done
 fi
 if step clock_cudnn 150; then  # our forward and cuDNN's beside the SM clock and power, d64 / d128 / d256, N = 8k
