@@ -20,7 +20,7 @@ using index_t = int64_t;
 // Per-row statistics (lse, softmax_d, and dq_accum rows of d floats) live at
 //   b * stat_batch_stride + h * stat_head_stride + (sequence start) + row:  (B, Hq, Nq) dense, (Hq, Tq) varlen.
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
-constexpr int kTimelineSlots = 8;  // stamps per block of the split-KV and combine kernels (tile_primitives.cuh)
+constexpr int kTimelineSlots = 12;  // stamps per block of the split-KV and combine kernels (tile_primitives.cuh)
 #endif
 
 struct FwdParams {

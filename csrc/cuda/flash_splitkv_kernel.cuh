@@ -332,6 +332,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     }
   }
   __syncthreads();  // stats visible; every warp is done with the K/V stages (reused below)
+  FA2_TIMELINE(p, 8, clock64());
   float row_lse[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -355,6 +356,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       *reinterpret_cast<float2*>(dst + 8 * ni) = make_float2(acc_o[0][ni][2 * h] * f, acc_o[0][ni][2 * h + 1] * f);
   }
   __syncthreads();
+  FA2_TIMELINE(p, 9, clock64());
 
   for (int idx = tid; idx < rows * (Kt::kHeadDim / 4); idx += Kt::kNThreads) {  // the tile's real rows only
     const int r = idx / (Kt::kHeadDim / 4), c = (idx % (Kt::kHeadDim / 4)) * 4;
@@ -375,6 +377,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(o.x, o.y), pack2<T>(o.z, o.w));
     }
   }
+  FA2_TIMELINE(p, 10, clock64());
   if (warp == 0 && t == 0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -81,6 +81,7 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
       }
     }
     __syncthreads();  // the weights
+    FA2_TIMELINE(p, 8, clock64());
 
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 1
@@ -95,6 +96,7 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
     }
     if (tid < kGroups * kChunks) s_sum[tid] = acc;
     __syncthreads();  // the groups' sums
+    FA2_TIMELINE(p, 9, clock64());
     if (tid < kChunks && 4 * tid < d) {
       float4 o = s_sum[tid];
 #pragma unroll
