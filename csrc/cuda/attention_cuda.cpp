@@ -224,9 +224,10 @@ void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested
   // ("split_blocks combine_blocks num_splits" then the stamps); synchronises (scripts/splitkv_timeline.py).
   const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
   const int64_t split_blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q) * params.num_splits;
-  const int64_t combine_rows = s.batch * s.heads_q * s.seqlen_q;
-  const int64_t combine_blocks =  // a row each, up to 65535 batches (splitkv_combine.cuh)
-      params.num_splits > 1 ? combine_rows / std::max<int64_t>(s.batch, 1) * std::min<int64_t>(s.batch, 65535) : 0;
+  const int64_t combine_blocks =  // a row each, up to 65535 heads and batches (splitkv_combine.cuh)
+      params.num_splits > 1
+          ? s.seqlen_q * std::min<int64_t>(s.heads_q, 65535) * std::min<int64_t>(s.batch, 65535)
+          : 0;
   at::Tensor timeline;
   if (timeline_file != nullptr) {
     timeline = at::zeros({(split_blocks + combine_blocks) * kTimelineSlots}, q.options().dtype(at::kLong));

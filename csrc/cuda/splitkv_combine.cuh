@@ -34,12 +34,14 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
   FA2_TIMELINE(p, 2, clock64());
   const int tid = static_cast<int>(threadIdx.x);
   const int c = tid % kChunks, g = min(tid / kChunks, kGroups - 1);  // threads past kGroups x kChunks: duplicates
-  const int qi = static_cast<int>(blockIdx.x), h = static_cast<int>(blockIdx.y);
+  const int qi = static_cast<int>(blockIdx.x);
   const int splits = p.num_splits, d = p.head_dim;
   const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
   const index_t split_stride = plane * d, group_stride = kGroups * split_stride;
-  // gridDim.z is the batch up to 65535; beyond, blocks take several (the loop's barriers are block-uniform).
-  for (int b = static_cast<int>(blockIdx.z); b < p.batch; b += static_cast<int>(gridDim.z)) {
+  // gridDim.y / .z are the heads / the batch up to 65535; beyond, blocks take several (block-uniform loops, so
+  // the barriers inside are too).
+  for (int b = static_cast<int>(blockIdx.z); b < p.batch; b += static_cast<int>(gridDim.z))
+  for (int h = static_cast<int>(blockIdx.y); h < p.heads_q; h += static_cast<int>(gridDim.y)) {
     const index_t row = (static_cast<index_t>(b) * p.heads_q + h) * p.seqlen_q + qi;
     // Lanes past the head dim (d < kHeadDim) re-read its last chunk and store nothing.
     const float* src = p.out_accum + row * d + min(4 * c, d - 4) + g * split_stride;
@@ -116,13 +118,12 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
   FA2_TIMELINE(p, 7, timeline_smid());
 }
 
-// Grid (query, q head, batch up to 65535), kSplitKvCombineThreads threads per block; PDL launch after the
-// split-KV kernel.
+// Grid (query, q head up to 65535, batch up to 65535), kSplitKvCombineThreads threads per block; PDL launch
+// after the split-KV kernel.
 template <typename T, int kHeadDim>
 void run_splitkv_combine(const FwdParams& params, cudaStream_t stream) {
   if (static_cast<int64_t>(params.batch) * params.heads_q * params.seqlen_q == 0) return;
-  if (params.heads_q > 65535) throw std::invalid_argument("flash_attn2: more than 65535 query heads");
-  const dim3 grid(detail::grid_1d(params.seqlen_q), static_cast<unsigned>(params.heads_q),
+  const dim3 grid(detail::grid_1d(params.seqlen_q), static_cast<unsigned>(params.heads_q < 65535 ? params.heads_q : 65535),
                   static_cast<unsigned>(params.batch < 65535 ? params.batch : 65535));
   detail::launch_dependent(&splitkv_combine_kernel<T, kHeadDim>, grid, kSplitKvCombineThreads, 0, params, stream);
 }

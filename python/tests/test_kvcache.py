@@ -193,6 +193,25 @@ def test_kvcache_cuda_more_batches_than_grid_z():
 
 
 @requires_cuda
+def test_kvcache_cuda_more_heads_than_grid_y():
+    """65537 query heads over one kv head (MQA): the combine's grid takes q heads up to 65535, so its blocks take a
+    second head past that; checked on heads at both ends and past the limit, and the whole output finite."""
+    hq, d, n = 65537, 64, 256
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q = torch.randn(1, hq, 1, d, device="cuda", dtype=torch.float16, generator=gen)
+    kc = torch.randn(1, 1, n, d, device="cuda", dtype=torch.float16, generator=gen)
+    vc = torch.randn(1, 1, n, d, device="cuda", dtype=torch.float16, generator=gen)
+    torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    out, lse = flash_attn2.attention_kvcache(q, kc, vc, num_splits=2)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    heads = torch.tensor([0, 1, 65534, 65535, 65536], device="cuda")
+    ref_out, ref_lse = naive_attention(q[:, heads].double().cpu(), kc.double().cpu(), vc.double().cpu())
+    t_out, _ = naive_attention(q[:, heads], kc, vc)
+    assert_close_to_reference(f"{hq} q heads over one kv head", out[:, heads], t_out, ref_out, factor=3.0)
+    assert (lse[:, heads].double().cpu() - ref_lse).abs().max() <= 2e-3, "lse"
+
+
+@requires_cuda
 @pytest.mark.parametrize("nq", [1, 5, 16])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_fwd_few_queries_takes_split_kv(nq, d):
