@@ -15,6 +15,7 @@
 #   gqa_probe      #11's GQA rows beside the same shapes without grouping, fwd and bwd, ours and cuDNN
 #   ab_wide        Nq = 16 and 8 decode rows (64 / 32 packed rows): this tree vs BASE_SRC as in ab_base
 #   ab_evict       the split-KV K/V loads evict-unchanged (FLASH_ATTN2_SPLITKV_EVICT_FIRST=0) vs evict-first, long rows
+#                  (EVICT_CASES="B,Hkv,L;...": other rows)
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
 #   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k), then their
 #                  warp stall reasons with caches and clocks as they run
@@ -153,7 +154,8 @@ if step ab_wide 150; then  # speculative decoding rows (Nq x group > 16): the ro
 fi
 if step ab_evict 130; then  # the split-KV K/V loads evict-unchanged (A) vs evict-first where one row tile reads them (B)
   timeout 120 python3 scripts/ab_decode.py $lib,FLASH_ATTN2_SPLITKV_EVICT_FIRST=0 $lib \
-    --cases "64,8,32768;16,8,131072;16,32,32768;1,32,131072;64,32,1024;1,8,8192;16,8,8192" | tee "$OUT/ab_evict.md"
+    --cases "${EVICT_CASES:-64,8,32768;16,8,131072;16,32,32768;1,32,131072;64,32,1024;1,8,8192;16,8,8192}" \
+    | tee "$OUT/ab_evict.md"
 fi
 if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
   timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"

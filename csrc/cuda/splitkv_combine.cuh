@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
         s_weight[s] = ls;
         m = fmaxf(m, ls);
       }
+      FA2_TIMELINE(p, 10, clock64());  // thread 0's LSE loads landed (its shared-memory stores waited for them)
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
       float l = 0.f;
@@ -75,6 +76,7 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+      FA2_TIMELINE(p, 11, clock64() + (l != l));  // max, weights and their sum reduced across the warp
       const bool empty = !(l > 0.f);
       if (tid == 0) {
         p.lse[static_cast<index_t>(b) * p.stat_batch_stride + static_cast<index_t>(h) * p.stat_head_stride + qi] =

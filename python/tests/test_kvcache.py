@@ -193,6 +193,16 @@ def test_kvcache_cuda_more_batches_than_grid_z():
 
 
 @requires_cuda
+def test_cuda_batch_limit_of_the_dense_ops():
+    """The dense ops keep batch <= 65535 (a kernel may put the batch in the grid's y / z); fwd_kvcache, whose
+    kernels do not, takes more (the test above). The error names the limit and the sizes."""
+    q = torch.randn(65536, 1, 1, 8, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"flash_attn2::fwd(_with_lse)?: sizes exceed the CUDA kernels' limits \(batch <= 65535, "
+                       r"heads and sequence lengths < 2\^30\), got B = 65536, Hq = 1, Nq = 1, Nk = 1"):
+        flash_attn2.attention(q, q, q)
+
+
+@requires_cuda
 def test_kvcache_cuda_more_heads_than_grid_y():
     """65537 query heads over one kv head (MQA): the combine's grid takes q heads up to 65535, so its blocks take a
     second head past that; checked on heads at both ends and past the limit, and the whole output finite."""
