@@ -70,9 +70,9 @@ def analyse(line):
         r["combine start"] = min((c[0] - t0) / 1000 for c in comb)
         r["combine wait p50"] = pct([us(c[2] - c[1]) for c in comb], 0.5)
         r["combine work p50"] = pct([us(c[5] - c[2]) for c in comb], 0.5)
-        r["comb weights p50"] = pct([us(c[8] - c[2]) for c in comb], 0.5)  # loads issued, LSEs, weights, barrier
-        r["comb lse p50"] = pct([us(c[10] - c[2]) for c in comb], 0.5)  # partial loads issued, LSE loads landed
-        r["comb reduce p50"] = pct([us(c[11] - c[10]) for c in comb], 0.5)  # max, exps, sum across warp 0
+        r["comb weights p50"] = pct([us(c[8] - c[2]) for c in comb], 0.5)  # loads issued, LSEs landed, weights (every warp its own)
+        r["comb lse p50"] = pct([us(c[10] - c[2]) for c in comb], 0.5)  # LSE and partial loads issued, LSEs landed, their max
+        r["comb reduce p50"] = pct([us(c[8] - c[10]) for c in comb], 0.5)  # weights (exps) and their sum across the warp
         r["comb sums p50"] = pct([us(c[9] - c[8]) for c in comb], 0.5)  # weighted partials, barrier
         r["comb store p50"] = pct([us(c[5] - c[9]) for c in comb], 0.5)  # groups summed, O stored
         r["combine end"] = max((c[6] - t0) / 1000 for c in comb)

@@ -24,78 +24,103 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
   constexpr int kChunks = kHeadDim / 4;                         // 4-float chunks of a row
   constexpr int kGroups = kSplitKvCombineThreads / kChunks;     // groups of splits (2 at d256, 4 at d128)
   constexpr int kBatch = 8;                                     // partial loads per thread in flight
-  static_assert(kHeadDim % 8 == 0 && kGroups >= 2);
-  __shared__ float s_weight[kMaxSplits];
+  constexpr int kWarps = kSplitKvCombineThreads / 32;
+  constexpr int kLsePerLane = kMaxSplits / 32;
+  static_assert(kHeadDim % 8 == 0 && kGroups >= 2 && kSplitKvCombineThreads % 32 == 0);
+  __shared__ float s_weight[kWarps][kMaxSplits];  // more than 32 splits only: each warp's own copy
   __shared__ float4 s_sum[kGroups * kChunks];
-  __shared__ float s_inv_l;
   FA2_TIMELINE(p, 0, timeline_ns());
   FA2_TIMELINE(p, 1, clock64());
   wait_for_previous_grid();  // launched while the split-KV kernel runs: its partials are visible past here
   FA2_TIMELINE(p, 2, clock64());
-  const int tid = static_cast<int>(threadIdx.x);
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int c = tid % kChunks, g = min(tid / kChunks, kGroups - 1);  // threads past kGroups x kChunks: duplicates
   const int qi = static_cast<int>(blockIdx.x);
   const int splits = p.num_splits, d = p.head_dim;
   const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
-  const index_t split_stride = plane * d, group_stride = kGroups * split_stride;
+  const index_t split_stride = plane * d, group_stride = kGroups * split_stride, lse_stride = 32 * plane;
+  // Lanes past the head dim (d < kHeadDim) re-read its last chunk and store nothing.
+  const index_t thread_off = min(4 * c, d - 4) + g * split_stride;
+  const index_t lane_off = lane * plane;
   // gridDim.y / .z are the heads / the batch up to 65535; beyond, blocks take several (block-uniform loops, so
   // the barriers inside are too).
   for (int b = static_cast<int>(blockIdx.z); b < p.batch; b += static_cast<int>(gridDim.z))
   for (int h = static_cast<int>(blockIdx.y); h < p.heads_q; h += static_cast<int>(gridDim.y)) {
     const index_t row = (static_cast<index_t>(b) * p.heads_q + h) * p.seqlen_q + qi;
-    // Lanes past the head dim (d < kHeadDim) re-read its last chunk and store nothing.
-    const float* src = p.out_accum + row * d + min(4 * c, d - 4) + g * split_stride;
-    float4 x[kBatch];
-    auto load_batch = [&](int s0) {  // splits s0 + g + kGroups j, j < kBatch; none past the last
+    // Every warp reads the splits' LSEs (lane + 32 i) and computes the weights itself: no barrier and no shared
+    // memory before the sums where 32 splits or fewer (the rule's counts but for one kv head and long caches).
+    // Issued before the partial loads, with the addresses stepped, not multiplied: this path is a chain of
+    // dependent instructions at ~5 cycles each (perf.md v21).
+    const float* lp = p.lse_accum + row + lane_off;
+    float ls[kLsePerLane];
+    ls[0] = lane < splits ? __ldcg(lp) : -INFINITY;
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j)
-        x[j] = s0 + g + kGroups * j < splits
-                   ? __ldcg(reinterpret_cast<const float4*>(src + (s0 / kGroups + j) * group_stride))
-                   : make_float4(0.f, 0.f, 0.f, 0.f);
-    };
-    load_batch(0);
-
-    if (tid < 32) {  // warp 0: the weights and the LSE
-      float m = -INFINITY;
-#pragma unroll 1
-      for (int s = tid; s < splits; s += 32) {
-        const float ls = __ldcg(p.lse_accum + s * plane + row);
-        s_weight[s] = ls;
-        m = fmaxf(m, ls);
-      }
-      FA2_TIMELINE(p, 10, clock64());  // thread 0's LSE loads landed (its shared-memory stores waited for them)
+    for (int i = 1; i < kLsePerLane; ++i) ls[i] = -INFINITY;
+    if (splits > 32) {
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      float l = 0.f;
-#pragma unroll 1
-      for (int s = tid; s < splits; s += 32) {
-        const float ls = s_weight[s];
-        const float e = m == -INFINITY || ls == -INFINITY ? 0.f : __expf(ls - m);
-        s_weight[s] = e;
-        l += e;
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-      FA2_TIMELINE(p, 11, clock64() + (l != l));  // max, weights and their sum reduced across the warp
-      const bool empty = !(l > 0.f);
-      if (tid == 0) {
-        p.lse[static_cast<index_t>(b) * p.stat_batch_stride + static_cast<index_t>(h) * p.stat_head_stride + qi] =
-            empty ? -INFINITY : m + __logf(l);
-        s_inv_l = empty ? 0.f : __frcp_rn(l);
+      for (int i = 1; i < kLsePerLane; ++i) {
+        lp += lse_stride;
+        if (32 * i + lane < splits) ls[i] = __ldcg(lp);
       }
     }
-    __syncthreads();  // the weights
-    FA2_TIMELINE(p, 8, clock64());
-
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 1
-    for (int s0 = 0; s0 < splits; s0 += kGroups * kBatch) {
-      if (s0 > 0) load_batch(s0);
+    float4 x[kBatch];
+    auto load_batch = [&](const float* ptr, int s_first) {  // splits s_first + kGroups j, none past the last
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        const int s = s0 + g + kGroups * j;
-        const float w = s < splits ? s_weight[s] : 0.f;
+        x[j] = s_first + kGroups * j < splits ? __ldcg(reinterpret_cast<const float4*>(ptr))
+                                              : make_float4(0.f, 0.f, 0.f, 0.f);
+        ptr += group_stride;
+      }
+    };
+    const float* src = p.out_accum + row * d + thread_off;
+    load_batch(src, g);
+
+    float m = ls[0];
+#pragma unroll
+    for (int i = 1; i < kLsePerLane; ++i) m = fmaxf(m, ls[i]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    FA2_TIMELINE(p, 10, clock64() + (m != m));  // the LSEs landed, their max reduced
+    float l = 0.f;
+#pragma unroll
+    for (int i = 0; i < kLsePerLane; ++i) {
+      if (i > 0 && splits <= 32) break;  // block-uniform
+      ls[i] = ls[i] == -INFINITY ? 0.f : __expf(ls[i] - m);  // all -inf when m is: no split saw a key
+      l += ls[i];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    const bool empty = !(l > 0.f);
+    const float inv_l = empty ? 0.f : __fdividef(1.f, l);  // l >= 1 (the largest LSE has weight 1)
+    if (tid == 0)
+      p.lse[static_cast<index_t>(b) * p.stat_batch_stride + static_cast<index_t>(h) * p.stat_head_stride + qi] =
+          empty ? -INFINITY : m + __logf(l);
+    FA2_TIMELINE(p, 8, clock64() + (l != l));  // weights and their sum
+
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (splits <= 32) {  // split s's weight is lane s's ls[0]; x[j] is zero where s is past the last split
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const float w = __shfl_sync(0xffffffffu, ls[0], (g + kGroups * j) & 31);
         acc.x += w * x[j].x, acc.y += w * x[j].y, acc.z += w * x[j].z, acc.w += w * x[j].w;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kLsePerLane; ++i)
+        if (32 * i + lane < splits) s_weight[warp][32 * i + lane] = ls[i];
+      __syncwarp();
+#pragma unroll 1
+      for (int s0 = 0; s0 < splits; s0 += kGroups * kBatch) {
+        if (s0 > 0) {
+          src += kBatch * group_stride;
+          load_batch(src, s0 + g);
+        }
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int s = s0 + g + kGroups * j;
+          const float w = s < splits ? s_weight[warp][s] : 0.f;
+          acc.x += w * x[j].x, acc.y += w * x[j].y, acc.z += w * x[j].z, acc.w += w * x[j].w;
+        }
       }
     }
     if (tid < kGroups * kChunks) s_sum[tid] = acc;
@@ -108,12 +133,11 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
         const float4 y = s_sum[k * kChunks + tid];
         o.x += y.x, o.y += y.y, o.z += y.z, o.w += y.w;
       }
-      const float inv_l = s_inv_l;
       T* out = static_cast<T*>(p.out) + row_offset(b, h, qi, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
       *reinterpret_cast<uint2*>(out + 4 * tid) =
           make_uint2(pack2<T>(o.x * inv_l, o.y * inv_l), pack2<T>(o.z * inv_l, o.w * inv_l));
     }
-    __syncthreads();  // s_weight, s_sum and s_inv_l free for the block's next row
+    __syncthreads();  // s_sum (and s_weight) free for the block's next row
   }
   FA2_TIMELINE(p, 5, clock64());
   FA2_TIMELINE(p, 6, timeline_ns());
