@@ -7,6 +7,8 @@ time to a lower clock (perf.md v18).
         build/gpu/libflash_attn2.so --d 128 --n 8192 --softcap 50 [--causal] [--rounds 2]
     python3 scripts/clock_ab.py cudnn build/gpu/libflash_attn2.so --d 128      (a side named cudnn or flash
                                                                                 runs SDPA's backend)
+    python3 scripts/clock_ab.py cudnn build/gpu/libflash_attn2.so --n 4096 --batch 4 --heads 64 --heads-kv 8 --causal
+                                     (the shape by hand: GQA with enable_gqa for SDPA; default 16k tokens, hidden 2048)
 """
 
 import argparse
@@ -18,15 +20,16 @@ import sys
 CHILD = r"""
 import sys, time, torch, flash_attn2
 d, n, causal, softcap, secs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4]), float(sys.argv[5])
-b, h = 16384 // n, 2048 // d
-q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+b, h, hkv = (int(x) for x in sys.argv[7:10])
+q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+k, v = (torch.randn(b, n, hkv, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
 f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal, softcap=softcap)
 if sys.argv[6] != "ours":  # an SDPA backend (softcap not applicable)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[sys.argv[6]]
     def f():
         with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hkv != h)
 for _ in range(5):
     f()
 torch.cuda.synchronize()
@@ -56,7 +59,8 @@ def run_side(side, args):
     env = dict(os.environ, FLASH_ATTN2_LIBRARY=lib)
     env.update(kv.split("=", 1) for kv in envs)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.d), str(args.n), "1" if args.causal else "0",
-                              str(args.softcap), str(args.seconds), kernel], env=env, stdin=subprocess.PIPE,
+                              str(args.softcap), str(args.seconds), kernel, str(args.batch), str(args.heads),
+                              str(args.heads_kv)], env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.active",
@@ -86,8 +90,15 @@ def main():
     p.add_argument("--softcap", type=float, default=0.0)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch", type=int, default=0, help="default: 16384 // n")
+    p.add_argument("--heads", type=int, default=0, help="query heads; default: 2048 // d")
+    p.add_argument("--heads-kv", type=int, default=0, help="default: --heads (no GQA)")
     args = p.parse_args()
-    print(f"d{args.d} N={args.n} causal={args.causal} softcap={args.softcap}")
+    args.batch = args.batch or 16384 // args.n
+    args.heads = args.heads or 2048 // args.d
+    args.heads_kv = args.heads_kv or args.heads
+    print(f"d{args.d} N={args.n} B={args.batch} H={args.heads}/{args.heads_kv} causal={args.causal} "
+          f"softcap={args.softcap}")
     print("| side | round | TFLOP/s | SM MHz (median) | W (median) | TFLOP/s per GHz | clock event reasons |")
     print("|---|---|---|---|---|---|---|")
     for r in range(args.rounds):

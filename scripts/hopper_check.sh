@@ -15,6 +15,7 @@
 #   gqa_probe      #11's GQA rows beside the same shapes without grouping, fwd and bwd, ours and cuDNN
 #   ab_wide        Nq = 16 and 8 decode rows (64 / 32 packed rows): this tree vs BASE_SRC as in ab_base
 #   ab_evict       the split-KV K/V loads evict-unchanged (FLASH_ATTN2_SPLITKV_EVICT_FIRST=0) vs evict-first, long rows
+#                  (EVICT_CASES="B,Hkv,L;...": other rows)
 #   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
 #   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k), then their
 #                  warp stall reasons with caches and clocks as they run
@@ -36,6 +37,7 @@
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
 #                  tiles) and softcap 50, causal 8k: the per-instruction CSVs come back gzipped
+#   clock_gqa      ours and cuDNN beside the SM clock and power on 16/16, 64/64 and 64/8 heads (N = 4k, causal, d128)
 #   clock_cudnn    our forward and cuDNN's beside the SM clock and power (scripts/clock_ab.py), N = 8k
 #   ab_ws          the WS forward vs flash_fwd_sm90_kernel
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
@@ -152,7 +154,8 @@ if step ab_wide 150; then  # speculative decoding rows (Nq x group > 16): the ro
 fi
 if step ab_evict 130; then  # the split-KV K/V loads evict-unchanged (A) vs evict-first where one row tile reads them (B)
   timeout 120 python3 scripts/ab_decode.py $lib,FLASH_ATTN2_SPLITKV_EVICT_FIRST=0 $lib \
-    --cases "64,8,32768;16,8,131072;16,32,32768;1,32,131072;64,32,1024;1,8,8192;16,8,8192" | tee "$OUT/ab_evict.md"
+    --cases "${EVICT_CASES:-64,8,32768;16,8,131072;16,32,32768;1,32,131072;64,32,1024;1,8,8192;16,8,8192}" \
+    | tee "$OUT/ab_evict.md"
 fi
 if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
   timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"
@@ -269,6 +272,12 @@ if step ncu_src 200; then  # where the softcap forward's consumer warps stall, p
     timeout 60 ncu --import /tmp/ncu_src_$mod.ncu-rep --page source --csv --print-source sass 2>&1 \
       | gzip >"$OUT/ncu_src_$mod.csv.gz"
     ls -la "$OUT/ncu_src_$mod.csv.gz"
+  done
+fi
+if step clock_gqa 200; then  # ours and cuDNN beside the clock on the gqa_probe shapes: does the gap with more heads
+  for hh in 16/16 64/64 64/8; do  # (0.90-0.97 of cuDNN at 16 heads, 0.79-0.86 at 64, perf.md v20) follow the power?
+    timeout 45 python3 scripts/clock_ab.py cudnn $lib --d 128 --n 4096 --batch 4 --heads ${hh%/*} --heads-kv ${hh#*/} \
+      --causal --rounds 1 | tee -a "$OUT/clock_gqa.md"
   done
 fi
 if step clock_cudnn 150; then  # our forward and cuDNN's beside the SM clock and power, d64 / d128 / d256, N = 8k

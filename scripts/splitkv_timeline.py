@@ -22,7 +22,8 @@ import torch
 
 import flash_attn2
 
-SLOTS = 8  # kTimelineSlots: ns entry, clk entry, clk after wait, clk first tile, clk after loop, clk end, ns end, smid
+SLOTS = 12  # kTimelineSlots: ns entry, clk entry, clk after wait, clk first tile, clk after loop, clk end, ns end,
+#            smid, then clocks inside the epilogue / the combine (8, 9, 10; tile_primitives.cuh)
 
 
 def pct(xs, q):
@@ -55,6 +56,12 @@ def analyse(line):
         "loop max": max((us(b[4] - b[3]) for b in with_tiles), default=float("nan")),
         "epilogue p50": pct([us(b[5] - b[4]) for b in blocks], 0.5),
         "block p50": pct([us(b[5] - b[1]) for b in blocks], 0.5),
+        # The 16-row epilogue's phases (0 where the 64-row kernel ran): stats and barrier, scaled rows into shared
+        # memory and barrier, the merge and its stores, the LSE stores.
+        "epi stats p50": pct([us(b[8] - b[4]) for b in blocks if b[10]], 0.5),
+        "epi rows p50": pct([us(b[9] - b[8]) for b in blocks if b[10]], 0.5),
+        "epi merge p50": pct([us(b[10] - b[9]) for b in blocks if b[10]], 0.5),
+        "epi lse p50": pct([us(b[5] - b[10]) for b in blocks if b[10]], 0.5),
         "split end p50": pct([(b[6] - t0) / 1000 for b in blocks], 0.5),
         "split end": max((b[6] - t0) / 1000 for b in blocks),
         "blocks/SM max": max(per_sm.values()), "SMs": len(per_sm),
@@ -63,6 +70,11 @@ def analyse(line):
         r["combine start"] = min((c[0] - t0) / 1000 for c in comb)
         r["combine wait p50"] = pct([us(c[2] - c[1]) for c in comb], 0.5)
         r["combine work p50"] = pct([us(c[5] - c[2]) for c in comb], 0.5)
+        r["comb weights p50"] = pct([us(c[8] - c[2]) for c in comb], 0.5)  # loads issued, LSEs landed, weights (every warp its own)
+        r["comb lse p50"] = pct([us(c[10] - c[2]) for c in comb], 0.5)  # LSE and partial loads issued, LSEs landed, their max
+        r["comb reduce p50"] = pct([us(c[8] - c[10]) for c in comb], 0.5)  # weights (exps) and their sum across the warp
+        r["comb sums p50"] = pct([us(c[9] - c[8]) for c in comb], 0.5)  # weighted partials, barrier
+        r["comb store p50"] = pct([us(c[5] - c[9]) for c in comb], 0.5)  # groups summed, O stored
         r["combine end"] = max((c[6] - t0) / 1000 for c in comb)
     return r
 

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -24,7 +25,9 @@ namespace {
 constexpr int kMaxHeadDim = 256;
 constexpr int kMinBwdBlockM = 64;  // the smallest query tile of any backward kernel (sizes dq_semaphore)
 
-void check_cuda_inputs(const char* op, const at::Tensor& q, const ConcreteShape& s) {
+// max_batch: 65535 where a kernel of the op may put the batch in gridDim.y / .z; fwd_kvcache's kernels (the
+// split-KV forward, the append, the combine) take any batch the 2^30 size limit allows.
+void check_cuda_inputs(const char* op, const at::Tensor& q, const ConcreteShape& s, int64_t max_batch = 65535) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": CUDA kernels take float16 or bfloat16 inputs, got ", q.scalar_type(),
               "; cast first, e.g. q.to(torch.bfloat16) (float32/float64 run on the CPU kernel)");
@@ -32,8 +35,10 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const ConcreteShape&
               ": CUDA kernels need a head dim D that is a positive multiple of 8 and at most ", kMaxHeadDim,
               ", got D = ", s.head_dim);
   constexpr int64_t kLimit = std::numeric_limits<int>::max() / 2;
-  TORCH_CHECK(s.seqlen_q <= kLimit && s.seqlen_k <= kLimit && s.batch <= 65535 && s.heads_q <= kLimit, op,
-              ": sizes exceed the CUDA kernels' limits (batch <= 65535, heads and sequence lengths < 2^30), got "
+  max_batch = std::min(max_batch, kLimit);
+  TORCH_CHECK(s.seqlen_q <= kLimit && s.seqlen_k <= kLimit && s.batch <= max_batch && s.heads_q <= kLimit, op,
+              ": sizes exceed the CUDA kernels' limits (batch <= ", max_batch,
+              ", heads and sequence lengths < 2^30), got "
               "B = ", s.batch, ", Hq = ", s.heads_q, ", Nq = ", s.seqlen_q, ", Nk = ", s.seqlen_k);
 }
 
@@ -224,8 +229,10 @@ void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested
   // ("split_blocks combine_blocks num_splits" then the stamps); synchronises (scripts/splitkv_timeline.py).
   const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
   const int64_t split_blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q) * params.num_splits;
-  const int64_t combine_rows = s.batch * s.heads_q * s.seqlen_q;
-  const int64_t combine_blocks = params.num_splits > 1 ? combine_rows : 0;  // a row each
+  const int64_t combine_blocks =  // a row each, up to 65535 heads and batches (splitkv_combine.cuh)
+      params.num_splits > 1
+          ? s.seqlen_q * std::min<int64_t>(s.heads_q, 65535) * std::min<int64_t>(s.batch, 65535)
+          : 0;
   at::Tensor timeline;
   if (timeline_file != nullptr) {
     timeline = at::zeros({(split_blocks + combine_blocks) * kTimelineSlots}, q.options().dtype(at::kLong));
@@ -422,7 +429,7 @@ Tensor2 fwd_kvcache_cuda(FA2_KVCACHE_PARAMS) {
                                                     alibi_slopes, 0.0, std::nullopt));
   Layout L;
   L.s = concrete(ks.s);
-  check_cuda_inputs(op, q, L.s);
+  check_cuda_inputs(op, q, L.s, /*max_batch=*/std::numeric_limits<int>::max());
   for (const auto& [name, cache] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}}) {
     TORCH_CHECK(has_kernel_layout(*cache), op, ": ", name, " has strides ", cache->strides(),
                 "; the caches are written in place, so they need a contiguous last dim and 16-byte aligned rows "

@@ -102,20 +102,25 @@ inline bool pdl_enabled() {
 }
 
 template <class Params>
-inline void launch_dependent(void (*kernel)(Params), int64_t blocks, int threads, int smem_bytes,
-                             const Params& params, cudaStream_t stream) {
+inline void launch_dependent(void (*kernel)(Params), dim3 grid, int threads, int smem_bytes, const Params& params,
+                             cudaStream_t stream) {
   set_smem_limit(kernel, smem_bytes);
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid_1d(blocks));
+  config.gridDim = grid;
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
   config.stream = stream;
   config.attrs = attr;
   config.numAttrs = pdl_enabled() ? 1 : 0;
   FA2_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
+}
+template <class Params>
+inline void launch_dependent(void (*kernel)(Params), int64_t blocks, int threads, int smem_bytes,
+                             const Params& params, cudaStream_t stream) {
+  launch_dependent(kernel, dim3(grid_1d(blocks)), threads, smem_bytes, params, stream);
 }
 
 // The warp-specialised forward (flash_fwd_sm90_ws_kernel.cuh) runs where the TMA can address the tensors and its

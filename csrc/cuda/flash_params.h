@@ -20,7 +20,7 @@ using index_t = int64_t;
 // Per-row statistics (lse, softmax_d, and dq_accum rows of d floats) live at
 //   b * stat_batch_stride + h * stat_head_stride + (sequence start) + row:  (B, Hq, Nq) dense, (Hq, Tq) varlen.
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
-constexpr int kTimelineSlots = 8;  // stamps per block of the split-KV and combine kernels (tile_primitives.cuh)
+constexpr int kTimelineSlots = 12;  // stamps per block of the split-KV and combine kernels (tile_primitives.cuh)
 #endif
 
 struct FwdParams {
@@ -76,7 +76,7 @@ struct FwdParams {
   int page_size_log2, num_pages;
   // Keys split over num_splits blocks; with more than one, each writes float32 partials
   //   out_accum (num_splits, B, Hq, Nq, head_dim) and lse_accum (num_splits, B, Hq, Nq), contiguous,
-  // and run_splitkv_combine merges them into out / lse.
+  // and run_splitkv_combine (splitkv_combine.cuh) merges them into out / lse.
   int num_splits;
   float* out_accum;
   float* lse_accum;
@@ -163,9 +163,6 @@ struct AppendParams {
   int seqlen_new;
 };
 void run_kvcache_append(const FwdParams& cache, const AppendParams& append, cudaStream_t stream);
-// Merges the num_splits float32 partials (out_accum, lse_accum) into out (T) and lse (kvcache.cu).
-template <typename T>
-void run_splitkv_combine(const FwdParams& params, cudaStream_t stream);
 
 template <typename T, int kHeadDim, bool kScoreMod>
 void run_flash_bwd(const BwdParams& params, cudaStream_t stream);

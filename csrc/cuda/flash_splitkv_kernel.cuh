@@ -9,7 +9,7 @@
 //     warps split 64 rows instead (16 each, every key of the tile), so K/V is read once per 64 rows, not once per
 //     16, and each warp writes its own rows;
 //   - keys are split over blocks (num_splits): each split writes a float32 partial O and LSE, and
-//     splitkv_combine_kernel (kvcache.cu) merges them; with one split the block writes O and LSE itself;
+//     splitkv_combine_kernel (splitkv_combine.cuh) merges them; with one split the block writes O and LSE itself;
 //   - K/V tiles stream through a kStages-deep cp.async ring; rows come from a dense cache or through a block
 //     table (paged cache: (pages, page_size, Hkv, d)), per row, so any power-of-two page size works;
 //   - the attention rule (visibility, softcap, ALiBi) is the same as every other kernel's (attention_rule.h),
@@ -333,29 +333,39 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     }
   }
   __syncthreads();  // stats visible; every warp is done with the K/V stages (reused below)
-  float row_lse[2];
+  FA2_TIMELINE(p, 8, clock64());
+  // Both rows' statistics first, then both rows' stores: one chain of independent loads and MUFU ops, no IEEE
+  // division (it was a called subroutine per row) and no branch between them. This epilogue runs once per block
+  // on the decode step's critical path, where a dependent instruction costs ~5 cycles (perf.md v21).
+  float row_lse[2], row_f[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = g + 8 * h;
-    float m = -INFINITY;
+    float mw[Kt::kNWarps], lw[Kt::kNWarps];
 #pragma unroll
-    for (int w = 0; w < Kt::kNWarps; ++w) m = fmaxf(m, s_max[w * kBlockM + r]);
+    for (int w = 0; w < Kt::kNWarps; ++w) mw[w] = s_max[w * kBlockM + r], lw[w] = s_sum[w * kBlockM + r];
+    float m = mw[0];
+#pragma unroll
+    for (int w = 1; w < Kt::kNWarps; ++w) m = fmaxf(m, mw[w]);
     float l = 0.f;
 #pragma unroll
-    for (int w = 0; w < Kt::kNWarps; ++w) {
-      const float mw = s_max[w * kBlockM + r];
-      if (mw != -INFINITY) l += s_sum[w * kBlockM + r] * exp2f(mw - m);
-    }
+    for (int w = 0; w < Kt::kNWarps; ++w) l += mw[w] == -INFINITY ? 0.f : lw[w] * fast_exp2(mw[w] - m);
     const bool empty = !(l > 0.f);
     row_lse[h] = empty ? -INFINITY : (m + __log2f(l)) * 0.6931471805599453f;
-    const float f = empty || my_max[h] == -INFINITY ? 0.f : exp2f(my_max[h] - m) / l;
+    row_f[h] = empty || my_max[h] == -INFINITY ? 0.f : fast_exp2(my_max[h] - m) * __fdividef(1.f, l);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = g + 8 * h;
     if (r >= rows) continue;  // decoding with G < 16: most of the m16 tile's rows are padding
     float* dst = s_merge + (warp * kBlockM + r) * Kt::kORowStride + 2 * t;
 #pragma unroll
     for (int ni = 0; ni < Kt::kNT_O; ++ni)
-      *reinterpret_cast<float2*>(dst + 8 * ni) = make_float2(acc_o[0][ni][2 * h] * f, acc_o[0][ni][2 * h + 1] * f);
+      *reinterpret_cast<float2*>(dst + 8 * ni) =
+          make_float2(acc_o[0][ni][2 * h] * row_f[h], acc_o[0][ni][2 * h + 1] * row_f[h]);
   }
   __syncthreads();
+  FA2_TIMELINE(p, 9, clock64());
 
   for (int idx = tid; idx < rows * (Kt::kHeadDim / 4); idx += Kt::kNThreads) {  // the tile's real rows only
     const int r = idx / (Kt::kHeadDim / 4), c = (idx % (Kt::kHeadDim / 4)) * 4;
@@ -376,6 +386,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(o.x, o.y), pack2<T>(o.z, o.w));
     }
   }
+  FA2_TIMELINE(p, 10, clock64());
   if (warp == 0 && t == 0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -4,6 +4,7 @@
 
 #include "cuda/flash_fwd_launch.cuh"
 #include "cuda/flash_splitkv_kernel.cuh"
+#include "cuda/splitkv_combine.cuh"
 
 namespace flash_attn2::cuda {
 
@@ -30,11 +31,11 @@ void launch_splitkv_kernel(const FwdParams& params_in, cudaStream_t stream) {
     launch_dependent(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
     FwdParams combine = params;  // the combine's blocks stamp after the split-KV blocks
     if (combine.timeline != nullptr) combine.timeline += blocks * kTimelineSlots;
-    if (params.num_splits > 1) run_splitkv_combine<typename Kt::Elem>(combine, stream);
+    if (params.num_splits > 1) run_splitkv_combine<typename Kt::Elem, Kt::kHeadDim>(combine, stream);
   }
 #else
   launch_dependent(&flash_splitkv_kernel<Kt>, blocks, Kt::kNThreads, Kt::kSmemBytes, params, stream);
-  if (params.num_splits > 1) run_splitkv_combine<typename Kt::Elem>(params, stream);
+  if (params.num_splits > 1) run_splitkv_combine<typename Kt::Elem, Kt::kHeadDim>(params, stream);
 #endif
 }
 }  // namespace detail

@@ -174,7 +174,9 @@ FA2_DEVICE int opaque(int x) {
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
 // Debug builds only: a block's timeline stamps (scripts/splitkv_timeline.py). Slots: 0 %globaltimer (ns) at
 // entry, 1 clock64 at entry, 2 after the wait for the previous grid, 3 when the first key tile landed and 4 after
-// the key loop (split-KV only), 5 at the end, 6 %globaltimer at the end, 7 %smid.
+// the key loop (split-KV only), 5 at the end, 6 %globaltimer at the end, 7 %smid; inside the 16-row split-KV
+// epilogue 8 after the stats barrier, 9 after the scaled rows' barrier, 10 after the merge's stores; inside the
+// combine 8 after the weights' barrier, 9 after the sums' barrier.
 FA2_DEVICE unsigned long long timeline_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -188,7 +190,8 @@ FA2_DEVICE unsigned timeline_smid() {
 #define FA2_TIMELINE(p, slot, value)                                                                \
   do {                                                                                              \
     if ((p).timeline != nullptr && threadIdx.x == 0)                                                \
-      (p).timeline[static_cast<long long>(blockIdx.x) * kTimelineSlots + (slot)] = (value);         \
+      (p).timeline[((static_cast<long long>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x +      \
+                    blockIdx.x) * kTimelineSlots + (slot)] = (value);                               \
   } while (0)
 #else
 #define FA2_TIMELINE(p, slot, value) \

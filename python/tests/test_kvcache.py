@@ -167,6 +167,61 @@ def test_kvcache_cuda_wide_row_tiles(hq, hkv, nq, page_size):
 
 
 @requires_cuda
+def test_kvcache_cuda_more_batches_than_grid_z():
+    """65537 sequences: the combine's grid is (query, q head, batch up to 65535), so its blocks take a second
+    batch past that; checked on sequences at both ends and past the limit, and the whole output finite."""
+    b, hq, hkv, d, capacity = 65537, 4, 1, 64, 256  # two 128-key tiles at d64: two splits of one tile each
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kc = torch.randn(b, hkv, capacity, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    vc = torch.randn(b, hkv, capacity, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    lens = torch.randint(0, capacity + 1, (b,), device="cuda", dtype=torch.int32, generator=gen)
+    torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    out, lse = flash_attn2.attention_kvcache(q, kc, vc, None, None, lens, None, num_splits=2)
+    empty = lens.cpu() == 0
+    assert torch.isfinite(out).all() and torch.isfinite(lse.cpu()[~empty]).all()
+    for i in (0, 1, 65534, 65535, 65536):
+        n = int(lens[i])
+        if n == 0:
+            assert not out[i].cpu().any() and (lse[i].cpu() == -float("inf")).all(), f"seq {i}: empty sequence"
+            continue
+        qi, kb, vb = q[i : i + 1], kc[i : i + 1, :, :n], vc[i : i + 1, :, :n]
+        ref_out, ref_lse = naive_attention(qi.double().cpu(), kb.double().cpu(), vb.double().cpu())
+        t_out, _ = naive_attention(qi, kb, vb)
+        assert_close_to_reference(f"seq {i} of {b} (length {n}) out", out[i : i + 1], t_out, ref_out, factor=3.0)
+        assert (lse[i].double().cpu() - ref_lse[0]).abs().max() <= 2e-3, f"seq {i}: lse"
+
+
+@requires_cuda
+def test_cuda_batch_limit_of_the_dense_ops():
+    """The dense ops keep batch <= 65535 (a kernel may put the batch in the grid's y / z); fwd_kvcache, whose
+    kernels do not, takes more (the test above). The error names the limit and the sizes."""
+    q = torch.randn(65536, 1, 1, 8, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"flash_attn2::fwd(_with_lse)?: sizes exceed the CUDA kernels' limits \(batch <= 65535, "
+                       r"heads and sequence lengths < 2\^30\), got B = 65536, Hq = 1, Nq = 1, Nk = 1"):
+        flash_attn2.attention(q, q, q)
+
+
+@requires_cuda
+def test_kvcache_cuda_more_heads_than_grid_y():
+    """65537 query heads over one kv head (MQA): the combine's grid takes q heads up to 65535, so its blocks take a
+    second head past that; checked on heads at both ends and past the limit, and the whole output finite."""
+    hq, d, n = 65537, 64, 256
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q = torch.randn(1, hq, 1, d, device="cuda", dtype=torch.float16, generator=gen)
+    kc = torch.randn(1, 1, n, d, device="cuda", dtype=torch.float16, generator=gen)
+    vc = torch.randn(1, 1, n, d, device="cuda", dtype=torch.float16, generator=gen)
+    torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    out, lse = flash_attn2.attention_kvcache(q, kc, vc, num_splits=2)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    heads = torch.tensor([0, 1, 65534, 65535, 65536], device="cuda")
+    ref_out, ref_lse = naive_attention(q[:, heads].double().cpu(), kc.double().cpu(), vc.double().cpu())
+    t_out, _ = naive_attention(q[:, heads], kc, vc)
+    assert_close_to_reference(f"{hq} q heads over one kv head", out[:, heads], t_out, ref_out, factor=3.0)
+    assert (lse[:, heads].double().cpu() - ref_lse).abs().max() <= 2e-3, "lse"
+
+
+@requires_cuda
 @pytest.mark.parametrize("nq", [1, 5, 16])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_fwd_few_queries_takes_split_kv(nq, d):
