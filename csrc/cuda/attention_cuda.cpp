@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -334,6 +335,8 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
     semaphore = at::zeros({s.batch, s.heads_q, std::max<int64_t>(tiles, 1)}, q.options().dtype(at::kInt));
     params.dq_semaphore = semaphore.data_ptr<int>();
     params.dq_semaphore_tiles = static_cast<int>(std::max<int64_t>(tiles, 1));
+    const char* order = std::getenv("FLASH_ATTN2_DET_ORDER");  // head | spread (A/B runs)
+    params.dq_order_by_head = order != nullptr && std::strcmp(order, "head") == 0 ? 1 : 0;
   }
   dispatch<BwdLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
   return {dq, dk, dv};

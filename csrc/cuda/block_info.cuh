@@ -87,6 +87,9 @@ struct BwdBlockInfo {
     const int bid = static_cast<int>(blockIdx.x);
     const int num_n = ceil_div(p.seqlen_k, kBlockN);
     if (p.dq_semaphore != nullptr) {
+      // By head: a head's key tiles neighbours, the last first. Every wait is still on a later key tile of the
+      // same head, so on a lower block index, and a block's successor in the chain walks a step ahead of it.
+      if (p.dq_order_by_head) return make_int2(num_n - 1 - bid % num_n, bid / num_n);
       const int heads = p.batch * p.heads_kv;
       return make_int2(num_n - 1 - bid / heads, bid % heads);
     }
