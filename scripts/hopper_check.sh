@@ -46,7 +46,8 @@
 #   ab_base_softcap  softcap 50 rows, this tree vs BASE_SRC as in ab_base, forward (d128) and backward
 #   ab_base_decode the decode step (fwd_kvcache), this tree vs BASE_SRC as in ab_base, long caches and B = 1
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
-#   det            the deterministic tests on both kernel families
+#   det            the deterministic tests on both kernel families (DET_ORDERS="spread head": under each grid order)
+#   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
 #   variants       the variant bench rows
 #   bench          the quick grid with every SDPA backend and the variant rows
 #   gqa            the GQA bench rows
@@ -329,12 +330,19 @@ if step suite 280; then
   echo "whole suite with FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 rc $?: $(tail -1 "$OUT/suite.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -20
 fi
-if step det 130; then
-  for portable in 0 1; do
-    FLASH_ATTN2_PORTABLE_KERNELS=$portable timeout 60 python3 -m pytest python/tests -q -k "determin" \
-      -p no:cacheprovider >"$OUT/det$portable.log" 2>&1
-    echo "deterministic tests, portable=$portable rc $?: $(tail -1 "$OUT/det$portable.log")"
+if step det 130; then  # DET_ORDERS="spread head": the deterministic grid orders to test (default: the default one)
+  for order in ${DET_ORDERS:-default}; do
+    for portable in 0 1; do
+      FLASH_ATTN2_DET_ORDER=$order FLASH_ATTN2_PORTABLE_KERNELS=$portable timeout 60 python3 -m pytest python/tests \
+        -q -k "determin" -p no:cacheprovider >"$OUT/det${order}_$portable.log" 2>&1
+      echo "deterministic tests, order $order, portable=$portable rc $?: $(tail -1 "$OUT/det${order}_$portable.log")"
+    done
   done
+fi
+if step ab_detorder 200; then  # the deterministic backward's grid: a head's key tiles together (B) vs spread over heads (A)
+  timeout 190 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_DET_ORDER=spread $lib,FLASH_ATTN2_DET_ORDER=head \
+    --direction bwd --head-dims 64,128,256 --lengths 2048,8192 --causal-lengths 2048,8192 --mods none,det \
+    | tee "$OUT/ab_detorder.md"
 fi
 if step variants 150; then
   timeout 150 python3 -m flash_attn2.bench --device cuda --variants-only 2>&1 | grep -E "^\|" | tee "$OUT/variants.md"

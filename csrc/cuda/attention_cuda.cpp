@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -334,6 +335,9 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
     semaphore = at::zeros({s.batch, s.heads_q, std::max<int64_t>(tiles, 1)}, q.options().dtype(at::kInt));
     params.dq_semaphore = semaphore.data_ptr<int>();
     params.dq_semaphore_tiles = static_cast<int>(std::max<int64_t>(tiles, 1));
+    // A head's key tiles together (1.0-1.56x the spread order, perf.md v21); FLASH_ATTN2_DET_ORDER=spread for A/B.
+    const char* order = std::getenv("FLASH_ATTN2_DET_ORDER");
+    params.dq_order_by_head = order != nullptr && std::strcmp(order, "spread") == 0 ? 0 : 1;
   }
   dispatch<BwdLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
   return {dq, dk, dv};

@@ -79,14 +79,17 @@ struct BwdBlockInfo {
 
  private:
   // (key tile, batch * heads_kv + head) of this block. The key tiles of one head are neighbours in the grid, so
-  // that the blocks running together share its Q and dO in L2. The deterministic mode (DqOrder) orders the
-  // other way: the last key tile of every head, then the one before it, and so on. There a block waits, at each
-  // query tile, for the key tiles after its own; neighbours in the grid would start a step apart, a whole
-  // head's tiles deep (0.44x the default backward), where this way only the few tiles of a wave do.
+  // that the blocks running together share its Q and dO (and, deterministic, its dQ rows) in L2. The
+  // deterministic mode (DqOrder) turns a query tile's adds from its last visiting key tile down, so its grid
+  // puts a head's last key tile first: every wait is on a later key tile of the same head, a lower block index
+  // (resident or done), and that block walks its query tiles a step ahead of the waiting one (its diagonal is
+  // one tile later). v11.1's order spread each wave over every head (the last key tile of every head first); a
+  // head's tiles together read 1.0-1.56x that (perf.md v21), and `dq_order_by_head = 0` keeps it for A/B runs.
   static FA2_DEVICE int2 coords(const BwdParams& p) {
     const int bid = static_cast<int>(blockIdx.x);
     const int num_n = ceil_div(p.seqlen_k, kBlockN);
     if (p.dq_semaphore != nullptr) {
+      if (p.dq_order_by_head) return make_int2(num_n - 1 - bid % num_n, bid / num_n);
       const int heads = p.batch * p.heads_kv;
       return make_int2(num_n - 1 - bid / heads, bid % heads);
     }

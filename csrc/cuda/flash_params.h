@@ -123,6 +123,9 @@ struct BwdParams : FwdParams {
   // nullptr: atomics in any order.
   int* dq_semaphore;
   int dq_semaphore_tiles;  // query tiles per (batch, head) in dq_semaphore
+  // Deterministic mode's grid order (BwdBlockInfo): 1 (the default) keeps a head's key tiles together, 0 spreads
+  // each wave over every head, key tile slowest (FLASH_ATTN2_DET_ORDER=spread, A/B runs).
+  int dq_order_by_head;
   bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)
 };
 
