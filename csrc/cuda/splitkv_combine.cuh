@@ -4,11 +4,12 @@
 //
 // One block per output row (b, h, query): O = sum_s w_s O_s / sum_s w_s, w_s = exp(lse_s - max lse), lse = max +
 // log(sum w). It runs once per call after the split-KV grid, one block per row on mostly idle SMs, so its time is
-// the latency of one thread's dependent instructions (perf.md v20: ~5 cycles per instruction, one warp per
+// the latency of one thread's dependent instructions (perf.md v20-v21: ~5 cycles per instruction, one warp per
 // scheduler; not memory round trips, not code fetched cold). Hence no division and little 64-bit arithmetic on
 // that path: the grid is (query, q head, batch), the row's partials are split over the threads as (4-float chunk
-// of the head dim) x (group of splits) with both counts compile-time constants, and every thread issues all its
-// partial loads at once (kBatch of them, up to kBatch x groups splits: 32 at d128) before warp 0 has the weights.
+// of the head dim) x (group of splits) with both counts compile-time constants; every warp loads the splits' LSEs
+// first and computes the weights itself, and every thread issues a batch of partial loads (kBatch of them, kBatch
+// x groups splits: 32 at d128) before the weights are known.
 #pragma once
 
 #include <cmath>
@@ -26,6 +27,9 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
   constexpr int kBatch = 8;                                     // partial loads per thread in flight
   constexpr int kWarps = kSplitKvCombineThreads / 32;
   constexpr int kLsePerLane = kMaxSplits / 32;
+  // Splits whose weights the threads take by shuffle: those one batch of loads covers, up to a warp's lanes (32
+  // at d64 / d128, 16 at d192-d256, 24 at d160); more go through the per-warp copies and further batches.
+  constexpr int kShflSplits = kGroups * kBatch < 32 ? kGroups * kBatch : 32;
   static_assert(kHeadDim % 8 == 0 && kGroups >= 2 && kSplitKvCombineThreads % 32 == 0);
   __shared__ float s_weight[kWarps][kMaxSplits];  // more than 32 splits only: each warp's own copy
   __shared__ float4 s_sum[kGroups * kChunks];
@@ -98,7 +102,7 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
     FA2_TIMELINE(p, 8, clock64() + (l != l));  // weights and their sum
 
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (splits <= 32) {  // split s's weight is lane s's ls[0]; x[j] is zero where s is past the last split
+    if (splits <= kShflSplits) {  // split s's weight is lane s's ls[0]; x[j] is zero past the last split
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
         const float w = __shfl_sync(0xffffffffu, ls[0], (g + kGroups * j) & 31);

@@ -152,6 +152,19 @@ def test_kvcache_cuda_long_decode(page_size):
 
 
 @requires_cuda
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 160, 192, 256])
+def test_kvcache_cuda_combine_split_counts(d):
+    """Every head-dim class of the combine across its split-count paths: up to one batch of partial loads (32
+    splits at d64 / d128, 16 at d192 / d256, 24 at d160) the weights go by shuffle, beyond that through per-warp
+    copies and more batches, beyond 32 splits with several LSEs per lane. Counts on both sides of each boundary,
+    one sequence long enough to give every split keys and one short enough to leave most of them empty."""
+    for splits in (15, 16, 17, 24, 25, 32, 33, 40, 64):
+        check_kvcache_case(b=2, hq=8, hkv=2, nq=1, nnew=0, d=d, capacity=64 * 128, page_size=None,
+                           dtype=torch.bfloat16, device="cuda", num_splits=splits, lens=[64 * 128, 700],
+                           seed=splits + d)
+
+
+@requires_cuda
 @pytest.mark.parametrize("hq,hkv,nq", [(8, 8, 17), (32, 8, 5), (32, 8, 16), (40, 8, 13), (16, 2, 9)],
                          ids=lambda x: str(x))
 @pytest.mark.parametrize("page_size", [None, 16])
