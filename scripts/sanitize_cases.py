@@ -139,7 +139,7 @@ for dtype in (torch.bfloat16, torch.float16):
         out = flash_attn2.attention_varlen(qp, kp, vp, cu, cu, nq, nq, causal, softcap=3.0, dropout_p=0.1,
                                            rng_state=rng)
         out.backward(torch.randn_like(out))
-    # KV cache: dense and paged (pages of 16), appending 3 keys, 1 and 5 splits, GQA 4:1 and 1:1, a sequence
+    # KV cache: dense and paged (pages of 16), appending 3 keys, 1, 5, 24 and 40 splits, GQA 4:1 and 1:1, a sequence
     # with an empty cache and one filled to capacity; 68 and 64 packed rows take the kernel whose warps split rows.
     for d, hq, hkv, nq, page in [] if skip_kvcache else [(64, 8, 2, 1, None), (128, 4, 4, 3, 16), (256, 8, 2, 17, 16), (96, 2, 1, 2, None), (128, 32, 8, 16, None)]:
         cap = 64
@@ -154,7 +154,7 @@ for dtype in (torch.bfloat16, torch.float16):
         q = torch.randn(2, hq, nq, d, device="cuda", dtype=dtype)
         kn = torch.randn(2, hkv, 3, d, device="cuda", dtype=dtype)
         lens = torch.tensor([0, cap - 3], dtype=torch.int32, device="cuda")
-        for splits in (1, 5):
+        for splits in (1, 5, 24, 40):  # 24 and 40: the combine's per-warp weight copies, and several LSEs a lane
             flash_attn2.attention_kvcache(q, kc, vc, kn, torch.randn_like(kn), lens, table, True, window_size=(30, 0),
                                           softcap=2.0, alibi_slopes=torch.rand(hq, device="cuda"), num_splits=splits)
         if table is None:  # the plain op's split-KV path (Nq <= 16) on the same tensors
