@@ -143,26 +143,39 @@ TEST(AttentionRule, RotatedDqWalkRemovesTheHandOffChain) {
 }
 
 // Dispatch in blockIdx order (a head's key tiles together, the last first, as BwdBlockInfo lays them out) onto
-// `slots` resident blocks, each block adding at a query tile when its turn comes: true when every block
-// finishes. Several heads, so the frontier head shares the GPU with whole ones.
-bool schedule_completes(int heads, int k, int m_count, int slots, bool rotate) {
+// `slots` resident blocks, each block's dQ writer taking its turn at each query tile: true when every block
+// finishes. Several heads, so the frontier head shares the GPU with whole ones. How a writer hands a turn on:
+enum class Handoff {
+  kAtOnce,       // after its adds (DqOrder's acquire / release)
+  kBeforeNext,   // when it reaches its next step, before waiting for that turn (DqOrderChain; the WS writer rotated)
+  kAfterNext,    // once it holds its next turn and issued those adds (the WS writer's bulk_wait<1>, unrotated)
+};
+bool schedule_completes(int heads, int k, int m_count, int slots, bool rotate, Handoff handoff = Handoff::kAtOnce) {
   const RotatedDqWalk<int> walk{k, m_count};
   const int blocks = heads * k;
-  std::vector<int> step(blocks, 0), counter(static_cast<size_t>(heads) * m_count, 0);
+  std::vector<int> step(blocks, 0), held(blocks, -1), counter(static_cast<size_t>(heads) * m_count, 0);
   std::vector<char> resident(blocks, 0);
   int next = 0, running = 0, done = 0;
+  auto pass = [&](int b) {
+    if (held[b] >= 0) ++counter[static_cast<size_t>(b / k) * m_count + held[b]], held[b] = -1;
+  };
   while (done < blocks) {
     while (running < slots && next < blocks) resident[next++] = 1, ++running;
     bool progress = false;
     for (int b = 0; b < next; ++b) {
       if (!resident[b]) continue;
       const int head = b / k, n = k - 1 - b % k;
+      if (step[b] == m_count) {  // the last turn passes on at the end
+        pass(b), resident[b] = 0, --running, ++done, progress = true;
+        continue;
+      }
+      if (handoff == Handoff::kBeforeNext && held[b] >= 0) pass(b), progress = true;
       const int m = rotate ? walk.tile_at(n, step[b]) : step[b];
       const int r = rotate ? walk.rank(n, m) : k - 1 - n;
-      int& c = counter[static_cast<size_t>(head) * m_count + m];
-      if (c != r) continue;
-      ++c, progress = true;
-      if (++step[b] == m_count) resident[b] = 0, --running, ++done;
+      if (counter[static_cast<size_t>(head) * m_count + m] != r) continue;
+      if (handoff == Handoff::kAfterNext) pass(b);
+      held[b] = m, ++step[b], progress = true;
+      if (handoff == Handoff::kAtOnce) pass(b);
     }
     if (!progress && !(running < slots && next < blocks)) return false;
   }
@@ -170,21 +183,43 @@ bool schedule_completes(int heads, int k, int m_count, int slots, bool rotate) {
 }
 
 TEST(AttentionRule, RotatedDqWalkNeedsAHeadResident) {
-  for (int k : {2, 3, 8, 16, 33})
-    for (int m_count : {2, 5, 16, 40})
-      for (int slots : {1, 2, 7, 16, 33, 66, 132}) {
-        SCOPED_TRACE(::testing::Message() << "K " << k << " M " << m_count << " slots " << slots);
-        EXPECT_TRUE(schedule_completes(5, k, m_count, slots, false));  // waits only on lower block indices
-        if (slots >= k) {
-          EXPECT_TRUE(schedule_completes(5, k, m_count, slots, true));
+  for (Handoff handoff : {Handoff::kAtOnce, Handoff::kBeforeNext})
+    for (int k : {2, 3, 8, 16, 33})
+      for (int m_count : {2, 5, 8, 16, 33, 40})
+        for (int slots : {1, 2, 7, 16, 33, 66, 132}) {
+          SCOPED_TRACE(::testing::Message() << "K " << k << " M " << m_count << " slots " << slots << " handoff "
+                                            << static_cast<int>(handoff));
+          EXPECT_TRUE(schedule_completes(5, k, m_count, slots, false, handoff));  // waits on lower indices only
+          if (slots >= k) {
+            EXPECT_TRUE(schedule_completes(5, k, m_count, slots, true, handoff));
+          }
+          // dq_walk_rotates asks for 4 K <= SMs: a head's blocks fit with room to spare.
+          if (flash_attn2::dq_walk_rotates(true, k, m_count, slots)) {
+            EXPECT_TRUE(schedule_completes(5, k, m_count, slots, true, handoff));
+          }
         }
-        // dq_walk_rotates asks for 4 K <= SMs: a head's blocks fit with room to spare.
-        if (flash_attn2::dq_walk_rotates(true, k, m_count, slots)) {
-          EXPECT_TRUE(schedule_completes(5, k, m_count, slots, true));
-        }
-      }
   // Why the launcher asks: with fewer slots than key tiles the rotated walk can wait on a block never dispatched.
   EXPECT_FALSE(schedule_completes(5, 8, 8, 4, true));
+}
+
+// The WS writer's hand-off a step late (it takes its next turn, then passes the last one on) is safe unrotated,
+// where every wait runs to a later key tile. Rotated, wherever M <= K, a key tile's predecessor at its next query
+// tile arrived there a step before it (one start later, or the same start) and holds it until it takes its own
+// next turn: a cycle around the head. So the rotated WS writer hands each turn on before it waits for its next
+// (kBeforeNext), and that completes wherever the heads fit.
+TEST(AttentionRule, RotatedDqWalkHandsOffBeforeItsNextTurn) {
+  for (int k = 2; k <= 24; ++k)
+    for (int m_count = 2; m_count <= 24; ++m_count) {
+      SCOPED_TRACE(::testing::Message() << "K " << k << " M " << m_count);
+      EXPECT_TRUE(schedule_completes(3, k, m_count, 2 * k, false, Handoff::kAfterNext));
+      EXPECT_TRUE(schedule_completes(3, k, m_count, k, true, Handoff::kBeforeNext));
+      EXPECT_TRUE(schedule_completes(3, k, m_count, 4 * k, true, Handoff::kBeforeNext));
+      if (m_count <= k) {
+        EXPECT_FALSE(schedule_completes(3, k, m_count, 4 * k, true, Handoff::kAfterNext));
+      } else {
+        EXPECT_TRUE(schedule_completes(3, k, m_count, 4 * k, true, Handoff::kAfterNext));
+      }
+    }
 }
 
 }  // namespace

@@ -34,7 +34,8 @@ void choose_dq_walk(BwdParams& p) {
   int device = 0, sms = 0;
   FA2_CUDA_CHECK(cudaGetDevice(&device));
   FA2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN, num_m = (p.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;
+  const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  const int64_t num_m = (p.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;
   p.dq_rotate = dq_walk_rotates(p.window_left < 0 && p.window_right < 0, num_n, num_m, sms) ? 1 : 0;
 }
 
