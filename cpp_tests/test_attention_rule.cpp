@@ -211,6 +211,7 @@ TEST(AttentionRule, RotatedDqWalkHandsOffBeforeItsNextTurn) {
   for (int k = 2; k <= 24; ++k)
     for (int m_count = 2; m_count <= 24; ++m_count) {
       SCOPED_TRACE(::testing::Message() << "K " << k << " M " << m_count);
+      EXPECT_TRUE(schedule_completes(3, k, m_count, 1, false, Handoff::kAfterNext));  // one block at a time
       EXPECT_TRUE(schedule_completes(3, k, m_count, 2 * k, false, Handoff::kAfterNext));
       EXPECT_TRUE(schedule_completes(3, k, m_count, k, true, Handoff::kBeforeNext));
       EXPECT_TRUE(schedule_completes(3, k, m_count, 4 * k, true, Handoff::kBeforeNext));
