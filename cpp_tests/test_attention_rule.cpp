@@ -4,12 +4,15 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
+#include <numeric>
 #include <vector>
 
 #include "attention_rule.h"
 
 namespace {
 
+using flash_attn2::RotatedDqWalk;
 using flash_attn2::Visibility;
 
 // The query tiles key tile n visits, as BwdSteps (bwd_tile_io.cuh) walks them.
@@ -55,6 +58,169 @@ TEST(AttentionRule, KeyTileRangesMatchTheBackwardWalk) {
             }
           }
   EXPECT_GT(with_visitors, checked / 2);
+}
+
+// The rotated deterministic walk (RotatedDqWalk): each key tile's walk visits every query tile once, each query
+// tile's turns are a permutation of its visitors, and a turn never goes to a key tile before one that arrives
+// earlier (ties, where key tiles share a start: the later key tile first, as without the rotation).
+TEST(AttentionRule, RotatedDqWalkTurnsFollowArrivals) {
+  for (int k = 1; k <= 40; ++k)
+    for (int m_count = 1; m_count <= 40; ++m_count) {
+      const RotatedDqWalk<int> walk{k, m_count};
+      SCOPED_TRACE(::testing::Message() << "K " << k << " M " << m_count);
+      for (int n = 0; n < k; ++n) {
+        std::vector<int> seen(m_count, 0);
+        for (int s = 0; s < m_count; ++s) {
+          const int m = walk.tile_at(n, s);
+          ASSERT_GE(m, 0);
+          ASSERT_LT(m, m_count);
+          ++seen[m];
+          ASSERT_EQ(walk.arrival(n, m), s);
+        }
+        ASSERT_EQ(*std::min_element(seen.begin(), seen.end()), 1);
+      }
+      for (int m = 0; m < m_count; ++m) {
+        std::vector<int> by_rank(k, -1);
+        for (int n = 0; n < k; ++n) {
+          const int r = walk.rank(n, m);
+          ASSERT_GE(r, 0);
+          ASSERT_LT(r, k);
+          ASSERT_EQ(by_rank[r], -1) << "two key tiles with turn " << r << " at query tile " << m;
+          by_rank[r] = n;
+        }
+        for (int r = 1; r < k; ++r) {
+          const int a = by_rank[r - 1], b = by_rank[r];
+          ASSERT_LE(walk.arrival(a, m), walk.arrival(b, m)) << "turn " << r << " at query tile " << m;
+          if (walk.arrival(a, m) == walk.arrival(b, m)) {
+            ASSERT_GT(a, b);
+          }
+        }
+      }
+    }
+}
+
+// Finish time of a head's backward under a simple model: every key-tile block starts at once, computes a step in
+// 1, and its dQ adds (h each, one at a time per block, each after its turn's predecessor's) trail its steps.
+// Returns the last add's end. rotate = false: the walk from query tile 0 and turns from the last key tile down.
+double head_finish_time(int k, int m_count, double h, bool rotate) {
+  const RotatedDqWalk<int> walk{k, m_count};
+  auto tile = [&](int n, int s) { return rotate ? walk.tile_at(n, s) : s; };
+  auto step_of = [&](int n, int m) { return rotate ? walk.arrival(n, m) : m; };
+  auto rank = [&](int n, int m) { return rotate ? walk.rank(n, m) : k - 1 - n; };
+  std::vector<int> by_rank(static_cast<size_t>(k) * m_count);
+  for (int m = 0; m < m_count; ++m)
+    for (int n = 0; n < k; ++n) by_rank[static_cast<size_t>(m) * k + rank(n, m)] = n;
+  std::vector<double> end(static_cast<size_t>(k) * m_count, -1.0);  // add end of (n, s)
+  std::function<double(int, int)> add_end = [&](int n, int s) -> double {
+    double& e = end[static_cast<size_t>(n) * m_count + s];
+    if (e >= 0) return e;
+    const int m = tile(n, s), r = rank(n, m);
+    double start = s + 1.0;                                  // its step's products are done
+    if (s > 0) start = std::max(start, add_end(n, s - 1));  // its previous adds are done
+    if (r > 0) {
+      const int pred = by_rank[static_cast<size_t>(m) * k + r - 1];
+      start = std::max(start, add_end(pred, step_of(pred, m)));  // the turn before it is done
+    }
+    return e = start + h;
+  };
+  double finish = 0;
+  for (int n = 0; n < k; ++n) finish = std::max(finish, add_end(n, m_count - 1));
+  return finish;
+}
+
+TEST(AttentionRule, RotatedDqWalkRemovesTheHandOffChain) {
+  const double h = 0.5;  // a hand-off at half a step
+  for (int k = 2; k <= 24; ++k)
+    for (int m_count = 2; m_count <= 24; ++m_count) {
+      SCOPED_TRACE(::testing::Message() << "K " << k << " M " << m_count);
+      const double plain = head_finish_time(k, m_count, h, false), rotated = head_finish_time(k, m_count, h, true);
+      EXPECT_DOUBLE_EQ(plain, m_count + k * h);  // the chain: each key tile a hand-off behind the next
+      if (m_count >= k) {
+        EXPECT_DOUBLE_EQ(rotated, m_count + h);  // nobody waits
+      }
+      EXPECT_LE(rotated, plain);
+    }
+}
+
+// Dispatch in blockIdx order (a head's key tiles together, the last first, as BwdBlockInfo lays them out) onto
+// `slots` resident blocks, each block's dQ writer taking its turn at each query tile: true when every block
+// finishes. Several heads, so the frontier head shares the GPU with whole ones. How a writer hands a turn on:
+enum class Handoff {
+  kAtOnce,       // after its adds (DqOrder's acquire / release)
+  kBeforeNext,   // when it reaches its next step, before waiting for that turn (DqOrderChain; the WS writer rotated)
+  kAfterNext,    // once it holds its next turn and issued those adds (the WS writer's bulk_wait<1>, unrotated)
+};
+bool schedule_completes(int heads, int k, int m_count, int slots, bool rotate, Handoff handoff = Handoff::kAtOnce) {
+  const RotatedDqWalk<int> walk{k, m_count};
+  const int blocks = heads * k;
+  std::vector<int> step(blocks, 0), held(blocks, -1), counter(static_cast<size_t>(heads) * m_count, 0);
+  std::vector<char> resident(blocks, 0);
+  int next = 0, running = 0, done = 0;
+  auto pass = [&](int b) {
+    if (held[b] >= 0) ++counter[static_cast<size_t>(b / k) * m_count + held[b]], held[b] = -1;
+  };
+  while (done < blocks) {
+    while (running < slots && next < blocks) resident[next++] = 1, ++running;
+    bool progress = false;
+    for (int b = 0; b < next; ++b) {
+      if (!resident[b]) continue;
+      const int head = b / k, n = k - 1 - b % k;
+      if (step[b] == m_count) {  // the last turn passes on at the end
+        pass(b), resident[b] = 0, --running, ++done, progress = true;
+        continue;
+      }
+      if (handoff == Handoff::kBeforeNext && held[b] >= 0) pass(b), progress = true;
+      const int m = rotate ? walk.tile_at(n, step[b]) : step[b];
+      const int r = rotate ? walk.rank(n, m) : k - 1 - n;
+      if (counter[static_cast<size_t>(head) * m_count + m] != r) continue;
+      if (handoff == Handoff::kAfterNext) pass(b);
+      held[b] = m, ++step[b], progress = true;
+      if (handoff == Handoff::kAtOnce) pass(b);
+    }
+    if (!progress && !(running < slots && next < blocks)) return false;
+  }
+  return true;
+}
+
+TEST(AttentionRule, RotatedDqWalkNeedsAHeadResident) {
+  for (Handoff handoff : {Handoff::kAtOnce, Handoff::kBeforeNext})
+    for (int k : {2, 3, 8, 16, 33})
+      for (int m_count : {2, 5, 8, 16, 33, 40})
+        for (int slots : {1, 2, 7, 16, 33, 66, 132}) {
+          SCOPED_TRACE(::testing::Message() << "K " << k << " M " << m_count << " slots " << slots << " handoff "
+                                            << static_cast<int>(handoff));
+          EXPECT_TRUE(schedule_completes(5, k, m_count, slots, false, handoff));  // waits on lower indices only
+          if (slots >= k) {
+            EXPECT_TRUE(schedule_completes(5, k, m_count, slots, true, handoff));
+          }
+          // dq_walk_rotates asks for 4 K <= SMs: a head's blocks fit with room to spare.
+          if (flash_attn2::dq_walk_rotates(true, k, m_count, slots)) {
+            EXPECT_TRUE(schedule_completes(5, k, m_count, slots, true, handoff));
+          }
+        }
+  // Why the launcher asks: with fewer slots than key tiles the rotated walk can wait on a block never dispatched.
+  EXPECT_FALSE(schedule_completes(5, 8, 8, 4, true));
+}
+
+// The WS writer's hand-off a step late (it takes its next turn, then passes the last one on) is safe unrotated,
+// where every wait runs to a later key tile. Rotated, wherever M <= K, a key tile's predecessor at its next query
+// tile arrived there a step before it (one start later, or the same start) and holds it until it takes its own
+// next turn: a cycle around the head. So the rotated WS writer hands each turn on before it waits for its next
+// (kBeforeNext), and that completes wherever the heads fit.
+TEST(AttentionRule, RotatedDqWalkHandsOffBeforeItsNextTurn) {
+  for (int k = 2; k <= 24; ++k)
+    for (int m_count = 2; m_count <= 24; ++m_count) {
+      SCOPED_TRACE(::testing::Message() << "K " << k << " M " << m_count);
+      EXPECT_TRUE(schedule_completes(3, k, m_count, 1, false, Handoff::kAfterNext));  // one block at a time
+      EXPECT_TRUE(schedule_completes(3, k, m_count, 2 * k, false, Handoff::kAfterNext));
+      EXPECT_TRUE(schedule_completes(3, k, m_count, k, true, Handoff::kBeforeNext));
+      EXPECT_TRUE(schedule_completes(3, k, m_count, 4 * k, true, Handoff::kBeforeNext));
+      if (m_count <= k) {
+        EXPECT_FALSE(schedule_completes(3, k, m_count, 4 * k, true, Handoff::kAfterNext));
+      } else {
+        EXPECT_TRUE(schedule_completes(3, k, m_count, 4 * k, true, Handoff::kAfterNext));
+      }
+    }
 }
 
 }  // namespace

@@ -68,6 +68,47 @@ struct Visibility {
   }
 };
 
+// The deterministic backward's walk where every key tile of a sequence visits every query tile (no causal mask,
+// no window) and the launcher chose to rotate it (BwdParams::dq_rotate): key tile n of the K starts at query
+// tile start(n) = floor(n M / K) of the M and wraps around, and query tile m takes its K visitors' dQ adds in the
+// order they arrive: first the key tiles that start at or before m, the latest start first, then the others,
+// again the latest start first. Without the rotation every key tile walks the query tiles from 0 and the turns
+// run from the last key tile down, so key tile n reaches each query tile with key tile n + 1 and waits for its
+// adds: the hand-offs add up along the chain (perf.md v21: 0.71-0.80 of the default backward at 2k). Rotated,
+// under equal step times no key tile waits on one that arrives after it (where M < K, those sharing a start
+// still chain). But its waits are not all on lower block indices: the launcher rotates only where a head's K
+// blocks fit on the GPU several times over, so that they are co-resident (cpp_tests/test_attention_rule.cpp
+// simulates both). All in int64 on the host, int on the device: K, M < 2^24.
+template <typename I>
+struct RotatedDqWalk {
+  I num_n, num_m;  // K key tiles, M query tiles of the sequence
+  FA2_HD I start(I n) const { return static_cast<I>(static_cast<long long>(n) * num_m / num_n); }
+  // Query tile of key tile n's step s (0 <= s < M), and the step at which key tile n reaches query tile m.
+  FA2_HD I tile_at(I n, I s) const {
+    const I m = start(n) + s;
+    return m >= num_m ? m - num_m : m;
+  }
+  FA2_HD I arrival(I n, I m) const {
+    const I s = m - start(n);
+    return s < 0 ? s + num_m : s;
+  }
+  // Key tile n's turn at query tile m, 0-based: (last(m) - n) mod K, last(m) the last key tile starting at or
+  // before m, i.e. n <= last(m) iff n M / K < m + 1.
+  FA2_HD I rank(I n, I m) const {
+    const long long last = (static_cast<long long>(m + 1) * num_n + num_m - 1) / num_m - 1;
+    const I l = static_cast<I>(last < num_n - 1 ? last : num_n - 1);
+    const I r = l - n;
+    return r < 0 ? r + num_n : r;
+  }
+};
+
+// Whether the deterministic backward rotates its walk (RotatedDqWalk): no mask, at least two key tiles, and a
+// head's key tiles (one block each) at most a quarter of the SMs, so they run together even beside other work
+// (a collective's kernels, say) that holds up to half the GPU.
+FA2_HD bool dq_walk_rotates(bool unmasked, long long num_n, long long num_m, long long sms) {
+  return unmasked && num_n >= 2 && num_m >= 2 && 4 * num_n <= sms;
+}
+
 // The score transform, in "score units": a kernel that keeps raw scores q.k (and applies the softmax scale
 // later) uses unit = scale; one that works on scaled scores uses unit = 1. Then
 //   transform(x) = cap_out * tanh(cap_in * x) - alibi * |i + diag - j|   (each term only when enabled)

@@ -47,6 +47,8 @@
 #   ab_base_decode the decode step (fwd_kvcache), this tree vs BASE_SRC as in ab_base, long caches and B = 1
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
 #   det            the deterministic tests on both kernel families (DET_ORDERS="spread head": under each grid order)
+#   ab_detrotate   the deterministic backward's rotated walk on unmasked rows vs the walk from query tile 0
+#                  (FLASH_ATTN2_DET_ROTATE=0)
 #   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
 #   variants       the variant bench rows
 #   bench          the quick grid with every SDPA backend and the variant rows
@@ -338,6 +340,10 @@ if step det 130; then  # DET_ORDERS="spread head": the deterministic grid orders
       echo "deterministic tests, order $order, portable=$portable rc $?: $(tail -1 "$OUT/det${order}_$portable.log")"
     done
   done
+fi
+if step ab_detrotate 200; then  # the deterministic backward's rotated walk (B, unmasked rows) vs from query tile 0 (A)
+  timeout 190 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_DET_ROTATE=0 $lib --direction bwd --head-dims 64,128,256 \
+    --lengths 2048,4096,8192 --causal-lengths 2048 --mods none,det | tee "$OUT/ab_detrotate.md"
 fi
 if step ab_detorder 200; then  # the deterministic backward's grid: a head's key tiles together (B) vs spread over heads (A)
   timeout 190 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_DET_ORDER=spread $lib,FLASH_ATTN2_DET_ORDER=head \

@@ -13,9 +13,11 @@ namespace flash_attn2::cuda {
 
 // Steps of a backward block: the q heads of its GQA group x the query tiles that see its key tile (only those:
 // causal and window bounds skip the rest), heads outermost.
+// Deterministic and rotated (BwdParams::dq_rotate, unmasked calls only, so m_begin = 0): each head's walk starts
+// at the key tile's RotatedDqWalk::start and wraps around.
 template <int kBlockM>
 struct BwdSteps {
-  int group, m_begin, m_count, total;
+  int group, m_begin, m_count, total, rot = 0;
   template <int kBlockN>
   FA2_DEVICE BwdSteps(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const Visibility<int>& vis) {
     group = p.heads_q / p.heads_kv;
@@ -23,9 +25,15 @@ struct BwdSteps {
     m_begin = q_begin / kBlockM;
     m_count = q_end > q_begin ? ceil_div(q_end, kBlockM) - m_begin : 0;
     total = group * m_count;
+    if (p.dq_rotate && m_count > 0)
+      rot = RotatedDqWalk<int>{ceil_div(vis.seqlen_k, kBlockN), m_count}.start(blk.n_block);
   }
   FA2_DEVICE int head(int it, int head_kv) const { return head_kv * group + it / m_count; }
-  FA2_DEVICE int row0(int it) const { return (m_begin + it % m_count) * kBlockM; }
+  FA2_DEVICE int row0(int it) const {
+    int i = it % m_count + rot;
+    if (i >= m_count) i -= m_count;
+    return (m_begin + i) * kBlockM;
+  }
 };
 
 // Issues (no commit) the copies of the block's K and V tiles into s_k / s_v.
@@ -93,7 +101,10 @@ FA2_DEVICE void store_dk_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk
 // once and block n + 1 reaches each later tile two steps ahead of block n; in key-tile order every block waited
 // at its first tile for all the tiles before it. Blocks are dispatched in blockIdx order and later key tiles
 // have lower indices (BwdBlockInfo orders the grid last key tile first in this mode), so the block being waited
-// for is resident or done.
+// for is resident or done. Unmasked calls with few key tiles rotate instead (BwdParams::dq_rotate,
+// RotatedDqWalk): key tile n starts at its own query tile and each query tile takes its turns in arrival order,
+// so no key tile trails the next by a hand-off at every step; their waits need a head's blocks co-resident,
+// which the launcher's limit (a quarter of the SMs) leaves room for.
 // The threads that add a block's dQ and meet around its turns: the whole block (bar 0: __syncthreads), or the
 // `threads` threads of named barrier `bar` (the d256 backward's dQ warpgroup, whose turns the others never wait
 // for). tid in DqOrder's calls counts within them.
@@ -118,7 +129,9 @@ struct DqOrder {
     if (p.dq_semaphore == nullptr) return o;
     const int m = row0 / kBlockM;
     o.counter = p.dq_semaphore + (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.dq_semaphore_tiles + m;
-    o.rank = vis.last_key_tile(row0, kBlockM, kBlockN) - blk.n_block;
+    o.rank = p.dq_rotate ? RotatedDqWalk<int>{ceil_div(vis.seqlen_k, kBlockN), ceil_div(vis.seqlen_q, kBlockM)}
+                               .rank(blk.n_block, m)
+                         : vis.last_key_tile(row0, kBlockM, kBlockN) - blk.n_block;
     return o;
   }
   // One thread: waits for this block's turn (acquire), hands the turn on (release).

@@ -22,11 +22,30 @@
 namespace flash_attn2::cuda {
 
 namespace detail {
+// The deterministic mode's walk for a kernel of Kt's tiles: rotated (RotatedDqWalk) where the call has no mask,
+// the grid keeps a head's key tiles together and they are at most a quarter of the SMs (dq_walk_rotates);
+// FLASH_ATTN2_DET_ROTATE=0 keeps the walk from query tile 0 (A/B runs).
+template <class Kt>
+void choose_dq_walk(BwdParams& p) {
+  p.dq_rotate = 0;
+  if (p.dq_semaphore == nullptr || !p.dq_order_by_head) return;
+  const char* env = std::getenv("FLASH_ATTN2_DET_ROTATE");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return;
+  int device = 0, sms = 0;
+  FA2_CUDA_CHECK(cudaGetDevice(&device));
+  FA2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  const int64_t num_m = (p.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM;
+  p.dq_rotate = dq_walk_rotates(p.window_left < 0 && p.window_right < 0, num_n, num_m, sms) ? 1 : 0;
+}
+
 // Main backward kernels: one block per (key tile, kv head, batch).
 template <class Kt, class Kernel>
 void launch_per_key_tile(Kernel kernel, const BwdParams& params, cudaStream_t stream) {
+  BwdParams launch_params = params;
+  choose_dq_walk<Kt>(launch_params);
   const int64_t num_n = (params.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
-  launch(kernel, num_n * params.heads_kv * params.batch, Kt::kNThreads, Kt::kSmemBytes, params, stream);
+  launch(kernel, num_n * params.heads_kv * params.batch, Kt::kNThreads, Kt::kSmemBytes, launch_params, stream);
 }
 
 // The mma.sync kernel (sm_80+), or its smaller-tile variant where the GPU's per-block shared memory is below
@@ -96,6 +115,7 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
   launch.dq_red_add = dq_red_add_requested() && p.dq_semaphore == nullptr;
   launch.ws_prefetch_maps = ws_prefetch_maps();
+  choose_dq_walk<Kt>(launch);
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
@@ -114,6 +134,7 @@ void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
   CUtensorMap dq_map{};
   launch.dq_red_add = p.dq_semaphore != nullptr || dq_red_add_requested() ||
                       !make_f32_rows_map(&dq_map, p.dq_accum, p.head_dim, dq_accum_rows(p), Kt::kBlockM);
+  choose_dq_walk<Kt>(launch);
   auto kernel = &flash_bwd_sm90_wide_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;

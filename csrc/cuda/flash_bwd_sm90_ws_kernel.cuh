@@ -217,6 +217,16 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
         tma::wait(sm.dq_full(b), (it / Kt::kDqBufs) & 1);
         if (deterministic) {
+          // Rotated (BwdParams::dq_rotate), the last step's turn passes on before this one is waited for: taking
+          // this turn first and then passing the last one on, as below, makes a cycle of waits wherever a head
+          // has no more query tiles than key tiles (cpp_tests/test_attention_rule.cpp simulates both).
+          if (p.dq_rotate && pending_buf >= 0) {
+            tma::bulk_wait<0>();  // its adds had this step's products to drain under
+            tma::fence_proxy_async_global();
+            pending.pass_turn();
+            tma::arrive(sm.dq_empty(pending_buf));
+            pending_buf = -1;
+          }
           order.wait_turn();
           tma::fence_proxy_async_global();  // the turn's acquire before this thread's reduce-adds
         }
@@ -227,7 +237,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         }
         tma::bulk_commit();
         if (deterministic) {
-          tma::bulk_wait<1>();  // the last step's adds are done in global memory (this step's may run on) ...
+          // Unrotated: the last step's adds are done in global memory (this step's may run on) ...
+          if (!p.dq_rotate) tma::bulk_wait<1>();
           if (pending_buf >= 0) {
             tma::fence_proxy_async_global();  // ... and ordered before the release that passes its turn on
             pending.pass_turn();

@@ -126,6 +126,9 @@ struct BwdParams : FwdParams {
   // Deterministic mode's grid order (BwdBlockInfo): 1 (the default) keeps a head's key tiles together, 0 spreads
   // each wave over every head, key tile slowest (FLASH_ATTN2_DET_ORDER=spread, A/B runs).
   int dq_order_by_head;
+  // Deterministic mode, unmasked calls: the rotated walk (RotatedDqWalk, attention_rule.h), set per kernel by
+  // the launcher (detail::choose_dq_walk) where a head's key tiles are few enough to be co-resident.
+  int dq_rotate;
   bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)
 };
 

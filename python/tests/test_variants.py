@@ -709,5 +709,40 @@ def test_cuda_deterministic_backward_is_bitwise_reproducible(d):
 
 
 @requires_cuda
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("nq,nk", [(520, 520), (200, 1000), (1000, 200), (130, 900)])
+def test_cuda_deterministic_rotated_walk(monkeypatch, d, nq, nk):
+    """Unmasked deterministic backwards with few key tiles walk rotated (each key tile from its own query tile,
+    a query tile's turns in arrival order: RotatedDqWalk): bitwise reproducible and the default mode's gradients
+    to rounding, as is the walk from query tile 0 (FLASH_ATTN2_DET_ROTATE=0); the two add in different orders,
+    so their float32 sums differ somewhere (every shape here has two key tiles and two query tiles at least)."""
+    q, k, v = random_qkv(2, 8, 2, nq, nk, d, torch.bfloat16, "cuda")
+    out, lse = flash_attn2.attention_with_lse(q, k, v, False)
+    dout = torch.randn_like(out)
+
+    def bwd(rotate, **kw):
+        monkeypatch.setenv("FLASH_ATTN2_DET_ROTATE", rotate)
+        return F.bwd(dout, q, k, v, out, lse, False, None, **kw)
+    assert_deterministic_backward(lambda: bwd("1", deterministic=True), lambda: bwd("1"))
+    assert_deterministic_backward(lambda: bwd("0", deterministic=True), lambda: bwd("1"))
+    rotated, plain = bwd("1", deterministic=True), bwd("0", deterministic=True)
+    assert any(not torch.equal(a, b) for a, b in zip(rotated, plain)), "the rotated walk did not run"
+
+
+@requires_cuda
+def test_cuda_varlen_deterministic_rotated_walk(monkeypatch):
+    """A packed unmasked batch (sequences of one, several and no query or key tiles) on the rotated walk:
+    bitwise reproducible and the default mode's gradients to rounding."""
+    monkeypatch.setenv("FLASH_ATTN2_DET_ROTATE", "1")
+    lengths_q, lengths_k = [300, 1, 129, 0, 520, 700], [280, 64, 129, 7, 600, 700]
+    q, k, v, cu_q, cu_k = packed_batch(lengths_q, lengths_k, 4, 2, 128, torch.bfloat16, "cuda")
+    nq, nk = max(lengths_q), max(lengths_k)
+    out, lse = flash_attn2.attention_varlen_with_lse(q, k, v, cu_q, cu_k, nq, nk, False)
+    dout = torch.randn_like(out)
+    bwd = lambda **kw: F.bwd_varlen(dout, q, k, v, out, lse, cu_q, cu_k, nq, nk, False, None, **kw)
+    assert_deterministic_backward(lambda: bwd(deterministic=True), bwd)
+
+
+@requires_cuda
 def test_cuda_varlen_deterministic_and_graph_safe():
     check_varlen_deterministic([300, 0, 700, 5], d=64)
