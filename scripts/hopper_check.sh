@@ -11,13 +11,15 @@
 #   kvtests        test_kvcache.py's CUDA tests (decode, paged caches, graphs, the plain op's split-KV path)
 #   san_kvcache    memcheck, racecheck, synccheck on the split-KV / KV-cache cases (FA2_SANITIZE=kvcache)
 #   decode_bench   the bench's decode rows and examples/generate (scripts/gpu_check.sh decode)
-#   timeline       the decode step block by block (a -DFLASH_ATTN2_SPLITKV_TIMELINE build; splitkv_timeline.py)
+#   timeline       the decode step block by block (a -DFLASH_ATTN2_SPLITKV_TIMELINE build; splitkv_timeline.py;
+#                  TIMELINE_CASES="B,Hkv,L;...": other rows)
 #   gqa_probe      #11's GQA rows beside the same shapes without grouping, fwd and bwd, ours and cuDNN
 #   ab_wide        Nq = 16 and 8 decode rows (64 / 32 packed rows): this tree vs BASE_SRC as in ab_base
 #   ab_evict       the split-KV K/V loads evict-unchanged (FLASH_ATTN2_SPLITKV_EVICT_FIRST=0) vs evict-first, long rows
 #                  (EVICT_CASES="B,Hkv,L;...": other rows)
-#   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py)
-#   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k), then their
+#   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py; SPLITS_CASES, SPLITS)
+#   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k; DECODE_SHAPE=
+#                  "B,Hkv,L" for another), then their
 #                  warp stall reasons with caches and clocks as they run
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
@@ -111,10 +113,11 @@ if step widetests 120; then
   echo "d256 tests rc $?: $(tail -1 "$OUT/widetests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/widetests.log" | head -20
 fi
-if step kvtests 110; then
-  timeout 100 python3 -m pytest python/tests/test_kvcache.py -q -x -p no:cacheprovider -k "cuda or few_queries" \
+if step kvtests 200; then
+  timeout 190 python3 -m pytest python/tests/test_kvcache.py -q -x -p no:cacheprovider -k "cuda or few_queries" \
     >"$OUT/kvtests.log" 2>&1
   echo "test_kvcache.py CUDA rc $?: $(tail -1 "$OUT/kvtests.log")"
+  grep -E "^(FAILED|ERROR|E  )" "$OUT/kvtests.log" | head -12
 fi
 for what in ws wsbwd widebwd kvcache; do
   step san_$what 150 || continue
@@ -137,10 +140,10 @@ if step timeline 200; then  # the decode step block by block, from a debug build
     timeout 170 cmake --build build/timeline -j"$(nproc)" >>"$OUT/timeline_build.log" 2>&1 ) ||
     { echo "timeline build failed"; tail -20 "$OUT/timeline_build.log"; }
   [[ -f build/timeline/libflash_attn2.so ]] && FLASH_ATTN2_LIBRARY=$PWD/build/timeline/libflash_attn2.so timeout 60 \
-    python3 scripts/splitkv_timeline.py | tee "$OUT/timeline.md"
+    python3 scripts/splitkv_timeline.py ${TIMELINE_CASES:+--cases "$TIMELINE_CASES"} | tee "$OUT/timeline.md"
   [[ -f build/timeline/libflash_attn2.so ]] && echo "each step twice, the second's stamps (warm code):" &&
     FLASH_ATTN2_TIMELINE_TWICE=1 FLASH_ATTN2_LIBRARY=$PWD/build/timeline/libflash_attn2.so timeout 60 \
-    python3 scripts/splitkv_timeline.py | tee "$OUT/timeline_twice.md"
+    python3 scripts/splitkv_timeline.py ${TIMELINE_CASES:+--cases "$TIMELINE_CASES"} | tee "$OUT/timeline_twice.md"
 fi
 if step gqa_probe 120; then  # the GQA rows' shapes with and without grouping, ours and cuDNN (scripts/gqa_probe.py)
   for n in 4096 8192; do timeout 55 python3 scripts/gqa_probe.py --n $n | tee -a "$OUT/gqa_probe.md"; done
@@ -161,13 +164,16 @@ if step ab_evict 130; then  # the split-KV K/V loads evict-unchanged (A) vs evic
     | tee "$OUT/ab_evict.md"
 fi
 if step decode_splits 90; then  # the decode step's time per forced split count (CUDA graphs)
-  timeout 90 python3 scripts/decode_splits.py | tee "$OUT/decode_splits.md"
+  timeout 90 python3 scripts/decode_splits.py ${SPLITS_CASES:+--cases "$SPLITS_CASES"} ${SPLITS:+--splits "$SPLITS"} \
+    | tee "$OUT/decode_splits.md"
 fi
 if step ncu_decode 120; then  # per-kernel duration and DRAM throughput of the decode step
   cat >"$OUT/decode_step.py" <<'PY'
 import torch, flash_attn2
-q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+import os
+b, hkv, n = (int(x) for x in os.environ.get("DECODE_SHAPE", "1,8,8192").split(","))
+q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+k, v = (torch.randn(b, hkv, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 for _ in range(2):
     flash_attn2.attention_kvcache(q, k, v)
 torch.cuda.synchronize()
