@@ -63,8 +63,8 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
 
 def backward_cases(dtype, d, shapes, deterministic_varlen):
     """Backward cases for one (dtype, d): each (nq, nk, causal) of `shapes` plain, with a window, softcap and
-    dropout, and deterministic (GQA 2:1); then a packed causal batch with an empty sequence (and, with
-    deterministic_varlen, its deterministic backward)."""
+    dropout, and deterministic (GQA 2:1); a deterministic unmasked 300 x 300 (the rotated walk); then a packed
+    causal batch with an empty sequence (and, with deterministic_varlen, its deterministic backward)."""
     for nq, nk, causal in shapes:
         q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -75,6 +75,10 @@ def backward_cases(dtype, d, shapes, deterministic_varlen):
         out, lse = flash_attn2.attention_with_lse(q.detach(), k.detach(), v.detach(), causal)
         torch.ops.flash_attn2.bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, causal,
                                   None, deterministic=True)
+    # The rotated deterministic walk (unmasked, several query and key tiles per head: RotatedDqWalk).
+    q, k, v = (torch.randn(1, 2, 300, d, device="cuda", dtype=dtype) for _ in range(3))
+    out, lse = flash_attn2.attention_with_lse(q, k, v, False)
+    torch.ops.flash_attn2.bwd(torch.randn_like(out), q, k, v, out, lse, False, None, deterministic=True)
     cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
     q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True).sum().backward()
