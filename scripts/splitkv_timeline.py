@@ -31,30 +31,28 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
 
 
-def per_sm_count(blocks, smid):
-    return sum(1 for b in blocks if b[7] == smid)
-
-
-def sm_loops(line):
-    """Per SM, the mean loop time (clocks) of the split blocks on it, for the consistency check across calls."""
-    vals = [int(x) for x in line.split()]
-    nsplit = vals[0]
-    stamps = vals[3:]
-    per = {}
-    for i in range(nsplit):
-        b = stamps[i * SLOTS:(i + 1) * SLOTS]
-        if b[1] != 0 and b[3] > 0:
-            per.setdefault(b[7], []).append(b[4] - b[3])
-    return {sm: statistics.fmean(x) for sm, x in per.items()}
-
-
-def analyse(line):
+def parse(line):
+    """One call's line: (split-KV blocks that ran, combine blocks, split count), each block its SLOTS stamps."""
     vals = [int(x) for x in line.split()]
     nsplit, ncomb, splits = vals[:3]
     stamps = vals[3:]
     # (rows of blocks that did not run stay zero: a persistent grid has fewer blocks than work items)
     blocks = [b for b in (stamps[i * SLOTS:(i + 1) * SLOTS] for i in range(nsplit)) if b[1] != 0]
     comb = [stamps[(nsplit + i) * SLOTS:(nsplit + i + 1) * SLOTS] for i in range(ncomb)]
+    return blocks, comb, splits
+
+
+def sm_loops(line):
+    """Per SM, the mean loop time (clocks) of the split blocks on it, for the consistency check across calls."""
+    per = {}
+    for b in parse(line)[0]:
+        if b[3] > 0:
+            per.setdefault(b[7], []).append(b[4] - b[3])
+    return {sm: statistics.fmean(x) for sm, x in per.items()}
+
+
+def analyse(line):
+    blocks, comb, splits = parse(line)
     t0 = min(b[0] for b in blocks)
     ratios = [(b[5] - b[1]) / (b[6] - b[0]) for b in blocks if b[6] - b[0] >= 2000]
     ghz = statistics.median(ratios) if ratios else 1.98
@@ -64,7 +62,7 @@ def analyse(line):
     for b in blocks:
         per_sm[b[7]] = per_sm.get(b[7], 0) + 1
     r = {
-        "splits": splits, "blocks": nsplit, "ghz": ghz,
+        "splits": splits, "blocks": len(blocks), "ghz": ghz,
         "start p50": pct([(b[0] - t0) / 1000 for b in blocks], 0.5),
         "start max": max((b[0] - t0) / 1000 for b in blocks),
         "wait p50": pct([us(b[2] - b[1]) for b in blocks], 0.5),
@@ -86,8 +84,8 @@ def analyse(line):
         # stream's bytes were shared evenly) against the last one.
         "split end mean": statistics.fmean((b[6] - t0) / 1000 for b in blocks),
         # Loop time of blocks alone on their SM against those sharing it (the median of each; nan if none).
-        "loop alone p50": pct([us(b[4] - b[3]) for b in with_tiles if per_sm_count(blocks, b[7]) == 1], 0.5),
-        "loop shared p50": pct([us(b[4] - b[3]) for b in with_tiles if per_sm_count(blocks, b[7]) > 1], 0.5),
+        "loop alone p50": pct([us(b[4] - b[3]) for b in with_tiles if per_sm[b[7]] == 1], 0.5),
+        "loop shared p50": pct([us(b[4] - b[3]) for b in with_tiles if per_sm[b[7]] > 1], 0.5),
         "blocks/SM max": max(per_sm.values()), "SMs": len(per_sm),
     }
     if comb:
@@ -137,12 +135,13 @@ def main():
             common = sorted(set(means[0]) & set(means[1]))
             if len(common) >= 3:
                 a, c = [means[0][sm] for sm in common], [means[1][sm] for sm in common]
-                corr = statistics.correlation(a, c) if statistics.pstdev(a) > 0 and statistics.pstdev(c) > 0 else float("nan")
+                varied = statistics.pstdev(a) > 0 and statistics.pstdev(c) > 0
+                corr = statistics.correlation(a, c) if varied else float("nan")
                 for cl in calls:
                     cl["SM loop corr"] = corr
                 slowest = sorted(common, key=lambda sm: -(means[0][sm] + means[1][sm]))[:8]
-                print(f"{case}: per-SM loop corr {corr:.2f}; slowest SMs {slowest}; "
-                      f"their loop / median {[(round((means[0][sm] + means[1][sm]) / 2 / statistics.median(a), 3)) for sm in slowest]}")
+                ratios = [round((means[0][sm] + means[1][sm]) / 2 / statistics.median(a), 3) for sm in slowest]
+                print(f"{case}: per-SM loop corr {corr:.2f}; slowest SMs {slowest}; their loop / median {ratios}")
         assert calls, "no timeline written: is this a -DFLASH_ATTN2_SPLITKV_TIMELINE build?"
         med = {key: statistics.median(c[key] for c in calls) for key in calls[0]}
         rows.append((case, med))
