@@ -53,6 +53,8 @@ struct SplitKvTraits {
   static constexpr int kNT_O = kHeadDim / 8;
   static constexpr int kKS_QK = kHeadDim / 16;
   static constexpr int kKS_PV = kWarpN / 16;
+  // The score GEMM's k steps over this many accumulators (gemm_ss_chains): chains of at most four mmas.
+  static constexpr int kQkChains = kSplitKeys ? (kKS_QK + 3) / 4 : 1;
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
   static constexpr int kSmemQ = TileQ::kElems * 2;
@@ -81,7 +83,19 @@ struct KvRows {
   const FwdParams& p;
   int batch, head_kv, k_start, seqlen_k;
   int* s_pages;  // [kStages][kBlockN] page per row, one slot per pipeline stage (paged only)
+  // Element offsets that do not change from row to row, computed once: dense, the (batch, kv head)'s key 0 of
+  // this sequence; paged, the kv head within a page.
+  index_t k_base, v_base;
 
+  FA2_DEVICE KvRows(const FwdParams& p_, int batch_, int head_kv_, int k_start_, int seqlen_k_, int* s_pages_)
+      : p(p_), batch(batch_), head_kv(head_kv_), k_start(k_start_), seqlen_k(seqlen_k_), s_pages(s_pages_) {
+    k_base = static_cast<index_t>(head_kv) * p.k_head_stride;
+    v_base = static_cast<index_t>(head_kv) * p.v_head_stride;
+    if (!paged()) {
+      k_base += static_cast<index_t>(batch) * p.k_batch_stride + static_cast<index_t>(k_start) * p.k_row_stride;
+      v_base += static_cast<index_t>(batch) * p.v_batch_stride + static_cast<index_t>(k_start) * p.v_row_stride;
+    }
+  }
   FA2_DEVICE bool paged() const { return p.block_table != nullptr; }
   // The page of row tid of `tile` (threads tid < kBlockN, one row each; 0 past the sequence, whose entries are
   // never read), as a load whose result the caller stores later.
@@ -99,14 +113,14 @@ struct KvRows {
   // Row r of the tile staged in `stage`, key `key`.
   FA2_DEVICE void offsets(int key, int stage, int r, index_t& k_off, index_t& v_off) const {
     if (!paged()) {
-      k_off = row_offset(batch, head_kv, k_start + key, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
-      v_off = row_offset(batch, head_kv, k_start + key, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+      k_off = k_base + static_cast<index_t>(key) * p.k_row_stride;
+      v_off = v_base + static_cast<index_t>(key) * p.v_row_stride;
       return;
     }
     // k/v_batch_stride is the page stride
     const int page = s_pages[stage * kBlockN + r], in_page = key & ((1 << p.page_size_log2) - 1);
-    k_off = row_offset(page, head_kv, in_page, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
-    v_off = row_offset(page, head_kv, in_page, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+    k_off = k_base + static_cast<index_t>(page) * p.k_batch_stride + static_cast<index_t>(in_page) * p.k_row_stride;
+    v_off = v_base + static_cast<index_t>(page) * p.v_batch_stride + static_cast<index_t>(in_page) * p.v_row_stride;
   }
 };
 
@@ -164,7 +178,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  const KvRows<kBlockN, kStages> kv{p, batch, head_kv, seq.k_start, seqlen_k, s_pages};
+  const KvRows<kBlockN, kStages> kv(p, batch, head_kv, seq.k_start, seqlen_k, s_pages);
 
   // The warp's 16 rows of the tile (all warps share them where they split the keys), and the thread's two rows
   // among them (g and g + 8): query, head, ALiBi slope.
@@ -199,6 +213,35 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     const int stage = (tile - t_begin) % kStages;
     const uint32_t sK = stage_k(stage), sV = sK + Kt::kSmemKV;
     const int key0 = tile * kBlockN;
+    if constexpr (Kt::kNThreads % kCPR == 0) {
+      if (!kv.paged()) {
+        // Dense caches, where a thread's chunk is the same in every row it copies (rows r0, r0 + kRowsPerPass,
+        // ...): one 64-bit row offset per tile, then a constant step per row, instead of each row's offset from
+        // its index (the load issue is a quarter of this loop's instructions, and the loop waits on its own
+        // instruction latency, not on memory: perf.md v22).
+        constexpr int kRowsPerPass = Kt::kNThreads / kCPR;
+        const int r0 = tid / kCPR, ch = tid % kCPR;
+        const T* kp = k + kv.k_base + static_cast<index_t>(key0 + r0) * p.k_row_stride + ch * 8;
+        const T* vp = v + kv.v_base + static_cast<index_t>(key0 + r0) * p.v_row_stride + ch * 8;
+        const index_t k_step = static_cast<index_t>(kRowsPerPass) * p.k_row_stride;
+        const index_t v_step = static_cast<index_t>(kRowsPerPass) * p.v_row_stride;
+        const bool col_ok = ch * 8 < d;
+        const uint32_t off0 = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r0, ch));
+#pragma unroll
+        for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
+          const int r = r0 + i * kRowsPerPass;
+          const bool pred = col_ok && key0 + r < seqlen_k;
+          // kRowsPerPass is a multiple of 8 here or the swizzle of row r differs from row r0's
+          const uint32_t off = kRowsPerPass % 8 == 0
+                                   ? off0 + 2u * static_cast<uint32_t>(i * kRowsPerPass * TileKV::kBK)
+                                   : 2u * static_cast<uint32_t>(TileKV::chunk_offset(r, ch));
+          cp_async_16_policy(sK + off, pred ? kp : k, pred, stream_policy);
+          cp_async_16_policy(sV + off, pred ? vp : v, pred, stream_policy);
+          kp += k_step, vp += v_step;
+        }
+        return;
+      }
+    }
     for (int idx = tid; idx < kBlockN * kCPR; idx += Kt::kNThreads) {
       const int r = idx / kCPR, ch = idx % kCPR;
       const bool pred = key0 + r < seqlen_k && ch * 8 < d;
@@ -246,8 +289,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     const uint32_t sV = sK + Kt::kSmemKV;
     float acc_s[1][Kt::kNT_S][4];
     zero_acc(acc_s);
-    gemm_ss<T, 1, Kt::kNT_S, Kt::kKS_QK, Operand<TileQ, false>, Operand<TileKV, false>>(acc_s, sQ_u, warp_row0, sK, 0,
-                                                                                        lane);
+    // Four-deep (or shallower) mma chains: at d128 one chain per n8 tile would be eight mmas deep (perf.md v22).
+    gemm_ss_chains<T, 1, Kt::kNT_S, Kt::kKS_QK, Kt::kQkChains, Operand<TileQ, false>, Operand<TileKV, false>>(
+        acc_s, sQ_u, warp_row0, sK, 0, lane);
 
     const int key_w = tile * kBlockN + warp_key0;  // this warp's first key
     if (rule.has_softcap() || p.alibi_slopes != nullptr) {

@@ -91,6 +91,45 @@ FA2_DEVICE void gemm_ss(float (&acc)[MT][NT][4], uint32_t sA, int m_var, uint32_
   }
 }
 
+// gemm_ss with the k steps dealt round-robin to kChains accumulators, summed into acc at the end: kChains
+// independent mma dependency chains per n8 tile instead of one, for GEMMs too small to hide an mma's latency
+// otherwise (the split-KV kernel's 16 x 16 score tile per warp: 2 n8 tiles, d / 16 steps deep).
+template <typename T, int MT, int NT, int KS, int kChains, class OpA, class OpB>
+FA2_DEVICE void gemm_ss_chains(float (&acc)[MT][NT][4], uint32_t sA, int m_var, uint32_t sB, int n_var, int lane) {
+  static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+  float part[kChains][MT][NT][4];
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) zero_acc(part[c]);
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+      load_a_op<typename OpA::Tile, OpA::kTrans, OpA::kVar>(a[mi], sA, m_var, mi * 16, ks * 16, lane);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      load_b_op<typename OpB::Tile, OpB::kTrans, OpB::kVar>(b, sB, n_var, np * 16, ks * 16, lane);
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        mma_16816<T>(part[ks % kChains][mi][2 * np], a[mi], b[0], b[1]);
+        mma_16816<T>(part[ks % kChains][mi][2 * np + 1], a[mi], b[2], b[3]);
+      }
+    }
+  }
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = part[0][mi][ni][e];
+#pragma unroll
+        for (int c = 1; c < kChains; ++c) x += part[c][mi][ni][e];
+        acc[mi][ni][e] += x;
+      }
+}
+
 // acc[MT][NT] += A * B with A already in registers as mma A fragments a[MT][KS][4].
 template <typename T, int MT, int NT, int KS, class OpB>
 FA2_DEVICE void gemm_rs(float (&acc)[MT][NT][4], const uint32_t (&a)[MT][KS][4], uint32_t sB, int n_var, int lane) {
