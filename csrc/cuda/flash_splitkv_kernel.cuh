@@ -214,33 +214,55 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     const uint32_t sK = stage_k(stage), sV = sK + Kt::kSmemKV;
     const int key0 = tile * kBlockN;
     if constexpr (Kt::kNThreads % kCPR == 0) {
-      if (!kv.paged()) {
-        // Dense caches, where a thread's chunk is the same in every row it copies (rows r0, r0 + kRowsPerPass,
-        // ...): one 64-bit row offset per tile, then a constant step per row, instead of each row's offset from
-        // its index (the load issue is a quarter of this loop's instructions, and the loop waits on its own
-        // instruction latency, not on memory: perf.md v22).
-        constexpr int kRowsPerPass = Kt::kNThreads / kCPR;
-        const int r0 = tid / kCPR, ch = tid % kCPR;
-        const T* kp = k + kv.k_base + static_cast<index_t>(key0 + r0) * p.k_row_stride + ch * 8;
-        const T* vp = v + kv.v_base + static_cast<index_t>(key0 + r0) * p.v_row_stride + ch * 8;
+      // A thread's chunk is the same in every row it copies (rows r0, r0 + kRowsPerPass, ...). Dense caches and
+      // pages of at least a tile: one 64-bit row offset per tile, then a constant step per row, instead of each
+      // row's offset from its index (the load issue was a quarter of this loop's instructions, and the loop waits
+      // on its own instruction latency, not on memory: perf.md v22). Smaller pages: each row's page from shared
+      // memory, the rest as constants.
+      constexpr int kRowsPerPass = Kt::kNThreads / kCPR;
+      constexpr int kBlockNLog2 = kBlockN == 128 ? 7 : 6;
+      static_assert(kBlockN == (1 << kBlockNLog2));
+      const int r0 = tid / kCPR, ch = tid % kCPR;
+      const bool col_ok = ch * 8 < d;
+      const uint32_t off0 = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r0, ch));
+      // kRowsPerPass is a multiple of 8 here or the swizzle of row r differs from row r0's
+      auto smem_off = [&](int i) {
+        return kRowsPerPass % 8 == 0 ? off0 + 2u * static_cast<uint32_t>(i * kRowsPerPass * TileKV::kBK)
+                                     : 2u * static_cast<uint32_t>(TileKV::chunk_offset(r0 + i * kRowsPerPass, ch));
+      };
+      if (!kv.paged() || p.page_size_log2 >= kBlockNLog2) {
+        const T* kp = k + kv.k_base + ch * 8;
+        const T* vp = v + kv.v_base + ch * 8;
+        if (!kv.paged()) {
+          kp += static_cast<index_t>(key0 + r0) * p.k_row_stride;
+          vp += static_cast<index_t>(key0 + r0) * p.v_row_stride;
+        } else {  // the whole tile in one page: row r0's entry (past the sequence it is 0, but so are its rows)
+          const index_t page = kv.s_pages[stage * kBlockN + r0];
+          const index_t row = (key0 & ((1 << p.page_size_log2) - 1)) + r0;
+          kp += page * p.k_batch_stride + row * p.k_row_stride;
+          vp += page * p.v_batch_stride + row * p.v_row_stride;
+        }
         const index_t k_step = static_cast<index_t>(kRowsPerPass) * p.k_row_stride;
         const index_t v_step = static_cast<index_t>(kRowsPerPass) * p.v_row_stride;
-        const bool col_ok = ch * 8 < d;
-        const uint32_t off0 = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r0, ch));
+#pragma unroll
+        for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
+          const bool pred = col_ok && key0 + r0 + i * kRowsPerPass < seqlen_k;
+          cp_async_16_policy(sK + smem_off(i), pred ? kp : k, pred, stream_policy);
+          cp_async_16_policy(sV + smem_off(i), pred ? vp : v, pred, stream_policy);
+          kp += k_step, vp += v_step;
+        }
+      } else {
 #pragma unroll
         for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
           const int r = r0 + i * kRowsPerPass;
           const bool pred = col_ok && key0 + r < seqlen_k;
-          // kRowsPerPass is a multiple of 8 here or the swizzle of row r differs from row r0's
-          const uint32_t off = kRowsPerPass % 8 == 0
-                                   ? off0 + 2u * static_cast<uint32_t>(i * kRowsPerPass * TileKV::kBK)
-                                   : 2u * static_cast<uint32_t>(TileKV::chunk_offset(r, ch));
-          cp_async_16_policy(sK + off, pred ? kp : k, pred, stream_policy);
-          cp_async_16_policy(sV + off, pred ? vp : v, pred, stream_policy);
-          kp += k_step, vp += v_step;
+          index_t k_off = 0, v_off = 0;
+          if (pred) kv.offsets(key0 + r, stage, r, k_off, v_off);
+          cp_async_16_policy(sK + smem_off(i), k + k_off + ch * 8, pred, stream_policy);
+          cp_async_16_policy(sV + smem_off(i), v + v_off + ch * 8, pred, stream_policy);
         }
-        return;
       }
+      return;
     }
     for (int idx = tid; idx < kBlockN * kCPR; idx += Kt::kNThreads) {
       const int r = idx / kCPR, ch = idx % kCPR;
