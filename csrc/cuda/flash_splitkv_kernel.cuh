@@ -340,7 +340,11 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
           }
       }
     }
-    softmax.update(acc_s, acc_o, p.scale_log2);
+    // A lazy running max (2^8 of slack in P): most tiles then leave O alone, where an eager max rescaled its 64
+    // accumulators every tile (a tenth of this loop's instructions, which wait on their own latency: perf.md v22).
+    float alpha[1][2];
+    softmax.update_scores<8>(acc_s, p.scale_log2, alpha);
+    OnlineSoftmax<1>::rescale_if_needed(acc_o, alpha);
     uint32_t frag_p[1][Kt::kKS_PV][4];
     acc_to_a_frags<T>(frag_p, acc_s);
     gemm_rs<T, 1, Kt::kNT_O, Kt::kKS_PV, Operand<TileKV, true>>(acc_o, frag_p, sV, 0, lane);
