@@ -319,7 +319,8 @@ if step ab_base_softcap 150; then  # softcap 50 rows, this tree (B) vs BASE_SRC 
     echo "ab_base_softcap: no base library (source tree ${BASE_SRC:-.abbase})"
   fi
 fi
-if step ab_base_decode 240; then  # the decode step, this tree (B) vs BASE_SRC (A), long caches and B = 1
+if step ab_base_decode 170; then  # the decode step, this tree (B) vs BASE_SRC (A), long caches and B = 1 (170 s: with
+  # BASE_BG=1 the base tree is built beside this one and is ready by now; call 7 of session 19 skipped it at 240)
   blib=$(base_lib)
   if [[ -n $blib ]]; then
     timeout 150 python3 scripts/ab_decode.py "$blib" $lib \
