@@ -17,7 +17,8 @@
 #   ab_wide        Nq = 16 and 8 decode rows (64 / 32 packed rows): this tree vs BASE_SRC as in ab_base
 #   ab_evict       the split-KV K/V loads evict-unchanged (FLASH_ATTN2_SPLITKV_EVICT_FIRST=0) vs evict-first, long rows
 #                  (EVICT_CASES="B,Hkv,L;...": other rows)
-#   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py; SPLITS_CASES, SPLITS)
+#   decode_splits  the decode step's µs per forced num_splits (scripts/decode_splits.py; SPLITS_CASES="B,Hkv,L[,Nq];...",
+#                  SPLITS="0,1,2,...", 0 = the launcher's choice)
 #   ncu_decode     ncu's duration and DRAM throughput of the decode kernels (B = 1, Hkv = 8, L = 8k; DECODE_SHAPE=
 #                  "B,Hkv,L" for another), then their
 #                  warp stall reasons with caches and clocks as they run

@@ -185,29 +185,42 @@ Variant prepare_variant(Variant var) {
 }
 
 // How many blocks split the keys of each (batch, kv head, packed row tile) in the split-KV kernel. requested > 0
-// is taken as is; 0 models a split count n as waves x (key tiles per split + a block's fixed cost of about one
-// tile), with two resident blocks per SM as the wave, and takes the smallest n at the minimum, counting only
-// splits that get keys (n = 29 over 128 tiles is 26 splits of 5) and one wave at most (more splits than that add
-// partials and combine work to a grid that already fills the GPU). FlashAttention-2's rule (the smallest n within
-// 85% of the best wave efficiency) picked uneven splits, e.g. 29 over 128 tiles: an H200 sweep measured 17.5 us at
-// B = 1, Hkv = 8, L = 8k, where 32 even splits take 15.4 (docs/perf.md v9). A split may be one tile: at B = 1,
-// Hkv = 8, L = 1k, 16 splits of one tile took 7.5 us where 8 of two took 8.6 (perf.md v19).
+// is taken as is; 0 takes the smallest n at the minimum of a cost in key tiles, counting only splits that get keys
+// (n = 29 over 128 tiles is 26 splits of 5) and, with more than one split, at most one wave of two blocks per SM
+// (more splits than that add partials and combine work to a grid that already fills the GPU). The cost of n is the
+// larger of two models of the busiest SM:
+//   latency: waves of two resident blocks per SM x (key tiles per split + a block's fixed cost of about one tile):
+//     short splits are bound by each block's chain of loads, so a second block on the SM hides the first's;
+//   bandwidth: blocks per SM x key tiles per split: one block streams as fast as the SM's share of the DRAM
+//     bandwidth lets two, so doubling the blocks on busy SMs to halve each one's keys gains nothing. Only for
+//     the 16-row tiles on dense caches or pages of a tile or more (whose rows are one stepped pointer): paged
+//     rows of smaller pages (a page lookup per row) and the 64-row tiles (four times the math per key) are bound
+//     by their own chains, where a second block on the SM still pays,
+// plus one tile when the partials need the combine. Before the bandwidth term, B = 16, Hkv = 8 (128 blocks on
+// 132 SMs) took two splits, and one is faster at every cache length (19.9 vs 21.7 us at 1k, 124.2 vs 126.7 at 8k),
+// but not with pages of 16 (paged / dense 0.67 at 8k) nor with 16 queries (238.6 vs 149.4 us at 8k; perf.md v23). FlashAttention-2's rule (the smallest n within 85% of the best wave efficiency) picked uneven
+// splits, e.g. 29 over 128 tiles: an H200 sweep measured 17.5 us at B = 1, Hkv = 8, L = 8k, where 32 even splits
+// take 15.4 (docs/perf.md v9). A split may be one tile: at B = 1, Hkv = 8, L = 1k, 16 splits of one tile took
+// 7.5 us where 8 of two took 8.6 (perf.md v19).
 // Depends on shapes only (never on cache_seqlens), so a captured CUDA graph stays valid.
-int choose_num_splits(const ConcreteShape& s, int64_t requested) {
+int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t requested) {
   if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxSplits));
   const int64_t blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q);
   const int64_t block_n = splitkv_block_n(static_cast<int>(compiled_head_dim(s.head_dim)));
+  const bool streams = splitkv_block_m(s.seqlen_q * (s.heads_q / s.heads_kv)) == kSplitKvBlockM &&
+                       (p.block_table == nullptr || (int64_t{1} << p.page_size_log2) >= block_n);
   const int64_t tiles = (s.seqlen_k + block_n - 1) / block_n;
-  const int64_t slots = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount, slots = 2 * sms;
   if (blocks >= slots || tiles < 4) return 1;
   const int64_t max_splits = std::min<int64_t>(kMaxSplits, tiles);
-  constexpr int64_t kBlockCostTiles = 1;
+  constexpr int64_t kBlockCostTiles = 1, kCombineCostTiles = 1;
   int64_t best_n = 1, best_cost = std::numeric_limits<int64_t>::max();
   for (int64_t n = 1; n <= max_splits; ++n) {
     const int64_t per_split = (tiles + n - 1) / n, used = (tiles + per_split - 1) / per_split;
     if (used > 1 && blocks * used > slots) break;
-    const int64_t waves = (blocks * used + slots - 1) / slots;
-    const int64_t cost = waves * (per_split + kBlockCostTiles);
+    const int64_t latency = (blocks * used + slots - 1) / slots * (per_split + kBlockCostTiles);
+    const int64_t bandwidth = streams ? (blocks * used + sms - 1) / sms * per_split : 0;
+    const int64_t cost = std::max(latency, bandwidth) + (used > 1 ? kCombineCostTiles : 0);
     if (cost < best_cost) best_cost = cost, best_n = used;
   }
   return static_cast<int>(best_n);
@@ -215,7 +228,7 @@ int choose_num_splits(const ConcreteShape& s, int64_t requested) {
 
 // The split-KV path (flash_splitkv_kernel.cuh): params already hold the inputs; adds the partial buffers.
 void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested_splits, const at::Tensor& q) {
-  params.num_splits = choose_num_splits(s, requested_splits);
+  params.num_splits = choose_num_splits(s, params, requested_splits);
   at::Tensor out_accum, lse_accum;
   if (params.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);

@@ -86,6 +86,18 @@ FA2_DEVICE void store_dk_or_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& 
   s2g_tile<TileKV, kThreads>(g, row_stride, s, blk.keys, p.head_dim, tid);
 }
 
+// store_dk_or_dv for the kRows rows from block-local key row0 only (the rows a warpgroup staged itself).
+template <class TileKV, int kRows, int kThreads, typename T, int kBlockN>
+FA2_DEVICE void store_dk_or_dv_rows(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, bool is_dk, const T* s,
+                                    int row0, int tid) {
+  const int key = blk.seq.k_start + blk.key0 + row0;
+  const index_t row_stride = is_dk ? p.dk_row_stride : p.dv_row_stride;
+  T* g = static_cast<T*>(is_dk ? p.dk : p.dv) +
+         row_offset(blk.batch, blk.head_kv, key, is_dk ? p.dk_batch_stride : p.dv_batch_stride,
+                    is_dk ? p.dk_head_stride : p.dv_head_stride, row_stride);
+  s2g_rows<TileKV, kRows, kThreads>(g, row_stride, s, row0, blk.keys - row0, p.head_dim, tid);
+}
+
 // Copies dK and dV, staged at s_dk / s_dv, to global memory (store_dk_or_dv for each).
 template <class TileKV, int kThreads, typename T, int kBlockN>
 FA2_DEVICE void store_dk_dv(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const T* s_dk, const T* s_dv,

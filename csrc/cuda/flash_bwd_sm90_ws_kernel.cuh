@@ -267,7 +267,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     const uint32_t sK_u = sm.base_u, sV_u = sm.base_u + sm.v_off();
     constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
     constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
-    constexpr int kBarDs = 1, kBarEpilogue = 3;  // named barriers among the consumers: kBarDs + step parity (dS^T)
+    // Named barriers: kBarDs + step parity (dS^T, both consumers), kBarEpilogue (both), kBarEpilogue + 1 + c (one)
+    constexpr int kBarDs = 1, kBarEpilogue = 3;
     // This consumer's dQ chunk: at d128 columns 64 c at every step, at d64 all columns at every other step.
     constexpr bool kDqEveryStep = Kt::kDqChunks == Kt::kConsumers;
     const int dq_chunk = kDqEveryStep ? c : 0, dq_col0 = 64 * dq_chunk;
@@ -329,13 +330,17 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
     }
 
-    // Epilogue: dK * scale and dV as T through the K / V buffers (once both consumers are done reading them),
-    // then 16-byte stores by the 256 consumer threads.
+    // Epilogue: dK * scale and dV as T through the K / V buffers, once both consumers are done reading them
+    // (the dQ product reads every key row), each consumer into its own 64 rows, which it then copies out itself
+    // behind a barrier of its own four warps. (With both consumers copying all 128 rows behind a second
+    // 256-thread barrier, racecheck reported the stores and the copy-out as racing in the d64 kernel: session 20;
+    // the d256 kernel's epilogue met the same report and the same cure, perf.md v17.)
     tma::named_sync(kBarEpilogue, 256);
     store_acc<T, TileKV>(sK, acc_dk, wg_row0, 0, lane, p.scale);
     store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, 1.f);
-    tma::named_sync(kBarEpilogue, 256);
-    store_dk_dv<TileKV, 256>(p, blk, sK, sV, ctid);
+    tma::named_sync(kBarEpilogue + 1 + c, 128);
+    store_dk_or_dv_rows<TileKV, 64, 128>(p, blk, true, sK, 64 * c, ctid - 128 * c);
+    store_dk_or_dv_rows<TileKV, 64, 128>(p, blk, false, sV, 64 * c, ctid - 128 * c);
   }
 #else
   __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)

@@ -53,6 +53,8 @@ struct SplitKvTraits {
   static constexpr int kNT_O = kHeadDim / 8;
   static constexpr int kKS_QK = kHeadDim / 16;
   static constexpr int kKS_PV = kWarpN / 16;
+  // The score GEMM's k steps over this many accumulators (gemm_ss_chains): chains of at most four mmas.
+  static constexpr int kQkChains = kSplitKeys ? (kKS_QK + 3) / 4 : 1;
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
   static constexpr int kSmemQ = TileQ::kElems * 2;
@@ -81,7 +83,19 @@ struct KvRows {
   const FwdParams& p;
   int batch, head_kv, k_start, seqlen_k;
   int* s_pages;  // [kStages][kBlockN] page per row, one slot per pipeline stage (paged only)
+  // Element offsets that do not change from row to row, computed once: dense, the (batch, kv head)'s key 0 of
+  // this sequence; paged, the kv head within a page.
+  index_t k_base, v_base;
 
+  FA2_DEVICE KvRows(const FwdParams& p_, int batch_, int head_kv_, int k_start_, int seqlen_k_, int* s_pages_)
+      : p(p_), batch(batch_), head_kv(head_kv_), k_start(k_start_), seqlen_k(seqlen_k_), s_pages(s_pages_) {
+    k_base = static_cast<index_t>(head_kv) * p.k_head_stride;
+    v_base = static_cast<index_t>(head_kv) * p.v_head_stride;
+    if (!paged()) {
+      k_base += static_cast<index_t>(batch) * p.k_batch_stride + static_cast<index_t>(k_start) * p.k_row_stride;
+      v_base += static_cast<index_t>(batch) * p.v_batch_stride + static_cast<index_t>(k_start) * p.v_row_stride;
+    }
+  }
   FA2_DEVICE bool paged() const { return p.block_table != nullptr; }
   // The page of row tid of `tile` (threads tid < kBlockN, one row each; 0 past the sequence, whose entries are
   // never read), as a load whose result the caller stores later.
@@ -99,14 +113,14 @@ struct KvRows {
   // Row r of the tile staged in `stage`, key `key`.
   FA2_DEVICE void offsets(int key, int stage, int r, index_t& k_off, index_t& v_off) const {
     if (!paged()) {
-      k_off = row_offset(batch, head_kv, k_start + key, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
-      v_off = row_offset(batch, head_kv, k_start + key, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+      k_off = k_base + static_cast<index_t>(key) * p.k_row_stride;
+      v_off = v_base + static_cast<index_t>(key) * p.v_row_stride;
       return;
     }
     // k/v_batch_stride is the page stride
     const int page = s_pages[stage * kBlockN + r], in_page = key & ((1 << p.page_size_log2) - 1);
-    k_off = row_offset(page, head_kv, in_page, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
-    v_off = row_offset(page, head_kv, in_page, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+    k_off = k_base + static_cast<index_t>(page) * p.k_batch_stride + static_cast<index_t>(in_page) * p.k_row_stride;
+    v_off = v_base + static_cast<index_t>(page) * p.v_batch_stride + static_cast<index_t>(in_page) * p.v_row_stride;
   }
 };
 
@@ -164,7 +178,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  const KvRows<kBlockN, kStages> kv{p, batch, head_kv, seq.k_start, seqlen_k, s_pages};
+  const KvRows<kBlockN, kStages> kv(p, batch, head_kv, seq.k_start, seqlen_k, s_pages);
 
   // The warp's 16 rows of the tile (all warps share them where they split the keys), and the thread's two rows
   // among them (g and g + 8): query, head, ALiBi slope.
@@ -199,6 +213,57 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     const int stage = (tile - t_begin) % kStages;
     const uint32_t sK = stage_k(stage), sV = sK + Kt::kSmemKV;
     const int key0 = tile * kBlockN;
+    if constexpr (Kt::kNThreads % kCPR == 0) {
+      // A thread's chunk is the same in every row it copies (rows r0, r0 + kRowsPerPass, ...). Dense caches and
+      // pages of at least a tile: one 64-bit row offset per tile, then a constant step per row, instead of each
+      // row's offset from its index (the load issue was a quarter of this loop's instructions, and the loop waits
+      // on its own instruction latency, not on memory: perf.md v22). Smaller pages: each row's page from shared
+      // memory, the rest as constants.
+      constexpr int kRowsPerPass = Kt::kNThreads / kCPR;
+      constexpr int kBlockNLog2 = kBlockN == 128 ? 7 : 6;
+      static_assert(kBlockN == (1 << kBlockNLog2));
+      const int r0 = tid / kCPR, ch = tid % kCPR;
+      const bool col_ok = ch * 8 < d;
+      const uint32_t off0 = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r0, ch));
+      // kRowsPerPass is a multiple of 8 here or the swizzle of row r differs from row r0's
+      auto smem_off = [&](int i) {
+        return kRowsPerPass % 8 == 0 ? off0 + 2u * static_cast<uint32_t>(i * kRowsPerPass * TileKV::kBK)
+                                     : 2u * static_cast<uint32_t>(TileKV::chunk_offset(r0 + i * kRowsPerPass, ch));
+      };
+      if (!kv.paged() || p.page_size_log2 >= kBlockNLog2) {
+        const T* kp = k + kv.k_base + ch * 8;
+        const T* vp = v + kv.v_base + ch * 8;
+        if (!kv.paged()) {
+          kp += static_cast<index_t>(key0 + r0) * p.k_row_stride;
+          vp += static_cast<index_t>(key0 + r0) * p.v_row_stride;
+        } else {  // the whole tile in one page: row r0's entry (past the sequence it is 0, but so are its rows)
+          const index_t page = kv.s_pages[stage * kBlockN + r0];
+          const index_t row = (key0 & ((1 << p.page_size_log2) - 1)) + r0;
+          kp += page * p.k_batch_stride + row * p.k_row_stride;
+          vp += page * p.v_batch_stride + row * p.v_row_stride;
+        }
+        const index_t k_step = static_cast<index_t>(kRowsPerPass) * p.k_row_stride;
+        const index_t v_step = static_cast<index_t>(kRowsPerPass) * p.v_row_stride;
+#pragma unroll
+        for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
+          const bool pred = col_ok && key0 + r0 + i * kRowsPerPass < seqlen_k;
+          cp_async_16_policy(sK + smem_off(i), pred ? kp : k, pred, stream_policy);
+          cp_async_16_policy(sV + smem_off(i), pred ? vp : v, pred, stream_policy);
+          kp += k_step, vp += v_step;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
+          const int r = r0 + i * kRowsPerPass;
+          const bool pred = col_ok && key0 + r < seqlen_k;
+          index_t k_off = 0, v_off = 0;
+          if (pred) kv.offsets(key0 + r, stage, r, k_off, v_off);
+          cp_async_16_policy(sK + smem_off(i), k + k_off + ch * 8, pred, stream_policy);
+          cp_async_16_policy(sV + smem_off(i), v + v_off + ch * 8, pred, stream_policy);
+        }
+      }
+      return;
+    }
     for (int idx = tid; idx < kBlockN * kCPR; idx += Kt::kNThreads) {
       const int r = idx / kCPR, ch = idx % kCPR;
       const bool pred = key0 + r < seqlen_k && ch * 8 < d;
@@ -246,8 +311,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     const uint32_t sV = sK + Kt::kSmemKV;
     float acc_s[1][Kt::kNT_S][4];
     zero_acc(acc_s);
-    gemm_ss<T, 1, Kt::kNT_S, Kt::kKS_QK, Operand<TileQ, false>, Operand<TileKV, false>>(acc_s, sQ_u, warp_row0, sK, 0,
-                                                                                        lane);
+    // Four-deep (or shallower) mma chains: at d128 one chain per n8 tile would be eight mmas deep (perf.md v22).
+    gemm_ss_chains<T, 1, Kt::kNT_S, Kt::kKS_QK, Kt::kQkChains, Operand<TileQ, false>, Operand<TileKV, false>>(
+        acc_s, sQ_u, warp_row0, sK, 0, lane);
 
     const int key_w = tile * kBlockN + warp_key0;  // this warp's first key
     if (rule.has_softcap() || p.alibi_slopes != nullptr) {
@@ -274,7 +340,11 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
           }
       }
     }
-    softmax.update(acc_s, acc_o, p.scale_log2);
+    // A lazy running max (2^8 of slack in P): most tiles then leave O alone, where an eager max rescaled its 64
+    // accumulators every tile (a tenth of this loop's instructions, which wait on their own latency: perf.md v22).
+    float alpha[1][2];
+    softmax.update_scores<8>(acc_s, p.scale_log2, alpha);
+    OnlineSoftmax<1>::rescale_if_needed(acc_o, alpha);
     uint32_t frag_p[1][Kt::kKS_PV][4];
     acc_to_a_frags<T>(frag_p, acc_s);
     gemm_rs<T, 1, Kt::kNT_O, Kt::kKS_PV, Operand<TileKV, true>>(acc_o, frag_p, sV, 0, lane);

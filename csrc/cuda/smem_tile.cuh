@@ -112,6 +112,27 @@ FA2_DEVICE void s2g_tile(T* g, index_t row_stride, const T* s, int rows_valid, i
   }
 }
 
+// s2g_tile over rows [row0, row0 + kRows) of Tile only (g points at global row row0; rows_valid counts from
+// row0), so that a warpgroup can copy out the rows it staged itself behind a barrier of its own warps.
+template <class Tile, int kRows, int kThreads, typename T>
+FA2_DEVICE void s2g_rows(T* g, index_t row_stride, const T* s, int row0, int rows_valid, int cols_valid, int tid) {
+  using C = TileCopy<SwizzledTile<kRows, Tile::kCols>, kThreads>;
+  static_assert(kRows <= Tile::kRows, "a row window of the tile");
+  const int r0 = tid / C::kCPR;
+  const int ch = tid % C::kCPR;
+  const bool active = (C::kFull || r0 < C::kRowsPerPass) && ch * 8 < cols_valid;
+  T* dst = g + static_cast<index_t>(r0) * row_stride + ch * 8;
+  const index_t pass_stride = static_cast<index_t>(C::kRowsPerPass) * row_stride;
+#pragma unroll
+  for (int i = 0; i < C::kPasses; ++i) {
+    const int r = r0 + i * C::kRowsPerPass;
+    if (active && (C::kFull || r < kRows) && r < rows_valid) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(s + Tile::chunk_offset(row0 + r, ch));
+    }
+    dst += pass_stride;
+  }
+}
+
 // Stores one mma C fragment pair (rows row, cols col..col+1), converted to T, into a swizzled tile.
 template <class Tile, typename T>
 FA2_DEVICE void st_pair(T* s, int row, int col, float v0, float v1) {

@@ -67,10 +67,12 @@ FA2_DEVICE void zero_acc(float (&acc)[MT][NT][4]) {
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 }
 
-// acc[MT][NT] += A[m_var .. +16MT, 0 .. 16KS] * B[0 .. 16KS, n_var .. +8NT], both operands in shared memory.
-// m_var / n_var are the warp's (runtime) offsets, multiples of 16.
-template <typename T, int MT, int NT, int KS, class OpA, class OpB>
-FA2_DEVICE void gemm_ss(float (&acc)[MT][NT][4], uint32_t sA, int m_var, uint32_t sB, int n_var, int lane) {
+// part[ks % kChains][MT][NT] += the k step ks of A[m_var .. +16MT, 0 .. 16KS] * B[0 .. 16KS, n_var .. +8NT], both
+// operands in shared memory: the k steps dealt round-robin to kChains accumulators. m_var / n_var are the warp's
+// (runtime) offsets, multiples of 16.
+template <typename T, int MT, int NT, int KS, int kChains, class OpA, class OpB>
+FA2_DEVICE void gemm_ss_steps(float (&part)[kChains][MT][NT][4], uint32_t sA, int m_var, uint32_t sB, int n_var,
+                              int lane) {
   static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
@@ -84,11 +86,40 @@ FA2_DEVICE void gemm_ss(float (&acc)[MT][NT][4], uint32_t sA, int m_var, uint32_
       load_b_op<typename OpB::Tile, OpB::kTrans, OpB::kVar>(b, sB, n_var, np * 16, ks * 16, lane);
 #pragma unroll
       for (int mi = 0; mi < MT; ++mi) {
-        mma_16816<T>(acc[mi][2 * np], a[mi], b[0], b[1]);
-        mma_16816<T>(acc[mi][2 * np + 1], a[mi], b[2], b[3]);
+        mma_16816<T>(part[ks % kChains][mi][2 * np], a[mi], b[0], b[1]);
+        mma_16816<T>(part[ks % kChains][mi][2 * np + 1], a[mi], b[2], b[3]);
       }
     }
   }
+}
+
+// acc[MT][NT] += A[m_var .. +16MT, 0 .. 16KS] * B[0 .. 16KS, n_var .. +8NT], both operands in shared memory.
+template <typename T, int MT, int NT, int KS, class OpA, class OpB>
+FA2_DEVICE void gemm_ss(float (&acc)[MT][NT][4], uint32_t sA, int m_var, uint32_t sB, int n_var, int lane) {
+  gemm_ss_steps<T, MT, NT, KS, 1, OpA, OpB>(reinterpret_cast<float (&)[1][MT][NT][4]>(acc), sA, m_var, sB, n_var,
+                                            lane);
+}
+
+// gemm_ss with the k steps over kChains accumulators, summed into acc at the end: kChains independent mma
+// dependency chains per n8 tile instead of one, for GEMMs too small to hide an mma's latency otherwise (the
+// split-KV kernel's 16 x 16 score tile per warp: 2 n8 tiles, d / 16 steps deep).
+template <typename T, int MT, int NT, int KS, int kChains, class OpA, class OpB>
+FA2_DEVICE void gemm_ss_chains(float (&acc)[MT][NT][4], uint32_t sA, int m_var, uint32_t sB, int n_var, int lane) {
+  float part[kChains][MT][NT][4];
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) zero_acc(part[c]);
+  gemm_ss_steps<T, MT, NT, KS, kChains, OpA, OpB>(part, sA, m_var, sB, n_var, lane);
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = part[0][mi][ni][e];
+#pragma unroll
+        for (int c = 1; c < kChains; ++c) x += part[c][mi][ni][e];
+        acc[mi][ni][e] += x;
+      }
 }
 
 // acc[MT][NT] += A * B with A already in registers as mma A fragments a[MT][KS][4].
