@@ -262,16 +262,16 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
           cp_async_16_policy(sV + smem_off(i), v + v_off + ch * 8, pred, stream_policy);
         }
       }
-      return;
-    }
-    for (int idx = tid; idx < kBlockN * kCPR; idx += Kt::kNThreads) {
-      const int r = idx / kCPR, ch = idx % kCPR;
-      const bool pred = key0 + r < seqlen_k && ch * 8 < d;
-      index_t k_off = 0, v_off = 0;
-      if (pred) kv.offsets(key0 + r, stage, r, k_off, v_off);
-      const uint32_t off = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r, ch));
-      cp_async_16_policy(sK + off, k + k_off + ch * 8, pred, stream_policy);
-      cp_async_16_policy(sV + off, v + v_off + ch * 8, pred, stream_policy);
+    } else {
+      for (int idx = tid; idx < kBlockN * kCPR; idx += Kt::kNThreads) {
+        const int r = idx / kCPR, ch = idx % kCPR;
+        const bool pred = key0 + r < seqlen_k && ch * 8 < d;
+        index_t k_off = 0, v_off = 0;
+        if (pred) kv.offsets(key0 + r, stage, r, k_off, v_off);
+        const uint32_t off = 2u * static_cast<uint32_t>(TileKV::chunk_offset(r, ch));
+        cp_async_16_policy(sK + off, k + k_off + ch * 8, pred, stream_policy);
+        cp_async_16_policy(sV + off, v + v_off + ch * 8, pred, stream_policy);
+      }
     }
   };
   // Prologue: pages of the first kStages - 1 tiles, then their loads; then the pages of the next one.

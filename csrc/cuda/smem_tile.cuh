@@ -92,28 +92,10 @@ FA2_DEVICE void g2s_tile_async(uint32_t s_base, const T* g, index_t row_stride, 
   }
 }
 
-// Copies a tile from shared memory to global with 16-byte loads and stores; rows >= rows_valid and columns
-// >= cols_valid are not written. The caller synchronises before (producers done) and after (reuse).
-template <class Tile, int kThreads, typename T>
-FA2_DEVICE void s2g_tile(T* g, index_t row_stride, const T* s, int rows_valid, int cols_valid, int tid) {
-  using C = TileCopy<Tile, kThreads>;
-  const int r0 = tid / C::kCPR;
-  const int ch = tid % C::kCPR;
-  const bool active = (C::kFull || r0 < C::kRowsPerPass) && ch * 8 < cols_valid;
-  T* dst = g + static_cast<index_t>(r0) * row_stride + ch * 8;
-  const index_t pass_stride = static_cast<index_t>(C::kRowsPerPass) * row_stride;
-#pragma unroll
-  for (int i = 0; i < C::kPasses; ++i) {
-    const int r = r0 + i * C::kRowsPerPass;
-    if (active && (C::kFull || r < Tile::kRows) && r < rows_valid) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(s + Tile::chunk_offset(r, ch));
-    }
-    dst += pass_stride;
-  }
-}
-
-// s2g_tile over rows [row0, row0 + kRows) of Tile only (g points at global row row0; rows_valid counts from
-// row0), so that a warpgroup can copy out the rows it staged itself behind a barrier of its own warps.
+// Copies rows [row0, row0 + kRows) of a Tile in shared memory to global memory (g points at global row row0;
+// rows_valid counts from row0) with 16-byte loads and stores; rows >= rows_valid and columns >= cols_valid are not
+// written. A warpgroup copies out the rows it staged itself this way, behind a barrier of its own warps. The caller
+// synchronises before (producers done) and after (reuse).
 template <class Tile, int kRows, int kThreads, typename T>
 FA2_DEVICE void s2g_rows(T* g, index_t row_stride, const T* s, int row0, int rows_valid, int cols_valid, int tid) {
   using C = TileCopy<SwizzledTile<kRows, Tile::kCols>, kThreads>;
@@ -131,6 +113,12 @@ FA2_DEVICE void s2g_rows(T* g, index_t row_stride, const T* s, int row0, int row
     }
     dst += pass_stride;
   }
+}
+
+// The whole tile (s2g_rows over every row).
+template <class Tile, int kThreads, typename T>
+FA2_DEVICE void s2g_tile(T* g, index_t row_stride, const T* s, int rows_valid, int cols_valid, int tid) {
+  s2g_rows<Tile, Tile::kRows, kThreads>(g, row_stride, s, 0, rows_valid, cols_valid, tid);
 }
 
 // Stores one mma C fragment pair (rows row, cols col..col+1), converted to T, into a swizzled tile.
