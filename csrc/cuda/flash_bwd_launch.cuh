@@ -77,20 +77,16 @@ inline bool dq_red_add_requested() {
   return env != nullptr && std::strcmp(env, "red") == 0;
 }
 
-// The warp-specialised backward (flash_bwd_sm90_ws_kernel.cuh) is the default at d128 on sm_90 where the TMA can
-// address q, k, v and dout (1.09-1.36x flash_bwd_sm90_kernel over d128 plain, softcap and dropout, causal or
-// not, N = 2k and 16k; perf.md v12-v13), and at d64: 1.11-1.19x over plain, softcap and dropout, causal or
-// not, N = 2k and 16k (perf.md v15; 0.89-0.99x in v14, before ptxas stopped serialising its wgmma).
-// FLASH_ATTN2_BWD_WS=0 turns it off, =1 on wherever it runs, =require (tests) raises instead of falling back.
-template <typename T, int kHeadDim, bool kScoreMod>
-bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
-  if constexpr (kHeadDim != 64 && kHeadDim != 128) {
-    return false;
-  } else {
-  using Kt = BwdSm90WsTraits<T, kHeadDim>;
-  const char* env = std::getenv("FLASH_ATTN2_BWD_WS");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  const bool required = env != nullptr && std::strcmp(env, "require") == 0;
+// FLASH_ATTN2_BWD_WS_BLOCKM=80: the d128 WS backward with 80 queries a step (BwdSm90WsTraits; experiment, A/B
+// runs) where it is built and can run: no score modifiers, no mask, not deterministic, dQ by TMA reduce-adds.
+inline bool ws_bwd_blockm80_requested() {
+  const char* env = std::getenv("FLASH_ATTN2_BWD_WS_BLOCKM");
+  return env != nullptr && std::strcmp(env, "80") == 0;
+}
+
+// The WS backward of traits Kt: its TMA maps, then the launch; false where the TMA cannot address the tensors.
+template <class Kt, bool kScoreMod>
+bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int nq = varlen ? p.total_q : p.seqlen_q, nk = varlen ? p.total_k : p.seqlen_k, maps_b = varlen ? 1 : p.batch;
   BwdTmaMaps maps;
@@ -111,9 +107,9 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
     return false;
   }
   // FLASH_ATTN2_BWD_WS_DQ=red: dQ by the consumers' red.add as before the TMA reduce-adds (A/B runs; not in the
-  // deterministic mode, whose order only the dQ writer keeps).
+  // deterministic mode, whose order only the dQ writer keeps, nor with 80-query steps).
   BwdParams launch = p;
-  launch.dq_red_add = dq_red_add_requested() && p.dq_semaphore == nullptr;
+  launch.dq_red_add = dq_red_add_requested() && p.dq_semaphore == nullptr && !Kt::kDqTransposed;
   launch.ws_prefetch_maps = ws_prefetch_maps();
   choose_dq_walk<Kt>(launch);
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
@@ -122,6 +118,27 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);
   FA2_CHECK_LAUNCH();
   return true;
+}
+
+// The warp-specialised backward (flash_bwd_sm90_ws_kernel.cuh) is the default at d128 on sm_90 where the TMA can
+// address q, k, v and dout (1.09-1.36x flash_bwd_sm90_kernel over d128 plain, softcap and dropout, causal or
+// not, N = 2k and 16k; perf.md v12-v13), and at d64: 1.11-1.19x over plain, softcap and dropout, causal or
+// not, N = 2k and 16k (perf.md v15; 0.89-0.99x in v14, before ptxas stopped serialising its wgmma).
+// FLASH_ATTN2_BWD_WS=0 turns it off, =1 on wherever it runs, =require (tests) raises instead of falling back.
+template <typename T, int kHeadDim, bool kScoreMod>
+bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
+  if constexpr (kHeadDim != 64 && kHeadDim != 128) {
+    return false;
+  } else {
+    const char* env = std::getenv("FLASH_ATTN2_BWD_WS");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    const bool required = env != nullptr && std::strcmp(env, "require") == 0;
+    if constexpr (kHeadDim == 128 && !kScoreMod) {
+      const bool unmasked = p.window_left < 0 && p.window_right < 0;
+      if (ws_bwd_blockm80_requested() && unmasked && p.dq_semaphore == nullptr && !dq_red_add_requested())
+        return launch_bwd_ws<BwdSm90WsTraits<T, 128, 80>, false>(p, stream, required);
+    }
+    return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim>, kScoreMod>(p, stream, required);
   }
 }
 

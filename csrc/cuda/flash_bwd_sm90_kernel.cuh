@@ -236,7 +236,11 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
     dscores_transposed(acc_dp, acc_s, s_d, t);
   }
   acc_to_a_frags<T>(ds_frag, acc_dp);
-  store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
+  if constexpr (Kt::kDsQueryMajor) {  // dS as [query][key] (the WS kernel's 80-query steps: dQ^T = K^T dS^T)
+    store_frags_transposed<TileDS>(static_cast<uint32_t>(__cvta_generic_to_shared(sdS)), ds_frag, wg_row0, lane);
+  } else {
+    store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
+  }
 
   // dV += P^T dO, dK += dS^T Q (B operands M-major: the query rows of dO / Q are the K dim).
   wgmma_fence();
@@ -267,6 +271,7 @@ struct BwdSm90Traits {
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;   // Q and dO
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;  // K and V (later dK and dV staging)
   using TileDS = SwizzledTile<kBlockN, kBlockM>;   // dS^T, [key][query]
+  static constexpr bool kDsQueryMajor = false;     // (bwd_step_dk_dv; see BwdSm90WsTraits)
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kSmemDS = TileDS::kElems * 2;

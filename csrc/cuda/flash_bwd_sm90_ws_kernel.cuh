@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/block_info.cuh"
 #include "cuda/bwd_tile_io.cuh"
@@ -37,14 +38,24 @@
 
 namespace flash_attn2::cuda {
 
-template <typename T, int kHeadDim_>
+// kBlockM_ = 80 (d128 only; experiment, FLASH_ATTN2_BWD_WS_BLOCKM=80): 80 queries per step, a quarter more work
+// per step for the same per-step costs (barriers, the stage hand-over, the drain of the tensor pipe at the
+// step's end), as FlashAttention-3 takes for its non-causal d128 backward. wgmma's M is 64, so dQ is computed
+// transposed (dQ^T = K^T dS^T: the head dim as M, the 80 queries as N), with dS stored query-major for it, and
+// one dQ buffer (two do not fit beside 80-row stages): not for the deterministic mode, whose writer hands a
+// buffer back a step late.
+template <typename T, int kHeadDim_, int kBlockM_ = 64>
 struct BwdSm90WsTraits {
   using Elem = T;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kConsumers = 2;
   static constexpr int kNThreads = (kConsumers + 1) * 128;
   static constexpr int kBlockN = 64 * kConsumers;  // keys per block, 64 per consumer
-  static constexpr int kBlockM = 64;               // queries per step
+  static constexpr int kBlockM = kBlockM_;         // queries per step
+  static_assert(kBlockM == 64 || (kBlockM == 80 && kHeadDim == 128), "64 queries a step, or 80 at d128");
+  // dQ^T = K^T dS^T (N = kBlockM queries) where kBlockM is not wgmma's M; dS then [query][key] in shared memory.
+  static constexpr bool kDqTransposed = kBlockM != 64;
+  static constexpr bool kDsQueryMajor = kDqTransposed;
   static constexpr int kStages = 2;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "warp-specialised backward: d = 64 or 128");
@@ -59,13 +70,15 @@ struct BwdSm90WsTraits {
 
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;   // Q and dO
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;  // K and V (later dK and dV staging)
-  using TileDS = SwizzledTile<kBlockN, kBlockM>;   // dS^T, [key][query]
+  // dS^T as [key][query], or dS as [query][key] (kDsQueryMajor)
+  using TileDS = std::conditional_t<kDsQueryMajor, SwizzledTile<kBlockM, kBlockN>, SwizzledTile<kBlockN, kBlockM>>;
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kSmemDS = TileDS::kElems * 2;
   static constexpr int kSmemStats = 2 * kBlockM * 4;  // LSE and D of one step, fp32
-  static constexpr int kSmemDq = kBlockM * 64 * 4;     // a 64 x 64 float32 dQ chunk: two 64 x 32 boxes
-  static constexpr int kDqBufs = 2;                    // dQ buffers (steps) in flight to the writer
+  static constexpr int kSmemDq = kBlockM * 64 * 4;     // a kBlockM x 64 float32 dQ chunk: two kBlockM x 32 boxes
+  static constexpr int kDqBox = kBlockM * 32 * 4;      // bytes of one such box
+  static constexpr int kDqBufs = kDqTransposed ? 1 : 2;  // dQ buffers (steps) in flight to the writer
   static constexpr int kAlign = 1024;
   // Barriers: K/V full, per stage full and empty, per dQ buffer full and empty.
   static constexpr int kBarriers = 1 + 2 * kStages + 2 * kDqBufs;
@@ -119,6 +132,28 @@ FA2_DEVICE void store_dq_boxes(unsigned char* dst, const float (&acc)[1][8][4], 
       const int byte = base + (ni / 4) * 8192 + h * 1024 + (((2 * (ni % 4) + t2) ^ x) << 4);
       *reinterpret_cast<float2*>(dst + byte) = make_float2(acc[0][ni][2 * h], acc[0][ni][2 * h + 1]);
     }
+}
+
+// The transposed form (kDqTransposed): a warpgroup's dQ^T accumulators, 64 head-dim columns of the chunk as rows
+// (16 (warp % 4) + g + 8 h) by kBlockM queries (8 ni + 2 t + e), into the same two kBlockM x 32 boxes, where the
+// element of query q, column c lies at byte (c / 32) * kBlockM * 128 + q * 128 + ((c % 32 / 4) ^ (q % 8)) * 16 +
+// (c % 4) * 4. A warp's columns lie in one box; for each register its lanes cover 4 queries x 8 columns, whose
+// 16-byte chunks are 8 distinct ones of 8 rows with distinct swizzles: every bank once.
+template <int kBlockM>
+FA2_DEVICE void store_dq_boxes_transposed(unsigned char* dst, const float (&acc)[1][kBlockM / 8][4], int warp, int g,
+                                          int t) {
+  unsigned char* box = dst + ((warp % 4) / 2) * (kBlockM * 128);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int c = 16 * (warp % 2) + g + 8 * h;  // column within the box
+#pragma unroll
+    for (int ni = 0; ni < kBlockM / 8; ++ni)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int q = 8 * ni + 2 * t + e;
+        *reinterpret_cast<float*>(box + q * 128 + (((c / 4) ^ (q % 8)) << 4) + (c % 4) * 4) = acc[0][ni][2 * h + e];
+      }
+  }
 }
 
 }  // namespace sm90
@@ -233,7 +268,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         for (int c = 0; c < Kt::kDqChunks; ++c) {
           const unsigned char* src = sm.base + sm.dq_off(b, c);
           tma::reduce_add_box(&maps.dq, src, 64 * c, row);
-          tma::reduce_add_box(&maps.dq, src + 8192, 64 * c + 32, row);
+          tma::reduce_add_box(&maps.dq, src + Kt::kDqBox, 64 * c + 32, row);
         }
         tma::bulk_commit();
         if (deterministic) {
@@ -292,17 +327,24 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       bwd_step_dk_dv<Kt, kScoreMod>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s, sdO_s, sm.stats(s),
                                     sdS, acc_dk, acc_dv, p_frag, ds_frag);
 
-      // dQ chunk (64 queries x 64 columns) = dS K over the block's 128 keys, by the consumers whose step it is.
+      // dQ chunk (64 queries x 64 columns) = dS K over the block's 128 keys, by the consumers whose step it is;
+      // with 80 queries a step, its transpose (64 columns x 80 queries) = K^T dS^T (kDqTransposed).
       const bool dq_mine = kDqEveryStep || it % Kt::kConsumers == c;
       fence_proxy_async_smem();
       if (dq_mine) tma::named_sync(kBarDs + (it & 1), 256);  // both consumers' dS^T are in shared memory
       else tma::named_arrive(kBarDs + (it & 1), 256);        // this one's is
-      float acc_dq[1][8][4];
+      float acc_dq[1][Kt::kDqTransposed ? kBlockM / 8 : 8][4];
       if (dq_mine) {
 #pragma unroll
-        for (int ks = 0; ks < kBlockN / 16; ++ks)
-          WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, 0, ks),
-                                            desc_mn_major<TileKV>(sK_u, dq_chunk, ks), ks > 0);
+        for (int ks = 0; ks < kBlockN / 16; ++ks) {
+          if constexpr (Kt::kDqTransposed) {  // A = K^T (MN-major: K's rows are the k dim), B = dS (K-major)
+            WgmmaOp<T, kBlockM>::template ss<1, 0>(flat(acc_dq), desc_mn_major<TileKV>(sK_u, dq_chunk, ks),
+                                                   desc_k_major<TileDS>(sdS_u, 0, ks), ks > 0);
+          } else {
+            WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, 0, ks),
+                                              desc_mn_major<TileKV>(sK_u, dq_chunk, ks), ks > 0);
+          }
+        }
         wgmma_commit();
       }
       wgmma_wait<0>();
@@ -321,10 +363,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         // past the array are clipped.
         const int b = it % Kt::kDqBufs;
         if (it >= Kt::kDqBufs) tma::wait(sm.dq_empty(b), ((it / Kt::kDqBufs) - 1) & 1);
-        store_dq_boxes(sm.base + sm.dq_off(b, dq_chunk), acc_dq, warp, g, t);
+        if constexpr (Kt::kDqTransposed) {
+          store_dq_boxes_transposed<kBlockM>(sm.base + sm.dq_off(b, dq_chunk), acc_dq, warp, g, t);
+        } else {
+          store_dq_boxes(sm.base + sm.dq_off(b, dq_chunk), acc_dq, warp, g, t);
+        }
         fence_proxy_async_smem();  // the stores before the writer's bulk reads
         tma::arrive(sm.dq_full(b));
-      } else {  // FLASH_ATTN2_BWD_WS_DQ=red (never in the deterministic mode)
+      } else if constexpr (!Kt::kDqTransposed) {  // FLASH_ATTN2_BWD_WS_DQ=red (never deterministic, nor 80 rows)
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
                     row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
       }

@@ -171,4 +171,27 @@ FA2_DEVICE void store_acc(T* s, const float (&acc)[MT][NT][4], int m0, int n0, i
     }
 }
 
+// The transpose of store_acc for one 16-row tile already packed as A fragments (acc_to_a_frags: a[0][k] holds
+// n8 tiles 2k and 2k + 1, rows g and g + 8): element (m0 + r, c) goes to (c, m0 + r) of Tile, eight consecutive
+// rows of the accumulator in one 16-byte chunk, by stmatrix.trans (sm_90): the four registers of a[0][k] are four
+// 8 x 8 matrices, lane 8 i + j giving the address of row j of matrix i (with .trans, row j of a matrix in memory
+// is column j of the fragments). m0 is a multiple of 8; s_u is Tile's shared-space byte address. Inline PTX: the
+// cuda::ptx of CUDA 13.0's CCCL has no stmatrix yet.
+template <class Tile, int KS>
+FA2_DEVICE void store_frags_transposed(uint32_t s_u, const uint32_t (&a)[1][KS][4], int m0, int lane) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int i = lane >> 3, j = lane & 7;
+  const int h = i & 1, nd = i >> 1;  // matrix i: n8 tile 2k + nd, rows g + 8 h
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+    const uint32_t addr = s_u + 2u * static_cast<uint32_t>(Tile::chunk_offset(8 * (2 * k + nd) + j, (m0 >> 3) + h));
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                 "r"(a[0][k][0]), "r"(a[0][k][1]), "r"(a[0][k][2]), "r"(a[0][k][3])
+                 : "memory");
+  }
+#else
+  __trap();
+#endif
+}
+
 }  // namespace flash_attn2::cuda
