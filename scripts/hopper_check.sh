@@ -52,6 +52,8 @@
 #   det            the deterministic tests on both kernel families (DET_ORDERS="spread head": under each grid order)
 #   ab_detrotate   the deterministic backward's rotated walk on unmasked rows vs the walk from query tile 0
 #                  (FLASH_ATTN2_DET_ROTATE=0)
+#   ab_bwdm80      the d128 WS backward with 80 queries a step (FLASH_ATTN2_BWD_WS_BLOCKM=80, B) vs 64 (A): the
+#                  unmasked rows it takes, dense 2k-16k and packed
 #   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
 #   variants       the variant bench rows
 #   bench          the quick grid with every SDPA backend and the variant rows
@@ -348,6 +350,10 @@ if step det 130; then  # DET_ORDERS="spread head": the deterministic grid orders
       echo "deterministic tests, order $order, portable=$portable rc $?: $(tail -1 "$OUT/det${order}_$portable.log")"
     done
   done
+fi
+if step ab_bwdm80 120; then  # the d128 WS backward with 80 queries a step (B) vs 64 (A), unmasked rows (+ varlen)
+  timeout 110 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WS_BLOCKM=80 --direction bwd --head-dims 128 \
+    --lengths 2048,4096,8192,16384 --causal-lengths "" --mods none,varlen | tee "$OUT/ab_bwdm80.md"
 fi
 if step ab_detrotate 200; then  # the deterministic backward's rotated walk (B, unmasked rows) vs from query tile 0 (A)
   timeout 190 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_DET_ROTATE=0 $lib --direction bwd --head-dims 64,128,256 \
