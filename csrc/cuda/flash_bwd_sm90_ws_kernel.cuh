@@ -177,6 +177,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // other step) looked divergent, and ptxas serialised every wgmma of the kernel (warning C7520).
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
+  // The 80-query kernel has one dQ buffer, which the deterministic writer would hand back a step late (a hang),
+  // and no red.add path: the launcher never sends it those calls.
+  if constexpr (Kt::kDqTransposed) {
+    if (p.dq_semaphore != nullptr || p.dq_red_add) __trap();
+  }
   const BwdBlockInfo<kBlockN> blk(p);
   if (blk.keys <= 0) return;  // varlen: past the end of this sequence
   const Visibility<int> vis = blk.seq.visibility(p);
