@@ -52,8 +52,8 @@
 #   det            the deterministic tests on both kernel families (DET_ORDERS="spread head": under each grid order)
 #   ab_detrotate   the deterministic backward's rotated walk on unmasked rows vs the walk from query tile 0
 #                  (FLASH_ATTN2_DET_ROTATE=0)
-#   ab_bwdm80      the d128 WS backward with 80 queries a step (FLASH_ATTN2_BWD_WS_BLOCKM=80, B) vs 64 (A): the
-#                  unmasked rows it takes, dense 2k-16k and packed
+#   ab_bwdbig      the WS backward's larger steps (FLASH_ATTN2_BWD_WS_BLOCKM=big, B: 80 queries at d128 on unmasked
+#                  rows, 128 at d64) vs 64 (A), dense and packed (the d128 causal rows run 64 on both sides)
 #   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
 #   variants       the variant bench rows
 #   bench          the quick grid with every SDPA backend and the variant rows
@@ -351,9 +351,9 @@ if step det 130; then  # DET_ORDERS="spread head": the deterministic grid orders
     done
   done
 fi
-if step ab_bwdm80 120; then  # the d128 WS backward with 80 queries a step (B) vs 64 (A), unmasked rows (+ varlen)
-  timeout 110 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WS_BLOCKM=80 --direction bwd --head-dims 128 \
-    --lengths 2048,4096,8192,16384 --causal-lengths "" --mods none,varlen | tee "$OUT/ab_bwdm80.md"
+if step ab_bwdbig 150; then  # the WS backward's larger steps (B: 80 queries at d128, 128 at d64) vs 64 (A)
+  timeout 140 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WS_BLOCKM=big --direction bwd --head-dims 64,128 \
+    --lengths 2048,8192,16384 --causal-lengths 2048,8192 --mods none,varlen | tee "$OUT/ab_bwdbig.md"
 fi
 if step ab_detrotate 200; then  # the deterministic backward's rotated walk (B, unmasked rows) vs from query tile 0 (A)
   timeout 190 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_DET_ROTATE=0 $lib --direction bwd --head-dims 64,128,256 \

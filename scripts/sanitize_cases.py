@@ -92,14 +92,15 @@ if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (
     os.environ["FLASH_ATTN2_BWD_WS"] = "require"
     for dtype, d in [(torch.bfloat16, 128), (torch.float16, 128), (torch.bfloat16, 64)]:
         backward_cases(dtype, d, [(200, 300, True), (40, 520, False), (300, 130, True)], deterministic_varlen=True)
-    os.environ["FLASH_ATTN2_BWD_WS_BLOCKM"] = "80"  # the 80-query d128 kernel (unmasked, not deterministic)
-    for dtype in (torch.bfloat16, torch.float16):
-        q = torch.randn(2, 4, 333, 128, device="cuda", dtype=dtype, requires_grad=True)
-        k, v = (torch.randn(2, 2, 517, 128, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
-        flash_attn2.attention(q, k, v, False).sum().backward()
+    os.environ["FLASH_ATTN2_BWD_WS_BLOCKM"] = "big"  # the larger steps: 80 queries at d128 (unmasked), 128 at d64
+    for dtype, d, causal in [(torch.bfloat16, 128, False), (torch.float16, 128, False), (torch.bfloat16, 64, True),
+                             (torch.float16, 64, False)]:
+        q = torch.randn(2, 4, 333, d, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(2, 2, 517, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+        flash_attn2.attention(q, k, v, causal).sum().backward()
         cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
-        q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-        flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, False).sum().backward()
+        q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, causal).sum().backward()
     del os.environ["FLASH_ATTN2_BWD_WS_BLOCKM"]
     torch.cuda.synchronize()
     print("sanitize cases ran (wsbwd)")

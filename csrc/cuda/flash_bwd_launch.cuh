@@ -77,11 +77,12 @@ inline bool dq_red_add_requested() {
   return env != nullptr && std::strcmp(env, "red") == 0;
 }
 
-// FLASH_ATTN2_BWD_WS_BLOCKM=80: the d128 WS backward with 80 queries a step (BwdSm90WsTraits; experiment, A/B
-// runs) where it is built and can run: no score modifiers, no mask, not deterministic, dQ by TMA reduce-adds.
-inline bool ws_bwd_blockm80_requested() {
+// FLASH_ATTN2_BWD_WS_BLOCKM=80 / 128 / big (experiment, A/B runs): the WS backward with larger steps where it is
+// built and can run (BwdSm90WsTraits): 80 queries at d128 on unmasked calls, 128 at d64; both only without score
+// modifiers, outside the deterministic mode and with dQ by TMA reduce-adds. "big" asks for both.
+inline bool ws_bwd_blockm_requested(int blockm) {
   const char* env = std::getenv("FLASH_ATTN2_BWD_WS_BLOCKM");
-  return env != nullptr && std::strcmp(env, "80") == 0;
+  return env != nullptr && (std::strcmp(env, "big") == 0 || std::atoi(env) == blockm);
 }
 
 // The WS backward of traits Kt: its TMA maps, then the launch; false where the TMA cannot address the tensors.
@@ -107,9 +108,9 @@ bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
     return false;
   }
   // FLASH_ATTN2_BWD_WS_DQ=red: dQ by the consumers' red.add as before the TMA reduce-adds (A/B runs; not in the
-  // deterministic mode, whose order only the dQ writer keeps, nor with 80-query steps).
+  // deterministic mode, whose order only the dQ writer keeps, nor with larger steps).
   BwdParams launch = p;
-  launch.dq_red_add = dq_red_add_requested() && p.dq_semaphore == nullptr && !Kt::kDqTransposed;
+  launch.dq_red_add = dq_red_add_requested() && p.dq_semaphore == nullptr && Kt::kBlockM == 64;
   launch.ws_prefetch_maps = ws_prefetch_maps();
   choose_dq_walk<Kt>(launch);
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
@@ -133,10 +134,16 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
     const char* env = std::getenv("FLASH_ATTN2_BWD_WS");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
     const bool required = env != nullptr && std::strcmp(env, "require") == 0;
-    if constexpr (kHeadDim == 128 && !kScoreMod) {
-      const bool unmasked = p.window_left < 0 && p.window_right < 0;
-      if (ws_bwd_blockm80_requested() && unmasked && p.dq_semaphore == nullptr && !dq_red_add_requested())
-        return launch_bwd_ws<BwdSm90WsTraits<T, 128, 80>, false>(p, stream, required);
+    if constexpr (!kScoreMod) {
+      const bool larger_ok = p.dq_semaphore == nullptr && !dq_red_add_requested();
+      if constexpr (kHeadDim == 128) {
+        const bool unmasked = p.window_left < 0 && p.window_right < 0;
+        if (larger_ok && unmasked && ws_bwd_blockm_requested(80))
+          return launch_bwd_ws<BwdSm90WsTraits<T, 128, 80>, false>(p, stream, required);
+      } else {
+        if (larger_ok && ws_bwd_blockm_requested(128))
+          return launch_bwd_ws<BwdSm90WsTraits<T, 64, 128>, false>(p, stream, required);
+      }
     }
     return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim>, kScoreMod>(p, stream, required);
   }

@@ -38,12 +38,14 @@
 
 namespace flash_attn2::cuda {
 
-// kBlockM_ = 80 (d128 only; experiment, FLASH_ATTN2_BWD_WS_BLOCKM=80): 80 queries per step, a quarter more work
-// per step for the same per-step costs (barriers, the stage hand-over, the drain of the tensor pipe at the
-// step's end), as FlashAttention-3 takes for its non-causal d128 backward. wgmma's M is 64, so dQ is computed
-// transposed (dQ^T = K^T dS^T: the head dim as M, the 80 queries as N), with dS stored query-major for it, and
-// one dQ buffer (two do not fit beside 80-row stages): not for the deterministic mode, whose writer hands a
-// buffer back a step late.
+// Larger steps (experiment, FLASH_ATTN2_BWD_WS_BLOCKM=80 / 128 / big): more work per step for the same per-step
+// costs (barriers, the stage hand-over, the drain of the tensor pipe at the step's end), as FlashAttention-3's
+// backward takes them (80 x 128 non-causal at d128, 128 x 128 at d64). Both keep one dQ buffer (two do not fit
+// beside the larger stages): not for the deterministic mode, whose writer hands a buffer back a step late.
+//   kBlockM_ = 80 (d128): wgmma's M is 64, so dQ is computed transposed (dQ^T = K^T dS^T: the head dim as M,
+//     the 80 queries as N), with dS stored query-major for it.
+//   kBlockM_ = 128 (d64): each consumer computes the dQ of its own 64 of the step's queries at every step
+//     (kDqSplitRows), where with 64 queries the consumers took the steps' dQ in turn.
 template <typename T, int kHeadDim_, int kBlockM_ = 64>
 struct BwdSm90WsTraits {
   using Elem = T;
@@ -52,10 +54,13 @@ struct BwdSm90WsTraits {
   static constexpr int kNThreads = (kConsumers + 1) * 128;
   static constexpr int kBlockN = 64 * kConsumers;  // keys per block, 64 per consumer
   static constexpr int kBlockM = kBlockM_;         // queries per step
-  static_assert(kBlockM == 64 || (kBlockM == 80 && kHeadDim == 128), "64 queries a step, or 80 at d128");
+  static_assert(kBlockM == 64 || (kBlockM == 80 && kHeadDim == 128) || (kBlockM == 128 && kHeadDim == 64),
+                "64 queries a step, 80 at d128 or 128 at d64");
   // dQ^T = K^T dS^T (N = kBlockM queries) where kBlockM is not wgmma's M; dS then [query][key] in shared memory.
-  static constexpr bool kDqTransposed = kBlockM != 64;
+  static constexpr bool kDqTransposed = kBlockM == 80;
   static constexpr bool kDsQueryMajor = kDqTransposed;
+  // The step's dQ rows split between the consumers (query rows 64 c of the step for consumer c, every step).
+  static constexpr bool kDqSplitRows = kBlockM == 128;
   static constexpr int kStages = 2;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "warp-specialised backward: d = 64 or 128");
@@ -78,7 +83,10 @@ struct BwdSm90WsTraits {
   static constexpr int kSmemStats = 2 * kBlockM * 4;  // LSE and D of one step, fp32
   static constexpr int kSmemDq = kBlockM * 64 * 4;     // a kBlockM x 64 float32 dQ chunk: two kBlockM x 32 boxes
   static constexpr int kDqBox = kBlockM * 32 * 4;      // bytes of one such box
-  static constexpr int kDqBufs = kDqTransposed ? 1 : 2;  // dQ buffers (steps) in flight to the writer
+  static constexpr int kDqBufs = kBlockM == 64 ? 2 : 1;  // dQ buffers (steps) in flight to the writer
+  // Consumer threads that store into a step's dQ buffer (its "full" barrier's count): the chunks' owners, or both
+  // consumers where they split the rows.
+  static constexpr int kDqWriterThreads = (kDqSplitRows ? kConsumers : kDqChunks) * 128;
   static constexpr int kAlign = 1024;
   // Barriers: K/V full, per stage full and empty, per dQ buffer full and empty.
   static constexpr int kBarriers = 1 + 2 * kStages + 2 * kDqBufs;
@@ -121,7 +129,9 @@ struct BwdWsSmem {
 // b * 8192 + r * 128 + ((c / 4) ^ (r % 8)) * 16 + (c % 4) * 4. A warp's stores spread over every bank.
 // Row r = 16 (warp % 4) + g + 8 h has r % 8 = g, and column c = 8 (ni % 4) + 2 t has c / 4 = 2 (ni % 4) + t / 2.
 // The per-thread part is made opaque to the compiler, so that it recomputes the few offsets at each call rather
-// than keeping sixteen of them live across the backward's loop (which spilled).
+// than keeping sixteen of them live across the backward's loop (which spilled). kBoxBytes: the boxes' size where
+// they hold more rows than the warpgroup's 64 (dst then points at its first row inside the first box).
+template <int kBoxBytes = 8192>
 FA2_DEVICE void store_dq_boxes(unsigned char* dst, const float (&acc)[1][8][4], int warp, int g, int t) {
   int base = (16 * (warp % 4) + g) * 128 + (t & 1) * 8, x = g, t2 = t >> 1;
   asm volatile("" : "+r"(base), "+r"(x), "+r"(t2));
@@ -129,7 +139,7 @@ FA2_DEVICE void store_dq_boxes(unsigned char* dst, const float (&acc)[1][8][4], 
   for (int ni = 0; ni < 8; ++ni)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int byte = base + (ni / 4) * 8192 + h * 1024 + (((2 * (ni % 4) + t2) ^ x) << 4);
+      const int byte = base + (ni / 4) * kBoxBytes + h * 1024 + (((2 * (ni % 4) + t2) ^ x) << 4);
       *reinterpret_cast<float2*>(dst + byte) = make_float2(acc[0][ni][2 * h], acc[0][ni][2 * h + 1]);
     }
 }
@@ -177,9 +187,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // other step) looked divergent, and ptxas serialised every wgmma of the kernel (warning C7520).
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
-  // The 80-query kernel has one dQ buffer, which the deterministic writer would hand back a step late (a hang),
-  // and no red.add path: the launcher never sends it those calls.
-  if constexpr (Kt::kDqTransposed) {
+  // The larger-step kernels have one dQ buffer, which the deterministic writer would hand back a step late (a
+  // hang), and no red.add path: the launcher never sends them those calls.
+  if constexpr (Kt::kBlockM != 64) {
     if (p.dq_semaphore != nullptr || p.dq_red_add) __trap();
   }
   const BwdBlockInfo<kBlockN> blk(p);
@@ -201,7 +211,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       tma::init_barrier(sm.empty(s), Kt::kConsumers * 128);  // every consumer thread
     }
     for (int b = 0; b < Kt::kDqBufs; ++b) {
-      tma::init_barrier(sm.dq_full(b), Kt::kDqChunks * 128);  // every thread of the step's dQ, its part stored
+      tma::init_barrier(sm.dq_full(b), Kt::kDqWriterThreads);  // every thread of the step's dQ, its part stored
       tma::init_barrier(sm.dq_empty(b), 1);                    // the writer, once the reduce-adds read it
     }
     tma::fence_barrier_init();
@@ -309,9 +319,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
     // Named barriers: kBarDs + step parity (dS^T, both consumers), kBarEpilogue (both), kBarEpilogue + 1 + c (one)
     constexpr int kBarDs = 1, kBarEpilogue = 3;
-    // This consumer's dQ chunk: at d128 columns 64 c at every step, at d64 all columns at every other step.
-    constexpr bool kDqEveryStep = Kt::kDqChunks == Kt::kConsumers;
-    const int dq_chunk = kDqEveryStep ? c : 0, dq_col0 = 64 * dq_chunk;
+    // This consumer's dQ chunk: at d128 columns 64 c at every step, at d64 all columns at every other step, or
+    // with 128 queries a step (kDqSplitRows) all columns of the step's query rows 64 c at every step.
+    constexpr bool kDqEveryStep = Kt::kDqChunks == Kt::kConsumers || Kt::kDqSplitRows;
+    const int dq_chunk = Kt::kDqChunks == Kt::kConsumers ? c : 0, dq_col0 = 64 * dq_chunk;
+    const int dq_rows = Kt::kDqSplitRows ? c : 0;  // column block of dS^T (64 queries) this consumer's dQ takes
     const int wg_row0 = 64 * c + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
     float acc_dk[1][kNT_KV][4], acc_dv[1][kNT_KV][4];
     zero_acc(acc_dk);
@@ -346,7 +358,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
             WgmmaOp<T, kBlockM>::template ss<1, 0>(flat(acc_dq), desc_mn_major<TileKV>(sK_u, dq_chunk, ks),
                                                    desc_k_major<TileDS>(sdS_u, 0, ks), ks > 0);
           } else {
-            WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, 0, ks),
+            WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, dq_rows, ks),
                                               desc_mn_major<TileKV>(sK_u, dq_chunk, ks), ks > 0);
           }
         }
@@ -370,12 +382,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         if (it >= Kt::kDqBufs) tma::wait(sm.dq_empty(b), ((it / Kt::kDqBufs) - 1) & 1);
         if constexpr (Kt::kDqTransposed) {
           store_dq_boxes_transposed<kBlockM>(sm.base + sm.dq_off(b, dq_chunk), acc_dq, warp, g, t);
-        } else {
-          store_dq_boxes(sm.base + sm.dq_off(b, dq_chunk), acc_dq, warp, g, t);
+        } else {  // (split rows: this consumer's 64 rows start 64 dq_rows rows into each box)
+          store_dq_boxes<Kt::kDqBox>(sm.base + sm.dq_off(b, dq_chunk) + dq_rows * 64 * 128, acc_dq, warp, g, t);
         }
         fence_proxy_async_smem();  // the stores before the writer's bulk reads
         tma::arrive(sm.dq_full(b));
-      } else if constexpr (!Kt::kDqTransposed) {  // FLASH_ATTN2_BWD_WS_DQ=red (never deterministic, nor 80 rows)
+      } else if constexpr (kBlockM == 64) {  // FLASH_ATTN2_BWD_WS_DQ=red (never deterministic, nor larger steps)
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
                     row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
       }
