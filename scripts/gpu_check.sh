@@ -119,6 +119,7 @@ if [[ $what == decode ]]; then
       >"$OUT/generate_build.log" 2>&1 && cmake --build $BUILD/generate >>"$OUT/generate_build.log" 2>&1; then
     LD_LIBRARY_PATH=/tmp/fa2_install/lib:${LD_LIBRARY_PATH:-} $BUILD/generate/generate 2>&1 | tee "$OUT/generate.log"
     summary+=("examples/generate rc ${PIPESTATUS[0]}: $(tail -1 "$OUT/generate.log")")
+    while IFS= read -r line; do summary+=("  $line"); done < <(grep "tokens/s" "$OUT/generate.log")
   else
     tail -20 "$OUT/generate_build.log"
     summary+=("examples/generate: build failed")

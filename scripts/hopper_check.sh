@@ -133,7 +133,7 @@ for what in ws wsbwd widebwd kvcache; do
   done
 done
 if step decode_bench 160; then  # the decode rows of the bench and examples/generate (scripts/gpu_check.sh decode)
-  OUT=$OUT/decode timeout 150 scripts/gpu_check.sh decode 2>&1 | tail -45
+  OUT=$OUT/decode timeout 150 scripts/gpu_check.sh decode 2>&1 | tail -52
 fi
 if step timeline 200; then  # the decode step block by block, from a debug build that stamps time (splitkv_timeline.py)
   ( CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ cmake -S . -B build/timeline -G Ninja \

@@ -198,10 +198,11 @@ Variant prepare_variant(Variant var) {
 //     by their own chains, where a second block on the SM still pays,
 // plus one tile when the partials need the combine. Before the bandwidth term, B = 16, Hkv = 8 (128 blocks on
 // 132 SMs) took two splits, and one is faster at every cache length (19.9 vs 21.7 us at 1k, 124.2 vs 126.7 at 8k),
-// but not with pages of 16 (paged / dense 0.67 at 8k) nor with 16 queries (238.6 vs 149.4 us at 8k; perf.md v23). FlashAttention-2's rule (the smallest n within 85% of the best wave efficiency) picked uneven
-// splits, e.g. 29 over 128 tiles: an H200 sweep measured 17.5 us at B = 1, Hkv = 8, L = 8k, where 32 even splits
-// take 15.4 (docs/perf.md v9). A split may be one tile: at B = 1, Hkv = 8, L = 1k, 16 splits of one tile took
-// 7.5 us where 8 of two took 8.6 (perf.md v19).
+// but not with pages of 16 (paged / dense 0.67 at 8k) nor with 16 queries (238.6 vs 149.4 us at 8k; perf.md
+// v23). FlashAttention-2's rule (the smallest n within 85% of the best wave efficiency) picked uneven splits,
+// e.g. 29 over 128 tiles: an H200 sweep measured 17.5 us at B = 1, Hkv = 8, L = 8k, where 32 even splits take
+// 15.4 (docs/perf.md v9). A split may be one tile: at B = 1, Hkv = 8, L = 1k, 16 splits of one tile took 7.5 us
+// where 8 of two took 8.6 (perf.md v19).
 // Depends on shapes only (never on cache_seqlens), so a captured CUDA graph stays valid.
 int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t requested) {
   if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxSplits));
