@@ -11,10 +11,17 @@
 
 namespace flash_attn2::cuda {
 
+// The rotated deterministic walk (RotatedDqWalk) of a call's key and query tiles: one helper, so that the step
+// order (BwdSteps) and the turns (DqOrder) cannot disagree on the tile counts.
+template <int kBlockM, int kBlockN>
+FA2_DEVICE RotatedDqWalk<int> rotated_dq_walk(const Visibility<int>& vis) {
+  return {ceil_div(vis.seqlen_k, kBlockN), ceil_div(vis.seqlen_q, kBlockM)};
+}
+
 // Steps of a backward block: the q heads of its GQA group x the query tiles that see its key tile (only those:
 // causal and window bounds skip the rest), heads outermost.
-// Deterministic and rotated (BwdParams::dq_rotate, unmasked calls only, so m_begin = 0): each head's walk starts
-// at the key tile's RotatedDqWalk::start and wraps around.
+// Deterministic and rotated (BwdParams::dq_rotate, unmasked calls only, so m_begin = 0 and m_count is the walk's
+// query tile count): each head's walk starts at the key tile's RotatedDqWalk::start and wraps around.
 template <int kBlockM>
 struct BwdSteps {
   int group, m_begin, m_count, total, rot = 0;
@@ -25,8 +32,7 @@ struct BwdSteps {
     m_begin = q_begin / kBlockM;
     m_count = q_end > q_begin ? ceil_div(q_end, kBlockM) - m_begin : 0;
     total = group * m_count;
-    if (p.dq_rotate && m_count > 0)
-      rot = RotatedDqWalk<int>{ceil_div(vis.seqlen_k, kBlockN), m_count}.start(blk.n_block);
+    if (p.dq_rotate && m_count > 0) rot = rotated_dq_walk<kBlockM, kBlockN>(vis).start(blk.n_block);
   }
   FA2_DEVICE int head(int it, int head_kv) const { return head_kv * group + it / m_count; }
   FA2_DEVICE int row0(int it) const {
@@ -141,8 +147,7 @@ struct DqOrder {
     if (p.dq_semaphore == nullptr) return o;
     const int m = row0 / kBlockM;
     o.counter = p.dq_semaphore + (static_cast<index_t>(blk.batch) * p.heads_q + head) * p.dq_semaphore_tiles + m;
-    o.rank = p.dq_rotate ? RotatedDqWalk<int>{ceil_div(vis.seqlen_k, kBlockN), ceil_div(vis.seqlen_q, kBlockM)}
-                               .rank(blk.n_block, m)
+    o.rank = p.dq_rotate ? rotated_dq_walk<kBlockM, kBlockN>(vis).rank(blk.n_block, m)
                          : vis.last_key_tile(row0, kBlockM, kBlockN) - blk.n_block;
     return o;
   }
