@@ -52,8 +52,10 @@
 #   det            the deterministic tests on both kernel families (DET_ORDERS="spread head": under each grid order)
 #   ab_detrotate   the deterministic backward's rotated walk on unmasked rows vs the walk from query tile 0
 #                  (FLASH_ATTN2_DET_ROTATE=0)
-#   ab_bwdbig      the WS backward's larger steps (FLASH_ATTN2_BWD_WS_BLOCKM=big, B: 80 queries at d128 on unmasked
-#                  rows, 128 at d64) vs 64 (A), dense and packed (the d128 causal rows run 64 on both sides)
+#   ab_bwdbig      the WS backward's larger steps (the default, B: 80 queries at d128 on unmasked rows, 128 at d64)
+#                  vs 64 (A, FLASH_ATTN2_BWD_WS_BLOCKM=64), dense and packed (the d128 causal rows run 64 on both)
+#   ab_bwdm80mask  the 80-query d128 WS backward on masked rows (B, FLASH_ATTN2_BWD_WS_M80_MASKED=1) vs 64 (A): causal,
+#                  windows, packed causal
 #   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
 #   variants       the variant bench rows
 #   bench          the quick grid with every SDPA backend and the variant rows
@@ -351,9 +353,13 @@ if step det 130; then  # DET_ORDERS="spread head": the deterministic grid orders
     done
   done
 fi
-if step ab_bwdbig 150; then  # the WS backward's larger steps (B: 80 queries at d128, 128 at d64) vs 64 (A)
-  timeout 140 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WS_BLOCKM=big --direction bwd --head-dims 64,128 \
+if step ab_bwdbig 150; then  # the WS backward's larger steps (B, the default: 80 queries at d128, 128 at d64) vs 64 (A)
+  timeout 140 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_BLOCKM=64 $lib --direction bwd --head-dims 64,128 \
     --lengths 2048,8192,16384 --causal-lengths 2048,8192 --mods none,varlen | tee "$OUT/ab_bwdbig.md"
+fi
+if step ab_bwdm80mask 130; then  # the 80-query d128 WS backward on masked rows (B) vs 64 queries a step (A)
+  timeout 120 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WS_M80_MASKED=1 --direction bwd --head-dims 128 \
+    --lengths 8192 --causal-lengths 2048,8192,16384 --mods none,window,varlen | tee "$OUT/ab_bwdm80mask.md"
 fi
 if step ab_detrotate 200; then  # the deterministic backward's rotated walk (B, unmasked rows) vs from query tile 0 (A)
   timeout 190 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_DET_ROTATE=0 $lib --direction bwd --head-dims 64,128,256 \

@@ -88,11 +88,12 @@ def backward_cases(dtype, d, shapes, deterministic_varlen):
                                          230, 230, True, None, deterministic=True)
 
 
-if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (the sm_90 default at d128; d64)
+if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (the sm_90 default at d128 and d64;
+    # its larger steps by default: 80 queries at d128 unmasked, 128 at d64; then 64 queries a step forced)
     os.environ["FLASH_ATTN2_BWD_WS"] = "require"
     for dtype, d in [(torch.bfloat16, 128), (torch.float16, 128), (torch.bfloat16, 64)]:
         backward_cases(dtype, d, [(200, 300, True), (40, 520, False), (300, 130, True)], deterministic_varlen=True)
-    os.environ["FLASH_ATTN2_BWD_WS_BLOCKM"] = "big"  # the larger steps: 80 queries at d128 (unmasked), 128 at d64
+    os.environ["FLASH_ATTN2_BWD_WS_BLOCKM"] = "64"  # 64 queries a step where the larger steps would run
     for dtype, d, causal in [(torch.bfloat16, 128, False), (torch.float16, 128, False), (torch.bfloat16, 64, True),
                              (torch.float16, 64, False)]:
         q = torch.randn(2, 4, 333, d, device="cuda", dtype=dtype, requires_grad=True)

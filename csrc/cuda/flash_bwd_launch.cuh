@@ -77,12 +77,21 @@ inline bool dq_red_add_requested() {
   return env != nullptr && std::strcmp(env, "red") == 0;
 }
 
-// FLASH_ATTN2_BWD_WS_BLOCKM=80 / 128 / big (experiment, A/B runs): the WS backward with larger steps where it is
-// built and can run (BwdSm90WsTraits): 80 queries at d128 on unmasked calls, 128 at d64; both only without score
-// modifiers, outside the deterministic mode and with dQ by TMA reduce-adds. "big" asks for both.
+// The WS backward takes FlashAttention-3's larger steps where they are built and can run (BwdSm90WsTraits): 80
+// queries at d128 on unmasked calls, 128 at d64; both only without score modifiers, outside the deterministic mode
+// and with dQ by TMA reduce-adds (1.04-1.22x the 64-query steps on an H200, perf.md v24).
+// FLASH_ATTN2_BWD_WS_BLOCKM=64 keeps 64 queries a step everywhere (A/B runs), =80 or =128 takes only that one.
 inline bool ws_bwd_blockm_requested(int blockm) {
   const char* env = std::getenv("FLASH_ATTN2_BWD_WS_BLOCKM");
-  return env != nullptr && (std::strcmp(env, "big") == 0 || std::atoi(env) == blockm);
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "big") == 0) return true;
+  return std::atoi(env) == blockm;
+}
+
+// FLASH_ATTN2_BWD_WS_M80_MASKED=1 (experiment, A/B runs): the 80-query d128 steps on masked calls too (causal,
+// windows), where FlashAttention-3 takes 64.
+inline bool ws_bwd_m80_masked_requested() {
+  const char* env = std::getenv("FLASH_ATTN2_BWD_WS_M80_MASKED");
+  return env != nullptr && std::strcmp(env, "1") == 0;
 }
 
 // The WS backward of traits Kt: its TMA maps, then the launch; false where the TMA cannot address the tensors.
@@ -138,7 +147,7 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
       const bool larger_ok = p.dq_semaphore == nullptr && !dq_red_add_requested();
       if constexpr (kHeadDim == 128) {
         const bool unmasked = p.window_left < 0 && p.window_right < 0;
-        if (larger_ok && unmasked && ws_bwd_blockm_requested(80))
+        if (larger_ok && (unmasked || ws_bwd_m80_masked_requested()) && ws_bwd_blockm_requested(80))
           return launch_bwd_ws<BwdSm90WsTraits<T, 128, 80>, false>(p, stream, required);
       } else {
         if (larger_ok && ws_bwd_blockm_requested(128))

@@ -38,7 +38,7 @@
 
 namespace flash_attn2::cuda {
 
-// Larger steps (experiment, FLASH_ATTN2_BWD_WS_BLOCKM=80 / 128 / big): more work per step for the same per-step
+// Larger steps (the default where they run; FLASH_ATTN2_BWD_WS_BLOCKM=64 keeps 64): more work per step for the same per-step
 // costs (barriers, the stage hand-over, the drain of the tensor pipe at the step's end), as FlashAttention-3's
 // backward takes them (80 x 128 non-causal at d128, 128 x 128 at d64). Both keep one dQ buffer (two do not fit
 // beside the larger stages): not for the deterministic mode, whose writer hands a buffer back a step late.

@@ -201,24 +201,29 @@ def test_cuda_warp_specialised_backward_dq_by_red_add(monkeypatch, b, hq, hkv, n
     (2, 4, 2, 333, 517, 64, False, torch.bfloat16, False), (1, 2, 2, 128, 128, 64, True, torch.float16, True),
     (1, 8, 2, 1000, 1000, 64, True, torch.bfloat16, True), (2, 2, 1, 17, 300, 40, False, torch.float16, False),
     (1, 2, 2, 700, 300, 56, True, torch.bfloat16, False)])
-def test_cuda_warp_specialised_backward_larger_steps(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
-    """FLASH_ATTN2_BWD_WS_BLOCKM=big (experiment): the WS backward with FlashAttention-3's larger steps. d128: 80
-    queries a step, its dQ transposed (dQ^T = K^T dS^T, dS stored query-major by stmatrix.trans), unmasked calls
-    only (the causal case takes the 64-query kernel and must be right all the same). d64: 128 queries a step, each
-    consumer the dQ of its own 64 rows, causal or not. One dQ buffer. Steps that end past the sequence, exact
-    tiles, many steps with GQA, padded head dims with few queries."""
+@pytest.mark.parametrize("blockm", ["", "64"])
+def test_cuda_warp_specialised_backward_larger_steps(monkeypatch, blockm, b, hq, hkv, nq, nk, d, causal, dtype,
+                                                    transposed):
+    """The WS backward's step sizes: by default FlashAttention-3's larger steps. d128: 80 queries a step, its dQ
+    transposed (dQ^T = K^T dS^T, dS stored query-major by stmatrix.trans), unmasked calls only (the causal case
+    takes the 64-query kernel and must be right all the same). d64: 128 queries a step, each consumer the dQ of its
+    own 64 rows, causal or not. One dQ buffer. FLASH_ATTN2_BWD_WS_BLOCKM=64 keeps 64 queries a step (A/B runs).
+    Steps that end past the sequence, exact tiles, many steps with GQA, padded head dims with few queries."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
-    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_BLOCKM", "big")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_BLOCKM", blockm)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
 
 
 @requires_sm90
-def test_cuda_warp_specialised_backward_larger_steps_are_the_kernels_that_run(monkeypatch):
-    """The cases above are right whichever kernel runs: the profiler's kernel names say which one did (d128: 80
-    queries a step unmasked, 64 causal; d64: 128 either way)."""
+@pytest.mark.parametrize("blockm", ["", "64"])
+def test_cuda_warp_specialised_backward_larger_steps_are_the_kernels_that_run(monkeypatch, blockm):
+    """The cases above are right whichever kernel runs: the profiler's kernel names say which one did (by default
+    d128: 80 queries a step unmasked, 64 causal; d64: 128 either way; FLASH_ATTN2_BWD_WS_BLOCKM=64: 64 always)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
-    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_BLOCKM", "big")
-    for d, causal, traits in ((128, False, "128, 80>"), (128, True, "128, 64>"), (64, True, "64, 128>")):
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_BLOCKM", blockm)
+    expected = ((128, False, "128, 80>"), (128, True, "128, 64>"), (64, True, "64, 128>")) if blockm == "" else \
+        ((128, False, "128, 64>"), (128, True, "128, 64>"), (64, True, "64, 64>"))
+    for d, causal, traits in expected:
         q, k, v = (torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             flash_attn2.attention(q, k, v, causal).sum().backward()

@@ -542,6 +542,27 @@ def test_cuda_warp_specialised_forward_softcap_fixed_offset(monkeypatch, fixed, 
 
 
 @requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window,dtype", [
+    (1, 2, 2, 700, 300, 128, True, (-1, -1), torch.bfloat16), (2, 4, 2, 333, 517, 128, True, (-1, -1), torch.float16),
+    (1, 8, 2, 1000, 1000, 128, True, (-1, -1), torch.bfloat16), (2, 2, 1, 300, 300, 112, False, (90, 17), torch.bfloat16),
+    (1, 2, 2, 517, 333, 128, True, (200, 0), torch.float16), (1, 2, 1, 80, 400, 128, False, (0, 0), torch.bfloat16)])
+def test_cuda_warp_specialised_backward_80_queries_masked(monkeypatch, b, hq, hkv, nq, nk, d, causal, window, dtype):
+    """FLASH_ATTN2_BWD_WS_M80_MASKED=1 (experiment): the 80-query d128 steps on causal and windowed calls, whose
+    steps straddle the diagonal at other rows than the 64-query steps' (80-row steps over 128-key tiles); the
+    profiler names the kernel that ran."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_M80_MASKED", "1")
+    opts = make_options(b, hq, causal, window, 0.0, None, 0.0, "cuda", seed=nq)
+    check_variant_case(b, hq, hkv, nq, nk, d, dtype, "cuda", opts, transposed=True)
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        flash_attn2.attention(q, k, v, **opts).sum().backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "flash_bwd_sm90_ws_kernel" in e.name]
+    assert names and all("128, 80>" in n for n in names), names
+
+
+@requires_sm90
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
     (False, (-1, -1), 0.0, None, 0.0)])
