@@ -94,6 +94,12 @@ inline bool ws_bwd_m80_masked_requested() {
   return env != nullptr && std::strcmp(env, "1") == 0;
 }
 
+// FLASH_ATTN2_BWD_WS_MOD_BIG=1 (experiment, A/B runs): 128 queries a step at d64 with score modifiers too.
+inline bool ws_bwd_mod_big_requested() {
+  const char* env = std::getenv("FLASH_ATTN2_BWD_WS_MOD_BIG");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
 // The WS backward of traits Kt: its TMA maps, then the launch; false where the TMA cannot address the tensors.
 template <class Kt, bool kScoreMod>
 bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
@@ -143,8 +149,12 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
     const char* env = std::getenv("FLASH_ATTN2_BWD_WS");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
     const bool required = env != nullptr && std::strcmp(env, "require") == 0;
+    const bool larger_ok = p.dq_semaphore == nullptr && !dq_red_add_requested();
+    if constexpr (kScoreMod && kHeadDim == 64) {
+      if (larger_ok && ws_bwd_mod_big_requested() && ws_bwd_blockm_requested(128))
+        return launch_bwd_ws<BwdSm90WsTraits<T, 64, 128>, true>(p, stream, required);
+    }
     if constexpr (!kScoreMod) {
-      const bool larger_ok = p.dq_semaphore == nullptr && !dq_red_add_requested();
       if constexpr (kHeadDim == 128) {
         const bool unmasked = p.window_left < 0 && p.window_right < 0;
         if (larger_ok && (unmasked || ws_bwd_m80_masked_requested()) && ws_bwd_blockm_requested(80))

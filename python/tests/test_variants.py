@@ -566,10 +566,13 @@ def test_cuda_warp_specialised_backward_80_queries_masked(monkeypatch, b, hq, hk
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
     (False, (-1, -1), 0.0, None, 0.0)])
-@pytest.mark.parametrize("d", [64, 128])
-def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p, d):
-    """The warp-specialised backward (FLASH_ATTN2_BWD_WS=require) with the dense variants."""
+@pytest.mark.parametrize("d,mod_big", [(64, ""), (128, ""), (64, "1")])
+def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p, d,
+                                                      mod_big):
+    """The warp-specialised backward (FLASH_ATTN2_BWD_WS=require) with the dense variants
+    (FLASH_ATTN2_BWD_WS_MOD_BIG=1, experiment: 128 queries a step at d64 with score modifiers too)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_MOD_BIG", mod_big)
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
     check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
 
