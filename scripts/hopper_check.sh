@@ -54,9 +54,9 @@
 #                  (FLASH_ATTN2_DET_ROTATE=0)
 #   ab_bwdbig      the WS backward's larger steps (the default, B: 80 queries at d128 on unmasked rows, 128 at d64)
 #                  vs 64 (A, FLASH_ATTN2_BWD_WS_BLOCKM=64), dense and packed (the d128 causal rows run 64 on both)
-#   ab_bwdm80mask  the 80-query d128 WS backward on masked rows (B, FLASH_ATTN2_BWD_WS_M80_MASKED=1) vs 64 (A): causal,
-#                  windows, packed causal
-#   ab_bwdmodbig   128 queries a step at d64 with score modifiers (B, FLASH_ATTN2_BWD_WS_MOD_BIG=1) vs 64 (A)
+#   ab_bwdm80mask  the 80-query d128 WS backward on masked rows (B, the default) vs 64 (A, FLASH_ATTN2_BWD_WS_M80_MASKED=0):
+#                  causal, windows, packed causal
+#   ab_bwdmodbig   the larger steps with score modifiers (B, FLASH_ATTN2_BWD_WS_MOD_BIG=1: 128 at d64, 80 at d128) vs 64 (A)
 #   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
 #   variants       the variant bench rows
 #   bench          the quick grid with every SDPA backend and the variant rows
@@ -359,11 +359,11 @@ if step ab_bwdbig 150; then  # the WS backward's larger steps (B, the default: 8
     --lengths 2048,8192,16384 --causal-lengths 2048,8192 --mods none,varlen | tee "$OUT/ab_bwdbig.md"
 fi
 if step ab_bwdm80mask 130; then  # the 80-query d128 WS backward on masked rows (B) vs 64 queries a step (A)
-  timeout 120 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WS_M80_MASKED=1 --direction bwd --head-dims 128 \
+  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_M80_MASKED=0 $lib --direction bwd --head-dims 128 \
     --lengths 8192 --causal-lengths 2048,8192,16384 --mods none,window,varlen | tee "$OUT/ab_bwdm80mask.md"
 fi
-if step ab_bwdmodbig 100; then  # d64 with score modifiers: 128 queries a step (B) vs 64 (A)
-  timeout 90 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WS_MOD_BIG=1 --direction bwd --head-dims 64 \
+if step ab_bwdmodbig 100; then  # score modifiers: 128 queries a step at d64, 80 at d128 (B) vs 64 (A)
+  timeout 90 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WS_MOD_BIG=1 --direction bwd --head-dims 64,128 \
     --lengths 2048,8192 --causal-lengths 8192 --mods none,softcap,alibi,dropout | tee "$OUT/ab_bwdmodbig.md"
 fi
 if step ab_detrotate 200; then  # the deterministic backward's rotated walk (B, unmasked rows) vs from query tile 0 (A)

@@ -78,8 +78,9 @@ inline bool dq_red_add_requested() {
 }
 
 // The WS backward takes FlashAttention-3's larger steps where they are built and can run (BwdSm90WsTraits): 80
-// queries at d128 on unmasked calls, 128 at d64; both only without score modifiers, outside the deterministic mode
-// and with dQ by TMA reduce-adds (1.04-1.22x the 64-query steps on an H200, perf.md v24).
+// queries at d128, 128 at d64; both only without score modifiers, outside the deterministic mode and with dQ by
+// TMA reduce-adds (1.04-1.24x the 64-query steps on an H200; 80 on causal and windowed d128 calls, where
+// FlashAttention-3 takes 64: 1.03-1.08x from 8k keys, 0.98-1.04x at 2k; perf.md v24).
 // FLASH_ATTN2_BWD_WS_BLOCKM=64 keeps 64 queries a step everywhere (A/B runs), =80 or =128 takes only that one.
 inline bool ws_bwd_blockm_requested(int blockm) {
   const char* env = std::getenv("FLASH_ATTN2_BWD_WS_BLOCKM");
@@ -87,14 +88,14 @@ inline bool ws_bwd_blockm_requested(int blockm) {
   return std::atoi(env) == blockm;
 }
 
-// FLASH_ATTN2_BWD_WS_M80_MASKED=1 (experiment, A/B runs): the 80-query d128 steps on masked calls too (causal,
-// windows), where FlashAttention-3 takes 64.
+// FLASH_ATTN2_BWD_WS_M80_MASKED=0 (A/B runs): 64 queries a step on masked d128 calls (causal, windows).
 inline bool ws_bwd_m80_masked_requested() {
   const char* env = std::getenv("FLASH_ATTN2_BWD_WS_M80_MASKED");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// FLASH_ATTN2_BWD_WS_MOD_BIG=1 (experiment, A/B runs): 128 queries a step at d64 with score modifiers too.
+// FLASH_ATTN2_BWD_WS_MOD_BIG=1 (experiment, A/B runs): the larger steps with score modifiers too (128 queries at
+// d64, 80 at d128; 600 and 496 bytes of spills on sm_90a).
 inline bool ws_bwd_mod_big_requested() {
   const char* env = std::getenv("FLASH_ATTN2_BWD_WS_MOD_BIG");
   return env != nullptr && std::strcmp(env, "1") == 0;
@@ -153,6 +154,10 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
     if constexpr (kScoreMod && kHeadDim == 64) {
       if (larger_ok && ws_bwd_mod_big_requested() && ws_bwd_blockm_requested(128))
         return launch_bwd_ws<BwdSm90WsTraits<T, 64, 128>, true>(p, stream, required);
+    }
+    if constexpr (kScoreMod && kHeadDim == 128) {
+      if (larger_ok && ws_bwd_mod_big_requested() && ws_bwd_blockm_requested(80))
+        return launch_bwd_ws<BwdSm90WsTraits<T, 128, 80>, true>(p, stream, required);
     }
     if constexpr (!kScoreMod) {
       if constexpr (kHeadDim == 128) {

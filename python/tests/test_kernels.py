@@ -205,8 +205,8 @@ def test_cuda_warp_specialised_backward_dq_by_red_add(monkeypatch, b, hq, hkv, n
 def test_cuda_warp_specialised_backward_larger_steps(monkeypatch, blockm, b, hq, hkv, nq, nk, d, causal, dtype,
                                                     transposed):
     """The WS backward's step sizes: by default FlashAttention-3's larger steps. d128: 80 queries a step, its dQ
-    transposed (dQ^T = K^T dS^T, dS stored query-major by stmatrix.trans), unmasked calls only (the causal case
-    takes the 64-query kernel and must be right all the same). d64: 128 queries a step, each consumer the dQ of its
+    transposed (dQ^T = K^T dS^T, dS stored query-major by stmatrix.trans), causal or not (64 on causal calls with
+    FLASH_ATTN2_BWD_WS_M80_MASKED=0). d64: 128 queries a step, each consumer the dQ of its
     own 64 rows, causal or not. One dQ buffer. FLASH_ATTN2_BWD_WS_BLOCKM=64 keeps 64 queries a step (A/B runs).
     Steps that end past the sequence, exact tiles, many steps with GQA, padded head dims with few queries."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
@@ -218,10 +218,11 @@ def test_cuda_warp_specialised_backward_larger_steps(monkeypatch, blockm, b, hq,
 @pytest.mark.parametrize("blockm", ["", "64"])
 def test_cuda_warp_specialised_backward_larger_steps_are_the_kernels_that_run(monkeypatch, blockm):
     """The cases above are right whichever kernel runs: the profiler's kernel names say which one did (by default
-    d128: 80 queries a step unmasked, 64 causal; d64: 128 either way; FLASH_ATTN2_BWD_WS_BLOCKM=64: 64 always)."""
+    d128: 80 queries a step, on causal calls 64 with FLASH_ATTN2_BWD_WS_M80_MASKED=0; d64: 128 either way;
+    FLASH_ATTN2_BWD_WS_BLOCKM=64: 64 always)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_BLOCKM", blockm)
-    expected = ((128, False, "128, 80>"), (128, True, "128, 64>"), (64, True, "64, 128>")) if blockm == "" else \
+    expected = ((128, False, "128, 80>"), (128, True, "128, 80>"), (64, True, "64, 128>")) if blockm == "" else \
         ((128, False, "128, 64>"), (128, True, "128, 64>"), (64, True, "64, 64>"))
     for d, causal, traits in expected:
         q, k, v = (torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -231,6 +232,14 @@ def test_cuda_warp_specialised_backward_larger_steps_are_the_kernels_that_run(mo
         names = [e.name for e in prof.events() if "flash_bwd_sm90_ws_kernel" in e.name]
         assert names, "the profiler recorded no WS backward kernel"
         assert all(traits in n for n in names), (d, causal, names)
+    if blockm == "":  # 64 queries a step on masked d128 calls
+        monkeypatch.setenv("FLASH_ATTN2_BWD_WS_M80_MASKED", "0")
+        q, k, v = (torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            flash_attn2.attention(q, k, v, True).sum().backward()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "flash_bwd_sm90_ws_kernel" in e.name]
+        assert names and all("128, 64>" in n for n in names), names
 
 
 @requires_sm90

@@ -547,11 +547,10 @@ def test_cuda_warp_specialised_forward_softcap_fixed_offset(monkeypatch, fixed, 
     (1, 8, 2, 1000, 1000, 128, True, (-1, -1), torch.bfloat16), (2, 2, 1, 300, 300, 112, False, (90, 17), torch.bfloat16),
     (1, 2, 2, 517, 333, 128, True, (200, 0), torch.float16), (1, 2, 1, 80, 400, 128, False, (0, 0), torch.bfloat16)])
 def test_cuda_warp_specialised_backward_80_queries_masked(monkeypatch, b, hq, hkv, nq, nk, d, causal, window, dtype):
-    """FLASH_ATTN2_BWD_WS_M80_MASKED=1 (experiment): the 80-query d128 steps on causal and windowed calls, whose
+    """The 80-query d128 steps on causal and windowed calls (the default; FlashAttention-3 takes 64 there), whose
     steps straddle the diagonal at other rows than the 64-query steps' (80-row steps over 128-key tiles); the
     profiler names the kernel that ran."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
-    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_M80_MASKED", "1")
     opts = make_options(b, hq, causal, window, 0.0, None, 0.0, "cuda", seed=nq)
     check_variant_case(b, hq, hkv, nq, nk, d, dtype, "cuda", opts, transposed=True)
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", requires_grad=True)
@@ -566,11 +565,11 @@ def test_cuda_warp_specialised_backward_80_queries_masked(monkeypatch, b, hq, hk
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
     (False, (-1, -1), 0.0, None, 0.0)])
-@pytest.mark.parametrize("d,mod_big", [(64, ""), (128, ""), (64, "1")])
+@pytest.mark.parametrize("d,mod_big", [(64, ""), (128, ""), (64, "1"), (128, "1")])
 def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p, d,
                                                       mod_big):
     """The warp-specialised backward (FLASH_ATTN2_BWD_WS=require) with the dense variants
-    (FLASH_ATTN2_BWD_WS_MOD_BIG=1, experiment: 128 queries a step at d64 with score modifiers too)."""
+    (FLASH_ATTN2_BWD_WS_MOD_BIG=1, experiment: the larger steps with score modifiers too)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_MOD_BIG", mod_big)
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
