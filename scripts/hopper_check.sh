@@ -56,7 +56,8 @@
 #                  vs 64 (A, FLASH_ATTN2_BWD_WS_BLOCKM=64), dense and packed (the d128 causal rows run 64 on both)
 #   ab_bwdm80mask  the 80-query d128 WS backward on masked rows (B, the default) vs 64 (A, FLASH_ATTN2_BWD_WS_M80_MASKED=0):
 #                  causal, windows, packed causal
-#   ab_bwdmodbig   the larger steps with score modifiers (B, FLASH_ATTN2_BWD_WS_MOD_BIG=1: 128 at d64, 80 at d128) vs 64 (A)
+#   ab_bwdmodbig   the larger steps with score modifiers (B, the default: 128 at d64, 80 at d128) vs 64 (A,
+#                  FLASH_ATTN2_BWD_WS_MOD_BIG=0)
 #   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
 #   variants       the variant bench rows
 #   bench          the quick grid with every SDPA backend and the variant rows
@@ -363,7 +364,7 @@ if step ab_bwdm80mask 130; then  # the 80-query d128 WS backward on masked rows 
     --lengths 8192 --causal-lengths 2048,8192,16384 --mods none,window,varlen | tee "$OUT/ab_bwdm80mask.md"
 fi
 if step ab_bwdmodbig 100; then  # score modifiers: 128 queries a step at d64, 80 at d128 (B) vs 64 (A)
-  timeout 90 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WS_MOD_BIG=1 --direction bwd --head-dims 64,128 \
+  timeout 90 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_MOD_BIG=0 $lib --direction bwd --head-dims 64,128 \
     --lengths 2048,8192 --causal-lengths 8192 --mods none,softcap,alibi,dropout | tee "$OUT/ab_bwdmodbig.md"
 fi
 if step ab_detrotate 200; then  # the deterministic backward's rotated walk (B, unmasked rows) vs from query tile 0 (A)

@@ -103,7 +103,8 @@ if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (
         q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
         flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, causal).sum().backward()
     del os.environ["FLASH_ATTN2_BWD_WS_BLOCKM"]
-    os.environ["FLASH_ATTN2_BWD_WS_MOD_BIG"] = "1"  # the larger steps with score modifiers (experiment)
+    os.environ["FLASH_ATTN2_BWD_WS_MOD_BIG"] = "0"  # 64 queries a step with score modifiers (the larger steps:
+    # backward_cases above and the default)
     for d in (64, 128):
         for causal, opts in ((True, dict(softcap=30.0)), (False, dict(window_size=(90, 17), dropout_p=0.2,
                              rng_state=torch.tensor([5, 6]), alibi_slopes=torch.rand(4, device="cuda")))):

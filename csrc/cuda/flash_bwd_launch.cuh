@@ -78,14 +78,20 @@ inline bool dq_red_add_requested() {
 }
 
 // The WS backward takes FlashAttention-3's larger steps where they are built and can run (BwdSm90WsTraits): 80
-// queries at d128, 128 at d64; both only without score modifiers, outside the deterministic mode and with dQ by
-// TMA reduce-adds (1.04-1.24x the 64-query steps on an H200; 80 on causal and windowed d128 calls, where
-// FlashAttention-3 takes 64: 1.03-1.08x from 8k keys, 0.98-1.04x at 2k; perf.md v24).
+// queries at d128, 128 at d64, with dQ by TMA reduce-adds, in the deterministic mode too (1.04-1.24x the 64-query
+// steps on an H200; 80 on causal and windowed d128 calls, where FlashAttention-3 takes 64: 1.03-1.08x from 8k
+// keys, 0.98-1.04x at 2k; perf.md v24).
 // FLASH_ATTN2_BWD_WS_BLOCKM=64 keeps 64 queries a step everywhere (A/B runs), =80 or =128 takes only that one.
 inline bool ws_bwd_blockm_requested(int blockm) {
   const char* env = std::getenv("FLASH_ATTN2_BWD_WS_BLOCKM");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "big") == 0) return true;
   return std::atoi(env) == blockm;
+}
+
+// FLASH_ATTN2_BWD_WS_DET_BIG=0 (A/B runs): 64 queries a step in the deterministic mode.
+inline bool ws_bwd_det_64_requested() {
+  const char* env = std::getenv("FLASH_ATTN2_BWD_WS_DET_BIG");
+  return env != nullptr && std::strcmp(env, "0") == 0;
 }
 
 // FLASH_ATTN2_BWD_WS_M80_MASKED=0 (A/B runs): 64 queries a step on masked d128 calls (causal, windows).
@@ -94,11 +100,12 @@ inline bool ws_bwd_m80_masked_requested() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// FLASH_ATTN2_BWD_WS_MOD_BIG=1 (experiment, A/B runs): the larger steps with score modifiers too (128 queries at
-// d64, 80 at d128; 600 and 496 bytes of spills on sm_90a).
+// The larger steps with score modifiers too (128 queries at d64, 80 at d128; 600 and 496 bytes of spills on
+// sm_90a, yet 1.02-1.12x the 64-query steps on softcap, ALiBi and dropout rows, perf.md v24);
+// FLASH_ATTN2_BWD_WS_MOD_BIG=0 keeps 64 there (A/B runs).
 inline bool ws_bwd_mod_big_requested() {
   const char* env = std::getenv("FLASH_ATTN2_BWD_WS_MOD_BIG");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
 // The WS backward of traits Kt: its TMA maps, then the launch; false where the TMA cannot address the tensors.
@@ -150,7 +157,7 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
     const char* env = std::getenv("FLASH_ATTN2_BWD_WS");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
     const bool required = env != nullptr && std::strcmp(env, "require") == 0;
-    const bool larger_ok = p.dq_semaphore == nullptr && !dq_red_add_requested();
+    const bool larger_ok = !dq_red_add_requested() && !(p.dq_semaphore != nullptr && ws_bwd_det_64_requested());
     if constexpr (kScoreMod && kHeadDim == 64) {
       if (larger_ok && ws_bwd_mod_big_requested() && ws_bwd_blockm_requested(128))
         return launch_bwd_ws<BwdSm90WsTraits<T, 64, 128>, true>(p, stream, required);

@@ -38,10 +38,11 @@
 
 namespace flash_attn2::cuda {
 
-// Larger steps (the default where they run; FLASH_ATTN2_BWD_WS_BLOCKM=64 keeps 64): more work per step for the same per-step
-// costs (barriers, the stage hand-over, the drain of the tensor pipe at the step's end), as FlashAttention-3's
-// backward takes them (80 x 128 non-causal at d128, 128 x 128 at d64). Both keep one dQ buffer (two do not fit
-// beside the larger stages): not for the deterministic mode, whose writer hands a buffer back a step late.
+// Larger steps (the default where they run; FLASH_ATTN2_BWD_WS_BLOCKM=64 keeps 64): more work per step for the
+// same per-step costs (barriers, the stage hand-over, the drain of the tensor pipe at the step's end), as
+// FlashAttention-3's backward takes them (80 x 128 non-causal at d128, 128 x 128 at d64). Both keep one dQ buffer
+// (two do not fit beside the larger stages), which the writer hands back as soon as its adds have read it (in
+// the deterministic mode too, where the turn passes on a step later).
 //   kBlockM_ = 80 (d128): wgmma's M is 64, so dQ is computed transposed (dQ^T = K^T dS^T: the head dim as M,
 //     the 80 queries as N), with dS stored query-major for it.
 //   kBlockM_ = 128 (d64): each consumer computes the dQ of its own 64 of the step's queries at every step
@@ -187,10 +188,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // other step) looked divergent, and ptxas serialised every wgmma of the kernel (warning C7520).
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
-  // The larger-step kernels have one dQ buffer, which the deterministic writer would hand back a step late (a
-  // hang), and no red.add path: the launcher never sends them those calls.
+  // The larger-step kernels have no red.add path: the launcher never sends them those calls.
   if constexpr (Kt::kBlockM != 64) {
-    if (p.dq_semaphore != nullptr || p.dq_red_add) __trap();
+    if (p.dq_red_add) __trap();
   }
   const BwdBlockInfo<kBlockN> blk(p);
   if (blk.keys <= 0) return;  // varlen: past the end of this sequence
@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       // runs to later key tiles only (DqOrder), as with DqOrderChain.
       const bool deterministic = p.dq_semaphore != nullptr;
       DqOrder pending{nullptr, 0};  // the last step's turn, passed on once its adds are complete
-      int pending_buf = -1;
+      int pending_buf = -1;         // >= 0 while a turn is pending
       for (int it = 0; it < steps.total; ++it) {
         const int b = it % Kt::kDqBufs;
         const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
@@ -274,7 +274,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
             tma::bulk_wait<0>();  // its adds had this step's products to drain under
             tma::fence_proxy_async_global();
             pending.pass_turn();
-            tma::arrive(sm.dq_empty(pending_buf));
             pending_buf = -1;
           }
           order.wait_turn();
@@ -287,12 +286,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         }
         tma::bulk_commit();
         if (deterministic) {
+          // The buffer goes back once the adds have read it (the larger steps have one); the turn passes later.
+          tma::bulk_wait_read<0>();
+          tma::arrive(sm.dq_empty(b));
           // Unrotated: the last step's adds are done in global memory (this step's may run on) ...
           if (!p.dq_rotate) tma::bulk_wait<1>();
           if (pending_buf >= 0) {
             tma::fence_proxy_async_global();  // ... and ordered before the release that passes its turn on
             pending.pass_turn();
-            tma::arrive(sm.dq_empty(pending_buf));
           }
           pending = order;
           pending_buf = b;
