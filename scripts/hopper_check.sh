@@ -127,7 +127,7 @@ if step kvtests 200; then
   grep -E "^(FAILED|ERROR|E  )" "$OUT/kvtests.log" | head -12
 fi
 for what in ws wsbwd widebwd kvcache; do
-  step san_$what 150 || continue
+  step san_$what 90 || continue  # about 30-60 s each (three tools)
   for tool in memcheck racecheck synccheck; do
     extra=(); [[ $tool == racecheck ]] && extra=(${RACECHECK_ARGS:-})  # e.g. "--racecheck-report hazard"
     FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 python3 scripts/sanitize_cases.py \
@@ -346,7 +346,7 @@ if step suite 280; then
   echo "whole suite with FLASH_ATTN2_FWD_WS=1 FLASH_ATTN2_BWD_WS=1 rc $?: $(tail -1 "$OUT/suite.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -20
 fi
-if step det 130; then  # DET_ORDERS="spread head": the deterministic grid orders to test (default: the default one)
+if step det 60; then  # about 30 s a grid order; DET_ORDERS="spread head": the deterministic grid orders to test (default: the default one)
   for order in ${DET_ORDERS:-default}; do
     for portable in 0 1; do
       FLASH_ATTN2_DET_ORDER=$order FLASH_ATTN2_PORTABLE_KERNELS=$portable timeout 60 python3 -m pytest python/tests \
