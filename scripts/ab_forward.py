@@ -54,6 +54,13 @@ for d, causal, n, mod in cases:
         f = lambda: bwd(do, q, k, v, o, lse, *args, **bwd_kw)
     for _ in range(3):
         f()
+    settle = float(sys.argv[6]) / 1e3  # --settle-ms: run the case this long before timing it (steady clock / power)
+    if settle > 0:
+        w0, w1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        w0.record(); f(); w1.record(); torch.cuda.synchronize()
+        for _ in range(max(0, int(settle * 1e3 / max(w0.elapsed_time(w1), 1e-3)) - 1)):
+            f()
+        torch.cuda.synchronize()
     ts = []
     for _ in range(15):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -128,9 +135,15 @@ def main():
     ap.add_argument("--causal-lengths", default="2048,8192,16384")
     ap.add_argument("--mods", default="none", help="none,softcap,alibi,dropout,varlen")
     ap.add_argument("--direction", default="fwd", choices=("fwd", "bwd"), help="time the forward or the backward op")
+    ap.add_argument("--rounds", type=int, default=2, help="A, B alternations; each cell keeps its best")
+    ap.add_argument("--settle-ms", type=float, default=0.0,
+                    help="run each case this long before its timed runs, so that the clock and power have settled "
+                         "to the case's own level (the first rows after a process starts ran at other clocks: "
+                         "same-code rows read 0.94-1.02 in session 21)")
     args = ap.parse_args()
     runs = run_sides(args.a, args.b, CHILD,
-                     [args.head_dims, args.lengths, args.causal_lengths, args.mods, args.direction])
+                     [args.head_dims, args.lengths, args.causal_lengths, args.mods, args.direction,
+                      str(args.settle_ms)], rounds=args.rounds)
     best = {"a": {}, "b": {}}
     for name, rounds in runs.items():
         for res in rounds:
