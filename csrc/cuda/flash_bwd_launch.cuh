@@ -64,6 +64,12 @@ void launch_bwd_portable(const BwdParams& params, cudaStream_t stream) {
   launch_per_key_tile<Kt>(&flash_bwd_kernel<Kt, kScoreMod>, params, stream);
 }
 
+// Whether environment variable `name` is set to `value`.
+inline bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+
 // Rows of dq_accum (float32, d per row): (Hq, B * Nq), or (Hq, Tq) for a packed batch; the Hopper backwards' dQ
 // maps cover them all.
 inline int64_t dq_accum_rows(const BwdParams& p) {
@@ -72,10 +78,7 @@ inline int64_t dq_accum_rows(const BwdParams& p) {
 }
 // FLASH_ATTN2_BWD_WS_DQ=red: the Hopper backwards add dQ by the threads' red.add instead of TMA reduce-adds
 // (A/B runs).
-inline bool dq_red_add_requested() {
-  const char* env = std::getenv("FLASH_ATTN2_BWD_WS_DQ");
-  return env != nullptr && std::strcmp(env, "red") == 0;
-}
+inline bool dq_red_add_requested() { return env_is("FLASH_ATTN2_BWD_WS_DQ", "red"); }
 
 // The WS backward takes FlashAttention-3's larger steps where they are built and can run (BwdSm90WsTraits): 80
 // queries at d128, 128 at d64, with dQ by TMA reduce-adds, in the deterministic mode too (1.04-1.24x the 64-query
@@ -86,26 +89,6 @@ inline bool ws_bwd_blockm_requested(int blockm) {
   const char* env = std::getenv("FLASH_ATTN2_BWD_WS_BLOCKM");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "big") == 0) return true;
   return std::atoi(env) == blockm;
-}
-
-// FLASH_ATTN2_BWD_WS_DET_BIG=0 (A/B runs): 64 queries a step in the deterministic mode.
-inline bool ws_bwd_det_64_requested() {
-  const char* env = std::getenv("FLASH_ATTN2_BWD_WS_DET_BIG");
-  return env != nullptr && std::strcmp(env, "0") == 0;
-}
-
-// FLASH_ATTN2_BWD_WS_M80_MASKED=0 (A/B runs): 64 queries a step on masked d128 calls (causal, windows).
-inline bool ws_bwd_m80_masked_requested() {
-  const char* env = std::getenv("FLASH_ATTN2_BWD_WS_M80_MASKED");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
-
-// The larger steps with score modifiers too (128 queries at d64, 80 at d128; 600 and 496 bytes of spills on
-// sm_90a, yet 1.02-1.12x the 64-query steps on softcap, ALiBi and dropout rows, perf.md v24);
-// FLASH_ATTN2_BWD_WS_MOD_BIG=0 keeps 64 there (A/B runs).
-inline bool ws_bwd_mod_big_requested() {
-  const char* env = std::getenv("FLASH_ATTN2_BWD_WS_MOD_BIG");
-  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
 // The WS backward of traits Kt: its TMA maps, then the launch; false where the TMA cannot address the tensors.
@@ -157,25 +140,16 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
     const char* env = std::getenv("FLASH_ATTN2_BWD_WS");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
     const bool required = env != nullptr && std::strcmp(env, "require") == 0;
-    const bool larger_ok = !dq_red_add_requested() && !(p.dq_semaphore != nullptr && ws_bwd_det_64_requested());
-    if constexpr (kScoreMod && kHeadDim == 64) {
-      if (larger_ok && ws_bwd_mod_big_requested() && ws_bwd_blockm_requested(128))
-        return launch_bwd_ws<BwdSm90WsTraits<T, 64, 128>, true>(p, stream, required);
-    }
-    if constexpr (kScoreMod && kHeadDim == 128) {
-      if (larger_ok && ws_bwd_mod_big_requested() && ws_bwd_blockm_requested(80))
-        return launch_bwd_ws<BwdSm90WsTraits<T, 128, 80>, true>(p, stream, required);
-    }
-    if constexpr (!kScoreMod) {
-      if constexpr (kHeadDim == 128) {
-        const bool unmasked = p.window_left < 0 && p.window_right < 0;
-        if (larger_ok && (unmasked || ws_bwd_m80_masked_requested()) && ws_bwd_blockm_requested(80))
-          return launch_bwd_ws<BwdSm90WsTraits<T, 128, 80>, false>(p, stream, required);
-      } else {
-        if (larger_ok && ws_bwd_blockm_requested(128))
-          return launch_bwd_ws<BwdSm90WsTraits<T, 64, 128>, false>(p, stream, required);
-      }
-    }
+    // The larger steps, unless an A/B switch keeps 64: FLASH_ATTN2_BWD_WS_DET_BIG=0 in the deterministic mode,
+    // _MOD_BIG=0 with score modifiers (600 and 496 bytes of spills on sm_90a, yet 1.02-1.12x the 64-query steps
+    // on softcap, ALiBi and dropout rows), _M80_MASKED=0 on masked d128 calls without them; none with red.add.
+    constexpr int kBig = kHeadDim == 128 ? 80 : 128;
+    const bool masked = p.window_left >= 0 || p.window_right >= 0;
+    const bool big = ws_bwd_blockm_requested(kBig) && !dq_red_add_requested() &&
+                     !(p.dq_semaphore != nullptr && env_is("FLASH_ATTN2_BWD_WS_DET_BIG", "0")) &&
+                     !(kScoreMod && env_is("FLASH_ATTN2_BWD_WS_MOD_BIG", "0")) &&
+                     !(kHeadDim == 128 && !kScoreMod && masked && env_is("FLASH_ATTN2_BWD_WS_M80_MASKED", "0"));
+    if (big) return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim, kBig>, kScoreMod>(p, stream, required);
     return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim>, kScoreMod>(p, stream, required);
   }
 }
