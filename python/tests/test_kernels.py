@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flash_attn2
-from conftest import requires_cuda, requires_sm90
+from conftest import cuda_kernel_names, requires_cuda, requires_sm90
 from reference import assert_close_to_reference, naive_attention, random_qkv
 
 
@@ -222,24 +222,16 @@ def test_cuda_warp_specialised_backward_larger_steps_are_the_kernels_that_run(mo
     FLASH_ATTN2_BWD_WS_BLOCKM=64: 64 always)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_BLOCKM", blockm)
-    expected = ((128, False, "128, 80>"), (128, True, "128, 80>"), (64, True, "64, 128>")) if blockm == "" else \
-        ((128, False, "128, 64>"), (128, True, "128, 64>"), (64, True, "64, 64>"))
-    for d, causal, traits in expected:
+    big = blockm == ""
+    for d, causal, m80_masked, traits in ((128, False, "", "128, 80>" if big else "128, 64>"),
+                                          (128, True, "", "128, 80>" if big else "128, 64>"),
+                                          (128, True, "0", "128, 64>"), (64, True, "", "64, 128>" if big else "64, 64>")):
+        monkeypatch.setenv("FLASH_ATTN2_BWD_WS_M80_MASKED", m80_masked)
         q, k, v = (torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            flash_attn2.attention(q, k, v, causal).sum().backward()
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if "flash_bwd_sm90_ws_kernel" in e.name]
+        names = cuda_kernel_names(lambda: flash_attn2.attention(q, k, v, causal).sum().backward(),
+                                  "flash_bwd_sm90_ws_kernel")
         assert names, "the profiler recorded no WS backward kernel"
-        assert all(traits in n for n in names), (d, causal, names)
-    if blockm == "":  # 64 queries a step on masked d128 calls
-        monkeypatch.setenv("FLASH_ATTN2_BWD_WS_M80_MASKED", "0")
-        q, k, v = (torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            flash_attn2.attention(q, k, v, True).sum().backward()
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if "flash_bwd_sm90_ws_kernel" in e.name]
-        assert names and all("128, 64>" in n for n in names), names
+        assert all(traits in n for n in names), (d, causal, m80_masked, names)
 
 
 @requires_sm90

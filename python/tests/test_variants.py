@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flash_attn2
-from conftest import requires_cuda, requires_sm90
+from conftest import cuda_kernel_names, requires_cuda, requires_sm90
 from reference import assert_close_to_reference, naive_attention, random_qkv
 
 F = torch.ops.flash_attn2
@@ -554,10 +554,8 @@ def test_cuda_warp_specialised_backward_80_queries_masked(monkeypatch, b, hq, hk
     opts = make_options(b, hq, causal, window, 0.0, None, 0.0, "cuda", seed=nq)
     check_variant_case(b, hq, hkv, nq, nk, d, dtype, "cuda", opts, transposed=True)
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", requires_grad=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        flash_attn2.attention(q, k, v, **opts).sum().backward()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if "flash_bwd_sm90_ws_kernel" in e.name]
+    names = cuda_kernel_names(lambda: flash_attn2.attention(q, k, v, **opts).sum().backward(),
+                              "flash_bwd_sm90_ws_kernel")
     assert names and all("128, 80>" in n for n in names), names
 
 
