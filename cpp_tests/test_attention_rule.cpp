@@ -26,7 +26,7 @@ void visited_query_tiles(const Visibility<int>& vis, int n, int block_m, int blo
 TEST(AttentionRule, KeyTileRangesMatchTheBackwardWalk) {
   const int sizes[] = {1, 7, 63, 64, 65, 127, 128, 129, 200, 333, 517};
   const int windows[] = {-1, 0, 1, 7, 37, 64, 129, 300};
-  const int tiles[][2] = {{64, 128}, {128, 128}, {64, 64}, {128, 64}};
+  const int tiles[][2] = {{64, 128}, {128, 128}, {64, 64}, {128, 64}, {80, 128}};  // 80 x 128: the d128 WS backward's steps
   int checked = 0, with_visitors = 0;
   for (int nq : sizes)
     for (int nk : sizes)
