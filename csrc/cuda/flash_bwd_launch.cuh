@@ -149,6 +149,10 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
                      !(p.dq_semaphore != nullptr && env_is("FLASH_ATTN2_BWD_WS_DET_BIG", "0")) &&
                      !(kScoreMod && env_is("FLASH_ATTN2_BWD_WS_MOD_BIG", "0")) &&
                      !(kHeadDim == 128 && !kScoreMod && masked && env_is("FLASH_ATTN2_BWD_WS_M80_MASKED", "0"));
+    if constexpr (kScoreMod) {  // FLASH_ATTN2_BWD_WS_LATE_DP=1 (experiment): dP^T after P^T, fewer spills
+      if (big && env_is("FLASH_ATTN2_BWD_WS_LATE_DP", "1"))
+        return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim, kBig, true>, kScoreMod>(p, stream, required);
+    }
     if (big) return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim, kBig>, kScoreMod>(p, stream, required);
     return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim>, kScoreMod>(p, stream, required);
   }

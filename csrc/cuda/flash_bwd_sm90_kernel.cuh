@@ -201,11 +201,16 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
     WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_s), desc_k_major<TileKV>(sK_u, 64 * wg, ks),
                                            desc_k_major<TileQ>(sQ_s, 0, ks), ks > 0);
   wgmma_commit();
+  // Kt::kLateDp (experiment): dP^T issued after P^T is computed, not beside S^T, so that its accumulators are not
+  // live during the score rule (the larger steps' score-modifier kernels spill 496-600 bytes otherwise, 160 so).
+  constexpr bool kLateDp = Kt::kLateDp;
+  if constexpr (!kLateDp) {
 #pragma unroll
-  for (int ks = 0; ks < kHeadDim / 16; ++ks)
-    WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
-                                           desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
-  wgmma_commit();
+    for (int ks = 0; ks < kHeadDim / 16; ++ks)
+      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
+                                             desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
+    wgmma_commit();
+  }
 
   const float* s_d = s_lse + kBlockM;
   const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
@@ -217,7 +222,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   if (dropout)
     keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
                                             q_c0);
-  wgmma_wait<1>();
+  if constexpr (kLateDp) wgmma_wait<0>(); else wgmma_wait<1>();
   fence_regs(acc_s);
   if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
     probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
@@ -227,6 +232,14 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
     acc_to_a_frags<T>(p_frag, acc_s);
   }
 
+  if constexpr (kLateDp) {
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks)
+      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
+                                             desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
+    wgmma_commit();
+  }
   // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
   wgmma_wait<0>();
   fence_regs(acc_dp);
@@ -262,6 +275,7 @@ struct BwdSm90Traits {
   static constexpr int kNThreads = kWarpGroups * 128;
   static constexpr int kBlockN = 64 * kWarpGroups;            // keys per block, 64 per warpgroup
   static constexpr int kBlockM = kHeadDim <= 64 ? 128 : 64;   // queries per step
+  static constexpr bool kLateDp = false;                      // dP^T beside S^T (bwd_step_dk_dv)
   // dQ of one step (kBlockM x d) is split into one 64 x 64 tile per warpgroup: by query rows when
   // kBlockM = 128 (d = 64), by columns when d = 128 (kBlockM = 64).
   static constexpr bool kDqSplitRows = kBlockM == 128;

@@ -47,7 +47,8 @@ namespace flash_attn2::cuda {
 //     the 80 queries as N), with dS stored query-major for it.
 //   kBlockM_ = 128 (d64): each consumer computes the dQ of its own 64 of the step's queries at every step
 //     (kDqSplitRows), where with 64 queries the consumers took the steps' dQ in turn.
-template <typename T, int kHeadDim_, int kBlockM_ = 64>
+//   kLateDp_ (experiment, FLASH_ATTN2_BWD_WS_LATE_DP=1): dP^T issued after P^T (bwd_step_dk_dv).
+template <typename T, int kHeadDim_, int kBlockM_ = 64, bool kLateDp_ = false>
 struct BwdSm90WsTraits {
   using Elem = T;
   static constexpr int kHeadDim = kHeadDim_;
@@ -55,6 +56,7 @@ struct BwdSm90WsTraits {
   static constexpr int kNThreads = (kConsumers + 1) * 128;
   static constexpr int kBlockN = 64 * kConsumers;  // keys per block, 64 per consumer
   static constexpr int kBlockM = kBlockM_;         // queries per step
+  static constexpr bool kLateDp = kLateDp_;
   static_assert(kBlockM == 64 || (kBlockM == 80 && kHeadDim == 128) || (kBlockM == 128 && kHeadDim == 64),
                 "64 queries a step, 80 at d128 or 128 at d64");
   // dQ^T = K^T dS^T (N = kBlockM queries) where kBlockM is not wgmma's M; dS then [query][key] in shared memory.
