@@ -38,6 +38,8 @@
 #                  kernels (FLASH_ATTN2_PORTABLE_KERNELS=1)
 #   mufu           ops per clock per SM of ex2.approx, tanh.approx, both, and FMA (scripts/mufu_rate.cu)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
+#   ncu_bwd        ncu (speed of light, memory, pipes, warp stalls) on our backward and cuDNN's, d256 and d128,
+#                  non-causal 8k: what bounds the d256 backward (0.78-0.90 of cuDNN), and cuDNN's kernel names
 #   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
 #                  tiles) and softcap 50, causal 8k: the per-instruction CSVs come back gzipped
 #   clock_gqa      ours and cuDNN beside the SM clock and power on 16/16, 64/64 and 64/8 heads (N = 4k, causal, d128)
@@ -278,6 +280,19 @@ if step ncu_softcap 200; then  # why softcap 50 runs at 0.81 / 0.76 of plain (#7
       echo "ncu $mod $k rc $?"
       grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Stall|Executed Ipc|Registers Per|Pipe" \
         "$OUT/ncu_${mod}_${k}.txt" | head -24
+    done
+  done
+fi
+if step ncu_bwd 240; then  # what bounds the d256 backward, beside cuDNN's and the d128 one
+  for d in 256 128; do
+    for impl in ours cudnn; do
+      sel=(-k regex:flash_bwd_sm90 -c 1); [[ $impl == cudnn ]] && sel=(-c 12)  # cuDNN: every launch, names unknown
+      timeout 100 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section WarpStateStats --section LaunchStats --section Occupancy "${sel[@]}" \
+        python3 scripts/profile_case.py --d $d --n 8192 --impl $impl >"$OUT/ncu_bwd_${impl}_d$d.txt" 2>&1
+      echo "ncu bwd $impl d$d rc $?"
+      grep -E "^  [a-z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Hit|L2 Hit|Issue Slots Busy|Warp Cycles Per Issued|Registers Per|Shared Memory Config|Block Size|Grid Size|Pipe|Stall" \
+        "$OUT/ncu_bwd_${impl}_d$d.txt" | grep -v -E "elementwise|distribution|vectorized" | head -60
     done
   done
 fi

@@ -2,6 +2,7 @@
 
     ncu --section WarpStateStats -k regex:flash_bwd_kernel -c 1 python3 scripts/profile_case.py --d 128
     ... profile_case.py --d 128 --n 8192 --causal --softcap 50     (or --alibi, --dropout 0.1, --window 4096)
+    ... profile_case.py --d 256 --n 8192 --impl cudnn               (SDPA's cuDNN backend on the same inputs)
 """
 
 import argparse
@@ -19,6 +20,7 @@ parser.add_argument("--softcap", type=float, default=0.0)
 parser.add_argument("--alibi", action="store_true")
 parser.add_argument("--dropout", type=float, default=0.0)
 parser.add_argument("--window", type=int, default=-1, help="keys to the left (and, without --causal, right)")
+parser.add_argument("--impl", default="ours", choices=["ours", "cudnn"], help="cudnn: plain SDPA calls only")
 args = parser.parse_args()
 b, h = max(1, 16384 // args.n), 2048 // args.d
 dtype = getattr(torch, args.dtype)
@@ -26,7 +28,12 @@ q, k, v = (torch.randn(b, args.n, h, args.d, device="cuda", dtype=dtype).transpo
            for _ in range(3))
 slopes = torch.rand(h, device="cuda") if args.alibi else None
 window = (args.window, -1 if args.window < 0 else 0 if args.causal else args.window)
-out = flash_attn2.attention(q, k, v, args.causal, softcap=args.softcap, alibi_slopes=slopes, dropout_p=args.dropout,
-                            window_size=window)
+if args.impl == "cudnn":
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+else:
+    out = flash_attn2.attention(q, k, v, args.causal, softcap=args.softcap, alibi_slopes=slopes,
+                                dropout_p=args.dropout, window_size=window)
 out.backward(torch.randn_like(out))
 torch.cuda.synchronize()
