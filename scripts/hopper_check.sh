@@ -23,6 +23,8 @@
 #                  "B,Hkv,L" for another), then their
 #                  warp stall reasons with caches and clocks as they run
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
+#   ab_widewsdq    the d256 dQ-warpgroup backward's dQ by TMA reduce-adds (B, the default) vs red.add (A,
+#                  FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
@@ -229,6 +231,10 @@ if step ab_widedq 100; then  # the d256 backward's dQ: TMA reduce-adds (B) vs re
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE=2wg,FLASH_ATTN2_BWD_WS_DQ=red \
     $lib,FLASH_ATTN2_BWD_WIDE=2wg --direction bwd --head-dims 256 --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,varlen \
     | tee "$OUT/ab_widedq.md"
+fi
+if step ab_widewsdq 100; then  # the d256 dQ-warpgroup kernel's dQ: TMA reduce-adds through one box (B) vs red.add (A)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd --head-dims 256 \
+    --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,varlen | tee "$OUT/ab_widewsdq.md"
 fi
 if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd \

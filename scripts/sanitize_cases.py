@@ -120,7 +120,7 @@ if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (
     print("sanitize cases ran (wsbwd)")
     raise SystemExit(0)
 if os.environ.get("FA2_SANITIZE") == "widebwd":  # the d256 backwards: dQ warpgroup; split roles, TMA and red.add dQ
-    for wide, dq in (("", ""), ("2wg", ""), ("2wg", "red")):
+    for wide, dq in (("", ""), ("", "red"), ("2wg", ""), ("2wg", "red")):
         os.environ["FLASH_ATTN2_BWD_WIDE"] = wide
         os.environ["FLASH_ATTN2_BWD_WS_DQ"] = dq
         for dtype, d in [(torch.bfloat16, 256), (torch.float16, 240)]:

@@ -181,6 +181,22 @@ void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
   FA2_CHECK_LAUNCH();
 }
 
+// The d256 dQ-warpgroup backward (flash_bwd_sm90_wide_ws_kernel.cuh), its dQ by TMA bulk reduce-adds where the
+// map can be made and the adds need no order, as launch_bwd_wide's.
+template <class Kt, bool kScoreMod>
+void launch_bwd_wide_ws(const BwdParams& p, cudaStream_t stream) {
+  BwdParams launch = p;
+  CUtensorMap dq_map{};
+  launch.dq_red_add = p.dq_semaphore != nullptr || dq_red_add_requested() ||
+                      !make_f32_rows_map(&dq_map, p.dq_accum, p.head_dim, dq_accum_rows(p), Kt::kBlockM);
+  choose_dq_walk<Kt>(launch);
+  auto kernel = &flash_bwd_sm90_wide_ws_kernel<Kt, kScoreMod>;
+  set_smem_limit(kernel, Kt::kSmemBytes);
+  const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, dq_map);
+  FA2_CHECK_LAUNCH();
+}
+
 }  // namespace detail
 
 template <typename T, int kHeadDim, bool kScoreMod>
@@ -227,7 +243,7 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
       else if (two_wg)
         detail::launch_bwd_wide<K90, kScoreMod>(params, stream);
       else
-        detail::launch_per_key_tile<K90Ws>(&flash_bwd_sm90_wide_ws_kernel<K90Ws, kScoreMod>, params, stream);
+        detail::launch_bwd_wide_ws<K90Ws, kScoreMod>(params, stream);
     } else {
       detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
     }

@@ -46,7 +46,9 @@ struct BwdSm90WideTraits {
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
   static constexpr int kSmemDS = TileDS::kElems * 2;
-  static constexpr int kSmemP = kBlockM / 2 * 128 * 4;   // P^T hand-over: kBlockM / 2 floats per thread
+  // P^T hand-over: kBlockM / 2 values per thread, float32 (kHalfHandOver: float16 pairs, flash_bwd_sm90_wide_ws)
+  static constexpr bool kHalfHandOver = false;
+  static constexpr int kSmemP = kBlockM / 2 * 128 * 4;
   static constexpr int kSmemRowStats = 2 * kBlockM * 4;  // LSE and D of one query tile, fp32
   static constexpr int kAlign = 1024;
   // K | V | Q[2] | dO[2] | dS^T | P^T | (LSE, D)[2], plus slack to align the start.
@@ -91,9 +93,10 @@ FA2_DEVICE KeepBits<1, Kt::kBlockM / 8> keep_bits(const BwdParams& p, int batch,
 }
 
 // Warpgroup 0: S^T into P^T (with score modifiers P^T G, and P^T Z into frag), masked where the tile crosses
-// a visibility edge; then P^T (G) into the hand-over buffer sP, kBlockM / 2 floats per thread.
+// a visibility edge; then P^T (G) into the hand-over buffer sP, kBlockM / 2 floats per thread (Kt::kHalfHandOver:
+// as float16 pairs, half the bytes; P^T G lies in [0, 1], where float16 keeps 11 bits, dS^T then goes to T).
 template <class Kt, bool kScoreMod>
-FA2_DEVICE void probs_to_hand_over(ScoreAcc<Kt>& acc_x, KvFrags<Kt>& frag, float* sP, const float* s_lse,
+FA2_DEVICE void probs_to_hand_over(ScoreAcc<Kt>& acc_x, KvFrags<Kt>& frag, void* sP, const float* s_lse,
                                    int key_r0, int q_c0, int row0, int key0, const Visibility<int>& vis,
                                    const ScoreRule<float>& rule, const KeepBits<1, Kt::kBlockM / 8>& keep,
                                    bool dropout, const BwdParams& p, int t, int wg_tid) {
@@ -105,19 +108,34 @@ FA2_DEVICE void probs_to_hand_over(ScoreAcc<Kt>& acc_x, KvFrags<Kt>& frag, float
   } else {
     probs_transposed(acc_x, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
   }
+  if constexpr (Kt::kHalfHandOver) {
 #pragma unroll
-  for (int j = 0; j < Kt::kBlockM / 2; ++j) sP[j * 128 + wg_tid] = flat(acc_x)[j];
+    for (int j = 0; j < Kt::kBlockM / 4; ++j)
+      static_cast<uint32_t*>(sP)[j * 128 + wg_tid] = pack2<__half>(flat(acc_x)[2 * j], flat(acc_x)[2 * j + 1]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < Kt::kBlockM / 2; ++j) static_cast<float*>(sP)[j * 128 + wg_tid] = flat(acc_x)[j];
+  }
 }
 
 // Warpgroup 1: dP^T into dS^T = P^T (dP^T - D) (Z and G with score modifiers), P^T (G) taken from sP.
 template <class Kt, bool kScoreMod>
-FA2_DEVICE void dscores_from_hand_over(ScoreAcc<Kt>& acc_x, const float* sP, const float* s_d,
+FA2_DEVICE void dscores_from_hand_over(ScoreAcc<Kt>& acc_x, const void* sP, const float* s_d,
                                        const KeepBits<1, Kt::kBlockM / 8>& keep, bool dropout, const BwdParams& p,
                                        int t, int wg_tid) {
   using namespace sm90;
   float pr[1][Kt::kBlockM / 8][4];
+  if constexpr (Kt::kHalfHandOver) {
 #pragma unroll
-  for (int j = 0; j < Kt::kBlockM / 2; ++j) flat(pr)[j] = sP[j * 128 + wg_tid];
+    for (int j = 0; j < Kt::kBlockM / 4; ++j) {
+      const float2 v = unpack2<__half>(static_cast<const uint32_t*>(sP)[j * 128 + wg_tid]);
+      flat(pr)[2 * j] = v.x;
+      flat(pr)[2 * j + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < Kt::kBlockM / 2; ++j) flat(pr)[j] = static_cast<const float*>(sP)[j * 128 + wg_tid];
+  }
   if constexpr (kScoreMod) {
     dscores_transposed_mod(acc_x, pr, s_d, keep, dropout, p.keep_scale, t);
   } else {

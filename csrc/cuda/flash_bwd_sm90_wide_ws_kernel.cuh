@@ -10,8 +10,13 @@
 //
 //   warpgroup 0:  S^T = K Q^T -> P^T (handed to warpgroup 1 through shared memory),  dV += P^T dO
 //   warpgroup 1:  dP^T = V dO^T,  dS^T = P^T (dP^T - D) (to shared memory, two buffers), dK += dS^T Q
-//   warpgroup 2:  dQ_accum += dS K, 64 columns at a time (fp32 red.global.add: no shared memory is left to
-//                 stage it for the TMA)
+//   warpgroup 2:  dQ_accum += dS K, 64 columns at a time, by TMA bulk reduce-adds of 64 x 32 float32 boxes
+//                 staged in an 8 KB buffer (the deterministic mode and FLASH_ATTN2_BWD_WS_DQ=red: the threads'
+//                 red.global.add)
+//
+// The threads' red.add of 64 x 256 floats a step kept the L2 71% busy (ncu, non-causal 8k, perf.md v25; cuDNN's
+// d256 backward on the same 64 x 64 tiles: 32%): each warp instruction adds 32 bytes to each of 8 rows, so every
+// 128-byte line took four requests. The box buffer's 8 KB come from the P^T hand-over, now float16 pairs.
 //
 // Warpgroups 0 and 1 load Q, dO, LSE and D (cp.async, two stages) and meet at two named barriers per step (the
 // step's data, the P^T hand-over); warpgroup 1 and warpgroup 2 meet at the dS^T buffers ("stored": 1 arrives,
@@ -41,16 +46,42 @@ struct BwdSm90WideWsTraits : BwdSm90WideTraits<T, kHeadDim_> {
   static constexpr int kNThreads = 384;     // three warpgroups
   static constexpr int kLoadThreads = 256;  // warpgroups 0 and 1 load Q, dO, LSE and D
   static constexpr int kComputeRegs = 216, kDqRegs = 72;
+  static constexpr bool kHalfHandOver = true;               // P^T handed over as float16 pairs (wide_step)
+  static constexpr int kSmemP = Base::kBlockM / 2 * 128 * 2;
+  static constexpr int kSmemDqBox = 64 * 32 * 4;            // one 64 x 32 float32 box of dQ (128-byte swizzle)
   // 384 threads launch with 168 registers each (65536 / 384, in steps of 8): 504 per thread across the three.
   static_assert(2 * kComputeRegs + kDqRegs <= 3 * 168, "setmaxnreg: more registers than the launch gives");
-  // K | V | Q[2] | dO[2] | dS^T[2] | P^T | (LSE, D)[2], plus slack to align the start.
-  static constexpr int kSmemBytes = Base::kSmemBytes + Base::kSmemDS;
+  // K | V | Q[2] | dO[2] | dS^T[2] | dQ box | P^T | (LSE, D)[2], plus slack to align the start.
+  static constexpr int kSmemBytes = 2 * Base::kSmemKV + 4 * Base::kSmemQ + 2 * Base::kSmemDS + kSmemDqBox + kSmemP +
+                                    2 * Base::kSmemRowStats + Base::kAlign;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
+namespace wide_step {
+
+// The dQ warpgroup's box kBox (columns 32 kBox on) of a 64 x 64 chunk, added at (col0, row) by one bulk
+// reduce-add through the 8 KB buffer sdQ: the issuer waits until its last reduce-add has read the buffer, the
+// warpgroup stores the box and meets again, the issuer adds it.
+template <int kBox>
+FA2_DEVICE void add_dq_box(unsigned char* sdQ, const float (&acc)[1][8][4], const CUtensorMap* map, int col0,
+                           int row, bool issuer, int bar, int warp, int g, int t) {
+  using namespace sm90;
+  if (issuer) tma::bulk_wait_read<0>();
+  tma::named_sync(bar, 128);  // the buffer is free
+  store_dq_boxes<8192, kBox, 1>(sdQ, acc, warp, g, t);
+  fence_proxy_async_smem();   // the stores before the bulk read
+  tma::named_sync(bar, 128);  // the box is staged
+  if (issuer) {
+    tma::reduce_add_box(map, sdQ, col0, row);
+    tma::bulk_commit();
+  }
+}
+
+}  // namespace wide_step
+
 template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
-    flash_bwd_sm90_wide_ws_kernel(const __grid_constant__ BwdParams p) {
+    flash_bwd_sm90_wide_ws_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap dq_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Kt::Elem;
   using TileQ = typename Kt::TileQ;
@@ -63,8 +94,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
   // Named barriers (0 is __syncthreads): the step's data landed (warpgroups 0 and 1), P^T handed over (0 and
   // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), warpgroup w's
-  // epilogue (7 + w), the dQ warpgroup's deterministic turns (9: its 128 threads only).
-  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7, kBarDq = 9;
+  // epilogue (7 + w), the dQ warpgroup's deterministic turns (9: its 128 threads only), its dQ box (10: the
+  // same 128).
+  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7, kBarDq = 9, kBarDqBox = 10;
 
   extern __shared__ unsigned char smem_raw[];
   const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
@@ -74,9 +106,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const uint32_t sQ_u = sV_u + Kt::kSmemKV;      // stage s at + s * kSmemQ
   const uint32_t sdO_u = sQ_u + 2 * Kt::kSmemQ;  // stage s at + s * kSmemQ
   const uint32_t sdS_u = sdO_u + 2 * Kt::kSmemQ;  // buffer b at + b * kSmemDS
-  const uint32_t sP_u = sdS_u + 2 * Kt::kSmemDS;
+  const uint32_t sdQ_u = sdS_u + 2 * Kt::kSmemDS;  // 1024-byte aligned: 208 KB from the start
+  const uint32_t sP_u = sdQ_u + Kt::kSmemDqBox;
   const uint32_t sStats_u = sP_u + Kt::kSmemP;   // stage s: LSE at s * 2M, D at + M (floats)
-  float* sP = reinterpret_cast<float*>(smem + (sP_u - sK_u));
+  void* sP = smem + (sP_u - sK_u);
+  unsigned char* sdQ = smem + (sdQ_u - sK_u);
   const float* sStats = reinterpret_cast<const float*>(smem + (sStats_u - sK_u));
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -111,6 +145,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // deterministic mode it adds in the key tiles' turn (DqOrder), which only it waits for: the other two run on
     // up to two steps ahead meanwhile.
     tma::shrink_registers<Kt::kDqRegs>();
+    const bool dq_tma = !p.dq_red_add;  // bulk reduce-adds (the launcher made dq_map; not in the deterministic mode)
+    const bool dq_issuer = dq_tma && wg_tid == 0;
     DqOrderChain dq_chain;
     dq_chain.adders = DqAdders{kBarDq, 128};
     for (int it = 0; it < steps.total; ++it) {
@@ -118,7 +154,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
       const uint32_t sdS_b = sdS_u + b * Kt::kSmemDS;
       tma::named_sync(kBarDsFull + b, 256);  // dS_it^T is in buffer b
-      dq_chain.acquire(DqOrder::make<kBlockM>(p, blk, vis, head, row0), wg_tid);
+      if (!dq_tma) dq_chain.acquire(DqOrder::make<kBlockM>(p, blk, vis, head, row0), wg_tid);
       const bool full_tile = row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim;
 #pragma unroll 1
       for (int col0 = 0; col0 < kHeadDim; col0 += 64) {
@@ -133,11 +169,21 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         fence_regs(acc_dq);
         if (col0 + 64 >= kHeadDim && it + 2 < steps.total)
           tma::named_arrive(kBarDsFree + b, 256);  // buffer b read: warpgroup 1 may write dS_{it+2}^T there
-        add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
+        if (dq_tma) {
+          // The chunk as two 64 x 32 boxes through the one buffer. Rows past the sequence's end add exact zeros
+          // (zero-filled Q / dO rows there: dS = 0) to the rows that follow; rows past the array and columns
+          // past d are clipped by the map.
+          const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
+          wide_step::add_dq_box<0>(sdQ, acc_dq, &dq_map, col0, row, dq_issuer, kBarDqBox, warp, g, t);
+          wide_step::add_dq_box<1>(sdQ, acc_dq, &dq_map, col0 + 32, row, dq_issuer, kBarDqBox, warp, g, t);
+        } else {
+          add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
+        }
       }
     }
-    dq_chain.finish(wg_tid);
-    return;  // nothing to meet the others for: the epilogue stages dK and dV away from K and dS^T
+    if (dq_issuer) tma::bulk_wait<0>();  // the last reduce-adds done before the block's shared memory goes
+    if (!dq_tma) dq_chain.finish(wg_tid);
+    return;  // nothing to meet the others for: the epilogue stages dK and dV away from K, dS^T and the box
   }
 
   tma::grow_registers<Kt::kComputeRegs>();

@@ -134,15 +134,17 @@ struct BwdWsSmem {
 // The per-thread part is made opaque to the compiler, so that it recomputes the few offsets at each call rather
 // than keeping sixteen of them live across the backward's loop (which spilled). kBoxBytes: the boxes' size where
 // they hold more rows than the warpgroup's 64 (dst then points at its first row inside the first box).
-template <int kBoxBytes = 8192>
+// kFirstBox, kBoxes: only boxes [kFirstBox, kFirstBox + kBoxes) (columns 32 kFirstBox on), the first at dst.
+template <int kBoxBytes = 8192, int kFirstBox = 0, int kBoxes = 2>
 FA2_DEVICE void store_dq_boxes(unsigned char* dst, const float (&acc)[1][8][4], int warp, int g, int t) {
+  static_assert(kFirstBox >= 0 && kBoxes >= 1 && kFirstBox + kBoxes <= 2, "a 64 x 64 chunk has two boxes");
   int base = (16 * (warp % 4) + g) * 128 + (t & 1) * 8, x = g, t2 = t >> 1;
   asm volatile("" : "+r"(base), "+r"(x), "+r"(t2));
 #pragma unroll
-  for (int ni = 0; ni < 8; ++ni)
+  for (int ni = 4 * kFirstBox; ni < 4 * (kFirstBox + kBoxes); ++ni)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int byte = base + (ni / 4) * kBoxBytes + h * 1024 + (((2 * (ni % 4) + t2) ^ x) << 4);
+      const int byte = base + (ni / 4 - kFirstBox) * kBoxBytes + h * 1024 + (((2 * (ni % 4) + t2) ^ x) << 4);
       *reinterpret_cast<float2*>(dst + byte) = make_float2(acc[0][ni][2 * h], acc[0][ni][2 * h + 1]);
     }
 }
