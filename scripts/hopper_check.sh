@@ -25,6 +25,8 @@
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widewsdq    the d256 dQ-warpgroup backward's dQ by TMA reduce-adds (B, the default) vs red.add (A,
 #                  FLASH_ATTN2_BWD_WS_DQ=red)
+#   ab_widedqbox   the d256 dQ-warpgroup backward's reduce-adds from each warp's 16-row boxes (B, the default) vs the
+#                  warpgroup's 64-row boxes (A, FLASH_ATTN2_BWD_WIDE_DQ_BOX=64); each case settled 300 ms
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
@@ -234,7 +236,11 @@ if step ab_widedq 100; then  # the d256 backward's dQ: TMA reduce-adds (B) vs re
 fi
 if step ab_widewsdq 100; then  # the d256 dQ-warpgroup kernel's dQ: TMA reduce-adds through one box (B) vs red.add (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd --head-dims 256 \
-    --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,varlen | tee "$OUT/ab_widewsdq.md"
+    --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,varlen --settle-ms 300 | tee "$OUT/ab_widewsdq.md"
+fi
+if step ab_widedqbox 100; then  # the d256 dQ boxes: each warp's 16 rows (B) vs the warpgroup's 64 (A), at the power cap
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE_DQ_BOX=64 $lib --direction bwd --head-dims 256 \
+    --lengths 2048,16384 --causal-lengths 8192 --mods none,softcap,varlen --settle-ms 300 | tee "$OUT/ab_widedqbox.md"
 fi
 if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd \

@@ -182,13 +182,16 @@ void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
 }
 
 // The d256 dQ-warpgroup backward (flash_bwd_sm90_wide_ws_kernel.cuh), its dQ by TMA bulk reduce-adds where the
-// map can be made and the adds need no order, as launch_bwd_wide's.
+// map can be made and the adds need no order, as launch_bwd_wide's: boxes of 16 rows, one warp's, by default;
+// FLASH_ATTN2_BWD_WIDE_DQ_BOX=64 takes the warpgroup's 64 rows at a time (A/B runs, tests).
 template <class Kt, bool kScoreMod>
 void launch_bwd_wide_ws(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
   CUtensorMap dq_map{};
+  launch.dq_warp_boxes = !env_is("FLASH_ATTN2_BWD_WIDE_DQ_BOX", "64");
   launch.dq_red_add = p.dq_semaphore != nullptr || dq_red_add_requested() ||
-                      !make_f32_rows_map(&dq_map, p.dq_accum, p.head_dim, dq_accum_rows(p), Kt::kBlockM);
+                      !make_f32_rows_map(&dq_map, p.dq_accum, p.head_dim, dq_accum_rows(p),
+                                         launch.dq_warp_boxes ? 16 : Kt::kBlockM);
   choose_dq_walk<Kt>(launch);
   auto kernel = &flash_bwd_sm90_wide_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);

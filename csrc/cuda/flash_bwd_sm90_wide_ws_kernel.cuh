@@ -10,9 +10,10 @@
 //
 //   warpgroup 0:  S^T = K Q^T -> P^T (handed to warpgroup 1 through shared memory),  dV += P^T dO
 //   warpgroup 1:  dP^T = V dO^T,  dS^T = P^T (dP^T - D) (to shared memory, two buffers), dK += dS^T Q
-//   warpgroup 2:  dQ_accum += dS K, 64 columns at a time, by TMA bulk reduce-adds of 64 x 32 float32 boxes
-//                 staged in an 8 KB buffer (the deterministic mode and FLASH_ATTN2_BWD_WS_DQ=red: the threads'
-//                 red.global.add)
+//   warpgroup 2:  dQ_accum += dS K, 64 columns at a time, by TMA bulk reduce-adds of 16 x 32 float32 boxes,
+//                 each warp its own rows of an 8 KB buffer (FLASH_ATTN2_BWD_WIDE_DQ_BOX=64: 64 x 32 boxes, the
+//                 warpgroup meeting around each; the deterministic mode and FLASH_ATTN2_BWD_WS_DQ=red: the
+//                 threads' red.global.add)
 //
 // The threads' red.add of 64 x 256 floats a step kept the L2 71% busy (ncu, non-causal 8k, perf.md v25; cuDNN's
 // d256 backward on the same 64 x 64 tiles: 32%): each warp instruction adds 32 bytes to each of 8 rows, so every
@@ -73,6 +74,24 @@ FA2_DEVICE void add_dq_box(unsigned char* sdQ, const float (&acc)[1][8][4], cons
   tma::named_sync(bar, 128);  // the box is staged
   if (issuer) {
     tma::reduce_add_box(map, sdQ, col0, row);
+    tma::bulk_commit();
+  }
+}
+
+// The same through each warp's own 16 rows of the buffer (2 KB at 2048 (warp % 4), 1024-byte aligned, so the
+// swizzle of its rows is the 64-row box's) as a 16-row box, lane 0 issuing: the warps meet no one, only their
+// own lanes (the map's boxes are 16 rows).
+template <int kBox>
+FA2_DEVICE void add_dq_warp_box(unsigned char* sdQ, const float (&acc)[1][8][4], const CUtensorMap* map, int col0,
+                                int row, bool issuer, int warp, int g, int t) {
+  using namespace sm90;
+  if (issuer) tma::bulk_wait_read<0>();  // this warp's last reduce-add has read its rows
+  __syncwarp();
+  store_dq_boxes<8192, kBox, 1>(sdQ, acc, warp, g, t);
+  fence_proxy_async_smem();  // the stores before the bulk read
+  __syncwarp();
+  if (issuer) {
+    tma::reduce_add_box(map, sdQ + 2048 * (warp % 4), col0, row + 16 * (warp % 4));
     tma::bulk_commit();
   }
 }
@@ -146,7 +165,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // up to two steps ahead meanwhile.
     tma::shrink_registers<Kt::kDqRegs>();
     const bool dq_tma = !p.dq_red_add;  // bulk reduce-adds (the launcher made dq_map; not in the deterministic mode)
-    const bool dq_issuer = dq_tma && wg_tid == 0;
+    const bool warp_boxes = p.dq_warp_boxes;
+    const bool dq_issuer = dq_tma && (warp_boxes ? lane == 0 : wg_tid == 0);
     DqOrderChain dq_chain;
     dq_chain.adders = DqAdders{kBarDq, 128};
     for (int it = 0; it < steps.total; ++it) {
@@ -174,8 +194,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
           // (zero-filled Q / dO rows there: dS = 0) to the rows that follow; rows past the array and columns
           // past d are clipped by the map.
           const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
-          wide_step::add_dq_box<0>(sdQ, acc_dq, &dq_map, col0, row, dq_issuer, kBarDqBox, warp, g, t);
-          wide_step::add_dq_box<1>(sdQ, acc_dq, &dq_map, col0 + 32, row, dq_issuer, kBarDqBox, warp, g, t);
+          if (warp_boxes) {
+            wide_step::add_dq_warp_box<0>(sdQ, acc_dq, &dq_map, col0, row, dq_issuer, warp, g, t);
+            wide_step::add_dq_warp_box<1>(sdQ, acc_dq, &dq_map, col0 + 32, row, dq_issuer, warp, g, t);
+          } else {
+            wide_step::add_dq_box<0>(sdQ, acc_dq, &dq_map, col0, row, dq_issuer, kBarDqBox, warp, g, t);
+            wide_step::add_dq_box<1>(sdQ, acc_dq, &dq_map, col0 + 32, row, dq_issuer, kBarDqBox, warp, g, t);
+          }
         } else {
           add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
         }

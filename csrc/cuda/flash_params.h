@@ -130,6 +130,9 @@ struct BwdParams : FwdParams {
   // the launcher (detail::choose_dq_walk) where a head's key tiles are few enough to be co-resident.
   int dq_rotate;
   bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)
+  // The d256 dQ-warpgroup kernel's reduce-adds: each warp its own 16-row boxes (the default), or the warpgroup's
+  // 64-row boxes behind its barriers (FLASH_ATTN2_BWD_WIDE_DQ_BOX=64, A/B runs); the map's box rows follow.
+  bool dq_warp_boxes;
 };
 
 // Implemented once per (element type, compiled head dim, score modifiers) in the generated .cu files.
