@@ -30,6 +30,8 @@
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
+#   ab_walkshort   the WS forward's default walk on masked / packed rows (B: dynamic at d64 / d128 up to 2048 query rows)
+#                  vs a block per tile (A, FLASH_ATTN2_FWD_WS_WALK=tile), each case settled 300 ms
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
@@ -214,6 +216,10 @@ if step ab_persistent 130; then  # the persistent walk (B: static where uniform,
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_BLOCKS=all \
     $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
     --mods none,varlen | tee "$OUT/ab_persistent.md"  # vs one tile per block (A)
+fi
+if step ab_walkshort 100; then  # short masked rows: the dynamic walk, now their default (B), vs a block per tile (A)
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_WALK=tile $lib --head-dims 64,128 --lengths 2048 \
+    --causal-lengths 2048,8192 --mods none,varlen --settle-ms 300 | tee "$OUT/ab_walkshort.md"
 fi
 if step ab_wsbwd 130; then  # the warp-specialised backward (B) vs flash_bwd_sm90_kernel (A), d64 and d128
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \

@@ -183,14 +183,20 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // through the tiles, at the head dims whose traits ask for it. Masked or packed tiles differ in cost: a static
   // stride gave some blocks only long tiles (0.59-0.66x at causal N = 16k, perf.md v12), and the dynamic walk
   // (blocks take tiles from a counter zeroed per call, from p.zeroed_ints, in FwdBlockInfo's order, longest first
-  // within a head) lost 3-14% at N = 16k (perf.md v13), so there each tile gets its own block;
-  // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk (A/B runs, tests).
+  // within a head) lost 3-14% at N = 16k (perf.md v13), so there each tile gets its own block, except on short
+  // rows (at most kDynamicWalkMaxRows query rows) at d64 / d128, where the dynamic walk measured 1.02-1.04x
+  // (causal and packed 2k, two calls; level at causal 4k, 0.90-0.95x at d256; perf.md v25).
+  // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk wherever tiles differ, =tile for a block per tile
+  // (A/B runs, tests).
   // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
   // walk the blocks then stride); =all gives every tile its own block (A/B runs).
   const bool uniform = !varlen && p.window_left < 0 && p.window_right < 0;
   const char* walk_env = std::getenv("FLASH_ATTN2_FWD_WS_WALK");
-  const bool dynamic = !uniform && p.zeroed_ints != nullptr && walk_env != nullptr &&
-                       std::strcmp(walk_env, "dynamic") == 0;
+  constexpr int kDynamicWalkMaxRows = 2048;
+  const bool walk_forced = walk_env != nullptr && walk_env[0] != '\0';
+  const bool dynamic = !uniform && p.zeroed_ints != nullptr &&
+                       (walk_forced ? std::strcmp(walk_env, "dynamic") == 0
+                                    : Kt::kHeadDim <= 128 && p.seqlen_q <= kDynamicWalkMaxRows);
   FwdParams launch = p;
   launch.tile_counter = nullptr;
   // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).

@@ -661,11 +661,11 @@ def test_cuda_wide_backward_varlen_deterministic(monkeypatch, wide):
 @requires_sm90
 @pytest.mark.parametrize("lengths_q,lengths_k", VARLEN_LENGTHS + [([300, 1, 129, 0, 520], [280, 64, 129, 7, 600])])
 @pytest.mark.parametrize("variant", ["plain", "causal", "all"])
-@pytest.mark.parametrize("blocks,walk", [("", ""), ("3", ""), ("3", "dynamic")])
+@pytest.mark.parametrize("blocks,walk", [("", ""), ("3", ""), ("3", "dynamic"), ("3", "tile")])
 def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant, blocks, walk):
     """Packed batches on the warp-specialised forward (one TMA map over all sequences); blocks = 3: a persistent
-    grid of 3 blocks walks every tile, past-the-end and empty ones included, striding or (walk = dynamic) taking
-    tiles from the per-call counter."""
+    grid of 3 blocks walks every tile, past-the-end and empty ones included, striding (walk = tile) or taking
+    tiles from the per-call counter (walk = dynamic, and the default on these short rows)."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_WALK", walk)
