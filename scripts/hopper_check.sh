@@ -139,10 +139,10 @@ if step kvtests 200; then
   grep -E "^(FAILED|ERROR|E  )" "$OUT/kvtests.log" | head -12
 fi
 for what in ws wsbwd widebwd kvcache; do
-  step san_$what 90 || continue  # about 30-60 s each (three tools)
+  step san_$what 150 || continue  # about 30-60 s each (three tools; widebwd: 60-70 s for racecheck alone)
   for tool in memcheck racecheck synccheck; do
     extra=(); [[ $tool == racecheck ]] && extra=(${RACECHECK_ARGS:-})  # e.g. "--racecheck-report hazard"
-    FA2_SANITIZE=$what timeout 60 compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 python3 scripts/sanitize_cases.py \
+    FA2_SANITIZE=$what timeout 100 compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 python3 scripts/sanitize_cases.py \
       >"$OUT/san_${what}_$tool.log" 2>&1
     echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
     grep -E -A4 "^========= (Warning|Error)" "$OUT/san_${what}_$tool.log" | head -24
