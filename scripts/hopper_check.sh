@@ -436,7 +436,7 @@ if step bench 170; then  # the quick grid beside every SDPA backend (and FlashAt
 fi
 if step gqa 90; then  # the GQA rows (32/8 and 64/8 heads, D = 128, causal, N = 4k / 8k) beside every backend
   [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH
-  timeout 90 python3 -m flash_attn2.bench --device cuda --gqa-only 2>&1 | grep -E "^\|" | tee "$OUT/gqa.md"
+  timeout 90 python3 -m flash_attn2.bench --device cuda --gqa-only --settle-ms "${BENCH_SETTLE_MS:-300}" 2>&1 | grep -E "^\|" | tee "$OUT/gqa.md"
 fi
 if step suite_default 280; then  # the whole suite under the default kernel choice
   timeout 270 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \
