@@ -201,16 +201,18 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
     WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_s), desc_k_major<TileKV>(sK_u, 64 * wg, ks),
                                            desc_k_major<TileQ>(sQ_s, 0, ks), ks > 0);
   wgmma_commit();
-  // Kt::kLateDp (experiment): dP^T issued after P^T is computed, not beside S^T, so that its accumulators are not
-  // live during the score rule (the larger steps' score-modifier kernels spill 496-600 bytes otherwise, 160 so).
-  constexpr bool kLateDp = Kt::kLateDp;
-  if constexpr (!kLateDp) {
+  // dP^T = V dO^T, issued and committed. Kt::kLateDp: after P^T is computed, not beside S^T, so that its
+  // accumulators are not live during the score rule (the larger steps' score-modifier kernels spill 496-600 bytes
+  // otherwise, 160 so); the launcher takes it with a softcap or dropout.
+  auto issue_dp = [&] {
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks)
       WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
                                              desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
     wgmma_commit();
-  }
+  };
+  constexpr bool kLateDp = Kt::kLateDp;
+  if constexpr (!kLateDp) issue_dp();
 
   const float* s_d = s_lse + kBlockM;
   const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
@@ -234,11 +236,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
 
   if constexpr (kLateDp) {
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
-                                             desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
-    wgmma_commit();
+    issue_dp();
   }
   // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
   wgmma_wait<0>();
