@@ -47,7 +47,8 @@ namespace flash_attn2::cuda {
 //     the 80 queries as N), with dS stored query-major for it.
 //   kBlockM_ = 128 (d64): each consumer computes the dQ of its own 64 of the step's queries at every step
 //     (kDqSplitRows), where with 64 queries the consumers took the steps' dQ in turn.
-//   kLateDp_ (experiment, FLASH_ATTN2_BWD_WS_LATE_DP=1): dP^T issued after P^T (bwd_step_dk_dv).
+//   kLateDp_: dP^T issued after P^T (bwd_step_dk_dv; the launcher's choice with a softcap or dropout,
+//     FLASH_ATTN2_BWD_WS_LATE_DP=1 / 0 forces it either way).
 template <typename T, int kHeadDim_, int kBlockM_ = 64, bool kLateDp_ = false>
 struct BwdSm90WsTraits {
   using Elem = T;

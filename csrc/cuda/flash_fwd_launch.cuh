@@ -185,7 +185,7 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // (blocks take tiles from a counter zeroed per call, from p.zeroed_ints, in FwdBlockInfo's order, longest first
   // within a head) lost 3-14% at N = 16k (perf.md v13), so there each tile gets its own block, except on short
   // rows (at most kDynamicWalkMaxRows query rows) at d64 / d128, where the dynamic walk measured 1.02-1.04x
-  // (causal and packed 2k, two calls; level at causal 4k, 0.90-0.95x at d256; perf.md v25).
+  // (causal 2k in three calls, packed 2k 0.98-1.05; level at causal 4k and 8k, 0.90-0.96x at d256; perf.md v25).
   // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk wherever tiles differ, =tile for a block per tile
   // (A/B runs, tests).
   // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
