@@ -190,9 +190,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         if (col0 + 64 >= kHeadDim && it + 2 < steps.total)
           tma::named_arrive(kBarDsFree + b, 256);  // buffer b read: warpgroup 1 may write dS_{it+2}^T there
         if (dq_tma) {
-          // The chunk as two 64 x 32 boxes through the one buffer. Rows past the sequence's end add exact zeros
-          // (zero-filled Q / dO rows there: dS = 0) to the rows that follow; rows past the array and columns
-          // past d are clipped by the map.
+          // The chunk as two 32-column halves through the one buffer: each warp's 16 rows as its own box (the
+          // default), or the warpgroup's 64 rows as one (FLASH_ATTN2_BWD_WIDE_DQ_BOX=64). Rows past the
+          // sequence's end add exact zeros (zero-filled Q / dO rows there: dS = 0) to the rows that follow;
+          // rows past the array and columns past d are clipped by the map.
           const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
           if (warp_boxes) {
             wide_step::add_dq_warp_box<0>(sdQ, acc_dq, &dq_map, col0, row, dq_issuer, warp, g, t);
