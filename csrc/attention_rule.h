@@ -215,17 +215,14 @@ template <typename I>
 struct GridOrder {
   I rank, head;
   FA2_HD GridOrder(I bid, I tiles, I heads, I group) {
-    if (group <= 1) {
-      rank = bid % tiles;
-      head = bid / tiles;
-    } else {
-      const I per_group = group * tiles;
-      const I g = bid / per_group, base = g * group;
-      const I in_group = heads - base < group ? heads - base : group;  // >= 1 for any bid < tiles * heads
-      const I r = bid - g * per_group;
-      rank = r / in_group;
-      head = base + r % in_group;
-    }
+    // One formula for both: groups of one head are the head-by-head order.
+    const I gsize = group > 1 ? group : 1;
+    const I per_group = gsize * tiles;
+    const I g = bid / per_group, base = g * gsize;
+    const I in_group = heads - base < gsize ? heads - base : gsize;  // >= 1 for any bid < tiles * heads
+    const I r = bid - g * per_group;
+    rank = r / in_group;
+    head = base + (r - rank * in_group);
   }
 };
 
