@@ -164,40 +164,35 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   }
 }
 
-// The d256 backward (flash_bwd_sm90_wide_kernel.cuh) with its dQ as TMA bulk reduce-adds into dq_accum where
-// the map can be made and the adds need no order; the deterministic mode and FLASH_ATTN2_BWD_WS_DQ=red (A/B runs)
-// keep the threads' red.global.add.
-template <class Kt, bool kScoreMod>
-void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
-  BwdParams launch = p;
+// The d256 backwards (flash_bwd_sm90_wide_kernel.cuh, flash_bwd_sm90_wide_ws_kernel.cuh), their dQ as TMA bulk
+// reduce-adds into dq_accum where the map (boxes of 32 columns x box_rows) can be made and the adds need no
+// order; the deterministic mode and FLASH_ATTN2_BWD_WS_DQ=red (A/B runs) keep the threads' red.global.add.
+template <class Kt, class Kernel>
+void launch_bwd_wide_dq_map(Kernel kernel, BwdParams launch, int box_rows, cudaStream_t stream) {
   CUtensorMap dq_map{};
-  launch.dq_red_add = p.dq_semaphore != nullptr || dq_red_add_requested() ||
-                      !make_f32_rows_map(&dq_map, p.dq_accum, p.head_dim, dq_accum_rows(p), Kt::kBlockM);
+  launch.dq_red_add = launch.dq_semaphore != nullptr || dq_red_add_requested() ||
+                      !make_f32_rows_map(&dq_map, launch.dq_accum, launch.head_dim, dq_accum_rows(launch), box_rows);
   choose_dq_walk<Kt>(launch);
-  auto kernel = &flash_bwd_sm90_wide_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
-  const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
-  kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, dq_map);
+  const int64_t num_n = (launch.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  kernel<<<grid_1d(num_n * launch.heads_kv * launch.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, dq_map);
   FA2_CHECK_LAUNCH();
 }
 
-// The d256 dQ-warpgroup backward (flash_bwd_sm90_wide_ws_kernel.cuh), its dQ by TMA bulk reduce-adds where the
-// map can be made and the adds need no order, as launch_bwd_wide's: boxes of 16 rows, one warp's, by default;
-// FLASH_ATTN2_BWD_WIDE_DQ_BOX=64 takes the warpgroup's 64 rows at a time (A/B runs, tests).
+// The split-role kernel: each warpgroup's 64 x 128 part in 64-row boxes.
+template <class Kt, bool kScoreMod>
+void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
+  launch_bwd_wide_dq_map<Kt>(&flash_bwd_sm90_wide_kernel<Kt, kScoreMod>, p, Kt::kBlockM, stream);
+}
+
+// The dQ-warpgroup kernel: boxes of 16 rows, one warp's, by default; FLASH_ATTN2_BWD_WIDE_DQ_BOX=64 takes the
+// warpgroup's 64 rows at a time (A/B runs, tests).
 template <class Kt, bool kScoreMod>
 void launch_bwd_wide_ws(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
-  CUtensorMap dq_map{};
   launch.dq_warp_boxes = !env_is("FLASH_ATTN2_BWD_WIDE_DQ_BOX", "64");
-  launch.dq_red_add = p.dq_semaphore != nullptr || dq_red_add_requested() ||
-                      !make_f32_rows_map(&dq_map, p.dq_accum, p.head_dim, dq_accum_rows(p),
-                                         launch.dq_warp_boxes ? 16 : Kt::kBlockM);
-  choose_dq_walk<Kt>(launch);
-  auto kernel = &flash_bwd_sm90_wide_ws_kernel<Kt, kScoreMod>;
-  set_smem_limit(kernel, Kt::kSmemBytes);
-  const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
-  kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, dq_map);
-  FA2_CHECK_LAUNCH();
+  launch_bwd_wide_dq_map<Kt>(&flash_bwd_sm90_wide_ws_kernel<Kt, kScoreMod>, launch,
+                             launch.dq_warp_boxes ? 16 : Kt::kBlockM, stream);
 }
 
 }  // namespace detail
