@@ -75,7 +75,8 @@
 #                  --settle-ms 300 (each case run 300 ms before it is timed)
 #   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
 #   variants       the variant bench rows
-#   bench          the quick grid with every SDPA backend and the variant rows
+#   bench          the quick grid with every SDPA backend and the variant rows, each case settled for
+#                  BENCH_SETTLE_MS (default 300; 0: as before session 22)
 #   gqa            the GQA bench rows
 #   suite_default  the whole suite under the default kernel choice
 #   BUDGET=540 STEPS="build wstests san_ws" scripts/hopper_check.sh      (OUT: the output folder)
@@ -446,12 +447,12 @@ fi
 if step bench 170; then  # the quick grid beside every SDPA backend (and FlashAttention-4), with the variant rows
   [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH  # installed by ../shared/tools/fa4-wheels.sh
   timeout 170 python3 -m flash_attn2.bench --device cuda --quick --head-dims 64,128,256 --variants \
-    --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
+    --settle-ms "${BENCH_SETTLE_MS:-300}" --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1  # settled: at the power cap
   echo "bench rc $?"; cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 fi
 if step gqa 90; then  # the GQA rows (32/8 and 64/8 heads, D = 128, causal, N = 4k / 8k) beside every backend
   [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH
-  timeout 90 python3 -m flash_attn2.bench --device cuda --gqa-only 2>&1 | grep -E "^\|" | tee "$OUT/gqa.md"
+  timeout 90 python3 -m flash_attn2.bench --device cuda --gqa-only --settle-ms "${BENCH_SETTLE_MS:-300}" 2>&1 | grep -E "^\|" | tee "$OUT/gqa.md"
 fi
 if step suite_default 280; then  # the whole suite under the default kernel choice
   timeout 270 python3 -m pytest python/tests -q -rfE -p no:cacheprovider -k "not (bad or errors or refused)" \

@@ -80,9 +80,23 @@ def median_ms_cpu_pair(fn_a, fn_b, reps):
     return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
+# --settle-ms: run each timed case this long first, so that the GPU's clock and power have settled to the case's
+# own level (attention runs at the H200's power cap; short bursts after a lighter case run at higher clocks, and
+# unsettled A/Bs of the same code read 0.99-1.04 against 0.985-1.015 settled, docs/perf.md v25).
+SETTLE_MS = 0.0
+
+
 def median_ms_cuda(fn, warmup=3, reps=10):
     for _ in range(warmup):
         fn()
+    if SETTLE_MS > 0:
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        for _ in range(max(0, int(SETTLE_MS / max(s.elapsed_time(e), 1e-3)) - 1)):
+            fn()
     start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
@@ -672,10 +686,14 @@ def main(argv=None):
                         help="CUDA: add the GQA rows (D=128, causal, 32/8 and 64/8 heads, N=4k and 8k)")
     parser.add_argument("--gqa-only", action="store_true", help="CUDA: only the GQA rows")
     parser.add_argument("--json", help="also write every timing as JSON here (for machines)")
+    parser.add_argument("--settle-ms", type=float, default=0.0,
+                        help="CUDA: run each case this long before timing it (steady clock and power)")
     parser.add_argument("--plot", help="write a PNG plot here (default: next to --out, with .png); needs matplotlib")
     parser.add_argument("--cpu-seqlens", type=lambda x: [int(n) for n in x.split(",")], default=[1024, 4096],
                         help="CPU sequence lengths (default 1024,4096)")
     args = parser.parse_args(argv)
+    global SETTLE_MS
+    SETTLE_MS = args.settle_ms
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
         if args.device == "cuda":
