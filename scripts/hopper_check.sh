@@ -49,6 +49,8 @@
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ncu_bwd        ncu (speed of light, memory, pipes, warp stalls) on our backward and cuDNN's, d256 and d128,
 #                  non-causal 8k: what bounds the d256 backward (0.78-0.90 of cuDNN), and cuDNN's kernel names
+#   ncu_src_widebwd  ncu's source counters on the d256 backward (non-causal 8k): stall samples per SASS
+#                  instruction, to see where each of its three warpgroups waits (CSV gzipped)
 #   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
 #                  tiles) and softcap 50, causal 8k: the per-instruction CSVs come back gzipped
 #   clock_gqa      ours and cuDNN beside the SM clock and power on 16/16, 64/64 and 64/8 heads (N = 4k, causal, d128)
@@ -330,6 +332,16 @@ if step ncu_bwd 240; then  # what bounds the d256 backward, beside cuDNN's and t
         "$OUT/ncu_bwd_${impl}_d$d.txt" | grep -v -E "elementwise|distribution|vectorized" | head -60
     done
   done
+fi
+if step ncu_src_widebwd 150; then  # where the d256 backward's warpgroups wait (cuDNN: 1.19x per clock, perf.md v25)
+  timeout 100 ncu --section SpeedOfLight --section WarpStateStats --section SourceCounters \
+    -k regex:flash_bwd_sm90_wide_ws -c 1 -f -o /tmp/ncu_src_widebwd python3 scripts/profile_case.py --d 256 \
+    --n 8192 >"$OUT/ncu_src_widebwd.log" 2>&1
+  echo "ncu source counters d256 backward rc $?"
+  grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/ncu_src_widebwd.log" | head -12
+  timeout 45 ncu --import /tmp/ncu_src_widebwd.ncu-rep --page source --csv --print-source sass 2>&1 \
+    | gzip >"$OUT/ncu_src_widebwd.csv.gz"
+  ls -la "$OUT/ncu_src_widebwd.csv.gz"
 fi
 if step ncu_src 200; then  # where the softcap forward's consumer warps stall, per SASS instruction (#7)
   for mod in plain softcap; do
