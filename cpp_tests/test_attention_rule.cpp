@@ -12,6 +12,7 @@
 
 namespace {
 
+using flash_attn2::GridOrder;
 using flash_attn2::RotatedDqWalk;
 using flash_attn2::Visibility;
 
@@ -21,6 +22,42 @@ void visited_query_tiles(const Visibility<int>& vis, int n, int block_m, int blo
   const int q_begin = vis.query_begin(k0), q_end = vis.query_end(k0 + keys - 1);
   m_begin = q_begin / block_m;
   m_end = q_end > q_begin ? (q_end + block_m - 1) / block_m : m_begin;
+}
+
+// The grid orders (GridOrder, FwdBlockInfo / BwdBlockInfo): every block index maps to a distinct (tile rank,
+// head), every pair is reached; head by head for groups 0 and 1; in groups, heads [g G, g G + G) fill blocks
+// [g G T, (g + 1) G T) and a group's ranks never decrease with the block index (its long tiles first).
+TEST(AttentionRule, GridOrderIsOneToOneAndGroupsRanks) {
+  const int64_t tiles_list[] = {1, 2, 5, 16, 64}, heads_list[] = {1, 3, 7, 8, 32, 33, 256},
+                groups[] = {0, 1, 2, 3, 8, 16, 40, 1000};
+  int checked = 0;
+  for (int64_t tiles : tiles_list)
+    for (int64_t heads : heads_list)
+      for (int64_t group : groups) {
+        std::vector<int> seen(tiles * heads, 0);
+        int64_t last_rank = -1, last_group = -1;
+        for (int64_t bid = 0; bid < tiles * heads; ++bid) {
+          const GridOrder<int64_t> o(bid, tiles, heads, group);
+          ASSERT_GE(o.rank, 0);
+          ASSERT_LT(o.rank, tiles);
+          ASSERT_GE(o.head, 0);
+          ASSERT_LT(o.head, heads);
+          ++seen[o.head * tiles + o.rank];
+          if (group <= 1) {
+            EXPECT_EQ(o.head, bid / tiles);
+            EXPECT_EQ(o.rank, bid % tiles);
+          } else {
+            const int64_t g = o.head / group;
+            EXPECT_EQ(g, bid / (group * tiles)) << "a group's blocks are contiguous";
+            if (g == last_group) EXPECT_GE(o.rank, last_rank) << "bid " << bid;
+            last_group = g;
+            last_rank = o.rank;
+          }
+        }
+        for (int c : seen) ASSERT_EQ(c, 1) << "tiles " << tiles << " heads " << heads << " group " << group;
+        ++checked;
+      }
+  EXPECT_EQ(checked, 5 * 7 * 8);
 }
 
 TEST(AttentionRule, KeyTileRangesMatchTheBackwardWalk) {

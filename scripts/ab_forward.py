@@ -28,8 +28,12 @@ cases = [(d, causal, n, mod) for d in ints(sys.argv[1]) for causal in (False, Tr
          for n in ints(sys.argv[3 if causal else 2]) for mod in sys.argv[4].split(",")]
 for d, causal, n, mod in cases:
     b, h = 16384 // n, 2048 // d
+    hkv = h
+    if mod == "gqa":  # the bench's GQA rows' grouping: 64 query heads over 8 K/V heads
+        h, hkv = 64, 8
     kw = {"softcap": dict(softcap=50.0), "alibi": dict(alibi_slopes=torch.rand(h, device="cuda")),
           "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}, "varlen": {}, "det": {},
+          "gqa": {},
           "window": dict(window_size=(4096, 0) if causal else (4096, 4096))}[mod]
     bwd_kw = dict(kw, deterministic=True) if mod == "det" else kw  # det: the deterministic backward
     if mod == "varlen":  # 16k tokens packed, lengths drawn from 64..N
@@ -43,7 +47,7 @@ for d, causal, n, mod in cases:
                              torch.ops.flash_attn2.bwd_varlen)
         scores = sum(l * (l + 1) // 2 if causal else l * l for l in lens)
     else:
-        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+        q, k, v = (torch.randn(b, n, hh, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for hh in (h, hkv, hkv))
         args = (causal,)
         fwd, fwd_lse, bwd = torch.ops.flash_attn2.fwd, torch.ops.flash_attn2.fwd_with_lse, torch.ops.flash_attn2.bwd
         scores = b * n * n / (2 if causal else 1)
@@ -133,7 +137,7 @@ def main():
     ap.add_argument("--head-dims", default="128,256")
     ap.add_argument("--lengths", default="2048,8192,16384", help="sequence lengths of the non-causal rows")
     ap.add_argument("--causal-lengths", default="2048,8192,16384")
-    ap.add_argument("--mods", default="none", help="none,softcap,alibi,dropout,varlen")
+    ap.add_argument("--mods", default="none", help="none,softcap,alibi,dropout,varlen,window,det,gqa (64 / 8 heads)")
     ap.add_argument("--direction", default="fwd", choices=("fwd", "bwd"), help="time the forward or the backward op")
     ap.add_argument("--rounds", type=int, default=2, help="A, B alternations; each cell keeps its best")
     ap.add_argument("--settle-ms", type=float, default=0.0,

@@ -32,6 +32,9 @@
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
 #   ab_walkshort   the WS forward's default walk on masked / packed rows (B: dynamic at d64 / d128 up to 2048 query rows)
 #                  vs a block per tile (A, FLASH_ATTN2_FWD_WS_WALK=tile), each case settled 300 ms
+#   gridtests      test_cuda_grid_head_group (the grouped orders' results against the head-by-head order's)
+#   ab_gridgroup   the grids in groups of 8 heads, tile by tile within a group (B, FLASH_ATTN2_FWD_GRID_GROUP=8 and
+#                  _BWD_GRID_GROUP=8) vs head by head (A): causal and GQA rows, fwd and bwd, settled
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
@@ -223,6 +226,19 @@ fi
 if step ab_walkshort 100; then  # short masked rows: the dynamic walk, now their default (B), vs a block per tile (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_WALK=tile $lib --head-dims 64,128 --lengths 2048 \
     --causal-lengths 2048,8192 --mods none,varlen --settle-ms 300 | tee "$OUT/ab_walkshort.md"
+fi
+if step gridtests 60; then
+  timeout 60 python3 -m pytest python/tests/test_kernels.py -q -rfE -k grid_head_group -p no:cacheprovider \
+    >"$OUT/gridtests.log" 2>&1
+  echo "grid order tests rc $?: $(tail -1 "$OUT/gridtests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/gridtests.log" | head -20
+fi
+if step ab_gridgroup 200; then  # the grid's order: groups of 8 heads (B) vs head by head (A), masked and GQA rows
+  for dir in fwd bwd; do
+    timeout 95 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_FWD_GRID_GROUP=8,FLASH_ATTN2_BWD_GRID_GROUP=8 \
+      --direction $dir --head-dims 64,128 --lengths 8192 --causal-lengths 2048,8192,16384 --mods none,gqa \
+      --settle-ms 300 | tee -a "$OUT/ab_gridgroup.md"
+  done
 fi
 if step ab_wsbwd 130; then  # the warp-specialised backward (B) vs flash_bwd_sm90_kernel (A), d64 and d128
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \

@@ -288,6 +288,13 @@ struct ZeroedInts {
   }
 };
 
+// The grid's head grouping (FwdParams::grid_head_group): the variable's value, 0 (head by head) when unset or not a
+// positive number (experiment, A/B runs).
+int grid_head_group(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? 0 : std::max(0, std::atoi(v));
+}
+
 Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                     at::Tensor out, at::Tensor lse, const Layout& L, const Variant& var_in,
                     std::optional<double> scale) {
@@ -295,6 +302,7 @@ Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   FwdParams params{};
   fill_forward_params(params, q, k, v, out, lse, L, var, scale);
+  params.grid_head_group = grid_head_group("FLASH_ATTN2_FWD_GRID_GROUP");
   if (use_splitkv(L, var)) {
     launch_splitkv(params, L.s, 0, q);
   } else {
@@ -344,6 +352,7 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   params.softmax_d = softmax_d.data_ptr<float>();
   params.dq_semaphore = nullptr;
   params.dq_semaphore_tiles = 0;
+  params.grid_head_group = grid_head_group("FLASH_ATTN2_BWD_GRID_GROUP");  // the deterministic mode keeps its order
   if (var.deterministic) {
     const int64_t tiles = (s.seqlen_q + kMinBwdBlockM - 1) / kMinBwdBlockM;
     semaphore = at::zeros({s.batch, s.heads_q, std::max<int64_t>(tiles, 1)}, q.options().dtype(at::kInt));

@@ -53,16 +53,22 @@ struct FwdBlockInfo {
   SeqInfo seq;
   FA2_DEVICE explicit FwdBlockInfo(const FwdParams& p) : FwdBlockInfo(p, static_cast<int>(blockIdx.x)) {}
   // Tile `bid` of the same order (persistent kernels walk tiles themselves).
-  FA2_DEVICE FwdBlockInfo(const FwdParams& p, int bid) : seq(p, bid / ceil_div(p.seqlen_q, kBlockM) / p.heads_q) {
+  FA2_DEVICE FwdBlockInfo(const FwdParams& p, int bid)
+      : FwdBlockInfo(p, GridOrder<int>(bid, ceil_div(p.seqlen_q, kBlockM), p.batch * p.heads_q, p.grid_head_group)) {}
+
+ private:
+  FA2_DEVICE FwdBlockInfo(const FwdParams& p, GridOrder<int> order) : seq(p, order.head / p.heads_q) {
     const int num_m = ceil_div(p.seqlen_q, kBlockM);
-    m_block = num_m - 1 - bid % num_m;
-    const int bh = bid / num_m;
+    m_block = num_m - 1 - order.rank;
+    const int bh = order.head;
     head = bh % p.heads_q;
     batch = bh / p.heads_q;
     head_kv = head / (p.heads_q / p.heads_kv);
     row0 = m_block * kBlockM;
     rows = min(kBlockM, seq.seqlen_q - row0);
   }
+
+ public:
   // Index of (batch, head, row 0) in the row-statistics arrays.
   FA2_DEVICE index_t row_index(const FwdParams& p) const { return seq.stat_index(p, batch, head, row0); }
 };
@@ -93,7 +99,8 @@ struct BwdBlockInfo {
       const int heads = p.batch * p.heads_kv;
       return make_int2(num_n - 1 - bid / heads, bid % heads);
     }
-    return make_int2(bid % num_n, bid / num_n);
+    const GridOrder<int> order(bid, num_n, p.batch * p.heads_kv, p.grid_head_group);
+    return make_int2(order.rank, order.head);
   }
   FA2_DEVICE BwdBlockInfo(const BwdParams& p, int2 nb) : seq(p, nb.y / p.heads_kv) {
     n_block = nb.x;
