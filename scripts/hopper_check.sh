@@ -27,6 +27,8 @@
 #                  FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widedqbox   the d256 dQ-warpgroup backward's reduce-adds from each warp's 16-row boxes (B, the default) vs the
 #                  warpgroup's 64-row boxes (A, FLASH_ATTN2_BWD_WIDE_DQ_BOX=64); each case settled 300 ms
+#   ab_widetmaloads  the d256 dQ-warpgroup backward with Q and dO by the TMA (B, FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1)
+#                  vs the compute threads' cp.async (A), settled
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
@@ -145,10 +147,12 @@ if step kvtests 200; then
   grep -E "^(FAILED|ERROR|E  )" "$OUT/kvtests.log" | head -12
 fi
 for what in ws wsbwd widebwd kvcache; do
-  step san_$what 150 || continue  # about 30-60 s each (three tools; widebwd: 60-70 s for racecheck alone)
+  # About 30-60 s each (three tools); widebwd's seven configurations: about 100 s for racecheck alone.
+  limit=100; [[ $what == widebwd ]] && limit=160
+  step san_$what $(( limit + 60 )) || continue
   for tool in memcheck racecheck synccheck; do
     extra=(); [[ $tool == racecheck ]] && extra=(${RACECHECK_ARGS:-})  # e.g. "--racecheck-report hazard"
-    FA2_SANITIZE=$what timeout 100 compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 python3 scripts/sanitize_cases.py \
+    FA2_SANITIZE=$what timeout $limit compute-sanitizer --tool $tool "${extra[@]}" --error-exitcode 9 python3 scripts/sanitize_cases.py \
       >"$OUT/san_${what}_$tool.log" 2>&1
     echo "$tool $what rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_${what}_$tool.log" | tail -1)"
     grep -E -A4 "^========= (Warning|Error)" "$OUT/san_${what}_$tool.log" | head -24
@@ -266,6 +270,10 @@ fi
 if step ab_widedqbox 100; then  # the d256 dQ boxes: each warp's 16 rows (B) vs the warpgroup's 64 (A), at the power cap
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE_DQ_BOX=64 $lib --direction bwd --head-dims 256 \
     --lengths 2048,16384 --causal-lengths 8192 --mods none,softcap,varlen --settle-ms 300 | tee "$OUT/ab_widedqbox.md"
+fi
+if step ab_widetmaloads 100; then  # the d256 Q / dO loads: one thread's TMA copies (B) vs 256 threads' cp.async (A)
+  timeout 100 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1 --direction bwd --head-dims 256 \
+    --lengths 2048,16384 --causal-lengths 8192 --mods none,softcap,varlen --settle-ms 300 | tee "$OUT/ab_widetmaloads.md"
 fi
 if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd \

@@ -167,32 +167,46 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
 // The d256 backwards (flash_bwd_sm90_wide_kernel.cuh, flash_bwd_sm90_wide_ws_kernel.cuh), their dQ as TMA bulk
 // reduce-adds into dq_accum where the map (boxes of 32 columns x box_rows) can be made and the adds need no
 // order; the deterministic mode and FLASH_ATTN2_BWD_WS_DQ=red (A/B runs) keep the threads' red.global.add.
-template <class Kt, class Kernel>
-void launch_bwd_wide_dq_map(Kernel kernel, BwdParams launch, int box_rows, cudaStream_t stream) {
-  CUtensorMap dq_map{};
+inline void make_wide_dq_map(BwdParams& launch, CUtensorMap* dq_map, int box_rows) {
   launch.dq_red_add = launch.dq_semaphore != nullptr || dq_red_add_requested() ||
-                      !make_f32_rows_map(&dq_map, launch.dq_accum, launch.head_dim, dq_accum_rows(launch), box_rows);
+                      !make_f32_rows_map(dq_map, launch.dq_accum, launch.head_dim, dq_accum_rows(launch), box_rows);
+}
+template <class Kt, class Kernel, class Maps>
+void launch_bwd_wide_kernel(Kernel kernel, BwdParams launch, const Maps& maps, cudaStream_t stream) {
   choose_dq_walk<Kt>(launch);
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (launch.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
-  kernel<<<grid_1d(num_n * launch.heads_kv * launch.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, dq_map);
+  kernel<<<grid_1d(num_n * launch.heads_kv * launch.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);
   FA2_CHECK_LAUNCH();
 }
 
 // The split-role kernel: each warpgroup's 64 x 128 part in 64-row boxes.
 template <class Kt, bool kScoreMod>
 void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
-  launch_bwd_wide_dq_map<Kt>(&flash_bwd_sm90_wide_kernel<Kt, kScoreMod>, p, Kt::kBlockM, stream);
+  BwdParams launch = p;
+  CUtensorMap dq_map{};
+  make_wide_dq_map(launch, &dq_map, Kt::kBlockM);
+  launch_bwd_wide_kernel<Kt>(&flash_bwd_sm90_wide_kernel<Kt, kScoreMod>, launch, dq_map, stream);
 }
 
 // The dQ-warpgroup kernel: boxes of 16 rows, one warp's, by default; FLASH_ATTN2_BWD_WIDE_DQ_BOX=64 takes the
-// warpgroup's 64 rows at a time (A/B runs, tests).
+// warpgroup's 64 rows at a time (A/B runs, tests). FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1 (experiment): Q and dO by the
+// TMA where it can address them.
 template <class Kt, bool kScoreMod>
 void launch_bwd_wide_ws(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
+  WideWsMaps maps{};
   launch.dq_warp_boxes = !env_is("FLASH_ATTN2_BWD_WIDE_DQ_BOX", "64");
-  launch_bwd_wide_dq_map<Kt>(&flash_bwd_sm90_wide_ws_kernel<Kt, kScoreMod>, launch,
-                             launch.dq_warp_boxes ? 16 : Kt::kBlockM, stream);
+  make_wide_dq_map(launch, &maps.dq, launch.dq_warp_boxes ? 16 : Kt::kBlockM);
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int nq = varlen ? p.total_q : p.seqlen_q, maps_b = varlen ? 1 : p.batch;
+  launch.wide_tma_loads =
+      env_is("FLASH_ATTN2_BWD_WIDE_TMA_LOADS", "1") && nq > 0 &&
+      make_tensor_map(&maps.q, p.q, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.q_row_stride, p.q_head_stride,
+                      p.q_batch_stride, Kt::kBlockM) &&
+      make_tensor_map(&maps.dout, p.dout, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.do_row_stride,
+                      p.do_head_stride, p.do_batch_stride, Kt::kBlockM);
+  launch_bwd_wide_kernel<Kt>(&flash_bwd_sm90_wide_ws_kernel<Kt, kScoreMod>, launch, maps, stream);
 }
 
 }  // namespace detail

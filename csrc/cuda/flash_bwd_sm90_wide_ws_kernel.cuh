@@ -52,10 +52,18 @@ struct BwdSm90WideWsTraits : BwdSm90WideTraits<T, kHeadDim_> {
   static constexpr int kSmemDqBox = 64 * 32 * 4;            // one 64 x 32 float32 box of dQ (128-byte swizzle)
   // 384 threads launch with 168 registers each (65536 / 384, in steps of 8): 504 per thread across the three.
   static_assert(2 * kComputeRegs + kDqRegs <= 3 * 168, "setmaxnreg: more registers than the launch gives");
-  // K | V | Q[2] | dO[2] | dS^T[2] | dQ box | P^T | (LSE, D)[2], plus slack to align the start.
+  // K | V | Q[2] | dO[2] | dS^T[2] | dQ box | P^T | (LSE, D)[2] | the stages' "full" mbarriers (TMA loads), plus
+  // slack to align the start.
+  static constexpr int kSmemBars = 2 * 8;
   static constexpr int kSmemBytes = 2 * Base::kSmemKV + 4 * Base::kSmemQ + 2 * Base::kSmemDS + kSmemDqBox + kSmemP +
-                                    2 * Base::kSmemRowStats + Base::kAlign;
+                                    2 * Base::kSmemRowStats + kSmemBars + Base::kAlign;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+};
+
+// The d256 dQ-warpgroup kernel's tensor maps: dQ (float32 rows, reduce-adds) and, where BwdParams::wide_tma_loads,
+// Q and dO (boxes of 64 columns x kBlockM rows, 128-byte swizzle: one column block of a TileQ).
+struct WideWsMaps {  // CUtensorMap is 64-byte aligned itself
+  CUtensorMap dq, q, dout;
 };
 
 namespace wide_step {
@@ -100,7 +108,7 @@ FA2_DEVICE void add_dq_warp_box(unsigned char* sdQ, const float (&acc)[1][8][4],
 
 template <class Kt, bool kScoreMod>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
-    flash_bwd_sm90_wide_ws_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap dq_map) {
+    flash_bwd_sm90_wide_ws_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ WideWsMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Kt::Elem;
   using TileQ = typename Kt::TileQ;
@@ -131,6 +139,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   void* sP = smem + (sP_u - sK_u);
   unsigned char* sdQ = smem + (sdQ_u - sK_u);
   const float* sStats = reinterpret_cast<const float*>(smem + (sStats_u - sK_u));
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + (sStats_u + 2 * Kt::kSmemRowStats - sK_u));  // [stage]
+  const CUtensorMap& dq_map = maps.dq;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
@@ -144,11 +154,44 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   if (blk.keys <= 0) return;  // varlen: past the end of this sequence
   const Visibility<int> vis = blk.seq.visibility(p);
   const BwdSteps<kBlockM> steps(p, blk, vis);
+  // With TMA loads (p.wide_tma_loads), thread 0 copies the step's Q and dO tiles (completing on the stage's full
+  // barrier) and warpgroup 0's first 128 threads its LSE and D rows by cp.async; rows past the sequence's end
+  // (another sequence's, in a packed batch, or the TMA's zeros) get LSE = +inf and D = 0, so that P = 0 there.
+  // Otherwise the 256 compute threads copy all of it by cp.async, rows past the end zero-filled.
+  const bool tma_loads = p.wide_tma_loads;
+  const int map_b = p.cu_seqlens_q != nullptr ? 0 : blk.batch;  // packed: one map over every sequence
   auto load_q_do = [&](int it, int stage) {
-    load_q_do_async<TileQ, kLoaders, T>(p, blk.seq, blk.batch, steps.head(it, blk.head_kv), steps.row0(it),
-                                        sQ_u + stage * Kt::kSmemQ, sdO_u + stage * Kt::kSmemQ,
-                                        sStats_u + stage * Kt::kSmemRowStats, tid);
+    const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
+    if (!tma_loads) {
+      load_q_do_async<TileQ, kLoaders, T>(p, blk.seq, blk.batch, head, row0, sQ_u + stage * Kt::kSmemQ,
+                                          sdO_u + stage * Kt::kSmemQ, sStats_u + stage * Kt::kSmemRowStats, tid);
+      return;
+    }
+    if (tid == 0) {
+      const int row = blk.seq.q_start + row0;
+      tma::arrive_expect_bytes(&full_bar[stage], 2 * Kt::kSmemQ);
+      tma::load_tile<kBlockM, kHeadDim>(smem + (sQ_u + stage * Kt::kSmemQ - sK_u), &maps.q, row, head, map_b,
+                                        &full_bar[stage]);
+      tma::load_tile<kBlockM, kHeadDim>(smem + (sdO_u + stage * Kt::kSmemQ - sK_u), &maps.dout, row, head, map_b,
+                                        &full_bar[stage]);
+    }
+    if (tid < 2 * kBlockM) {
+      const int r = tid % kBlockM;
+      const bool is_d = tid >= kBlockM;
+      const uint32_t dst = sStats_u + stage * Kt::kSmemRowStats + static_cast<uint32_t>(tid * 4);
+      if (row0 + r < blk.seq.seqlen_q) {
+        const index_t idx = blk.seq.stat_index(p, blk.batch, head, row0 + r);
+        cp_async_4(dst, (is_d ? p.softmax_d : p.lse) + idx, true);
+      } else {
+        *reinterpret_cast<float*>(smem + (dst - sK_u)) = is_d ? 0.f : INFINITY;
+      }
+    }
   };
+  if (tid == 0) {
+    tma::init_barrier(&full_bar[0], 1);
+    tma::init_barrier(&full_bar[1], 1);
+    tma::fence_barrier_init();  // before this thread's copies complete on them; the others wait after the barrier below
+  }
   if (wg < 2) {
     load_k_v_async<TileKV, kLoaders, T>(p, blk, sK_u, sV_u, tid);
     cp_async_commit();
@@ -222,6 +265,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     const int head = steps.head(it, blk.head_kv);
     const int row0 = steps.row0(it);
     const int stage = it & 1;
+    if (tma_loads) tma::wait(&full_bar[stage], (it >> 1) & 1);  // the stage's Q and dO landed (its it/2-th use)
     cp_async_wait<0>();
     fence_proxy_async_smem();         // cp.async wrote through the generic proxy; wgmma reads through the async one
     tma::named_sync(kBarTop, kLoaders);  // the step's data landed for both; both are done with the other stage

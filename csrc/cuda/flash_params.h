@@ -137,6 +137,9 @@ struct BwdParams : FwdParams {
   // The d256 dQ-warpgroup kernel's reduce-adds: each warp its own 16-row boxes (the default), or the warpgroup's
   // 64-row boxes behind its barriers (FLASH_ATTN2_BWD_WIDE_DQ_BOX=64, A/B runs); the map's box rows follow.
   bool dq_warp_boxes;
+  // The d256 dQ-warpgroup kernel loads each step's Q and dO by the TMA (one thread, an mbarrier per stage) instead
+  // of the compute threads' cp.async (experiment: FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1; its launcher made the maps).
+  bool wide_tma_loads;
 };
 
 // Implemented once per (element type, compiled head dim, score modifiers) in the generated .cu files.

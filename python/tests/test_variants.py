@@ -789,3 +789,30 @@ def test_cuda_varlen_deterministic_rotated_walk(monkeypatch):
 @requires_cuda
 def test_cuda_varlen_deterministic_and_graph_safe():
     check_varlen_deterministic([300, 0, 700, 5], d=64)
+
+
+@requires_sm90
+@pytest.mark.parametrize("case", ["dense", "variants", "packed", "packed_all", "deterministic"])
+@pytest.mark.parametrize("dq", ["", "red"])
+def test_cuda_wide_backward_tma_loads(monkeypatch, case, dq):
+    """The d256 dQ-warpgroup backward with its Q and dO copied by the TMA (FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1, an
+    experiment): rows past a sequence's end hold the next sequence's rows (packed) or the TMA's zeros, made
+    harmless by LSE = +inf there; with every score modifier, packed batches with empty sequences, head dims below
+    256 and the deterministic mode; dQ by reduce-adds and by red.add."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WIDE_TMA_LOADS", "1")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_DQ", dq)
+    if case == "dense":
+        opts = make_options(2, 4, True, (-1, -1), 0.0, None, 0.0, "cuda", seed=1)
+        check_variant_case(2, 4, 2, 333, 517, 256, torch.bfloat16, "cuda", opts, transposed=True)
+        opts = make_options(1, 2, False, (-1, -1), 0.0, None, 0.0, "cuda", seed=2)
+        check_variant_case(1, 2, 1, 700, 300, 240, torch.float16, "cuda", opts)
+    elif case == "variants":
+        opts = make_options(2, 4, True, (300, -1), 5.0, "batch", 0.1, "cuda", seed=3)
+        check_variant_case(2, 4, 2, 200, 450, 256, torch.bfloat16, "cuda", opts, transposed=True)
+    elif case in ("packed", "packed_all"):
+        lengths_q, lengths_k = [300, 1, 129, 0, 520], [280, 64, 129, 7, 600]
+        opts = make_options(5, 4, True, (-1, -1), 0.0, None, 0.0, "cuda") if case == "packed" else \
+            make_options(5, 4, True, (37, -1), 3.0, "batch", 0.1, "cuda")
+        check_varlen_against_reference(lengths_q, lengths_k, torch.bfloat16, "cuda", opts, d=256)
+    else:
+        check_varlen_deterministic([300, 0, 700, 5, 129], d=256)
