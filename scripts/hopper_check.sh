@@ -25,8 +25,6 @@
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widewsdq    the d256 dQ-warpgroup backward's dQ by TMA reduce-adds (B, the default) vs red.add (A,
 #                  FLASH_ATTN2_BWD_WS_DQ=red)
-#   ab_widedqbox   the d256 dQ-warpgroup backward's reduce-adds from each warp's 16-row boxes (B, the default) vs the
-#                  warpgroup's 64-row boxes (A, FLASH_ATTN2_BWD_WIDE_DQ_BOX=64); each case settled 300 ms
 #   ab_widetmaloads  the d256 dQ-warpgroup backward with Q and dO by the TMA (B, FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1)
 #                  vs the compute threads' cp.async (A), settled
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
@@ -266,10 +264,6 @@ fi
 if step ab_widewsdq 100; then  # the d256 dQ-warpgroup kernel's dQ: TMA reduce-adds through one box (B) vs red.add (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_DQ=red $lib --direction bwd --head-dims 256 \
     --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,varlen --settle-ms 300 | tee "$OUT/ab_widewsdq.md"
-fi
-if step ab_widedqbox 100; then  # the d256 dQ boxes: each warp's 16 rows (B) vs the warpgroup's 64 (A), at the power cap
-  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE_DQ_BOX=64 $lib --direction bwd --head-dims 256 \
-    --lengths 2048,16384 --causal-lengths 8192 --mods none,softcap,varlen --settle-ms 300 | tee "$OUT/ab_widedqbox.md"
 fi
 if step ab_widetmaloads 100; then  # the d256 Q / dO loads: one thread's TMA copies (B) vs 256 threads' cp.async (A)
   timeout 100 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1 --direction bwd --head-dims 256 \

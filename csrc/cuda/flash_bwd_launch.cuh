@@ -189,15 +189,13 @@ void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
   launch_bwd_wide_kernel<Kt>(&flash_bwd_sm90_wide_kernel<Kt, kScoreMod>, launch, dq_map, stream);
 }
 
-// The dQ-warpgroup kernel: boxes of 16 rows, one warp's, by default; FLASH_ATTN2_BWD_WIDE_DQ_BOX=64 takes the
-// warpgroup's 64 rows at a time (A/B runs, tests). FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1 (experiment): Q and dO by the
-// TMA where it can address them.
+// The dQ-warpgroup kernel: dQ in boxes of 16 rows, one warp's. FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1 (experiment): Q
+// and dO by the TMA where it can address them.
 template <class Kt, bool kScoreMod>
 void launch_bwd_wide_ws(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
   WideWsMaps maps{};
-  launch.dq_warp_boxes = !env_is("FLASH_ATTN2_BWD_WIDE_DQ_BOX", "64");
-  make_wide_dq_map(launch, &maps.dq, launch.dq_warp_boxes ? 16 : Kt::kBlockM);
+  make_wide_dq_map(launch, &maps.dq, 16);
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int nq = varlen ? p.total_q : p.seqlen_q, maps_b = varlen ? 1 : p.batch;
   launch.wide_tma_loads =

@@ -11,9 +11,8 @@
 //   warpgroup 0:  S^T = K Q^T -> P^T (handed to warpgroup 1 through shared memory),  dV += P^T dO
 //   warpgroup 1:  dP^T = V dO^T,  dS^T = P^T (dP^T - D) (to shared memory, two buffers), dK += dS^T Q
 //   warpgroup 2:  dQ_accum += dS K, 64 columns at a time, by TMA bulk reduce-adds of 16 x 32 float32 boxes,
-//                 each warp its own rows of an 8 KB buffer (FLASH_ATTN2_BWD_WIDE_DQ_BOX=64: 64 x 32 boxes, the
-//                 warpgroup meeting around each; the deterministic mode and FLASH_ATTN2_BWD_WS_DQ=red: the
-//                 threads' red.global.add)
+//                 each warp its own rows of an 8 KB buffer (the deterministic mode and FLASH_ATTN2_BWD_WS_DQ=red:
+//                 the threads' red.global.add)
 //
 // The threads' red.add of 64 x 256 floats a step kept the L2 71% busy (ncu, non-causal 8k, perf.md v25; cuDNN's
 // d256 backward on the same 64 x 64 tiles: 32%): each warp instruction adds 32 bytes to each of 8 rows, so every
@@ -49,7 +48,7 @@ struct BwdSm90WideWsTraits : BwdSm90WideTraits<T, kHeadDim_> {
   static constexpr int kComputeRegs = 216, kDqRegs = 72;
   static constexpr bool kHalfHandOver = true;               // P^T handed over as float16 pairs (wide_step)
   static constexpr int kSmemP = Base::kBlockM / 2 * 128 * 2;
-  static constexpr int kSmemDqBox = 64 * 32 * 4;            // one 64 x 32 float32 box of dQ (128-byte swizzle)
+  static constexpr int kSmemDqBox = 64 * 32 * 4;            // 4 warps' 16 x 32 float32 boxes of dQ (128-byte swizzle)
   // 384 threads launch with 168 registers each (65536 / 384, in steps of 8): 504 per thread across the three.
   static_assert(2 * kComputeRegs + kDqRegs <= 3 * 168, "setmaxnreg: more registers than the launch gives");
   // K | V | Q[2] | dO[2] | dS^T[2] | dQ box | P^T | (LSE, D)[2] | the stages' "full" mbarriers (TMA loads), plus
@@ -68,27 +67,11 @@ struct WideWsMaps {  // CUtensorMap is 64-byte aligned itself
 
 namespace wide_step {
 
-// The dQ warpgroup's box kBox (columns 32 kBox on) of a 64 x 64 chunk, added at (col0, row) by one bulk
-// reduce-add through the 8 KB buffer sdQ: the issuer waits until its last reduce-add has read the buffer, the
-// warpgroup stores the box and meets again, the issuer adds it.
-template <int kBox>
-FA2_DEVICE void add_dq_box(unsigned char* sdQ, const float (&acc)[1][8][4], const CUtensorMap* map, int col0,
-                           int row, bool issuer, int bar, int warp, int g, int t) {
-  using namespace sm90;
-  if (issuer) tma::bulk_wait_read<0>();
-  tma::named_sync(bar, 128);  // the buffer is free
-  store_dq_boxes<8192, kBox, 1>(sdQ, acc, warp, g, t);
-  fence_proxy_async_smem();   // the stores before the bulk read
-  tma::named_sync(bar, 128);  // the box is staged
-  if (issuer) {
-    tma::reduce_add_box(map, sdQ, col0, row);
-    tma::bulk_commit();
-  }
-}
-
-// The same through each warp's own 16 rows of the buffer (2 KB at 2048 (warp % 4), 1024-byte aligned, so the
-// swizzle of its rows is the 64-row box's) as a 16-row box, lane 0 issuing: the warps meet no one, only their
-// own lanes (the map's boxes are 16 rows).
+// The dQ warpgroup's box kBox (columns 32 kBox on) of a 64 x 64 chunk, added at (col0, row) by bulk reduce-adds
+// through the 8 KB buffer sdQ: each warp stages its own 16 rows (2 KB at 2048 (warp % 4), 1024-byte aligned, so
+// the swizzle of its rows is a 64-row box's) and its lane 0 adds them as one 16-row box; the warps meet no one,
+// only their own lanes (the map's boxes are 16 rows). Each warp's own boxes measured 1.00-1.03x the
+// warpgroup's 64-row boxes behind two barriers each (perf.md v25), which are gone.
 template <int kBox>
 FA2_DEVICE void add_dq_warp_box(unsigned char* sdQ, const float (&acc)[1][8][4], const CUtensorMap* map, int col0,
                                 int row, bool issuer, int warp, int g, int t) {
@@ -121,9 +104,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
   // Named barriers (0 is __syncthreads): the step's data landed (warpgroups 0 and 1), P^T handed over (0 and
   // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), warpgroup w's
-  // epilogue (7 + w), the dQ warpgroup's deterministic turns (9: its 128 threads only), its dQ box (10: the
-  // same 128).
-  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7, kBarDq = 9, kBarDqBox = 10;
+  // epilogue (7 + w), the dQ warpgroup's deterministic turns (9: its 128 threads only).
+  constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7, kBarDq = 9;
 
   extern __shared__ unsigned char smem_raw[];
   const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
@@ -208,8 +190,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // up to two steps ahead meanwhile.
     tma::shrink_registers<Kt::kDqRegs>();
     const bool dq_tma = !p.dq_red_add;  // bulk reduce-adds (the launcher made dq_map; not in the deterministic mode)
-    const bool warp_boxes = p.dq_warp_boxes;
-    const bool dq_issuer = dq_tma && (warp_boxes ? lane == 0 : wg_tid == 0);
+    const bool dq_issuer = dq_tma && lane == 0;
     DqOrderChain dq_chain;
     dq_chain.adders = DqAdders{kBarDq, 128};
     for (int it = 0; it < steps.total; ++it) {
@@ -219,6 +200,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       tma::named_sync(kBarDsFull + b, 256);  // dS_it^T is in buffer b
       if (!dq_tma) dq_chain.acquire(DqOrder::make<kBlockM>(p, blk, vis, head, row0), wg_tid);
       const bool full_tile = row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim;
+      // The step's first dQ row for the reduce-adds. Rows past the sequence's end add exact zeros (zero-filled
+      // Q / dO rows there: dS = 0) to the rows that follow; rows past the array and columns past d are clipped
+      // by the map.
+      const int dq_row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
 #pragma unroll 1
       for (int col0 = 0; col0 < kHeadDim; col0 += 64) {
         float acc_dq[1][8][4];
@@ -233,18 +218,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         if (col0 + 64 >= kHeadDim && it + 2 < steps.total)
           tma::named_arrive(kBarDsFree + b, 256);  // buffer b read: warpgroup 1 may write dS_{it+2}^T there
         if (dq_tma) {
-          // The chunk as two 32-column halves through the one buffer: each warp's 16 rows as its own box (the
-          // default), or the warpgroup's 64 rows as one (FLASH_ATTN2_BWD_WIDE_DQ_BOX=64). Rows past the
-          // sequence's end add exact zeros (zero-filled Q / dO rows there: dS = 0) to the rows that follow;
-          // rows past the array and columns past d are clipped by the map.
-          const int row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
-          if (warp_boxes) {
-            wide_step::add_dq_warp_box<0>(sdQ, acc_dq, &dq_map, col0, row, dq_issuer, warp, g, t);
-            wide_step::add_dq_warp_box<1>(sdQ, acc_dq, &dq_map, col0 + 32, row, dq_issuer, warp, g, t);
-          } else {
-            wide_step::add_dq_box<0>(sdQ, acc_dq, &dq_map, col0, row, dq_issuer, kBarDqBox, warp, g, t);
-            wide_step::add_dq_box<1>(sdQ, acc_dq, &dq_map, col0 + 32, row, dq_issuer, kBarDqBox, warp, g, t);
-          }
+          // The chunk as two 32-column halves through the one buffer, each warp its own 16 rows.
+          wide_step::add_dq_warp_box<0>(sdQ, acc_dq, &dq_map, col0, dq_row, dq_issuer, warp, g, t);
+          wide_step::add_dq_warp_box<1>(sdQ, acc_dq, &dq_map, col0 + 32, dq_row, dq_issuer, warp, g, t);
         } else {
           add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, col0, warp, g, t, full_tile);
         }

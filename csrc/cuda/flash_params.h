@@ -134,9 +134,6 @@ struct BwdParams : FwdParams {
   // the launcher (detail::choose_dq_walk) where a head's key tiles are few enough to be co-resident.
   int dq_rotate;
   bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)
-  // The d256 dQ-warpgroup kernel's reduce-adds: each warp its own 16-row boxes (the default), or the warpgroup's
-  // 64-row boxes behind its barriers (FLASH_ATTN2_BWD_WIDE_DQ_BOX=64, A/B runs); the map's box rows follow.
-  bool dq_warp_boxes;
   // The d256 dQ-warpgroup kernel loads each step's Q and dO by the TMA (one thread, an mbarrier per stage) instead
   // of the compute threads' cp.async (experiment: FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1; its launcher made the maps).
   bool wide_tma_loads;

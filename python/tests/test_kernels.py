@@ -236,22 +236,20 @@ def test_cuda_warp_specialised_backward_larger_steps_are_the_kernels_that_run(mo
 
 
 @requires_sm90
-@pytest.mark.parametrize("wide,dq,box", [("", "", ""), ("", "", "64"), ("", "red", ""), ("2wg", "", ""),
-                                         ("2wg", "red", "")])
+@pytest.mark.parametrize("wide,dq", [("", ""), ("", "red"), ("2wg", ""), ("2wg", "red")])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [
     (2, 4, 2, 333, 517, 256, True, torch.bfloat16, True), (1, 2, 1, 700, 300, 256, False, torch.float16, False),
     (2, 2, 2, 65, 129, 240, True, torch.bfloat16, False), (1, 3, 3, 200, 200, 232, False, torch.bfloat16, True),
     (1, 2, 1, 150, 90, 248, True, torch.float16, False)])
-def test_cuda_wide_backward_dq(monkeypatch, wide, dq, box, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
+def test_cuda_wide_backward_dq(monkeypatch, wide, dq, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
     """The d256 backwards: the dQ-warpgroup kernel (the default; its dQ from the third warpgroup, a step behind
     the other two, through two dS^T buffers, by TMA reduce-adds of each warp's 16 x 32 boxes through one buffer
-    (FLASH_ATTN2_BWD_WIDE_DQ_BOX=64: the warpgroup's 64 x 32 boxes), or by the threads' red.add with
+    or by the threads' red.add with
     FLASH_ATTN2_BWD_WS_DQ=red; P^T handed over as float16), and the split-role kernel
     (FLASH_ATTN2_BWD_WIDE=2wg) with its dQ by TMA reduce-adds from each warpgroup's stage buffer or by red.add. Many query steps per key tile (the buffers reused), GQA, Nq != Nk, a sequence
     that ends inside a step, head dims below 256 (columns past d clipped)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WIDE", wide)
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_DQ", dq)
-    monkeypatch.setenv("FLASH_ATTN2_BWD_WIDE_DQ_BOX", box)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
 
 
