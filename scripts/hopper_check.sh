@@ -25,8 +25,8 @@
 #   ab_widedq      the d256 backward's dQ by TMA reduce-adds (B) vs red.add (A, FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_widewsdq    the d256 dQ-warpgroup backward's dQ by TMA reduce-adds (B, the default) vs red.add (A,
 #                  FLASH_ATTN2_BWD_WS_DQ=red)
-#   ab_widetmaloads  the d256 dQ-warpgroup backward with Q and dO by the TMA (B, FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1)
-#                  vs the compute threads' cp.async (A), settled
+#   ab_widetmaloads  the d256 dQ-warpgroup backward with Q and dO by the TMA (B, the default) vs the compute
+#                  threads' cp.async (A, FLASH_ATTN2_BWD_WIDE_TMA_LOADS=0), settled
 #   ab_widews      the d256 backward with a dQ warpgroup (B) vs the split-role kernel (A, FLASH_ATTN2_BWD_WIDE=2wg)
 #   ab_detwide     the same in the deterministic mode (its rows "det"; the "none" rows: ab_widews again)
 #   ab_persistent  the persistent WS forward (static or dynamic walk) vs one block per tile, dense and packed
@@ -266,7 +266,7 @@ if step ab_widewsdq 100; then  # the d256 dQ-warpgroup kernel's dQ: TMA reduce-a
     --lengths 2048,8192,16384 --causal-lengths 2048,8192,16384 --mods none,softcap,varlen --settle-ms 300 | tee "$OUT/ab_widewsdq.md"
 fi
 if step ab_widetmaloads 100; then  # the d256 Q / dO loads: one thread's TMA copies (B) vs 256 threads' cp.async (A)
-  timeout 100 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1 --direction bwd --head-dims 256 \
+  timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WIDE_TMA_LOADS=0 $lib --direction bwd --head-dims 256 \
     --lengths 2048,16384 --causal-lengths 8192 --mods none,softcap,varlen --settle-ms 300 | tee "$OUT/ab_widetmaloads.md"
 fi
 if step ab_wsdq 100; then  # the WS backward's dQ: TMA reduce-adds (B) vs red.add (A)

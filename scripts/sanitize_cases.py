@@ -120,11 +120,11 @@ if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (
     print("sanitize cases ran (wsbwd)")
     raise SystemExit(0)
 if os.environ.get("FA2_SANITIZE") == "widebwd":  # the d256 backwards: dQ warpgroup; split roles, TMA and red.add dQ
-    for wide, dq, loads in (("", "", ""), ("", "red", ""), ("2wg", "", ""), ("2wg", "red", ""), ("", "", "1"),
-                            ("", "red", "1")):
+    for wide, dq, loads in (("", "", ""), ("", "red", ""), ("2wg", "", ""), ("2wg", "red", ""), ("", "", "0"),
+                            ("", "red", "0")):
         os.environ["FLASH_ATTN2_BWD_WIDE"] = wide
         os.environ["FLASH_ATTN2_BWD_WS_DQ"] = dq
-        os.environ["FLASH_ATTN2_BWD_WIDE_TMA_LOADS"] = loads  # experiment: Q and dO by the TMA
+        os.environ["FLASH_ATTN2_BWD_WIDE_TMA_LOADS"] = loads  # "0": Q and dO by cp.async, not the TMA
         for dtype, d in [(torch.bfloat16, 256), (torch.float16, 240)]:
             backward_cases(dtype, d, [(200, 130, True), (40, 260, False), (300, 70, True)], deterministic_varlen=True)
     torch.cuda.synchronize()

@@ -189,8 +189,8 @@ void launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
   launch_bwd_wide_kernel<Kt>(&flash_bwd_sm90_wide_kernel<Kt, kScoreMod>, launch, dq_map, stream);
 }
 
-// The dQ-warpgroup kernel: dQ in boxes of 16 rows, one warp's. FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1 (experiment): Q
-// and dO by the TMA where it can address them.
+// The dQ-warpgroup kernel: dQ in boxes of 16 rows, one warp's; Q and dO by the TMA where it can address them
+// (1.02-1.08x the compute threads' cp.async, perf.md v26), FLASH_ATTN2_BWD_WIDE_TMA_LOADS=0 keeps cp.async.
 template <class Kt, bool kScoreMod>
 void launch_bwd_wide_ws(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
@@ -199,7 +199,7 @@ void launch_bwd_wide_ws(const BwdParams& p, cudaStream_t stream) {
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int nq = varlen ? p.total_q : p.seqlen_q, maps_b = varlen ? 1 : p.batch;
   launch.wide_tma_loads =
-      env_is("FLASH_ATTN2_BWD_WIDE_TMA_LOADS", "1") && nq > 0 &&
+      !env_is("FLASH_ATTN2_BWD_WIDE_TMA_LOADS", "0") && nq > 0 &&
       make_tensor_map(&maps.q, p.q, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.q_row_stride, p.q_head_stride,
                       p.q_batch_stride, Kt::kBlockM) &&
       make_tensor_map(&maps.dout, p.dout, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.do_row_stride,

@@ -18,10 +18,12 @@
 // d256 backward on the same 64 x 64 tiles: 32%): each warp instruction adds 32 bytes to each of 8 rows, so every
 // 128-byte line took four requests. The box buffer's 8 KB come from the P^T hand-over, now float16 pairs.
 //
-// Warpgroups 0 and 1 load Q, dO, LSE and D (cp.async, two stages) and meet at two named barriers per step (the
-// step's data, the P^T hand-over); warpgroup 1 and warpgroup 2 meet at the dS^T buffers ("stored": 1 arrives,
-// 2 waits; "free": 2 arrives once its products that read it are done, 1 waits before writing that buffer two
-// steps later). setmaxnreg: 216 / 216 / 72 registers (the 504 per thread of 384 threads at launch).
+// Warpgroups 0 and 1 load Q, dO, LSE and D (two stages: Q and dO by one thread's TMA copies where the TMA can
+// address them, 1.02-1.08x their 256 threads' cp.async, perf.md v26; LSE and D by cp.async) and meet at two
+// named barriers per step (the step's data, the P^T hand-over); warpgroup 1 and warpgroup 2 meet at the dS^T
+// buffers ("stored": 1 arrives, 2 waits; "free": 2 arrives once its products that read it are done, 1 waits
+// before writing that buffer two steps later). setmaxnreg: 216 / 216 / 72 registers (the 504 per thread of 384
+// threads at launch).
 #pragma once
 
 #include <type_traits>

@@ -135,7 +135,8 @@ struct BwdParams : FwdParams {
   int dq_rotate;
   bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)
   // The d256 dQ-warpgroup kernel loads each step's Q and dO by the TMA (one thread, an mbarrier per stage) instead
-  // of the compute threads' cp.async (experiment: FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1; its launcher made the maps).
+  // of the compute threads' cp.async (the default where the TMA can address them, FLASH_ATTN2_BWD_WIDE_TMA_LOADS=0
+  // keeps cp.async; its launcher made the maps).
   bool wide_tma_loads;
 };
 

@@ -794,12 +794,13 @@ def test_cuda_varlen_deterministic_and_graph_safe():
 @requires_sm90
 @pytest.mark.parametrize("case", ["dense", "variants", "packed", "packed_all", "deterministic"])
 @pytest.mark.parametrize("dq", ["", "red"])
-def test_cuda_wide_backward_tma_loads(monkeypatch, case, dq):
-    """The d256 dQ-warpgroup backward with its Q and dO copied by the TMA (FLASH_ATTN2_BWD_WIDE_TMA_LOADS=1, an
-    experiment): rows past a sequence's end hold the next sequence's rows (packed) or the TMA's zeros, made
-    harmless by LSE = +inf there; with every score modifier, packed batches with empty sequences, head dims below
-    256 and the deterministic mode; dQ by reduce-adds and by red.add."""
-    monkeypatch.setenv("FLASH_ATTN2_BWD_WIDE_TMA_LOADS", "1")
+@pytest.mark.parametrize("loads", ["", "0"])
+def test_cuda_wide_backward_tma_loads(monkeypatch, case, dq, loads):
+    """The d256 dQ-warpgroup backward with its Q and dO copied by the TMA (the default) or by the compute threads'
+    cp.async (FLASH_ATTN2_BWD_WIDE_TMA_LOADS=0): with the TMA, rows past a sequence's end hold the next sequence's
+    rows (packed) or the TMA's zeros, made harmless by LSE = +inf there; with every score modifier, packed batches
+    with empty sequences, head dims below 256 and the deterministic mode; dQ by reduce-adds and by red.add."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WIDE_TMA_LOADS", loads)
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_DQ", dq)
     if case == "dense":
         opts = make_options(2, 4, True, (-1, -1), 0.0, None, 0.0, "cuda", seed=1)
