@@ -59,6 +59,10 @@
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
 #                  | tar -x -C .abbase`), built here (BASE_BG=1: in the background from the start), on the masked
 #                  rows (causal, windows, packed), fwd and bwd
+#   ab_base_grid   this tree vs BASE_SRC as in ab_base on the plain grid's rows (d64 / d128 / d256, non-causal 8k,
+#                  causal 2k / 8k), forward and backward, settled
+#   ab_gridshort   the backward grid in groups of 8 heads (B, FLASH_ATTN2_BWD_GRID_GROUP=8) vs head by head (A) on
+#                  causal 2k / 4k rows, plain and GQA (64 / 8 heads), d64 / d128 / d256, settled
 #   ab_base_softcap  softcap 50 rows, this tree vs BASE_SRC as in ab_base, forward (d128) and backward
 #   ab_base_decode the decode step (fwd_kvcache), this tree vs BASE_SRC as in ab_base, long caches and B = 1
 #   suite          the whole suite with both WS kernels forced on (d64 forward included)
@@ -111,7 +115,7 @@ base_lib() {
   [[ -f $base/build/base/libflash_attn2.so ]] && echo "$PWD/$base/build/base/libflash_attn2.so"
 }
 if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "* || $steps == *" ab_wide "* ||
-      $steps == *" ab_base_softcap "*) &&
+      $steps == *" ab_base_softcap "* || $steps == *" ab_base_grid "*) &&
       -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
   touch "${BASE_SRC:-.abbase}/building"
   ( build_base "${BASE_SRC:-.abbase}"; rm -f "${BASE_SRC:-.abbase}/building" ) &
@@ -241,6 +245,10 @@ if step ab_gridgroup 200; then  # the grid's order: groups of 8 heads (B) vs hea
       --direction $dir --head-dims 64,128 --lengths 8192 --causal-lengths 2048,8192,16384 --mods none,gqa \
       --settle-ms 300 | tee -a "$OUT/ab_gridgroup.md"
   done
+fi
+if step ab_gridshort 100; then  # the backward grid in groups of 8 heads (B) vs head by head (A) on short causal rows
+  timeout 95 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_GRID_GROUP=8 --direction bwd --head-dims 64,128,256 \
+    --lengths "" --causal-lengths 2048,4096 --mods none,gqa --settle-ms 300 | tee -a "$OUT/ab_gridshort.md"
 fi
 if step ab_wsbwd 130; then  # the warp-specialised backward (B) vs flash_bwd_sm90_kernel (A), d64 and d128
   timeout 130 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
@@ -381,6 +389,17 @@ if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that 
       --causal-lengths 2048,16384 --mods none,window | tee -a "$OUT/ab_base.md"
   else
     echo "ab_base: no base library (source tree ${BASE_SRC:-.abbase})"
+  fi
+fi
+if step ab_base_grid 200; then  # this tree (B) vs BASE_SRC (A) on the plain grid's rows, settled, fwd and bwd
+  blib=$(base_lib)
+  if [[ -n $blib ]]; then
+    for dir in fwd bwd; do
+      timeout 95 python3 scripts/ab_forward.py "$blib" $lib --direction $dir --head-dims 64,128,256 --lengths 8192 \
+        --causal-lengths 2048,8192 --mods none --settle-ms 300 | tee -a "$OUT/ab_base_grid.md"
+    done
+  else
+    echo "ab_base_grid: no base library (source tree ${BASE_SRC:-.abbase})"
   fi
 fi
 if step ab_base_softcap 150; then  # softcap 50 rows, this tree (B) vs BASE_SRC (A): forward and backward
