@@ -61,7 +61,7 @@
 #                  rows (causal, windows, packed), fwd and bwd
 #   ab_base_grid   this tree vs BASE_SRC as in ab_base on the plain grid's rows (d64 / d128 / d256, non-causal 8k,
 #                  causal 2k / 8k), forward and backward, settled
-#   ab_gridshort   the backward grid in groups of 8 heads (B, FLASH_ATTN2_BWD_GRID_GROUP=8) vs head by head (A) on
+#   ab_gridshort   the backward grid in groups of 8 heads (B, =8; the d64 / d128 default here) vs head by head (A, =1) on
 #                  causal 2k / 4k rows, plain and GQA (64 / 8 heads), d64 / d128 / d256, settled
 #   ab_base_softcap  softcap 50 rows, this tree vs BASE_SRC as in ab_base, forward (d128) and backward
 #   ab_base_decode the decode step (fwd_kvcache), this tree vs BASE_SRC as in ab_base, long caches and B = 1
@@ -241,13 +241,14 @@ if step gridtests 60; then
 fi
 if step ab_gridgroup 200; then  # the grid's order: groups of 8 heads (B) vs head by head (A), masked and GQA rows
   for dir in fwd bwd; do
-    timeout 95 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_FWD_GRID_GROUP=8,FLASH_ATTN2_BWD_GRID_GROUP=8 \
+    timeout 95 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_GRID_GROUP=1,FLASH_ATTN2_BWD_GRID_GROUP=1 \
+      $lib,FLASH_ATTN2_FWD_GRID_GROUP=8,FLASH_ATTN2_BWD_GRID_GROUP=8 \
       --direction $dir --head-dims 64,128 --lengths 8192 --causal-lengths 2048,8192,16384 --mods none,gqa \
       --settle-ms 300 | tee -a "$OUT/ab_gridgroup.md"
   done
 fi
-if step ab_gridshort 100; then  # the backward grid in groups of 8 heads (B) vs head by head (A) on short causal rows
-  timeout 95 python3 scripts/ab_forward.py $lib $lib,FLASH_ATTN2_BWD_GRID_GROUP=8 --direction bwd --head-dims 64,128,256 \
+if step ab_gridshort 100; then  # the backward grid in groups of 8 heads (B, the default there) vs head by head (A)
+  timeout 95 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_GRID_GROUP=1 $lib,FLASH_ATTN2_BWD_GRID_GROUP=8 --direction bwd --head-dims 64,128,256 \
     --lengths "" --causal-lengths 2048,4096 --mods none,gqa --settle-ms 300 | tee -a "$OUT/ab_gridshort.md"
 fi
 if step ab_wsbwd 130; then  # the warp-specialised backward (B) vs flash_bwd_sm90_kernel (A), d64 and d128

@@ -288,11 +288,11 @@ struct ZeroedInts {
   }
 };
 
-// The grid's head grouping (FwdParams::grid_head_group): the variable's value, 0 (head by head) when unset or not a
-// positive number (experiment, A/B runs).
+// The grid's head grouping (FwdParams::grid_head_group): the variable's value (0 or 1: head by head; A/B runs,
+// tests), or -1, the launcher's choice, when unset or empty.
 int grid_head_group(const char* name) {
   const char* v = std::getenv(name);
-  return v == nullptr ? 0 : std::max(0, std::atoi(v));
+  return v == nullptr || v[0] == '\0' ? -1 : std::max(0, std::atoi(v));
 }
 
 Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,

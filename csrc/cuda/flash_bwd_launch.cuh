@@ -91,6 +91,20 @@ inline bool ws_bwd_blockm_requested(int blockm) {
   return std::atoi(env) == blockm;
 }
 
+// The WS backward's grid order: heads in groups of 8, key tile rank by rank within a group, on dense masked
+// (causal, windowed) calls of at most 4096 queries and keys, where head by head a late head's longest key tiles
+// start near the grid's end and run alone: 0.98-1.07x on causal 2k / 4k rows, d64 and d128, plain and GQA
+// (1.03x geomean over 12 rows of two calls, perf.md v26); head by head elsewhere (8k level, 16k and non-causal
+// 0.96-1.03x).
+// FLASH_ATTN2_BWD_GRID_GROUP=n forces groups of n (1: head by head).
+inline constexpr int64_t kGroupedBwdGridMaxRows = 4096;
+inline int ws_bwd_grid_group(const BwdParams& p) {
+  if (p.grid_head_group >= 0) return p.grid_head_group;
+  const bool masked = p.window_left >= 0 || p.window_right >= 0;
+  const bool short_rows = std::max(p.seqlen_q, p.seqlen_k) <= kGroupedBwdGridMaxRows;
+  return masked && short_rows && p.cu_seqlens_q == nullptr ? 8 : 1;
+}
+
 // The WS backward of traits Kt: its TMA maps, then the launch; false where the TMA cannot address the tensors.
 template <class Kt, bool kScoreMod>
 bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
@@ -118,6 +132,7 @@ bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
   BwdParams launch = p;
   launch.dq_red_add = dq_red_add_requested() && p.dq_semaphore == nullptr && Kt::kBlockM == 64;
   launch.ws_prefetch_maps = ws_prefetch_maps();
+  launch.grid_head_group = ws_bwd_grid_group(p);
   choose_dq_walk<Kt>(launch);
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);

@@ -102,9 +102,9 @@ struct FwdParams {
   // The warp-specialised forward's softcap against a fixed offset (its launcher; softcap_scale_log2 = 0: not):
   // P = exp2(tanh(cap_in s) * softcap_scale_log2 - softcap_offset_log2), softcap_scale_log2 = softcap * log2 e.
   float softcap_scale_log2, softcap_offset_log2;
-  // The grid's order over (tile, head): 0 or 1, head by head (a head's tiles neighbours); g > 1, heads in groups
-  // of g, tile by tile within a group (each group's longest tiles first). Set by the launchers from
-  // FLASH_ATTN2_FWD_GRID_GROUP / FLASH_ATTN2_BWD_GRID_GROUP (experiment; GridOrder, block_info.cuh).
+  // The grid's order over (tile, head): at most 1, head by head (a head's tiles neighbours); g > 1, heads in
+  // groups of g, tile by tile within a group (each group's longest tiles first). From FLASH_ATTN2_FWD_GRID_GROUP /
+  // FLASH_ATTN2_BWD_GRID_GROUP, else -1: the launcher's choice (GridOrder, attention_rule.h; ws_bwd_grid_group).
   int grid_head_group;
 };
 

@@ -308,15 +308,16 @@ def test_cuda_warp_specialised_forward_refuses_what_it_cannot_run(monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("group", ["3", "8", "1000"])
+@pytest.mark.parametrize("group", ["3", "8", "1000", ""])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [
     (2, 8, 2, 700, 700, 128, True, torch.bfloat16, True), (3, 5, 5, 300, 517, 64, True, torch.float16, False),
     (1, 4, 1, 129, 1000, 256, False, torch.bfloat16, False), (2, 3, 3, 1, 200, 96, True, torch.bfloat16, True)])
 def test_cuda_grid_head_group(monkeypatch, group, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
-    """The grids ordered in groups of heads (FLASH_ATTN2_FWD_GRID_GROUP / _BWD_GRID_GROUP, an experiment; group
-    sizes that do not divide the heads, and one larger than all of them): every tile is computed once, so the
-    forward, its LSE and dK / dV (one block each) are bitwise those of the head-by-head order, and dQ (float32
-    adds in another order) equal to rounding; and the float64 reference holds."""
+    """The grids ordered in groups of heads (FLASH_ATTN2_FWD_GRID_GROUP / _BWD_GRID_GROUP; group sizes that do not
+    divide the heads, one larger than all of them, and the launchers' choice, groups of 8 in the d64 / d128
+    backward of masked calls up to 4096 rows): every tile is computed once, so the forward, its LSE and dK / dV
+    (one block each) are bitwise those of the head-by-head order (group 1), and dQ (float32 adds in another
+    order) equal to rounding; and the float64 reference holds."""
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed, requires_grad=True)
     dout = torch.randn(b, hq, nq, d, dtype=dtype, device="cuda")
 
@@ -327,6 +328,8 @@ def test_cuda_grid_head_group(monkeypatch, group, b, hq, hkv, nq, nk, d, causal,
         out.backward(dout)
         return out.detach(), lse, q.grad, k.grad, v.grad
 
+    monkeypatch.setenv("FLASH_ATTN2_FWD_GRID_GROUP", "1")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_GRID_GROUP", "1")
     base = run()
     monkeypatch.setenv("FLASH_ATTN2_FWD_GRID_GROUP", group)
     monkeypatch.setenv("FLASH_ATTN2_BWD_GRID_GROUP", group)
