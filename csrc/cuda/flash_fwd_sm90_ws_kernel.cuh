@@ -271,6 +271,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     fence_regs(acc_s);
     if (release_lane) tma::arrive(sm.k_empty(s));
     softmax_step(acc_s, n_last - i, alpha);
+    softmax.issue_boundary();  // the softmax runs under O += P_{i-1} V_{i-1}: the wait below comes after it
     wgmma_wait<0>();
     fence_regs(acc_o);
     fence_regs(frag_p);  // the A fragments stay untouched until the MMA reading them is done
