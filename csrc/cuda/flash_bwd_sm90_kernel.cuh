@@ -237,8 +237,6 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   if constexpr (kLateDp) {
     wgmma_fence();
     issue_dp();
-  } else {
-    issue_boundary(p_frag);  // P^T is computed under dP^T: the wait below comes after it
   }
   // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
   wgmma_wait<0>();

@@ -271,7 +271,9 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     fence_regs(acc_s);
     if (release_lane) tma::arrive(sm.k_empty(s));
     softmax_step(acc_s, n_last - i, alpha);
-    softmax.issue_boundary();  // the softmax runs under O += P_{i-1} V_{i-1}: the wait below comes after it
+    // d128 / d256: the softmax runs under O += P_{i-1} V_{i-1}, not after the wait below (issue_boundary; 1.00-1.03x,
+    // d64's three consumers 0.97-1.01x: perf.md v27).
+    if constexpr (kHeadDim >= 128) softmax.issue_boundary();
     wgmma_wait<0>();
     fence_regs(acc_o);
     fence_regs(frag_p);  // the A fragments stay untouched until the MMA reading them is done
