@@ -204,13 +204,16 @@ struct Dropout {
 };
 
 // Block index -> (tile rank, head) for grids of `tiles` tiles per head over `heads` heads (batch * heads).
-// group <= 1: head by head, a head's tiles neighbours (its tile ranks in order). group > 1 (experiment): heads in
-// groups of `group`, and within a group tile rank by tile rank, every head of the group taking rank r before any
-// takes r + 1 (the last group may be smaller). Blocks are dispatched in index order as SMs free up, so head by
-// head a late head's long tiles (rank 0: causal's most expensive) start near the end of the grid and run alone;
-// in groups, each group's long tiles go first while the tiles running together still share a few heads' K/V
-// (forward) or Q/dO (backward) in L2 (cpp_tests/test_attention_rule.cpp checks the map is one to one). A list-scheduling model of 132 SMs puts the head-by-head tail at 3-7% of a
-// causal 2k-8k call and 12-14% of the GQA backward rows, grouped by 8 at 0-3% (scripts/grid_order_model.py).
+// group <= 1: head by head, a head's tiles neighbours (its tile ranks in order). group > 1: heads in groups of
+// `group`, and within a group tile rank by tile rank, every head of the group taking rank r before any takes
+// r + 1 (the last group may be smaller). Blocks are dispatched in index order as SMs free up, so head by head a
+// late head's long tiles (rank 0: causal's most expensive) start near the end of the grid and run alone; in
+// groups, each group's long tiles go first while the tiles running together still share a few heads' K/V
+// (forward) or Q/dO (backward) in L2 (cpp_tests/test_attention_rule.cpp checks the map is one to one). A
+// list-scheduling model of 132 SMs puts the head-by-head tail at 3-7% of a causal 2k-8k call and 12-14% of the
+// GQA backward rows, grouped by 8 at 0-3% (scripts/grid_order_model.py). Measured (perf.md v26): the WS
+// backward's causal 2k / 4k rows 1.03x grouped by 8 (its default there, ws_bwd_grid_group); the forward and
+// longer rows level or slower.
 template <typename I>
 struct GridOrder {
   I rank, head;

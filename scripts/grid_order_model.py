@@ -1,7 +1,8 @@
 """A list-scheduling model of the attention grids' tails: blocks are dispatched in index order to whichever of
 the SMs frees first (one block per SM, as the Hopper kernels run), each costing its tile's steps. Prints the
 model's time over the perfect balance (total work / SMs) for the orders of GridOrder (csrc/attention_rule.h):
-head by head (the default), tile rank by tile rank over all heads, and heads in groups of G.
+head by head, tile rank by tile rank over all heads, and heads in groups of G (the WS backward's default on
+short masked rows: groups of 8; measured in perf.md v26).
 
     python3 scripts/grid_order_model.py [--sms 132]
 """

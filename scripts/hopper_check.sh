@@ -59,6 +59,8 @@
 #   ab_base        this tree (B) vs the source tree in BASE_SRC (A; default .abbase, carried: e.g. `git archive main
 #                  | tar -x -C .abbase`), built here (BASE_BG=1: in the background from the start), on the masked
 #                  rows (causal, windows, packed), fwd and bwd
+#   base           builds BASE_SRC's library (as the ab_base* steps do) for commands after this script that
+#                  compare against it directly: $BASE_SRC/build/base/libflash_attn2.so
 #   ab_base_grid   this tree vs BASE_SRC as in ab_base on the plain grid's rows (d64 / d128 / d256, non-causal 8k,
 #                  causal 2k / 8k), forward and backward, settled
 #   ab_gridshort   the backward grid in groups of 8 heads (B, =8; the d64 / d128 default here) vs head by head (A, =1) on
@@ -115,7 +117,7 @@ base_lib() {
   [[ -f $base/build/base/libflash_attn2.so ]] && echo "$PWD/$base/build/base/libflash_attn2.so"
 }
 if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_decode "* || $steps == *" ab_wide "* ||
-      $steps == *" ab_base_softcap "* || $steps == *" ab_base_grid "*) &&
+      $steps == *" ab_base_softcap "* || $steps == *" ab_base_grid "* || $steps == *" base "*) &&
       -f ${BASE_SRC:-.abbase}/CMakeLists.txt ]]; then
   touch "${BASE_SRC:-.abbase}/building"
   ( build_base "${BASE_SRC:-.abbase}"; rm -f "${BASE_SRC:-.abbase}/building" ) &
@@ -391,6 +393,10 @@ if step ab_base 300; then  # this tree (B) vs BASE_SRC (A): kernel changes that 
   else
     echo "ab_base: no base library (source tree ${BASE_SRC:-.abbase})"
   fi
+fi
+if step base 200; then  # the base tree's library, for direct comparisons after this script
+  blib=$(base_lib)
+  echo "base library: ${blib:-none (source tree ${BASE_SRC:-.abbase})} at $(( $(date +%s) - start )) s"
 fi
 if step ab_base_grid 200; then  # this tree (B) vs BASE_SRC (A) on the plain grid's rows, settled, fwd and bwd
   blib=$(base_lib)

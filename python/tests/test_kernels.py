@@ -243,11 +243,11 @@ def test_cuda_warp_specialised_backward_larger_steps_are_the_kernels_that_run(mo
     (1, 2, 1, 150, 90, 248, True, torch.float16, False)])
 def test_cuda_wide_backward_dq(monkeypatch, wide, dq, b, hq, hkv, nq, nk, d, causal, dtype, transposed):
     """The d256 backwards: the dQ-warpgroup kernel (the default; its dQ from the third warpgroup, a step behind
-    the other two, through two dS^T buffers, by TMA reduce-adds of each warp's 16 x 32 boxes through one buffer
-    or by the threads' red.add with
-    FLASH_ATTN2_BWD_WS_DQ=red; P^T handed over as float16), and the split-role kernel
-    (FLASH_ATTN2_BWD_WIDE=2wg) with its dQ by TMA reduce-adds from each warpgroup's stage buffer or by red.add. Many query steps per key tile (the buffers reused), GQA, Nq != Nk, a sequence
-    that ends inside a step, head dims below 256 (columns past d clipped)."""
+    the other two, through two dS^T buffers, by TMA reduce-adds of each warp's 16 x 32 boxes through one buffer,
+    or by the threads' red.add with FLASH_ATTN2_BWD_WS_DQ=red; P^T handed over as float16), and the split-role
+    kernel (FLASH_ATTN2_BWD_WIDE=2wg) with its dQ by TMA reduce-adds from each warpgroup's stage buffer or by
+    red.add. Many query steps per key tile (the buffers reused), GQA, Nq != Nk, a sequence that ends inside a
+    step, head dims below 256 (columns past d clipped)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WIDE", wide)
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_DQ", dq)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
