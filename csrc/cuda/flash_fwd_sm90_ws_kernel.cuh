@@ -344,7 +344,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
   const WsSmem<Kt> sm{aligned.ptr, aligned.addr};
   const int tid = static_cast<int>(threadIdx.x);
-  const int wg = tid / 128;
+  // The warpgroup index, broadcast from lane 0 so that ptxas knows it is warp-uniform (as in the backwards): a
+  // consumer's Q descriptors (64 c rows on) then live in uniform registers, one add per wgmma, instead of 16
+  // vector registers moved over by two R2UR per wgmma.
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int q_stages = p.ws_q_stages == 1 ? 1 : Kt::kQStages;
 
   // Persistent: block b walks tiles of FwdBlockInfo's order (a head's query tiles together, its last, for causal
