@@ -51,7 +51,7 @@
 #                  non-causal 8k: what bounds the d256 backward (0.78-0.90 of cuDNN), and cuDNN's kernel names
 #   ncu_fa4        ncu (speed of light, pipes, instructions, warp stalls) on our d128 forward and backward beside
 #                  FlashAttention-4's (installed by ../shared/tools/fa4-wheels.sh), non-causal 8k: where FA4's 1.12x
-#                  (forward) and 1.15x (backward) per call come from (perf.md v27)
+#                  (forward) and 1.15x (backward) per call come from (perf.md v27); NCU_IMPLS="fa4": FA4's alone
 #   ncu_src_widebwd  ncu's source counters on the d256 backward (non-causal 8k): stall samples per SASS
 #                  instruction, to see where each of its three warpgroups waits (CSV gzipped)
 #   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
@@ -350,10 +350,12 @@ if step ncu_bwd 240; then  # what bounds the d256 backward, beside cuDNN's and t
   done
 fi
 if step ncu_fa4 300; then  # our d128 forward and backward beside FlashAttention-4's, same sections
-  for impl in ours fa4; do
+  [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH  # installed by ../shared/tools/fa4-wheels.sh
+  for impl in ${NCU_IMPLS:-ours fa4}; do  # NCU_IMPLS=fa4: FlashAttention-4 only (no build of ours needed)
     sel=(-k regex:"flash_(fwd|bwd)_sm90" -c 2); [[ $impl == fa4 ]] && sel=(-c 12)  # FA4: every launch (its names unknown here)
     timeout 140 ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section InstructionStats \
-      --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis "${sel[@]}" \
+      --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
+      "${sel[@]}" \
       python3 scripts/profile_case.py --d 128 --n 8192 --impl $impl >"$OUT/ncu_fa4_${impl}.txt" 2>&1
     echo "ncu $impl d128 rc $?"
     grep -E "^  [a-zA-Z_].*\(|Duration|SM Frequency|Compute \(SM\) Throughput|Executed Ipc A|Issue Slots Busy|Executed Instructions  |Warp Cycles Per Issued|Registers Per|Block Size|Grid Size|Dynamic Shared|L2 Cache Throughput|Stall" \
