@@ -358,6 +358,11 @@ if step ncu_fa4 300; then  # our d128 forward and backward beside FlashAttention
       "${sel[@]}" \
       python3 scripts/profile_case.py --d 128 --n 8192 --impl $impl >"$OUT/ncu_fa4_${impl}.txt" 2>&1
     echo "ncu $impl d128 rc $?"
+    if [[ $impl == fa4 ]]; then  # FA4's PTX for reading here (ptxas -arch sm_90a turns it into the SASS it ran)
+      mkdir -p /tmp/fa4ptx && CUTE_DSL_KEEP_PTX=1 CUTE_DSL_DUMP_DIR=/tmp/fa4ptx timeout 60 \
+        python3 scripts/profile_case.py --d 128 --n 8192 --impl fa4 >/dev/null 2>&1
+      tar -czf "$OUT/fa4_ptx.tgz" -C /tmp fa4ptx && ls -la /tmp/fa4ptx | head
+    fi
     grep -E "^  [a-zA-Z_].*\(|Duration|SM Frequency|Compute \(SM\) Throughput|Executed Ipc A|Issue Slots Busy|Executed Instructions  |Warp Cycles Per Issued|Registers Per|Block Size|Grid Size|Dynamic Shared|L2 Cache Throughput|Stall" \
       "$OUT/ncu_fa4_${impl}.txt" | grep -v -E "distribution|vectorized" | head -70
   done
