@@ -271,8 +271,8 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     fence_regs(acc_s);
     if (release_lane) tma::arrive(sm.k_empty(s));
     softmax_step(acc_s, n_last - i, alpha);
-    // d128 / d256: the softmax runs under O += P_{i-1} V_{i-1}, not after the wait below (issue_boundary; 1.00-1.03x,
-    // d64's three consumers 0.97-1.01x: perf.md v27).
+    // d128 / d256: the softmax runs under O += P_{i-1} V_{i-1}, not after the wait below (issue_boundary; with the
+    // broadcast warpgroup index below, d128 0.99-1.03x, d256 1.01-1.08x; d64's three consumers 0.97-1.01x: v27).
     if constexpr (kHeadDim >= 128) softmax.issue_boundary();
     wgmma_wait<0>();
     fence_regs(acc_o);

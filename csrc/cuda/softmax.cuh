@@ -60,8 +60,8 @@ struct OnlineSoftmax {
       }
   }
 
-  // Ends ptxas's instruction block once every P of the last update is computed (issue_boundary, tile_primitives.cuh): a
-  // wgmma_wait placed after this call then waits after the softmax, not before it.
+  // Ends ptxas's instruction block once every P of the last update is computed (issue_boundary in
+  // tile_primitives.cuh): a wgmma_wait placed after this call then waits after the softmax, not before it.
   FA2_DEVICE void issue_boundary() const {
     float v = 0.f;
 #pragma unroll
