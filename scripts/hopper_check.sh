@@ -49,6 +49,9 @@
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ncu_bwd        ncu (speed of light, memory, pipes, warp stalls) on our backward and cuDNN's, d256 and d128,
 #                  non-causal 8k: what bounds the d256 backward (0.78-0.90 of cuDNN), and cuDNN's kernel names
+#   ncu_fa4        ncu (speed of light, pipes, instructions, warp stalls) on our d128 forward and backward beside
+#                  FlashAttention-4's (installed by ../shared/tools/fa4-wheels.sh), non-causal 8k: where FA4's 1.12x
+#                  (forward) and 1.15x (backward) per call come from (perf.md v27); NCU_IMPLS="fa4": FA4's alone
 #   ncu_src_widebwd  ncu's source counters on the d256 backward (non-causal 8k): stall samples per SASS
 #                  instruction, to see where each of its three warpgroups waits (CSV gzipped)
 #   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
@@ -344,6 +347,24 @@ if step ncu_bwd 240; then  # what bounds the d256 backward, beside cuDNN's and t
       grep -E "^  [a-z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Hit|L2 Hit|Issue Slots Busy|Warp Cycles Per Issued|Registers Per|Shared Memory Config|Block Size|Grid Size|Pipe|Stall" \
         "$OUT/ncu_bwd_${impl}_d$d.txt" | grep -v -E "elementwise|distribution|vectorized" | head -60
     done
+  done
+fi
+if step ncu_fa4 300; then  # our d128 forward and backward beside FlashAttention-4's, same sections
+  [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH  # installed by ../shared/tools/fa4-wheels.sh
+  for impl in ${NCU_IMPLS:-ours fa4}; do  # NCU_IMPLS=fa4: FlashAttention-4 only (no build of ours needed)
+    sel=(-k regex:"flash_(fwd|bwd)_sm90" -c 2); [[ $impl == fa4 ]] && sel=(-c 12)  # FA4: every launch (its names unknown here)
+    timeout 140 ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section InstructionStats \
+      --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
+      "${sel[@]}" \
+      python3 scripts/profile_case.py --d 128 --n 8192 --impl $impl >"$OUT/ncu_fa4_${impl}.txt" 2>&1
+    echo "ncu $impl d128 rc $?"
+    if [[ $impl == fa4 ]]; then  # FA4's PTX for reading here (ptxas -arch sm_90a turns it into the SASS it ran)
+      mkdir -p /tmp/fa4ptx && CUTE_DSL_KEEP_PTX=1 CUTE_DSL_DUMP_DIR=/tmp/fa4ptx timeout 60 \
+        python3 scripts/profile_case.py --d 128 --n 8192 --impl fa4 >/dev/null 2>&1
+      tar -czf "$OUT/fa4_ptx.tgz" -C /tmp fa4ptx && ls -la /tmp/fa4ptx | head
+    fi
+    grep -E "^  [a-zA-Z_].*\(|Duration|SM Frequency|Compute \(SM\) Throughput|Executed Ipc A|Issue Slots Busy|Executed Instructions  |Warp Cycles Per Issued|Registers Per|Block Size|Grid Size|Dynamic Shared|L2 Cache Throughput|Stall" \
+      "$OUT/ncu_fa4_${impl}.txt" | grep -v -E "distribution|vectorized" | head -70
   done
 fi
 if step ncu_src_widebwd 150; then  # where the d256 backward's warpgroups wait (cuDNN: 1.19x per clock, perf.md v25)

@@ -182,6 +182,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
       wgmma_wait<1>();  // S_j done; O += P_{j+1} V_{j+1} may still run
       fence_regs(acc_s);
       softmax_step(acc_s, n_block, alpha);
+      if constexpr (kHeadDim >= 128) softmax.issue_boundary();  // as in the WS forward (perf.md v27)
       wgmma_wait<0>();
       fence_regs(acc_o);
       fence_regs(frag_p);  // the A fragments stay untouched until the MMA reading them is done

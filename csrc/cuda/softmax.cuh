@@ -60,6 +60,15 @@ struct OnlineSoftmax {
       }
   }
 
+  // Ends ptxas's instruction block once every P of the last update is computed (issue_boundary in
+  // tile_primitives.cuh): a wgmma_wait placed after this call then waits after the softmax, not before it.
+  FA2_DEVICE void issue_boundary() const {
+    float v = 0.f;
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) v += row_sum[mi][0] + row_sum[mi][1];
+    cuda::issue_boundary(v);
+  }
+
   // P = exp2(s * scale_log2 - offset_log2) in place of s, against an offset fixed for the whole row instead of
   // its running max: for scores bounded above and below (a softcap without ALiBi, in units where the bound is
   // +-1), whose P over the whole range stay normal floats with the offset the launcher picks. No max, no
