@@ -352,17 +352,15 @@ fi
 if step ncu_fa4 300; then  # our d128 forward and backward beside FlashAttention-4's, same sections
   [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH  # installed by ../shared/tools/fa4-wheels.sh
   for impl in ${NCU_IMPLS:-ours fa4}; do  # NCU_IMPLS=fa4: FlashAttention-4 only (no build of ours needed)
-    sel=(-k regex:"flash_(fwd|bwd)_sm90" -c 2); [[ $impl == fa4 ]] && sel=(-c 12)  # FA4: every launch (its names unknown here)
-    timeout 140 ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section InstructionStats \
-      --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
-      "${sel[@]}" \
+    sel=(-k regex:"flash_(fwd|bwd)_sm90" -c 2); [[ $impl == fa4 ]] && sel=(-c 12)  # FA4: every launch (names unknown)
+    # FA4 keeps the PTX it compiles (CUTE_DSL_KEEP_PTX), for reading here: ptxas -arch sm_90a turns it into its SASS.
+    rm -rf /tmp/fa4ptx && mkdir -p /tmp/fa4ptx
+    CUTE_DSL_KEEP_PTX=1 CUTE_DSL_DUMP_DIR=/tmp/fa4ptx timeout 140 ncu --section SpeedOfLight \
+      --section ComputeWorkloadAnalysis --section InstructionStats --section WarpStateStats --section SchedulerStats \
+      --section LaunchStats --section MemoryWorkloadAnalysis "${sel[@]}" \
       python3 scripts/profile_case.py --d 128 --n 8192 --impl $impl >"$OUT/ncu_fa4_${impl}.txt" 2>&1
     echo "ncu $impl d128 rc $?"
-    if [[ $impl == fa4 ]]; then  # FA4's PTX for reading here (ptxas -arch sm_90a turns it into the SASS it ran)
-      mkdir -p /tmp/fa4ptx && CUTE_DSL_KEEP_PTX=1 CUTE_DSL_DUMP_DIR=/tmp/fa4ptx timeout 60 \
-        python3 scripts/profile_case.py --d 128 --n 8192 --impl fa4 >/dev/null 2>&1
-      tar -czf "$OUT/fa4_ptx.tgz" -C /tmp fa4ptx && ls -la /tmp/fa4ptx | head
-    fi
+    [[ $impl == fa4 ]] && tar -czf "$OUT/fa4_ptx.tgz" -C /tmp fa4ptx && ls /tmp/fa4ptx | head
     grep -E "^  [a-zA-Z_].*\(|Duration|SM Frequency|Compute \(SM\) Throughput|Executed Ipc A|Issue Slots Busy|Executed Instructions  |Warp Cycles Per Issued|Registers Per|Block Size|Grid Size|Dynamic Shared|L2 Cache Throughput|Stall" \
       "$OUT/ncu_fa4_${impl}.txt" | grep -v -E "distribution|vectorized" | head -70
   done

@@ -35,7 +35,8 @@ if args.impl == "cudnn":
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
 elif args.impl == "fa4":  # on the same (B, N, H, D) buffers; its kernels compile on first use, outside the kernels
     from flash_attn.cute import flash_attn_func
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=args.causal)[0].transpose(1, 2)
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=args.causal)[0]
+    out = out.transpose(1, 2)
 else:
     import flash_attn2  # here: the cudnn and fa4 cases need no build of ours
 
