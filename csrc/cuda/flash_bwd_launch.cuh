@@ -105,18 +105,26 @@ inline int ws_bwd_grid_group(const BwdParams& p) {
   return masked && short_rows && p.cu_seqlens_q == nullptr ? 8 : 1;
 }
 
+// The backward's TMA maps of Q and dO in boxes of box_rows rows (packed batches: one map over all sequences);
+// false where there are no query rows or the TMA cannot address them.
+inline bool make_q_dout_maps(const BwdParams& p, CUtensorMap* q, CUtensorMap* dout, int box_rows) {
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int nq = varlen ? p.total_q : p.seqlen_q, maps_b = varlen ? 1 : p.batch;
+  return nq > 0 &&
+         make_tensor_map(q, p.q, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.q_row_stride, p.q_head_stride,
+                         p.q_batch_stride, box_rows) &&
+         make_tensor_map(dout, p.dout, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.do_row_stride,
+                         p.do_head_stride, p.do_batch_stride, box_rows);
+}
+
 // The WS backward of traits Kt: its TMA maps, then the launch; false where the TMA cannot address the tensors.
 template <class Kt, bool kScoreMod>
 bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
   const bool varlen = p.cu_seqlens_q != nullptr;
-  const int nq = varlen ? p.total_q : p.seqlen_q, nk = varlen ? p.total_k : p.seqlen_k, maps_b = varlen ? 1 : p.batch;
+  const int nk = varlen ? p.total_k : p.seqlen_k, maps_b = varlen ? 1 : p.batch;
   BwdTmaMaps maps;
   const bool ok =
-      nq > 0 &&
-      make_tensor_map(&maps.q, p.q, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.q_row_stride, p.q_head_stride,
-                      p.q_batch_stride, Kt::kBlockM) &&
-      make_tensor_map(&maps.dout, p.dout, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.do_row_stride,
-                      p.do_head_stride, p.do_batch_stride, Kt::kBlockM) &&
+      make_q_dout_maps(p, &maps.q, &maps.dout, Kt::kBlockM) &&
       make_tensor_map(&maps.k, p.k, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.k_row_stride, p.k_head_stride,
                       p.k_batch_stride, Kt::kBlockN) &&
       make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride, p.v_head_stride,
@@ -211,14 +219,8 @@ void launch_bwd_wide_ws(const BwdParams& p, cudaStream_t stream) {
   BwdParams launch = p;
   WideWsMaps maps{};
   make_wide_dq_map(launch, &maps.dq, 16);
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int nq = varlen ? p.total_q : p.seqlen_q, maps_b = varlen ? 1 : p.batch;
   launch.wide_tma_loads =
-      !env_is("FLASH_ATTN2_BWD_WIDE_TMA_LOADS", "0") && nq > 0 &&
-      make_tensor_map(&maps.q, p.q, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.q_row_stride, p.q_head_stride,
-                      p.q_batch_stride, Kt::kBlockM) &&
-      make_tensor_map(&maps.dout, p.dout, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.do_row_stride,
-                      p.do_head_stride, p.do_batch_stride, Kt::kBlockM);
+      !env_is("FLASH_ATTN2_BWD_WIDE_TMA_LOADS", "0") && make_q_dout_maps(p, &maps.q, &maps.dout, Kt::kBlockM);
   launch_bwd_wide_kernel<Kt>(&flash_bwd_sm90_wide_ws_kernel<Kt, kScoreMod>, launch, maps, stream);
 }
 
