@@ -91,6 +91,10 @@
 #   gqa            the GQA bench rows
 #   suite_default  the whole suite under the default kernel choice
 #   BUDGET=540 STEPS="build wstests san_ws" scripts/hopper_check.sh      (OUT: the output folder)
+#   PREBUILT=1 STEPS="wstests ab_base_grid" scripts/hopper_check.sh       (the libraries of this tree and its base
+#                  built on the CPU machine by scripts/pack_prebuilt.sh, the call carrying [".abbase/prebuilt"]:
+#                  nothing is built on the device; steps that build variants of their own, such as timeline,
+#                  still do)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flash_attn2_hopper}
@@ -111,8 +115,17 @@ build_base() {
       -DFLASH_ATTN2_WITH_CUDA=ON -DFLASH_ATTN2_CUDA_ARCHS=90a -DCMAKE_CXX_COMPILER=/usr/bin/g++ \
       -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ >/dev/null && cmake --build build/base -j"$(nproc)" >/dev/null )
 }
+# PREBUILT=1: the libraries scripts/pack_prebuilt.sh built on the CPU machine (the call carries
+# [".abbase/prebuilt"]): this tree's as b.so, the base's as a.so, unpacked to /tmp/libs; nothing is built here
+# (leave `build` out of STEPS).
+if [[ ${PREBUILT:-0} == 1 ]]; then
+  mkdir -p /tmp/libs && tar -xJf .abbase/prebuilt/libs.tar.xz -C /tmp/libs ||
+    { echo "PREBUILT=1: no .abbase/prebuilt/libs.tar.xz (scripts/pack_prebuilt.sh, carried)"; exit 1; }
+  echo "prebuilt: $(ls /tmp/libs)"
+fi
 # The base tree's library, once built (waiting for the background build, or building it now); empty if no tree.
 base_lib() {
+  if [[ ${PREBUILT:-0} == 1 ]]; then [[ -f /tmp/libs/a.so ]] && echo /tmp/libs/a.so; return 0; fi
   local base=${BASE_SRC:-.abbase}
   [[ -f $base/CMakeLists.txt ]] || return 0
   while [[ -f $base/building ]]; do sleep 2; done
@@ -127,6 +140,7 @@ if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_dec
 fi
 if step build 150; then scripts/gpu_check.sh none 2>&1 | tail -4; fi
 export FLASH_ATTN2_LIBRARY=$PWD/build/gpu/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
+[[ ${PREBUILT:-0} == 1 ]] && export FLASH_ATTN2_LIBRARY=/tmp/libs/b.so
 lib=$FLASH_ATTN2_LIBRARY
 if step wstests 120; then
   timeout 120 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py -q -rfE \
