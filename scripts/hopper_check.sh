@@ -52,6 +52,9 @@
 #   ncu_fa4        ncu (speed of light, pipes, instructions, warp stalls) on our d128 forward and backward beside
 #                  FlashAttention-4's (installed by ../shared/tools/fa4-wheels.sh), non-causal 8k: where FA4's 1.12x
 #                  (forward) and 1.15x (backward) per call come from (perf.md v27); NCU_IMPLS="fa4": FA4's alone
+#   ncu_src_bwd    ncu's source counters on the d128 WS backward and FlashAttention-4's (NCU_IMPLS, as in ncu_fa4),
+#                  non-causal 8k: stall samples per SASS instruction (CSV gzipped) and scripts/ncu_src_summary.py's
+#                  summary (where the consumers wait; FA4: where its loop waits instead, perf.md v28)
 #   ncu_src_widebwd  ncu's source counters on the d256 backward (non-causal 8k): stall samples per SASS
 #                  instruction, to see where each of its three warpgroups waits (CSV gzipped)
 #   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
@@ -377,6 +380,20 @@ if step ncu_fa4 300; then  # our d128 forward and backward beside FlashAttention
     [[ $impl == fa4 ]] && tar -czf "$OUT/fa4_ptx.tgz" -C /tmp fa4ptx && ls /tmp/fa4ptx | head
     grep -E "^  [a-zA-Z_].*\(|Duration|SM Frequency|Compute \(SM\) Throughput|Executed Ipc A|Issue Slots Busy|Executed Instructions  |Warp Cycles Per Issued|Registers Per|Block Size|Grid Size|Dynamic Shared|L2 Cache Throughput|Stall" \
       "$OUT/ncu_fa4_${impl}.txt" | grep -v -E "distribution|vectorized" | head -70
+  done
+fi
+if step ncu_src_bwd 200; then  # where the d128 backward's consumers wait, ours and FlashAttention-4's (perf.md v28)
+  [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH  # installed by ../shared/tools/fa4-wheels.sh
+  for impl in ${NCU_IMPLS:-ours fa4}; do
+    sel=(-k regex:flash_bwd_sm90_ws -c 1); [[ $impl == fa4 ]] && sel=(-k regex:BackwardSm90 -c 1)
+    timeout 90 ncu --section SpeedOfLight --section WarpStateStats --section SourceCounters \
+      --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio "${sel[@]}" -f \
+      -o /tmp/ncu_src_bwd_$impl python3 scripts/profile_case.py --d 128 --n 8192 --impl $impl \
+      >"$OUT/ncu_src_bwd_$impl.log" 2>&1
+    echo "ncu source counters, d128 backward, $impl: rc $?"
+    timeout 45 ncu --import /tmp/ncu_src_bwd_$impl.ncu-rep --page source --csv --print-source sass 2>&1 |
+      gzip >"$OUT/ncu_src_bwd_$impl.csv.gz"
+    python3 scripts/ncu_src_summary.py "$OUT/ncu_src_bwd_$impl.csv.gz" --top 15 | tee "$OUT/ncu_src_bwd_$impl.md"
   done
 fi
 if step ncu_src_widebwd 150; then  # where the d256 backward's warpgroups wait (cuDNN: 1.19x per clock, perf.md v25)
