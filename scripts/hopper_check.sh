@@ -382,41 +382,34 @@ if step ncu_fa4 300; then  # our d128 forward and backward beside FlashAttention
       "$OUT/ncu_fa4_${impl}.txt" | grep -v -E "distribution|vectorized" | head -70
   done
 fi
+# ncu_source NAME LIMIT KERNEL_REGEX PROFILE_CASE_ARGS...: one launch of the kernel under ncu's source counters
+# (and the stall reasons per issued instruction), its per-SASS-instruction export as $OUT/NAME.csv.gz and
+# scripts/ncu_src_summary.py's summary of it as $OUT/NAME.md.
+ncu_source() {
+  local name=$1 limit=$2 kernel=$3
+  shift 3
+  timeout "$limit" ncu --section SpeedOfLight --section WarpStateStats --section SourceCounters \
+    --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio -k regex:"$kernel" -c 1 -f \
+    -o "/tmp/$name" python3 scripts/profile_case.py "$@" >"$OUT/$name.log" 2>&1
+  echo "ncu source counters, $name: rc $?"
+  grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued" "$OUT/$name.log" | head -6
+  timeout 60 ncu --import "/tmp/$name.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip >"$OUT/$name.csv.gz"
+  python3 scripts/ncu_src_summary.py "$OUT/$name.csv.gz" --top 15 | tee "$OUT/$name.md"
+}
 if step ncu_src_bwd 200; then  # where the d128 backward's consumers wait, ours and FlashAttention-4's (perf.md v28)
   [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH  # installed by ../shared/tools/fa4-wheels.sh
   for impl in ${NCU_IMPLS:-ours fa4}; do
-    sel=(-k regex:flash_bwd_sm90_ws -c 1); [[ $impl == fa4 ]] && sel=(-k regex:BackwardSm90 -c 1)
-    timeout 90 ncu --section SpeedOfLight --section WarpStateStats --section SourceCounters \
-      --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio "${sel[@]}" -f \
-      -o /tmp/ncu_src_bwd_$impl python3 scripts/profile_case.py --d 128 --n 8192 --impl $impl \
-      >"$OUT/ncu_src_bwd_$impl.log" 2>&1
-    echo "ncu source counters, d128 backward, $impl: rc $?"
-    timeout 45 ncu --import /tmp/ncu_src_bwd_$impl.ncu-rep --page source --csv --print-source sass 2>&1 |
-      gzip >"$OUT/ncu_src_bwd_$impl.csv.gz"
-    python3 scripts/ncu_src_summary.py "$OUT/ncu_src_bwd_$impl.csv.gz" --top 15 | tee "$OUT/ncu_src_bwd_$impl.md"
+    kernel=flash_bwd_sm90_ws; [[ $impl == fa4 ]] && kernel=BackwardSm90
+    ncu_source ncu_src_bwd_$impl 90 $kernel --d 128 --n 8192 --impl $impl
   done
 fi
 if step ncu_src_widebwd 150; then  # where the d256 backward's warpgroups wait (cuDNN: 1.19x per clock, perf.md v25)
-  timeout 100 ncu --section SpeedOfLight --section WarpStateStats --section SourceCounters \
-    -k regex:flash_bwd_sm90_wide_ws -c 1 -f -o /tmp/ncu_src_widebwd python3 scripts/profile_case.py --d 256 \
-    --n 8192 >"$OUT/ncu_src_widebwd.log" 2>&1
-  echo "ncu source counters d256 backward rc $?"
-  grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/ncu_src_widebwd.log" | head -12
-  timeout 45 ncu --import /tmp/ncu_src_widebwd.ncu-rep --page source --csv --print-source sass 2>&1 \
-    | gzip >"$OUT/ncu_src_widebwd.csv.gz"
-  ls -la "$OUT/ncu_src_widebwd.csv.gz"
+  ncu_source ncu_src_widebwd 100 flash_bwd_sm90_wide_ws --d 256 --n 8192
 fi
 if step ncu_src 200; then  # where the softcap forward's consumer warps stall, per SASS instruction (#7)
   for mod in plain softcap; do
-    args="--d 128 --n 8192 --causal"; [[ $mod == softcap ]] && args="$args --softcap 50"
-    FLASH_ATTN2_FWD_WS_BLOCKN=128 timeout 90 ncu --section SpeedOfLight --section WarpStateStats \
-      --section SourceCounters -k regex:flash_fwd_sm90_ws_kernel -c 1 -f -o /tmp/ncu_src_$mod \
-      python3 scripts/profile_case.py $args >"$OUT/ncu_src_$mod.log" 2>&1
-    echo "ncu source counters $mod rc $?"
-    grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/ncu_src_$mod.log" | head -12
-    timeout 60 ncu --import /tmp/ncu_src_$mod.ncu-rep --page source --csv --print-source sass 2>&1 \
-      | gzip >"$OUT/ncu_src_$mod.csv.gz"
-    ls -la "$OUT/ncu_src_$mod.csv.gz"
+    args=(--d 128 --n 8192 --causal); [[ $mod == softcap ]] && args+=(--softcap 50)
+    FLASH_ATTN2_FWD_WS_BLOCKN=128 ncu_source ncu_src_$mod 90 flash_fwd_sm90_ws_kernel "${args[@]}"
   done
 fi
 if step clock_gqa 200; then  # ours and cuDNN beside the clock on the gqa_probe shapes: does the gap with more heads

@@ -32,7 +32,9 @@ def main():
     with opener(args.csv, "rt") as f:
         rows = list(csv.reader(f))
     # The export starts with a "Kernel Name" line, then the header row.
-    start = next(i for i, r in enumerate(rows) if "Source" in r and "Address" in r)
+    start = next((i for i, r in enumerate(rows) if "Source" in r and "Address" in r), None)
+    if start is None:
+        sys.exit(f"{args.csv}: no source table (did the profiled run fail? see its ncu log)")
     header, body = rows[start], [r for r in rows[start + 1:] if len(r) == len(rows[start])]
     if start > 0:
         print(" ".join(rows[0])[:200])
