@@ -224,21 +224,16 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
 }
 
 // The WS forward's wider key tiles (FlashAttention-3's): 176 keys at d128, 80 at d256; fewer, longer steps per
-// block. d128, measured against 128 (perf.md v14, H200, one call): where the longest row sees 8k keys or more
-// 1.02-1.08x (non-causal 8k / 16k, causal 8k / 16k, packed 16k, a 4096 + 4096 window at 16k); below, 0.93-1.00x
-// (non-causal 2k / 4k, causal 4k, a causal 4096 window at 16k); with a softcap 0.85-0.94x (the consumers spill).
-// So only the kernels without score modifiers have them, at d128 for rows of kWideKeyTilesMinKeys keys or more.
-// d256, 80 against 64 (perf.md v15, H200, one call): 1.07-1.11x non-causal, 1.02-1.09x causal, 1.01-1.11x packed,
-// N = 2k-16k; so at d256 they are the default wherever the kernel has no score modifier.
+// block. d256, 80 against 64 (perf.md v15, H200, one call): 1.07-1.11x non-causal, 1.02-1.09x causal, 1.01-1.11x
+// packed, N = 2k-16k; so at d256 they are the default wherever the kernel has no score modifier. d128: 176 measured
+// 1.02-1.08x the 128-key kernel from 8k keys in v14, but since v27's ordering fix (the softmax kept under the P V
+// product) 128 keys are ahead there: 1.00-1.03x over ten non-causal and causal 8k / 16k rows of three calls
+// (mean 1.013), packed 1.00 / 1.02, a 4096 + 4096 window at 16k 1.02 (perf.md v29). So d128 takes 128 everywhere.
 // FLASH_ATTN2_FWD_WS_BLOCKN=176 / 80 (or 128 / 64) forces the choice (A/B runs, tests).
-inline constexpr int64_t kWideKeyTilesMinKeys = 8192;
-inline bool use_wide_key_tiles(const FwdParams& p, int wide_n) {
+inline bool use_wide_key_tiles(int wide_n) {
   const char* force = std::getenv("FLASH_ATTN2_FWD_WS_BLOCKN");
   if (force != nullptr && force[0] != '\0') return std::atoi(force) == wide_n;
-  if (wide_n != 176) return true;  // d256: 80 keys
-  const int64_t nk = p.seqlen_k;  // the longest row's keys: all of them, or the window's width
-  const int64_t left = p.window_left < 0 ? nk : p.window_left, right = p.window_right < 0 ? nk : p.window_right;
-  return std::min<int64_t>(nk, left + right + 1) >= kWideKeyTilesMinKeys;
+  return wide_n != 176;
 }
 }  // namespace detail
 
@@ -252,7 +247,7 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
     if (detail::use_sm90_kernels()) {
       if constexpr ((kHeadDim == 128 || kHeadDim == 256) && !kScoreMod) {
         constexpr int kWideN = kHeadDim == 128 ? 176 : 80;
-        if (detail::use_wide_key_tiles(params, kWideN) &&
+        if (detail::use_wide_key_tiles(kWideN) &&
             detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim, kWideN>, false>(params, bh, stream))
           return;
       }

@@ -286,9 +286,9 @@ def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, 
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_CASES[:7] + WS_CASES[9:11])
 def test_cuda_warp_specialised_forward_wide_key_tiles(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed,
                                                       blocks):
-    """The WS forward's wider key tiles (FLASH_ATTN2_FWD_WS_BLOCKN), the default without score modifiers: 176 keys
-    at d128 (long rows), 80 at d256 (every row): key ranges ending anywhere in a tile, masks across its 22 / 10 n8
-    columns, one key tile or many, one block per tile or a persistent grid of 5."""
+    """The WS forward's wider key tiles (FLASH_ATTN2_FWD_WS_BLOCKN): 176 keys at d128 (on request), 80 at d256 (the
+    default without score modifiers): key ranges ending anywhere in a tile, masks across its 22 / 10 n8 columns, one
+    key tile or many, one block per tile or a persistent grid of 5."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176" if d <= 128 else "80")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
