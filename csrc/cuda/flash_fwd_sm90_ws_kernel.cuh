@@ -35,8 +35,8 @@
 namespace flash_attn2::cuda {
 
 // kBlockN_: the key tile. 128 at d64 / d128 and 64 at d256 (O alone is 128 registers per thread) by default;
-// d128 also has a 176-key kernel (long rows) and d256 an 80-key one (every row) for the kernels without score
-// modifiers, FlashAttention-3's tiles (flash_fwd_launch.cuh, use_wide_key_tiles).
+// d128 also has a 176-key kernel (on request since perf.md v29) and d256 an 80-key one (every row) for the kernels
+// without score modifiers, FlashAttention-3's tiles (flash_fwd_launch.cuh, use_wide_key_tiles).
 template <typename T, int kHeadDim_, int kBlockN_ = (kHeadDim_ <= 128 ? 128 : 64)>
 struct FwdSm90WsTraits {
   using Elem = T;
