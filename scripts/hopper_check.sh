@@ -55,6 +55,8 @@
 #   ncu_src_bwd    ncu's source counters on the d128 WS backward and FlashAttention-4's (NCU_IMPLS, as in ncu_fa4),
 #                  non-causal 8k: stall samples per SASS instruction (CSV gzipped) and scripts/ncu_src_summary.py's
 #                  summary (where the consumers wait; FA4: where its loop waits instead, perf.md v28)
+#   ncu_src_bwdmod ncu's source counters on the d128 WS backward with softcap 50, causal 8k (where the softcap
+#                  backward's consumers wait: 0.80 of the plain backward, perf.md v29)
 #   ncu_src_widebwd  ncu's source counters on the d256 backward (non-causal 8k): stall samples per SASS
 #                  instruction, to see where each of its three warpgroups waits (CSV gzipped)
 #   ncu_src        ncu's source counters (stall samples per SASS instruction) on the d128 WS forward, plain (128-key
@@ -402,6 +404,9 @@ if step ncu_src_bwd 200; then  # where the d128 backward's consumers wait, ours 
     kernel=flash_bwd_sm90_ws; [[ $impl == fa4 ]] && kernel=BackwardSm90
     ncu_source ncu_src_bwd_$impl 90 $kernel --d 128 --n 8192 --impl $impl
   done
+fi
+if step ncu_src_bwdmod 120; then  # where the softcap backward waits (#7: 0.80 of plain at d128 causal 8k, perf.md v29)
+  ncu_source ncu_src_bwd_softcap 100 flash_bwd_sm90_ws --d 128 --n 8192 --causal --softcap 50
 fi
 if step ncu_src_widebwd 150; then  # where the d256 backward's warpgroups wait (cuDNN: 1.19x per clock, perf.md v25)
   ncu_source ncu_src_widebwd 100 flash_bwd_sm90_wide_ws --d 256 --n 8192
