@@ -173,12 +173,8 @@ FA2_DEVICE void add_dq_tile(const BwdParams& p, const SeqInfo& seq, const float 
 }
 
 
-// One step of a Hopper backward for one warpgroup's 64 keys (rows [64 wg, 64 wg + 64) of the block's K and V),
-// shared by flash_bwd_sm90_kernel and the warp-specialised flash_bwd_sm90_ws_kernel: S^T = K Q^T and
-// dP^T = V dO^T; P^T by the score rule and dS^T from the step's LSE and D rows (s_lse, s_d = s_lse + kBlockM);
-// dS^T stored to sdS for the dQ product; then dV += P^T dO and dK += dS^T Q issued and committed, not waited
-// for. p_frag and ds_frag are those products' A operands: the caller keeps them untouched until its wait.
-// dK += dS^T Q (B operand M-major: Q's query rows are the K dim), issued and committed as one group.
+// dK += dS^T Q (B operand M-major: Q's query rows are the K dim), issued, not committed: bwd_step_dk_dv's with dV,
+// the WS kernel's (kDkAfterDq) after the dQ product.
 template <class Kt, class T = typename Kt::Elem>
 FA2_DEVICE void issue_dk(float (&acc_dk)[1][Kt::kHeadDim / 8][4], uint32_t (&ds_frag)[1][Kt::kBlockM / 16][4],
                          uint32_t sQ_s) {
@@ -186,11 +182,14 @@ FA2_DEVICE void issue_dk(float (&acc_dk)[1][Kt::kHeadDim / 8][4], uint32_t (&ds_
   for (int kk = 0; kk < Kt::kBlockM / 16; ++kk)
     WgmmaOp<T, Kt::kHeadDim>::template rs<1>(flat(acc_dk), ds_frag[0][kk],
                                              desc_mn_major<typename Kt::TileQ>(sQ_s, 0, kk), 1);
-  wgmma_commit();
 }
 
-// kIssueDk = false: dV is issued and committed alone, and the caller issues dK (issue_dk) when it chooses (the WS
-// kernel: after the dQ product, so that the dQ store for the writer runs under dK).
+// One step of a Hopper backward for one warpgroup's 64 keys (rows [64 wg, 64 wg + 64) of the block's K and V),
+// shared by flash_bwd_sm90_kernel and the warp-specialised flash_bwd_sm90_ws_kernel: S^T = K Q^T and
+// dP^T = V dO^T; P^T by the score rule and dS^T from the step's LSE and D rows (s_lse, s_d = s_lse + kBlockM);
+// dS^T stored to sdS for the dQ product; then dV += P^T dO and dK += dS^T Q issued and committed, not waited
+// for. p_frag and ds_frag are those products' A operands: the caller keeps them untouched until its wait.
+// kIssueDk = false: dV is issued and committed alone, and the caller issues dK (issue_dk) when it chooses.
 template <class Kt, bool kScoreMod, bool kIssueDk = true, class T = typename Kt::Elem>
 FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlockN>& blk, const Visibility<int>& vis,
                                int head, int row0, int wg, int warp, int lane, uint32_t sK_u, uint32_t sV_u,
@@ -271,11 +270,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
 #pragma unroll
   for (int kk = 0; kk < kKSteps; ++kk)
     WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dv), p_frag[0][kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
-  if constexpr (kIssueDk) {
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk)
-      WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dk), ds_frag[0][kk], desc_mn_major<TileQ>(sQ_s, 0, kk), 1);
-  }
+  if constexpr (kIssueDk) issue_dk<Kt>(acc_dk, ds_frag, sQ_s);
   wgmma_commit();
 }
 }  // namespace sm90

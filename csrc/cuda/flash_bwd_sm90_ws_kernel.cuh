@@ -376,21 +376,23 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         }
         wgmma_commit();
       }
+      // dK's registers and the stage are released once dK is done: here, or after the dQ store (kDkAfterDq).
+      auto release_stage = [&] {
+        fence_regs(acc_dk);
+        fence_regs(ds_frag);       // the A fragments stay untouched until the MMAs reading them are done
+        tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
+      };
       if constexpr (kDkAfterDq) {
         issue_dk<Kt>(acc_dk, ds_frag, sQ_s);
+        wgmma_commit();
         wgmma_wait<1>();  // dV and dQ done; dK may still run
-        fence_regs(acc_dq);
-        fence_regs(acc_dv);
-        fence_regs(p_frag);  // the A fragments stay untouched until the MMAs reading them are done
       } else {
         wgmma_wait<0>();
-        fence_regs(acc_dq);
-        fence_regs(acc_dv);
-        fence_regs(acc_dk);
-        fence_regs(p_frag);
-        fence_regs(ds_frag);
-        tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
       }
+      fence_regs(acc_dq);
+      fence_regs(acc_dv);
+      fence_regs(p_frag);
+      if constexpr (!kDkAfterDq) release_stage();
 
       if (!dq_mine) {
         // no dQ this step
@@ -413,9 +415,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
       if constexpr (kDkAfterDq) {
         wgmma_wait<0>();  // dK
-        fence_regs(acc_dk);
-        fence_regs(ds_frag);
-        tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
+        release_stage();
       }
     }
 
