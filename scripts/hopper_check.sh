@@ -122,7 +122,7 @@ build_base() {
 }
 # PREBUILT=1: the libraries scripts/pack_prebuilt.sh built on the CPU machine (the call carries
 # [".abbase/prebuilt"]): this tree's as b.so, the base's as a.so, unpacked to /tmp/libs; nothing is built here
-# (leave `build` out of STEPS).
+# (leave `build` out of STEPS). PREBUILT_LIB=c.so: the steps test another library the archive holds instead of b.so.
 if [[ ${PREBUILT:-0} == 1 ]]; then
   mkdir -p /tmp/libs && tar -xJf .abbase/prebuilt/libs.tar.xz -C /tmp/libs ||
     { echo "PREBUILT=1: no .abbase/prebuilt/libs.tar.xz (scripts/pack_prebuilt.sh, carried)"; exit 1; }
@@ -145,7 +145,7 @@ if [[ ${BASE_BG:-0} == 1 && ($steps == *" ab_base "* || $steps == *" ab_base_dec
 fi
 if step build 150; then scripts/gpu_check.sh none 2>&1 | tail -4; fi
 export FLASH_ATTN2_LIBRARY=$PWD/build/gpu/libflash_attn2.so PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
-[[ ${PREBUILT:-0} == 1 ]] && export FLASH_ATTN2_LIBRARY=/tmp/libs/b.so
+[[ ${PREBUILT:-0} == 1 ]] && export FLASH_ATTN2_LIBRARY=/tmp/libs/${PREBUILT_LIB:-b.so}
 lib=$FLASH_ATTN2_LIBRARY
 if step wstests 120; then
   timeout 120 python3 -m pytest python/tests/test_kernels.py python/tests/test_variants.py -q -rfE \
