@@ -3,7 +3,7 @@
 # sub-metrics, sectors by source unit and operation, hit rate and DRAM bytes, for our WS forward (the default, and
 # under each environment given as an argument) and FlashAttention-4's (where flash_attn.cute imports), one launch
 # each, non-causal 8k, B = 2, 16 heads (perf.md v29).
-#   OUT=dir bash scripts/ncu_l2.sh "FLASH_ATTN2_FWD_WS_BLOCKN=128" "FLASH_ATTN2_FWD_WS_WALK=tile"
+#   OUT=dir bash scripts/ncu_l2.sh "FLASH_ATTN2_FWD_WS_BLOCKN=176" "FLASH_ATTN2_FWD_WS_BLOCKS=all"
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ncu_l2}
@@ -14,7 +14,7 @@ m+=,breakdown:l1tex__throughput.avg.pct_of_peak_sustained_elapsed
 m+=,lts__t_sectors_srcunit_tex.sum,lts__t_sectors_srcunit_ltcfabric.sum,lts__t_sectors.sum
 m+=,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_write.sum,lts__t_requests_srcunit_tex.sum
 m+=,lts__t_sector_hit_rate.pct,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum
-m+=,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,sm__cycles_elapsed.avg.per_second
+m+=,sm__cycles_elapsed.avg.per_second
 run() {  # name, impl, environment assignments...
   local name=$1 impl=$2; shift 2
   env "$@" timeout 150 ncu --metrics "$m" -k regex:flash_fwd_sm90 -c 1 \

@@ -172,7 +172,6 @@ FA2_DEVICE void add_dq_tile(const BwdParams& p, const SeqInfo& seq, const float 
     }
 }
 
-
 // dK += dS^T Q (B operand M-major: Q's query rows are the K dim), issued, not committed: bwd_step_dk_dv's with dV,
 // the WS kernel's (kDkAfterDq) after the dQ product.
 template <class Kt, class T = typename Kt::Elem>

@@ -37,9 +37,9 @@ FA2_DEVICE AlignedSmem aligned_smem(unsigned char* raw) {
 // zero-length sleep) is all but never taken and harmless when it is. Within a block ptxas's scheduler may move
 // register-only work past a wgmma_wait, and the empty asm of fence_regs does not stop it (it emits no PTX). So a
 // softmax written between an MMA's issue and its wait, to run under that MMA, was issued after the wait,
-// interleaved with the rescale and conversion that need the MMA done (perf.md v27). Called between such work and the wait, with a
-// v that depends on all of that work, it keeps the work before the wait. Measured per kernel: the forward's
-// softmax at d128 / d256 gains, at d64 not; the Hopper backward's P^T before dP^T's wait lost 3-8%.
+// interleaved with the rescale and conversion that need the MMA done (perf.md v27). Called between such work and
+// the wait, with a v that depends on all of that work, it keeps the work before the wait. Measured per kernel: the
+// forward's softmax at d128 / d256 gains, at d64 not; the Hopper backward's P^T before dP^T's wait lost 3-8%.
 FA2_DEVICE void issue_boundary(uint32_t v) {
   if (__any_sync(0xffffffffu, v == 0xffffffffu)) asm volatile("nanosleep.u32 0;\n" ::: "memory");
 }
