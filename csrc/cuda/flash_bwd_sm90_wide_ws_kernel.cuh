@@ -48,11 +48,17 @@ struct BwdSm90WideWsTraits : BwdSm90WideTraits<T, kHeadDim_> {
   static constexpr int kNThreads = 384;     // three warpgroups
   static constexpr int kLoadThreads = 256;  // warpgroups 0 and 1 load Q, dO, LSE and D
   static constexpr int kComputeRegs = 216, kDqRegs = 72;
+  // With the dQ warpgroup's chunks pipelined (two 64 x 64 accumulators live; the plain kernels): at 88 registers
+  // ptxas serialised its wgmma (C7512), at 104 not; the kernel's spills stay those of 216 / 72 (24 bytes, before
+  // the loop). The score-modifier kernels keep one chunk at a time (at 200 their compute warpgroups serialised
+  // and spilled 196 bytes).
+  static constexpr int kComputeRegsPipelined = 200, kDqRegsPipelined = 104;
   static constexpr bool kHalfHandOver = true;               // P^T handed over as float16 pairs (wide_step)
   static constexpr int kSmemP = Base::kBlockM / 2 * 128 * 2;
   static constexpr int kSmemDqBox = 64 * 32 * 4;            // 4 warps' 16 x 32 float32 boxes of dQ (128-byte swizzle)
   // 384 threads launch with 168 registers each (65536 / 384, in steps of 8): 504 per thread across the three.
   static_assert(2 * kComputeRegs + kDqRegs <= 3 * 168, "setmaxnreg: more registers than the launch gives");
+  static_assert(2 * kComputeRegsPipelined + kDqRegsPipelined <= 3 * 168, "setmaxnreg: as above");
   // K | V | Q[2] | dO[2] | dS^T[2] | dQ box | P^T | (LSE, D)[2] | the stages' "full" mbarriers (TMA loads), plus
   // slack to align the start.
   static constexpr int kSmemBars = 2 * 8;
@@ -108,6 +114,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // 1), dS^T buffer b stored (1 arrives, 2 waits), dS^T buffer b free (2 arrives, 1 waits), warpgroup w's
   // epilogue (7 + w), the dQ warpgroup's deterministic turns (9: its 128 threads only).
   constexpr int kBarTop = 1, kBarP = 2, kBarDsFull = 3, kBarDsFree = 5, kBarEpilogue = 7, kBarDq = 9;
+  // The dQ warpgroup's chunks pipelined (chunk c + 1's product under chunk c's second box) in the plain kernels,
+  // with registers moved to it from the compute warpgroups; FLASH_ATTN2_WIDE_DQ_PIPELINE=0 (A/B builds) keeps one
+  // chunk at a time everywhere.
+#ifndef FLASH_ATTN2_WIDE_DQ_PIPELINE
+#define FLASH_ATTN2_WIDE_DQ_PIPELINE 1
+#endif
+  constexpr bool kPipelinedDq = FLASH_ATTN2_WIDE_DQ_PIPELINE != 0 && !kScoreMod;
+  constexpr int kComputeRegs = kPipelinedDq ? Kt::kComputeRegsPipelined : Kt::kComputeRegs;
+  constexpr int kDqRegs = kPipelinedDq ? Kt::kDqRegsPipelined : Kt::kDqRegs;
 
   extern __shared__ unsigned char smem_raw[];
   const AlignedSmem aligned = aligned_smem<Kt::kAlign>(smem_raw);
@@ -190,11 +205,20 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // The dQ warpgroup: step it's dQ = dS_it K once warpgroup 1 has stored dS_it^T, 64 columns at a time. In the
     // deterministic mode it adds in the key tiles' turn (DqOrder), which only it waits for: the other two run on
     // up to two steps ahead meanwhile.
-    tma::shrink_registers<Kt::kDqRegs>();
+    tma::shrink_registers<kDqRegs>();
     const bool dq_tma = !p.dq_red_add;  // bulk reduce-adds (the launcher made dq_map; not in the deterministic mode)
     const bool dq_issuer = dq_tma && lane == 0;
     DqOrderChain dq_chain;
     dq_chain.adders = DqAdders{kBarDq, 128};
+    // dQ chunk c (columns 64 c on) = dS K over the block's keys, issued and committed, not waited for.
+    auto issue_dq_chunk = [&](float (&acc)[1][8][4], uint32_t sdS_b, int c) {
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks)
+        WgmmaOp<T, 64>::template ss<1, 1>(flat(acc), desc_mn_major<TileDS>(sdS_b, 0, ks),
+                                          desc_mn_major<TileKV>(sK_u, c, ks), ks > 0);
+      wgmma_commit();
+    };
     for (int it = 0; it < steps.total; ++it) {
       const int b = it & 1;
       const int head = steps.head(it, blk.head_kv), row0 = steps.row0(it);
@@ -206,18 +230,36 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       // Q / dO rows there: dS = 0) to the rows that follow; rows past the array and columns past d are clipped
       // by the map.
       const int dq_row = static_cast<int>(blk.seq.stat_index(p, blk.batch, head, row0));
+      const bool dq_release = it + 2 < steps.total;  // warpgroup 1 writes dS_{it+2}^T into buffer b
+      if (dq_tma && kPipelinedDq) {
+        // Chunk c + 1's product runs while chunk c's second box is staged and added: the wait for the TMA to
+        // read chunk c's first box then overlaps that product instead of nothing (perf.md v29: this warpgroup
+        // is busy all the time, and the other two wait for it at kBarDsFree).
+        float acc_dq[2][1][8][4];
+        issue_dq_chunk(acc_dq[0], sdS_b, 0);
+        wgmma_wait<0>();
+        fence_regs(acc_dq[0]);
+#pragma unroll
+        for (int c = 0; c < kHeadDim / 64; ++c) {
+          float (&cur)[1][8][4] = acc_dq[c & 1];
+          wide_step::add_dq_warp_box<0>(sdQ, cur, &dq_map, 64 * c, dq_row, dq_issuer, warp, g, t);
+          if (c + 1 < kHeadDim / 64) issue_dq_chunk(acc_dq[(c + 1) & 1], sdS_b, c + 1);
+          wide_step::add_dq_warp_box<1>(sdQ, cur, &dq_map, 64 * c + 32, dq_row, dq_issuer, warp, g, t);
+          if (c + 1 < kHeadDim / 64) {
+            wgmma_wait<0>();
+            fence_regs(acc_dq[(c + 1) & 1]);
+            if (c + 2 == kHeadDim / 64 && dq_release) tma::named_arrive(kBarDsFree + b, 256);  // buffer b read
+          }
+        }
+        continue;
+      }
 #pragma unroll 1
       for (int col0 = 0; col0 < kHeadDim; col0 += 64) {
         float acc_dq[1][8][4];
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kBlockN / 16; ++ks)
-          WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_b, 0, ks),
-                                            desc_mn_major<TileKV>(sK_u, col0 / 64, ks), ks > 0);
-        wgmma_commit();
+        issue_dq_chunk(acc_dq, sdS_b, col0 / 64);
         wgmma_wait<0>();
         fence_regs(acc_dq);
-        if (col0 + 64 >= kHeadDim && it + 2 < steps.total)
+        if (col0 + 64 >= kHeadDim && dq_release)
           tma::named_arrive(kBarDsFree + b, 256);  // buffer b read: warpgroup 1 may write dS_{it+2}^T there
         if (dq_tma) {
           // The chunk as two 32-column halves through the one buffer, each warp its own 16 rows.
@@ -233,7 +275,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     return;  // nothing to meet the others for: the epilogue stages dK and dV away from K, dS^T and the box
   }
 
-  tma::grow_registers<Kt::kComputeRegs>();
+  tma::grow_registers<kComputeRegs>();
   const bool is_p = wg == 0;  // warpgroup 0: S^T, P^T, dV; warpgroup 1: dP^T, dS^T, dK
   float acc_kv[1][kHeadDim / 8][4];  // dV (warpgroup 0) or dK (warpgroup 1)
   zero_acc(acc_kv);
