@@ -173,12 +173,10 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
                      !(kScoreMod && env_is("FLASH_ATTN2_BWD_WS_MOD_BIG", "0")) &&
                      !(kHeadDim == 128 && !kScoreMod && masked && env_is("FLASH_ATTN2_BWD_WS_M80_MASKED", "0"));
     if constexpr (kScoreMod) {
-      // dP^T issued after P^T (Kt::kLateDp: 160 bytes of spills where beside S^T 496-600) on softcap and dropout
-      // calls, where it measured 1.00-1.04x; ALiBi alone keeps dP^T beside S^T (0.96-0.99x late; perf.md v25).
-      // FLASH_ATTN2_BWD_WS_LATE_DP=1 / =0 forces either on every score-modifier call (A/B runs).
-      const bool late_dp = env_is("FLASH_ATTN2_BWD_WS_LATE_DP", "1") ||
-                           (!env_is("FLASH_ATTN2_BWD_WS_LATE_DP", "0") &&
-                            (p.softcap_out > 0.f || p.dropout.enabled()));
+      // dP^T issued after P^T (Kt::kLateDp: fewer spills than beside S^T) on every score-modifier call: softcap
+      // and dropout measured 1.00-1.04x late (perf.md v25); ALiBi alone 0.96-0.99x then, 1.07-1.20x since the
+      // score loop lost dropout's per-score select (v30). FLASH_ATTN2_BWD_WS_LATE_DP=0 keeps dP^T beside S^T.
+      const bool late_dp = !env_is("FLASH_ATTN2_BWD_WS_LATE_DP", "0");
       if (big && late_dp)
         return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim, kBig, true>, kScoreMod>(p, stream, required);
     }

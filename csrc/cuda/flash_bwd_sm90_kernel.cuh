@@ -74,19 +74,23 @@ FA2_DEVICE void dscores_transposed(float (&dp)[1][NT][4], const float (&pr)[1][N
 // The score-modifier form of probs_transposed, one pass per element over S^T (raw scores):
 //   x = cap_out tanh(cap_in s) - alibi |i + diag - j|   (each term when enabled), -inf where invisible
 //   P = exp2(x * scale_log2 - LSE * log2 e)
-// leaves P^T G in `s`, G = 1 - tanh^2 (the softcap's derivative; 1 without softcap), and writes P^T Z as the
-// A fragments of dV += (P Z)^T dO into `a` (Z = keep / (1 - p) with dropout, else 1). Computing G here, while
-// tanh is at hand, costs one FFMA per score; recomputing it at the dS step cost a lg2, the ALiBi term and a
-// branch per score (docs/perf.md v8). Softcap, ALiBi and the mask are compile-time flags of the loop
-// (with_flags): the mask as a run-time condition cost three compares and a select per score on every tile, the
-// diagonal's or not (SASS, perf.md v15). Dropout stays a run-time select: as a flag too, its keep bits lived
-// across the branches and the consumers of the WS backward spilled 52-412 B more (ptxas -v).
+// leaves P^T G in `s`, G = 1 - tanh^2 (the softcap's derivative; 1 without softcap), and writes P^T K as the
+// A fragments of dV += (P Z)^T dO into `a`, K the dropout keep mask (1 without dropout): Z = K / (1 - p), whose
+// 1 / (1 - p) the kernels apply to dV once, in their epilogue (dv_scale), as the forward does to O. Computing G
+// here, while tanh is at hand, costs one FFMA per score; recomputing it at the dS step cost a lg2, the ALiBi term
+// and a branch per score (docs/perf.md v8). The exponent is formed in log2 units (cap_out and the slope scaled by
+// scale_log2 once), so the softcap costs no multiply after its tanh. Softcap, ALiBi and the mask are compile-time
+// flags of the loop (with_flags): the mask as a run-time condition cost three compares and a select per score on
+// every tile, the diagonal's or not (SASS, perf.md v15). Dropout is neither: as a flag too, its keep bits lived
+// across the branches and the consumers of the WS backward spilled 52-412 B more (ptxas -v); as a select per
+// score (to v29) it cost every score-modifier call 2 FMUL, 2.7 LOP3 and 1 FSEL a score, dropout or not (ncu's
+// source counters, perf.md v30). It is now one AND a pair of P^T, taken only with dropout (keep_pairs).
 template <typename T, bool kSoftcap, bool kAlibi, bool kMask, int NT>
 FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1][NT / 2][4], const float* s_lse,
                                           int key, int q0, const Visibility<int>& vis, const ScoreRule<float>& rule,
-                                          const KeepBits<1, NT>& keep, bool dropout, float keep_scale,
                                           float scale_log2, int t) {
   constexpr float kLog2e = 1.4426950408889634f;
+  const float cap_log2 = rule.cap_out * scale_log2, alibi_log2 = rule.alibi * scale_log2;
   VisibleSpan visible[2] = {{0, 0}, {0, 0}};  // visible queries of the thread's key rows key and key + 8
   float rel[2];  // i - j + diag for the thread's first query column and each key row (ALiBi)
 #pragma unroll
@@ -104,55 +108,82 @@ FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1]
     const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float pz[2];
+      float pr[2];
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[0][ni][2 * h + e];
-        float g = 1.f;
+        float g = 1.f, arg;
         if constexpr (kSoftcap) {
           const float th = fast_tanh(x * rule.cap_in);
-          x = rule.cap_out * th;
           g = fmaf(-th, th, 1.f);
+          arg = fmaf(th, cap_log2, -l2[e]);
+        } else {
+          arg = fmaf(x, scale_log2, -l2[e]);
         }
-        if constexpr (kAlibi) x -= rule.alibi * fabsf(rel[h] + static_cast<float>(8 * ni + e));
-        if constexpr (kMask) x = visible[h](q0 + 8 * ni + e) ? x : -INFINITY;
-        const float pr = fast_exp2(fmaf(x, scale_log2, -l2[e]));
-        x = pr * g;
-        pz[e] = !dropout ? pr : keep.get(0, ni, 2 * h + e) ? pr * keep_scale : 0.f;
+        if constexpr (kAlibi) arg = fmaf(-alibi_log2, fabsf(rel[h] + static_cast<float>(8 * ni + e)), arg);
+        if constexpr (kMask) arg = visible[h](q0 + 8 * ni + e) ? arg : -INFINITY;
+        pr[e] = fast_exp2(arg);
+        x = pr[e] * g;
       }
-      a[0][ni / 2][2 * (ni % 2) + h] = pack2<T>(pz[0], pz[1]);
+      a[0][ni / 2][2 * (ni % 2) + h] = pack2<T>(pr[0], pr[1]);
     }
   }
+}
+
+// P^T K from P^T as A fragments (probs_mod_transposed_impl's `a`): each pair's dropped halves zeroed by one AND.
+// The pair of (n8 tile ni, key row +8 h) holds the scores 2 h and 2 h + 1 of the tile, keep bits 4 ni + 2 h and
+// the next, the first in the low half (pack2).
+template <int NT>
+FA2_DEVICE void keep_pairs(uint32_t (&a)[1][NT / 2][4], const KeepBits<1, NT>& keep) {
+#pragma unroll
+  for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int bit = 4 * ni + 2 * h;
+      const uint32_t two = keep.w[bit / 32] >> (bit % 32);
+      const uint32_t halves = ((two & 1u) | ((two & 2u) << 15)) * 0xFFFFu;  // bit 0 -> 0x0000FFFF, 1 -> 0xFFFF0000
+      a[0][ni / 2][2 * (ni % 2) + h] &= halves;
+    }
 }
 
 template <typename T, int NT>
 FA2_DEVICE void probs_mod_transposed(float (&s)[1][NT][4], uint32_t (&a)[1][NT / 2][4], const float* s_lse, int key,
                                      int q0, bool need_mask, const Visibility<int>& vis, const ScoreRule<float>& rule,
-                                     const KeepBits<1, NT>& keep, bool dropout, float keep_scale, float scale_log2,
-                                     int t) {
+                                     const KeepBits<1, NT>& keep, bool dropout, float scale_log2, int t) {
   with_flags(
       [&](auto softcap, auto alibi, auto mask) {
         probs_mod_transposed_impl<T, decltype(softcap)::value, decltype(alibi)::value, decltype(mask)::value>(
-            s, a, s_lse, key, q0, vis, rule, keep, dropout, keep_scale, scale_log2, t);
+            s, a, s_lse, key, q0, vis, rule, scale_log2, t);
       },
       rule.has_softcap(), rule.alibi != 0.f, need_mask);
+  if (dropout) keep_pairs(a, keep);
 }
 
 // The score-modifier form of dscores_transposed: dS^T = P^T G (Z dP^T - D) in place of dP^T, from `pg` = P^T G
-// (probs_mod_transposed); Z = keep / (1 - p) with dropout.
+// (probs_mod_transposed); Z = keep / (1 - p) with dropout. Without dropout, dscores_transposed's two operations
+// a score (the select of Z cost two more and a LOP3 there).
 template <int NT>
 FA2_DEVICE void dscores_transposed_mod(float (&dp)[1][NT][4], const float (&pg)[1][NT][4], const float* s_d,
                                        const KeepBits<1, NT>& keep, bool dropout, float keep_scale, int t) {
+  if (!dropout) {
+    dscores_transposed(dp, pg, s_d, t);
+    return;
+  }
 #pragma unroll
   for (int ni = 0; ni < NT; ++ni) {
     const float2 dd = *reinterpret_cast<const float2*>(s_d + 8 * ni + 2 * t);
     const float d2[2] = {dd.x, dd.y};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float z = !dropout ? 1.f : keep.get(0, ni, j) ? keep_scale : 0.f;
+      const float z = keep.get(0, ni, j) ? keep_scale : 0.f;
       dp[0][ni][j] = pg[0][ni][j] * fmaf(z, dp[0][ni][j], -d2[j % 2]);
     }
   }
+}
+
+// dV's factor in a score-modifier kernel's epilogue: 1 / (1 - p) with dropout (probs_mod_transposed's P^T K), else 1.
+FA2_DEVICE float dv_scale(const BwdParams& p, bool score_mod) {
+  return score_mod && p.dropout.enabled() ? p.keep_scale : 1.f;
 }
 
 // dQ_accum[rows r0 + (16 (warp % 4) + g, +8), cols c0 + 8 ni + 2t] += a warpgroup's 64 x 64 dQ tile, for the
@@ -238,8 +269,8 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   if constexpr (kLateDp) wgmma_wait<0>(); else wgmma_wait<1>();
   fence_regs(acc_s);
   if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
-    probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.keep_scale,
-                            p.scale_log2, t);
+    probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.scale_log2,
+                            t);
   } else {
     probs_transposed(acc_s, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
     acc_to_a_frags<T>(p_frag, acc_s);
@@ -400,7 +431,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   cp_async_wait<0>();
   __syncthreads();
   store_acc<T, TileKV>(sK, acc_dk, wg_row0, 0, lane, p.scale);
-  store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, 1.f);
+  store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, dv_scale(p, kScoreMod));
   __syncthreads();
   store_dk_dv<TileKV, kThreads>(p, blk, sK, sV, tid);
 #else

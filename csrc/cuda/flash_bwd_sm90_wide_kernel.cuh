@@ -104,7 +104,7 @@ FA2_DEVICE void probs_to_hand_over(ScoreAcc<Kt>& acc_x, KvFrags<Kt>& frag, void*
   const bool need_mask = vis.tile_needs_mask(row0, Kt::kBlockM, key0, Kt::kBlockN);
   if constexpr (kScoreMod) {
     probs_mod_transposed<typename Kt::Elem>(acc_x, frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout,
-                                            p.keep_scale, p.scale_log2, t);
+                                            p.scale_log2, t);
   } else {
     probs_transposed(acc_x, s_lse, key_r0, q_c0, need_mask, vis, p.scale_log2, t);
   }
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // Epilogue: dV (warpgroup 0) and dK * scale (warpgroup 1) as T through the V / K buffers.
   cp_async_wait<0>();
   __syncthreads();
-  store_acc<T, TileKV>(is_p ? sV : sK, acc_kv, warp_row0, 0, lane, is_p ? 1.f : p.scale);
+  store_acc<T, TileKV>(is_p ? sV : sK, acc_kv, warp_row0, 0, lane, is_p ? dv_scale(p, kScoreMod) : p.scale);
   __syncthreads();
   store_dk_dv<TileKV, kThreads>(p, blk, sK, sV, tid);
 #else

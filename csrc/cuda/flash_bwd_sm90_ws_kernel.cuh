@@ -47,8 +47,8 @@ namespace flash_attn2::cuda {
 //     the 80 queries as N), with dS stored query-major for it.
 //   kBlockM_ = 128 (d64): each consumer computes the dQ of its own 64 of the step's queries at every step
 //     (kDqSplitRows), where with 64 queries the consumers took the steps' dQ in turn.
-//   kLateDp_: dP^T issued after P^T (bwd_step_dk_dv; the launcher's choice with a softcap or dropout,
-//     FLASH_ATTN2_BWD_WS_LATE_DP=1 / 0 forces it either way).
+//   kLateDp_: dP^T issued after P^T (bwd_step_dk_dv; the launcher's choice on every score-modifier call,
+//     FLASH_ATTN2_BWD_WS_LATE_DP=0 keeps it beside S^T).
 template <typename T, int kHeadDim_, int kBlockM_ = 64, bool kLateDp_ = false>
 struct BwdSm90WsTraits {
   using Elem = T;
@@ -426,7 +426,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // the d256 kernel's epilogue met the same report and the same cure, perf.md v17.)
     tma::named_sync(kBarEpilogue, 256);
     store_acc<T, TileKV>(sK, acc_dk, wg_row0, 0, lane, p.scale);
-    store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, 1.f);
+    store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, dv_scale(p, kScoreMod));
     tma::named_sync(kBarEpilogue + 1 + c, 128);
     store_dk_or_dv_rows<TileKV, 64, 128>(p, blk, true, sK, 64 * c, ctid - 128 * c);
     store_dk_or_dv_rows<TileKV, 64, 128>(p, blk, false, sV, 64 * c, ctid - 128 * c);

@@ -560,15 +560,19 @@ def test_cuda_warp_specialised_backward_80_queries_masked(monkeypatch, b, hq, hk
 
 
 @requires_sm90
-@pytest.mark.parametrize("softcap,alibi,dropout_p,late", [(30.0, None, 0.0, True), (0.0, None, 0.1, True),
-                                                          (0.0, "head", 0.0, False), (5.0, "head", 0.0, True)])
+@pytest.mark.parametrize("softcap,alibi,dropout_p,late_dp,late", [
+    (30.0, None, 0.0, None, True), (0.0, None, 0.1, None, True), (0.0, "head", 0.0, None, True),
+    (5.0, "head", 0.0, None, True), (0.0, "head", 0.0, "0", False), (30.0, None, 0.1, "0", False)])
 @pytest.mark.parametrize("d", [64, 128])
-def test_cuda_warp_specialised_backward_late_dp_choice(monkeypatch, softcap, alibi, dropout_p, late, d):
+def test_cuda_warp_specialised_backward_late_dp_choice(monkeypatch, softcap, alibi, dropout_p, late_dp, late, d):
     """The launcher's choice of where dP^T is issued in the larger steps' score-modifier kernels: after P^T
-    (BwdSm90WsTraits<..., true>) when a softcap or dropout is on, beside S^T with ALiBi alone; the profiler names
-    the kernel that ran."""
+    (BwdSm90WsTraits<..., true>) on every score-modifier call, beside S^T only with FLASH_ATTN2_BWD_WS_LATE_DP=0;
+    the profiler names the kernel that ran."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
-    monkeypatch.delenv("FLASH_ATTN2_BWD_WS_LATE_DP", raising=False)
+    if late_dp is None:
+        monkeypatch.delenv("FLASH_ATTN2_BWD_WS_LATE_DP", raising=False)
+    else:
+        monkeypatch.setenv("FLASH_ATTN2_BWD_WS_LATE_DP", late_dp)
     b, hq, hkv, nq, nk = 1, 2, 2, 200, 300
     opts = make_options(b, hq, False, (-1, -1), softcap, alibi, dropout_p, "cuda", seed=3)
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, torch.bfloat16, "cuda", requires_grad=True)
@@ -588,7 +592,7 @@ def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, windo
                                                       mod_big, late_dp):
     """The warp-specialised backward (FLASH_ATTN2_BWD_WS=require) with the dense variants
     (by default with the larger steps, 128 queries at d64 and 80 at d128; FLASH_ATTN2_BWD_WS_MOD_BIG=0: 64), and
-    dP^T after P^T (FLASH_ATTN2_BWD_WS_LATE_DP=1; the default with softcap or dropout) or beside S^T (=0)."""
+    dP^T after P^T (the default; FLASH_ATTN2_BWD_WS_LATE_DP=1 says so) or beside S^T (=0)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_MOD_BIG", mod_big)
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_LATE_DP", late_dp)
