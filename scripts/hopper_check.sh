@@ -38,7 +38,6 @@
 #   ab_wsbwd       the WS backward vs flash_bwd_sm90_kernel, d64 and d128 (FLASH_ATTN2_BWD_WS=0 vs 1)
 #   ab_wsdq        the WS backward's dQ by TMA reduce-adds vs red.add (FLASH_ATTN2_BWD_WS_DQ=red)
 #   ab_det         the deterministic backward beside the default one, WS backward off and on
-#   ab_blockn      the d128 WS forward with 176-key tiles vs 128, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_qbuf        the WS forward's two Q buffers vs one (d128, persistent rows), and the dynamic walk with them
 #   ab_blockn256   the d256 WS forward with 80-key tiles vs 64, forced (FLASH_ATTN2_FWD_WS_BLOCKN)
 #   ab_prefetch    the WS kernels prefetching their tensor maps vs not (FLASH_ATTN2_WS_PREFETCH=0)
@@ -309,12 +308,6 @@ fi
 if step ab_det 120; then  # the deterministic backward (det) beside the default (none), WS off (A) and on (B)
   timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS=0 $lib,FLASH_ATTN2_BWD_WS=1 --direction bwd \
     --head-dims 64,128 --lengths 2048,16384 --causal-lengths 2048,16384 --mods none,det | tee "$OUT/ab_det.md"
-fi
-if step ab_blockn 120; then  # d128 WS forward: key tiles of 176 (B) vs 128 (A), forced (FLASH_ATTN2_FWD_WS_BLOCKN)
-  timeout 120 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=128 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=176 \
-    --head-dims 128 --lengths 2048,4096,8192,16384 --causal-lengths 4096,8192,16384 --mods none | tee "$OUT/ab_blockn.md"
-  timeout 60 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_BLOCKN=128 $lib,FLASH_ATTN2_FWD_WS_BLOCKN=176 \
-    --head-dims 128 --lengths 16384 --causal-lengths 16384 --mods window,varlen | tee -a "$OUT/ab_blockn.md"
 fi
 if step ab_qbuf 150; then  # the WS forward: two Q buffers (B) vs one (A, FLASH_ATTN2_FWD_WS_QBUF=1), then the
   # dynamic walk (B) vs one block per tile (A) on the causal rows now that the next tile's Q can land early

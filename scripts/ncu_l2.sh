@@ -3,7 +3,7 @@
 # sub-metrics, sectors by source unit and operation, hit rate and DRAM bytes, for our WS forward (the default, and
 # under each environment given as an argument) and FlashAttention-4's (where flash_attn.cute imports), one launch
 # each, non-causal 8k, B = 2, 16 heads (perf.md v29).
-#   OUT=dir bash scripts/ncu_l2.sh "FLASH_ATTN2_FWD_WS_BLOCKN=176" "FLASH_ATTN2_FWD_WS_BLOCKS=all"
+#   OUT=dir bash scripts/ncu_l2.sh "FLASH_ATTN2_FWD_WS_QBUF=1" "FLASH_ATTN2_FWD_WS_BLOCKS=all"
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ncu_l2}

@@ -12,7 +12,7 @@ import flash_attn2
 # tiles (the double-buffered Hopper forward's pipeline: d128 with both loops and d256, plain and with score
 # modifiers); FA2_SANITIZE=attention only the dense and varlen forward / backward cases (no KV cache);
 # FA2_SANITIZE=ws the warp-specialised forward (FLASH_ATTN2_FWD_WS=require), d = 64, 128, 256, dense and varlen,
-# and the wider key tiles (176 at d128, 80 at d256).
+# and the d256 kernel's 80-key tiles.
 only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 skip_kvcache = os.environ.get("FA2_SANITIZE") == "attention"
 
@@ -40,16 +40,7 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
             q, k, v = (torch.randn(2, 4, 400, d, device="cuda", dtype=dtype) for _ in range(3))
             flash_attn2.attention(q, k, v, True, window_size=(100, 0), softcap=4.0)
             del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
-        os.environ["FLASH_ATTN2_FWD_WS_BLOCKN"] = "176"  # d128's 176-key tiles: one and persistent, dense and packed
-        q, k, v = (torch.randn(2, 2, n, 128, device="cuda", dtype=dtype) for n in (200, 400, 400))
-        flash_attn2.attention(q, k, v, True)
-        flash_attn2.attention(q, k, v, False, window_size=(150, 7))
-        cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
-        q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=dtype) for _ in range(3))
-        flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
         os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = "3"
-        q, k, v = (torch.randn(2, 4, n, 128, device="cuda", dtype=dtype) for n in (400, 500, 500))
-        flash_attn2.attention(q, k, v, False)
         os.environ["FLASH_ATTN2_FWD_WS_BLOCKN"] = "80"  # d256's 80-key tiles, persistent and one block per tile
         q, k, v = (torch.randn(2, 2, n, 256, device="cuda", dtype=dtype) for n in (200, 330, 330))
         flash_attn2.attention(q, k, v, False)

@@ -223,17 +223,14 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   return true;
 }
 
-// The WS forward's wider key tiles (FlashAttention-3's): 176 keys at d128, 80 at d256; fewer, longer steps per
-// block. d256, 80 against 64 (perf.md v15, H200, one call): 1.07-1.11x non-causal, 1.02-1.09x causal, 1.01-1.11x
-// packed, N = 2k-16k; so at d256 they are the default wherever the kernel has no score modifier. d128: 176 measured
-// 1.02-1.08x the 128-key kernel from 8k keys in v14, but since v27's ordering fix (the softmax kept under the P V
-// product) 128 keys are ahead there: 1.00-1.03x over ten non-causal and causal 8k / 16k rows of three calls
-// (mean 1.013), packed 1.00 / 1.02, a 4096 + 4096 window at 16k 1.02 (perf.md v29). So d128 takes 128 everywhere.
-// FLASH_ATTN2_FWD_WS_BLOCKN=176 / 80 (or 128 / 64) forces the choice (A/B runs, tests).
-inline bool use_wide_key_tiles(int wide_n) {
+// The d256 WS forward's wider key tiles (FlashAttention-3's 80 keys): fewer, longer steps per block. 80 against
+// 64 (perf.md v15, H200, one call): 1.07-1.11x non-causal, 1.02-1.09x causal, 1.01-1.11x packed, N = 2k-16k; so
+// they are the default wherever the kernel has no score modifier. (d128 had a 176-key kernel, 1.02-1.08x the
+// 128-key one in v14; since v27's ordering fix 128 keys were ahead, 1.00-1.03x over three calls (v29), and the
+// 176-key kernel was dropped in v30.) FLASH_ATTN2_FWD_WS_BLOCKN=64 keeps 64 keys (A/B runs, tests).
+inline bool use_wide_key_tiles() {
   const char* force = std::getenv("FLASH_ATTN2_FWD_WS_BLOCKN");
-  if (force != nullptr && force[0] != '\0') return std::atoi(force) == wide_n;
-  return wide_n != 176;
+  return force == nullptr || force[0] == '\0' || std::atoi(force) == 80;
 }
 }  // namespace detail
 
@@ -245,10 +242,9 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   const int64_t bh = static_cast<int64_t>(params.heads_q) * params.batch;
   if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
     if (detail::use_sm90_kernels()) {
-      if constexpr ((kHeadDim == 128 || kHeadDim == 256) && !kScoreMod) {
-        constexpr int kWideN = kHeadDim == 128 ? 176 : 80;
-        if (detail::use_wide_key_tiles(kWideN) &&
-            detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim, kWideN>, false>(params, bh, stream))
+      if constexpr (kHeadDim == 256 && !kScoreMod) {
+        if (detail::use_wide_key_tiles() &&
+            detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim, 80>, false>(params, bh, stream))
           return;
       }
       if (detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim>, kScoreMod>(params, bh, stream)) return;

@@ -35,8 +35,8 @@
 namespace flash_attn2::cuda {
 
 // kBlockN_: the key tile. 128 at d64 / d128 and 64 at d256 (O alone is 128 registers per thread) by default;
-// d128 also has a 176-key kernel (on request since perf.md v29) and d256 an 80-key one (every row) for the kernels
-// without score modifiers, FlashAttention-3's tiles (flash_fwd_launch.cuh, use_wide_key_tiles).
+// d256 also has an 80-key kernel (every row) for the kernels without score modifiers, FlashAttention-3's tile
+// (flash_fwd_launch.cuh, use_wide_key_tiles).
 template <typename T, int kHeadDim_, int kBlockN_ = (kHeadDim_ <= 128 ? 128 : 64)>
 struct FwdSm90WsTraits {
   using Elem = T;
@@ -47,9 +47,8 @@ struct FwdSm90WsTraits {
   static constexpr int kNThreads = (kConsumers + 1) * 128;  // + the producer warpgroup
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kBlockN_;
-  static_assert(kBlockN == (kHeadDim <= 128 ? 128 : 64) || (kHeadDim == 128 && kBlockN == 176) ||
-                    (kHeadDim == 256 && kBlockN == 80),
-                "warp-specialised forward: key tiles of 128 (d64, d128), 176 (d128), 64 or 80 (d256)");
+  static_assert(kBlockN == (kHeadDim <= 128 ? 128 : 64) || (kHeadDim == 256 && kBlockN == 80),
+                "warp-specialised forward: key tiles of 128 (d64, d128), 64 or 80 (d256)");
   static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
   static constexpr int kStages = 2;
   // The default where query rows see at least this many key tiles on average (perf.md v11): at d64 blocks of

@@ -106,7 +106,6 @@ struct WgmmaOp;
       "+f"(d[i + 7])
 #define FA2_ACC32 FA2_ACC8(0), FA2_ACC8(8), FA2_ACC8(16), FA2_ACC8(24)
 #define FA2_ACC64 FA2_ACC32, FA2_ACC8(32), FA2_ACC8(40), FA2_ACC8(48), FA2_ACC8(56)
-#define FA2_ACC88 FA2_ACC64, FA2_ACC8(64), FA2_ACC8(72), FA2_ACC8(80)
 #define FA2_ACC40 FA2_ACC32, FA2_ACC8(32)
 #define FA2_REGS32                                                                                            \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
@@ -119,12 +118,6 @@ struct WgmmaOp;
 #define FA2_REGS40                                                                                            \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
   "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}"
-#define FA2_REGS88 \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, " \
-  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, " \
-  "%65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, " \
-  "%86, %87}"
 
 // N: columns; R = N / 2 accumulators; ACC / REGS: their constraint and operand lists; the operand numbers
 // after them (R, R+1, ...) are spelled out as A0..A6.
@@ -155,15 +148,11 @@ FA2_WGMMA_OP(__nv_bfloat16, "bf16", 128, 64, FA2_ACC64, FA2_REGS64, "64", "65", 
 FA2_WGMMA_OP(__half, "f16", 128, 64, FA2_ACC64, FA2_REGS64, "64", "65", "66", "67", "68", "69", "70")
 FA2_WGMMA_OP(__nv_bfloat16, "bf16", 80, 40, FA2_ACC40, FA2_REGS40, "40", "41", "42", "43", "44", "45", "46")
 FA2_WGMMA_OP(__half, "f16", 80, 40, FA2_ACC40, FA2_REGS40, "40", "41", "42", "43", "44", "45", "46")
-FA2_WGMMA_OP(__nv_bfloat16, "bf16", 176, 88, FA2_ACC88, FA2_REGS88, "88", "89", "90", "91", "92", "93", "94")
-FA2_WGMMA_OP(__half, "f16", 176, 88, FA2_ACC88, FA2_REGS88, "88", "89", "90", "91", "92", "93", "94")
 
 #undef FA2_WGMMA_OP
-#undef FA2_REGS88
 #undef FA2_REGS40
 #undef FA2_REGS64
 #undef FA2_REGS32
-#undef FA2_ACC88
 #undef FA2_ACC40
 #undef FA2_ACC64
 #undef FA2_ACC32

@@ -283,14 +283,17 @@ def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, 
 
 @requires_sm90
 @pytest.mark.parametrize("blocks", ["", "5"])
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", WS_CASES[:7] + WS_CASES[9:11])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [
+    (2, 4, 4, 257, 257, 256, False, torch.bfloat16, False), (2, 4, 4, 257, 257, 256, True, torch.bfloat16, True),
+    (1, 8, 2, 1000, 1000, 256, True, torch.float16, False), (3, 2, 2, 17, 70, 256, False, torch.bfloat16, True),
+    (1, 2, 2, 700, 300, 240, True, torch.float16, False)] + WS_CASES[9:11])
 def test_cuda_warp_specialised_forward_wide_key_tiles(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed,
                                                       blocks):
-    """The WS forward's wider key tiles (FLASH_ATTN2_FWD_WS_BLOCKN): 176 keys at d128 (on request), 80 at d256 (the
-    default without score modifiers): key ranges ending anywhere in a tile, masks across its 22 / 10 n8 columns, one
+    """The d256 WS forward's wider key tiles (80 keys, the default without score modifiers;
+    FLASH_ATTN2_FWD_WS_BLOCKN=80 says so): key ranges ending anywhere in a tile, masks across its 10 n8 columns, one
     key tile or many, one block per tile or a persistent grid of 5."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
-    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "176" if d <= 128 else "80")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "80")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
 
