@@ -135,7 +135,7 @@ inline int fwd_ws_mode() {  // -1 by the traits, 0 off, 1 on, 2 required
   return std::strcmp(env, "require") == 0 ? 2 : 1;
 }
 
-// The WS forward's softcap against a fixed offset (OnlineSoftmax::update_scores_fixed; the d256 kernel, where
+// The WS forward's softcap against a fixed offset (OnlineSoftmax::update_scores_fixed; the d128 and d256 kernels, where
 // Kt::kSoftcapFixed), where it is exact: a softcap without ALiBi in bfloat16. Every logit then lies in [-c, c] (c =
 // softcap * log2 e in log2 units), and P = exp2(logit - offset) in [2^(top - 2c), 2^top]. top = max(0, 2c - 102) keeps
 // the smallest P a normal float with 24 bits to spare (a row whose scores all sit at -softcap still sums exactly); top

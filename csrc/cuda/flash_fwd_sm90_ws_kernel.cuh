@@ -62,10 +62,11 @@ struct FwdSm90WsTraits {
   static constexpr int kRescaleSlackLog2 = 8;
   static constexpr bool lazy_rescale(bool score_mod) { return kHeadDim == 256 || score_mod; }
   // A softcap against a fixed offset (OnlineSoftmax::update_scores_fixed, flash_fwd_launch.cuh) at d256, where it
-  // measured 1.08-1.17x the running max (softcap 50, N = 2k-16k, perf.md v16); at d128 it was level (0.95-1.01:
-  // tanh and ex2 per score keep the MUFU pipe as busy as the tensor cores either way), and at d64 a second softmax
-  // form took the score-modifier consumers (160 registers) from 32 to 112 B of spills.
-  static constexpr bool kSoftcapFixed = kHeadDim == 256;
+  // measured 1.08-1.17x the running max (softcap 50, N = 2k-16k, perf.md v16), and at d128: level there in v16
+  // (0.95-1.01: tanh and ex2 per score keep the MUFU pipe as busy as the tensor cores either way), 1.01-1.03x since
+  // v27's ordering fix (v30; ALiBi and dropout rows, on the same kernel, level). At d64 a second softmax form took
+  // the score-modifier consumers (160 registers) from 32 to 112 B of spills.
+  static constexpr bool kSoftcapFixed = kHeadDim >= 128;
   // Persistent grid where tiles are uniform (flash_fwd_launch.cuh): measured 1.02-1.07x one block per tile at
   // d128 / d256, 1.03x / 0.99x at d64 N = 2k / 16k (perf.md v12).
   static constexpr bool kPersistent = kHeadDim >= 128;

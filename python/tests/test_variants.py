@@ -518,8 +518,8 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
                                                       (56.0, True, 0.0)])
 @pytest.mark.parametrize("d", [128, 256])
 def test_cuda_warp_specialised_forward_softcap_fixed_offset(monkeypatch, fixed, softcap, causal, dropout_p, d):
-    """The WS forward's softcap against a fixed offset (d256, bfloat16, no ALiBi, softcap up to 56;
-    FLASH_ATTN2_SOFTCAP_FIXED=0 keeps the running max, as d128 always does): keys share one direction u, and
+    """The WS forward's softcap against a fixed offset (d128 and d256, bfloat16, no ALiBi, softcap up to 56;
+    FLASH_ATTN2_SOFTCAP_FIXED=0 keeps the running max): keys share one direction u, and
     query heads 0 and 1 point along -u and +u, so their rows saturate at -softcap (every P at the floor of the
     offset's range) and at +softcap (its top); heads 2 and 3 spread between. Causal cases have Nq > Nk: rows that
     see no key (LSE -inf, zero output) and rows that see one. Output, LSE and gradients against float64."""
