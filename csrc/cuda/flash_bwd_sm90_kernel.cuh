@@ -76,7 +76,7 @@ FA2_DEVICE void dscores_transposed(float (&dp)[1][NT][4], const float (&pr)[1][N
 //   P = exp2(x * scale_log2 - LSE * log2 e)
 // leaves P^T G in `s`, G = 1 - tanh^2 (the softcap's derivative; 1 without softcap), and writes P^T K as the
 // A fragments of dV += (P Z)^T dO into `a`, K the dropout keep mask (1 without dropout): Z = K / (1 - p), whose
-// 1 / (1 - p) the kernels apply to dV once, in their epilogue (dv_scale), as the forward does to O. Computing G
+// 1 / (1 - p) the kernels apply to dV once, in their epilogue (dropout_scale), as the forward does to O. Computing G
 // here, while tanh is at hand, costs one FFMA per score; recomputing it at the dS step cost a lg2, the ALiBi term
 // and a branch per score (docs/perf.md v8). The exponent is formed in log2 units (cap_out and the slope scaled by
 // scale_log2 once), so the softcap costs no multiply after its tanh. Softcap, ALiBi and the mask are compile-time
@@ -179,11 +179,6 @@ FA2_DEVICE void dscores_transposed_mod(float (&dp)[1][NT][4], const float (&pg)[
       dp[0][ni][j] = pg[0][ni][j] * fmaf(z, dp[0][ni][j], -d2[j % 2]);
     }
   }
-}
-
-// dV's factor in a score-modifier kernel's epilogue: 1 / (1 - p) with dropout (probs_mod_transposed's P^T K), else 1.
-FA2_DEVICE float dv_scale(const BwdParams& p, bool score_mod) {
-  return score_mod && p.dropout.enabled() ? p.keep_scale : 1.f;
 }
 
 // dQ_accum[rows r0 + (16 (warp % 4) + g, +8), cols c0 + 8 ni + 2t] += a warpgroup's 64 x 64 dQ tile, for the
@@ -431,7 +426,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_sm90_kernel(const 
   cp_async_wait<0>();
   __syncthreads();
   store_acc<T, TileKV>(sK, acc_dk, wg_row0, 0, lane, p.scale);
-  store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, dv_scale(p, kScoreMod));
+  store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, dropout_scale(p, kScoreMod));
   __syncthreads();
   store_dk_dv<TileKV, kThreads>(p, blk, sK, sV, tid);
 #else

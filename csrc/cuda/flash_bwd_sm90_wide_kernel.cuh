@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // Epilogue: dV (warpgroup 0) and dK * scale (warpgroup 1) as T through the V / K buffers.
   cp_async_wait<0>();
   __syncthreads();
-  store_acc<T, TileKV>(is_p ? sV : sK, acc_kv, warp_row0, 0, lane, is_p ? dv_scale(p, kScoreMod) : p.scale);
+  store_acc<T, TileKV>(is_p ? sV : sK, acc_kv, warp_row0, 0, lane, is_p ? dropout_scale(p, kScoreMod) : p.scale);
   __syncthreads();
   store_dk_dv<TileKV, kThreads>(p, blk, sK, sV, tid);
 #else

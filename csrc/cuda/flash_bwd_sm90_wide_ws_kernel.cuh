@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   static_assert(std::is_same_v<TileQ, TileKV>, "dK and dV are staged in the Q / dO buffers");
   T* s_grad = reinterpret_cast<T*>(smem + ((is_p ? sdO_u : sQ_u) - sK_u));
   cp_async_wait<0>();
-  store_acc<T, TileKV>(s_grad, acc_kv, warp_row0, 0, lane, is_p ? dv_scale(p, kScoreMod) : p.scale);
+  store_acc<T, TileKV>(s_grad, acc_kv, warp_row0, 0, lane, is_p ? dropout_scale(p, kScoreMod) : p.scale);
   tma::named_sync(kBarEpilogue + wg, 128);
   store_dk_or_dv<TileKV, 128>(p, blk, !is_p, s_grad, wg_tid);
 #else

@@ -426,7 +426,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // the d256 kernel's epilogue met the same report and the same cure, perf.md v17.)
     tma::named_sync(kBarEpilogue, 256);
     store_acc<T, TileKV>(sK, acc_dk, wg_row0, 0, lane, p.scale);
-    store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, dv_scale(p, kScoreMod));
+    store_acc<T, TileKV>(sV, acc_dv, wg_row0, 0, lane, dropout_scale(p, kScoreMod));
     tma::named_sync(kBarEpilogue + 1 + c, 128);
     store_dk_or_dv_rows<TileKV, 64, 128>(p, blk, true, sK, 64 * c, ctid - 128 * c);
     store_dk_or_dv_rows<TileKV, 64, 128>(p, blk, false, sV, 64 * c, ctid - 128 * c);

@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
 
   // Epilogue: stage O (as T) in the Q buffer, then 16-byte stores.
   __syncthreads();  // every warp is done reading sQ / sV
-  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, kScoreMod && p.dropout.enabled() ? p.keep_scale : 1.f);
+  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, dropout_scale(p, kScoreMod));
   if (t == 0) {
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi)

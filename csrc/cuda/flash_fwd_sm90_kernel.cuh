@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
 
   // Epilogue: stage O (as T) in the Q buffer, then 16-byte stores.
   __syncthreads();  // every warpgroup's MMAs are done reading sQ
-  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, kScoreMod && p.dropout.enabled() ? p.keep_scale : 1.f);
+  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, dropout_scale(p, kScoreMod));
   if (t == 0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -305,7 +305,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 
   // Epilogue: each consumer stages its O rows (as T) over its own Q rows — only its own S products read those,
   // and they are done — then stores them with 16-byte writes after a barrier among its 128 threads.
-  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, kScoreMod && p.dropout.enabled() ? p.keep_scale : 1.f);
+  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, dropout_scale(p, kScoreMod));
   if (t == 0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

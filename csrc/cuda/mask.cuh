@@ -135,6 +135,13 @@ struct KeepBits {
   }
 };
 
+// The factor a score-modifier kernel's epilogue applies to O (forward) or dV (backward): 1 / (1 - p) with dropout,
+// whose products took P K (K the keep mask) rather than P Z, else 1.
+template <class Params>
+FA2_DEVICE float dropout_scale(const Params& p, bool score_mod) {
+  return score_mod && p.dropout.enabled() ? p.keep_scale : 1.f;
+}
+
 // Queries as rows: one Philox call covers the thread's 8 elements of an (mi, pair of n8 tiles) block.
 template <int MT, int NT>
 FA2_DEVICE KeepBits<MT, NT> dropout_bits(const Dropout& d, uint32_t bh, int r0, int c0) {
