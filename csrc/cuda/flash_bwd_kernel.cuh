@@ -256,32 +256,50 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
     } else {
       // With dropout, O used P Z (Z = keep / (1 - p)): sP gets P Z and dS = P (Z dP - D); with softcap dS is
       // also multiplied by 1 - tanh^2, recomputed from P. D and the LSE are re-read from shared memory.
-      const bool dropout = p.dropout.enabled(), softcap = rule.has_softcap();
+      // Dropout and softcap are compile-time flags of this loop (with_flags): as run-time selects the compiler
+      // computed Z's keep-bit select and the P Z multiply for every score of every score-modifier call, dropout
+      // or not (as in the Hopper backwards until perf.md v30).
+      const bool dropout = p.dropout.enabled();
       KeepBits<Kt::kMT_S, Kt::kNT_S> keep{};
       if (dropout) keep = dropout_bits<Kt::kMT_S, Kt::kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), r0, c0);
+      with_flags(
+          [&](auto drop, auto cap) {
+            constexpr bool kDropout = decltype(drop)::value, kSoftcap = decltype(cap)::value;
 #pragma unroll
-      for (int mi = 0; mi < Kt::kMT_S; ++mi)
+            for (int mi = 0; mi < Kt::kMT_S; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < Kt::kNT_S; ++ni)
+              for (int ni = 0; ni < Kt::kNT_S; ++ni)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
-            const float2 pf = unpack2<T>(p_packed[mi][ni][h]);
-            const float dd = s_d[r];
-            const float l = s_lse[r];
-            const float lse2_r = l == -INFINITY ? INFINITY : l * kLog2e;
-            float pv[2] = {pf.x, pf.y}, pz[2], ds[2];
+                for (int h = 0; h < 2; ++h) {
+                  const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
+                  const float2 pf = unpack2<T>(p_packed[mi][ni][h]);
+                  const float dd = s_d[r];
+                  const float l = s_lse[r];
+                  const float lse2_r = l == -INFINITY ? INFINITY : l * kLog2e;
+                  float pv[2] = {pf.x, pf.y}, pz[2], ds[2];
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float z = !dropout ? 1.f : keep.get(mi, ni, 2 * h + e) ? p.keep_scale : 0.f;
-              const float dp = acc_dp[mi][ni][2 * h + e] + (Kt::kDInAcc ? dd : 0.f);
-              pz[e] = pv[e] * z;
-              ds[e] = pv[e] * (z * dp - dd);
-              if (softcap) ds[e] *= softcap_grad(pv[e], lse2_r, row0 + r, blk.key0 + c + e, vis.diag(), rule, inv_scale_log2);
-            }
-            *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pack2<T>(pz[0], pz[1]);
-            st_pair<TileP, T>(sdS, r, c, ds[0], ds[1]);
-          }
+                  for (int e = 0; e < 2; ++e) {
+                    const float dp = acc_dp[mi][ni][2 * h + e] + (Kt::kDInAcc ? dd : 0.f);
+                    if constexpr (kDropout) {
+                      const float z = keep.get(mi, ni, 2 * h + e) ? p.keep_scale : 0.f;
+                      pz[e] = pv[e] * z;
+                      ds[e] = pv[e] * (z * dp - dd);
+                    } else {
+                      pz[e] = pv[e];
+                      ds[e] = pv[e] * (dp - dd);
+                    }
+                    if constexpr (kSoftcap)
+                      ds[e] *= softcap_grad(pv[e], lse2_r, row0 + r, blk.key0 + c + e, vis.diag(), rule, inv_scale_log2);
+                  }
+                  if constexpr (kDropout) {
+                    *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = pack2<T>(pz[0], pz[1]);
+                  } else {
+                    *reinterpret_cast<uint32_t*>(sP + TileP::offset(r, c)) = p_packed[mi][ni][h];  // P as computed
+                  }
+                  st_pair<TileP, T>(sdS, r, c, ds[0], ds[1]);
+                }
+          },
+          dropout, rule.has_softcap());
     }
     __syncthreads();  // P, dS visible to all warps
 
