@@ -23,6 +23,7 @@ import sys
 CHILD = r"""
 import json, sys, torch, flash_attn2
 res = {}
+dtype = getattr(torch, sys.argv[7])
 ints = lambda s: [int(x) for x in s.split(",") if x]
 cases = [(d, causal, n, mod) for d in ints(sys.argv[1]) for causal in (False, True)
          for n in ints(sys.argv[3 if causal else 2]) for mod in sys.argv[4].split(",")]
@@ -41,13 +42,13 @@ for d, causal, n, mod in cases:
         while sum(lens) < 16384:
             lens.append(min(int(torch.randint(64, n + 1, (1,), generator=gen)), 16384 - sum(lens)))
         cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
-        q, k, v = (torch.randn(16384, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(16384, h, d, device="cuda", dtype=dtype) for _ in range(3))
         args = (cu, cu, max(lens), max(lens), causal)
         fwd, fwd_lse, bwd = (torch.ops.flash_attn2.fwd_varlen, torch.ops.flash_attn2.fwd_varlen_with_lse,
                              torch.ops.flash_attn2.bwd_varlen)
         scores = sum(l * (l + 1) // 2 if causal else l * l for l in lens)
     else:
-        q, k, v = (torch.randn(b, n, hh, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for hh in (h, hkv, hkv))
+        q, k, v = (torch.randn(b, n, hh, d, device="cuda", dtype=dtype).transpose(1, 2) for hh in (h, hkv, hkv))
         args = (causal,)
         fwd, fwd_lse, bwd = torch.ops.flash_attn2.fwd, torch.ops.flash_attn2.fwd_with_lse, torch.ops.flash_attn2.bwd
         scores = b * n * n / (2 if causal else 1)
@@ -139,6 +140,7 @@ def main():
     ap.add_argument("--causal-lengths", default="2048,8192,16384")
     ap.add_argument("--mods", default="none", help="none,softcap,alibi,dropout,varlen,window,det,gqa (64 / 8 heads)")
     ap.add_argument("--direction", default="fwd", choices=("fwd", "bwd"), help="time the forward or the backward op")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--rounds", type=int, default=2, help="A, B alternations; each cell keeps its best")
     ap.add_argument("--settle-ms", type=float, default=0.0,
                     help="run each case this long before its timed runs, so that the clock and power have settled "
@@ -147,7 +149,7 @@ def main():
     args = ap.parse_args()
     runs = run_sides(args.a, args.b, CHILD,
                      [args.head_dims, args.lengths, args.causal_lengths, args.mods, args.direction,
-                      str(args.settle_ms)], rounds=args.rounds)
+                      str(args.settle_ms), args.dtype], rounds=args.rounds)
     best = {"a": {}, "b": {}}
     for name, rounds in runs.items():
         for res in rounds:

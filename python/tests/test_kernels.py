@@ -221,6 +221,7 @@ def test_cuda_warp_specialised_backward_larger_steps_are_the_kernels_that_run(mo
     d128: 80 queries a step, on causal calls 64 with FLASH_ATTN2_BWD_WS_M80_MASKED=0; d64: 128 either way;
     FLASH_ATTN2_BWD_WS_BLOCKM=64: 64 always)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.delenv("FLASH_ATTN2_PORTABLE_KERNELS", raising=False)  # a Hopper kernel to be named
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_BLOCKM", blockm)
     big = blockm == ""
     for d, causal, m80_masked, traits in ((128, False, "", "128, 80" if big else "128, 64"),

@@ -551,6 +551,7 @@ def test_cuda_warp_specialised_backward_80_queries_masked(monkeypatch, b, hq, hk
     steps straddle the diagonal at other rows than the 64-query steps' (80-row steps over 128-key tiles); the
     profiler names the kernel that ran."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.delenv("FLASH_ATTN2_PORTABLE_KERNELS", raising=False)  # a Hopper kernel to be named
     opts = make_options(b, hq, causal, window, 0.0, None, 0.0, "cuda", seed=nq)
     check_variant_case(b, hq, hkv, nq, nk, d, dtype, "cuda", opts, transposed=True)
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", requires_grad=True)
@@ -569,6 +570,7 @@ def test_cuda_warp_specialised_backward_late_dp_choice(monkeypatch, softcap, ali
     (BwdSm90WsTraits<..., true>) on every score-modifier call, beside S^T only with FLASH_ATTN2_BWD_WS_LATE_DP=0;
     the profiler names the kernel that ran."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.delenv("FLASH_ATTN2_PORTABLE_KERNELS", raising=False)  # a Hopper kernel to be named
     if late_dp is None:
         monkeypatch.delenv("FLASH_ATTN2_BWD_WS_LATE_DP", raising=False)
     else:
