@@ -257,6 +257,7 @@ def test_cuda_wide_backward_dq(monkeypatch, wide, dq, b, hq, hkv, nq, nk, d, cau
 @requires_sm90
 def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.delenv("FLASH_ATTN2_PORTABLE_KERNELS", raising=False)  # the Hopper kernel's refusal
     q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16).expand(1, 2, 64, 128)  # head stride 0
     # Raised inside the autograd engine, whose translation turns a C++ std::invalid_argument into RuntimeError.
@@ -302,6 +303,7 @@ def test_cuda_warp_specialised_forward_wide_key_tiles(monkeypatch, b, hq, hkv, n
 @requires_sm90
 def test_cuda_warp_specialised_forward_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.delenv("FLASH_ATTN2_PORTABLE_KERNELS", raising=False)  # the Hopper kernel's refusal
     q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16).expand(1, 2, 64, 128)  # head stride 0
     with pytest.raises(ValueError, match="FLASH_ATTN2_FWD_WS=require, but the TMA cannot address"):
