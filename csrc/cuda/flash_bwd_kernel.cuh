@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
                   const float dd = s_d[r];
                   const float l = s_lse[r];
                   const float lse2_r = l == -INFINITY ? INFINITY : l * kLog2e;
-                  float pv[2] = {pf.x, pf.y}, pz[2], ds[2];
+                  float pv[2] = {pf.x, pf.y}, pz[2], ds[2];  // pz: P Z (with dropout)
 #pragma unroll
                   for (int e = 0; e < 2; ++e) {
                     const float dp = acc_dp[mi][ni][2 * h + e] + (Kt::kDInAcc ? dd : 0.f);
@@ -285,7 +285,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
                       pz[e] = pv[e] * z;
                       ds[e] = pv[e] * (z * dp - dd);
                     } else {
-                      pz[e] = pv[e];
                       ds[e] = pv[e] * (dp - dd);
                     }
                     if constexpr (kSoftcap)
