@@ -67,6 +67,10 @@ struct FwdSm90WsTraits {
   // v27's ordering fix (v30; ALiBi and dropout rows, on the same kernel, level). At d64 a second softmax form took
   // the score-modifier consumers (160 registers) from 32 to 112 B of spills.
   static constexpr bool kSoftcapFixed = kHeadDim >= 128;
+  // The softmax's row max as a tree and its sum in two chains (OnlineSoftmax::update_scores' kTree) at d64, where
+  // three consumers' exps share each SMSP's MUFU pipe: 1.02-1.06x on plain rows (2k-16k, causal and not), 1.03x
+  // GQA, 1.04x packed, level with score modifiers; at d128 0.95-0.99x and d256 0.95-1.03x (perf.md v31).
+  static constexpr bool kTreeMax = kHeadDim == 64;
   // Persistent grid where tiles are uniform (flash_fwd_launch.cuh): measured 1.02-1.07x one block per tile at
   // d128 / d256, 1.03x / 0.99x at d64 N = 2k / 16k (perf.md v12).
   static constexpr bool kPersistent = kHeadDim >= 128;
@@ -235,7 +239,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     } else {
       if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
       if (masked) apply_mask(acc_s, r0, c0, vis);
-      softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0>(acc_s, p.scale_log2, alpha);
+      softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0, Kt::kTreeMax>(acc_s, p.scale_log2, alpha);
     }
     if constexpr (kScoreMod) {
       if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);

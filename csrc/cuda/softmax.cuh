@@ -40,7 +40,12 @@ struct OnlineSoftmax {
   // 2^kSlackLog2 in P, so that most tiles leave alpha = 1 and O need not be rescaled (rescale_if_needed). P then
   // stays below 2^kSlackLog2 (256 at 8: finite in bf16 and fp16 alike, rounded as relatively as P <= 1 is), and
   // the LSE and the final division use the same offset as P did. kSlackLog2 = 0 moves it whenever it grows.
-  template <int kSlackLog2 = 0, int NS>
+  //
+  // kTree: the row's max as a tree (depth log2 NS + 1) instead of a chain through every score, and its sum in two
+  // chains (exp2_row): the exps cannot start before the max. Measured per kernel on an H200 (perf.md v31): the d64
+  // WS forward 1.02-1.06x on plain rows, whose three consumers share each SMSP's MUFU pipe; the d128 one
+  // 0.95-0.99x, d256 0.95-1.03x, so only d64 takes it.
+  template <int kSlackLog2 = 0, bool kTree = false, int NS>
   FA2_DEVICE void update_scores(float (&s)[MT][NS][4], float scale_log2, float (&alpha)[MT][2]) {
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
@@ -48,15 +53,26 @@ struct OnlineSoftmax {
       for (int h = 0; h < 2; ++h) {
         const float m_old = row_max[mi][h];
         float m = m_old;
+        if constexpr (kTree) {  // (the max is exact in any order)
+          float mx[NS];
 #pragma unroll
-        for (int ni = 0; ni < NS; ++ni) m = fmaxf(m, fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]));
+          for (int ni = 0; ni < NS; ++ni) mx[ni] = fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]);
+#pragma unroll
+          for (int w = 1; w < NS; w *= 2)
+#pragma unroll
+            for (int i = 0; i + w < NS; i += 2 * w) mx[i] = fmaxf(mx[i], mx[i + w]);
+          m = fmaxf(m, mx[0]);
+        } else {
+#pragma unroll
+          for (int ni = 0; ni < NS; ++ni) m = fmaxf(m, fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]));
+        }
         m = quad_max(m);
         // -inf - -inf is NaN: false, the row keeps -inf; a first finite max gives +inf: true.
         const bool move = (m - m_old) * scale_log2 > static_cast<float>(kSlackLog2);
         alpha[mi][h] = move ? fast_exp2((m_old - m) * scale_log2) : 1.f;  // exp2(-inf) = 0: O and sums were 0
         if (move) row_max[mi][h] = m;
         const float m_scaled = row_max[mi][h] == -INFINITY ? 0.f : row_max[mi][h] * scale_log2;
-        row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + exp2_row(s, mi, h, scale_log2, m_scaled);
+        row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + exp2_row<kTree>(s, mi, h, scale_log2, m_scaled);
       }
   }
 
@@ -78,23 +94,24 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) row_sum[mi][h] += exp2_row(s, mi, h, scale_log2, offset_log2);
+      for (int h = 0; h < 2; ++h) row_sum[mi][h] += exp2_row<false>(s, mi, h, scale_log2, offset_log2);
   }
 
   // Row h of m16 tile mi of s into P = exp2(s * scale_log2 - offset_log2) in place (-inf gives 0); returns this
-  // thread's sum of the row's P. The step both update_scores forms share.
-  template <int NS>
+  // thread's sum of the row's P. The step both update_scores forms share. kTwoChains: the two columns of each
+  // pair summed apart (two chains of NS adds, not one of 2 NS).
+  template <bool kTwoChains, int NS>
   FA2_DEVICE static float exp2_row(float (&s)[MT][NS][4], int mi, int h, float scale_log2, float offset_log2) {
-    float sum = 0.f;
+    float sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int ni = 0; ni < NS; ++ni)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const float p = fast_exp2(fmaf(s[mi][ni][2 * h + e], scale_log2, -offset_log2));
         s[mi][ni][2 * h + e] = p;
-        sum += p;
+        sum[kTwoChains ? e : 0] += p;
       }
-    return sum;
+    return kTwoChains ? sum[0] + sum[1] : sum[0];
   }
 
   // rescale(o, alpha), skipped when no row of the warp has alpha != 1 (all lanes of the warp must call it).
