@@ -47,6 +47,10 @@ struct FwdSm90Traits {
   // d = 64 does half the MMA work of d = 128 per softmax element: two blocks per SM (<= 128 registers per
   // thread) let one block's softmax overlap the other's MMAs.
   static constexpr int kMinBlocksPerSm = kHeadDim <= 64 ? 2 : 1;
+  // The softmax's row max as a tree and its sum in two chains (OnlineSoftmax kTree) at d64, whose two blocks' four
+  // warpgroups share each SMSP's MUFU pipe, as the d64 WS forward's three consumers do: causal 2k 1.08x, packed
+  // causal 2k 1.04x, causal 4k and non-causal 1k 1.01-1.02x, softcap 0.98-1.01x (perf.md v31).
+  static constexpr bool kTreeMax = kHeadDim == 64;
   // The overlapped loop (softmax of tile j beside the MMAs of tiles j and j + 1, K/V double-buffered) is the only
   // one at d = 256 (+2-5% forward) and one of two at d = 128, where it gains 6-7% on long key ranges but loses 6%
   // on short ones (causal N = 2048): the launcher picks it from the average key range (docs/perf.md v7.1).
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
     const int r0 = blk.row0 + warp_row0 + g, c0 = n_block * kBlockN + 2 * t;  // this thread's first query / key
     if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
     if (vis.tile_needs_mask(blk.row0, kBlockM, n_block * kBlockN, kBlockN)) apply_mask(acc_s, r0, c0, vis);
-    softmax.update_scores(acc_s, p.scale_log2, alpha);
+    softmax.template update_scores<0, Kt::kTreeMax>(acc_s, p.scale_log2, alpha);
     if constexpr (kScoreMod) {
       if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
     }
