@@ -48,8 +48,9 @@ struct FwdSm90Traits {
   // thread) let one block's softmax overlap the other's MMAs.
   static constexpr int kMinBlocksPerSm = kHeadDim <= 64 ? 2 : 1;
   // The softmax's row max as a tree and its sum in two chains (OnlineSoftmax kTree) at d64, whose two blocks' four
-  // warpgroups share each SMSP's MUFU pipe, as the d64 WS forward's three consumers do: causal 2k 1.08x, packed
-  // causal 2k 1.04x, causal 4k and non-causal 1k 1.01-1.02x, softcap 0.98-1.01x (perf.md v31).
+  // warpgroups share each SMSP's MUFU pipe, as the d64 WS forward's three consumers do: 1.01-1.04x in one A/B
+  // (causal 4k, non-causal 1k, packed causal 2k; softcap 0.98-1.01x), the causal 2k row's 1.08x there not borne
+  // out by the bench (0.91-0.92 of cuDNN before and after; perf.md v31).
   static constexpr bool kTreeMax = kHeadDim == 64;
   // The overlapped loop (softmax of tile j beside the MMAs of tiles j and j + 1, K/V double-buffered) is the only
   // one at d = 256 (+2-5% forward) and one of two at d = 128, where it gains 6-7% on long key ranges but loses 6%
