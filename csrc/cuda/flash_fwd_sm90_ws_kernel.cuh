@@ -53,10 +53,12 @@ struct FwdSm90WsTraits {
   static constexpr int kStages = 2;
   // The default where query rows see at least this many key tiles on average (perf.md v11): at d64 blocks of
   // short loops are slower than flash_fwd_sm90_kernel's, whose two blocks per SM hide each other's prologue and
-  // epilogue; more so under a causal mask, whose diagonal blocks are shorter still (0.98x at causal N = 4k, 16
-  // tiles; 1.13x at non-causal N = 2k, also 16). At d128 and d256 it is faster everywhere measured.
+  // epilogue (non-causal 1k, 8 tiles: 0.97x; 1.5k, 12: 1.01x). Causal rows had a threshold of 32 (0.98x at causal
+  // N = 4k in v11); since v31's softmax tree the WS kernel measures 0.97-0.98x at causal 2k / 2.5k (9-11 tiles)
+  // and 1.05-1.14x from causal 3k (13 tiles) to 6k, 1.09x packed causal at 8k (perf.md v32): 12 both ways. At
+  // d128 and d256 it is faster everywhere measured.
   static constexpr int kDefaultMinKeyTiles = kHeadDim == 64 ? 12 : 0;
-  static constexpr int kDefaultMinKeyTilesCausal = kHeadDim == 64 ? 32 : 0;
+  static constexpr int kDefaultMinKeyTilesCausal = kHeadDim == 64 ? 12 : 0;
   // Lazy rescaling (OnlineSoftmax::update_scores, slack 2^8) where it measured faster: d256, whose O
   // rescale is 4 multiplies per score, and the score-modifier kernels; d128's plain kernel is level or slower.
   static constexpr int kRescaleSlackLog2 = 8;
@@ -378,6 +380,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       tma::init_barrier(sm.v_full(s), 1);
       tma::init_barrier(sm.k_empty(s), Kt::kConsumers);
       tma::init_barrier(sm.v_empty(s), Kt::kConsumers);
+    }
+    for (int s = 0; s < 2; ++s) {  // the tile ring's two slots, whatever kStages is
       tma::init_barrier(sm.tile_full(s), 1);
       tma::init_barrier(sm.tile_empty(s), Kt::kConsumers * 128);
     }
