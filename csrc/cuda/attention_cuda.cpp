@@ -309,7 +309,29 @@ Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_
     ZeroedInts zeroed{q.options().dtype(at::kInt), {}};
     params.zeroed_ints = &ZeroedInts::make;
     params.zeroed_ints_ctx = &zeroed;
+#ifdef FLASH_ATTN2_FWD_TIMELINE
+    // Debug builds only: the WS forward's per-consumer cycle counters (FwdProbe), appended to
+    // $FLASH_ATTN2_TIMELINE_FILE as one line per call; synchronises (scripts/fwd_probe.py).
+    const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
+    const int64_t probe_blocks = (L.s.seqlen_q + 63) / 64 * L.s.heads_q * L.s.batch;  // >= any grid of the kernel
+    at::Tensor timeline;
+    if (timeline_file != nullptr) {
+      timeline = at::zeros({probe_blocks * kFwdProbeConsumers * kFwdProbeSlots}, q.options().dtype(at::kLong));
+      params.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
+    }
+#endif
     dispatch<FwdLauncher>(params, L.s.head_dim, at::cuda::getCurrentCUDAStream().stream());
+#ifdef FLASH_ATTN2_FWD_TIMELINE
+    if (timeline_file != nullptr) {
+      const at::Tensor host = timeline.cpu();
+      std::FILE* f = std::fopen(timeline_file, "a");
+      TORCH_CHECK(f != nullptr, "cannot open FLASH_ATTN2_TIMELINE_FILE ", timeline_file);
+      const int64_t* v = host.data_ptr<int64_t>();
+      for (int64_t i = 0; i < host.numel(); ++i) std::fprintf(f, i ? " %lld" : "%lld", static_cast<long long>(v[i]));
+      std::fprintf(f, "\n");
+      std::fclose(f);
+    }
+#endif
   }
   return {out, lse};
 }

@@ -159,6 +159,38 @@ struct TileWalk {
 
 namespace sm90 {
 
+// Debug builds only (-DFLASH_ATTN2_FWD_TIMELINE, scripts/fwd_probe.py): where a consumer warpgroup's cycles go.
+// Lane 0 of each consumer adds the SM clock cycles since its previous mark to one of kFwdProbeSlots counters of its
+// (block, consumer), in p.timeline; kTiles / kIters count tiles and key tiles, kTotal spans the consumer's whole
+// walk. Elsewhere every call compiles to nothing. ptxas moves arithmetic across the clock reads, so a slot's
+// cycles are those between two reads as issued, not exactly the named step's (perf.md v32).
+struct FwdProbe {
+  enum Slot { kQWait, kKvWait, kTurnWait, kIssue, kSWait, kSoftmax, kPvWait, kRescale, kEpilogue, kTiles, kIters,
+              kTotal, kIssuePv };
+#ifdef FLASH_ATTN2_FWD_TIMELINE
+  unsigned long long* out;
+  uint32_t t;
+  FA2_DEVICE FwdProbe(const FwdParams& p, int c, bool lane)
+      : out(p.timeline != nullptr && lane
+                ? p.timeline + (static_cast<long long>(blockIdx.x) * kFwdProbeConsumers + c) * kFwdProbeSlots
+                : nullptr) {
+    t = static_cast<uint32_t>(clock());
+  }
+  FA2_DEVICE void mark(int slot) {
+    const uint32_t now = static_cast<uint32_t>(clock());
+    if (out != nullptr) atomicAdd(out + slot, static_cast<unsigned long long>(now - t));
+    t = now;
+  }
+  FA2_DEVICE void add(int slot, unsigned long long v) const {
+    if (out != nullptr) atomicAdd(out + slot, v);
+  }
+#else
+  FA2_DEVICE FwdProbe(const FwdParams&, int, bool) {}
+  FA2_DEVICE void mark(int) {}
+  FA2_DEVICE void add(int, unsigned long long) const {}
+#endif
+};
+
 // Ping-pong (FlashAttention-3): the consumers take turns issuing their MMAs, in a ring 0, 1, .., 0, so one's
 // softmax runs while another's MMAs do. Named barrier bar(c) is "consumer c may issue": consumer c waits on it
 // (bar.sync, 128 threads) and its predecessor in the ring arrives on it (bar.arrive, 128 threads) after issuing
@@ -253,51 +285,72 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   float alpha[1][2];
   auto stage = [&](int i) { return (kv_base + i) % kStages; };  // ring use kv_base + i
   auto phase = [&](int i) { return static_cast<uint32_t>((kv_base + i) / kStages) & 1u; };
+  FwdProbe probe(p, c, release_lane);
+  probe.add(FwdProbe::kTiles, 1);
+  probe.add(FwdProbe::kIters, n_tiles);
   tma::wait(sm.q_full(qs), q_phase);
+  probe.mark(FwdProbe::kQWait);
   tma::wait(sm.k_full(stage(0)), phase(0));
+  probe.mark(FwdProbe::kKvWait);
   turns.wait();
+  probe.mark(FwdProbe::kTurnWait);
   wgmma_fence();
   issue_s(acc_s, stage(0));
   turns.pass();
+  probe.mark(FwdProbe::kIssue);
   wgmma_wait<0>();
   fence_regs(acc_s);
+  probe.mark(FwdProbe::kSWait);
   if (release_lane) tma::arrive(sm.k_empty(stage(0)));
   softmax_step(acc_s, n_last, alpha);  // O is still zero: nothing to rescale
   acc_to_a_frags<T>(frag_p, acc_s);
+  probe.mark(FwdProbe::kSoftmax);
   for (int i = 1; i < n_tiles; ++i) {
     const int s = stage(i), ps = stage(i - 1);  // stages of tile i (K) and of tile i - 1 (V)
     tma::wait(sm.k_full(s), phase(i));
     tma::wait(sm.v_full(ps), phase(i - 1));
+    probe.mark(FwdProbe::kKvWait);
     turns.wait();
+    probe.mark(FwdProbe::kTurnWait);
     wgmma_fence();
     issue_s(acc_s, s);
+    probe.mark(FwdProbe::kIssue);
     issue_o(frag_p, ps);
     turns.pass();
+    probe.mark(FwdProbe::kIssuePv);
     wgmma_wait<1>();  // S_i done: K_i may be overwritten; O += P_{i-1} V_{i-1} may still run
     fence_regs(acc_s);
+    probe.mark(FwdProbe::kSWait);
     if (release_lane) tma::arrive(sm.k_empty(s));
     softmax_step(acc_s, n_last - i, alpha);
     // d128 / d256: the softmax runs under O += P_{i-1} V_{i-1}, not after the wait below (issue_boundary; with the
     // broadcast warpgroup index below, d128 0.99-1.03x, d256 1.01-1.08x; d64's three consumers 0.97-1.01x: v27).
     if constexpr (kHeadDim >= 128) softmax.issue_boundary();
+    probe.mark(FwdProbe::kSoftmax);
     wgmma_wait<0>();
     fence_regs(acc_o);
     fence_regs(frag_p);  // the A fragments stay untouched until the MMA reading them is done
+    probe.mark(FwdProbe::kPvWait);
     if (release_lane) tma::arrive(sm.v_empty(ps));
     if constexpr (kLazy) softmax.rescale_if_needed(acc_o, alpha);
     else softmax.rescale(acc_o, alpha);
     acc_to_a_frags<T>(frag_p, acc_s);
+    probe.mark(FwdProbe::kRescale);
   }
   {
     const int s = stage(n_tiles - 1);
     tma::wait(sm.v_full(s), phase(n_tiles - 1));
+    probe.mark(FwdProbe::kKvWait);
     turns.wait();
+    probe.mark(FwdProbe::kTurnWait);
     wgmma_fence();
     issue_o(frag_p, s);
     turns.pass();
+    probe.mark(FwdProbe::kIssue);
     wgmma_wait<0>();
     fence_regs(acc_o);
     fence_regs(frag_p);
+    probe.mark(FwdProbe::kPvWait);
     if (release_lane) tma::arrive(sm.v_empty(s));  // the producer's next tile refills this stage
   }
 
@@ -330,10 +383,14 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   // The Q buffer is free for a later tile's copy once all 128 threads have read their O rows out of it; the
   // copy writes through the async proxy what these threads touched through the generic one. A block's last tile
   // (every tile where each has its own block) has no later copy to wait for.
-  if (!more_tiles) return;
+  if (!more_tiles) {
+    probe.mark(FwdProbe::kEpilogue);
+    return;
+  }
   fence_proxy_async_smem();
   tma::named_sync(1 + c, 128);
   if (release_lane) tma::arrive(sm.q_empty(qs));
+  probe.mark(FwdProbe::kEpilogue);
 }
 
 }  // namespace sm90
@@ -435,6 +492,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     tma::grow_registers<Kt::kConsumerRegs>();
     const int c = wg - 1;
     const ConsumerTurns<Kt::kConsumers> turns(c);
+    FwdProbe whole(p, c, tid % 128 == 0);
     int kv_use = 0, q_use = 0;
     TileWalk<Kt> walk;
     for (int tile = static_cast<int>(blockIdx.x), next; tile < num_tiles; tile = next) {
@@ -455,6 +513,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       ++q_use;
     }
     turns.finish();
+    whole.mark(FwdProbe::kTotal);
   }
 #else
   __trap();  // only launched on sm_90 devices, from the sm_90a build (see detail::use_sm90_kernels)

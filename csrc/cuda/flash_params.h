@@ -19,6 +19,9 @@ using index_t = int64_t;
 // can make a kernel leave the tensors); seqlen_q / seqlen_k are then the max_seqlen bounds that size the grid.
 // Per-row statistics (lse, softmax_d, and dq_accum rows of d floats) live at
 //   b * stat_batch_stride + h * stat_head_stride + (sequence start) + row:  (B, Hq, Nq) dense, (Hq, Tq) varlen.
+#ifdef FLASH_ATTN2_FWD_TIMELINE
+constexpr int kFwdProbeConsumers = 3, kFwdProbeSlots = 16;  // FwdProbe (flash_fwd_sm90_ws_kernel.cuh)
+#endif
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
 constexpr int kTimelineSlots = 12;  // stamps per block of the split-KV and combine kernels (tile_primitives.cuh)
 #endif
@@ -83,9 +86,11 @@ struct FwdParams {
   // The split-KV kernel's K/V loads under L2 evict-first where a row tile reads them alone (its launcher: 1, or 0
   // with FLASH_ATTN2_SPLITKV_EVICT_FIRST=0 for A/B runs); 0: evict-unchanged everywhere.
   int splitkv_evict_first;
-#ifdef FLASH_ATTN2_SPLITKV_TIMELINE
-  // Debug builds only (scripts/splitkv_timeline.py): kTimelineSlots stamps per split-KV block, then per combine
-  // block (flash_splitkv_kernel.cuh says which); nullptr: none.
+#if defined(FLASH_ATTN2_SPLITKV_TIMELINE) || defined(FLASH_ATTN2_FWD_TIMELINE)
+  // Debug builds only: -DFLASH_ATTN2_SPLITKV_TIMELINE (scripts/splitkv_timeline.py), kTimelineSlots stamps per
+  // split-KV block, then per combine block (flash_splitkv_kernel.cuh says which); -DFLASH_ATTN2_FWD_TIMELINE
+  // (scripts/fwd_probe.py), the WS forward's FwdProbe counters, kFwdProbeSlots per (block, consumer) for
+  // kFwdProbeConsumers consumers a block. nullptr: none.
   unsigned long long* timeline;
 #endif
   // The warp-specialised forward's tile counter, where its persistent blocks take masked or packed tiles (of

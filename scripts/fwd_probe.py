@@ -1,0 +1,80 @@
+"""Where the warp-specialised forward's consumer cycles go (perf.md v32): runs cases on a -DFLASH_ATTN2_FWD_TIMELINE
+build (FLASH_ATTN2_LIBRARY) and reads FwdProbe's counters (flash_fwd_sm90_ws_kernel.cuh): per consumer warpgroup,
+SM clock cycles in each step of its loop. Prints, per case, the time of an unprobed call (CUDA events, median of 15),
+and cycles per consumer per key tile for each slot, plus per query tile for the once-a-tile slots.
+
+  FLASH_ATTN2_LIBRARY=build/probe/libflash_attn2.so python3 scripts/fwd_probe.py --cases "128,F,2048;128,F,8192"
+
+A case is "D,causal(T/F),N[,ENV=VALUE...]"; B = 16384 / N, H = 2048 / D, bf16, (B, N, H, D) memory.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+import flash_attn2  # noqa: E402,F401
+
+SLOTS = ["q_wait", "kv_wait", "turn_wait", "issue", "s_wait", "softmax", "pv_wait", "rescale", "epilogue", "tiles",
+         "iters", "total", "issue_pv"]
+
+
+def run_case(d, causal, n, env):
+    b, h = 16384 // n, 2048 // d
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal)
+        for _ in range(5):
+            f()
+        ts = []
+        for _ in range(15):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record(); f(); e.record(); torch.cuda.synchronize()
+            ts.append(s.elapsed_time(e))
+        ms = sorted(ts)[len(ts) // 2]
+        with tempfile.NamedTemporaryFile("r", suffix=".txt") as tmp:
+            os.environ["FLASH_ATTN2_TIMELINE_FILE"] = tmp.name
+            f(); torch.cuda.synchronize()
+            del os.environ["FLASH_ATTN2_TIMELINE_FILE"]
+            line = open(tmp.name).read().split()
+    finally:
+        for key, val in old.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
+    vals = torch.tensor([int(x) for x in line], dtype=torch.float64).view(-1, 3, 16)
+    used = vals[vals[:, :, 9] > 0]  # (block, consumer) pairs that ran a tile
+    flops = 4 * b * h * n * n * d / (2 if causal else 1)
+    return ms, flops / ms / 1e9, used
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="128,F,2048;128,F,8192;128,T,2048;128,T,8192")
+    args = ap.parse_args()
+    print("| case | ms | TFLOP/s | consumers | tiles / consumer | key tiles / tile | "
+          + " | ".join(f"{s} /kt" for s in SLOTS[:9]) + " | issue_pv /kt | total /kt | untracked /kt | epilogue /tile | q_wait /tile |")
+    print("|" + "---|" * 20)
+    for case in args.cases.split(";"):
+        parts = case.split(",")
+        d, causal, n = int(parts[0]), parts[1] == "T", int(parts[2])
+        env = dict(x.split("=", 1) for x in parts[3:])
+        ms, tflops, used = run_case(d, causal, n, env)
+        sums = used.sum(0)
+        iters, tiles = sums[10].item(), sums[9].item()
+        per_kt = [sums[i].item() / iters for i in range(9)] + [sums[12].item() / iters]
+        total = sums[11].item() / iters
+        untracked = total - sum(per_kt)
+        print(f"| {case} | {ms:.3f} | {tflops:.0f} | {used.shape[0]} | {tiles / used.shape[0]:.1f} | "
+              f"{iters / tiles:.1f} | " + " | ".join(f"{x:.0f}" for x in per_kt)
+              + f" | {total:.0f} | {untracked:.0f} | {sums[8].item() / tiles:.0f} | {sums[0].item() / tiles:.0f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
