@@ -288,10 +288,10 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   FwdProbe probe(p, c, release_lane);
   probe.add(FwdProbe::kTiles, 1);
   probe.add(FwdProbe::kIters, n_tiles);
-  tma::wait(sm.q_full(qs), q_phase);
-  probe.mark(FwdProbe::kQWait);
-  tma::wait(sm.k_full(stage(0)), phase(0));
-  probe.mark(FwdProbe::kKvWait);
+  // Both barriers asked at once, here and at each key tile (tma::wait_both): one round trip where the copies have
+  // landed, not two in a row on the consumer's path (d256 1.01-1.03x, d64 / d128 level, perf.md v32).
+  tma::wait_both(sm.q_full(qs), q_phase, sm.k_full(stage(0)), phase(0));
+  probe.mark(FwdProbe::kQWait);  // (Q and the first K)
   turns.wait();
   probe.mark(FwdProbe::kTurnWait);
   wgmma_fence();
@@ -307,8 +307,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   probe.mark(FwdProbe::kSoftmax);
   for (int i = 1; i < n_tiles; ++i) {
     const int s = stage(i), ps = stage(i - 1);  // stages of tile i (K) and of tile i - 1 (V)
-    tma::wait(sm.k_full(s), phase(i));
-    tma::wait(sm.v_full(ps), phase(i - 1));
+    tma::wait_both(sm.k_full(s), phase(i), sm.v_full(ps), phase(i - 1));
     probe.mark(FwdProbe::kKvWait);
     turns.wait();
     probe.mark(FwdProbe::kTurnWait);

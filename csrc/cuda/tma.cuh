@@ -123,6 +123,19 @@ FA2_DEVICE void wait(uint64_t* bar, uint32_t parity) {
   }
 #endif
 }
+// wait(a, pa) and wait(b, pb) with both barriers asked before either answer is read: where both phases have
+// completed (a consumer's K and V, issued tiles earlier) that costs one round trip to the barriers, not two in a
+// row (the WS forward's loop top, perf.md v32).
+FA2_DEVICE void wait_both(uint64_t* a, uint32_t pa, uint64_t* b, uint32_t pb) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const bool ready_a = ::cuda::ptx::mbarrier_try_wait_parity(a, pa);
+  const bool ready_b = ::cuda::ptx::mbarrier_try_wait_parity(b, pb);
+  if (!(ready_a && ready_b)) {
+    wait(a, pa);
+    wait(b, pb);
+  }
+#endif
+}
 FA2_DEVICE void arrive(uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   (void)::cuda::ptx::mbarrier_arrive(bar);
