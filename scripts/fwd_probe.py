@@ -1,6 +1,6 @@
 """Where the warp-specialised forward's consumer cycles go (perf.md v32): runs cases on a -DFLASH_ATTN2_FWD_TIMELINE
 build (FLASH_ATTN2_LIBRARY) and reads FwdProbe's counters (flash_fwd_sm90_ws_kernel.cuh): per consumer warpgroup,
-SM clock cycles in each step of its loop. Prints, per case, the time of an unprobed call (CUDA events, median of 15),
+SM clock cycles in each step of its loop. Prints, per case, the time of an unprobed call (the bench's median of 15),
 and cycles per consumer per key tile for each slot, plus per query tile for the once-a-tile slots.
 
   FLASH_ATTN2_LIBRARY=build/probe/libflash_attn2.so python3 scripts/fwd_probe.py --cases "128,F,2048;128,F,8192"
@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 import flash_attn2  # noqa: E402,F401
+from flash_attn2.bench import median_ms_cuda  # noqa: E402
 
 SLOTS = ["q_wait", "kv_wait", "turn_wait", "issue", "s_wait", "softmax", "pv_wait", "rescale", "epilogue", "tiles",
          "iters", "total", "issue_pv"]
@@ -28,14 +29,7 @@ def run_case(d, causal, n, env):
     os.environ.update(env)
     try:
         f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal)
-        for _ in range(5):
-            f()
-        ts = []
-        for _ in range(15):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record(); f(); e.record(); torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e))
-        ms = sorted(ts)[len(ts) // 2]
+        ms = median_ms_cuda(f, warmup=5, reps=15)
         with tempfile.NamedTemporaryFile("r", suffix=".txt") as tmp:
             os.environ["FLASH_ATTN2_TIMELINE_FILE"] = tmp.name
             f(); torch.cuda.synchronize()

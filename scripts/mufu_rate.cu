@@ -1,7 +1,10 @@
 // Throughput of the special-function unit's instructions that the softmax and the softcap issue per score
 // (ex2.approx, tanh.approx) against FMA, on the GPU this runs on: ops per clock per SM.
 // The question it answers (perf.md v17): is the d128 softcap forward bound by a tanh that runs at a lower rate
-// than ex2 on this GPU? Build and run (the hopper_check step `mufu` does):
+// than ex2 on this GPU? Then (perf.md v32) the ex2 rate one SM reaches with few warps: the WS forward's softmax runs
+// on one warp per SMSP while the other consumer's warps wait on their wgmma issue, so what one warp per SMSP gets
+// out of the MUFU pipe bounds it. That table's cycles are the SM's own (clock64 in the kernel), so its rates are per
+// SM clock whatever clock the GPU ran at. Build and run (the hopper_check step `mufu` does):
 //   nvcc -O3 -arch=sm_90a -o /tmp/mufu_rate scripts/mufu_rate.cu && /tmp/mufu_rate
 #include <cstdio>
 #include <cstdlib>
@@ -77,6 +80,52 @@ double ops_per_clock_per_sm(const char* name, int sms, double clock_hz, float* o
   return rate;
 }
 
+// The few-warps table: one block per SM of `warps` warps, kChainsFew independent ex2 chains a thread (kMix: an FFMA
+// beside each ex2 on another chain, the softmax's scale-and-subtract), timed by the SM's clock64.
+constexpr int kItersFew = 2048;
+
+template <int kChainsFew, bool kMix>
+__global__ void run_few(float* out, long long* cycles, float seed) {
+  float x[kChainsFew], y[kChainsFew];
+#pragma unroll
+  for (int c = 0; c < kChainsFew; ++c) {
+    x[c] = seed * (threadIdx.x + c) * 1e-6f - 0.5f;
+    y[c] = x[c];
+  }
+  __syncthreads();
+  const long long t0 = clock64();
+  for (int i = 0; i < kItersFew; ++i) {
+#pragma unroll
+    for (int c = 0; c < kChainsFew; ++c) {
+      asm volatile("ex2.approx.ftz.f32 %0, %0;" : "+f"(x[c]));
+      if constexpr (kMix) y[c] = fmaf(y[c], 0.999f, 1e-3f);
+    }
+  }
+  __syncthreads();
+  const long long t1 = clock64();
+  float s = 0.f;
+#pragma unroll
+  for (int c = 0; c < kChainsFew; ++c) s += x[c] + y[c];
+  if (s == 12345.f) out[0] = s;
+  if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
+}
+
+template <int kChainsFew, bool kMix>
+void few_warps_row(int sms, int warps, float* out, long long* cycles) {
+  const int threads = 32 * warps;
+  run_few<kChainsFew, kMix><<<sms, threads>>>(out, cycles, 1.f);  // warm-up
+  CHECK(cudaGetLastError());
+  run_few<kChainsFew, kMix><<<sms, threads>>>(out, cycles, 1.f);
+  CHECK(cudaDeviceSynchronize());
+  long long* host = new long long[sms];
+  CHECK(cudaMemcpy(host, cycles, sizeof(long long) * sms, cudaMemcpyDeviceToHost));
+  double mean = 0.0;
+  for (int i = 0; i < sms; ++i) mean += static_cast<double>(host[i]) / sms;
+  delete[] host;
+  const double ops = static_cast<double>(threads) * kChainsFew * kItersFew;
+  std::printf("| %d | %d | %s | %.2f |\n", warps, kChainsFew, kMix ? "ex2 + ffma" : "ex2", ops / mean);
+}
+
 int main() {
   int dev = 0, sms = 0, khz = 0;
   CHECK(cudaGetDevice(&dev));
@@ -94,6 +143,15 @@ int main() {
   ops_per_clock_per_sm<kEx2Tanh>("tanh+ex2", sms, hz, out);
   ops_per_clock_per_sm<kFma>("fma", sms, hz, out);
   std::printf("tanh / ex2 rate: %.2f\n", tanh / ex2);
+  long long* cycles = nullptr;
+  CHECK(cudaMalloc(&cycles, sizeof(long long) * sms));
+  std::printf("\n| warps per SM | chains per thread | ops | ex2 per SM clock |\n|---|---|---|---|\n");
+  for (int warps : {4, 8, 16}) {  // one block per SM; 32 warps of 32 chains exceed the register file
+    few_warps_row<8, false>(sms, warps, out, cycles);
+    few_warps_row<32, false>(sms, warps, out, cycles);
+    few_warps_row<32, true>(sms, warps, out, cycles);
+  }
+  CHECK(cudaFree(cycles));
   CHECK(cudaFree(out));
   return 0;
 }
