@@ -79,6 +79,9 @@ struct FwdSm90WsTraits {
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "warp-specialised forward: d = 64, 128, 256");
   static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");
+#ifdef FLASH_ATTN2_FWD_TIMELINE
+  static_assert(kConsumers <= kFwdProbeConsumers, "FwdProbe's buffer holds kFwdProbeConsumers consumers a block");
+#endif
 
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;  // also stages O for the output store
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
