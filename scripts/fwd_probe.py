@@ -19,7 +19,8 @@ import flash_attn2  # noqa: E402,F401
 from flash_attn2.bench import median_ms_cuda  # noqa: E402
 
 SLOTS = ["q_wait", "kv_wait", "turn_wait", "issue", "s_wait", "softmax", "pv_wait", "rescale", "epilogue", "tiles",
-         "iters", "total", "issue_pv"]
+         "iters", "total", "issue_pv", "epi_finalize", "epi_stage", "epi_sync"]
+EPI = (13, 14, 15, 8)  # the epilogue's steps in order: finalize, O staged (and the LSE), barrier, stores on
 
 
 def run_case(d, causal, n, env):
@@ -52,7 +53,8 @@ def main():
     ap.add_argument("--cases", default="128,F,2048;128,F,8192;128,T,2048;128,T,8192")
     args = ap.parse_args()
     print("| case | ms | TFLOP/s | consumers | tiles / consumer | key tiles / tile | "
-          + " | ".join(f"{s} /kt" for s in SLOTS[:9]) + " | issue_pv /kt | total /kt | untracked /kt | epilogue /tile | q_wait /tile |")
+          + " | ".join(f"{s} /kt" for s in SLOTS[:9]) + " | issue_pv /kt | total /kt | untracked /kt | epilogue /tile "
+          "(finalize + staged + barrier + stores) | q_wait /tile |")
     print("|" + "---|" * 20)
     for case in args.cases.split(";"):
         parts = case.split(",")
@@ -61,12 +63,15 @@ def main():
         ms, tflops, used = run_case(d, causal, n, env)
         sums = used.sum(0)
         iters, tiles = sums[10].item(), sums[9].item()
+        epi = [sums[i].item() / tiles for i in EPI]
+        sums[8] = sum(sums[i] for i in EPI)  # the epilogue column: all its steps
         per_kt = [sums[i].item() / iters for i in range(9)] + [sums[12].item() / iters]
         total = sums[11].item() / iters
         untracked = total - sum(per_kt)
         print(f"| {case} | {ms:.3f} | {tflops:.0f} | {used.shape[0]} | {tiles / used.shape[0]:.1f} | "
               f"{iters / tiles:.1f} | " + " | ".join(f"{x:.0f}" for x in per_kt)
-              + f" | {total:.0f} | {untracked:.0f} | {sums[8].item() / tiles:.0f} | {sums[0].item() / tiles:.0f} |",
+              + f" | {total:.0f} | {untracked:.0f} | {sums[8].item() / tiles:.0f} ("
+              + " + ".join(f"{x:.0f}" for x in epi) + f") | {sums[0].item() / tiles:.0f} |",
               flush=True)
 
 

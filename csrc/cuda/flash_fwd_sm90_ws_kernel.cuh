@@ -73,6 +73,15 @@ struct FwdSm90WsTraits {
   // three consumers' exps share each SMSP's MUFU pipe: 1.02-1.06x on plain rows (2k-16k, causal and not), 1.03x
   // GQA, 1.04x packed, level with score modifiers; at d128 0.95-0.99x and d256 0.95-1.03x (perf.md v31).
   static constexpr bool kTreeMax = kHeadDim == 64;
+  // Both rows' maxima before their quad shuffles (OnlineSoftmax::update_scores' kRowsTogether), as
+  // FlashAttention-4 orders them: the probe's cycles per key tile (clock-independent) -2.4% at d64, -0.6% at d128,
+  // level at d256; timed A/B of the default builds, within their +-3% noise (perf.md v33).
+  static constexpr bool kRowsTogether = true;
+  // The epilogue reads its O chunks out of shared memory this many at a time before storing them: at d256 (16
+  // chunks a thread) four, whose reads' latencies overlap (the probe build: 0.5-1% fewer cycles a key tile than one
+  // at a time); at d64 / d128 one, as four cost their loops 0.7-1% there (register allocation), and all at once
+  // spilled at d256 (perf.md v33).
+  static constexpr int kStoreGroup = kHeadDim == 256 ? 4 : 1;
   // Persistent grid where tiles are uniform (flash_fwd_launch.cuh): measured 1.02-1.07x one block per tile at
   // d128 / d256, 1.03x / 0.99x at d64 N = 2k / 16k (perf.md v12).
   static constexpr bool kPersistent = kHeadDim >= 128;
@@ -168,8 +177,10 @@ namespace sm90 {
 // walk. Elsewhere every call compiles to nothing. ptxas moves arithmetic across the clock reads, so a slot's
 // cycles are those between two reads as issued, not exactly the named step's (perf.md v32).
 struct FwdProbe {
+  // kEpilogue: from the O rows' global stores (or the block's end) on; kEpiFinalize, kEpiStage, kEpiSync: the
+  // epilogue's steps before them (finalize, O staged in shared memory with the LSE stores, the consumer's barrier).
   enum Slot { kQWait, kKvWait, kTurnWait, kIssue, kSWait, kSoftmax, kPvWait, kRescale, kEpilogue, kTiles, kIters,
-              kTotal, kIssuePv };
+              kTotal, kIssuePv, kEpiFinalize, kEpiStage, kEpiSync };
 #ifdef FLASH_ATTN2_FWD_TIMELINE
   unsigned long long* out;
   uint32_t t;
@@ -276,7 +287,8 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     } else {
       if constexpr (kScoreMod) apply_score_rule(acc_s, r0, c0, vis.diag(), rule);
       if (masked) apply_mask(acc_s, r0, c0, vis);
-      softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0, Kt::kTreeMax>(acc_s, p.scale_log2, alpha);
+      softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0, Kt::kTreeMax, Kt::kRowsTogether>(
+          acc_s, p.scale_log2, alpha);
     }
     if constexpr (kScoreMod) {
       if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
@@ -363,6 +375,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   } else {
     softmax.finalize(acc_o, p.scale_log2, row_lse);
   }
+  probe.mark(FwdProbe::kEpiFinalize);
 
   // Epilogue: each consumer stages its O rows (as T) over its own Q rows — only its own S products read those,
   // and they are done — then stores them with 16-byte writes after a barrier among its 128 threads.
@@ -374,13 +387,27 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
       if (r < blk.rows) lse[r] = row_lse[0][h];
     }
   }
+  probe.mark(FwdProbe::kEpiStage);
   tma::named_sync(1 + c, 128);
-  constexpr int kCPR = kHeadDim / 8;
-  for (int idx = tid % 128; idx < 64 * kCPR; idx += 128) {
-    const int r = 64 * c + idx / kCPR, ch = idx % kCPR;
-    if (r < blk.rows && ch * 8 < d)
-      *reinterpret_cast<uint4*>(o + static_cast<index_t>(r) * p.o_row_stride + ch * 8) =
-          *reinterpret_cast<const uint4*>(sQ + TileQ::chunk_offset(r, ch));
+  probe.mark(FwdProbe::kEpiSync);
+  // The chunks read out of shared memory Kt::kStoreGroup at a time, then stored (see the traits).
+  constexpr int kCPR = kHeadDim / 8, kChunks = 64 * kCPR / 128;  // 16-byte chunks per thread
+  constexpr int kGroup = Kt::kStoreGroup;
+  static_assert(kChunks % kGroup == 0, "the O chunks in whole groups");
+#pragma unroll 1
+  for (int j0 = 0; j0 < kChunks; j0 += kGroup) {
+    uint4 chunk[kGroup];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const int idx = tid % 128 + 128 * (j0 + j), r = 64 * c + idx / kCPR, ch = idx % kCPR;
+      chunk[j] = *reinterpret_cast<const uint4*>(sQ + TileQ::chunk_offset(r, ch));
+    }
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const int idx = tid % 128 + 128 * (j0 + j), r = 64 * c + idx / kCPR, ch = idx % kCPR;
+      if (r < blk.rows && ch * 8 < d)
+        *reinterpret_cast<uint4*>(o + static_cast<index_t>(r) * p.o_row_stride + ch * 8) = chunk[j];
+    }
   }
   // The Q buffer is free for a later tile's copy once all 128 threads have read their O rows out of it; the
   // copy writes through the async proxy what these threads touched through the generic one. A block's last tile

@@ -45,35 +45,70 @@ struct OnlineSoftmax {
   // chains (exp2_row): the exps cannot start before the max. Measured per kernel on an H200 (perf.md v31): the d64
   // WS forward 1.02-1.06x on plain rows, whose three consumers share each SMSP's MUFU pipe; the d128 one
   // 0.95-0.99x, d256 0.95-1.03x, so only d64 takes it.
-  template <int kSlackLog2 = 0, bool kTree = false, int NS>
+  //
+  // kRowsTogether: every row's maximum first, then all their quad shuffles side by side, then each row's exps
+  // (FlashAttention-4's order; the WS forward, perf.md v33), instead of row by row.
+  template <int kSlackLog2 = 0, bool kTree = false, bool kRowsTogether = false, int NS>
   FA2_DEVICE void update_scores(float (&s)[MT][NS][4], float scale_log2, float (&alpha)[MT][2]) {
+    if constexpr (kRowsTogether) {
+      // Both rows' maxima first, then their quad shuffles side by side (two shuffle latencies on the path to the
+      // first exp, not four), then each row's exps.
+      float m[MT][2];
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
+      for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float m_old = row_max[mi][h];
-        float m = m_old;
-        if constexpr (kTree) {  // (the max is exact in any order)
-          float mx[NS];
+        for (int h = 0; h < 2; ++h) m[mi][h] = local_max<kTree>(s, mi, h, row_max[mi][h]);
 #pragma unroll
-          for (int ni = 0; ni < NS; ++ni) mx[ni] = fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]);
+      for (int x = 2; x >= 1; x /= 2)
 #pragma unroll
-          for (int w = 1; w < NS; w *= 2)
+        for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-            for (int i = 0; i + w < NS; i += 2 * w) mx[i] = fmaxf(mx[i], mx[i + w]);
-          m = fmaxf(m, mx[0]);
-        } else {
+          for (int h = 0; h < 2; ++h) m[mi][h] = fmaxf(m[mi][h], __shfl_xor_sync(0xffffffffu, m[mi][h], x));
 #pragma unroll
-          for (int ni = 0; ni < NS; ++ni) m = fmaxf(m, fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]));
-        }
-        m = quad_max(m);
-        // -inf - -inf is NaN: false, the row keeps -inf; a first finite max gives +inf: true.
-        const bool move = (m - m_old) * scale_log2 > static_cast<float>(kSlackLog2);
-        alpha[mi][h] = move ? fast_exp2((m_old - m) * scale_log2) : 1.f;  // exp2(-inf) = 0: O and sums were 0
-        if (move) row_max[mi][h] = m;
-        const float m_scaled = row_max[mi][h] == -INFINITY ? 0.f : row_max[mi][h] * scale_log2;
-        row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + exp2_row<kTree>(s, mi, h, scale_log2, m_scaled);
-      }
+      for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) fold_row<kSlackLog2, kTree>(s, mi, h, m[mi][h], scale_log2, alpha);
+    } else {
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          fold_row<kSlackLog2, kTree>(s, mi, h, quad_max(local_max<kTree>(s, mi, h, row_max[mi][h])), scale_log2,
+                                      alpha);
+    }
+  }
+
+  // This thread's max of row h of m16 tile mi of s and m0. kTree: as a tree (the max is exact in any order).
+  template <bool kTree, int NS>
+  FA2_DEVICE static float local_max(const float (&s)[MT][NS][4], int mi, int h, float m0) {
+    if constexpr (kTree) {
+      float mx[NS];
+#pragma unroll
+      for (int ni = 0; ni < NS; ++ni) mx[ni] = fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]);
+#pragma unroll
+      for (int w = 1; w < NS; w *= 2)
+#pragma unroll
+        for (int i = 0; i + w < NS; i += 2 * w) mx[i] = fmaxf(mx[i], mx[i + w]);
+      return fmaxf(m0, mx[0]);
+    } else {
+      float m = m0;
+#pragma unroll
+      for (int ni = 0; ni < NS; ++ni) m = fmaxf(m, fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]));
+      return m;
+    }
+  }
+
+  // Row h of m16 tile mi, given its new max m over the quad (and the old max): alpha, the max kept, P in place of
+  // s and the running sum.
+  template <int kSlackLog2, bool kTree, int NS>
+  FA2_DEVICE void fold_row(float (&s)[MT][NS][4], int mi, int h, float m, float scale_log2, float (&alpha)[MT][2]) {
+    const float m_old = row_max[mi][h];
+    // -inf - -inf is NaN: false, the row keeps -inf; a first finite max gives +inf: true.
+    const bool move = (m - m_old) * scale_log2 > static_cast<float>(kSlackLog2);
+    alpha[mi][h] = move ? fast_exp2((m_old - m) * scale_log2) : 1.f;  // exp2(-inf) = 0: O and sums were 0
+    if (move) row_max[mi][h] = m;
+    const float m_scaled = row_max[mi][h] == -INFINITY ? 0.f : row_max[mi][h] * scale_log2;
+    row_sum[mi][h] = row_sum[mi][h] * alpha[mi][h] + exp2_row<kTree>(s, mi, h, scale_log2, m_scaled);
   }
 
   // Ends ptxas's instruction block once every P of the last update is computed (issue_boundary in
@@ -149,17 +184,32 @@ struct OnlineSoftmax {
   }
 
   // finalize() for P taken as exp2(... - offset_log2[mi][h]) (update_scores_fixed: the same offset for all rows).
+  // Every row's quad shuffles side by side, then a reciprocal without IEEE division's slow-path branch (a sum is
+  // 0 for a row that saw no key, else at least 1 under the running max and at least 2^-102 against the softcap's
+  // fixed offset: normal floats, whose approximate reciprocal is within an ulp): the rows' dependent chains
+  // (shuffles, reciprocal, log) overlap instead of running one after the other, and no call to the division's
+  // slow path is left (the WS forward's finalize 690 -> 350 cycles a tile, perf.md v33).
   template <int NO>
   FA2_DEVICE void finalize_at(float (&o)[MT][NO][4], const float (&offset_log2)[MT][2], float (&lse)[MT][2]) {
     constexpr float kLn2 = 0.6931471805599453f;
+    float sum[MT][2];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) sum[mi][h] = row_sum[mi][h];
+#pragma unroll
+    for (int x = 2; x >= 1; x /= 2)
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sum[mi][h] += __shfl_xor_sync(0xffffffffu, sum[mi][h], x);
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float sum = quad_sum(row_sum[mi][h]);
-        const bool empty = !(sum > 0.f);
-        const float inv = empty ? 0.f : 1.f / sum;
-        lse[mi][h] = empty ? -INFINITY : (offset_log2[mi][h] + __log2f(sum)) * kLn2;
+        const bool empty = !(sum[mi][h] > 0.f);
+        const float inv = empty ? 0.f : fast_rcp(sum[mi][h]);
+        lse[mi][h] = empty ? -INFINITY : (offset_log2[mi][h] + __log2f(sum[mi][h])) * kLn2;
 #pragma unroll
         for (int ni = 0; ni < NO; ++ni) {
           o[mi][ni][2 * h] *= inv;

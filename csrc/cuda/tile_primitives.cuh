@@ -235,6 +235,13 @@ FA2_DEVICE float fast_exp2(float x) {
   return y;
 }
 
+// 1 / x within an ulp for normal x (rcp.approx.ftz: no slow path for IEEE division's corner cases).
+FA2_DEVICE float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Reductions over the 4 lanes of a quad (the 4 threads that share a row of an mma C fragment).
 FA2_DEVICE float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
