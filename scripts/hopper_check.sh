@@ -526,9 +526,9 @@ fi
 if step variants 150; then
   timeout 150 python3 -m flash_attn2.bench --device cuda --variants-only 2>&1 | grep -E "^\|" | tee "$OUT/variants.md"
 fi
-if step bench 170; then  # the quick grid beside every SDPA backend (and FlashAttention-4), with the variant rows
+if step bench 210; then  # the quick grid beside every SDPA backend (and FlashAttention-4), with the variant rows
   [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH  # installed by ../shared/tools/fa4-wheels.sh
-  timeout 170 python3 -m flash_attn2.bench --device cuda --quick --head-dims 64,128,256 --variants \
+  timeout 210 python3 -m flash_attn2.bench --device cuda --quick --head-dims 64,128,256 --variants \
     --settle-ms "${BENCH_SETTLE_MS:-300}" --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1  # settled: at the power cap
   echo "bench rc $?"; cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 fi
