@@ -391,6 +391,17 @@ def _alternated(*runs, rounds=None):
     return best
 
 
+def _if_available(run, what):
+    """run, if one call of it succeeds; None (and a line saying why) where a backend is missing or refuses these
+    inputs, so that a baseline ours are compared with is timed only where it runs."""
+    try:
+        run()
+        return run
+    except (ImportError, RuntimeError) as e:
+        print(f"{what} unavailable: {e}")
+        return None
+
+
 def bench_variants_cuda(out_path=None):
     """The variants issue's rows: bf16, D = 128, 16 heads (hidden 2048); TFLOP/s count visible scores only."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -431,22 +442,19 @@ def bench_variants_cuda(out_path=None):
     for causal in (False, True):
         scores = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
         flops = 4 * h * d * scores
-        runs = [lambda: _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention_varlen(q, k, v, cu, cu, max_len, max_len,
-                                                                                  causal), (qv, kv, vv), dv),
-                lambda: _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, causal), dense_in, dense_dout)]
-        try:
+
+        def theirs_run():
             from torch.nn.attention.varlen import varlen_attn
 
-            runs.append(lambda: _fwd_bwd_ms(lambda q, k, v: varlen_attn(q, k, v, cu, cu, max_len, max_len,
-                                                                        window_size=(-1, 0) if causal else (-1, -1)),
-                                            (qv, kv, vv), dv))
-        except ImportError as e:
-            print(f"varlen_attn unavailable: {e}")
-        try:
-            timed = _alternated(*runs)
-        except RuntimeError as e:  # varlen_attn refusing these inputs: time ours alone
-            print(f"varlen_attn unavailable: {e}")
-            timed = _alternated(*runs[:2])
+            return _fwd_bwd_ms(lambda q, k, v: varlen_attn(q, k, v, cu, cu, max_len, max_len,
+                                                           window_size=(-1, 0) if causal else (-1, -1)),
+                               (qv, kv, vv), dv)
+
+        runs = [lambda: _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention_varlen(q, k, v, cu, cu, max_len, max_len,
+                                                                                  causal), (qv, kv, vv), dv),
+                lambda: _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, causal), dense_in, dense_dout),
+                _if_available(theirs_run, "varlen_attn")]
+        timed = _alternated(*(run for run in runs if run is not None))
         mine, base_dense = timed[0], timed[1]
         dense_flops = 4 * 8 * h * 2048 * 2048 * d / (2 if causal else 1)
         # Compare TFLOP/s with the dense run: scale its times to the varlen FLOP count.
@@ -497,13 +505,8 @@ def bench_variants_cuda(out_path=None):
             lambda: _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True, softcap=50.0), inputs, dout),
             lambda: _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True, alibi_slopes=alibi), inputs, dout),
             lambda: _fwd_bwd_ms(lambda q, k, v: flash_attn2.attention(q, k, v, True, dropout_p=0.1), inputs, dout),
-            deterministic]
-    try:
-        sdpa_dropout()
-        runs.append(sdpa_dropout)
-    except RuntimeError as e:
-        print(f"SDPA flash with dropout unavailable: {e}")
-    timed = _alternated(*runs)
+            deterministic, _if_available(sdpa_dropout, "SDPA flash with dropout")]
+    timed = _alternated(*(run for run in runs if run is not None))
     plain = timed[0]
     row("causal N=8k, plain", flops, plain, "", None)
     row("softcap 50", flops, timed[1], "ours plain (goal >= 0.9)", plain)
