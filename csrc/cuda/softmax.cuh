@@ -58,12 +58,7 @@ struct OnlineSoftmax {
       for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) m[mi][h] = local_max<kTree>(s, mi, h, row_max[mi][h]);
-#pragma unroll
-      for (int x = 2; x >= 1; x /= 2)
-#pragma unroll
-        for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) m[mi][h] = fmaxf(m[mi][h], __shfl_xor_sync(0xffffffffu, m[mi][h], x));
+      quad_reduce_rows<true>(m);
 #pragma unroll
       for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
@@ -197,12 +192,7 @@ struct OnlineSoftmax {
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
       for (int h = 0; h < 2; ++h) sum[mi][h] = row_sum[mi][h];
-#pragma unroll
-    for (int x = 2; x >= 1; x /= 2)
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) sum[mi][h] += __shfl_xor_sync(0xffffffffu, sum[mi][h], x);
+    quad_reduce_rows<false>(sum);
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll

@@ -253,6 +253,20 @@ FA2_DEVICE float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x;
 }
+// quad_max (kMax) or quad_sum of every row of v in place, each shuffle round for all rows side by side, so that the
+// rows' shuffle latencies overlap instead of running one row after the other.
+template <bool kMax, int MT>
+FA2_DEVICE void quad_reduce_rows(float (&v)[MT][2]) {
+#pragma unroll
+  for (int x = 2; x >= 1; x /= 2)
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float other = __shfl_xor_sync(0xffffffffu, v[mi][h], x);
+        v[mi][h] = kMax ? fmaxf(v[mi][h], other) : v[mi][h] + other;
+      }
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Fire-and-forget fp32 atomics into global memory (dQ accumulation).
