@@ -379,12 +379,12 @@ def _fwd_bwd_ms(fn, inputs, dout):
 VARIANT_ROUNDS = 3
 
 
-def _alternated(*runs, rounds=None):
+def _alternated(*runs, rounds=VARIANT_ROUNDS):
     """(fwd ms, bwd ms) of each run (a callable returning them), timed in turn over several rounds, each keeping its
     best: a variant row and its baseline then see the same GPU clock and power state (timed one after the other
     once, their ratios swung by 0.04-0.09 between calls, perf.md v32)."""
     best = [None] * len(runs)
-    for _ in range(rounds or VARIANT_ROUNDS):
+    for _ in range(rounds):
         for i, run in enumerate(runs):
             f, b = run()
             best[i] = (f, b) if best[i] is None else (min(best[i][0], f), min(best[i][1], b))
