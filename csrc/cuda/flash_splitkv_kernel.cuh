@@ -357,14 +357,21 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   const index_t plane = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;  // rows of one split's partials
   if constexpr (!Kt::kSplitKeys) {
     // Each warp holds whole rows: its own max and sum are the row's; O and the LSE straight from registers.
+    // Both rows' sums first, by every lane (the quad shuffles name the whole warp, so no lane may have left for a
+    // row past the tile's end yet), side by side; then the reciprocal without IEEE division's slow-path call (a
+    // sum is 0 or at least 1: see OnlineSoftmax::finalize_at).
+    float l_row[1][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l_row[0][h] = softmax.row_sum[0][h];
+    quad_reduce_rows<false>(l_row);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (warp_row0 + g + 8 * h >= rows) continue;
       const float m = softmax.row_max[0][h];
-      const float l = quad_sum(softmax.row_sum[0][h]);
+      const float l = l_row[0][h];
       const bool empty = m == -INFINITY || !(l > 0.f);
       const float lse = empty ? -INFINITY : (m * p.scale_log2 + __log2f(l)) * 0.6931471805599453f;
-      const float f = empty ? 0.f : 1.f / l;
+      const float f = empty ? 0.f : fast_rcp(l);
       const index_t row = (static_cast<index_t>(batch) * p.heads_q + row_h[h]) * p.seqlen_q + row_q[h];
 #pragma unroll
       for (int ni = 0; ni < Kt::kNT_O; ++ni) {
