@@ -5,7 +5,8 @@ and cycles per consumer per key tile for each slot, plus per query tile for the 
 
   FLASH_ATTN2_LIBRARY=build/probe/libflash_attn2.so python3 scripts/fwd_probe.py --cases "128,F,2048;128,F,8192"
 
-A case is "D,causal(T/F),N[,ENV=VALUE...]"; B = 16384 / N, H = 2048 / D, bf16, (B, N, H, D) memory.
+A case is "D,causal(T/F),N[,W<left>][,ENV=VALUE...]"; B = 16384 / N, H = 2048 / D, bf16, (B, N, H, D) memory;
+W<left>: a sliding window of <left> keys (and as many right where not causal), TFLOP/s counting visible scores.
 """
 import argparse
 import os
@@ -23,13 +24,14 @@ SLOTS = ["q_wait", "kv_wait", "turn_wait", "issue", "s_wait", "softmax", "pv_wai
 EPI = (13, 14, 15, 8)  # the epilogue's steps in order: finalize, O staged (and the LSE), barrier, stores on
 
 
-def run_case(d, causal, n, env):
+def run_case(d, causal, n, env, window=-1):
     b, h = 16384 // n, 2048 // d
+    kw = {} if window < 0 else dict(window_size=(window, 0 if causal else window))
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     old = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal)
+        f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal, **kw)
         ms = median_ms_cuda(f, warmup=5, reps=15)
         with tempfile.NamedTemporaryFile("r", suffix=".txt") as tmp:
             os.environ["FLASH_ATTN2_TIMELINE_FILE"] = tmp.name
@@ -44,7 +46,10 @@ def run_case(d, causal, n, env):
                 os.environ[key] = val
     vals = torch.tensor([int(x) for x in line], dtype=torch.float64).view(-1, 3, 16)
     used = vals[vals[:, :, 9] > 0]  # (block, consumer) pairs that ran a tile
-    flops = 4 * b * h * n * n * d / (2 if causal else 1)
+    if window < 0:
+        flops = 4 * b * h * n * n * d / (2 if causal else 1)
+    else:
+        flops = 4 * b * h * d * sum(min(i, window) + 1 + (0 if causal else min(n - 1 - i, window)) for i in range(n))
     return ms, flops / ms / 1e9, used
 
 
@@ -59,8 +64,9 @@ def main():
     for case in args.cases.split(";"):
         parts = case.split(",")
         d, causal, n = int(parts[0]), parts[1] == "T", int(parts[2])
-        env = dict(x.split("=", 1) for x in parts[3:])
-        ms, tflops, used = run_case(d, causal, n, env)
+        window = next((int(x[1:]) for x in parts[3:] if x.startswith("W")), -1)
+        env = dict(x.split("=", 1) for x in parts[3:] if "=" in x)
+        ms, tflops, used = run_case(d, causal, n, env, window)
         sums = used.sum(0)
         iters, tiles = sums[10].item(), sums[9].item()
         epi = [sums[i].item() / tiles for i in EPI]
