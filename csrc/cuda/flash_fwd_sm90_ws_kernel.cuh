@@ -138,10 +138,12 @@ struct WsSmem {
 // The order in which a persistent block walks tiles; both roles see the same sequence, skipped tiles included.
 // Static (p.tile_counter == nullptr): tiles b, b + gridDim.x, ... — balanced where every tile costs the same.
 // Dynamic: after its first tile (blockIdx.x) a block takes gridDim.x + atomicAdd(counter, 1), the next tile of
-// FwdBlockInfo's order not yet taken (longest first within a head), when the producer thread starts on a tile,
-// so a tile ahead of the consumers; it publishes each through a 2-slot ring in shared memory (slot k % 2:
-// "full" takes the producer's arrival, "empty" one from every consumer thread once read). A value past
-// num_tiles ends both walks.
+// FwdBlockInfo's order not yet taken (longest first within a head), once the producer thread has issued the last
+// copy of its current tile (a couple of key tiles before the consumers finish it: a claim made when a tile starts
+// held the next tile a whole tile long, and long masked rows then ended on blocks still busy with their previous
+// tile, perf.md v34); it publishes each through a 2-slot ring in shared memory (slot k % 2: "full" takes the
+// producer's arrival, "empty" one from every consumer thread once read), which the consumers read after their
+// tile. A value past num_tiles ends both walks.
 template <class Kt>
 struct TileWalk {
   int k = 0;  // tiles published / read so far
@@ -158,7 +160,7 @@ struct TileWalk {
   FA2_DEVICE int consumer_next(const FwdParams& p, const WsSmem<Kt>& sm, int tile) {
     if (p.tile_counter == nullptr) return tile + static_cast<int>(gridDim.x);
     const int s = k & 1;
-    tma::wait(sm.tile_full(s), (k >> 1) & 1);
+    tma::wait(sm.tile_full(s), (k >> 1) & 1);  // claimed by now (a couple of key tiles ago)
     const int next = *sm.tile_slot(s);
     tma::arrive(sm.tile_empty(s));
     ++k;
@@ -484,8 +486,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     if (tid == 0) {
       int kv_use = 0, q_use = 0;
       TileWalk<Kt> walk;
-      for (int tile = static_cast<int>(blockIdx.x), next; tile < num_tiles; tile = next) {
-        next = walk.producer_next(p, sm, tile);
+      // The next tile is claimed after this one's last copy (the loop's step), not when it starts (TileWalk).
+      for (int tile = static_cast<int>(blockIdx.x); tile < num_tiles; tile = walk.producer_next(p, sm, tile)) {
         const FwdBlockInfo<kBlockM> blk(p, tile);
         if (blk.rows <= 0) continue;  // varlen: past the end of this sequence
         const Visibility<int> vis = blk.seq.visibility(p);
@@ -524,8 +526,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     FwdProbe whole(p, c, tid % 128 == 0);
     int kv_use = 0, q_use = 0;
     TileWalk<Kt> walk;
-    for (int tile = static_cast<int>(blockIdx.x), next; tile < num_tiles; tile = next) {
-      next = walk.consumer_next(p, sm, tile);
+    for (int tile = static_cast<int>(blockIdx.x); tile < num_tiles; tile = walk.consumer_next(p, sm, tile)) {
       const FwdBlockInfo<kBlockM> blk(p, tile);
       if (blk.rows <= 0) continue;
       const Visibility<int> vis = blk.seq.visibility(p);
@@ -537,7 +538,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         continue;
       }
       consume<Kt, kScoreMod>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,
-                             static_cast<uint32_t>(q_use / q_stages) & 1u, next < num_tiles);
+                             static_cast<uint32_t>(q_use / q_stages) & 1u,
+                             // another tile may follow: the dynamic walk learns its next tile only after this one
+                             p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles);
       kv_use += n_tiles;
       ++q_use;
     }
