@@ -181,22 +181,22 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // Persistent: at most one block per SM, each walking tiles (the next tile's loads then run under the last one's
   // epilogue). Where every tile costs the same (no causal mask or window, no packed batch) the blocks stride
   // through the tiles, at the head dims whose traits ask for it. Masked or packed tiles differ in cost: a static
-  // stride gave some blocks only long tiles (0.59-0.66x at causal N = 16k, perf.md v12), and the dynamic walk
-  // (blocks take tiles from a counter zeroed per call, from p.zeroed_ints, in FwdBlockInfo's order, longest first
-  // within a head) lost 3-14% at N = 16k (perf.md v13), so there each tile gets its own block, except on short
-  // rows (at most kDynamicWalkMaxRows query rows) at d64 / d128, where the dynamic walk measured 1.02-1.04x
-  // (causal 2k in three calls, packed 2k 0.98-1.05; level at causal 4k and 8k, 0.90-0.96x at d256; perf.md v25).
+  // stride gave some blocks only long tiles (0.59-0.66x at causal N = 16k, perf.md v12), so there blocks take
+  // tiles from a counter zeroed per call (p.zeroed_ints) in FwdBlockInfo's order, longest first within a head: the
+  // dynamic walk, at d64 / d128. It hides each tile's Q wait (~2500 cycles, a block per tile) under the previous
+  // tile. It once lost 3-14% at N = 16k (perf.md v13, v34: 7% at causal 16k) because a block claimed its next tile
+  // when it started the current one; claimed after the current tile's last copy (TileWalk), it measures 0.995-1.022x
+  // a block per tile (window 4096 at 16k 1.022, causal 4k / 8k 1.016 / 1.009, packed causal 1.015, 16k level; v34).
+  // d256 keeps a block per tile (the walk 0.995 at causal 8k; 0.90-0.96x before, v25).
   // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk wherever tiles differ, =tile for a block per tile
   // (A/B runs, tests).
   // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
   // walk the blocks then stride); =all gives every tile its own block (A/B runs).
   const bool uniform = !varlen && p.window_left < 0 && p.window_right < 0;
   const char* walk_env = std::getenv("FLASH_ATTN2_FWD_WS_WALK");
-  constexpr int kDynamicWalkMaxRows = 2048;
   const bool walk_forced = walk_env != nullptr && walk_env[0] != '\0';
   const bool dynamic = !uniform && p.zeroed_ints != nullptr &&
-                       (walk_forced ? std::strcmp(walk_env, "dynamic") == 0
-                                    : Kt::kHeadDim <= 128 && p.seqlen_q <= kDynamicWalkMaxRows);
+                       (walk_forced ? std::strcmp(walk_env, "dynamic") == 0 : Kt::kHeadDim <= 128);
   FwdParams launch = p;
   launch.tile_counter = nullptr;
   // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).

@@ -13,8 +13,8 @@
 //
 // The consumers take turns issuing their MMAs (ping-pong), so one's softmax runs under another's MMAs.
 // Persistent where tiles are uniform: a grid of at most one block per SM walks the tiles (see the kernel and
-// flash_fwd_launch.cuh); where tiles differ in cost, one block per tile, or on request (FLASH_ATTN2_FWD_WS_WALK=
-// dynamic) a dynamic walk (TileWalk), measured slower so far. Where blocks walk tiles and shared memory has room
+// flash_fwd_launch.cuh); where tiles differ in cost, a dynamic walk (TileWalk) at d64 / d128 and one block per tile
+// at d256 (FLASH_ATTN2_FWD_WS_WALK=dynamic / tile override). Where blocks walk tiles and shared memory has room
 // (d128, 128-key tiles), two Q buffers: tile k's Q in buffer k % 2, copied while tile k - 1 still computes.
 // Not yet: TMA stores of O.
 #pragma once
