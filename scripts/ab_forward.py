@@ -22,6 +22,7 @@ import sys
 
 CHILD = r"""
 import json, sys, torch, flash_attn2
+from flash_attn2.bench import packed_lengths
 res = {}
 dtype = getattr(torch, sys.argv[7])
 ints = lambda s: [int(x) for x in s.split(",") if x]
@@ -38,9 +39,7 @@ for d, causal, n, mod in cases:
           "window": dict(window_size=(4096, 0) if causal else (4096, 4096))}[mod]
     bwd_kw = dict(kw, deterministic=True) if mod == "det" else kw  # det: the deterministic backward
     if mod == "varlen":  # 16k tokens packed, lengths drawn from 64..N
-        gen, lens = torch.Generator().manual_seed(0), []
-        while sum(lens) < 16384:
-            lens.append(min(int(torch.randint(64, n + 1, (1,), generator=gen)), 16384 - sum(lens)))
+        lens = packed_lengths(16384, n)
         cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
         q, k, v = (torch.randn(16384, h, d, device="cuda", dtype=dtype) for _ in range(3))
         args = (cu, cu, max(lens), max(lens), causal)

@@ -19,6 +19,7 @@ import statistics
 import torch
 
 import flash_attn2  # noqa: F401  (loads the library, registers the ops)
+from flash_attn2.bench import packed_lengths
 
 
 def make_case(d, causal, n, mod, dtype):
@@ -27,9 +28,7 @@ def make_case(d, causal, n, mod, dtype):
           "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}, "varlen": {},
           "window": dict(window_size=(4096, 0) if causal else (4096, 4096))}[mod]
     if mod == "varlen":  # 16k tokens packed, lengths drawn from 64..N (the bench's batch when N = 4096)
-        gen, lens = torch.Generator().manual_seed(0), []
-        while sum(lens) < 16384:
-            lens.append(min(int(torch.randint(64, n + 1, (1,), generator=gen)), 16384 - sum(lens)))
+        lens = packed_lengths(16384, n)
         cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
         q, k, v = (torch.randn(16384, h, d, device="cuda", dtype=dtype) for _ in range(3))
         args = (cu, cu, max(lens), max(lens), causal)

@@ -369,6 +369,15 @@ def bench_provider_cuda(out_path=None, rows=None):
             fh.write("\n".join(lines) + "\n")
 
 
+def packed_lengths(total=16384, longest=4096, seed=0):
+    """The varlen rows' packed batch: sequence lengths drawn from 64..longest (a CPU generator seeded `seed`) until
+    they sum to `total`, the last one cut to fit (also scripts/ab_forward.py's and env_ab.py's `varlen` cases)."""
+    gen, lengths = torch.Generator().manual_seed(seed), []
+    while sum(lengths) < total:
+        lengths.append(min(int(torch.randint(64, longest + 1, (1,), generator=gen)), total - sum(lengths)))
+    return lengths
+
+
 def _fwd_bwd_ms(fn, inputs, dout):
     fwd = median_ms_cuda(lambda: fn(*inputs))
     out = fn(*inputs)
@@ -427,13 +436,8 @@ def bench_variants_cuda(out_path=None):
 
     # Packed varlen batch of 16k tokens, lengths drawn from 64..4096, vs our dense kernel on 16k tokens (B = 8,
     # N = 2048) and vs torch.nn.attention.varlen.varlen_attn on the same packed batch.
-    gen = torch.Generator().manual_seed(0)
-    lengths, total = [], 0
-    while total < 16384:
-        n = int(torch.randint(64, 4097, (1,), generator=gen))
-        n = min(n, 16384 - total)
-        lengths.append(n)
-        total += n
+    lengths = packed_lengths()
+    total = sum(lengths)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
     max_len = max(lengths)
     qv, kv, vv = (torch.randn(total, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
