@@ -253,7 +253,7 @@ if step ab_persistent 130; then  # the persistent walk (B: static where uniform,
     $lib,FLASH_ATTN2_FWD_WS=1,FLASH_ATTN2_FWD_WS_WALK=dynamic --head-dims 64,128,256 --lengths 2048,16384 --causal-lengths 2048,16384 \
     --mods none,varlen | tee "$OUT/ab_persistent.md"  # vs one tile per block (A)
 fi
-if step ab_walkshort 100; then  # short masked rows: the dynamic walk, now their default (B), vs a block per tile (A)
+if step ab_walkshort 100; then  # masked rows: the dynamic walk, their default at d64 / d128 (B), vs a block per tile (A)
   timeout 100 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_FWD_WS_WALK=tile $lib --head-dims 64,128 --lengths 2048 \
     --causal-lengths 2048,8192 --mods none,varlen --settle-ms 300 | tee "$OUT/ab_walkshort.md"
 fi
