@@ -19,7 +19,7 @@ import statistics
 import torch
 
 import flash_attn2  # noqa: F401  (loads the library, registers the ops)
-from flash_attn2.bench import packed_lengths
+from flash_attn2.bench import packed_lengths, window_visible_scores
 
 
 def make_case(d, causal, n, mod, dtype):
@@ -41,9 +41,7 @@ def make_case(d, causal, n, mod, dtype):
         ops = torch.ops.flash_attn2.fwd, torch.ops.flash_attn2.fwd_with_lse, torch.ops.flash_attn2.bwd
         scores = b * h * n * n / (2 if causal else 1)
         if mod == "window":  # count the visible scores only
-            w = 4096
-            per_head = sum(min(i, w) + 1 if causal else min(n - 1, i + w) - max(0, i - w) + 1 for i in range(n))
-            scores = b * h * per_head
+            scores = b * h * window_visible_scores(n, 4096, 0 if causal else 4096)
     return (q, k, v), args, kw, ops, 4 * d * scores
 
 

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 import flash_attn2  # noqa: E402,F401
-from flash_attn2.bench import median_ms_cuda  # noqa: E402
+from flash_attn2.bench import median_ms_cuda, window_visible_scores  # noqa: E402
 
 SLOTS = ["q_wait", "kv_wait", "turn_wait", "issue", "s_wait", "softmax", "pv_wait", "rescale", "epilogue", "tiles",
          "iters", "total", "issue_pv", "epi_finalize", "epi_stage", "epi_sync"]
@@ -49,7 +49,7 @@ def run_case(d, causal, n, env, window=-1):
     if window < 0:
         flops = 4 * b * h * n * n * d / (2 if causal else 1)
     else:
-        flops = 4 * b * h * d * sum(min(i, window) + 1 + (0 if causal else min(n - 1 - i, window)) for i in range(n))
+        flops = 4 * b * h * d * window_visible_scores(n, window, 0 if causal else window)
     return ms, flops / ms / 1e9, used
 
 
