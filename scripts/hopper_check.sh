@@ -44,8 +44,8 @@
 #   ab_softcap     the WS forward's softcap against a fixed offset vs the running max (FLASH_ATTN2_SOFTCAP_FIXED=0)
 #   softtests      the variant tests (test_variants.py), then the softcap and option-combination ones on the portable
 #                  kernels (FLASH_ATTN2_PORTABLE_KERNELS=1)
-#   mufu           ops per clock per SM of ex2.approx, tanh.approx, both, and FMA, and of ex2 with 4-16 warps per SM
-#                  (scripts/mufu_rate.cu)
+#   mufu           ops per clock per SM of ex2.approx, tanh.approx, both, and FMA, their f16 / bf16 forms (results per
+#                  clock), and of ex2 with 4-16 warps per SM (scripts/mufu_rate.cu)
 #   ncu_softcap    ncu (speed of light, pipes, warp stalls) on the d128 WS kernels, plain and softcap 50
 #   ncu_bwd        ncu (speed of light, memory, pipes, warp stalls) on our backward and cuDNN's, d256 and d128,
 #                  non-causal 8k: what bounds the d256 backward (0.78-0.90 of cuDNN), and cuDNN's kernel names

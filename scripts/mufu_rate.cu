@@ -4,7 +4,9 @@
 // than ex2 on this GPU? Then (perf.md v32) the ex2 rate one SM reaches with few warps: the WS forward's softmax runs
 // on one warp per SMSP while the other consumer's warps wait on their wgmma issue, so what one warp per SMSP gets
 // out of the MUFU pipe bounds it. That table's cycles are the SM's own (clock64 in the kernel), so its rates are per
-// SM clock whatever clock the GPU ran at. Build and run (the hopper_check step `mufu` does):
+// SM clock whatever clock the GPU ran at. And (session 32) the half-precision forms: f16x2 / bf16x2 compile to two
+// MUFU operations on sm_90 (perf.md v18, v31), but whether each of those runs at the f32 rate was never measured;
+// the packed rows count two results per instruction. Build and run (the hopper_check step `mufu` does):
 //   nvcc -O3 -arch=sm_90a -o /tmp/mufu_rate scripts/mufu_rate.cu && /tmp/mufu_rate
 #include <cstdio>
 #include <cstdlib>
@@ -23,7 +25,40 @@
 constexpr int kChains = 8;    // independent chains per thread, so that latency is hidden
 constexpr int kIters = 4096;  // dependent steps per chain
 
-enum Op { kEx2, kTanh, kEx2Tanh, kFma };
+enum Op { kEx2, kTanh, kEx2Tanh, kFma, kTanhF16x2, kTanhBf16x2, kEx2F16x2, kTanhF16 };
+
+// The packed ops' chains run on 32-bit registers holding two halves.
+template <Op op>
+__device__ __forceinline__ unsigned step_packed(unsigned x) {
+  unsigned y;
+  if constexpr (op == kTanhF16x2) {
+    asm volatile("tanh.approx.f16x2 %0, %1;" : "=r"(y) : "r"(x));
+  } else if constexpr (op == kTanhBf16x2) {
+    asm volatile("tanh.approx.bf16x2 %0, %1;" : "=r"(y) : "r"(x));
+  } else if constexpr (op == kEx2F16x2) {
+    asm volatile("ex2.approx.f16x2 %0, %1;" : "=r"(y) : "r"(x));
+  } else {  // kTanhF16: one half per instruction (the low half; the high half is left as it is)
+    unsigned short lo = static_cast<unsigned short>(x), r;
+    asm volatile("tanh.approx.f16 %0, %1;" : "=h"(r) : "h"(lo));
+    y = (x & 0xffff0000u) | r;
+  }
+  return y;
+}
+
+template <Op op>
+__global__ void run_packed(float* out, float seed) {
+  unsigned x[kChains];
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) x[c] = 0x38003800u ^ ((threadIdx.x + c) & 0xff);  // about 0.5 in f16
+  for (int i = 0; i < kIters; ++i) {
+#pragma unroll
+    for (int c = 0; c < kChains; ++c) x[c] = step_packed<op>(x[c]);
+  }
+  unsigned s = 0;
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) s ^= x[c];
+  if (s == 12345u + static_cast<unsigned>(seed)) out[0] = 1.f;  // never true; keeps the chains live
+}
 
 template <Op op>
 __device__ __forceinline__ float step(float x) {
@@ -60,18 +95,23 @@ __global__ void run(float* out, float seed) {
 template <Op op>
 double ops_per_clock_per_sm(const char* name, int sms, double clock_hz, float* out) {
   const int blocks = sms * 4, threads = 512;  // 64 warps per SM
-  run<op><<<blocks, threads>>>(out, 1.f);       // warm-up
+  constexpr bool kPacked = op >= kTanhF16x2;
+  auto launch = [&] {
+    if constexpr (kPacked) run_packed<op><<<blocks, threads>>>(out, 1.f);
+    else run<op><<<blocks, threads>>>(out, 1.f);
+  };
+  launch();  // warm-up
   CHECK(cudaGetLastError());
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
   CHECK(cudaEventCreate(&b));
   CHECK(cudaEventRecord(a));
-  run<op><<<blocks, threads>>>(out, 1.f);
+  launch();
   CHECK(cudaEventRecord(b));
   CHECK(cudaEventSynchronize(b));
   float ms = 0.f;
   CHECK(cudaEventElapsedTime(&ms, a, b));
-  const double per_step = op == kEx2Tanh ? 2.0 : 1.0;
+  const double per_step = op == kEx2Tanh || (kPacked && op != kTanhF16) ? 2.0 : 1.0;  // results per step
   const double ops = static_cast<double>(blocks) * threads * kChains * kIters * per_step;
   const double rate = ops / (ms * 1e-3) / clock_hz / sms;
   std::printf("%-10s %8.3f ms  %7.2f ops per clock per SM\n", name, ms, rate);
@@ -143,6 +183,13 @@ int main() {
   ops_per_clock_per_sm<kEx2Tanh>("tanh+ex2", sms, hz, out);
   ops_per_clock_per_sm<kFma>("fma", sms, hz, out);
   std::printf("tanh / ex2 rate: %.2f\n", tanh / ex2);
+  // results per clock per SM: a packed op's two halves count as two
+  const double th2 = ops_per_clock_per_sm<kTanhF16x2>("tanh.f16x2", sms, hz, out);
+  const double tb2 = ops_per_clock_per_sm<kTanhBf16x2>("tanh.bf16x2", sms, hz, out);
+  const double e2 = ops_per_clock_per_sm<kEx2F16x2>("ex2.f16x2", sms, hz, out);
+  const double th1 = ops_per_clock_per_sm<kTanhF16>("tanh.f16", sms, hz, out);
+  std::printf("results per clock vs f32 tanh: tanh.f16x2 %.2f, tanh.bf16x2 %.2f, tanh.f16 %.2f; ex2.f16x2 vs f32 ex2 %.2f\n",
+              th2 / tanh, tb2 / tanh, th1 / tanh, e2 / ex2);
   long long* cycles = nullptr;
   CHECK(cudaMalloc(&cycles, sizeof(long long) * sms));
   std::printf("\n| warps per SM | chains per thread | ops | ex2 per SM clock |\n|---|---|---|---|\n");
