@@ -157,8 +157,8 @@ inline void set_softcap_fixed_offset(FwdParams& p) {
 template <class Kt, bool kScoreMod>
 bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const int mode = fwd_ws_mode();
-  const bool causal = p.window_left < 0 && p.window_right == 0;
-  const int min_tiles = causal ? Kt::kDefaultMinKeyTilesCausal : Kt::kDefaultMinKeyTiles;
+  const bool plain_causal = p.window_left < 0 && p.window_right == 0 && !kScoreMod && p.cu_seqlens_q == nullptr;
+  const int min_tiles = plain_causal ? Kt::kDefaultMinKeyTilesCausal : Kt::kDefaultMinKeyTiles;
   if (mode == 0 || (mode == -1 && visible_keys_per_row(p) < static_cast<int64_t>(min_tiles) * Kt::kBlockN))
     return false;
   auto unavailable = [&](const char* why) {
@@ -187,7 +187,10 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // tile. It once lost 3-14% at N = 16k (perf.md v13, v34: 7% at causal 16k) because a block claimed its next tile
   // when it started the current one; claimed after the current tile's last copy (TileWalk), it measures 0.995-1.022x
   // a block per tile (window 4096 at 16k 1.022, causal 4k / 8k 1.016 / 1.009, packed causal 1.015, 16k level; v34).
-  // d256 keeps a block per tile (the walk 0.995 at causal 8k; 0.90-0.96x before, v25).
+  // At d256 too since v35 where rows see 1024 keys or more: over four calls, each with a noise floor of 2-3%, the
+  // walk read +1.5% on average at causal 2k (-0.8 to +3.6%), +1.1% at 4k, +0.5% at 8k, +1.4% packed causal 2k,
+  // window 4096 at 16k +5.4% and -2.0% (v34: -0.5% at causal 8k; 0.90-0.96x before the late claim, v25); at causal
+  // 1k (512 keys a row) it lost 8% (0.915, packed 0.924), so shorter rows keep a block per tile.
   // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk wherever tiles differ, =tile for a block per tile
   // (A/B runs, tests).
   // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
@@ -196,7 +199,8 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const char* walk_env = std::getenv("FLASH_ATTN2_FWD_WS_WALK");
   const bool walk_forced = walk_env != nullptr && walk_env[0] != '\0';
   const bool dynamic = !uniform && p.zeroed_ints != nullptr &&
-                       (walk_forced ? std::strcmp(walk_env, "dynamic") == 0 : Kt::kHeadDim <= 128);
+                       (walk_forced ? std::strcmp(walk_env, "dynamic") == 0
+                                    : Kt::kHeadDim <= 128 || visible_keys_per_row(p) >= 1024);
   FwdParams launch = p;
   launch.tile_counter = nullptr;
   // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).

@@ -55,10 +55,14 @@ struct FwdSm90WsTraits {
   // short loops are slower than flash_fwd_sm90_kernel's, whose two blocks per SM hide each other's prologue and
   // epilogue (non-causal 1k, 8 tiles: 0.97x; 1.5k, 12: 1.01x). Causal rows had a threshold of 32 (0.98x at causal
   // N = 4k in v11); since v31's softmax tree the WS kernel measures 0.97-0.98x at causal 2k / 2.5k (9-11 tiles)
-  // and 1.05-1.14x from causal 3k (13 tiles) to 6k, 1.09x packed causal at 8k (perf.md v32): 12 both ways. At
-  // d128 and d256 it is faster everywhere measured.
+  // and 1.05-1.14x from causal 3k (13 tiles) to 6k, 1.09x packed causal at 8k (perf.md v32): 12 both ways. Since
+  // v34's walk claims its next tile late, dense causal rows without score modifiers gain a little from 8 tiles
+  // (over four calls with a noise floor of 2-3%: causal 2k +1.7% on average, -1.4 to +3.6%; 2.5k +1.5%; GQA 2k
+  // +2.0 / +4.6%), while causal 1k (4 tiles) loses 13%, and packed causal 2k (0.99x) and softcap / ALiBi causal 2k
+  // (0.98x) lose a little (perf.md v35): kDefaultMinKeyTilesCausal for those rows, kDefaultMinKeyTiles for the
+  // rest. At d128 and d256 it is faster everywhere measured.
   static constexpr int kDefaultMinKeyTiles = kHeadDim == 64 ? 12 : 0;
-  static constexpr int kDefaultMinKeyTilesCausal = kHeadDim == 64 ? 12 : 0;
+  static constexpr int kDefaultMinKeyTilesCausal = kHeadDim == 64 ? 8 : 0;
   // Lazy rescaling (OnlineSoftmax::update_scores, slack 2^8) where it measured faster: d256, whose O
   // rescale is 4 multiplies per score, and the score-modifier kernels; d128's plain kernel is level or slower.
   static constexpr int kRescaleSlackLog2 = 8;

@@ -272,8 +272,8 @@ def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, 
                                                             transposed, walk, qbuf):
     """The persistent grid capped at 5 blocks: every block walks many tiles, its K/V ring, Q buffers and
     ping-pong turns running on from one tile to the next. Without a mask, or with FLASH_ATTN2_FWD_WS_WALK=tile,
-    the blocks stride (static walk); with a causal mask, by default at d64 / d128 or with
-    FLASH_ATTN2_FWD_WS_WALK=dynamic, they take their tiles from the per-call tile counter
+    the blocks stride (static walk); with a causal mask, by default (at d256 where rows see 1024 keys or more) or
+    with FLASH_ATTN2_FWD_WS_WALK=dynamic, they take their tiles from the per-call tile counter
     (dynamic walk). d128 has two Q buffers (tile k's in buffer k % 2);
     FLASH_ATTN2_FWD_WS_QBUF=1 keeps to one."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")

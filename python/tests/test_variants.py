@@ -671,7 +671,7 @@ def test_cuda_wide_backward_varlen_deterministic(monkeypatch, wide):
 def test_cuda_warp_specialised_forward_varlen(monkeypatch, lengths_q, lengths_k, variant, blocks, walk):
     """Packed batches on the warp-specialised forward (one TMA map over all sequences); blocks = 3: a persistent
     grid of 3 blocks walks every tile, past-the-end and empty ones included, striding (walk = tile) or taking
-    tiles from the per-call counter (walk = dynamic, the default for packed rows at d64 / d128)."""
+    tiles from the per-call counter (walk = dynamic, the default for packed rows)."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_WALK", walk)
