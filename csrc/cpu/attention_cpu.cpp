@@ -32,6 +32,7 @@ constexpr int64_t kBlockKVFwd = 512;  // Bc of the forward: fewer, larger GEMMs 
 // once per GEMM, so 256-row GEMMs pack a quarter as often (PyTorch's CPU flash kernel uses 256 x 512 too). Masked
 // layouts keep 64-row tiles, whose diagonal tiles waste less.
 constexpr int64_t kBlockQFwdWide = 256;
+constexpr int64_t kBlockQBwdWide = 256;  // Br of the backward on unmasked layouts (backward_kernel)
 
 // Strided view of one tensor (B, H, N, D) as a base pointer and element strides.
 template <typename scalar_t>
@@ -270,13 +271,20 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const int64_t group = s.heads_q / s.heads_kv;
   const acc_t scale_acc = static_cast<acc_t>(scale);
   const bool softcap = var.softcap > 0, dropout = var.dropout.enabled();
+  // Unmasked layouts take 256-row query tiles, as the forward does: a quarter of the GEMM calls, each packing its
+  // K / V operand once for four times the rows (MKL's per-call cost was a fifth of the N = 1024 backward: perf.md
+  // v35); masked ones keep 64, whose diagonal tiles waste less. ld: row stride of the score-sized tiles.
+  const int64_t block_q = var.vis.left < 0 && var.vis.right < 0 ? kBlockQBwdWide : kBlockQ;
+  const int64_t rows_cap = std::min(block_q, Nq), ld = std::min(kBlockKV, Nk);
 
   at::parallel_for(0, s.batch * s.heads_q, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_tile(kBlockQ * D), do_tile(kBlockQ * D), o_tile(kBlockQ * D);
-    std::vector<acc_t> k_tile(kBlockKV * D), v_tile(kBlockKV * D);
-    std::vector<acc_t> p(kBlockQ * kBlockKV), dp(kBlockQ * kBlockKV), keep(kBlockQ * kBlockKV);
-    std::vector<acc_t> pz(kBlockQ * kBlockKV), dtanh(kBlockQ * kBlockKV);
-    std::vector<acc_t> delta(Nq), row_lse(Nq);
+    // Not value-initialised: every element is written before it is read.
+    const auto q_tile = scratch<acc_t>(rows_cap * D), do_tile = scratch<acc_t>(rows_cap * D),
+               o_tile = scratch<acc_t>(rows_cap * D), k_tile = scratch<acc_t>(ld * D),
+               v_tile = scratch<acc_t>(ld * D), p = scratch<acc_t>(rows_cap * ld), dp = scratch<acc_t>(rows_cap * ld);
+    const auto keep = scratch<acc_t>(dropout ? rows_cap * ld : 0), pz = scratch<acc_t>(dropout ? rows_cap * ld : 0);
+    const auto dtanh = scratch<acc_t>(softcap ? rows_cap * ld : 0);
+    const auto delta = scratch<acc_t>(Nq), row_lse = scratch<acc_t>(Nq);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.heads_q, h = bh % s.heads_q, h_kv = h / group;
       const ScoreRule<acc_t> rule = var.score_rule(b, h);
@@ -285,13 +293,13 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       acc_t* dv_head = dv_data + bh * Nk * D;
 
       // delta_i = rowsum(dO * O), the softmax-gradient correction of FlashAttention-2.
-      for (int64_t q0 = 0; q0 < Nq; q0 += kBlockQ) {
-        const int64_t qn = std::min(kBlockQ, Nq - q0);
-        dO.pack(b, h, q0, qn, D, do_tile.data());
-        O.pack(b, h, q0, qn, D, o_tile.data());
+      for (int64_t q0 = 0; q0 < Nq; q0 += block_q) {
+        const int64_t qn = std::min(block_q, Nq - q0);
+        const auto [do_rows, ldo] = dO.rows(b, h, q0, qn, D, do_tile.get());
+        const auto [o_rows, ldoo] = O.rows(b, h, q0, qn, D, o_tile.get());
         for (int64_t i = 0; i < qn; ++i) {
           acc_t sum = 0;
-          for (int64_t d = 0; d < D; ++d) sum += do_tile[i * D + d] * o_tile[i * D + d];
+          for (int64_t d = 0; d < D; ++d) sum += do_rows[i * ldo + d] * o_rows[i * ldoo + d];
           delta[q0 + i] = sum;
           row_lse[q0 + i] = lse_a[b][h][q0 + i];
         }
@@ -302,46 +310,47 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         // Queries that see any key of the tile: only their tiles are visited.
         const int64_t q_begin = var.vis.query_begin(k0), q_end = var.vis.query_end(k0 + kn - 1);
         if (q_begin >= q_end) continue;
-        K.pack(b, h_kv, k0, kn, D, k_tile.data());
-        V.pack(b, h_kv, k0, kn, D, v_tile.data());
+        const auto [k_rows, ldk] = K.rows(b, h_kv, k0, kn, D, k_tile.get());
+        const auto [v_rows, ldv] = V.rows(b, h_kv, k0, kn, D, v_tile.get());
         acc_t* dk_tile = dk_head + k0 * D;  // accumulated in place: zero-initialised by the caller
         acc_t* dv_tile = dv_head + k0 * D;
-        for (int64_t q0 = q_begin / kBlockQ * kBlockQ; q0 < q_end; q0 += kBlockQ) {
-          const int64_t qn = std::min(kBlockQ, Nq - q0);
-          Q.pack(b, h, q0, qn, D, q_tile.data());
-          dO.pack(b, h, q0, qn, D, do_tile.data());
+        for (int64_t q0 = q_begin / block_q * block_q; q0 < q_end; q0 += block_q) {
+          const int64_t qn = std::min(block_q, Nq - q0);
+          const auto [q_rows, ldq] = Q.rows(b, h, q0, qn, D, q_tile.get());
+          const auto [do_rows, ldo] = dO.rows(b, h, q0, qn, D, do_tile.get());
           // P = exp(logits - lse)
-          gemm_rm(false, true, qn, kn, D, scale_acc, q_tile.data(), D, k_tile.data(), D, acc_t(0), p.data(),
-                  kBlockKV);
-          var.logits(p.data(), kBlockKV, q0, qn, k0, kn, rule, softcap ? dtanh.data() : nullptr);
-          for (int64_t i = 0; i < qn; ++i) probabilities_row(&p[i * kBlockKV], kn, row_lse[q0 + i]);
+          gemm_rm(false, true, qn, kn, D, scale_acc, q_rows, ldq, k_rows, ldk, acc_t(0), p.get(), ld);
+          var.logits(p.get(), ld, q0, qn, k0, kn, rule, softcap ? dtanh.get() : nullptr);
+          for (int64_t i = 0; i < qn; ++i) probabilities_row(&p[i * ld], kn, row_lse[q0 + i]);
           // With dropout, O used P * Z (Z = keep / (1 - p)): dV += (P Z)^T dO
-          const acc_t* p_used = p.data();
+          const acc_t* p_used = p.get();
           if (dropout) {
-            var.keep_tile(keep.data(), kBlockKV, var.rng_head(b, h), q0, qn, k0, kn);
+            var.keep_tile(keep.get(), ld, var.rng_head(b, h), q0, qn, k0, kn);
             for (int64_t i = 0; i < qn; ++i)
-              for (int64_t j = 0; j < kn; ++j) pz[i * kBlockKV + j] = p[i * kBlockKV + j] * keep[i * kBlockKV + j];
-            p_used = pz.data();
+              for (int64_t j = 0; j < kn; ++j) pz[i * ld + j] = p[i * ld + j] * keep[i * ld + j];
+            p_used = pz.get();
           }
-          gemm_rm(true, false, kn, D, qn, acc_t(1), p_used, kBlockKV, do_tile.data(), D, acc_t(1), dv_tile, D);
+          gemm_rm(true, false, kn, D, qn, acc_t(1), p_used, ld, do_rows, ldo, acc_t(1), dv_tile, D);
           // dP = dO V^T, then dS = P * (Z dP - delta) [* (1 - tanh^2)], stored over dP
-          gemm_rm(false, true, qn, kn, D, acc_t(1), do_tile.data(), D, v_tile.data(), D, acc_t(0), dp.data(),
-                  kBlockKV);
+          gemm_rm(false, true, qn, kn, D, acc_t(1), do_rows, ldo, v_rows, ldv, acc_t(0), dp.get(), ld);
           for (int64_t i = 0; i < qn; ++i) {
             const acc_t d_i = delta[q0 + i];
-            acc_t* dp_row = &dp[i * kBlockKV];
-            const acc_t* p_row = &p[i * kBlockKV];
+            acc_t* dp_row = &dp[i * ld];
+            const acc_t* p_row = &p[i * ld];
+            if (!dropout && !softcap) {  // the common case as its own loop, so that it vectorises
+              for (int64_t j = 0; j < kn; ++j) dp_row[j] = p_row[j] * (dp_row[j] - d_i);
+              continue;
+            }
             for (int64_t j = 0; j < kn; ++j) {
-              const acc_t z = dropout ? keep[i * kBlockKV + j] : acc_t(1);
+              const acc_t z = dropout ? keep[i * ld + j] : acc_t(1);
               acc_t ds = p_row[j] * (z * dp_row[j] - d_i);
-              if (softcap) ds *= dtanh[i * kBlockKV + j];
+              if (softcap) ds *= dtanh[i * ld + j];
               dp_row[j] = ds;
             }
           }
           // dK += scale * dS^T Q;  dQ += scale * dS K
-          gemm_rm(true, false, kn, D, qn, scale_acc, dp.data(), kBlockKV, q_tile.data(), D, acc_t(1), dk_tile, D);
-          gemm_rm(false, false, qn, D, kn, scale_acc, dp.data(), kBlockKV, k_tile.data(), D, acc_t(1),
-                  dq_head + q0 * D, D);
+          gemm_rm(true, false, kn, D, qn, scale_acc, dp.get(), ld, q_rows, ldq, acc_t(1), dk_tile, D);
+          gemm_rm(false, false, qn, D, kn, scale_acc, dp.get(), ld, k_rows, ldk, acc_t(1), dq_head + q0 * D, D);
         }
       }
     }

@@ -50,7 +50,9 @@ def test_cpu_matches_reference(b, hq, hkv, nq, nk, d, causal, dtype, transposed)
                                                    (1, 4, 4, 513, 70, 32, torch.float64)])
 def test_cpu_wide_query_tiles(b, hq, hkv, nq, nk, d, dtype):
     """Unmasked forwards take 256-row query tiles when that leaves every thread at least four tasks: with one
-    thread these shapes do (tails of 44 and 1 rows, key tiles of 512 and a partial one)."""
+    thread these shapes do (tails of 44 and 1 rows, key tiles of 512 and a partial one). The unmasked backward
+    takes them always (here: gradients through tails of 44 and 1 rows, float32 operands read in place through
+    the transposed views' strides, float64 ones too)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
