@@ -271,11 +271,11 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const int64_t group = s.heads_q / s.heads_kv;
   const acc_t scale_acc = static_cast<acc_t>(scale);
   const bool softcap = var.softcap > 0, dropout = var.dropout.enabled();
-  // Unmasked layouts take 256-row query tiles, as the forward does: a quarter of the GEMM calls, each packing its
-  // K / V operand once for four times the rows (MKL's per-call cost was a fifth of the N = 1024 backward: perf.md
-  // v35); masked ones keep 64, whose diagonal tiles waste less. ld: row stride of the score-sized tiles.
-  const int64_t block_q = var.vis.left < 0 && var.vis.right < 0 ? kBlockQBwdWide : kBlockQ;
-  const int64_t rows_cap = std::min(block_q, Nq), ld = std::min(kBlockKV, Nk);
+  // Queries that see every key of a key tile take 256-row query tiles, as the unmasked forward does: a quarter of
+  // the GEMM calls, each packing its K / V operand once for four times the rows (MKL's per-call cost was about a
+  // tenth of the N = 1024 backward: perf.md, CPU backward, session 32); the band's edges (queries that see part of
+  // the tile) keep 64, whose masked scores waste less. ld: row stride of the score-sized tiles.
+  const int64_t rows_cap = std::min(kBlockQBwdWide, Nq), ld = std::min(kBlockKV, Nk);
 
   at::parallel_for(0, s.batch * s.heads_q, 1, [&](int64_t begin, int64_t end) {
     // Not value-initialised: every element is written before it is read.
@@ -293,8 +293,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       acc_t* dv_head = dv_data + bh * Nk * D;
 
       // delta_i = rowsum(dO * O), the softmax-gradient correction of FlashAttention-2.
-      for (int64_t q0 = 0; q0 < Nq; q0 += block_q) {
-        const int64_t qn = std::min(block_q, Nq - q0);
+      for (int64_t q0 = 0; q0 < Nq; q0 += kBlockQBwdWide) {
+        const int64_t qn = std::min(kBlockQBwdWide, Nq - q0);
         const auto [do_rows, ldo] = dO.rows(b, h, q0, qn, D, do_tile.get());
         const auto [o_rows, ldoo] = O.rows(b, h, q0, qn, D, o_tile.get());
         for (int64_t i = 0; i < qn; ++i) {
@@ -314,8 +314,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         const auto [v_rows, ldv] = V.rows(b, h_kv, k0, kn, D, v_tile.get());
         acc_t* dk_tile = dk_head + k0 * D;  // accumulated in place: zero-initialised by the caller
         acc_t* dv_tile = dv_head + k0 * D;
-        for (int64_t q0 = q_begin / block_q * block_q; q0 < q_end; q0 += block_q) {
-          const int64_t qn = std::min(block_q, Nq - q0);
+        // One query tile [q0, q0 + qn) against this key tile.
+        auto query_tile = [&](int64_t q0, int64_t qn) {
           const auto [q_rows, ldq] = Q.rows(b, h, q0, qn, D, q_tile.get());
           const auto [do_rows, ldo] = dO.rows(b, h, q0, qn, D, do_tile.get());
           // P = exp(logits - lse)
@@ -351,7 +351,15 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           // dK += scale * dS^T Q;  dQ += scale * dS K
           gemm_rm(true, false, kn, D, qn, scale_acc, dp.get(), ld, q_rows, ldq, acc_t(1), dk_tile, D);
           gemm_rm(false, false, qn, D, kn, scale_acc, dp.get(), ld, k_rows, ldk, acc_t(1), dq_head + q0 * D, D);
-        }
+        };
+        // Queries [full_lo, full_hi) see every key of the tile (i sees k0 and the last key, so all between).
+        int64_t full_lo = std::max(q_begin, var.vis.query_begin(k0 + kn - 1));
+        int64_t full_hi = std::min(q_end, var.vis.query_end(k0));
+        if (full_lo >= full_hi) full_lo = full_hi = q_end;
+        for (int64_t q0 = q_begin; q0 < full_lo; q0 += kBlockQ) query_tile(q0, std::min(kBlockQ, full_lo - q0));
+        for (int64_t q0 = full_lo; q0 < full_hi; q0 += kBlockQBwdWide)
+          query_tile(q0, std::min(kBlockQBwdWide, full_hi - q0));
+        for (int64_t q0 = full_hi; q0 < q_end; q0 += kBlockQ) query_tile(q0, std::min(kBlockQ, q_end - q0));
       }
     }
   });
@@ -388,8 +396,13 @@ Tensor3 backward_dense(const at::Tensor& dout, const at::Tensor& q, const at::Te
   auto group_sum = [&](const at::Tensor& partial) {
     return group == 1 ? partial : partial.view({s.batch, s.heads_kv, group, s.seqlen_k, s.head_dim}).sum(2);
   };
-  return {empty_like_input(q).copy_(dq_acc), empty_like_input(k).copy_(group_sum(dk_acc)),
-          empty_like_input(v).copy_(group_sum(dv_acc))};
+  // A contiguous input of the accumulation type gets the accumulator itself (same shape, same memory order): no
+  // copy (three of a 2 MB gradient each at B = 1, H = 8, N = 1024, D = 64).
+  auto finish = [&](const at::Tensor& input, at::Tensor grad) {
+    if (input.scalar_type() == grad.scalar_type() && input.is_contiguous() && grad.is_contiguous()) return grad;
+    return empty_like_input(input).copy_(grad);
+  };
+  return {finish(q, dq_acc), finish(k, group_sum(dk_acc)), finish(v, group_sum(dv_acc))};
 }
 
 // Windows wider than the sequences are unbounded (keeps the index arithmetic in range).

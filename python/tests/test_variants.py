@@ -108,6 +108,18 @@ def test_cpu_variants_dtypes_and_shapes(dtype, nq, nk):
     check_variant_case(1, 6, 3, nq, nk, 24, dtype, "cpu", opts)
 
 
+@pytest.mark.parametrize("nq,nk,causal,window,softcap,dropout_p,dtype", [
+    (700, 700, True, (-1, -1), 0.0, 0.0, torch.float32), (600, 900, False, (300, 20), 2.5, 0.2, torch.float32),
+    (500, 800, True, (-1, -1), 0.0, 0.3, torch.bfloat16), (700, 400, False, (-1, 0), 1.5, 0.0, torch.float64),
+    (650, 650, True, (7, -1), 0.0, 0.0, torch.float32)])
+def test_cpu_backward_query_tiles_across_the_band(nq, nk, causal, window, softcap, dropout_p, dtype):
+    """The backward's query tiles per key tile on masked layouts: 256 rows where the queries see every key of the
+    tile, 64 on the band's edges (unaligned: they start where the tile's visible queries do), none where the band
+    is narrower than a key tile (the 7-key window)."""
+    opts = make_options(1, 4, causal, window, softcap, None, dropout_p, "cpu", seed=nq)
+    check_variant_case(1, 4, 2, nq, nk, 16, dtype, "cpu", opts, transposed=dtype == torch.float32)
+
+
 @pytest.mark.parametrize("softcap,alibi,dropout_p", [(2.5, "batch", 0.3), (0.0, "head", 0.0), (1.5, None, 0.2)])
 def test_cpu_wide_query_tiles_with_score_modifiers(softcap, alibi, dropout_p):
     """The forward's 256-row query tiles (unmasked layouts, here forced by one thread) with every score modifier."""
