@@ -157,7 +157,8 @@ inline void set_softcap_fixed_offset(FwdParams& p) {
 template <class Kt, bool kScoreMod>
 bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const int mode = fwd_ws_mode();
-  const bool plain_causal = p.window_left < 0 && p.window_right == 0 && !kScoreMod && p.cu_seqlens_q == nullptr;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const bool plain_causal = p.window_left < 0 && p.window_right == 0 && !kScoreMod && !varlen;
   const int min_tiles = plain_causal ? Kt::kDefaultMinKeyTilesCausal : Kt::kDefaultMinKeyTiles;
   if (mode == 0 || (mode == -1 && visible_keys_per_row(p) < static_cast<int64_t>(min_tiles) * Kt::kBlockN))
     return false;
@@ -166,7 +167,6 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
     return false;
   };
   // Packed batches: one (d, T, H, 1) map over all sequences; the kernel offsets rows by cu_seqlens.
-  const bool varlen = p.cu_seqlens_q != nullptr;
   const int nq = varlen ? p.total_q : p.seqlen_q, nk = varlen ? p.total_k : p.seqlen_k, maps_b = varlen ? 1 : p.batch;
   FwdTmaMaps maps;
   const bool ok =
