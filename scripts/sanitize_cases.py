@@ -180,5 +180,19 @@ for dtype in (torch.bfloat16, torch.float16):
                                           softcap=2.0, alibi_slopes=torch.rand(hq, device="cuda"), num_splits=splits)
         if table is None:  # the plain op's split-KV path (Nq <= 16) on the same tensors
             flash_attn2.attention(q, kc, vc)
+    # Splits of 8 key tiles or more (their L2 prefetch before the PDL wait), dense caches of both layouts filled to
+    # capacity by the append and not, steps back to back with each query the previous output.
+    for d in [] if skip_kvcache else (64, 128, 256):
+        cap = 1100
+        for kc in (torch.randn(2, cap, 2, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2),
+                   torch.randn(2, 2, cap, d, device="cuda", dtype=torch.bfloat16)):
+            vc = torch.randn_like(kc)
+            q = torch.randn(2, 8, 1, d, device="cuda", dtype=torch.bfloat16)
+            kn = torch.randn(2, 2, 3, d, device="cuda", dtype=torch.bfloat16)
+            lens = torch.tensor([cap - 3, 700], dtype=torch.int32, device="cuda")
+            for splits in (1, 2):
+                q = flash_attn2.attention_kvcache(q, kc, vc, kn, torch.randn_like(kn), lens, None, True,
+                                                  num_splits=splits)[0]
+                q = flash_attn2.attention_kvcache(q, kc, vc, None, None, lens, None, num_splits=splits)[0]
 torch.cuda.synchronize()
 print("sanitize cases ran")

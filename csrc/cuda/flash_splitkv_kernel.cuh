@@ -124,6 +124,57 @@ struct KvRows {
   }
 };
 
+// Keys of a KV-cache sequence whose cache_seqlens entry is `cached`: the valid prefix plus the rows appended by
+// this call, within the capacity p.seqlen_k.
+FA2_DEVICE int cache_keys(const FwdParams& p, int cached) {
+  return min(min(max(cached, 0), p.seqlen_k) + p.seqlen_k_new, p.seqlen_k);
+}
+
+// Key tiles [t_begin, t_end) of split `split` for the packed rows of queries [q_first, q_last]: the visible tiles
+// in num_splits even runs.
+template <int kBlockN>
+FA2_DEVICE void split_tiles(const Visibility<int>& vis, int q_first, int q_last, int split, int num_splits,
+                            int& t_begin, int& t_end) {
+  const int key_begin = vis.key_begin(q_first), key_end = vis.key_end(q_last);
+  const int n_begin = key_begin / kBlockN, n_end = key_end > key_begin ? ceil_div(key_end, kBlockN) : n_begin;
+  const int per_split = ceil_div(n_end - n_begin, num_splits);
+  t_begin = min(n_end, n_begin + split * per_split);
+  t_end = min(n_end, t_begin + per_split);
+}
+
+// Before the PDL wait, where nothing the previous kernel writes may be read yet: the first
+// p.splitkv_prefetch_tiles key tiles of this block's split of a dense cache into L2, where the split has
+// kSplitKvPrefetchMinTiles tiles or more. The stream from DRAM then starts under the previous kernel's tail (the
+// previous step's combine lets the next kernel launch from its start), and long splits gain even without one
+// (a plain kernel before: B = 1, 32k 1.04x); splits of 4 tiles (B = 1, Hkv = 8, 8k) lost 3-8% with it (perf.md
+// v36). A hint only, so the sequence length it uses may be stale: cache_seqlens is read past L1 (ld.cg: no line of
+// it is left in L1 for the read after the wait) and every address stays inside the cache's capacity. Varlen
+// batches and paged caches take no prefetch (their offsets come from tables the previous kernel may write).
+constexpr int kSplitKvPrefetchMinTiles = 8;
+template <class Kt>
+FA2_DEVICE void prefetch_split_l2(const FwdParams& p, int batch, int head_kv, int q_first, int q_last, int split,
+                                  int tid) {
+  if (p.block_table != nullptr || p.cu_seqlens_q != nullptr) return;
+  constexpr int kBlockN = Kt::kBlockN;
+  const int seqlen_k = p.cache_seqlens != nullptr ? cache_keys(p, __ldcg(p.cache_seqlens + batch)) : p.seqlen_k;
+  const Visibility<int> vis{p.seqlen_q, seqlen_k, p.window_left, p.window_right};
+  int t_begin, t_end;
+  split_tiles<kBlockN>(vis, q_first, q_last, split, p.num_splits, t_begin, t_end);
+  if (t_end - t_begin < kSplitKvPrefetchMinTiles) return;
+  const int key0 = t_begin * kBlockN;
+  const int keys = min(min(t_end, t_begin + p.splitkv_prefetch_tiles) * kBlockN, seqlen_k) - key0;
+  const char* k = static_cast<const char*>(p.k) +
+                  2 * (static_cast<index_t>(batch) * p.k_batch_stride + static_cast<index_t>(head_kv) * p.k_head_stride);
+  const char* v = static_cast<const char*>(p.v) +
+                  2 * (static_cast<index_t>(batch) * p.v_batch_stride + static_cast<index_t>(head_kv) * p.v_head_stride);
+  const int lines = (p.head_dim * 2 + 127) / 128;  // 128-byte lines of a row
+  for (int i = tid; i < keys * lines; i += Kt::kNThreads) {
+    const int key = key0 + i / lines, line = i % lines;
+    prefetch_l2(k + 2 * static_cast<index_t>(key) * p.k_row_stride + 128 * line);
+    prefetch_l2(v + 2 * static_cast<index_t>(key) * p.v_row_stride + 128 * line);
+  }
+}
+
 template <class Kt>
 __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __grid_constant__ FwdParams p) {
   using T = typename Kt::Elem;
@@ -146,12 +197,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
 
   FA2_TIMELINE(p, 0, timeline_ns());
   FA2_TIMELINE(p, 1, clock64());
-  // Launched with programmatic dependence (detail::launch_dependent): the previous kernel of the stream (an
-  // append into the cache, the previous layer) may still run; wait before reading anything it may write.
-  wait_for_previous_grid();
-  FA2_TIMELINE(p, 2, clock64());
-
-  // Block -> (batch, kv head, packed row tile, split); splits vary fastest.
+  // Block -> (batch, kv head, packed row tile, split); splits vary fastest. Arithmetic on the parameters only,
+  // so it runs before the PDL wait.
   const int group = p.heads_q / p.heads_kv;
   const int packed_rows = p.seqlen_q * group;
   const int num_m = ceil_div(packed_rows, kBlockM);
@@ -161,19 +208,25 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   const int m_block = bid % num_m;
   bid /= num_m;
   const int head_kv = bid % p.heads_kv, batch = bid / p.heads_kv;
+  const int row0 = m_block * kBlockM, rows = min(kBlockM, packed_rows - row0);
+  // Packed row r is query r / group of q head head_kv * group + r % group.
+  const int q_first = row0 / group, q_last = (row0 + rows - 1) / group;
+  if (p.splitkv_prefetch_tiles > 0) prefetch_split_l2<Kt>(p, batch, head_kv, q_first, q_last, split, tid);
+  // Launched with programmatic dependence (detail::launch_dependent): the previous kernel of the stream (an
+  // append into the cache, the previous layer) may still run; wait before reading anything it may write. Then
+  // let the next kernel (the combine) launch: it waits for this grid's end before it reads.
+  wait_for_previous_grid();
+  if (p.pdl_trigger & 1) allow_next_grid();
+  FA2_TIMELINE(p, 2, clock64());
+
   SeqInfo seq(p, batch);
   if (p.cache_seqlens != nullptr)  // KV cache: the valid prefix plus the rows appended by this call, within capacity
-    seq.seqlen_k = min(min(max(p.cache_seqlens[batch], 0), p.seqlen_k) + p.seqlen_k_new, p.seqlen_k);
-  const int row0 = m_block * kBlockM, rows = min(kBlockM, packed_rows - row0);
+    seq.seqlen_k = cache_keys(p, p.cache_seqlens[batch]);
   const int d = p.head_dim;
   const int seqlen_k = seq.seqlen_k;
   const Visibility<int> vis = seq.visibility(p);
-  // Packed row r is query r / group of q head head_kv * group + r % group.
-  const int q_first = row0 / group, q_last = (row0 + rows - 1) / group;
-  const int key_begin = vis.key_begin(q_first), key_end = vis.key_end(q_last);
-  const int n_begin = key_begin / kBlockN, n_end = key_end > key_begin ? ceil_div(key_end, kBlockN) : n_begin;
-  const int per_split = ceil_div(n_end - n_begin, p.num_splits);
-  const int t_begin = min(n_end, n_begin + split * per_split), t_end = min(n_end, t_begin + per_split);
+  int t_begin, t_end;
+  split_tiles<kBlockN>(vis, q_first, q_last, split, p.num_splits, t_begin, t_end);
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);

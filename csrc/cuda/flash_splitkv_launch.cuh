@@ -15,10 +15,27 @@ inline bool splitkv_evict_first() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
+// FLASH_ATTN2_SPLITKV_PREFETCH=n: key tiles a split-KV block prefetches into L2 before its PDL wait (default
+// kSplitKvPrefetchTiles; 0: none). FLASH_ATTN2_PDL_TRIGGER (FwdParams::pdl_trigger, default kPdlTrigger): where
+// the next kernel may launch early, bits: 1, the split-KV kernel past its PDL wait; 2, the combine from its start;
+// 4, the combine past its wait; 0: each kernel only when it ends (A/B runs).
+constexpr int kSplitKvPrefetchTiles = 2;
+constexpr int kPdlTrigger = 2;
+inline int splitkv_prefetch_tiles() {
+  const char* env = std::getenv("FLASH_ATTN2_SPLITKV_PREFETCH");
+  return env == nullptr ? kSplitKvPrefetchTiles : std::max(0, std::atoi(env));
+}
+inline int pdl_trigger() {
+  const char* env = std::getenv("FLASH_ATTN2_PDL_TRIGGER");
+  return env == nullptr ? kPdlTrigger : std::atoi(env) & 7;
+}
+
 template <class Kt>
 void launch_splitkv_kernel(const FwdParams& params_in, cudaStream_t stream) {
   FwdParams params = params_in;
   params.splitkv_evict_first = splitkv_evict_first() ? 1 : 0;
+  params.splitkv_prefetch_tiles = splitkv_prefetch_tiles();
+  params.pdl_trigger = pdl_trigger();
   static_assert(Kt::kBlockM == (Kt::kSplitKeys ? kSplitKvBlockM : kSplitKvBlockMWide));
   const int64_t blocks =
       splitkv_row_tiles(params.batch, params.heads_q, params.heads_kv, params.seqlen_q) * params.num_splits;

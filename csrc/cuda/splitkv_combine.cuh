@@ -35,7 +35,11 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
   __shared__ float4 s_sum[kGroups * kChunks];
   FA2_TIMELINE(p, 0, timeline_ns());
   FA2_TIMELINE(p, 1, clock64());
+  // The next kernel (the next step's split-KV blocks, which prefetch their first key tiles into L2 before their
+  // own wait) may launch now (pdl_trigger bit 1) or once this block's partials are visible (bit 2).
+  if (p.pdl_trigger & 2) allow_next_grid();
   wait_for_previous_grid();  // launched while the split-KV kernel runs: its partials are visible past here
+  if (p.pdl_trigger & 4) allow_next_grid();
   FA2_TIMELINE(p, 2, clock64());
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int c = tid % kChunks, g = min(tid / kChunks, kGroups - 1);  // threads past kGroups x kChunks: duplicates

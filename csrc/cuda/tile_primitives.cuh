@@ -227,6 +227,9 @@ FA2_DEVICE void allow_next_grid() {
 #endif
 }
 
+// A hint: the 128-byte line holding `ptr` into L2 (prefetch.global.L2; no register written, nothing waited on).
+FA2_DEVICE void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
+
 // ---------------------------------------------------------------------------------------------------------
 // Fast math: ex2.approx (exp2(-inf) = +0).
 FA2_DEVICE float fast_exp2(float x) {

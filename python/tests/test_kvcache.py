@@ -268,6 +268,62 @@ def test_fwd_few_queries_takes_split_kv(nq, d):
 
 
 @requires_cuda
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_kvcache_cuda_chained_steps(graph):
+    """Decode steps back to back in one stream, each step's query the previous step's output, with splits of 8 key
+    tiles or more: the combine lets the next step's split-KV blocks launch from its start (programmatic dependent
+    launch), and they prefetch their first key tiles before waiting for it, so a read of the query, or of a stale
+    cache_seqlens, before that wait would show here. Between two of the steps a plain copy rewrites cache_seqlens.
+    V carries a common direction per head, so that each output, as the next query, gives scores far from uniform."""
+    torch.manual_seed(3)
+    b, hq, hkv, d, cap = 2, 8, 2, 128, 4096
+    kc = torch.randn(b, hkv, cap, d, device="cuda", dtype=torch.bfloat16)
+    vc = (torch.randn(b, hkv, cap, d, device="cuda") + 1.5 * torch.randn(1, hkv, 1, d, device="cuda")).bfloat16()
+    lens = ([4096, 1500], [3000, 4096], [700, 2600])
+    lens_t = [torch.tensor(x, dtype=torch.int32, device="cuda") for x in lens]
+    seqlens = torch.zeros(b, dtype=torch.int32, device="cuda")
+    q0 = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+
+    def steps():
+        q = q0
+        for i, n in enumerate(lens):
+            if i == 1:  # a plain kernel between steps 0 and 1; none between 1 and 2
+                seqlens.copy_(lens_t[i])
+            keys = cap if i != 2 else max(n)  # step 2 on a view of the caches' first keys
+            for splits in (1, 3):
+                q = flash_attn2.attention_kvcache(q, kc[:, :, :keys], vc[:, :, :keys], None, None,
+                                                  seqlens if i == 1 else lens_t[i], None, num_splits=splits)[0]
+                outs[(i, splits)] = q
+
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            steps()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            steps()
+        for out in outs.values():
+            out.fill_(float("nan"))
+        g.replay()
+    else:
+        steps()
+    torch.cuda.synchronize()
+    q = q0
+    for i, n in enumerate(lens):
+        for splits in (1, 3):
+            got = outs[(i, splits)]
+            for j in range(b):
+                kb, vb = kc[j : j + 1, :, : n[j]], vc[j : j + 1, :, : n[j]]
+                ref, _ = naive_attention(q[j : j + 1].double().cpu(), kb.double().cpu(), vb.double().cpu())
+                t_out, _ = naive_attention(q[j : j + 1], kb, vb)
+                assert_close_to_reference(f"step {i} splits {splits} seq {j}", got[j : j + 1], t_out, ref, factor=3.0)
+            q = got  # the next step's query is what this step returned
+
+
+@requires_cuda
 def test_kvcache_cuda_graph_replay():
     """One decode step captured in a CUDA graph, replayed with new cache_seqlens and new tokens."""
     torch.manual_seed(0)
