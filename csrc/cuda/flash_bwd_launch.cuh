@@ -95,14 +95,19 @@ inline bool ws_bwd_blockm_requested(int blockm) {
 // (causal, windowed) calls of at most 4096 queries and keys, where head by head a late head's longest key tiles
 // start near the grid's end and run alone: 0.98-1.07x on causal 2k / 4k rows, d64 and d128, plain and GQA
 // (1.03x geomean over 12 rows of two calls, perf.md v26); head by head elsewhere (8k level, 16k and non-causal
-// 0.96-1.03x).
+// 0.96-1.03x). Longer d128 rows under a sliding window that ends at the diagonal take groups of 4: window 4096
+// at 16k 1.027-1.029x, at 8k 1.014-1.015x (groups of 8 0.97-0.99x, of 2 1.00-1.02x; d64 and two-sided windows
+// level; perf.md v36).
 // FLASH_ATTN2_BWD_GRID_GROUP=n forces groups of n (1: head by head).
 inline constexpr int64_t kGroupedBwdGridMaxRows = 4096;
 inline int ws_bwd_grid_group(const BwdParams& p) {
   if (p.grid_head_group >= 0) return p.grid_head_group;
+  if (p.cu_seqlens_q != nullptr) return 1;
   const bool masked = p.window_left >= 0 || p.window_right >= 0;
   const bool short_rows = std::max(p.seqlen_q, p.seqlen_k) <= kGroupedBwdGridMaxRows;
-  return masked && short_rows && p.cu_seqlens_q == nullptr ? 8 : 1;
+  if (masked && short_rows) return 8;
+  const bool sliding = p.window_left >= 0 && p.window_right == 0;
+  return sliding && p.head_dim == 128 ? 4 : 1;
 }
 
 // The backward's TMA maps of Q and dO in boxes of box_rows rows (packed batches: one map over all sequences);
