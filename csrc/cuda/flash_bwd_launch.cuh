@@ -96,8 +96,8 @@ inline bool ws_bwd_blockm_requested(int blockm) {
 // start near the grid's end and run alone: 0.98-1.07x on causal 2k / 4k rows, d64 and d128, plain and GQA
 // (1.03x geomean over 12 rows of two calls, perf.md v26); head by head elsewhere (8k level, 16k and non-causal
 // 0.96-1.03x). Longer d128 rows under a sliding window that ends at the diagonal take groups of 4: window 4096
-// at 16k 1.027-1.029x, at 8k 1.014-1.015x (groups of 8 0.97-0.99x, of 2 1.00-1.02x; d64 and two-sided windows
-// level; perf.md v36).
+// at 16k and 8k +2.1% / +2.0% on average over five readings in four calls (other group sizes level to -4%; d64
+// and two-sided windows level; perf.md v36).
 // FLASH_ATTN2_BWD_GRID_GROUP=n forces groups of n (1: head by head).
 inline constexpr int64_t kGroupedBwdGridMaxRows = 4096;
 inline int ws_bwd_grid_group(const BwdParams& p) {

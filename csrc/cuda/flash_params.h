@@ -87,10 +87,10 @@ struct FwdParams {
   // with FLASH_ATTN2_SPLITKV_EVICT_FIRST=0 for A/B runs); 0: evict-unchanged everywhere.
   int splitkv_evict_first;
   // The split-KV kernel's L2 prefetch before its PDL wait: the first splitkv_prefetch_tiles key tiles of a block's
-  // split of a dense cache (0: none); pdl_trigger > 0: the split-KV and combine kernels let the next kernel of the
-  // stream launch early (griddepcontrol.launch_dependents; where: flash_splitkv_launch.cuh), so its blocks reach
-  // that prefetch under this kernel's tail. Their launcher sets both (FLASH_ATTN2_SPLITKV_PREFETCH /
-  // FLASH_ATTN2_PDL_TRIGGER, A/B runs).
+  // split of a dense cache (0: none); pdl_trigger, bits: where the split-KV and combine kernels let the next
+  // kernel of the stream launch early (griddepcontrol.launch_dependents; flash_splitkv_launch.cuh says which),
+  // so that its blocks reach that prefetch under this kernel's tail. Their launcher sets both
+  // (FLASH_ATTN2_SPLITKV_PREFETCH / FLASH_ATTN2_PDL_TRIGGER, A/B runs).
   int splitkv_prefetch_tiles;
   int pdl_trigger;
 #if defined(FLASH_ATTN2_SPLITKV_TIMELINE) || defined(FLASH_ATTN2_FWD_TIMELINE)

@@ -16,6 +16,7 @@
 //     applied per row since the rows of a packed tile belong to different queries and heads. No dropout: the
 //     launcher keeps dropout calls on the main forward kernels.
 //
+//   (splits of 8 key tiles or more, dense caches: prefetch the first two into L2 before the PDL wait)
 //   load Q (16 or 64 packed rows), K/V tiles t0 .. t0 + kStages - 2
 //   for each key tile t of this split:
 //     wait tile t; sync; issue tile t + kStages - 1
@@ -213,8 +214,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   const int q_first = row0 / group, q_last = (row0 + rows - 1) / group;
   if (p.splitkv_prefetch_tiles > 0) prefetch_split_l2<Kt>(p, batch, head_kv, q_first, q_last, split, tid);
   // Launched with programmatic dependence (detail::launch_dependent): the previous kernel of the stream (an
-  // append into the cache, the previous layer) may still run; wait before reading anything it may write. Then
-  // let the next kernel (the combine) launch: it waits for this grid's end before it reads.
+  // append into the cache, the previous layer) may still run; wait before reading anything it may write. With
+  // pdl_trigger bit 1 the combine may launch from here (it waits for this grid's end before it reads); off by
+  // default: its blocks waiting beside these cost B = 1 rows 2-6% (perf.md v36).
   wait_for_previous_grid();
   if (p.pdl_trigger & 1) allow_next_grid();
   FA2_TIMELINE(p, 2, clock64());
