@@ -19,19 +19,19 @@ res = {}
 nq, sep = int(sys.argv[2]), int(sys.argv[3])
 # --sep: every call follows an unrelated small kernel launched plainly (as a served step's own kernels would be),
 # and that kernel's time alone is subtracted: no overlap with the previous decode call.
-x = torch.zeros(1 << 14, device="cuda")
-sep_us = graph_us(lambda: x.add_(1)) if sep else 0.0
+sep_buf = torch.zeros(1 << 14, device="cuda")
+sep_us = graph_us(lambda: sep_buf.add_(1)) if sep else 0.0
 for case in sys.argv[1].split(";"):
     b, hkv, n = (int(x) for x in case.split(","))
     q = torch.randn(b, 32, nq, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     def ours_call():
         if sep:
-            x.add_(1)
+            sep_buf.add_(1)
         flash_attn2.attention_kvcache(q, k, v)
     def cudnn_call():
         if sep:
-            x.add_(1)
+            sep_buf.add_(1)
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     ours = graph_us(ours_call) - sep_us
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
