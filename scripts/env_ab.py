@@ -6,7 +6,7 @@ median of --reps CUDA-event timed calls after a settle run of --settle-ms; each 
     python3 scripts/env_ab.py --cases "128,T,16384,window;128,F,4096,varlen" \
         --variants "default:;group16:FLASH_ATTN2_FWD_GRID_GROUP=16;dynamic:FLASH_ATTN2_FWD_WS_WALK=dynamic"
 
-A case is D,causal (T/F),N,mod with the mods of ab_forward.py (none, window, varlen, softcap, alibi, dropout; 16k
+A case is D,causal (T/F),N,mod with the mods of ab_forward.py (none, window, varlen, softcap, alibi, dropout, and gqa: 4 query heads a K/V head; 16k
 tokens, hidden 2048, (B, N, H, D) memory). A variant is name:VAR=value,VAR=value (nothing after the colon: the
 environment as it is). --direction bwd times the backward op. Only variables the launchers read per call may be
 varied (not FLASH_ATTN2_LIBRARY).
@@ -26,7 +26,7 @@ def make_case(d, causal, n, mod, dtype):
     b, h = 16384 // n, 2048 // d
     kw = {"softcap": dict(softcap=50.0), "alibi": dict(alibi_slopes=torch.rand(h, device="cuda")),
           "dropout": dict(dropout_p=0.1, rng_state=torch.tensor([1, 2])), "none": {}, "varlen": {},
-          "window": dict(window_size=(4096, 0) if causal else (4096, 4096))}[mod]
+          "window": dict(window_size=(4096, 0) if causal else (4096, 4096)), "gqa": {}}[mod]
     if mod == "varlen":  # 16k tokens packed, lengths drawn from 64..N (the bench's batch when N = 4096)
         lens = packed_lengths(16384, n)
         cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
@@ -36,7 +36,9 @@ def make_case(d, causal, n, mod, dtype):
                torch.ops.flash_attn2.bwd_varlen)
         scores = h * sum(l * (l + 1) // 2 if causal else l * l for l in lens)
     else:
-        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
+        hkv = h // 4 if mod == "gqa" else h  # gqa: 4 query heads a K/V head
+        q = torch.randn(b, n, h, d, device="cuda", dtype=dtype).transpose(1, 2)
+        k, v = (torch.randn(b, n, hkv, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))
         args = (causal,)
         ops = torch.ops.flash_attn2.fwd, torch.ops.flash_attn2.fwd_with_lse, torch.ops.flash_attn2.bwd
         scores = b * h * n * n / (2 if causal else 1)

@@ -19,18 +19,23 @@ FA2_DEVICE RotatedDqWalk<int> rotated_dq_walk(const Visibility<int>& vis) {
 }
 
 // Steps of a backward block: the q heads of its GQA group x the query tiles that see its key tile (only those:
-// causal and window bounds skip the rest), heads outermost.
-// Deterministic and rotated (BwdParams::dq_rotate, unmasked calls only, so m_begin = 0 and m_count is the walk's
-// query tile count): each head's walk starts at the key tile's RotatedDqWalk::start and wraps around.
+// causal and window bounds skip the rest), heads outermost. The steps' rows start at a multiple of kBlockM below
+// the tile's first visible query, or at that query itself (BwdParams::steps_from_first_row, not deterministic):
+// then a window's band, whose first and last visible rows both fall inside steps, is covered by
+// ceil(rows / kBlockM) steps instead of up to one more. Rows past the sequence's end are harmless as in the
+// aligned walk's last step (zero-filled Q / dO, LSE = +inf, exact zeros added to dQ).
+// Deterministic and rotated (BwdParams::dq_rotate, unmasked calls only, so the walk starts at row 0 and m_count is
+// the walk's query tile count): each head's walk starts at the key tile's RotatedDqWalk::start and wraps around.
 template <int kBlockM>
 struct BwdSteps {
-  int group, m_begin, m_count, total, rot = 0;
+  int group, row_begin, m_count, total, rot = 0;
   template <int kBlockN>
   FA2_DEVICE BwdSteps(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const Visibility<int>& vis) {
     group = p.heads_q / p.heads_kv;
     const int q_begin = vis.query_begin(blk.key0), q_end = vis.query_end(blk.key0 + blk.keys - 1);
-    m_begin = q_begin / kBlockM;
-    m_count = q_end > q_begin ? ceil_div(q_end, kBlockM) - m_begin : 0;
+    const bool from_first_row = p.steps_from_first_row && p.dq_semaphore == nullptr;
+    row_begin = from_first_row ? q_begin : q_begin / kBlockM * kBlockM;
+    m_count = q_end > q_begin ? ceil_div(q_end - row_begin, kBlockM) : 0;
     total = group * m_count;
     if (p.dq_rotate && m_count > 0) rot = rotated_dq_walk<kBlockM, kBlockN>(vis).start(blk.n_block);
   }
@@ -38,7 +43,7 @@ struct BwdSteps {
   FA2_DEVICE int row0(int it) const {
     int i = it % m_count + rot;
     if (i >= m_count) i -= m_count;
-    return (m_begin + i) * kBlockM;
+    return row_begin + i * kBlockM;
   }
 };
 
