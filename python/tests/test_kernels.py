@@ -353,9 +353,9 @@ def test_cuda_grid_head_group(monkeypatch, group, b, hq, hkv, nq, nk, d, causal,
 @requires_cuda
 @pytest.mark.parametrize("group", ["4", ""])
 def test_cuda_grid_head_group_sliding_window(monkeypatch, group):
-    """The launcher's other grouped order: d128 sliding windows (left bound, right 0) over more than 4096 rows take
-    the WS backward's grid in groups of 4 heads; dK / dV bitwise those of the head-by-head order, dQ to rounding,
-    with a group count that does not divide the heads."""
+    """The launchers' other grouped order: sliding windows (left bound, right 0) over more than 4096 rows take the WS
+    forward's grid, and at d128 the WS backward's, in groups of 4 heads; the output and dK / dV bitwise those of the
+    head-by-head order, dQ to rounding, with a group count that does not divide the heads."""
     q, k, v = random_qkv(1, 6, 6, 4200, 4200, 128, torch.bfloat16, "cuda", False, requires_grad=True)
     dout = torch.randn_like(q)
 
@@ -366,9 +366,11 @@ def test_cuda_grid_head_group_sliding_window(monkeypatch, group):
         out.backward(dout)
         return out.detach(), q.grad, k.grad, v.grad
 
-    monkeypatch.setenv("FLASH_ATTN2_BWD_GRID_GROUP", "1")
+    for var in ("FLASH_ATTN2_FWD_GRID_GROUP", "FLASH_ATTN2_BWD_GRID_GROUP"):
+        monkeypatch.setenv(var, "1")
     base = run()
-    monkeypatch.setenv("FLASH_ATTN2_BWD_GRID_GROUP", group)
+    for var in ("FLASH_ATTN2_FWD_GRID_GROUP", "FLASH_ATTN2_BWD_GRID_GROUP"):
+        monkeypatch.setenv(var, group)
     grouped = run()
     for name, x, y in zip(("out", "dq", "dk", "dv"), base, grouped):
         if name == "dq":
