@@ -20,10 +20,11 @@ FA2_DEVICE RotatedDqWalk<int> rotated_dq_walk(const Visibility<int>& vis) {
 
 // Steps of a backward block: the q heads of its GQA group x the query tiles that see its key tile (only those:
 // causal and window bounds skip the rest), heads outermost. The steps' rows start at a multiple of kBlockM below
-// the tile's first visible query, or at that query itself (BwdParams::steps_from_first_row, not deterministic):
-// then a window's band, whose first and last visible rows both fall inside steps, is covered by
-// ceil(rows / kBlockM) steps instead of up to one more. Rows past the sequence's end are harmless as in the
-// aligned walk's last step (zero-filled Q / dO, LSE = +inf, exact zeros added to dQ).
+// the tile's first visible query, or at the multiple of 16 below it (BwdParams::steps_from_first_row, not
+// deterministic): then a window's band, whose first and last visible rows both fall inside steps, is covered by
+// about ceil(rows / kBlockM) steps instead of up to one more. 16, not 1: the dropout draws come in groups of 16
+// queries (Dropout::group_i), which the kernels' fragments take whole. Rows past the sequence's end are harmless
+// as in the aligned walk's last step (zero-filled Q / dO, LSE = +inf, exact zeros added to dQ).
 // Deterministic and rotated (BwdParams::dq_rotate, unmasked calls only, so the walk starts at row 0 and m_count is
 // the walk's query tile count): each head's walk starts at the key tile's RotatedDqWalk::start and wraps around.
 template <int kBlockM>
@@ -34,7 +35,7 @@ struct BwdSteps {
     group = p.heads_q / p.heads_kv;
     const int q_begin = vis.query_begin(blk.key0), q_end = vis.query_end(blk.key0 + blk.keys - 1);
     const bool from_first_row = p.steps_from_first_row && p.dq_semaphore == nullptr;
-    row_begin = from_first_row ? q_begin : q_begin / kBlockM * kBlockM;
+    row_begin = from_first_row ? q_begin / 16 * 16 : q_begin / kBlockM * kBlockM;
     m_count = q_end > q_begin ? ceil_div(q_end - row_begin, kBlockM) : 0;
     total = group * m_count;
     if (p.dq_rotate && m_count > 0) rot = rotated_dq_walk<kBlockM, kBlockN>(vis).start(blk.n_block);
