@@ -203,13 +203,17 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
                                     : Kt::kHeadDim <= 128 || visible_keys_per_row(p) >= 1024);
   FwdParams launch = p;
   launch.tile_counter = nullptr;
-  // Sliding windows (left bound, right 0) over more than 4096 rows: the grid's heads in groups of 4, tile rank by
-  // rank within a group (window 4096 forward, one call: g = 2 / 4 / 8 at 16k 1.009 / 1.012 / 1.019, 8k 1.014 /
-  // 1.022 / 1.019, d64 16k 1.004 / 1.018 / 1.016; perf.md v36). Elsewhere head by head. FLASH_ATTN2_FWD_GRID_GROUP
-  // overrides.
-  if (launch.grid_head_group < 0 && !varlen && p.window_left >= 0 && p.window_right == 0 &&
-      std::max(p.seqlen_q, p.seqlen_k) > 4096)
-    launch.grid_head_group = 4;
+  // The grid's heads in groups, tile rank by rank within a group, on dense rows bounded on the right (causal,
+  // sliding windows): groups of 4 on sliding windows over 4096 rows (window 4096, three calls: +0.4% at 16k,
+  // +1.5% at 8k, +1.6% at d64 16k on average); groups of 8 on other such rows up to 8192 (causal, two or three
+  // readings: d256 2k / 4k / 8k +3-7% / +5% / +2-7%, d128 2k / 4k +2-3% / +2-3%, 8k level, d64 2k-8k +1-3%, GQA
+  // 4:1 4k / 8k +3-6%, fp16 +3-5%); head by head elsewhere (causal 16k loses 1-3% to any group, non-causal rows
+  // and packed batches are level; perf.md v37). FLASH_ATTN2_FWD_GRID_GROUP overrides.
+  if (launch.grid_head_group < 0 && !varlen && p.window_right == 0) {
+    const int rows = std::max(p.seqlen_q, p.seqlen_k);
+    if (p.window_left >= 0 && rows > 4096) launch.grid_head_group = 4;
+    else if (rows <= 8192) launch.grid_head_group = 8;
+  }
   // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).
   const char* qbuf_env = std::getenv("FLASH_ATTN2_FWD_WS_QBUF");
   launch.ws_q_stages = qbuf_env != nullptr && std::strcmp(qbuf_env, "1") == 0 ? 1 : Kt::kQStages;

@@ -615,6 +615,26 @@ def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, windo
 
 
 @requires_sm90
+@pytest.mark.parametrize("first_row", ["", "0"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("nq,nk,causal,window,softcap,dropout_p", [
+    (700, 900, True, (301, -1), 0.0, 0.2), (900, 700, False, (250, 33), 4.0, 0.0), (517, 517, True, (90, 0), 0.0, 0.1)])
+def test_cuda_warp_specialised_backward_steps_from_first_row(monkeypatch, first_row, d, nq, nk, causal, window,
+                                                             softcap, dropout_p):
+    """The WS backward's steps start at each key tile's first visible query rounded down to 16 (the default,
+    BwdParams::steps_from_first_row) or at the multiple of the step's rows below it (FLASH_ATTN2_BWD_FIRST_ROW=0):
+    both against the float64 reference on windows whose bands start off those multiples, with dropout (its draws
+    come in groups of 16 queries), GQA, Nq != Nk, and a packed batch."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_FIRST_ROW", first_row)
+    opts = make_options(2, 4, causal, window, softcap, None, dropout_p, "cuda", seed=5)
+    check_variant_case(2, 4, 2, nq, nk, d, torch.bfloat16, "cuda", opts, transposed=True)
+    opts = make_options(3, 4, causal, window, softcap, None, dropout_p, "cuda", seed=6)
+    check_varlen_against_reference([nq // 3, 1, nq - nq // 3], [nk // 2, 50, nk - nk // 2 - 50], torch.bfloat16,
+                                   "cuda", opts, d=d)
+
+
+@requires_sm90
 @pytest.mark.parametrize("variant", ["causal", "all"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_cuda_warp_specialised_backward_varlen(monkeypatch, variant, d):
