@@ -204,7 +204,7 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   FwdParams launch = p;
   launch.tile_counter = nullptr;
   // The grid's heads in groups, tile rank by rank within a group, on dense rows bounded on the right (causal,
-  // sliding windows): groups of 4 on sliding windows over 4096 rows (window 4096, three calls: +0.4% at 16k,
+  // sliding windows): groups of 4 on sliding windows over 4096 rows (window 4096, three calls: +0.6% at 16k,
   // +1.5% at 8k, +1.6% at d64 16k on average); groups of 8 on other such rows up to 8192 (causal, two or three
   // readings: d256 2k / 4k / 8k +3-7% / +5% / +2-7%, d128 2k / 4k +2-3% / +2-3%, 8k level, d64 2k-8k +1-3%, GQA
   // 4:1 4k / 8k +3-6%, fp16 +3-5%); head by head elsewhere (causal 16k loses 1-3% to any group, non-causal rows
