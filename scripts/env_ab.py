@@ -6,10 +6,10 @@ median of --reps CUDA-event timed calls after a settle run of --settle-ms; each 
     python3 scripts/env_ab.py --cases "128,T,16384,window;128,F,4096,varlen" \
         --variants "default:;group16:FLASH_ATTN2_FWD_GRID_GROUP=16;dynamic:FLASH_ATTN2_FWD_WS_WALK=dynamic"
 
-A case is D,causal (T/F),N,mod with the mods of ab_forward.py (none, window, varlen, softcap, alibi, dropout, and gqa: 4 query heads a K/V head; 16k
-tokens, hidden 2048, (B, N, H, D) memory). A variant is name:VAR=value,VAR=value (nothing after the colon: the
-environment as it is). --direction bwd times the backward op. Only variables the launchers read per call may be
-varied (not FLASH_ATTN2_LIBRARY).
+A case is D,causal (T/F),N,mod with the mods of ab_forward.py (none, window, varlen, softcap, alibi, dropout) or
+gqa (4 query heads a K/V head); 16k tokens, hidden 2048, (B, N, H, D) memory. A variant is
+name:VAR=value,VAR=value (nothing after the colon: the environment as it is). --direction bwd times the backward
+op. Only variables the launchers read per call may be varied (not FLASH_ATTN2_LIBRARY).
 """
 
 import argparse

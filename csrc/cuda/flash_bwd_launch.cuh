@@ -146,8 +146,9 @@ bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
   launch.dq_red_add = dq_red_add_requested() && p.dq_semaphore == nullptr && Kt::kBlockM == 64;
   launch.ws_prefetch_maps = ws_prefetch_maps();
   launch.grid_head_group = ws_bwd_grid_group(p);
-  // Steps from each key tile's first visible query (BwdSteps): FLASH_ATTN2_BWD_FIRST_ROW=0 aligns them (A/B runs).
-  launch.steps_from_first_row = p.dq_semaphore == nullptr && !env_is("FLASH_ATTN2_BWD_FIRST_ROW", "0");
+  // Steps from each key tile's first visible query (BwdSteps, which keeps the deterministic mode's aligned walk):
+  // FLASH_ATTN2_BWD_FIRST_ROW=0 aligns them (A/B runs).
+  launch.steps_from_first_row = !env_is("FLASH_ATTN2_BWD_FIRST_ROW", "0");
   choose_dq_walk<Kt>(launch);
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);

@@ -148,7 +148,7 @@ struct BwdParams : FwdParams {
   bool dq_red_add;         // the warp-specialised kernel adds dQ with red.add, not TMA reduce-adds (A/B runs)
   // A key tile's steps start at its first visible query row (rounded down to 16, BwdSteps), not at the multiple
   // of the step's rows below it: a band's two edges (sliding windows) then cost one partial step, not two. Set
-  // per kernel by the launcher; never in the deterministic mode, whose turns count aligned query tiles.
+  // per kernel by the launcher; BwdSteps ignores it in the deterministic mode, whose turns count aligned tiles.
   bool steps_from_first_row;
   // The d256 dQ-warpgroup kernel loads each step's Q and dO by the TMA (one thread, an mbarrier per stage) instead
   // of the compute threads' cp.async (the default where the TMA can address them, FLASH_ATTN2_BWD_WIDE_TMA_LOADS=0

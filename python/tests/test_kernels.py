@@ -324,9 +324,8 @@ def test_cuda_grid_head_group(monkeypatch, group, b, hq, hkv, nq, nk, d, causal,
     """The grids ordered in groups of heads (FLASH_ATTN2_FWD_GRID_GROUP / _BWD_GRID_GROUP; group sizes that do not
     divide the heads, one larger than all of them, and the launchers' choice, groups of 8 in the d64 / d128
     backward of masked calls up to 4096 rows and in the WS forward of causal calls up to 8192 rows): every tile
-    is computed once, so the forward, its LSE and dK / dV
-    (one block each) are bitwise those of the head-by-head order (group 1), and dQ (float32 adds in another
-    order) equal to rounding; and the float64 reference holds."""
+    is computed once, so the forward, its LSE and dK / dV (one block each) are bitwise those of the head-by-head
+    order (group 1), and dQ (float32 adds in another order) equal to rounding; and the float64 reference holds."""
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed, requires_grad=True)
     dout = torch.randn(b, hq, nq, d, dtype=dtype, device="cuda")
 
