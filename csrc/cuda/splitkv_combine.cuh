@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kSplitKvCombineThreads) splitkv_combine_kernel
   FA2_TIMELINE(p, 0, timeline_ns());
   FA2_TIMELINE(p, 1, clock64());
   // The next kernel (the next step's split-KV blocks, which prefetch their first key tiles into L2 before their
-  // own wait) may launch now (pdl_trigger bit 1) or once this block's partials are visible (bit 2).
+  // own wait) may launch now (pdl_trigger bit 2, the default) or once this block's partials are visible (bit 4).
   if (p.pdl_trigger & 2) allow_next_grid();
   wait_for_previous_grid();  // launched while the split-KV kernel runs: its partials are visible past here
   if (p.pdl_trigger & 4) allow_next_grid();
