@@ -48,8 +48,9 @@ struct SeqInfo {
 template <int kBlockM>
 struct FwdBlockInfo {
   int m_block, head, head_kv, batch;
-  int row0;   // first query row of the tile (within the sequence)
-  int rows;   // valid query rows in the tile (<= kBlockM; <= 0: the tile is past this sequence's end)
+  int row0;    // first query row of the tile (within the sequence; < 0 in the first, FwdParams::row_shift_unit)
+  int row_lo;  // first valid row of the tile, from row0 (> 0 only in the first tile with a row shift)
+  int rows;    // valid query rows are [row_lo, rows) from row0 (rows <= kBlockM; <= 0: past this sequence's end)
   SeqInfo seq;
   FA2_DEVICE explicit FwdBlockInfo(const FwdParams& p) : FwdBlockInfo(p, static_cast<int>(blockIdx.x)) {}
   // Tile `bid` of the same order (persistent kernels walk tiles themselves).
@@ -64,7 +65,10 @@ struct FwdBlockInfo {
     head = bh % p.heads_q;
     batch = bh / p.heads_q;
     head_kv = head / (p.heads_q / p.heads_kv);
-    row0 = m_block * kBlockM;
+    // FwdParams::row_shift_unit: the sequence's partial tile first (rows above 0 in it), in whole units.
+    const int shift = p.row_shift_unit > 0 ? (kBlockM - seq.seqlen_q % kBlockM) % kBlockM & -p.row_shift_unit : 0;
+    row0 = m_block * kBlockM - shift;
+    row_lo = max(0, -row0);
     rows = min(kBlockM, seq.seqlen_q - row0);
   }
 

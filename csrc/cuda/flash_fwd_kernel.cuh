@@ -49,7 +49,7 @@ struct FwdBlockIO {
     o = static_cast<T*>(p.out) +
         row_offset(blk.batch, blk.head, sq.q_start + blk.row0, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
     lse = p.lse + blk.row_index(p);
-    const int key_begin = vis.key_begin(blk.row0), key_end = vis.key_end(blk.row0 + blk.rows - 1);
+    const int key_begin = vis.key_begin(blk.row0 + blk.row_lo), key_end = vis.key_end(blk.row0 + blk.rows - 1);
     n_begin = key_begin / block_n;
     n_end = key_end > key_begin ? ceil_div(key_end, block_n) : n_begin;
   }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -214,6 +215,22 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
     if (p.window_left >= 0 && rows > 4096) launch.grid_head_group = 4;
     else if (rows <= 8192) launch.grid_head_group = 8;
   }
+  // Rows bounded on the right (causal, sliding windows), dense or packed: each sequence's tiles start above its
+  // row 0 so that where its length is not a multiple of the tile, the partial tile is the first, which sees the
+  // fewest keys, instead of the last, which sees the most (FwdParams::row_shift_unit). At d64 (192-row tiles,
+  // 128-key tiles, shifts by 64) causal 2k takes 96 key-tile steps a head instead of 101 and causal 4k 363
+  // instead of 384; at d128 (128 / 128) nothing shifts; at d256 (128 / 80, shifts by 16) only lengths that are
+  // not multiples of 128. The first tile's rows above the sequence read zeros (TMA fill) or the previous
+  // sequence's rows, and are never stored. Measured (two readings, perf.md v38): d64 causal 2k +5.7 / +1.7%, 4k
+  // +4.6 / +4.0%, 8k / 16k +1%, packed d64 causal +3.2 / +2.7%. FLASH_ATTN2_FWD_ROW_SHIFT=0 keeps the tiles at
+  // row 0 (A/B runs).
+  constexpr int kShiftUnit = std::gcd(Kt::kBlockM, Kt::kBlockN);
+  static_assert(kShiftUnit % 16 == 0 && (kShiftUnit & (kShiftUnit - 1)) == 0, "shifts in powers of two >= 16");
+  const char* shift_env = std::getenv("FLASH_ATTN2_FWD_ROW_SHIFT");
+  launch.row_shift_unit = kShiftUnit < Kt::kBlockM && p.window_right >= 0 &&
+                                  !(shift_env != nullptr && std::strcmp(shift_env, "0") == 0)
+                              ? kShiftUnit
+                              : 0;
   // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).
   const char* qbuf_env = std::getenv("FLASH_ATTN2_FWD_WS_QBUF");
   launch.ws_q_stages = qbuf_env != nullptr && std::strcmp(qbuf_env, "1") == 0 ? 1 : Kt::kQStages;

@@ -390,7 +390,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = warp_row0 + h * 8 + g;
-      if (r < blk.rows) lse[r] = row_lse[0][h];
+      if (r >= blk.row_lo && r < blk.rows) lse[r] = row_lse[0][h];
     }
   }
   probe.mark(FwdProbe::kEpiStage);
@@ -411,7 +411,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       const int idx = tid % 128 + 128 * (j0 + j), r = 64 * c + idx / kCPR, ch = idx % kCPR;
-      if (r < blk.rows && ch * 8 < d)
+      if (r >= blk.row_lo && r < blk.rows && ch * 8 < d)
         *reinterpret_cast<uint4*>(o + static_cast<index_t>(r) * p.o_row_stride + ch * 8) = chunk[j];
     }
   }
@@ -537,8 +537,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       const FwdBlockIO<T> io(p, blk, vis, kBlockN);
       const int n_tiles = io.n_end - io.n_begin;
       if (n_tiles == 0) {
-        store_empty_rows<T, kHeadDim, Kt::kConsumers * 128>(io.o, p.o_row_stride, io.lse, blk.rows, p.head_dim,
-                                                            tid - 128);
+        store_empty_rows<T, kHeadDim, Kt::kConsumers * 128>(io.o + static_cast<index_t>(blk.row_lo) * p.o_row_stride,
+                                                            p.o_row_stride, io.lse + blk.row_lo,
+                                                            blk.rows - blk.row_lo, p.head_dim, tid - 128);
         continue;
       }
       consume<Kt, kScoreMod>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,

@@ -118,6 +118,15 @@ struct FwdParams {
   // groups of g, tile by tile within a group (each group's longest tiles first). From FLASH_ATTN2_FWD_GRID_GROUP /
   // FLASH_ATTN2_BWD_GRID_GROUP, else -1: the launcher's choice (GridOrder, attention_rule.h; ws_bwd_grid_group).
   int grid_head_group;
+  // The forward's query tiles of each sequence start above its row 0 (FwdBlockInfo: by kBlockM - seqlen_q %
+  // kBlockM rounded down to a multiple of row_shift_unit; the rows above 0 are never stored), so that where a
+  // sequence's length is not a multiple of the tile, its partial tile is the first, not the last: under a causal
+  // mask the first sees the fewest keys and the last the most. The unit is gcd(kBlockM, kBlockN), a power of two
+  // and a multiple of 16 (the dropout draws' query groups): a shift by it only permutes where the tiles' diagonals
+  // fall on the key tiles, while other shifts move every tile's diagonal off a key tile's edge and cost as much
+  // as they save (where kBlockM = kBlockN, the unit is the tile and nothing shifts). 0: no shift. Set by the WS
+  // forward's launcher only (the other forward kernels store rows [0, rows) of a tile).
+  int row_shift_unit;
 };
 
 struct BwdParams : FwdParams {

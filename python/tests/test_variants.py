@@ -525,6 +525,29 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
 
 
 @requires_sm90
+@pytest.mark.parametrize("shift", ["", "0"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("nq,nk,causal,window,softcap,alibi,dropout_p", [
+    (700, 700, True, (-1, -1), 0.0, None, 0.1), (1000, 100, True, (-1, -1), 3.0, "head", 0.0),
+    (1000, 1200, False, (300, 0), 0.0, "batch", 0.2), (1600, 1600, True, (-1, -1), 0.0, None, 0.0)])
+def test_cuda_warp_specialised_forward_row_shift(monkeypatch, shift, d, nq, nk, causal, window, softcap, alibi,
+                                                 dropout_p):
+    """The WS forward's query tiles shifted up (FwdParams::row_shift_unit, the default on rows bounded on the
+    right; FLASH_ATTN2_FWD_ROW_SHIFT=0 keeps them at row 0; every dense length here shifts at d64 (by 64 or 128)
+    and d256 (by 16-128), none at d128, whose unit is its tile): each sequence's first tile holds rows above its
+    row 0 (zeros, or in a packed batch the previous sequence's rows) that are never stored, with dropout (draws in
+    groups of 16 queries), softcap, ALiBi, windows, Nq > Nk (the first tiles see no key: written as empty rows
+    from the first valid row), and packed sequences of other lengths, one empty."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_ROW_SHIFT", shift)
+    opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=13)
+    check_variant_case(2, 4, 2, nq, nk, d, torch.bfloat16, "cuda", opts, transposed=True)
+    opts = make_options(3, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=14)
+    check_varlen_against_reference([nq // 3, 1, nq - nq // 3], [nk // 2, 50, nk - nk // 2 - 50], torch.bfloat16,
+                                   "cuda", opts, d=d)
+
+
+@requires_sm90
 @pytest.mark.parametrize("fixed", ["", "0"])
 @pytest.mark.parametrize("softcap,causal,dropout_p", [(0.5, False, 0.0), (20.0, True, 0.0), (50.0, False, 0.1),
                                                       (56.0, True, 0.0)])
