@@ -95,19 +95,22 @@ inline bool ws_bwd_blockm_requested(int blockm) {
 // (causal, windowed) calls of at most 4096 queries and keys, where head by head a late head's longest key tiles
 // start near the grid's end and run alone: 0.98-1.07x on causal 2k / 4k rows, d64 and d128, plain and GQA
 // (1.03x geomean over 12 rows of two calls, perf.md v26); head by head elsewhere (8k level, 16k and non-causal
-// 0.96-1.03x). Longer d128 rows under a sliding window that ends at the diagonal take groups of 4: window 4096
-// at 16k and 8k +2.1% / +2.0% on average over five readings in four calls (other group sizes level to -4%; d64
-// and two-sided windows level; perf.md v36).
+// 0.96-1.03x). Rows up to 8192 bounded at the diagonal (causal, sliding windows) take groups of 4: causal 8k
+// +1.6 / +2.0% (d128), softcap +2.6 / +3.8%, GQA 4:1 +9.1 / +7.3% (d128) and +8.9% (d64), dropout and ALiBi +3%,
+// d64 / d256 plain level (two readings, perf.md v38; groups of 8 gain less there; GQA 16k level). Longer d128
+// rows under such a sliding window keep groups of 4: window 4096 at 16k +2.1% on average over five readings in
+// four calls (other group sizes level to -4%; d64 and two-sided windows level; perf.md v36).
 // FLASH_ATTN2_BWD_GRID_GROUP=n forces groups of n (1: head by head).
 inline constexpr int64_t kGroupedBwdGridMaxRows = 4096;
+inline constexpr int64_t kGroupedBwdGridMaxRowsBy4 = 8192;
 inline int ws_bwd_grid_group(const BwdParams& p) {
   if (p.grid_head_group >= 0) return p.grid_head_group;
   if (p.cu_seqlens_q != nullptr) return 1;
   const bool masked = p.window_left >= 0 || p.window_right >= 0;
-  const bool short_rows = std::max(p.seqlen_q, p.seqlen_k) <= kGroupedBwdGridMaxRows;
-  if (masked && short_rows) return 8;
+  const int64_t rows = std::max(p.seqlen_q, p.seqlen_k);
+  if (masked && rows <= kGroupedBwdGridMaxRows) return 8;
   const bool sliding = p.window_left >= 0 && p.window_right == 0;
-  return sliding && p.head_dim == 128 ? 4 : 1;
+  return p.window_right == 0 && (rows <= kGroupedBwdGridMaxRowsBy4 || (sliding && p.head_dim == 128)) ? 4 : 1;
 }
 
 // The backward's TMA maps of Q and dO in boxes of box_rows rows (packed batches: one map over all sequences);

@@ -351,18 +351,20 @@ def test_cuda_grid_head_group(monkeypatch, group, b, hq, hkv, nq, nk, d, causal,
 
 
 @requires_cuda
+@pytest.mark.parametrize("window", [(700, 0), (-1, 0)])
 @pytest.mark.parametrize("group", ["4", ""])
-def test_cuda_grid_head_group_sliding_window(monkeypatch, group):
+def test_cuda_grid_head_group_sliding_window(monkeypatch, group, window):
     """The launchers' other grouped order: sliding windows (left bound, right 0) over more than 4096 rows take the WS
-    forward's grid, and at d128 the WS backward's, in groups of 4 heads; the output and dK / dV bitwise those of the
-    head-by-head order, dQ to rounding, with a group count that does not divide the heads."""
+    forward's grid, and at d128 the WS backward's, in groups of 4 heads, as causal rows of 4097-8192 take the WS
+    backward's; the output and dK / dV bitwise those of the head-by-head order, dQ to rounding, with a group count
+    that does not divide the heads."""
     q, k, v = random_qkv(1, 6, 6, 4200, 4200, 128, torch.bfloat16, "cuda", False, requires_grad=True)
     dout = torch.randn_like(q)
 
     def run():
         q.grad = k.grad = v.grad = None
         torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # poison freed blocks
-        out = flash_attn2.attention(q, k, v, True, window_size=(700, 0))
+        out = flash_attn2.attention(q, k, v, True, window_size=window)
         out.backward(dout)
         return out.detach(), q.grad, k.grad, v.grad
 
