@@ -192,16 +192,21 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // walk read +1.5% on average at causal 2k (-0.8 to +3.6%), +1.1% at 4k, +0.5% at 8k, +1.4% packed causal 2k,
   // window 4096 at 16k +5.4% and -2.0% (v34: -0.5% at causal 8k; 0.90-0.96x before the late claim, v25); at causal
   // 1k (512 keys a row) it lost 8% (0.915, packed 0.924), so shorter rows keep a block per tile.
-  // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk wherever tiles differ, =tile for a block per tile
-  // (A/B runs, tests).
+  // Uniform rows take the walk too where their kernel has no static stride (d64, a block per tile until v38):
+  // non-causal 2k +2.3% on average over five readings (-0.9 to +5.2%), 4k +1.1 / +1.3 / +2.7%, 8k and 16k level,
+  // softcap 2k +3.5% (three readings), dropout 2k +2-3% (perf.md v38); at d128 / d256 the walk reads 0.98 / 0.93
+  // of the static stride at 2k, level at 8k-16k, so they keep it.
+  // FLASH_ATTN2_FWD_WS_WALK=dynamic asks for the dynamic walk (on uniform rows too), =tile for a block per tile
+  // where the kernel has no static stride (A/B runs, tests).
   // FLASH_ATTN2_FWD_WS_BLOCKS=n caps the grid (tests: many tiles per block on small shapes; without the dynamic
   // walk the blocks then stride); =all gives every tile its own block (A/B runs).
   const bool uniform = !varlen && p.window_left < 0 && p.window_right < 0;
   const char* walk_env = std::getenv("FLASH_ATTN2_FWD_WS_WALK");
   const bool walk_forced = walk_env != nullptr && walk_env[0] != '\0';
-  const bool dynamic = !uniform && p.zeroed_ints != nullptr &&
-                       (walk_forced ? std::strcmp(walk_env, "dynamic") == 0
-                                    : Kt::kHeadDim <= 128 || visible_keys_per_row(p) >= 1024);
+  const bool dynamic_by_default = uniform ? !Kt::kPersistent  // d64: no static stride
+                                          : Kt::kHeadDim <= 128 || visible_keys_per_row(p) >= 1024;
+  const bool dynamic =
+      p.zeroed_ints != nullptr && (walk_forced ? std::strcmp(walk_env, "dynamic") == 0 : dynamic_by_default);
   FwdParams launch = p;
   launch.tile_counter = nullptr;
   // The grid's heads in groups, tile rank by rank within a group, on dense rows bounded on the right (causal,

@@ -269,14 +269,14 @@ def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
 
 @requires_sm90
 @pytest.mark.parametrize("walk,qbuf", [("", ""), ("dynamic", ""), ("tile", ""), ("", "1")])
-@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_CASES[i] for i in (1, 3, 5, 7, 9, 10)])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [WS_CASES[i] for i in (1, 3, 5, 7, 8, 9, 10)])
 def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype,
                                                             transposed, walk, qbuf):
     """The persistent grid capped at 5 blocks: every block walks many tiles, its K/V ring, Q buffers and
-    ping-pong turns running on from one tile to the next. Without a mask, or with FLASH_ATTN2_FWD_WS_WALK=tile,
-    the blocks stride (static walk); with a causal mask, by default (at d256 where rows see 1024 keys or more) or
-    with FLASH_ATTN2_FWD_WS_WALK=dynamic, they take their tiles from the per-call tile counter
-    (dynamic walk). d128 has two Q buffers (tile k's in buffer k % 2);
+    ping-pong turns running on from one tile to the next. Without a mask at d128 / d256, or with
+    FLASH_ATTN2_FWD_WS_WALK=tile, the blocks stride (static walk); with a causal mask, by default (at d256 where
+    rows see 1024 keys or more), without a mask at d64, or with FLASH_ATTN2_FWD_WS_WALK=dynamic (unmasked rows
+    too), they take their tiles from the per-call tile counter (dynamic walk). d128 has two Q buffers (tile k's in buffer k % 2);
     FLASH_ATTN2_FWD_WS_QBUF=1 keeps to one."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "5")
