@@ -524,6 +524,17 @@ def test_cuda_warp_specialised_forward_with_variants(monkeypatch, causal, window
     check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
 
 
+def check_dense_and_packed(nq, nk, d, causal, window, softcap, alibi, dropout_p, seeds):
+    """One option set on CUDA, bfloat16, against the float64 reference twice: a dense GQA case (B = 2, 4 / 2 heads,
+    transposed memory) and a packed batch of three sequences (one of a single query row, and with nk = 100 one
+    without keys), each with its own seed."""
+    opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=seeds[0])
+    check_variant_case(2, 4, 2, nq, nk, d, torch.bfloat16, "cuda", opts, transposed=True)
+    opts = make_options(3, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=seeds[1])
+    check_varlen_against_reference([nq // 3, 1, nq - nq // 3], [nk // 2, 50, nk - nk // 2 - 50], torch.bfloat16,
+                                   "cuda", opts, d=d)
+
+
 @requires_sm90
 @pytest.mark.parametrize("shift", ["", "0"])
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -540,11 +551,7 @@ def test_cuda_warp_specialised_forward_row_shift(monkeypatch, shift, d, nq, nk, 
     from the first valid row), and packed sequences of other lengths, one empty."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_ROW_SHIFT", shift)
-    opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=13)
-    check_variant_case(2, 4, 2, nq, nk, d, torch.bfloat16, "cuda", opts, transposed=True)
-    opts = make_options(3, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=14)
-    check_varlen_against_reference([nq // 3, 1, nq - nq // 3], [nk // 2, 50, nk - nk // 2 - 50], torch.bfloat16,
-                                   "cuda", opts, d=d)
+    check_dense_and_packed(nq, nk, d, causal, window, softcap, alibi, dropout_p, seeds=(13, 14))
 
 
 @requires_sm90
@@ -650,11 +657,7 @@ def test_cuda_warp_specialised_backward_steps_from_first_row(monkeypatch, first_
     come in groups of 16 queries), GQA, Nq != Nk, and a packed batch."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_BWD_FIRST_ROW", first_row)
-    opts = make_options(2, 4, causal, window, softcap, None, dropout_p, "cuda", seed=5)
-    check_variant_case(2, 4, 2, nq, nk, d, torch.bfloat16, "cuda", opts, transposed=True)
-    opts = make_options(3, 4, causal, window, softcap, None, dropout_p, "cuda", seed=6)
-    check_varlen_against_reference([nq // 3, 1, nq - nq // 3], [nk // 2, 50, nk - nk // 2 - 50], torch.bfloat16,
-                                   "cuda", opts, d=d)
+    check_dense_and_packed(nq, nk, d, causal, window, softcap, None, dropout_p, seeds=(5, 6))
 
 
 @requires_sm90
