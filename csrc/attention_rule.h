@@ -211,9 +211,10 @@ struct Dropout {
 // groups, each group's long tiles go first while the tiles running together still share a few heads' K/V
 // (forward) or Q/dO (backward) in L2 (cpp_tests/test_attention_rule.cpp checks the map is one to one). A
 // list-scheduling model of 132 SMs puts the head-by-head tail at 3-7% of a causal 2k-8k call and 12-14% of the
-// GQA backward rows, grouped by 8 at 0-3% (scripts/grid_order_model.py). Measured (perf.md v26): the WS
-// backward's causal 2k / 4k rows 1.03x grouped by 8 (its default there, ws_bwd_grid_group); the forward and
-// longer rows level or slower.
+// GQA backward rows, grouped by 8 at 0-3% (scripts/grid_order_model.py). Measured: the WS backward's causal
+// 2k / 4k rows 1.03x grouped by 8 (v26), its causal 8k rows 1.03-1.05x grouped by 4 (v38; ws_bwd_grid_group); the
+// WS forward's causal rows up to 8192 1.02-1.07x grouped by 8 (v37; try_launch_fwd_ws); 16k rows level or
+// slower in groups.
 template <typename I>
 struct GridOrder {
   I rank, head;

@@ -94,12 +94,13 @@ inline bool ws_bwd_blockm_requested(int blockm) {
 // The WS backward's grid order: heads in groups of 8, key tile rank by rank within a group, on dense masked
 // (causal, windowed) calls of at most 4096 queries and keys, where head by head a late head's longest key tiles
 // start near the grid's end and run alone: 0.98-1.07x on causal 2k / 4k rows, d64 and d128, plain and GQA
-// (1.03x geomean over 12 rows of two calls, perf.md v26); head by head elsewhere (8k level, 16k and non-causal
-// 0.96-1.03x). Rows up to 8192 bounded at the diagonal (causal, sliding windows) take groups of 4: causal 8k
-// +1.6 / +2.0% (d128), softcap +2.6 / +3.8%, GQA 4:1 +9.1 / +7.3% (d128) and +8.9% (d64), dropout and ALiBi +3%,
-// d64 / d256 plain level (two readings, perf.md v38; groups of 8 gain less there; GQA 16k level). Longer d128
-// rows under such a sliding window keep groups of 4: window 4096 at 16k +2.1% on average over five readings in
-// four calls (other group sizes level to -4%; d64 and two-sided windows level; perf.md v36).
+// (1.03x geomean over 12 rows of two calls, perf.md v26). Rows of 4097-8192 bounded at the diagonal (causal,
+// sliding windows) take groups of 4: causal 8k +1.6 / +2.0 / +3.3% (d128), softcap +2.6 / +3.8 / +4.2%, GQA 4:1
+// +9.1 / +7.3 / +5.1% (d128) and +8.9 / +4.4% (d64), dropout and ALiBi +3%, d64 / d256 plain level (three
+// readings, perf.md v38; groups of 8 gain less there). Longer d128 rows under such a sliding window keep groups
+// of 4: window 4096 at 16k +2.1% on average over five readings in four calls (other group sizes level to -4%;
+// d64 and two-sided windows level; perf.md v36). Head by head elsewhere (16k, GQA 16k included, and non-causal
+// rows: 0.96-1.03x in groups, v26 / v38).
 // FLASH_ATTN2_BWD_GRID_GROUP=n forces groups of n (1: head by head).
 inline constexpr int64_t kGroupedBwdGridMaxRows = 4096;
 inline constexpr int64_t kGroupedBwdGridMaxRowsBy4 = 8192;
