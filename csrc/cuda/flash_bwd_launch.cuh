@@ -29,8 +29,7 @@ template <class Kt>
 void choose_dq_walk(BwdParams& p) {
   p.dq_rotate = 0;
   if (p.dq_semaphore == nullptr || !p.dq_order_by_head) return;
-  const char* env = std::getenv("FLASH_ATTN2_DET_ROTATE");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return;
+  if (env_is("FLASH_ATTN2_DET_ROTATE", "0")) return;
   int device = 0, sms = 0;
   FA2_CUDA_CHECK(cudaGetDevice(&device));
   FA2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -62,12 +61,6 @@ void launch_bwd_portable(const BwdParams& params, cudaStream_t stream) {
       return launch_per_key_tile<KtLow>(&flash_bwd_kernel<KtLow, kScoreMod>, params, stream);
   }
   launch_per_key_tile<Kt>(&flash_bwd_kernel<Kt, kScoreMod>, params, stream);
-}
-
-// Whether environment variable `name` is set to `value`.
-inline bool env_is(const char* name, const char* value) {
-  const char* env = std::getenv(name);
-  return env != nullptr && std::strcmp(env, value) == 0;
 }
 
 // Rows of dq_accum (float32, d per row): (Hq, B * Nq), or (Hq, Tq) for a packed batch; the Hopper backwards' dQ

@@ -22,6 +22,12 @@
 namespace flash_attn2::cuda {
 
 namespace detail {
+// Whether environment variable `name` is set to `value` (the launchers' A/B switches, read on every call).
+inline bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+
 inline void check_shapes(const FwdParams& p, int compiled_head_dim) {
   if (p.batch < 0 || p.heads_q < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.heads_kv <= 0 ||
       p.heads_q % p.heads_kv != 0 || p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > compiled_head_dim) {
@@ -94,8 +100,7 @@ inline void launch(Kernel kernel, int64_t blocks, int threads, int smem_bytes, c
 // finishing. It hides the launch latency between the short kernels of a decode step (split-KV, then combine).
 // FLASH_ATTN2_PDL=0 in the environment launches these kernels plainly (A/B runs).
 inline bool pdl_enabled() {
-  const char* env = std::getenv("FLASH_ATTN2_PDL");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (env_is("FLASH_ATTN2_PDL", "0")) return false;
   int dev = 0, major = 0;
   FA2_CUDA_CHECK(cudaGetDevice(&dev));
   FA2_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -145,8 +150,7 @@ inline int fwd_ws_mode() {  // -1 by the traits, 0 off, 1 on, 2 required
 // exponent range; float16 has not, so it keeps the running max. FLASH_ATTN2_SOFTCAP_FIXED=0 turns it off (A/B runs,
 // tests).
 inline void set_softcap_fixed_offset(FwdParams& p) {
-  const char* env = std::getenv("FLASH_ATTN2_SOFTCAP_FIXED");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return;
+  if (env_is("FLASH_ATTN2_SOFTCAP_FIXED", "0")) return;
   if (!(p.softcap_out > 0.f) || p.alibi_slopes != nullptr || !p.is_bf16) return;
   const float c = p.softcap_out * p.scale_log2;  // (softcap / scale) * (scale * log2 e)
   const float top = std::max(0.f, 2.f * c - 102.f);
@@ -231,14 +235,10 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // row 0 (A/B runs).
   constexpr int kShiftUnit = std::gcd(Kt::kBlockM, Kt::kBlockN);
   static_assert(kShiftUnit % 16 == 0 && (kShiftUnit & (kShiftUnit - 1)) == 0, "shifts in powers of two >= 16");
-  const char* shift_env = std::getenv("FLASH_ATTN2_FWD_ROW_SHIFT");
-  launch.row_shift_unit = kShiftUnit < Kt::kBlockM && p.window_right >= 0 &&
-                                  !(shift_env != nullptr && std::strcmp(shift_env, "0") == 0)
-                              ? kShiftUnit
-                              : 0;
+  launch.row_shift_unit =
+      kShiftUnit < Kt::kBlockM && p.window_right >= 0 && !env_is("FLASH_ATTN2_FWD_ROW_SHIFT", "0") ? kShiftUnit : 0;
   // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).
-  const char* qbuf_env = std::getenv("FLASH_ATTN2_FWD_WS_QBUF");
-  launch.ws_q_stages = qbuf_env != nullptr && std::strcmp(qbuf_env, "1") == 0 ? 1 : Kt::kQStages;
+  launch.ws_q_stages = env_is("FLASH_ATTN2_FWD_WS_QBUF", "1") ? 1 : Kt::kQStages;
   launch.ws_prefetch_maps = ws_prefetch_maps();
   launch.softcap_scale_log2 = launch.softcap_offset_log2 = 0.f;
   if (kScoreMod && Kt::kSoftcapFixed) set_softcap_fixed_offset(launch);
