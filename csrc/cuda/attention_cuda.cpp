@@ -355,7 +355,7 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t stat_rows = L.varlen ? s.heads_q * L.total_q : s.batch * s.heads_q * s.seqlen_q;
   at::Tensor dq_accum = at::zeros({stat_rows, s.head_dim}, f32);
-  at::Tensor softmax_d = at::empty({stat_rows}, f32);
+  at::Tensor row_stats = at::empty({2, stat_rows}, f32);  // D and the LSE in log2 units (the preprocessing kernel's)
   at::Tensor semaphore;
 
   BwdParams params{};
@@ -371,7 +371,8 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   params.dk_batch_stride = sdk.batch, params.dk_head_stride = sdk.head, params.dk_row_stride = sdk.row;
   params.dv_batch_stride = sdv.batch, params.dv_head_stride = sdv.head, params.dv_row_stride = sdv.row;
   params.dq_accum = dq_accum.data_ptr<float>();
-  params.softmax_d = softmax_d.data_ptr<float>();
+  params.softmax_d = row_stats.data_ptr<float>();
+  params.lse_log2 = params.softmax_d + stat_rows;
   params.dq_semaphore = nullptr;
   params.dq_semaphore_tiles = 0;
   params.grid_head_group = grid_head_group("FLASH_ATTN2_BWD_GRID_GROUP");  // the deterministic mode keeps its order

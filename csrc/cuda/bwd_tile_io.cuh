@@ -81,7 +81,8 @@ FA2_DEVICE void load_q_do_async(const BwdParams& p, const SeqInfo& seq, int batc
     const bool is_d = tid >= kBlockM;
     const index_t idx = seq.stat_index(p, batch, head, row0 + r);
     const bool ok = r < rows;
-    cp_async_4(s_stats + static_cast<uint32_t>(tid * 4), ok ? (is_d ? p.softmax_d : p.lse) + idx : p.lse, ok);
+    cp_async_4(s_stats + static_cast<uint32_t>(tid * 4), ok ? (is_d ? p.softmax_d : p.lse_log2) + idx : p.lse_log2,
+               ok);
   }
 }
 

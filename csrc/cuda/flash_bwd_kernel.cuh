@@ -1,6 +1,7 @@
 // FlashAttention-2 backward kernels.
 //
 //   flash_bwd_preprocess_kernel : softmax_d[row] = sum_c dO[row, c] * O[row, c]                  (fp32)
+//                                 lse_log2[row] = lse[row] * log2e (+inf where lse = -inf)     (fp32)
 //   flash_bwd_kernel            : one block per (key tile, kv head, batch), looping over the q heads of its
 //                                 GQA group and over the query tiles that see the key tile:
 //       S = Q K^T, score rule (kScoreMod), P = exp2(S*scale_log2 - lse*log2e)   (registers, masked tiles
@@ -75,7 +76,12 @@ __global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const __grid_
     }
 #pragma unroll
     for (int off = Cfg::kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (valid && lane_in_row == 0) p.softmax_d[row] = acc;
+    if (valid && lane_in_row == 0) {
+      constexpr float kLog2e = 1.4426950408889634f;
+      const float lse = p.lse[row];  // the statistics rows share D's indexing (the launcher made them contiguous)
+      p.softmax_d[row] = acc;
+      p.lse_log2[row] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+    }
   }
 }
 
@@ -114,7 +120,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
   using TileKV = typename Kt::TileKV;
   using TileP = typename Kt::TileP;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kThreads = Kt::kNThreads;
-  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
@@ -188,8 +193,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
     const float* s_lse = sRowStats + stage * (Kt::kSmemRowStats / 4);
     const float* s_d = s_lse + kBlockM;
 
-    // Per-row LSE (pre-multiplied by log2 e; +inf for rows that see nothing or are out of range, so P = 0)
-    // and D.
+    // Per-row LSE (staged pre-multiplied by log2 e, BwdParams::lse_log2; +inf for rows that see nothing or are
+    // out of range, so P = 0) and D.
     float lse2[Kt::kMT_S][2], dsum[Kt::kMT_S][2];
     {
 #pragma unroll
@@ -198,8 +203,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
         for (int h = 0; h < 2; ++h) {
           const int r = s_m0 + mi * 16 + h * 8 + g;
           const bool ok = row0 + r < seqlen_q;
-          const float l = ok ? s_lse[r] : -INFINITY;
-          lse2[mi][h] = l == -INFINITY ? INFINITY : l * kLog2e;
+          lse2[mi][h] = ok ? s_lse[r] : INFINITY;
           dsum[mi][h] = ok ? s_d[r] : 0.f;
         }
     }
@@ -274,8 +278,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_kernel(const __gri
                   const int r = s_m0 + mi * 16 + h * 8 + g, c = s_n0 + ni * 8 + 2 * t;
                   const float2 pf = unpack2<T>(p_packed[mi][ni][h]);
                   const float dd = s_d[r];
-                  const float l = s_lse[r];
-                  const float lse2_r = l == -INFINITY ? INFINITY : l * kLog2e;
+                  const float lse2_r = s_lse[r];
                   float pv[2] = {pf.x, pf.y}, pz[2], ds[2];  // pz: P Z (with dropout)
 #pragma unroll
                   for (int e = 0; e < 2; ++e) {

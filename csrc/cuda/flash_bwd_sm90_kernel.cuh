@@ -33,20 +33,19 @@ namespace sm90 {
 // step's queries (columns row0 + 8 ni + 2t + {0, 1}): S^T, dP^T, P^T and dS^T.
 //
 // P^T = exp2(S^T * scale_log2 - LSE * log2 e) in place of S^T (already transformed by the score rule in the
-// kScoreMod kernels); invisible entries are masked first where the tile needs it. s_lse holds the step's LSE
-// (natural log); -inf (a row that sees no key) becomes +inf so that P = 0 there. Query rows past the sequence's
-// end read LSE = D = 0 and zero-filled Q / dO rows: P <= 1 there, but dO = 0 and dS = 0, so they add nothing.
+// kScoreMod kernels); invisible entries are masked first where the tile needs it. s_lse holds the step's LSE rows
+// as staged from BwdParams::lse_log2: in log2 units, +inf for a row that sees no key, so that P = 0 there. Query
+// rows past the sequence's end read 0 (cp.async zero fill) or +inf and zero-filled Q / dO rows: dO = 0 and
+// dS = 0 there, so they add nothing.
 // key: this thread's first key row; q0: its first query column.
 template <int NT>
 FA2_DEVICE void probs_transposed(float (&s)[1][NT][4], const float* s_lse, int key, int q0, bool need_mask,
                                  const Visibility<int>& vis, float scale_log2, int t) {
-  constexpr float kLog2e = 1.4426950408889634f;
   if (need_mask) apply_mask<true>(s, key, q0, vis);
 #pragma unroll
   for (int ni = 0; ni < NT; ++ni) {
-    const int c = 8 * ni + 2 * t;
-    const float2 l = *reinterpret_cast<const float2*>(s_lse + c);
-    const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
+    const float2 l = *reinterpret_cast<const float2*>(s_lse + 8 * ni + 2 * t);
+    const float l2[2] = {l.x, l.y};
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -89,7 +88,6 @@ template <typename T, bool kSoftcap, bool kAlibi, bool kMask, int NT>
 FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1][NT / 2][4], const float* s_lse,
                                           int key, int q0, const Visibility<int>& vis, const ScoreRule<float>& rule,
                                           float scale_log2, int t) {
-  constexpr float kLog2e = 1.4426950408889634f;
   const float cap_log2 = rule.cap_out * scale_log2, alibi_log2 = rule.alibi * scale_log2;
   VisibleSpan visible[2] = {{0, 0}, {0, 0}};  // visible queries of the thread's key rows key and key + 8
   float rel[2];  // i - j + diag for the thread's first query column and each key row (ALiBi)
@@ -105,7 +103,7 @@ FA2_DEVICE void probs_mod_transposed_impl(float (&s)[1][NT][4], uint32_t (&a)[1]
 #pragma unroll
   for (int ni = 0; ni < NT; ++ni) {
     const float2 l = *reinterpret_cast<const float2*>(s_lse + 8 * ni + 2 * t);
-    const float l2[2] = {l.x == -INFINITY ? INFINITY : l.x * kLog2e, l.y == -INFINITY ? INFINITY : l.y * kLog2e};
+    const float l2[2] = {l.x, l.y};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float pr[2];

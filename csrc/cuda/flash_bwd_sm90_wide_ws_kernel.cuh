@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       const uint32_t dst = sStats_u + stage * Kt::kSmemRowStats + static_cast<uint32_t>(tid * 4);
       if (row0 + r < blk.seq.seqlen_q) {
         const index_t idx = blk.seq.stat_index(p, blk.batch, head, row0 + r);
-        cp_async_4(dst, (is_d ? p.softmax_d : p.lse) + idx, true);
+        cp_async_4(dst, (is_d ? p.softmax_d : p.lse_log2) + idx, true);
       } else {
         *reinterpret_cast<float*>(smem + (dst - sK_u)) = is_d ? 0.f : INFINITY;
       }

@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         for (int r = lane; r < kBlockM; r += 32) {
           const bool ok = row0 + r < blk.seq.seqlen_q;
           const index_t idx = blk.seq.stat_index(p, blk.batch, head, row0 + r);
-          st[r] = ok ? p.lse[idx] : INFINITY;
+          st[r] = ok ? p.lse_log2[idx] : INFINITY;
           st[kBlockM + r] = ok ? p.softmax_d[idx] : 0.f;
         }
         tma::arrive(sm.full(s));  // each lane releases its own stores to the waiters

@@ -143,6 +143,12 @@ struct BwdParams : FwdParams {
   // Workspaces allocated by the launcher, contiguous float32:
   float* dq_accum;    // stat rows x head_dim, zero-filled by the launcher before the kernels run.
   float* softmax_d;   // stat rows: rowsum(dO * O), written by the preprocessing kernel.
+  // stat rows: LSE * log2 e, +inf where the LSE is -inf (a row that sees no key: P = 0 there), written by the
+  // preprocessing kernel beside D. Every backward kernel stages these rows, not the LSE, so that P = exp2(S *
+  // scale_log2 - lse_log2) takes one FFMA a score: converting and guarding the LSE per query column in every
+  // consumer thread cost the d64 WS backward 96 of its 835 instructions a step (an FMUL, FSETP and FSEL per
+  // column, SASS, perf.md v38).
+  float* lse_log2;
   // Deterministic mode: one zeroed counter per (batch, q head, query tile); the key-tile blocks that see a
   // query tile add their dQ in descending key-tile order, each waiting for the counter to reach its rank.
   // nullptr: atomics in any order.
