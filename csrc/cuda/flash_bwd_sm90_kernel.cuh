@@ -285,7 +285,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   if constexpr (Kt::kDsQueryMajor) {  // dS as [query][key] (the WS kernel's 80-query steps: dQ^T = K^T dS^T)
     store_frags_transposed<TileDS>(static_cast<uint32_t>(__cvta_generic_to_shared(sdS)), ds_frag, wg_row0, lane);
   } else {
-    store_acc<T, TileDS>(sdS, acc_dp, wg_row0, 0, lane, 1.f);
+    store_frags<TileDS>(static_cast<uint32_t>(__cvta_generic_to_shared(sdS)), ds_frag, wg_row0, lane);
   }
 
   // dV += P^T dO, dK += dS^T Q (B operands M-major: the query rows of dO / Q are the K dim).

@@ -171,27 +171,50 @@ FA2_DEVICE void store_acc(T* s, const float (&acc)[MT][NT][4], int m0, int n0, i
     }
 }
 
-// The transpose of store_acc for one 16-row tile already packed as A fragments (acc_to_a_frags: a[0][k] holds
-// n8 tiles 2k and 2k + 1, rows g and g + 8): element (m0 + r, c) goes to (c, m0 + r) of Tile, eight consecutive
-// rows of the accumulator in one 16-byte chunk, by stmatrix.trans (sm_90): the four registers of a[0][k] are four
-// 8 x 8 matrices, lane 8 i + j giving the address of row j of matrix i (with .trans, row j of a matrix in memory
-// is column j of the fragments). m0 is a multiple of 8; s_u is Tile's shared-space byte address. Inline PTX: the
+// One stmatrix.x4 (sm_90): the four registers are four 8 x 8 matrices of 16-bit elements, lane 8 i + j giving
+// the address of row j of matrix i (kTrans: row j in memory is column j of the fragments). Inline PTX: the
 // cuda::ptx of CUDA 13.0's CCCL has no stmatrix yet.
-template <class Tile, int KS>
-FA2_DEVICE void store_frags_transposed(uint32_t s_u, const uint32_t (&a)[1][KS][4], int m0, int lane) {
+template <bool kTrans>
+FA2_DEVICE void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int i = lane >> 3, j = lane & 7;
-  const int h = i & 1, nd = i >> 1;  // matrix i: n8 tile 2k + nd, rows g + 8 h
-#pragma unroll
-  for (int k = 0; k < KS; ++k) {
-    const uint32_t addr = s_u + 2u * static_cast<uint32_t>(Tile::chunk_offset(8 * (2 * k + nd) + j, (m0 >> 3) + h));
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-                 "r"(a[0][k][0]), "r"(a[0][k][1]), "r"(a[0][k][2]), "r"(a[0][k][3])
+  if constexpr (kTrans) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+  } else {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
                  : "memory");
   }
 #else
   __trap();
 #endif
+}
+
+// store_acc for one 16-row tile already packed as A fragments (acc_to_a_frags: a[0][k] holds n8 tiles 2k and
+// 2k + 1, rows g and g + 8), at scale 1: one stmatrix per k instead of four 4-byte stores, matrix i = (n8 tile
+// 2k + nd, rows m0 + 8 h + {0..7}) with h = i & 1, nd = i >> 1, each of its rows one 16-byte chunk of Tile.
+// m0 is a multiple of 8; s_u is Tile's shared-space byte address.
+template <class Tile, int KS>
+FA2_DEVICE void store_frags(uint32_t s_u, const uint32_t (&a)[1][KS][4], int m0, int lane) {
+  const int i = lane >> 3, j = lane & 7;
+  const int h = i & 1, nd = i >> 1;
+#pragma unroll
+  for (int k = 0; k < KS; ++k)
+    stmatrix_x4<false>(s_u + 2u * static_cast<uint32_t>(Tile::chunk_offset(m0 + 8 * h + j, 2 * k + nd)), a[0][k]);
+}
+
+// The transpose of store_frags: element (m0 + r, c) goes to (c, m0 + r) of Tile, eight consecutive rows of the
+// accumulator in one 16-byte chunk, by stmatrix.trans: lane 8 i + j addresses row 8 (2 k + nd) + j of Tile,
+// chunk (m0 >> 3) + h.
+template <class Tile, int KS>
+FA2_DEVICE void store_frags_transposed(uint32_t s_u, const uint32_t (&a)[1][KS][4], int m0, int lane) {
+  const int i = lane >> 3, j = lane & 7;
+  const int h = i & 1, nd = i >> 1;  // matrix i: n8 tile 2k + nd, rows g + 8 h
+#pragma unroll
+  for (int k = 0; k < KS; ++k)
+    stmatrix_x4<true>(s_u + 2u * static_cast<uint32_t>(Tile::chunk_offset(8 * (2 * k + nd) + j, (m0 >> 3) + h)),
+                      a[0][k]);
 }
 
 }  // namespace flash_attn2::cuda
