@@ -54,7 +54,8 @@
 #                  (forward) and 1.15x (backward) per call come from (perf.md v27); NCU_IMPLS="fa4": FA4's alone
 #   ncu_src_bwd    ncu's source counters on the d128 WS backward and FlashAttention-4's (NCU_IMPLS, as in ncu_fa4),
 #                  non-causal 8k: stall samples per SASS instruction (CSV gzipped) and scripts/ncu_src_summary.py's
-#                  summary (where the consumers wait; FA4: where its loop waits instead, perf.md v28)
+#                  summary (where the consumers wait; FA4: where its loop waits instead, perf.md v28);
+#                  NCU_SRC_D=64: the d64 backward instead (its loop's instruction count is not its gap, perf.md v39)
 #   ncu_src_bwdmod ncu's source counters on the d128 WS backward with softcap 50, causal 8k (where the softcap
 #                  backward's consumers wait: 0.80 of the plain backward, perf.md v29)
 #   ncu_src_widebwd  ncu's source counters on the d256 backward (non-causal 8k): stall samples per SASS
@@ -396,7 +397,7 @@ if step ncu_src_bwd 200; then  # where the d128 backward's consumers wait, ours 
   [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH  # installed by ../shared/tools/fa4-wheels.sh
   for impl in ${NCU_IMPLS:-ours fa4}; do
     kernel=flash_bwd_sm90_ws; [[ $impl == fa4 ]] && kernel=BackwardSm90
-    ncu_source ncu_src_bwd_$impl 90 $kernel --d 128 --n 8192 --impl $impl
+    ncu_source ncu_src_bwd${NCU_SRC_D:-128}_$impl 90 $kernel --d ${NCU_SRC_D:-128} --n 8192 --impl $impl
   done
 fi
 if step ncu_src_bwdmod 120; then  # where the softcap backward waits (#7: 0.80 of plain at d128 causal 8k, perf.md v29)
