@@ -197,7 +197,7 @@ FA2_DEVICE void add_dq_tile(const BwdParams& p, const SeqInfo& seq, const float 
 }
 
 // dK += dS^T Q (B operand M-major: Q's query rows are the K dim), issued, not committed: bwd_step_dk_dv's with dV,
-// the WS kernel's (kDkAfterDq) after the dQ product.
+// the WS kernel's after the dQ product.
 template <class Kt, class T = typename Kt::Elem>
 FA2_DEVICE void issue_dk(float (&acc_dk)[1][Kt::kHeadDim / 8][4], uint32_t (&ds_frag)[1][Kt::kBlockM / 16][4],
                          uint32_t sQ_s) {

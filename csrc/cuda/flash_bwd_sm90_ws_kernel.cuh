@@ -336,12 +336,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     zero_acc(acc_dv);
     tma::wait(sm.kv_full(), 0);
 
-    // kDkAfterDq: dK is issued after the dQ product, so that the step's dQ is stored for the writer while the tensor
-    // cores work on dK (FlashAttention-4's order, read in its SASS); otherwise dK goes beside dV and dQ is stored
-    // after waiting for all three, the tensor cores then idle. 1.04-1.07x on the d128 backward (GQA 1.06-1.10x,
-    // varlen 1.07x), 1.03x on d64 score-modifier calls; d64 without them level to 0.96x, so it keeps the old order
-    // (H200, perf.md v29).
-    constexpr bool kDkAfterDq = kHeadDim == 128 || kScoreMod;
+    // dK is issued after the dQ product, so that the step's dQ is stored for the writer while the tensor cores work
+    // on dK (FlashAttention-4's order, read in its SASS), not beside dV with dQ stored after waiting for all three,
+    // the tensor cores then idle: 1.04-1.07x on the d128 backward (GQA 1.06-1.10x, varlen 1.07x, perf.md v29), and
+    // since v40 on the d64 plain kernels too, 1.02-1.04x (level there in v29, before v39's shorter d64 loop).
     for (int it = 0; it < steps.total; ++it) {
       const int s = it % kStages;
       const int head = steps.head(it, blk.head_kv);
@@ -351,9 +349,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       const uint32_t sdS_u = sm.base_u + sm.ds_off(it & 1);
       tma::wait(sm.full(s), (it / kStages) & 1);
 
-      // S^T, dP^T, P^T, dS^T (to shared memory for dQ); dV issued, and dK with it unless kDkAfterDq.
+      // S^T, dP^T, P^T, dS^T (to shared memory for dQ); dV issued (dK after the dQ product).
       uint32_t p_frag[1][kKSteps][4], ds_frag[1][kKSteps][4];
-      bwd_step_dk_dv<Kt, kScoreMod, !kDkAfterDq>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s, sdO_s,
+      bwd_step_dk_dv<Kt, kScoreMod, false>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s, sdO_s,
                                                  sm.stats(s), sdS, acc_dk, acc_dv, p_frag, ds_frag);
 
       // dQ chunk (64 queries x 64 columns) = dS K over the block's 128 keys, by the consumers whose step it is;
@@ -376,23 +374,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         }
         wgmma_commit();
       }
-      // dK's registers and the stage are released once dK is done: here, or after the dQ store (kDkAfterDq).
-      auto release_stage = [&] {
-        fence_regs(acc_dk);
-        fence_regs(ds_frag);       // the A fragments stay untouched until the MMAs reading them are done
-        tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
-      };
-      if constexpr (kDkAfterDq) {
-        issue_dk<Kt>(acc_dk, ds_frag, sQ_s);
-        wgmma_commit();
-        wgmma_wait<1>();  // dV and dQ done; dK may still run
-      } else {
-        wgmma_wait<0>();
-      }
+      issue_dk<Kt>(acc_dk, ds_frag, sQ_s);
+      wgmma_commit();
+      wgmma_wait<1>();  // dV and dQ done; dK may still run
       fence_regs(acc_dq);
       fence_regs(acc_dv);
       fence_regs(p_frag);
-      if constexpr (!kDkAfterDq) release_stage();
 
       if (!dq_mine) {
         // no dQ this step
@@ -413,10 +400,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
                     row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
       }
-      if constexpr (kDkAfterDq) {
-        wgmma_wait<0>();  // dK
-        release_stage();
-      }
+      // dK's registers and the stage are released once dK is done, after the dQ store.
+      wgmma_wait<0>();
+      fence_regs(acc_dk);
+      fence_regs(ds_frag);       // the A fragments stay untouched until the MMAs reading them are done
+      tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
     }
 
     // Epilogue: dK * scale and dV as T through the K / V buffers, once both consumers are done reading them
