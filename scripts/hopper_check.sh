@@ -91,7 +91,7 @@
 #   ab_floor       the A/B harness's floor: the same build on both sides, backward rows, without and with
 #                  --settle-ms 300 (each case run 300 ms before it is timed)
 #   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
-#   variants       the variant bench rows
+#   variants       the variant bench rows (with FlashAttention-4's softcap 50 / plain where it is installed)
 #   bench          the quick grid with every SDPA backend and the variant rows, each case settled for
 #                  BENCH_SETTLE_MS (default 300; 0: as before session 22)
 #   gqa            the GQA bench rows
@@ -124,9 +124,10 @@ build_base() {
 # PREBUILT=1: the libraries scripts/pack_prebuilt.sh built on the CPU machine (the call carries
 # [".abbase/prebuilt"]): this tree's as b.so, the base's as a.so, unpacked to /tmp/libs; nothing is built here
 # (leave `build` out of STEPS). PREBUILT_LIB=c.so: the steps test another library the archive holds instead of b.so.
+# PREBUILT_TAR: another archive of libraries (a carried path) instead of .abbase/prebuilt/libs.tar.xz.
 if [[ ${PREBUILT:-0} == 1 ]]; then
-  mkdir -p /tmp/libs && tar -xJf .abbase/prebuilt/libs.tar.xz -C /tmp/libs ||
-    { echo "PREBUILT=1: no .abbase/prebuilt/libs.tar.xz (scripts/pack_prebuilt.sh, carried)"; exit 1; }
+  mkdir -p /tmp/libs && tar -xJf "${PREBUILT_TAR:-.abbase/prebuilt/libs.tar.xz}" -C /tmp/libs ||
+    { echo "PREBUILT=1: no ${PREBUILT_TAR:-.abbase/prebuilt/libs.tar.xz} (scripts/pack_prebuilt.sh, carried)"; exit 1; }
   echo "prebuilt: $(ls /tmp/libs)"
 fi
 # The base tree's library, once built (waiting for the background build, or building it now); empty if no tree.
@@ -525,6 +526,7 @@ if step ab_detorder 200; then  # the deterministic backward's grid: a head's key
     | tee "$OUT/ab_detorder.md"
 fi
 if step variants 150; then  # settled as the bench step runs them (unsettled, a baseline timed first ran fast: v34)
+  [[ -d /tmp/fa4sc ]] && export PYTHONPATH=/tmp/fa4sc:$PYTHONPATH  # FA4's softcap rows, where it is installed
   timeout 150 python3 -m flash_attn2.bench --device cuda --variants-only --settle-ms "${BENCH_SETTLE_MS:-300}" 2>&1 |
     grep -E "^\|" | tee "$OUT/variants.md"
 fi

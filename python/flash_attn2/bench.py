@@ -529,6 +529,23 @@ def bench_variants_cuda(out_path=None):
         print(f"  dropout fwd+bwd ours / SDPA flash: {(sdpa[0] + sdpa[1]) / (mine[0] + mine[1]):.2f}")
         lines.append(f"| dropout fwd+bwd vs SDPA flash | | | | | | {(sdpa[0] + sdpa[1]) / (mine[0] + mine[1]):.2f} | |")
     row("deterministic bwd", flops, timed[4], "ours plain", plain)
+    # FlashAttention-4 with and without the same softcap, after all of ours (see time_implementations): what the
+    # softcap costs the nearest other kernel on this GPU, beside #7's 0.9 bar for ours.
+    fa4 = flash_attn_4()
+    if fa4 is not None:
+        def fa4_run(softcap):
+            return lambda: _fwd_bwd_ms(lambda q, k, v: fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           causal=True, softcap=softcap)[0].transpose(1, 2),
+                                       inputs, dout)
+
+        try:
+            fa4_plain, fa4_capped = _alternated(fa4_run(0.0), fa4_run(50.0))
+        except Exception as e:  # a version without softcap, or one that refuses it on this GPU
+            print(f"FlashAttention-4 softcap rows failed: {e}")
+        else:
+            row("FA4 causal N=8k, plain", flops, fa4_plain, "ours plain", plain)
+            row("FA4 softcap 50", flops, fa4_capped, "FA4 plain", fa4_plain)
+            row("softcap 50", flops, timed[1], "FA4 softcap 50", fa4_capped)
     if out_path:
         with open(out_path, "a") as fh:
             fh.write("\n" + "\n".join(lines) + "\n")
