@@ -56,6 +56,9 @@
 #                  non-causal 8k: stall samples per SASS instruction (CSV gzipped) and scripts/ncu_src_summary.py's
 #                  summary (where the consumers wait; FA4: where its loop waits instead, perf.md v28);
 #                  NCU_SRC_D=64: the d64 backward instead (its loop's instruction count is not its gap, perf.md v39)
+#   bwd_probe      where the WS backward's consumer cycles go, per step and slot (scripts/bwd_probe.py) on BWD_PROBE_LIB
+#                  (default /tmp/libs/p.so: a -DFLASH_ATTN2_BWD_TIMELINE build packed beside PREBUILT's libraries;
+#                  PROBE_CASES="D,T/F,N;...": other cases)
 #   ncu_src_bwdmod ncu's source counters on the d128 WS backward with softcap 50, causal 8k (where the softcap
 #                  backward's consumers wait: 0.80 of the plain backward, perf.md v29)
 #   ncu_src_widebwd  ncu's source counters on the d256 backward (non-causal 8k): stall samples per SASS
@@ -400,6 +403,10 @@ if step ncu_src_bwd 200; then  # where the d128 backward's consumers wait, ours 
     kernel=flash_bwd_sm90_ws; [[ $impl == fa4 ]] && kernel=BackwardSm90
     ncu_source ncu_src_bwd${NCU_SRC_D:-128}_$impl 90 $kernel --d ${NCU_SRC_D:-128} --n 8192 --impl $impl
   done
+fi
+if step bwd_probe 120; then  # the WS backward's consumer cycles by slot (BwdProbe), beside the unprobed time
+  FLASH_ATTN2_LIBRARY=${BWD_PROBE_LIB:-/tmp/libs/p.so} timeout 110 python3 scripts/bwd_probe.py \
+    ${PROBE_CASES:+--cases "$PROBE_CASES"} | tee "$OUT/bwd_probe.md"
 fi
 if step ncu_src_bwdmod 120; then  # where the softcap backward waits (#7: 0.80 of plain at d128 causal 8k, perf.md v29)
   ncu_source ncu_src_bwd_softcap 100 flash_bwd_sm90_ws --d 128 --n 8192 --causal --softcap 50

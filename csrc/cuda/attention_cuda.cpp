@@ -385,7 +385,29 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
     const char* order = std::getenv("FLASH_ATTN2_DET_ORDER");
     params.dq_order_by_head = order != nullptr && std::strcmp(order, "spread") == 0 ? 0 : 1;
   }
+#ifdef FLASH_ATTN2_BWD_TIMELINE
+  // Debug builds only: the WS backward's per-consumer cycle counters (BwdProbe), appended to
+  // $FLASH_ATTN2_TIMELINE_FILE as one line per call; synchronises (scripts/bwd_probe.py).
+  const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
+  const int64_t probe_blocks = (s.seqlen_k + 63) / 64 * s.heads_q * s.batch;  // >= any grid of the kernel
+  at::Tensor timeline;
+  if (timeline_file != nullptr) {
+    timeline = at::zeros({probe_blocks * kBwdProbeConsumers * kBwdProbeSlots}, q.options().dtype(at::kLong));
+    params.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
+  }
+#endif
   dispatch<BwdLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
+#ifdef FLASH_ATTN2_BWD_TIMELINE
+  if (timeline_file != nullptr) {
+    const at::Tensor host = timeline.cpu();
+    std::FILE* f = std::fopen(timeline_file, "a");
+    TORCH_CHECK(f != nullptr, "cannot open FLASH_ATTN2_TIMELINE_FILE ", timeline_file);
+    const int64_t* v = host.data_ptr<int64_t>();
+    for (int64_t i = 0; i < host.numel(); ++i) std::fprintf(f, i ? " %lld" : "%lld", static_cast<long long>(v[i]));
+    std::fprintf(f, "\n");
+    std::fclose(f);
+  }
+#endif
   return {dq, dk, dv};
 }
 

@@ -207,19 +207,56 @@ FA2_DEVICE void issue_dk(float (&acc_dk)[1][Kt::kHeadDim / 8][4], uint32_t (&ds_
                                              desc_mn_major<typename Kt::TileQ>(sQ_s, 0, kk), 1);
 }
 
+// Debug builds only (-DFLASH_ATTN2_BWD_TIMELINE, scripts/bwd_probe.py): where a WS backward consumer warpgroup's
+// cycles go, as FwdProbe does for the forward. Lane 0 of each consumer adds the SM clock cycles since its previous
+// mark to one of kBwdProbeSlots counters of its (block, consumer) in p.timeline; kSteps counts steps, kTotal spans
+// the consumer's whole walk. Elsewhere every call compiles to nothing. ptxas moves arithmetic across the clock
+// reads, so a slot's cycles are those between two reads as issued, not exactly the named step's.
+struct BwdProbe {
+  // kFullWait: the stage (Q, dO, LSE, D); kIssueSdP: S^T and dP^T issued (dP^T later with kLateDp: counted in
+  // kProbs); kSWait / kDpWait: the waits for them; kProbs: P^T; kDs: dS^T and its store for dQ; kIssueDv: dV issued;
+  // kDsBarrier: both consumers' dS^T stored; kIssueDq / kIssueDk: those products issued; kDqWait: dV and dQ done;
+  // kDqBufWait: the writer's buffer free; kDqStore: dQ stored and handed over; kDkWait: dK done, the stage released.
+  enum Slot { kFullWait, kIssueSdP, kSWait, kProbs, kDpWait, kDs, kIssueDv, kDsBarrier, kIssueDq, kIssueDk, kDqWait,
+              kDqBufWait, kDqStore, kDkWait, kSteps, kTotal };
+#ifdef FLASH_ATTN2_BWD_TIMELINE
+  unsigned long long* out;
+  uint32_t t;
+  FA2_DEVICE BwdProbe(const BwdParams& p, int c, bool lane)
+      : out(p.timeline != nullptr && lane
+                ? p.timeline + (static_cast<long long>(blockIdx.x) * kBwdProbeConsumers + c) * kBwdProbeSlots
+                : nullptr) {
+    t = static_cast<uint32_t>(clock());
+  }
+  FA2_DEVICE void mark(int slot) {
+    const uint32_t now = static_cast<uint32_t>(clock());
+    if (out != nullptr) atomicAdd(out + slot, static_cast<unsigned long long>(now - t));
+    t = now;
+  }
+  FA2_DEVICE void add(int slot, unsigned long long v) const {
+    if (out != nullptr) atomicAdd(out + slot, v);
+  }
+#else
+  FA2_DEVICE BwdProbe(const BwdParams&, int, bool) {}
+  FA2_DEVICE void mark(int) {}
+  FA2_DEVICE void add(int, unsigned long long) const {}
+#endif
+};
+
 // One step of a Hopper backward for one warpgroup's 64 keys (rows [64 wg, 64 wg + 64) of the block's K and V),
 // shared by flash_bwd_sm90_kernel and the warp-specialised flash_bwd_sm90_ws_kernel: S^T = K Q^T and
 // dP^T = V dO^T; P^T by the score rule and dS^T from the step's LSE and D rows (s_lse, s_d = s_lse + kBlockM);
 // dS^T stored to sdS for the dQ product; then dV += P^T dO and dK += dS^T Q issued and committed, not waited
 // for. p_frag and ds_frag are those products' A operands: the caller keeps them untouched until its wait.
 // kIssueDk = false: dV is issued and committed alone, and the caller issues dK (issue_dk) when it chooses.
+// probe: the WS kernel's cycle probe (BwdProbe; nullptr elsewhere).
 template <class Kt, bool kScoreMod, bool kIssueDk = true, class T = typename Kt::Elem>
 FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlockN>& blk, const Visibility<int>& vis,
                                int head, int row0, int wg, int warp, int lane, uint32_t sK_u, uint32_t sV_u,
                                uint32_t sQ_s, uint32_t sdO_s, const float* s_lse, T* sdS,
                                float (&acc_dk)[1][Kt::kHeadDim / 8][4], float (&acc_dv)[1][Kt::kHeadDim / 8][4],
                                uint32_t (&p_frag)[1][Kt::kBlockM / 16][4],
-                               uint32_t (&ds_frag)[1][Kt::kBlockM / 16][4]) {
+                               uint32_t (&ds_frag)[1][Kt::kBlockM / 16][4], BwdProbe* probe = nullptr) {
   using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   using TileDS = typename Kt::TileDS;
@@ -248,6 +285,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   };
   constexpr bool kLateDp = Kt::kLateDp;
   if constexpr (!kLateDp) issue_dp();
+  if (probe) probe->mark(BwdProbe::kIssueSdP);
 
   const float* s_d = s_lse + kBlockM;
   const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
@@ -261,6 +299,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
                                             q_c0);
   if constexpr (kLateDp) wgmma_wait<0>(); else wgmma_wait<1>();
   fence_regs(acc_s);
+  if (probe) probe->mark(BwdProbe::kSWait);
   if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
     probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.scale_log2,
                             t);
@@ -273,9 +312,11 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
     wgmma_fence();
     issue_dp();
   }
+  if (probe) probe->mark(BwdProbe::kProbs);
   // dS^T in place of dP^T, as A fragments for dK and into shared memory for dQ.
   wgmma_wait<0>();
   fence_regs(acc_dp);
+  if (probe) probe->mark(BwdProbe::kDpWait);
   if constexpr (kScoreMod) {
     dscores_transposed_mod(acc_dp, acc_s, s_d, keep, dropout, p.keep_scale, t);
   } else {
@@ -287,6 +328,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   } else {
     store_frags<TileDS>(static_cast<uint32_t>(__cvta_generic_to_shared(sdS)), ds_frag, wg_row0, lane);
   }
+  if (probe) probe->mark(BwdProbe::kDs);
 
   // dV += P^T dO, dK += dS^T Q (B operands M-major: the query rows of dO / Q are the K dim).
   wgmma_fence();
@@ -295,6 +337,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
     WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dv), p_frag[0][kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
   if constexpr (kIssueDk) issue_dk<Kt>(acc_dk, ds_frag, sQ_s);
   wgmma_commit();
+  if (probe) probe->mark(BwdProbe::kIssueDv);
 }
 }  // namespace sm90
 

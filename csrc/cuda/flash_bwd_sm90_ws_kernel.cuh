@@ -340,6 +340,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // on dK (FlashAttention-4's order, read in its SASS), not beside dV with dQ stored after waiting for all three,
     // the tensor cores then idle: 1.04-1.07x on the d128 backward (GQA 1.06-1.10x, varlen 1.07x, perf.md v29), and
     // since v40 on the d64 plain kernels too, 1.02-1.04x (level there in v29, before v39's shorter d64 loop).
+    BwdProbe probe(p, c, ctid % 128 == 0), whole(p, c, ctid % 128 == 0);  // no-ops unless FLASH_ATTN2_BWD_TIMELINE
     for (int it = 0; it < steps.total; ++it) {
       const int s = it % kStages;
       const int head = steps.head(it, blk.head_kv);
@@ -347,12 +348,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       const uint32_t sQ_s = sm.base_u + sm.q_off(s), sdO_s = sm.base_u + sm.do_off(s);
       T* sdS = reinterpret_cast<T*>(sm.base + sm.ds_off(it & 1));
       const uint32_t sdS_u = sm.base_u + sm.ds_off(it & 1);
+      probe.mark(BwdProbe::kDkWait);  // (the loop's own arithmetic between steps)
       tma::wait(sm.full(s), (it / kStages) & 1);
+      probe.mark(BwdProbe::kFullWait);
+      probe.add(BwdProbe::kSteps, 1);
 
       // S^T, dP^T, P^T, dS^T (to shared memory for dQ); dV issued (dK after the dQ product).
       uint32_t p_frag[1][kKSteps][4], ds_frag[1][kKSteps][4];
       bwd_step_dk_dv<Kt, kScoreMod, false>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s, sdO_s,
-                                                 sm.stats(s), sdS, acc_dk, acc_dv, p_frag, ds_frag);
+                                                 sm.stats(s), sdS, acc_dk, acc_dv, p_frag, ds_frag, &probe);
 
       // dQ chunk (64 queries x 64 columns) = dS K over the block's 128 keys, by the consumers whose step it is;
       // with 80 queries a step, its transpose (64 columns x 80 queries) = K^T dS^T (kDqTransposed).
@@ -360,6 +364,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       fence_proxy_async_smem();
       if (dq_mine) tma::named_sync(kBarDs + (it & 1), 256);  // both consumers' dS^T are in shared memory
       else tma::named_arrive(kBarDs + (it & 1), 256);        // this one's is
+      probe.mark(BwdProbe::kDsBarrier);
       float acc_dq[1][Kt::kDqTransposed ? kBlockM / 8 : 8][4];
       if (dq_mine) {
 #pragma unroll
@@ -374,12 +379,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         }
         wgmma_commit();
       }
+      probe.mark(BwdProbe::kIssueDq);
       issue_dk<Kt>(acc_dk, ds_frag, sQ_s);
       wgmma_commit();
+      probe.mark(BwdProbe::kIssueDk);
       wgmma_wait<1>();  // dV and dQ done; dK may still run
       fence_regs(acc_dq);
       fence_regs(acc_dv);
       fence_regs(p_frag);
+      probe.mark(BwdProbe::kDqWait);
 
       if (!dq_mine) {
         // no dQ this step
@@ -389,6 +397,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         // past the array are clipped.
         const int b = it % Kt::kDqBufs;
         if (it >= Kt::kDqBufs) tma::wait(sm.dq_empty(b), ((it / Kt::kDqBufs) - 1) & 1);
+        probe.mark(BwdProbe::kDqBufWait);
         if constexpr (Kt::kDqTransposed) {
           store_dq_boxes_transposed<kBlockM>(sm.base + sm.dq_off(b, dq_chunk), acc_dq, warp, g, t);
         } else {  // (split rows: this consumer's 64 rows start 64 dq_rows rows into each box)
@@ -400,12 +409,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
                     row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
       }
+      probe.mark(BwdProbe::kDqStore);
       // dK's registers and the stage are released once dK is done, after the dQ store.
       wgmma_wait<0>();
       fence_regs(acc_dk);
       fence_regs(ds_frag);       // the A fragments stay untouched until the MMAs reading them are done
       tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
     }
+    probe.mark(BwdProbe::kDkWait);
+    whole.mark(BwdProbe::kTotal);
 
     // Epilogue: dK * scale and dV as T through the K / V buffers, once both consumers are done reading them
     // (the dQ product reads every key row), each consumer into its own 64 rows, which it then copies out itself

@@ -22,6 +22,9 @@ using index_t = int64_t;
 #ifdef FLASH_ATTN2_FWD_TIMELINE
 constexpr int kFwdProbeConsumers = 3, kFwdProbeSlots = 16;  // FwdProbe (flash_fwd_sm90_ws_kernel.cuh)
 #endif
+#ifdef FLASH_ATTN2_BWD_TIMELINE
+constexpr int kBwdProbeConsumers = 2, kBwdProbeSlots = 16;  // BwdProbe (flash_bwd_sm90_kernel.cuh)
+#endif
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
 constexpr int kTimelineSlots = 12;  // stamps per block of the split-KV and combine kernels (tile_primitives.cuh)
 #endif
@@ -93,11 +96,12 @@ struct FwdParams {
   // (FLASH_ATTN2_SPLITKV_PREFETCH / FLASH_ATTN2_PDL_TRIGGER, A/B runs).
   int splitkv_prefetch_tiles;
   int pdl_trigger;
-#if defined(FLASH_ATTN2_SPLITKV_TIMELINE) || defined(FLASH_ATTN2_FWD_TIMELINE)
+#if defined(FLASH_ATTN2_SPLITKV_TIMELINE) || defined(FLASH_ATTN2_FWD_TIMELINE) || defined(FLASH_ATTN2_BWD_TIMELINE)
   // Debug builds only: -DFLASH_ATTN2_SPLITKV_TIMELINE (scripts/splitkv_timeline.py), kTimelineSlots stamps per
   // split-KV block, then per combine block (flash_splitkv_kernel.cuh says which); -DFLASH_ATTN2_FWD_TIMELINE
   // (scripts/fwd_probe.py), the WS forward's FwdProbe counters, kFwdProbeSlots per (block, consumer) for
-  // kFwdProbeConsumers consumers a block. nullptr: none.
+  // kFwdProbeConsumers consumers a block; -DFLASH_ATTN2_BWD_TIMELINE (scripts/bwd_probe.py), the WS backward's
+  // BwdProbe counters, kBwdProbeSlots per (block, consumer), kBwdProbeConsumers a block. nullptr: none.
   unsigned long long* timeline;
 #endif
   // The warp-specialised forward's tile counter, where its persistent blocks take masked or packed tiles (of
