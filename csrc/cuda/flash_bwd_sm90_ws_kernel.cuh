@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       // S^T, dP^T, P^T, dS^T (to shared memory for dQ); dV issued (dK after the dQ product).
       uint32_t p_frag[1][kKSteps][4], ds_frag[1][kKSteps][4];
       bwd_step_dk_dv<Kt, kScoreMod, false>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s, sdO_s,
-                                                 sm.stats(s), sdS, acc_dk, acc_dv, p_frag, ds_frag, &probe);
+                                           sm.stats(s), sdS, acc_dk, acc_dv, p_frag, ds_frag, &probe);
 
       // dQ chunk (64 queries x 64 columns) = dS K over the block's 128 keys, by the consumers whose step it is;
       // with 80 queries a step, its transpose (64 columns x 80 queries) = K^T dS^T (kDqTransposed).
