@@ -14,13 +14,13 @@ library with the macro in both the CUDA and the host code, e.g.
 import argparse
 import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flash_attn2  # noqa: E402,F401
-from flash_attn2.bench import median_ms_cuda  # noqa: E402
+from fwd_probe import time_and_probe  # noqa: E402
 
 # BwdProbe::Slot, in order (flash_bwd_sm90_kernel.cuh)
 SLOTS = ["full_wait", "issue_s_dp", "s_wait", "probs", "dp_wait", "ds", "issue_dv", "ds_barrier", "issue_dq",
@@ -31,25 +31,9 @@ CONSUMERS, NSLOTS = 2, 16
 def run_case(d, causal, n, env):
     b, h = 16384 // n, 2048 // d
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
-    old = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        o, lse = torch.ops.flash_attn2.fwd_with_lse(q, k, v, causal)
-        do = torch.randn_like(o)
-        f = lambda: torch.ops.flash_attn2.bwd(do, q, k, v, o, lse, causal)
-        ms = median_ms_cuda(f, warmup=5, reps=15)
-        with tempfile.NamedTemporaryFile("r", suffix=".txt") as tmp:
-            os.environ["FLASH_ATTN2_TIMELINE_FILE"] = tmp.name
-            f()
-            torch.cuda.synchronize()
-            del os.environ["FLASH_ATTN2_TIMELINE_FILE"]
-            line = open(tmp.name).read().split()
-    finally:
-        for key, val in old.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
+    o, lse = torch.ops.flash_attn2.fwd_with_lse(q, k, v, causal)
+    do = torch.randn_like(o)
+    ms, line = time_and_probe(lambda: torch.ops.flash_attn2.bwd(do, q, k, v, o, lse, causal), env)
     if not line:
         sys.exit("bwd_probe.py: no counters written: is FLASH_ATTN2_LIBRARY a -DFLASH_ATTN2_BWD_TIMELINE build, "
                  "and does this case run the WS backward?")

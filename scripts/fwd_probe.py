@@ -24,18 +24,17 @@ SLOTS = ["q_wait", "kv_wait", "turn_wait", "issue", "s_wait", "softmax", "pv_wai
 EPI = (13, 14, 15, 8)  # the epilogue's steps in order: finalize, O staged (and the LSE), barrier, stores on
 
 
-def run_case(d, causal, n, env, window=-1):
-    b, h = 16384 // n, 2048 // d
-    kw = {} if window < 0 else dict(window_size=(window, 0 if causal else window))
-    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+def time_and_probe(f, env):
+    """(median ms of f over 15 unprobed calls, the counters one more call wrote as a list of strings), with env set
+    for both and restored after (shared with scripts/bwd_probe.py)."""
     old = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal, **kw)
         ms = median_ms_cuda(f, warmup=5, reps=15)
         with tempfile.NamedTemporaryFile("r", suffix=".txt") as tmp:
             os.environ["FLASH_ATTN2_TIMELINE_FILE"] = tmp.name
-            f(); torch.cuda.synchronize()
+            f()
+            torch.cuda.synchronize()
             del os.environ["FLASH_ATTN2_TIMELINE_FILE"]
             line = open(tmp.name).read().split()
     finally:
@@ -44,6 +43,15 @@ def run_case(d, causal, n, env, window=-1):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = val
+    return ms, line
+
+
+def run_case(d, causal, n, env, window=-1):
+    b, h = 16384 // n, 2048 // d
+    kw = {} if window < 0 else dict(window_size=(window, 0 if causal else window))
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal, **kw)
+    ms, line = time_and_probe(f, env)
     vals = torch.tensor([int(x) for x in line], dtype=torch.float64).view(-1, 3, 16)
     used = vals[vals[:, :, 9] > 0]  # (block, consumer) pairs that ran a tile
     if window < 0:

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -22,6 +23,34 @@
 
 namespace flash_attn2::cuda {
 namespace {
+
+#if defined(FLASH_ATTN2_SPLITKV_TIMELINE) || defined(FLASH_ATTN2_FWD_TIMELINE) || defined(FLASH_ATTN2_BWD_TIMELINE)
+// Debug builds only: a kernel's timeline buffer (FwdParams::timeline: stamps or cycle counters, zeroed), appended to
+// $FLASH_ATTN2_TIMELINE_FILE as one line per call after the kernel ran, after an optional header (synchronises);
+// nothing where the variable is unset (scripts/splitkv_timeline.py, fwd_probe.py, bwd_probe.py read the lines).
+struct TimelineDump {
+  const char* file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
+  at::Tensor buffer;
+  // The buffer of `slots` counters for params.timeline, or nullptr where no file is asked for.
+  unsigned long long* alloc(int64_t slots, const at::TensorOptions& like) {
+    if (file == nullptr) return nullptr;
+    buffer = at::zeros({slots}, like.dtype(at::kLong));
+    return reinterpret_cast<unsigned long long*>(buffer.data_ptr<int64_t>());
+  }
+  void write(const char* header = "") const {
+    if (file == nullptr) return;
+    const at::Tensor host = buffer.cpu();
+    std::FILE* f = std::fopen(file, "a");
+    TORCH_CHECK(f != nullptr, "cannot open FLASH_ATTN2_TIMELINE_FILE ", file);
+    std::fputs(header, f);
+    const int64_t* v = host.data_ptr<int64_t>();
+    for (int64_t i = 0; i < host.numel(); ++i)
+      std::fprintf(f, i || header[0] ? " %lld" : "%lld", static_cast<long long>(v[i]));
+    std::fprintf(f, "\n");
+    std::fclose(f);
+  }
+};
+#endif
 
 constexpr int kMaxHeadDim = 256;
 constexpr int kMinBwdBlockM = 64;  // the smallest query tile of any backward kernel (sizes dq_semaphore)
@@ -240,33 +269,21 @@ void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested
   }
   // out_accum / lse_accum are freed by the caching allocator after the launch on this stream: safe.
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
-  // Debug builds only: every block's stamps, appended to $FLASH_ATTN2_TIMELINE_FILE as one line per call
-  // ("split_blocks combine_blocks num_splits" then the stamps); synchronises (scripts/splitkv_timeline.py).
-  const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
+  // Debug builds only: every block's stamps, as one line per call after "split_blocks combine_blocks num_splits"
+  // (scripts/splitkv_timeline.py).
   const int64_t split_blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q) * params.num_splits;
   const int64_t combine_blocks =  // a row each, up to 65535 heads and batches (splitkv_combine.cuh)
       params.num_splits > 1
           ? s.seqlen_q * std::min<int64_t>(s.heads_q, 65535) * std::min<int64_t>(s.batch, 65535)
           : 0;
-  at::Tensor timeline;
-  if (timeline_file != nullptr) {
-    timeline = at::zeros({(split_blocks + combine_blocks) * kTimelineSlots}, q.options().dtype(at::kLong));
-    params.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
-  }
+  TimelineDump timeline;
+  params.timeline = timeline.alloc((split_blocks + combine_blocks) * kTimelineSlots, q.options());
 #endif
   dispatch<SplitKvLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
 #ifdef FLASH_ATTN2_SPLITKV_TIMELINE
-  if (timeline_file != nullptr) {
-    const at::Tensor host = timeline.cpu();
-    std::FILE* f = std::fopen(timeline_file, "a");
-    TORCH_CHECK(f != nullptr, "cannot open FLASH_ATTN2_TIMELINE_FILE ", timeline_file);
-    std::fprintf(f, "%lld %lld %d", static_cast<long long>(split_blocks), static_cast<long long>(combine_blocks),
-                 params.num_splits);
-    const int64_t* v = host.data_ptr<int64_t>();
-    for (int64_t i = 0; i < host.numel(); ++i) std::fprintf(f, " %lld", static_cast<long long>(v[i]));
-    std::fprintf(f, "\n");
-    std::fclose(f);
-  }
+  const std::string header = std::to_string(split_blocks) + " " + std::to_string(combine_blocks) + " " +
+                             std::to_string(params.num_splits);
+  timeline.write(header.c_str());
 #endif
 }
 
@@ -310,27 +327,15 @@ Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_
     params.zeroed_ints = &ZeroedInts::make;
     params.zeroed_ints_ctx = &zeroed;
 #ifdef FLASH_ATTN2_FWD_TIMELINE
-    // Debug builds only: the WS forward's per-consumer cycle counters (FwdProbe), appended to
-    // $FLASH_ATTN2_TIMELINE_FILE as one line per call; synchronises (scripts/fwd_probe.py).
-    const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
+    // Debug builds only: the WS forward's per-consumer cycle counters (FwdProbe), one line per call
+    // (scripts/fwd_probe.py).
     const int64_t probe_blocks = (L.s.seqlen_q + 63) / 64 * L.s.heads_q * L.s.batch;  // >= any grid of the kernel
-    at::Tensor timeline;
-    if (timeline_file != nullptr) {
-      timeline = at::zeros({probe_blocks * kFwdProbeConsumers * kFwdProbeSlots}, q.options().dtype(at::kLong));
-      params.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
-    }
+    TimelineDump timeline;
+    params.timeline = timeline.alloc(probe_blocks * kFwdProbeConsumers * kFwdProbeSlots, q.options());
 #endif
     dispatch<FwdLauncher>(params, L.s.head_dim, at::cuda::getCurrentCUDAStream().stream());
 #ifdef FLASH_ATTN2_FWD_TIMELINE
-    if (timeline_file != nullptr) {
-      const at::Tensor host = timeline.cpu();
-      std::FILE* f = std::fopen(timeline_file, "a");
-      TORCH_CHECK(f != nullptr, "cannot open FLASH_ATTN2_TIMELINE_FILE ", timeline_file);
-      const int64_t* v = host.data_ptr<int64_t>();
-      for (int64_t i = 0; i < host.numel(); ++i) std::fprintf(f, i ? " %lld" : "%lld", static_cast<long long>(v[i]));
-      std::fprintf(f, "\n");
-      std::fclose(f);
-    }
+    timeline.write();
 #endif
   }
   return {out, lse};
@@ -386,27 +391,15 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
     params.dq_order_by_head = order != nullptr && std::strcmp(order, "spread") == 0 ? 0 : 1;
   }
 #ifdef FLASH_ATTN2_BWD_TIMELINE
-  // Debug builds only: the WS backward's per-consumer cycle counters (BwdProbe), appended to
-  // $FLASH_ATTN2_TIMELINE_FILE as one line per call; synchronises (scripts/bwd_probe.py).
-  const char* timeline_file = std::getenv("FLASH_ATTN2_TIMELINE_FILE");
+  // Debug builds only: the WS backward's per-consumer cycle counters (BwdProbe), one line per call
+  // (scripts/bwd_probe.py).
   const int64_t probe_blocks = (s.seqlen_k + 63) / 64 * s.heads_q * s.batch;  // >= any grid of the kernel
-  at::Tensor timeline;
-  if (timeline_file != nullptr) {
-    timeline = at::zeros({probe_blocks * kBwdProbeConsumers * kBwdProbeSlots}, q.options().dtype(at::kLong));
-    params.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
-  }
+  TimelineDump timeline;
+  params.timeline = timeline.alloc(probe_blocks * kBwdProbeConsumers * kBwdProbeSlots, q.options());
 #endif
   dispatch<BwdLauncher>(params, s.head_dim, at::cuda::getCurrentCUDAStream().stream());
 #ifdef FLASH_ATTN2_BWD_TIMELINE
-  if (timeline_file != nullptr) {
-    const at::Tensor host = timeline.cpu();
-    std::FILE* f = std::fopen(timeline_file, "a");
-    TORCH_CHECK(f != nullptr, "cannot open FLASH_ATTN2_TIMELINE_FILE ", timeline_file);
-    const int64_t* v = host.data_ptr<int64_t>();
-    for (int64_t i = 0; i < host.numel(); ++i) std::fprintf(f, i ? " %lld" : "%lld", static_cast<long long>(v[i]));
-    std::fprintf(f, "\n");
-    std::fclose(f);
-  }
+  timeline.write();
 #endif
   return {dq, dk, dv};
 }

@@ -18,6 +18,7 @@
 
 #include "cuda/block_info.cuh"
 #include "cuda/bwd_tile_io.cuh"
+#include "cuda/cycle_probe.cuh"
 #include "cuda/flash_params.h"
 #include "cuda/mask.cuh"
 #include "cuda/smem_tile.cuh"
@@ -207,40 +208,21 @@ FA2_DEVICE void issue_dk(float (&acc_dk)[1][Kt::kHeadDim / 8][4], uint32_t (&ds_
                                              desc_mn_major<typename Kt::TileQ>(sQ_s, 0, kk), 1);
 }
 
-// Debug builds only (-DFLASH_ATTN2_BWD_TIMELINE, scripts/bwd_probe.py): where a WS backward consumer warpgroup's
-// cycles go, as FwdProbe does for the forward. Lane 0 of each consumer adds the SM clock cycles since its previous
-// mark to one of kBwdProbeSlots counters of its (block, consumer) in p.timeline; kSteps counts steps, kTotal spans
-// the consumer's whole walk. Elsewhere every call compiles to nothing. ptxas moves arithmetic across the clock
-// reads, so a slot's cycles are those between two reads as issued, not exactly the named step's.
-struct BwdProbe {
+// The WS backward's cycle probe (cycle_probe.cuh; -DFLASH_ATTN2_BWD_TIMELINE builds, scripts/bwd_probe.py): where a
+// consumer warpgroup's cycles go, per step. kSteps counts steps, kTotal spans the consumer's whole walk.
+#ifdef FLASH_ATTN2_BWD_TIMELINE
+using BwdProbeBase = CycleProbe<true, kBwdProbeConsumers, kBwdProbeSlots>;
+#else
+using BwdProbeBase = CycleProbe<false, 1, 1>;
+#endif
+struct BwdProbe : BwdProbeBase {
   // kFullWait: the stage (Q, dO, LSE, D); kIssueSdP: S^T and dP^T issued (dP^T later with kLateDp: counted in
   // kProbs); kSWait / kDpWait: the waits for them; kProbs: P^T; kDs: dS^T and its store for dQ; kIssueDv: dV issued;
   // kDsBarrier: both consumers' dS^T stored; kIssueDq / kIssueDk: those products issued; kDqWait: dV and dQ done;
   // kDqBufWait: the writer's buffer free; kDqStore: dQ stored and handed over; kDkWait: dK done, the stage released.
   enum Slot { kFullWait, kIssueSdP, kSWait, kProbs, kDpWait, kDs, kIssueDv, kDsBarrier, kIssueDq, kIssueDk, kDqWait,
               kDqBufWait, kDqStore, kDkWait, kSteps, kTotal };
-#ifdef FLASH_ATTN2_BWD_TIMELINE
-  unsigned long long* out;
-  uint32_t t;
-  FA2_DEVICE BwdProbe(const BwdParams& p, int c, bool lane)
-      : out(p.timeline != nullptr && lane
-                ? p.timeline + (static_cast<long long>(blockIdx.x) * kBwdProbeConsumers + c) * kBwdProbeSlots
-                : nullptr) {
-    t = static_cast<uint32_t>(clock());
-  }
-  FA2_DEVICE void mark(int slot) {
-    const uint32_t now = static_cast<uint32_t>(clock());
-    if (out != nullptr) atomicAdd(out + slot, static_cast<unsigned long long>(now - t));
-    t = now;
-  }
-  FA2_DEVICE void add(int slot, unsigned long long v) const {
-    if (out != nullptr) atomicAdd(out + slot, v);
-  }
-#else
-  FA2_DEVICE BwdProbe(const BwdParams&, int, bool) {}
-  FA2_DEVICE void mark(int) {}
-  FA2_DEVICE void add(int, unsigned long long) const {}
-#endif
+  FA2_DEVICE BwdProbe(const BwdParams& p, int c, bool lane) : BwdProbeBase(probe_timeline(p), c, lane) {}
 };
 
 // One step of a Hopper backward for one warpgroup's 64 keys (rows [64 wg, 64 wg + 64) of the block's K and V),

@@ -22,6 +22,7 @@
 #include <cmath>
 
 #include "cuda/block_info.cuh"
+#include "cuda/cycle_probe.cuh"
 #include "cuda/flash_fwd_kernel.cuh"  // FwdBlockIO, store_empty_rows
 #include "cuda/flash_params.h"
 #include "cuda/mask.cuh"
@@ -177,38 +178,19 @@ struct TileWalk {
 
 namespace sm90 {
 
-// Debug builds only (-DFLASH_ATTN2_FWD_TIMELINE, scripts/fwd_probe.py): where a consumer warpgroup's cycles go.
-// Lane 0 of each consumer adds the SM clock cycles since its previous mark to one of kFwdProbeSlots counters of its
-// (block, consumer), in p.timeline; kTiles / kIters count tiles and key tiles, kTotal spans the consumer's whole
-// walk. Elsewhere every call compiles to nothing. ptxas moves arithmetic across the clock reads, so a slot's
-// cycles are those between two reads as issued, not exactly the named step's (perf.md v32).
-struct FwdProbe {
+// The WS forward's cycle probe (cycle_probe.cuh; -DFLASH_ATTN2_FWD_TIMELINE builds, scripts/fwd_probe.py): where a
+// consumer warpgroup's cycles go. kTiles / kIters count tiles and key tiles, kTotal spans the consumer's whole walk.
+#ifdef FLASH_ATTN2_FWD_TIMELINE
+using FwdProbeBase = CycleProbe<true, kFwdProbeConsumers, kFwdProbeSlots>;
+#else
+using FwdProbeBase = CycleProbe<false, 1, 1>;
+#endif
+struct FwdProbe : FwdProbeBase {
   // kEpilogue: from the O rows' global stores (or the block's end) on; kEpiFinalize, kEpiStage, kEpiSync: the
   // epilogue's steps before them (finalize, O staged in shared memory with the LSE stores, the consumer's barrier).
   enum Slot { kQWait, kKvWait, kTurnWait, kIssue, kSWait, kSoftmax, kPvWait, kRescale, kEpilogue, kTiles, kIters,
               kTotal, kIssuePv, kEpiFinalize, kEpiStage, kEpiSync };
-#ifdef FLASH_ATTN2_FWD_TIMELINE
-  unsigned long long* out;
-  uint32_t t;
-  FA2_DEVICE FwdProbe(const FwdParams& p, int c, bool lane)
-      : out(p.timeline != nullptr && lane
-                ? p.timeline + (static_cast<long long>(blockIdx.x) * kFwdProbeConsumers + c) * kFwdProbeSlots
-                : nullptr) {
-    t = static_cast<uint32_t>(clock());
-  }
-  FA2_DEVICE void mark(int slot) {
-    const uint32_t now = static_cast<uint32_t>(clock());
-    if (out != nullptr) atomicAdd(out + slot, static_cast<unsigned long long>(now - t));
-    t = now;
-  }
-  FA2_DEVICE void add(int slot, unsigned long long v) const {
-    if (out != nullptr) atomicAdd(out + slot, v);
-  }
-#else
-  FA2_DEVICE FwdProbe(const FwdParams&, int, bool) {}
-  FA2_DEVICE void mark(int) {}
-  FA2_DEVICE void add(int, unsigned long long) const {}
-#endif
+  FA2_DEVICE FwdProbe(const FwdParams& p, int c, bool lane) : FwdProbeBase(probe_timeline(p), c, lane) {}
 };
 
 // Ping-pong (FlashAttention-3): the consumers take turns issuing their MMAs, in a ring 0, 1, .., 0, so one's
