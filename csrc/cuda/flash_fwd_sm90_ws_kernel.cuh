@@ -16,7 +16,7 @@
 // flash_fwd_launch.cuh); where tiles differ in cost, a dynamic walk (TileWalk) at d64 / d128 and one block per tile
 // at d256 (FLASH_ATTN2_FWD_WS_WALK=dynamic / tile override). Where blocks walk tiles and shared memory has room
 // (d128, 128-key tiles), two Q buffers: tile k's Q in buffer k % 2, copied while tile k - 1 still computes.
-// Not yet: TMA stores of O.
+// O by the TMA from a buffer of its own where shared memory has room (d64, d128; FwdSm90WsTraits::kSmemO).
 #pragma once
 
 #include <cmath>
@@ -107,11 +107,28 @@ struct FwdSm90WsTraits {
   // elsewhere. FLASH_ATTN2_FWD_WS_QBUF=1 keeps one (p.ws_q_stages; A/B runs, tests).
   static constexpr int kQStages =
       kPersistent && 2 * kSmemQ + 2 * kStages * kSmemKV + kAlign + 256 <= 227 * 1024 ? 2 : 1;
+  // O staged in a buffer of its own and stored by the TMA (a 64-row box per consumer and column block, one
+  // thread's bulk copy), where shared memory has room beside the Q buffers and the ring (d128: 225 KB, d64: 112
+  // KB; not d256): the consumer's epilogue then ends once O is in shared memory, instead of after its threads'
+  // trips of a 16-byte load and a global store (8 at d128, ~1600 cycles a tile, perf.md v33), and the Q buffer is
+  // free once the last S product is done. Used by the kernel without score modifiers on dense calls whose O the
+  // TMA can address (FwdTmaMaps::store_o): packed batches' tiles cross into the next sequence's rows, which a box
+  // would overwrite, and the score-modifier kernel with both epilogues spilled in its loop (its dropout rows
+  // 0.93-0.95x, perf.md v41): their consumers' threads store O.
+#ifndef FLASH_ATTN2_FWD_TMA_O
+#define FLASH_ATTN2_FWD_TMA_O 1
+#endif
+  static constexpr int kSmemO =
+      FLASH_ATTN2_FWD_TMA_O && kHeadDim <= 128 &&
+              kQStages * kSmemQ + 2 * kStages * kSmemKV + kSmemQ + kAlign + 256 <= 227 * 1024
+          ? kSmemQ
+          : 0;
+  static constexpr bool kTmaStoreO = kSmemO > 0;
   // Barriers: Q full per Q buffer, then per stage K full, K empty, V full, V empty, then Q empty per Q buffer,
   // then the two slots of the tile ring (TileWalk): full, full, empty, empty.
   static constexpr int kBarriers = 2 * kQStages + 4 * kStages + 4;
-  // Q_0 (| Q_1) | K_0 | K_1 | V_0 | V_1 | barriers | the tile ring's two ints, plus alignment slack
-  static constexpr int kSmemBytes = kQStages * kSmemQ + 2 * kStages * kSmemKV + kBarriers * 8 + 8 + kAlign;
+  // Q_0 (| Q_1) | K_0 | K_1 | V_0 | V_1 (| O) | barriers | the tile ring's two ints, plus alignment slack
+  static constexpr int kSmemBytes = kQStages * kSmemQ + 2 * kStages * kSmemKV + kSmemO + kBarriers * 8 + 8 + kAlign;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
@@ -126,9 +143,8 @@ struct WsSmem {
   FA2_DEVICE static constexpr int q_off(int qs) { return qs * Kt::kSmemQ; }
   FA2_DEVICE static constexpr int k_off(int s) { return kKv0 + s * Kt::kSmemKV; }
   FA2_DEVICE static constexpr int v_off(int s) { return kKv0 + (Kt::kStages + s) * Kt::kSmemKV; }
-  FA2_DEVICE uint64_t* bar(int i) const {
-    return reinterpret_cast<uint64_t*>(base + kKv0 + 2 * Kt::kStages * Kt::kSmemKV) + i;
-  }
+  FA2_DEVICE static constexpr int o_off() { return kKv0 + 2 * Kt::kStages * Kt::kSmemKV; }  // Kt::kTmaStoreO
+  FA2_DEVICE uint64_t* bar(int i) const { return reinterpret_cast<uint64_t*>(base + o_off() + Kt::kSmemO) + i; }
   FA2_DEVICE uint64_t* q_full(int qs) const { return bar(qs); }
   FA2_DEVICE uint64_t* k_full(int s) const { return bar(kQ + s); }
   FA2_DEVICE uint64_t* k_empty(int s) const { return bar(kQ + Kt::kStages + s); }
@@ -221,7 +237,7 @@ template <class Kt, bool kScoreMod, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid,
                         const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, int qs, uint32_t q_phase,
-                        bool more_tiles) {
+                        bool more_tiles, const FwdTmaMaps& maps) {
   using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
@@ -339,10 +355,15 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     acc_to_a_frags<T>(frag_p, acc_s);
     probe.mark(FwdProbe::kRescale);
   }
+  // O by the TMA (Kt::kTmaStoreO): this thread's store of the previous tile's O has read the O buffer before the
+  // turn's barrier, after which this consumer's threads stage this tile's O there.
+  constexpr bool kTmaO = Kt::kTmaStoreO && !kScoreMod;
+  const bool tma_o = kTmaO && maps.store_o;
   {
     const int s = stage(n_tiles - 1);
     tma::wait(sm.v_full(s), phase(n_tiles - 1));
     probe.mark(FwdProbe::kKvWait);
+    if (tma_o && release_lane) tma::bulk_wait_read<0>();
     turns.wait();
     probe.mark(FwdProbe::kTurnWait);
     wgmma_fence();
@@ -354,6 +375,8 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     fence_regs(frag_p);
     probe.mark(FwdProbe::kPvWait);
     if (release_lane) tma::arrive(sm.v_empty(s));  // the producer's next tile refills this stage
+    // O staged in its own buffer: Q is free once the last S product is done.
+    if (tma_o && more_tiles && release_lane) tma::arrive(sm.q_empty(qs));
   }
 
   float row_lse[1][2];
@@ -366,7 +389,37 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   probe.mark(FwdProbe::kEpiFinalize);
 
   // Epilogue: each consumer stages its O rows (as T) over its own Q rows — only its own S products read those,
-  // and they are done — then stores them with 16-byte writes after a barrier among its 128 threads.
+  // and they are done — then stores them with 16-byte writes after a barrier among its 128 threads; or (tma_o)
+  // stages them in the O buffer and one thread stores them by the TMA, a 64-row box per 64 columns.
+  if constexpr (kTmaO) {
+    if (tma_o) {
+      store_acc<T, TileQ>(reinterpret_cast<T*>(sm.base + sm.o_off()), acc_o, warp_row0, 0, lane,
+                          dropout_scale(p, kScoreMod));
+      if (t == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = warp_row0 + h * 8 + g;
+          if (r >= blk.row_lo && r < blk.rows) lse[r] = row_lse[0][h];
+        }
+      }
+      probe.mark(FwdProbe::kEpiStage);
+      fence_proxy_async_smem();  // the generic proxy's writes, before the async proxy reads them
+      tma::named_sync(1 + c, 128);
+      probe.mark(FwdProbe::kEpiSync);
+      // A box above row 0 (the first tile of a row-shifted sequence: FwdParams::row_shift_unit, a multiple of 64
+      // where this runs, so such a box lies wholly above it) is not stored: a bulk store starting at a negative
+      // row traps (an illegal instruction, d64's causal rows), unlike a copy from one.
+      if (release_lane && blk.row0 + 64 * c >= 0) {
+#pragma unroll
+        for (int cb = 0; cb < kHeadDim / 64; ++cb)
+          tma::store_box(&maps.o, sm.base + sm.o_off() + cb * kBlockM * 128 + 64 * c * 128, 64 * cb,
+                         blk.row0 + 64 * c, blk.head, blk.batch);
+      }
+      if (release_lane) tma::bulk_commit();
+      probe.mark(FwdProbe::kEpilogue);
+      return;
+    }
+  }
   store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, dropout_scale(p, kScoreMod));
   if (t == 0) {
 #pragma unroll
@@ -527,11 +580,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       consume<Kt, kScoreMod>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,
                              static_cast<uint32_t>(q_use / q_stages) & 1u,
                              // another tile may follow: the dynamic walk learns its next tile only after this one
-                             p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles);
+                             p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles, maps);
       kv_use += n_tiles;
       ++q_use;
     }
     turns.finish();
+    // The last O stores by the TMA have read this block's shared memory and written O before the block ends.
+    if (Kt::kTmaStoreO && !kScoreMod && maps.store_o && tid % 128 == 0) tma::bulk_wait<0>();
     whole.mark(FwdProbe::kTotal);
   }
 #else

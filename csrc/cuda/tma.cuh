@@ -96,9 +96,14 @@ inline bool make_f32_rows_map(CUtensorMap* map, float* base, int cols, int64_t r
 }
 }  // namespace detail
 
-// The Q, K and V maps of a forward call (kernel parameter: __grid_constant__, so copies take its address).
+// The Q, K and V (and O) maps of a forward call (kernel parameter: __grid_constant__, so copies take its address).
 struct FwdTmaMaps {  // CUtensorMap is 64-byte aligned itself
   CUtensorMap q, k, v;
+  CUtensorMap o;  // written (64-row boxes) where store_o is set; unused otherwise
+  // The warp-specialised forward stores O by the TMA from its own shared-memory buffer (set by its launcher where
+  // the kernel has the buffer and the map could be made; 0: the consumers' threads store O). Here rather than in
+  // FwdParams, whose layout every other kernel shares.
+  int store_o;
 };
 
 // ---- device ------------------------------------------------------------------------------------------------
@@ -170,6 +175,17 @@ template <int kRows, int kCols>
 FA2_DEVICE void load_tile(unsigned char* dst, const CUtensorMap* map, int row0, int head, int batch, uint64_t* bar) {
 #pragma unroll
   for (int cb = 0; cb < kCols / 64; ++cb) load_box(dst + cb * kRows * 128, map, 64 * cb, row0, head, batch, bar);
+}
+
+// The 16-bit box at src (shared, 1024-byte aligned, 128-byte swizzled rows) into the map's box at (col0, row0,
+// head, batch) in global memory, as one bulk operation of this thread's current bulk group; rows and columns past
+// the tensor's end are not written. row0 must not be negative: unlike a copy into shared memory, such a store
+// raised an illegal instruction on an H200 (perf.md v41).
+FA2_DEVICE void store_box(const CUtensorMap* map, const void* src, int col0, int row0, int head, int batch) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int32_t coords[4] = {col0, row0, head, batch};
+  ::cuda::ptx::cp_async_bulk_tensor(::cuda::ptx::space_global, ::cuda::ptx::space_shared, map, coords, src);
+#endif
 }
 
 // Adds the float32 box at src (shared, 1024-byte aligned, 128-byte swizzled rows) into the map's box at

@@ -287,6 +287,48 @@ def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, 
 
 @requires_sm90
 @pytest.mark.parametrize("blocks", ["", "5"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed,kw", [
+    (2, 4, 4, 257, 257, 128, False, torch.bfloat16, False, {}),
+    (2, 3, 1, 300, 700, 120, False, torch.float16, True, {}),
+    (1, 4, 2, 1000, 1000, 128, True, torch.bfloat16, True, {}),
+    (3, 2, 2, 17, 70, 104, False, torch.bfloat16, False, {}),
+    (2, 4, 4, 390, 390, 128, False, torch.bfloat16, True, dict(softcap=30.0)),
+    (2, 4, 2, 390, 200, 128, True, torch.float16, False, dict(dropout_p=0.25, rng_state=torch.tensor([3, 4]))),
+    (1, 4, 4, 600, 600, 128, True, torch.bfloat16, False, dict(window_size=(200, 50), alibi_slopes="h")),
+    (2, 4, 4, 700, 900, 128, False, torch.bfloat16, True, dict(window_size=(300, 100))),
+    (1, 8, 8, 520, 520, 128, True, torch.float16, False, dict(window_size=(256, 0))),
+    (2, 4, 4, 257, 257, 64, True, torch.bfloat16, False, {}),
+    (1, 4, 2, 1000, 1000, 64, False, torch.bfloat16, True, {}),
+    (2, 2, 2, 130, 300, 40, False, torch.float16, True, {}),
+    (1, 6, 3, 700, 700, 64, True, torch.bfloat16, True, dict(window_size=(300, 0))),
+])
+def test_cuda_warp_specialised_forward_o_by_tma(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed, kw,
+                                                blocks):
+    """The d64 / d128 WS forward stores O by the TMA from a buffer of its own on dense calls without score modifiers
+    (FLASH_ATTN2_FWD_TMA_O=0: by its consumers' threads, as packed batches and the score-modifier kernel always
+    are): the same O and LSE bit for bit, every row written (the allocator poisoned), partial tiles, head dims below
+    128 and 64, d64's causal tiles shifted above row 0, windows, one block per tile or 5 blocks walking many
+    tiles; the score modifiers' rows beside them."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed)
+    if kw.get("alibi_slopes") == "h":
+        kw = dict(kw, alibi_slopes=torch.rand(hq, device="cuda"))
+    results = []
+    for tma_o in ("0", ""):
+        monkeypatch.setenv("FLASH_ATTN2_FWD_TMA_O", tma_o)
+        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # unwritten output shows up as NaN
+        results.append(flash_attn2.attention_with_lse(q, k, v, causal, **kw))
+    (out0, lse0), (out1, lse1) = results
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+    assert not out1.isnan().any()
+    if "dropout_p" not in kw:  # (with dropout: the same keep mask on both sides is what the first assert checks)
+        ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
+        assert_close_to_reference("out", out1, naive_attention(q, k, v, causal, **kw)[0], ref)
+
+
+@requires_sm90
+@pytest.mark.parametrize("blocks", ["", "5"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [
     (2, 4, 4, 257, 257, 256, False, torch.bfloat16, False), (2, 4, 4, 257, 257, 256, True, torch.bfloat16, True),
     (1, 8, 2, 1000, 1000, 256, True, torch.float16, False), (3, 2, 2, 17, 70, 256, False, torch.bfloat16, True),
