@@ -40,7 +40,7 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
             q, k, v = (torch.randn(2, 4, 400, d, device="cuda", dtype=dtype) for _ in range(3))
             flash_attn2.attention(q, k, v, True, window_size=(100, 0), softcap=4.0)
             del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
-        os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = "3"  # d128 dense rows, many tiles a block: O by the TMA
+        os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = "3"  # d64 / d128 dense rows, many tiles a block: O by the TMA
         for d in (128, 120, 64):
             q, k, v = (torch.randn(2, 3, n, d, device="cuda", dtype=dtype) for n in (300, 260, 260))
             flash_attn2.attention(q, k, v, False)
