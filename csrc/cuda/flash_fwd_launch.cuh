@@ -241,15 +241,14 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).
   launch.ws_q_stages = env_is("FLASH_ATTN2_FWD_WS_QBUF", "1") ? 1 : Kt::kQStages;
   launch.ws_prefetch_maps = ws_prefetch_maps();
-  // O by the TMA where the traits have its buffer: dense calls without score modifiers (the score-modifier kernel
-  // spilled in its loop with both epilogues, and its dropout rows lost 5-8%, perf.md v41), whose O the TMA can
-  // address. Not packed batches: a box would write into the next sequence's rows. A shifted first tile's rows
-  // above a dense sequence are outside the tensor, where a box writes nothing. FLASH_ATTN2_FWD_TMA_O=0: the
-  // consumers' threads store O (A/B runs, tests).
+  // O by the TMA where the traits have its buffer, without score modifiers (the score-modifier kernel spilled in
+  // its loop with both epilogues, and its dropout rows lost 5-8%, perf.md v41), where the TMA can address O; packed
+  // batches over one map as Q's, the boxes that would cross a sequence's end stored by the threads (the kernel).
+  // FLASH_ATTN2_FWD_TMA_O=0: the consumers' threads store O (A/B runs, tests).
   maps.store_o =
-      Kt::kTmaStoreO && !kScoreMod && !varlen && !env_is("FLASH_ATTN2_FWD_TMA_O", "0") &&
-      make_tensor_map(&maps.o, p.out, p.is_bf16, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.o_row_stride,
-                      p.o_head_stride, p.o_batch_stride, 64);
+      Kt::kTmaStoreO && !kScoreMod && !env_is("FLASH_ATTN2_FWD_TMA_O", "0") &&
+      make_tensor_map(&maps.o, p.out, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.o_row_stride, p.o_head_stride,
+                      p.o_batch_stride, 64);
   launch.softcap_scale_log2 = launch.softcap_offset_log2 = 0.f;
   if (kScoreMod && Kt::kSoftcapFixed) set_softcap_fixed_offset(launch);
   int device = 0, sms = INT_MAX;

@@ -111,10 +111,10 @@ struct FwdSm90WsTraits {
   // thread's bulk copy), where shared memory has room beside the Q buffers and the ring (d128: 225 KB, d64: 112
   // KB; not d256): the consumer's epilogue then ends once O is in shared memory, instead of after its threads'
   // trips of a 16-byte load and a global store (8 at d128, ~1600 cycles a tile, perf.md v33), and the Q buffer is
-  // free once the last S product is done. Used by the kernel without score modifiers on dense calls whose O the
-  // TMA can address (FwdTmaMaps::store_o): packed batches' tiles cross into the next sequence's rows, which a box
-  // would overwrite, and the score-modifier kernel with both epilogues spilled in its loop (its dropout rows
-  // 0.93-0.95x, perf.md v41): their consumers' threads store O.
+  // free once the last S product is done. Used by the kernel without score modifiers where the TMA can address O
+  // (FwdTmaMaps::store_o), packed batches included: there a box that would cross its sequence's end (into the
+  // next sequence's rows) is stored by the threads. The score-modifier kernel with both epilogues spilled in its
+  // loop (its dropout rows 0.93-0.95x, perf.md v41): its consumers' threads store O.
 #ifndef FLASH_ATTN2_FWD_TMA_O
 #define FLASH_ATTN2_FWD_TMA_O 1
 #endif
@@ -228,6 +228,35 @@ struct ConsumerTurns {
     if (c == 0) tma::named_sync(bar(0), 256);
   }
 };
+
+// Consumer c's staged O rows (src: its block's tile, staged as Kt::TileQ) stored by its 128 threads into o (row 0
+// of the tile), rows [row_lo, rows) and d columns only: 16-byte chunks read out of shared memory Kt::kStoreGroup
+// at a time, then stored (see the traits). The O-by-TMA path's boxes that the TMA cannot store; consume's own
+// epilogue keeps this loop written out: called from there too, it moved the SASS of kernels that never take the
+// TMA path (d256, the score-modifier kernels; spills unchanged), and ptxas's allocation there moves with anything.
+template <class Kt, class T>
+FA2_DEVICE void store_staged_rows(const T* src, T* o, index_t row_stride, int row_lo, int rows, int d, int c,
+                                  int tid) {
+  using TileQ = typename Kt::TileQ;
+  constexpr int kCPR = Kt::kHeadDim / 8, kChunks = 64 * kCPR / 128;  // 16-byte chunks per thread
+  constexpr int kGroup = Kt::kStoreGroup;
+  static_assert(kChunks % kGroup == 0, "the O chunks in whole groups");
+#pragma unroll 1
+  for (int j0 = 0; j0 < kChunks; j0 += kGroup) {
+    uint4 chunk[kGroup];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const int idx = tid % 128 + 128 * (j0 + j), r = 64 * c + idx / kCPR, ch = idx % kCPR;
+      chunk[j] = *reinterpret_cast<const uint4*>(src + TileQ::chunk_offset(r, ch));
+    }
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const int idx = tid % 128 + 128 * (j0 + j), r = 64 * c + idx / kCPR, ch = idx % kCPR;
+      if (r >= row_lo && r < rows && ch * 8 < d)
+        *reinterpret_cast<uint4*>(o + static_cast<index_t>(r) * row_stride + ch * 8) = chunk[j];
+    }
+  }
+}
 
 // One query tile of a consumer warpgroup (c < kConsumers: query rows [64 c, 64 c + 64) of the tile): see the
 // file comment. kv_base: the block's K/V ring uses before this tile; qs, q_phase: this tile's Q buffer and the
@@ -391,36 +420,8 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   // Epilogue: each consumer stages its O rows (as T) over its own Q rows — only its own S products read those,
   // and they are done — then stores them with 16-byte writes after a barrier among its 128 threads; or (tma_o)
   // stages them in the O buffer and one thread stores them by the TMA, a 64-row box per 64 columns.
-  if constexpr (kTmaO) {
-    if (tma_o) {
-      store_acc<T, TileQ>(reinterpret_cast<T*>(sm.base + sm.o_off()), acc_o, warp_row0, 0, lane,
-                          dropout_scale(p, kScoreMod));
-      if (t == 0) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = warp_row0 + h * 8 + g;
-          if (r >= blk.row_lo && r < blk.rows) lse[r] = row_lse[0][h];
-        }
-      }
-      probe.mark(FwdProbe::kEpiStage);
-      fence_proxy_async_smem();  // the generic proxy's writes, before the async proxy reads them
-      tma::named_sync(1 + c, 128);
-      probe.mark(FwdProbe::kEpiSync);
-      // A box above row 0 (the first tile of a row-shifted sequence: FwdParams::row_shift_unit, a multiple of 64
-      // where this runs, so such a box lies wholly above it) is not stored: a bulk store starting at a negative
-      // row traps (an illegal instruction, d64's causal rows), unlike a copy from one.
-      if (release_lane && blk.row0 + 64 * c >= 0) {
-#pragma unroll
-        for (int cb = 0; cb < kHeadDim / 64; ++cb)
-          tma::store_box(&maps.o, sm.base + sm.o_off() + cb * kBlockM * 128 + 64 * c * 128, 64 * cb,
-                         blk.row0 + 64 * c, blk.head, blk.batch);
-      }
-      if (release_lane) tma::bulk_commit();
-      probe.mark(FwdProbe::kEpilogue);
-      return;
-    }
-  }
-  store_acc<T, TileQ>(sQ, acc_o, warp_row0, 0, lane, dropout_scale(p, kScoreMod));
+  T* const staged = tma_o ? reinterpret_cast<T*>(sm.base + sm.o_off()) : sQ;
+  store_acc<T, TileQ>(staged, acc_o, warp_row0, 0, lane, dropout_scale(p, kScoreMod));
   if (t == 0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -429,6 +430,34 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     }
   }
   probe.mark(FwdProbe::kEpiStage);
+  if constexpr (kTmaO) {
+    if (tma_o) {
+      fence_proxy_async_smem();  // the generic proxy's writes, before the async proxy reads them
+      tma::named_sync(1 + c, 128);
+      probe.mark(FwdProbe::kEpiSync);
+      // The box (this consumer's 64 rows) goes by the TMA where all its rows are the caller's: not above the
+      // sequence's row 0 (the first tile of a row-shifted sequence: FwdParams::row_shift_unit is a multiple of 64
+      // where this runs, so such a box lies wholly above it; a bulk store starting at a negative row traps, an
+      // illegal instruction at d64, unlike a copy from one) and, in a packed batch, not past the sequence's end
+      // (the next sequence's rows; past a dense tensor's end the TMA writes nothing). Elsewhere the threads store
+      // the box's valid rows from the O buffer.
+      const bool packed = p.cu_seqlens_q != nullptr;
+      if (64 * c >= blk.row_lo && (!packed || 64 * c + 64 <= blk.rows)) {
+        if (release_lane) {
+#pragma unroll
+          for (int cb = 0; cb < kHeadDim / 64; ++cb)
+            tma::store_box(&maps.o, sm.base + sm.o_off() + cb * kBlockM * 128 + 64 * c * 128, 64 * cb,
+                           blk.seq.q_start + blk.row0 + 64 * c, blk.head, packed ? 0 : blk.batch);
+        }
+      } else {
+        store_staged_rows<Kt>(reinterpret_cast<const T*>(sm.base + sm.o_off()), o, p.o_row_stride, blk.row_lo,
+                              blk.rows, d, c, tid);
+      }
+      if (release_lane) tma::bulk_commit();
+      probe.mark(FwdProbe::kEpilogue);
+      return;
+    }
+  }
   tma::named_sync(1 + c, 128);
   probe.mark(FwdProbe::kEpiSync);
   // The chunks read out of shared memory Kt::kStoreGroup at a time, then stored (see the traits).

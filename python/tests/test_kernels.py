@@ -329,6 +329,43 @@ def test_cuda_warp_specialised_forward_o_by_tma(monkeypatch, b, hq, hkv, nq, nk,
 
 @requires_sm90
 @pytest.mark.parametrize("blocks", ["", "5"])
+@pytest.mark.parametrize("d,causal,dtype,window", [
+    (128, False, torch.bfloat16, (-1, -1)), (128, True, torch.float16, (-1, -1)), (120, True, torch.bfloat16, (90, 0)),
+    (64, True, torch.bfloat16, (-1, -1)), (64, False, torch.float16, (-1, -1)), (40, True, torch.bfloat16, (70, 0)),
+])
+def test_cuda_warp_specialised_forward_o_by_tma_packed(monkeypatch, d, causal, dtype, window, blocks):
+    """Packed batches store O by the TMA over one map, as their Q is loaded, where a consumer's 64-row box lies
+    inside its sequence, and by the threads where it would cross the sequence's end (the next sequence's rows) or
+    start above its row 0 (shifted first tiles): the same O and LSE bit for bit as FLASH_ATTN2_FWD_TMA_O=0, and the
+    rows of every other sequence untouched, on sequences of every length against 64 and the tiles, an empty one."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    lens = [200, 0, 64, 129, 383, 1, 256, 450]
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    total, hq, hkv = sum(lens), 4, 2
+    q = torch.randn(total, hq, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(total, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
+    results = []
+    for tma_o in ("0", ""):
+        monkeypatch.setenv("FLASH_ATTN2_FWD_TMA_O", tma_o)
+        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # unwritten output shows up as NaN
+        results.append(flash_attn2.attention_varlen_with_lse(q, k, v, cu, cu, max(lens), max(lens), causal,
+                                                             window_size=window))
+    (out0, lse0), (out1, lse1) = results
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+    assert not out1.isnan().any()
+    for b, n in enumerate(lens):  # each sequence as the dense op on its own slice
+        s = slice(int(cu[b]), int(cu[b + 1]))
+        if n == 0:
+            continue
+        qb, kb, vb = (t[s].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        ref = naive_attention(qb.double(), kb.double(), vb.double(), causal, window_size=window)[0]
+        theirs = naive_attention(qb, kb, vb, causal, window_size=window)[0]
+        assert_close_to_reference(f"out of sequence {b}", out1[s].transpose(0, 1).unsqueeze(0), theirs, ref)
+
+
+@requires_sm90
+@pytest.mark.parametrize("blocks", ["", "5"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [
     (2, 4, 4, 257, 257, 256, False, torch.bfloat16, False), (2, 4, 4, 257, 257, 256, True, torch.bfloat16, True),
     (1, 8, 2, 1000, 1000, 256, True, torch.float16, False), (3, 2, 2, 17, 70, 256, False, torch.bfloat16, True),
