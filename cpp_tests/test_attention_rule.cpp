@@ -25,7 +25,7 @@ void visited_query_tiles(const Visibility<int>& vis, int n, int block_m, int blo
 }
 
 // The grid orders (GridOrder, FwdBlockInfo / BwdBlockInfo): every block index maps to a distinct (tile rank,
-// head), every pair is reached; head by head for groups 0 and 1; in groups, heads [g G, g G + G) fill blocks
+// head), every pair is reached, GridOrder::index inverts the map; head by head for groups 0 and 1; in groups, heads [g G, g G + G) fill blocks
 // [g G T, (g + 1) G T) and a group's ranks never decrease with the block index (its long tiles first).
 TEST(AttentionRule, GridOrderIsOneToOneAndGroupsRanks) {
   const int64_t tiles_list[] = {1, 2, 5, 16, 64}, heads_list[] = {1, 3, 7, 8, 32, 33, 256},
@@ -42,6 +42,7 @@ TEST(AttentionRule, GridOrderIsOneToOneAndGroupsRanks) {
           ASSERT_LT(o.rank, tiles);
           ASSERT_GE(o.head, 0);
           ASSERT_LT(o.head, heads);
+          ASSERT_EQ(GridOrder<int64_t>::index(o.rank, o.head, tiles, heads, group), bid) << "the inverse";
           ++seen[o.head * tiles + o.rank];
           if (group <= 1) {
             EXPECT_EQ(o.head, bid / tiles);

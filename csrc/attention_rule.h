@@ -228,6 +228,13 @@ struct GridOrder {
     rank = r / in_group;
     head = base + (r - rank * in_group);
   }
+  // The bid of a given (rank, head): the inverse of the constructor.
+  static FA2_HD I index(I rank, I head, I tiles, I heads, I group) {
+    const I gsize = group > 1 ? group : 1;
+    const I base = head / gsize * gsize;
+    const I in_group = heads - base < gsize ? heads - base : gsize;
+    return base * tiles + rank * in_group + (head - base);
+  }
 };
 
 }  // namespace flash_attn2

@@ -12,7 +12,8 @@ import flash_attn2
 # tiles (the double-buffered Hopper forward's pipeline: d128 with both loops and d256, plain and with score
 # modifiers); FA2_SANITIZE=attention only the dense and varlen forward / backward cases (no KV cache);
 # FA2_SANITIZE=ws the warp-specialised forward (FLASH_ATTN2_FWD_WS=require), d = 64, 128, 256, dense and varlen,
-# d64 / d128's O by the TMA across many tiles a block, and the d256 kernel's 80-key tiles.
+# d64 / d128's O by the TMA across many tiles a block, the d256 kernel's 80-key tiles, and packed batches' tiles
+# longest sequence first (SeqOrder).
 only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 skip_kvcache = os.environ.get("FA2_SANITIZE") == "attention"
 
@@ -36,6 +37,11 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
             flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
             os.environ["FLASH_ATTN2_FWD_WS_WALK"] = "dynamic"  # ... taken from the per-call tile counter
             flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True)
+            lens = [0, 5, 130, 0, 64, 300, 17, 128, 0]  # SeqOrder's table: longest first, empty ones last
+            cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+            q, k, v = (torch.randn(sum(lens), 2, d, device="cuda", dtype=dtype) for _ in range(3))
+            flash_attn2.attention_varlen(q, k, v, cu, cu, 300, 300, False)
+            flash_attn2.attention_varlen(q, k, v, cu, cu, 300, 300, True, softcap=4.0)
             del os.environ["FLASH_ATTN2_FWD_WS_WALK"]
             q, k, v = (torch.randn(2, 4, 400, d, device="cuda", dtype=dtype) for _ in range(3))
             flash_attn2.attention(q, k, v, True, window_size=(100, 0), softcap=4.0)

@@ -262,6 +262,11 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   }
   const int64_t tiles = num_m * bh, blocks = std::min<int64_t>(tiles, std::max(sms, 1));
   if (dynamic && blocks < tiles) launch.tile_counter = p.zeroed_ints(p.zeroed_ints_ctx, 1);
+  // Packed batches on the dynamic walk take their tiles longest sequence first and claim no tile past a sequence's
+  // end (sm90::SeqOrder, a table each block builds from cu_seqlens_q), up to Kt::kSeqOrderCap sequences, in the
+  // kernel without score modifiers. FLASH_ATTN2_FWD_SEQ_ORDER=0: the grid's order (A/B runs, tests).
+  maps.seq_order = !kScoreMod && varlen && launch.tile_counter != nullptr && p.batch <= Kt::kSeqOrderCap &&
+                   !env_is("FLASH_ATTN2_FWD_SEQ_ORDER", "0");
   auto kernel = &flash_fwd_sm90_ws_kernel<Kt, kScoreMod>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   kernel<<<grid_1d(blocks), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);

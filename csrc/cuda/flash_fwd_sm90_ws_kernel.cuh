@@ -127,8 +127,12 @@ struct FwdSm90WsTraits {
   // Barriers: Q full per Q buffer, then per stage K full, K empty, V full, V empty, then Q empty per Q buffer,
   // then the two slots of the tile ring (TileWalk): full, full, empty, empty.
   static constexpr int kBarriers = 2 * kQStages + 4 * kStages + 4;
-  // Q_0 (| Q_1) | K_0 | K_1 | V_0 | V_1 (| O) | barriers | the tile ring's two ints, plus alignment slack
-  static constexpr int kSmemBytes = kQStages * kSmemQ + 2 * kStages * kSmemKV + kSmemO + kBarriers * 8 + 8 + kAlign;
+  // Q_0 (| Q_1) | K_0 | K_1 | V_0 | V_1 (| O) | barriers | the tile ring's two ints | SeqOrder's table, plus
+  // alignment slack. The table (packed batches: the sequences longest first) takes up to 256 sequences where
+  // shared memory has room for them (d128: 256 in its last 1.9 KB), 6 bytes each.
+  static constexpr int kSmemBase = kQStages * kSmemQ + 2 * kStages * kSmemKV + kSmemO + kBarriers * 8 + 8 + kAlign;
+  static constexpr int kSeqOrderCap = (227 * 1024 - kSmemBase - 4) / 6 < 256 ? (227 * 1024 - kSmemBase - 4) / 6 : 256;
+  static constexpr int kSmemBytes = kSmemBase + (kSeqOrderCap > 0 ? 6 * kSeqOrderCap + 4 : 0);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
@@ -154,6 +158,84 @@ struct WsSmem {
   FA2_DEVICE uint64_t* tile_full(int s) const { return bar(2 * kQ + 4 * Kt::kStages + s); }
   FA2_DEVICE uint64_t* tile_empty(int s) const { return bar(2 * kQ + 4 * Kt::kStages + 2 + s); }
   FA2_DEVICE volatile int* tile_slot(int s) const { return reinterpret_cast<volatile int*>(bar(Kt::kBarriers)) + s; }
+  // SeqOrder's table: kSeqOrderCap + 1 cumulative tile counts, then kSeqOrderCap sequence indices.
+  FA2_DEVICE int* seq_cum() const { return reinterpret_cast<int*>(bar(Kt::kBarriers)) + 2; }
+  FA2_DEVICE int16_t* seq_index() const { return reinterpret_cast<int16_t*>(seq_cum() + Kt::kSeqOrderCap + 1); }
+};
+
+// Packed batches on the dynamic walk (FwdTmaMaps::seq_order): the walk hands out the tiles of the longest sequence
+// first and only tiles that hold rows, instead of the grid's (batch, head, tile) order over the longest
+// sequence's tile count, where every shorter sequence leaves tiles to claim and skip and the last tiles handed
+// out are the last sequence's, however long (its tiles then end the kernel on a few SMs). Each block builds the
+// table in shared memory at its start from cu_seqlens_q (no host sync, nothing precomputed): sequence indices by
+// decreasing length (ties by index; empty sequences last, with no tiles) and the cumulative counts of their tiles
+// times heads. The producer turns the counter's values into the grid order's tile indices (grid_tile) and
+// publishes every tile, the first included, through TileWalk's ring, so the consumers' side is the grid order's.
+// n = 0: the grid's own order.
+template <class Kt>
+struct SeqOrder {
+  static constexpr int kBlockM = Kt::kBlockM;
+  int* cum;
+  int16_t* seq;
+  int n;
+  FA2_DEVICE SeqOrder(const WsSmem<Kt>& sm, int n_) : cum(sm.seq_cum()), seq(sm.seq_index()), n(n_) {}
+  // A sequence's tiles: as many as its rows need, up to the grid's count (max_seqlen_q bounds the rows computed).
+  static FA2_DEVICE int tiles(const FwdParams& p, int len) {
+    return min(ceil_div(len, kBlockM), ceil_div(p.seqlen_q, kBlockM));
+  }
+  // By every thread of the block, before its first barrier after the call (the caller's __syncthreads).
+  FA2_DEVICE void build(const FwdParams& p, int tid) const {
+    if (n == 0) return;
+    for (int i = tid; i < n; i += Kt::kNThreads) cum[1 + i] = SeqInfo(p, i).seqlen_q;  // lengths, for a moment
+    __syncthreads();
+    for (int i = tid; i < n; i += Kt::kNThreads) {
+      const int len = cum[1 + i];
+      int rank = 0;
+      for (int j = 0; j < n; ++j) rank += cum[1 + j] > len || (cum[1 + j] == len && j < i);
+      seq[rank] = static_cast<int16_t>(i);
+    }
+    __syncthreads();
+    if (tid < 32) {  // the cumulative counts, 8 sequences a lane (kSeqOrderCap <= 256), over the lengths
+      constexpr int kPer = 8;
+      int count[kPer], sum = 0;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int k = tid * kPer + j;
+        count[j] = k < n ? tiles(p, cum[1 + seq[k]]) * p.heads_q : 0;
+        sum += count[j];
+      }
+      __syncwarp();
+      int before = sum;  // inclusive scan of the lanes' sums, then exclusive
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int up = __shfl_up_sync(0xffffffffu, before, d);
+        if (tid >= d) before += up;
+      }
+      before -= sum;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int k = tid * kPer + j;
+        before += count[j];
+        if (k < n) cum[1 + k] = before;
+      }
+      if (tid == 0) cum[0] = 0;
+    }
+  }
+  // Value v of the walk (the counter's, or the block's first) as the grid order's tile index; past the table's
+  // tiles, `end` (which ends both roles' walks). Tile t is sequence seq[k] for the last k with cum[k] <= t, its
+  // tiles head by head, each head's last (for causal, longest) first, as in the grid's order.
+  FA2_DEVICE int grid_tile(const FwdParams& p, int v, int end) const {
+    if (v >= cum[n]) return end;
+    int lo = 0, hi = n - 1;  // never an empty sequence's k: those sort last, at cum[k] = cum[n] > v
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (cum[mid] <= v) lo = mid;
+      else hi = mid - 1;
+    }
+    const int b = seq[lo], local = v - cum[lo], nt = tiles(p, SeqInfo(p, b).seqlen_q);
+    const int num_m = ceil_div(p.seqlen_q, kBlockM), head = b * p.heads_q + local / nt;
+    return GridOrder<int>::index(num_m - nt + local % nt, head, num_m, p.batch * p.heads_q, p.grid_head_group);
+  }
 };
 
 // The order in which a persistent block walks tiles; both roles see the same sequence, skipped tiles included.
@@ -164,19 +246,33 @@ struct WsSmem {
 // held the next tile a whole tile long, and long masked rows then ended on blocks still busy with their previous
 // tile, perf.md v34); it publishes each through a 2-slot ring in shared memory (slot k % 2: "full" takes the
 // producer's arrival, "empty" one from every consumer thread once read), which the consumers read after their
-// tile. A value past num_tiles ends both walks.
+// tile. A value past num_tiles ends both walks. With SeqOrder the producer maps each value, the block's first
+// included, to the grid order's tile index before publishing it, and the consumers take every tile from the ring.
 template <class Kt>
 struct TileWalk {
   int k = 0;  // tiles published / read so far
-  FA2_DEVICE int producer_next(const FwdParams& p, const WsSmem<Kt>& sm, int tile) {
+  FA2_DEVICE int producer_next(const FwdParams& p, const WsSmem<Kt>& sm, const SeqOrder<Kt>& order, int tile,
+                               int end) {
     if (p.tile_counter == nullptr) return tile + static_cast<int>(gridDim.x);
-    const int next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
+    int next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
+    if (order.n > 0) next = order.grid_tile(p, next, end);
+    publish(sm, next);
+    return next;
+  }
+  // SeqOrder: the block's first tile goes through the ring too (the consumers cannot map it themselves).
+  FA2_DEVICE int producer_first(const FwdParams& p, const WsSmem<Kt>& sm, const SeqOrder<Kt>& order, int end) {
+    const int first = static_cast<int>(blockIdx.x);
+    if (order.n == 0) return first;
+    const int tile = order.grid_tile(p, first, end);
+    publish(sm, tile);
+    return tile;
+  }
+  FA2_DEVICE void publish(const WsSmem<Kt>& sm, int next) {
     const int s = k & 1;
     if (k >= 2) tma::wait(sm.tile_empty(s), ((k >> 1) - 1) & 1);
     *sm.tile_slot(s) = next;
     tma::arrive(sm.tile_full(s));  // release: the slot's store is visible to the consumers that wait
     ++k;
-    return next;
   }
   FA2_DEVICE int consumer_next(const FwdParams& p, const WsSmem<Kt>& sm, int tile) {
     if (p.tile_counter == nullptr) return tile + static_cast<int>(gridDim.x);
@@ -543,6 +639,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     }
     tma::fence_barrier_init();
   }
+  // Packed batches on the dynamic walk: the sequences' tiles longest first (SeqOrder), where the table fits; in
+  // the kernel without score modifiers (the other one's register allocation moved with it: its loop reloaded a
+  // spilled value every key tile).
+  const bool seq_order = !kScoreMod && maps.seq_order && p.tile_counter != nullptr && p.cu_seqlens_q != nullptr &&
+                         p.batch <= Kt::kSeqOrderCap;
+  const SeqOrder<Kt> order(sm, seq_order ? p.batch : 0);
+  order.build(p, tid);
   __syncthreads();  // the last block-wide barrier: the producer's idle threads leave early
 
   // setmaxnreg needs the two roles as the two branches of one if / else (HOPPER.md).
@@ -555,7 +658,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       int kv_use = 0, q_use = 0;
       TileWalk<Kt> walk;
       // The next tile is claimed after this one's last copy (the loop's step), not when it starts (TileWalk).
-      for (int tile = static_cast<int>(blockIdx.x); tile < num_tiles; tile = walk.producer_next(p, sm, tile)) {
+      for (int tile = walk.producer_first(p, sm, order, num_tiles); tile < num_tiles;
+           tile = walk.producer_next(p, sm, order, tile, num_tiles)) {
         const FwdBlockInfo<kBlockM> blk(p, tile);
         if (blk.rows <= 0) continue;  // varlen: past the end of this sequence
         const Visibility<int> vis = blk.seq.visibility(p);
@@ -594,7 +698,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     FwdProbe whole(p, c, tid % 128 == 0);
     int kv_use = 0, q_use = 0;
     TileWalk<Kt> walk;
-    for (int tile = static_cast<int>(blockIdx.x); tile < num_tiles; tile = walk.consumer_next(p, sm, tile)) {
+    for (int tile = seq_order ? walk.consumer_next(p, sm, 0) : static_cast<int>(blockIdx.x); tile < num_tiles;
+         tile = walk.consumer_next(p, sm, tile)) {
       const FwdBlockInfo<kBlockM> blk(p, tile);
       if (blk.rows <= 0) continue;
       const Visibility<int> vis = blk.seq.visibility(p);

@@ -104,6 +104,8 @@ struct FwdTmaMaps {  // CUtensorMap is 64-byte aligned itself
   // the kernel has the buffer and the map could be made; 0: the consumers' threads store O). Here rather than in
   // FwdParams, whose layout every other kernel shares.
   int store_o;
+  // Packed batches on the dynamic walk: tiles in SeqOrder's order (longest sequence first, no empty tiles).
+  int seq_order;
 };
 
 // ---- device ------------------------------------------------------------------------------------------------

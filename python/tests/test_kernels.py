@@ -365,6 +365,49 @@ def test_cuda_warp_specialised_forward_o_by_tma_packed(monkeypatch, d, causal, d
 
 
 @requires_sm90
+@pytest.mark.parametrize("nseq", [9, 70, 300])
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cuda_warp_specialised_forward_seq_order(monkeypatch, d, causal, softcap, nseq):
+    """Packed batches on the WS forward's dynamic walk take their tiles longest sequence first and claim none past
+    a sequence's end (SeqOrder, a table each block builds from cu_seqlens_q): the same O and LSE bit for bit as the
+    grid's order (FLASH_ATTN2_FWD_SEQ_ORDER=0), on poisoned memory, and each sequence as the dense op on its own
+    slice; empty sequences first, last and between, one much longer than the rest, GQA; 300 sequences are more
+    than the table holds at any head dim (the grid's order then); with a softcap (the score-modifier kernel, which
+    keeps the grid's order) the two settings agree too."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_WALK", "dynamic")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", "7")  # many tiles a block, from the counter
+    gen = torch.Generator().manual_seed(nseq)
+    lens = torch.randint(0, 300 if nseq < 100 else 40, (nseq,), generator=gen).tolist()
+    lens[0] = lens[-1] = lens[nseq // 3] = 0
+    lens[nseq // 2] = 700 if nseq < 100 else 150
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    total, hq, hkv = sum(lens), 4, 2
+    dtype = torch.bfloat16
+    q = torch.randn(total, hq, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(total, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
+    results = []
+    for order in ("0", ""):
+        monkeypatch.setenv("FLASH_ATTN2_FWD_SEQ_ORDER", order)
+        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # unwritten output shows up as NaN
+        results.append(flash_attn2.attention_varlen_with_lse(q, k, v, cu, cu, max(lens), max(lens), causal,
+                                                             softcap=softcap))
+    (out0, lse0), (out1, lse1) = results
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+    assert not out1.isnan().any() and not lse1.isnan().any()
+    for b, n in enumerate(lens):  # each sequence as the dense op on its own slice
+        if n == 0 or (nseq > 100 and b % 10 != 5 and b != nseq // 2):
+            continue
+        s = slice(int(cu[b]), int(cu[b + 1]))
+        qb, kb, vb = (t[s].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        ref = naive_attention(qb.double(), kb.double(), vb.double(), causal, softcap=softcap)[0]
+        theirs = naive_attention(qb, kb, vb, causal, softcap=softcap)[0]
+        assert_close_to_reference(f"out of sequence {b}", out1[s].transpose(0, 1).unsqueeze(0), theirs, ref)
+
+
+@requires_sm90
 @pytest.mark.parametrize("blocks", ["", "5"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed", [
     (2, 4, 4, 257, 257, 256, False, torch.bfloat16, False), (2, 4, 4, 257, 257, 256, True, torch.bfloat16, True),
