@@ -12,8 +12,8 @@ import flash_attn2
 # tiles (the double-buffered Hopper forward's pipeline: d128 with both loops and d256, plain and with score
 # modifiers); FA2_SANITIZE=attention only the dense and varlen forward / backward cases (no KV cache);
 # FA2_SANITIZE=ws the warp-specialised forward (FLASH_ATTN2_FWD_WS=require), d = 64, 128, 256, dense and varlen,
-# d64 / d128's O by the TMA across many tiles a block, the d256 kernel's 80-key tiles, and packed batches' tiles
-# longest sequence first (SeqOrder).
+# d64 / d128's O by the TMA across many tiles a block (the bfloat16 d128 softcap kernel's too), the d256 kernel's
+# 80-key tiles, and packed batches' tiles longest sequence first (SeqOrder).
 only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 skip_kvcache = os.environ.get("FA2_SANITIZE") == "attention"
 
@@ -51,6 +51,7 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
             q, k, v = (torch.randn(2, 3, n, d, device="cuda", dtype=dtype) for n in (300, 260, 260))
             flash_attn2.attention(q, k, v, False)
             flash_attn2.attention(q, k, v, False, dropout_p=0.2, rng_state=rng)
+            flash_attn2.attention(q, k, v, True, softcap=30.0)  # bfloat16 d128 / d120: the softcap kernel
         flash_attn2.attention(q, k, v, True, softcap=4.0)
         os.environ["FLASH_ATTN2_FWD_WS_BLOCKN"] = "80"  # d256's 80-key tiles, persistent and one block per tile
         q, k, v = (torch.randn(2, 2, n, 256, device="cuda", dtype=dtype) for n in (200, 330, 330))

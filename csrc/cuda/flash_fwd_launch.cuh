@@ -159,7 +159,18 @@ inline void set_softcap_fixed_offset(FwdParams& p) {
   p.softcap_offset_log2 = c - top;
 }
 
-template <class Kt, bool kScoreMod>
+// Calls the WS forward's softcap kernel (FwdSm90WsTraits::kSoftcapKernel) takes: a softcap against the fixed
+// offset (set_softcap_fixed_offset: bfloat16, no ALiBi, softcaps up to 56) and no dropout.
+// FLASH_ATTN2_FWD_SOFTCAP_KERNEL=0 leaves them to the score-modifier kernel (A/B runs, tests).
+inline bool softcap_kernel_takes(const FwdParams& p) {
+  if (p.dropout.enabled() || env_is("FLASH_ATTN2_FWD_SOFTCAP_KERNEL", "0")) return false;
+  FwdParams fixed = p;
+  fixed.softcap_scale_log2 = 0.f;
+  set_softcap_fixed_offset(fixed);
+  return fixed.softcap_scale_log2 > 0.f;
+}
+
+template <class Kt, bool kScoreMod, bool kSoftcapOnly = false>
 bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const int mode = fwd_ws_mode();
   const bool varlen = p.cu_seqlens_q != nullptr;
@@ -246,7 +257,7 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // batches over one map as Q's, the boxes that would cross a sequence's end stored by the threads (the kernel).
   // FLASH_ATTN2_FWD_TMA_O=0: the consumers' threads store O (A/B runs, tests).
   maps.store_o =
-      Kt::kTmaStoreO && !kScoreMod && !env_is("FLASH_ATTN2_FWD_TMA_O", "0") &&
+      Kt::kTmaStoreO && (!kScoreMod || kSoftcapOnly) && !env_is("FLASH_ATTN2_FWD_TMA_O", "0") &&
       make_tensor_map(&maps.o, p.out, p.is_bf16, p.head_dim, nq, p.heads_q, maps_b, p.o_row_stride, p.o_head_stride,
                       p.o_batch_stride, 64);
   launch.softcap_scale_log2 = launch.softcap_offset_log2 = 0.f;
@@ -267,7 +278,7 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // kernel without score modifiers. FLASH_ATTN2_FWD_SEQ_ORDER=0: the grid's order (A/B runs, tests).
   maps.seq_order = !kScoreMod && varlen && launch.tile_counter != nullptr && p.batch <= Kt::kSeqOrderCap &&
                    !env_is("FLASH_ATTN2_FWD_SEQ_ORDER", "0");
-  auto kernel = &flash_fwd_sm90_ws_kernel<Kt, kScoreMod>;
+  auto kernel = &flash_fwd_sm90_ws_kernel<Kt, kScoreMod, kSoftcapOnly>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   kernel<<<grid_1d(blocks), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);
   FA2_CHECK_LAUNCH();
@@ -298,7 +309,13 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
             detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim, 80>, false>(params, bh, stream))
           return;
       }
-      if (detail::try_launch_fwd_ws<FwdSm90WsTraits<T, kHeadDim>, kScoreMod>(params, bh, stream)) return;
+      using Kws = FwdSm90WsTraits<T, kHeadDim>;
+      if constexpr (kScoreMod && Kws::kSoftcapKernel) {
+        if (detail::softcap_kernel_takes(params) &&
+            detail::try_launch_fwd_ws<Kws, true, true>(params, bh, stream))
+          return;
+      }
+      if (detail::try_launch_fwd_ws<Kws, kScoreMod>(params, bh, stream)) return;
       using K90 = FwdSm90Traits<T, kHeadDim>;
       const int64_t num_m = (params.seqlen_q + K90::kBlockM - 1) / K90::kBlockM;
       auto run = [&](auto overlap) {

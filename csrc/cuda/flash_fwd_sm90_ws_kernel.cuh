@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/block_info.cuh"
 #include "cuda/cycle_probe.cuh"
@@ -74,6 +75,11 @@ struct FwdSm90WsTraits {
   // v27's ordering fix (v30; ALiBi and dropout rows, on the same kernel, level). At d64 a second softmax form took
   // the score-modifier consumers (160 registers) from 32 to 112 B of spills.
   static constexpr bool kSoftcapFixed = kHeadDim >= 128;
+  // A kernel of its own for bfloat16 calls whose only score modifier is a softcap (against the fixed offset; no
+  // ALiBi, no dropout; windows and packed batches allowed), at d128: without the dropout and running-max paths
+  // its loop does not spill, and it stores O by the TMA. 1.040-1.083x the score-modifier kernel on the softcap
+  // rows (perf.md v42). One more instantiation (bf16 d128), so not at d64 (no fixed offset) or d256 (no O buffer).
+  static constexpr bool kSoftcapKernel = kHeadDim == 128 && std::is_same_v<T, __nv_bfloat16>;
   // The softmax's row max as a tree and its sum in two chains (OnlineSoftmax::update_scores' kTree) at d64, where
   // three consumers' exps share each SMSP's MUFU pipe: 1.02-1.06x on plain rows (2k-16k, causal and not), 1.03x
   // GQA, 1.04x packed, level with score modifiers; at d128 0.95-0.99x and d256 0.95-1.03x (perf.md v31).
@@ -358,7 +364,7 @@ FA2_DEVICE void store_staged_rows(const T* src, T* o, index_t row_stride, int ro
 // file comment. kv_base: the block's K/V ring uses before this tile; qs, q_phase: this tile's Q buffer and the
 // parity of its copy there; more_tiles: whether the block walks another tile after this one (which may need
 // this Q buffer back).
-template <class Kt, bool kScoreMod, class T>
+template <class Kt, bool kScoreMod, bool kSoftcapOnly, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid,
                         const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, int qs, uint32_t q_phase,
@@ -402,7 +408,8 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   // A softcap without ALiBi (bfloat16; p.softcap_scale_log2 > 0, set by the launcher): every score lies in
   // [-softcap, softcap], so P is taken against a fixed offset (update_scores_fixed) with the cap folded into its
   // scale: per score no max and no multiply by the cap, per tile no quad shuffles and nothing to rescale.
-  const bool softcap_fixed = kScoreMod && Kt::kSoftcapFixed && p.softcap_scale_log2 > 0.f;
+  // The softcap kernel (kSoftcapOnly, flash_fwd_launch.cuh) takes only such calls, without dropout.
+  const bool softcap_fixed = kSoftcapOnly || (kScoreMod && Kt::kSoftcapFixed && p.softcap_scale_log2 > 0.f);
   // The same step as flash_fwd_sm90_kernel's: score rule, mask where the tile crosses a visibility edge, online
   // softmax (alpha: the factor O still owes), dropout keep.
   auto softmax_step = [&](float (&acc_s)[1][kBlockN / 8][4], int n_block, float (&alpha)[1][2]) {
@@ -419,7 +426,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
       softmax.template update_scores<kLazy ? Kt::kRescaleSlackLog2 : 0, Kt::kTreeMax, Kt::kRowsTogether>(
           acc_s, p.scale_log2, alpha);
     }
-    if constexpr (kScoreMod) {
+    if constexpr (kScoreMod && !kSoftcapOnly) {
       if (p.dropout.enabled()) apply_keep(acc_s, dropout_bits<1, kBlockN / 8>(p.dropout, rng_head, r0, c0), 1.f);
     }
   };
@@ -482,7 +489,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   }
   // O by the TMA (Kt::kTmaStoreO): this thread's store of the previous tile's O has read the O buffer before the
   // turn's barrier, after which this consumer's threads stage this tile's O there.
-  constexpr bool kTmaO = Kt::kTmaStoreO && !kScoreMod;
+  constexpr bool kTmaO = Kt::kTmaStoreO && (!kScoreMod || kSoftcapOnly);
   const bool tma_o = kTmaO && maps.store_o;
   {
     const int s = stage(n_tiles - 1);
@@ -517,7 +524,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   // and they are done — then stores them with 16-byte writes after a barrier among its 128 threads; or (tma_o)
   // stages them in the O buffer and one thread stores them by the TMA, a 64-row box per 64 columns.
   T* const staged = tma_o ? reinterpret_cast<T*>(sm.base + sm.o_off()) : sQ;
-  store_acc<T, TileQ>(staged, acc_o, warp_row0, 0, lane, dropout_scale(p, kScoreMod));
+  store_acc<T, TileQ>(staged, acc_o, warp_row0, 0, lane, dropout_scale(p, kScoreMod && !kSoftcapOnly));
   if (t == 0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -590,7 +597,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 
 }  // namespace sm90
 
-template <class Kt, bool kScoreMod>
+template <class Kt, bool kScoreMod, bool kSoftcapOnly = false>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_fwd_sm90_ws_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ FwdTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -711,7 +718,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
                                                             blk.rows - blk.row_lo, p.head_dim, tid - 128);
         continue;
       }
-      consume<Kt, kScoreMod>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,
+      consume<Kt, kScoreMod, kSoftcapOnly>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,
                              static_cast<uint32_t>(q_use / q_stages) & 1u,
                              // another tile may follow: the dynamic walk learns its next tile only after this one
                              p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles, maps);
@@ -720,7 +727,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     }
     turns.finish();
     // The last O stores by the TMA have read this block's shared memory and written O before the block ends.
-    if (Kt::kTmaStoreO && !kScoreMod && maps.store_o && tid % 128 == 0) tma::bulk_wait<0>();
+    if (Kt::kTmaStoreO && (!kScoreMod || kSoftcapOnly) && maps.store_o && tid % 128 == 0) tma::bulk_wait<0>();
     whole.mark(FwdProbe::kTotal);
   }
 #else

@@ -305,8 +305,8 @@ def test_cuda_warp_specialised_forward_many_tiles_per_block(monkeypatch, b, hq, 
 def test_cuda_warp_specialised_forward_o_by_tma(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed, kw,
                                                 blocks):
     """The d64 / d128 WS forward stores O by the TMA from a buffer of its own on dense calls without score modifiers
-    (FLASH_ATTN2_FWD_TMA_O=0: by its consumers' threads, as packed batches and the score-modifier kernel always
-    are): the same O and LSE bit for bit, every row written (the allocator poisoned), partial tiles, head dims below
+    (FLASH_ATTN2_FWD_TMA_O=0: by its consumers' threads, as the score-modifier kernel always does; the softcap
+    kernel's rows: test_cuda_warp_specialised_forward_softcap_kernel): the same O and LSE bit for bit, every row written (the allocator poisoned), partial tiles, head dims below
     128 and 64, d64's causal tiles shifted above row 0, windows, one block per tile or 5 blocks walking many
     tiles; the score modifiers' rows beside them."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
@@ -325,6 +325,71 @@ def test_cuda_warp_specialised_forward_o_by_tma(monkeypatch, b, hq, hkv, nq, nk,
     if "dropout_p" not in kw:  # (with dropout: the same keep mask on both sides is what the first assert checks)
         ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
         assert_close_to_reference("out", out1, naive_attention(q, k, v, causal, **kw)[0], ref)
+
+
+@requires_sm90
+@pytest.mark.parametrize("blocks", ["", "5"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,dtype,transposed,kw", [
+    (2, 4, 4, 257, 257, 128, False, torch.bfloat16, False, dict(softcap=50.0)),
+    (1, 4, 2, 1000, 1000, 128, True, torch.bfloat16, True, dict(softcap=30.0)),
+    (3, 2, 2, 17, 70, 104, False, torch.bfloat16, False, dict(softcap=5.0)),
+    (2, 4, 4, 390, 200, 120, True, torch.bfloat16, True, dict(softcap=50.0)),
+    (1, 4, 4, 600, 600, 128, True, torch.bfloat16, False, dict(softcap=50.0, window_size=(200, 50))),
+    (2, 4, 4, 700, 900, 128, False, torch.bfloat16, True, dict(softcap=20.0, window_size=(300, 100))),
+    (1, 4, 4, 300, 300, 128, False, torch.bfloat16, False, dict(softcap=60.0)),  # past the fixed offset's range
+    (2, 4, 2, 390, 390, 128, True, torch.float16, False, dict(softcap=30.0)),  # float16: running max
+    (1, 4, 4, 390, 390, 128, False, torch.bfloat16, False, dict(softcap=30.0, alibi_slopes="h")),
+    (2, 4, 2, 390, 200, 128, True, torch.bfloat16, False, dict(softcap=30.0, dropout_p=0.25,
+                                                               rng_state=torch.tensor([3, 4]))),
+])
+def test_cuda_warp_specialised_forward_softcap_kernel(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed,
+                                                      kw, blocks):
+    """bfloat16 calls at d128 whose only score modifier is a softcap (within the fixed offset's range; windows
+    allowed) take a WS kernel of their own, which stores O by the TMA: the same O and LSE bit for bit as the
+    score-modifier kernel (FLASH_ATTN2_FWD_SOFTCAP_KERNEL=0), every row written (the allocator poisoned), partial
+    tiles, head dims below 128, GQA, one block per tile or 5 blocks walking many tiles; the calls it must leave to
+    the score-modifier kernel (float16, ALiBi, dropout, softcap 60) beside them, and a packed batch."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed)
+    if kw.get("alibi_slopes") == "h":
+        kw = dict(kw, alibi_slopes=torch.rand(hq, device="cuda"))
+    lens = [200, 0, 64, 129, 383, 1, 256]
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    qp, kp, vp = (torch.randn(sum(lens), hq, d, device="cuda", dtype=dtype) for _ in range(3))
+    results = []
+    for kernel in ("0", ""):
+        monkeypatch.setenv("FLASH_ATTN2_FWD_SOFTCAP_KERNEL", kernel)
+        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # unwritten output shows up as NaN
+        results.append(flash_attn2.attention_with_lse(q, k, v, causal, **kw))
+        if "alibi_slopes" not in kw:
+            torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+            results.append(flash_attn2.attention_varlen_with_lse(qp, kp, vp, cu, cu, max(lens), max(lens), causal,
+                                                                 **kw))
+    half = len(results) // 2
+    for (out0, lse0), (out1, lse1) in zip(results[:half], results[half:]):
+        assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+        assert not out1.isnan().any() and not lse1.isnan().any()
+    if "dropout_p" not in kw:
+        ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
+        assert_close_to_reference("out", results[half][0], naive_attention(q, k, v, causal, **kw)[0], ref)
+        fixed = dtype == torch.bfloat16 and kw["softcap"] <= 56  # P against the fixed offset (no ALiBi here)
+        for bi, n in enumerate(lens):  # the packed batch: each sequence as the dense op on its own slice
+            if n == 0 or "alibi_slopes" in kw:
+                continue
+            sl = slice(int(cu[bi]), int(cu[bi + 1]))
+            qb, kb, vb = (t[sl].transpose(0, 1).unsqueeze(0) for t in (qp, kp, vp))
+            ref = naive_attention(qb.double(), kb.double(), vb.double(), causal, **kw)[0]
+            ours = results[half + 1][0][sl].transpose(0, 1).unsqueeze(0)
+            if n == 1 and fixed:
+                # One key: PyTorch's P is exactly 1 (error 0); the fixed offset's P = 2^(logit - offset) is
+                # rounded to bfloat16 for the P V product while the row sum keeps it in float32 (README: softcap),
+                # so O = v (1 + e), |e| <= 2^-9, rounded to bfloat16: v or its neighbour, one ulp <= 2^-7 |v|.
+                err = (ours.double() - ref).abs()
+                assert (err <= 2.0**-7 * ref.abs()).all(), f"sequence {bi}: one key, error {err.max().item():.3e}"
+                continue
+            theirs = naive_attention(qb, kb, vb, causal, **kw)[0]
+            assert_close_to_reference(f"out of sequence {bi}", ours, theirs, ref)
 
 
 @requires_sm90
