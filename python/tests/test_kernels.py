@@ -357,24 +357,30 @@ def test_cuda_warp_specialised_forward_softcap_kernel(monkeypatch, b, hq, hkv, n
     lens = [200, 0, 64, 129, 383, 1, 256]
     cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
     qp, kp, vp = (torch.randn(sum(lens), hq, d, device="cuda", dtype=dtype) for _ in range(3))
-    results = []
-    for kernel in ("0", ""):
-        monkeypatch.setenv("FLASH_ATTN2_FWD_SOFTCAP_KERNEL", kernel)
-        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # unwritten output shows up as NaN
-        results.append(flash_attn2.attention_with_lse(q, k, v, causal, **kw))
-        if "alibi_slopes" not in kw:
-            torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
-            results.append(flash_attn2.attention_varlen_with_lse(qp, kp, vp, cu, cu, max(lens), max(lens), causal,
-                                                                 **kw))
-    half = len(results) // 2
-    for (out0, lse0), (out1, lse1) in zip(results[:half], results[half:]):
-        assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
-        assert not out1.isnan().any() and not lse1.isnan().any()
+    var = "FLASH_ATTN2_FWD_SOFTCAP_KERNEL"
+    out, _ = same_bits_under(monkeypatch, var, lambda: flash_attn2.attention_with_lse(q, k, v, causal, **kw))
+    if "alibi_slopes" not in kw:
+        out_p, _ = same_bits_under(monkeypatch, var, lambda: flash_attn2.attention_varlen_with_lse(
+            qp, kp, vp, cu, cu, max(lens), max(lens), causal, **kw))
     if "dropout_p" not in kw:
         ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
-        assert_close_to_reference("out", results[half][0], naive_attention(q, k, v, causal, **kw)[0], ref)
+        assert_close_to_reference("out", out, naive_attention(q, k, v, causal, **kw)[0], ref)
         if "alibi_slopes" not in kw:  # the packed batch
-            assert_packed_sequences_match(results[half + 1][0], qp, kp, vp, cu, lens, causal, **kw)
+            assert_packed_sequences_match(out_p, qp, kp, vp, cu, lens, causal, **kw)
+
+
+def same_bits_under(monkeypatch, var, call, settings=("0", "")):
+    """call() under each setting of the environment variable var, on memory poisoned first (an unwritten output
+    shows up as NaN): every result bit for bit the same, no NaN; returns the last setting's."""
+    results = []
+    for value in settings:
+        monkeypatch.setenv(var, value)
+        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+        results.append(call())
+    for first, last in zip(results[0], results[-1]):
+        assert torch.equal(first, last), var
+        assert not last.isnan().any(), var
+    return results[-1]
 
 
 def assert_packed_sequences_match(out, q, k, v, cu, lens, causal, check=lambda b: True, **kw):
@@ -415,16 +421,9 @@ def test_cuda_warp_specialised_forward_o_by_tma_packed(monkeypatch, d, causal, d
     total, hq, hkv = sum(lens), 4, 2
     q = torch.randn(total, hq, d, device="cuda", dtype=dtype)
     k, v = (torch.randn(total, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
-    results = []
-    for tma_o in ("0", ""):
-        monkeypatch.setenv("FLASH_ATTN2_FWD_TMA_O", tma_o)
-        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # unwritten output shows up as NaN
-        results.append(flash_attn2.attention_varlen_with_lse(q, k, v, cu, cu, max(lens), max(lens), causal,
-                                                             window_size=window))
-    (out0, lse0), (out1, lse1) = results
-    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
-    assert not out1.isnan().any()
-    assert_packed_sequences_match(out1, q, k, v, cu, lens, causal, window_size=window)
+    out, _ = same_bits_under(monkeypatch, "FLASH_ATTN2_FWD_TMA_O", lambda: flash_attn2.attention_varlen_with_lse(
+        q, k, v, cu, cu, max(lens), max(lens), causal, window_size=window))
+    assert_packed_sequences_match(out, q, k, v, cu, lens, causal, window_size=window)
 
 
 @requires_sm90
@@ -451,16 +450,9 @@ def test_cuda_warp_specialised_forward_seq_order(monkeypatch, d, causal, softcap
     dtype = torch.bfloat16
     q = torch.randn(total, hq, d, device="cuda", dtype=dtype)
     k, v = (torch.randn(total, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
-    results = []
-    for order in ("0", ""):
-        monkeypatch.setenv("FLASH_ATTN2_FWD_SEQ_ORDER", order)
-        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # unwritten output shows up as NaN
-        results.append(flash_attn2.attention_varlen_with_lse(q, k, v, cu, cu, max(lens), max(lens), causal,
-                                                             softcap=softcap))
-    (out0, lse0), (out1, lse1) = results
-    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
-    assert not out1.isnan().any() and not lse1.isnan().any()
-    assert_packed_sequences_match(out1, q, k, v, cu, lens, causal,
+    out, _ = same_bits_under(monkeypatch, "FLASH_ATTN2_FWD_SEQ_ORDER", lambda: flash_attn2.attention_varlen_with_lse(
+        q, k, v, cu, cu, max(lens), max(lens), causal, softcap=softcap))
+    assert_packed_sequences_match(out, q, k, v, cu, lens, causal,
                                   check=lambda b: nseq < 100 or b % 10 == 5 or b == nseq // 2, softcap=softcap)
 
 
