@@ -149,25 +149,29 @@ inline int fwd_ws_mode() {  // -1 by the traits, 0 off, 1 on, 2 required
 // top = 42; up to 35, top = 0, P <= 1 as with the running max). bfloat16 P (the P V product's operand) has float32's
 // exponent range; float16 has not, so it keeps the running max. FLASH_ATTN2_SOFTCAP_FIXED=0 turns it off (A/B runs,
 // tests).
-inline void set_softcap_fixed_offset(FwdParams& p) {
-  if (env_is("FLASH_ATTN2_SOFTCAP_FIXED", "0")) return;
-  if (!(p.softcap_out > 0.f) || p.alibi_slopes != nullptr || !p.is_bf16) return;
+// Whether the fixed offset applies to p, and then its scale and offset in log2 units.
+inline bool softcap_fixed_offset(const FwdParams& p, float& scale_log2, float& offset_log2) {
+  if (env_is("FLASH_ATTN2_SOFTCAP_FIXED", "0")) return false;
+  if (!(p.softcap_out > 0.f) || p.alibi_slopes != nullptr || !p.is_bf16) return false;
   const float c = p.softcap_out * p.scale_log2;  // (softcap / scale) * (scale * log2 e)
   const float top = std::max(0.f, 2.f * c - 102.f);
-  if (!(top <= 60.f)) return;
-  p.softcap_scale_log2 = c;
-  p.softcap_offset_log2 = c - top;
+  if (!(top <= 60.f)) return false;
+  scale_log2 = c;
+  offset_log2 = c - top;
+  return true;
+}
+inline void set_softcap_fixed_offset(FwdParams& p) {
+  softcap_fixed_offset(p, p.softcap_scale_log2, p.softcap_offset_log2);
 }
 
 // Calls the WS forward's softcap kernel (FwdSm90WsTraits::kSoftcapKernel) takes: a softcap against the fixed
-// offset (set_softcap_fixed_offset: bfloat16, no ALiBi, softcaps up to 56) and no dropout.
+// offset (softcap_fixed_offset: bfloat16, no ALiBi, softcaps up to 56) and no dropout.
 // FLASH_ATTN2_FWD_SOFTCAP_KERNEL=0 leaves them to the score-modifier kernel (A/B runs, tests).
 inline bool softcap_kernel_takes(const FwdParams& p) {
-  if (p.dropout.enabled() || env_is("FLASH_ATTN2_FWD_SOFTCAP_KERNEL", "0")) return false;
-  FwdParams fixed = p;
-  fixed.softcap_scale_log2 = 0.f;
-  set_softcap_fixed_offset(fixed);
-  return fixed.softcap_scale_log2 > 0.f;
+  float scale_log2, offset_log2;
+  // (scale_log2 > 0: the kernels take the fixed offset only then; a negative scale gives a non-positive one.)
+  return !p.dropout.enabled() && !env_is("FLASH_ATTN2_FWD_SOFTCAP_KERNEL", "0") &&
+         softcap_fixed_offset(p, scale_log2, offset_log2) && scale_log2 > 0.f;
 }
 
 template <class Kt, bool kScoreMod, bool kSoftcapOnly = false>
@@ -252,8 +256,9 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // FLASH_ATTN2_FWD_WS_QBUF=1: one Q buffer where the traits have two (A/B runs, tests).
   launch.ws_q_stages = env_is("FLASH_ATTN2_FWD_WS_QBUF", "1") ? 1 : Kt::kQStages;
   launch.ws_prefetch_maps = ws_prefetch_maps();
-  // O by the TMA where the traits have its buffer, without score modifiers (the score-modifier kernel spilled in
-  // its loop with both epilogues, and its dropout rows lost 5-8%, perf.md v41), where the TMA can address O; packed
+  // O by the TMA where the traits have its buffer, without score modifiers or in the softcap kernel (the
+  // score-modifier kernel spilled in its loop with both epilogues, and its dropout rows lost 5-8%, perf.md v41),
+  // where the TMA can address O; packed
   // batches over one map as Q's, the boxes that would cross a sequence's end stored by the threads (the kernel).
   // FLASH_ATTN2_FWD_TMA_O=0: the consumers' threads store O (A/B runs, tests).
   maps.store_o =

@@ -19,6 +19,7 @@
 // O by the TMA from a buffer of its own where shared memory has room (d64, d128; FwdSm90WsTraits::kSmemO).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -120,8 +121,9 @@ struct FwdSm90WsTraits {
   // trips of a 16-byte load and a global store (8 at d128, ~1600 cycles a tile, perf.md v33), and the Q buffer is
   // free once the last S product is done. Used by the kernel without score modifiers where the TMA can address O
   // (FwdTmaMaps::store_o), packed batches included: there a box that would cross its sequence's end (into the
-  // next sequence's rows) is stored by the threads. The score-modifier kernel with both epilogues spilled in its
-  // loop (its dropout rows 0.93-0.95x, perf.md v41): its consumers' threads store O.
+  // next sequence's rows) is stored by the threads; and by the softcap kernel (kSoftcapKernel). The score-modifier
+  // kernel with both epilogues spilled in its loop (its dropout rows 0.93-0.95x, perf.md v41): its consumers'
+  // threads store O.
 #ifndef FLASH_ATTN2_FWD_TMA_O
 #define FLASH_ATTN2_FWD_TMA_O 1
 #endif
@@ -138,7 +140,7 @@ struct FwdSm90WsTraits {
   // alignment slack. The table (packed batches: the sequences longest first) takes up to 256 sequences where
   // shared memory has room for them (d128: 256 in its last 1.9 KB), 6 bytes each.
   static constexpr int kSmemBase = kQStages * kSmemQ + 2 * kStages * kSmemKV + kSmemO + kBarriers * 8 + 8 + kAlign;
-  static constexpr int kSeqOrderCap = (227 * 1024 - kSmemBase - 4) / 6 < 256 ? (227 * 1024 - kSmemBase - 4) / 6 : 256;
+  static constexpr int kSeqOrderCap = std::min(256, (227 * 1024 - kSmemBase - 4) / 6);
   static constexpr int kSmemBytes = kSmemBase + (kSeqOrderCap > 0 ? 6 * kSeqOrderCap + 4 : 0);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
