@@ -317,7 +317,7 @@ void run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
       using Kws = FwdSm90WsTraits<T, kHeadDim>;
       if constexpr (kScoreMod && Kws::kSoftcapKernel) {
         if (detail::softcap_kernel_takes(params) &&
-            detail::try_launch_fwd_ws<Kws, true, true>(params, bh, stream))
+            detail::try_launch_fwd_ws<typename Kws::SoftcapTraits, true, true>(params, bh, stream))
           return;
       }
       if (detail::try_launch_fwd_ws<Kws, kScoreMod>(params, bh, stream)) return;

@@ -40,18 +40,21 @@ namespace flash_attn2::cuda {
 // kBlockN_: the key tile. 128 at d64 / d128 and 64 at d256 (O alone is 128 registers per thread) by default;
 // d256 also has an 80-key kernel (every row) for the kernels without score modifiers, FlashAttention-3's tile
 // (flash_fwd_launch.cuh, use_wide_key_tiles).
-template <typename T, int kHeadDim_, int kBlockN_ = (kHeadDim_ <= 128 ? 128 : 64)>
+// kConsumers_: consumer warpgroups, 64 query rows each: three at d64 (FlashAttention-3's 192-row tile: two leave
+// the tensor cores idle while both run their softmax), two above (O needs the registers), and three on 64-key
+// tiles in the d128 softcap kernel (SoftcapTraits).
+template <typename T, int kHeadDim_, int kBlockN_ = (kHeadDim_ <= 128 ? 128 : 64),
+          int kConsumers_ = (kHeadDim_ == 64 ? 3 : 2)>
 struct FwdSm90WsTraits {
   using Elem = T;
   static constexpr int kHeadDim = kHeadDim_;
-  // Consumer warpgroups, 64 query rows each: three at d64 (FlashAttention-3's 192-row tile: two leave the
-  // tensor cores idle while both run their softmax), two above (O needs the registers).
-  static constexpr int kConsumers = kHeadDim == 64 ? 3 : 2;
+  static constexpr int kConsumers = kConsumers_;
   static constexpr int kNThreads = (kConsumers + 1) * 128;  // + the producer warpgroup
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kBlockN_;
-  static_assert(kBlockN == (kHeadDim <= 128 ? 128 : 64) || (kHeadDim == 256 && kBlockN == 80),
-                "warp-specialised forward: key tiles of 128 (d64, d128), 64 or 80 (d256)");
+  static_assert(kBlockN == (kHeadDim <= 128 ? 128 : 64) || (kHeadDim == 256 && kBlockN == 80) ||
+                    (kHeadDim == 128 && kBlockN == 64),
+                "warp-specialised forward: key tiles of 128 (d64, d128), 64 or 80 (d256), 64 (d128 softcap kernel)");
   static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
   static constexpr int kStages = 2;
   // The default where query rows see at least this many key tiles on average (perf.md v11): at d64 blocks of
@@ -81,7 +84,16 @@ struct FwdSm90WsTraits {
   // its loop does not spill, and it stores O by the TMA: against the score-modifier kernel on softcap 50 rows,
   // non-causal 2k +6.4-7.1%, causal 8k +0.7-5.0% over three readings (perf.md v42). One more instantiation (bf16
   // d128), so not at d64 (no fixed offset) or d256 (no O buffer).
+  // Its tiles (SoftcapTraits): three consumers on 64-key tiles, as FlashAttention-3's d64 kernel, whose MUFU work
+  // per tensor-core cycle a d128 softcap's tanh and ex2 per score equal. Two consumers alternate: one's softmax
+  // has the MUFU pipe while the other's products run, and the tensor cores idle whenever a softmax runs past the
+  // other consumer's products. Three keep a softmax and a product in flight more of the time. Against two on
+  // 128-key tiles, softcap 50: non-causal 2k / 8k +2.5 / +4.4%, causal 2k / 8k / 16k +0.9 / +6.4 / +4.6% (one
+  // call). At the 690 W power cap the SM clock is 1770 MHz against 1800, and the throughput is 528 against 493
+  // TFLOP/s. Two consumers on 64-key tiles lose 7-10%, and the plain d128 kernel on three consumers 0-8% (its
+  // exps are half the softcap's MUFU work; perf.md v43).
   static constexpr bool kSoftcapKernel = kHeadDim == 128 && std::is_same_v<T, __nv_bfloat16>;
+  using SoftcapTraits = FwdSm90WsTraits<T, kHeadDim, 64, 3>;
   // The softmax's row max as a tree and its sum in two chains (OnlineSoftmax::update_scores' kTree) at d64, where
   // three consumers' exps share each SMSP's MUFU pipe: 1.02-1.06x on plain rows (2k-16k, causal and not), 1.03x
   // GQA, 1.04x packed, level with score modifiers; at d128 0.95-0.99x and d256 0.95-1.03x (perf.md v31).

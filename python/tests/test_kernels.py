@@ -345,28 +345,69 @@ def test_cuda_warp_specialised_forward_o_by_tma(monkeypatch, b, hq, hkv, nq, nk,
 def test_cuda_warp_specialised_forward_softcap_kernel(monkeypatch, b, hq, hkv, nq, nk, d, causal, dtype, transposed,
                                                       kw, blocks):
     """bfloat16 calls at d128 whose only score modifier is a softcap (within the fixed offset's range; windows
-    allowed) take a WS kernel of their own, which stores O by the TMA: the same O and LSE bit for bit as the
-    score-modifier kernel (FLASH_ATTN2_FWD_SOFTCAP_KERNEL=0), every row written (the allocator poisoned), partial
-    tiles, head dims below 128, GQA, one block per tile or 5 blocks walking many tiles; the calls it must leave to
-    the score-modifier kernel (float16, ALiBi, dropout, softcap 60) beside them, and a packed batch."""
+    allowed) take a WS kernel of their own (three consumers, 64-key tiles, O stored by the TMA; torch.profiler
+    names it): O within PyTorch's own error of the float64 reference, as the score-modifier kernel's
+    (FLASH_ATTN2_FWD_SOFTCAP_KERNEL=0), and the same LSE to float32 rounding, every row written (the allocator
+    poisoned), partial tiles, head dims below 128, GQA, one block per tile or 5 blocks walking many tiles. The
+    calls it must leave to the score-modifier kernel (float16, ALiBi, dropout, softcap 60) beside them: there the
+    setting changes no bit. And a packed batch."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed)
     if kw.get("alibi_slopes") == "h":
         kw = dict(kw, alibi_slopes=torch.rand(hq, device="cuda"))
+    takes = dtype == torch.bfloat16 and kw["softcap"] <= 56 and "alibi_slopes" not in kw and "dropout_p" not in kw
     lens = [200, 0, 64, 129, 383, 1, 256]
     cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
     qp, kp, vp = (torch.randn(sum(lens), hq, d, device="cuda", dtype=dtype) for _ in range(3))
     var = "FLASH_ATTN2_FWD_SOFTCAP_KERNEL"
-    out, _ = same_bits_under(monkeypatch, var, lambda: flash_attn2.attention_with_lse(q, k, v, causal, **kw))
-    if "alibi_slopes" not in kw:
-        out_p, _ = same_bits_under(monkeypatch, var, lambda: flash_attn2.attention_varlen_with_lse(
-            qp, kp, vp, cu, cu, max(lens), max(lens), causal, **kw))
+    dense = lambda: flash_attn2.attention_with_lse(q, k, v, causal, **kw)  # noqa: E731
+    packed = lambda: flash_attn2.attention_varlen_with_lse(qp, kp, vp, cu, cu, max(lens), max(lens), causal, **kw)  # noqa: E731,E501
+    calls = [dense] + ([packed] if "alibi_slopes" not in kw else [])
+    for call in calls:
+        monkeypatch.setenv(var, "")
+        assert any(SOFTCAP_KERNEL in name for name in launched_kernels(call)) == takes
+    if not takes:
+        out, _ = same_bits_under(monkeypatch, var, dense)
+        if "alibi_slopes" not in kw:
+            out_p, _ = same_bits_under(monkeypatch, var, packed)
+    else:
+        results = [under_poison(monkeypatch, var, value, call) for call in calls for value in ("0", "")]
+        for (_, lse0), (_, lse1) in zip(results[0::2], results[1::2]):
+            torch.testing.assert_close(lse1, lse0, atol=1e-4, rtol=1e-5)
+        out, out_p = results[1][0], results[3][0]
+        ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
+        assert_close_to_reference("out (score-modifier kernel)", results[0][0],
+                                  naive_attention(q, k, v, causal, **kw)[0], ref)
     if "dropout_p" not in kw:
         ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
         assert_close_to_reference("out", out, naive_attention(q, k, v, causal, **kw)[0], ref)
         if "alibi_slopes" not in kw:  # the packed batch
             assert_packed_sequences_match(out_p, qp, kp, vp, cu, lens, causal, **kw)
+
+
+SOFTCAP_KERNEL = "FwdSm90WsTraits<__nv_bfloat16, 128, 64, 3>, true, true>"
+
+
+def launched_kernels(call):
+    """The names of the CUDA kernels call() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
+def under_poison(monkeypatch, var, value, call):
+    """call() with the environment variable var set to value, on memory poisoned first (an unwritten output shows
+    up as NaN); no NaN in the results."""
+    monkeypatch.setenv(var, value)
+    torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    result = call()
+    for t in result:
+        assert not t.isnan().any(), f"{var}={value!r}"
+    return result
 
 
 def same_bits_under(monkeypatch, var, call, settings=("0", "")):
