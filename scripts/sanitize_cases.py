@@ -66,8 +66,9 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
 
 def backward_cases(dtype, d, shapes, deterministic_varlen):
     """Backward cases for one (dtype, d): each (nq, nk, causal) of `shapes` plain, with a window, softcap and
-    dropout, and deterministic (GQA 2:1); a deterministic unmasked 300 x 300 (the rotated walk); then a packed
-    causal batch with an empty sequence (and, with deterministic_varlen, its deterministic backward)."""
+    dropout, with a window and softcap alone, and deterministic plain and with a softcap (GQA 2:1); a
+    deterministic unmasked 300 x 300 (the rotated walk); then a packed causal batch with an empty sequence, plain
+    and with a softcap (and, with deterministic_varlen, its deterministic backward)."""
     for nq, nk, causal in shapes:
         q = torch.randn(2, 2, nq, d, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(2, 1, nk, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -75,9 +76,12 @@ def backward_cases(dtype, d, shapes, deterministic_varlen):
         flash_attn2.attention(q, k, v, causal).sum().backward()
         flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0, dropout_p=0.2,
                               rng_state=rng).sum().backward()
-        out, lse = flash_attn2.attention_with_lse(q.detach(), k.detach(), v.detach(), causal)
-        torch.ops.flash_attn2.bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, causal,
-                                  None, deterministic=True)
+        # A softcap alone (bfloat16 d128: the WS backward's softcap kernel), default and deterministic.
+        flash_attn2.attention(q, k, v, causal, window_size=(150, 7), softcap=4.0).sum().backward()
+        for softcap in (0.0, 4.0):
+            out, lse = flash_attn2.attention_with_lse(q.detach(), k.detach(), v.detach(), causal, softcap=softcap)
+            torch.ops.flash_attn2.bwd(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, causal,
+                                      None, softcap=softcap, deterministic=True)
     # The rotated deterministic walk (unmasked, several query and key tiles per head: RotatedDqWalk).
     q, k, v = (torch.randn(1, 2, 300, d, device="cuda", dtype=dtype) for _ in range(3))
     out, lse = flash_attn2.attention_with_lse(q, k, v, False)
@@ -85,6 +89,7 @@ def backward_cases(dtype, d, shapes, deterministic_varlen):
     cu = torch.tensor([0, 70, 70, 300], device="cuda", dtype=torch.int32)
     q, k, v = (torch.randn(300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True).sum().backward()
+    flash_attn2.attention_varlen(q, k, v, cu, cu, 230, 230, True, softcap=4.0).sum().backward()
     if deterministic_varlen:
         out, lse = flash_attn2.attention_varlen_with_lse(q.detach(), k.detach(), v.detach(), cu, cu, 230, 230, True)
         torch.ops.flash_attn2.bwd_varlen(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, cu,

@@ -120,7 +120,7 @@ inline bool make_q_dout_maps(const BwdParams& p, CUtensorMap* q, CUtensorMap* do
 }
 
 // The WS backward of traits Kt: its TMA maps, then the launch; false where the TMA cannot address the tensors.
-template <class Kt, bool kScoreMod>
+template <class Kt, bool kScoreMod, bool kSoftcapOnly = false>
 bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int nk = varlen ? p.total_k : p.seqlen_k, maps_b = varlen ? 1 : p.batch;
@@ -147,12 +147,20 @@ bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
   // FLASH_ATTN2_BWD_FIRST_ROW=0 aligns them (A/B runs).
   launch.steps_from_first_row = !env_is("FLASH_ATTN2_BWD_FIRST_ROW", "0");
   choose_dq_walk<Kt>(launch);
-  auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod>;
+  auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod, kSoftcapOnly>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
   kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);
   FA2_CHECK_LAUNCH();
   return true;
+}
+
+// Calls the WS backward's softcap kernel (BwdSm90WsTraits::kSoftcapKernel, flash_bwd_sm90_ws_kernel's
+// kSoftcapOnly) takes: a softcap without ALiBi or dropout. FLASH_ATTN2_BWD_SOFTCAP_KERNEL=0 leaves them to the
+// score-modifier kernel (A/B runs, tests).
+inline bool softcap_bwd_kernel_takes(const BwdParams& p) {
+  return p.softcap_out > 0.f && p.alibi_slopes == nullptr && !p.dropout.enabled() &&
+         !env_is("FLASH_ATTN2_BWD_SOFTCAP_KERNEL", "0");
 }
 
 // The warp-specialised backward (flash_bwd_sm90_ws_kernel.cuh) is the default at d128 on sm_90 where the TMA can
@@ -182,8 +190,13 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
       // and dropout measured 1.00-1.04x late (perf.md v25); ALiBi alone 0.96-0.99x then, 1.07-1.20x since the
       // score loop lost dropout's per-score select (v30). FLASH_ATTN2_BWD_WS_LATE_DP=0 keeps dP^T beside S^T.
       const bool late_dp = !env_is("FLASH_ATTN2_BWD_WS_LATE_DP", "0");
-      if (big && late_dp)
-        return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim, kBig, true>, kScoreMod>(p, stream, required);
+      if (big && late_dp) {
+        using KtLate = BwdSm90WsTraits<T, kHeadDim, kBig, true>;
+        if constexpr (KtLate::kSoftcapKernel) {
+          if (softcap_bwd_kernel_takes(p)) return launch_bwd_ws<KtLate, true, true>(p, stream, required);
+        }
+        return launch_bwd_ws<KtLate, kScoreMod>(p, stream, required);
+      }
     }
     if (big) return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim, kBig>, kScoreMod>(p, stream, required);
     return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim>, kScoreMod>(p, stream, required);

@@ -231,8 +231,10 @@ struct BwdProbe : BwdProbeBase {
 // dS^T stored to sdS for the dQ product; then dV += P^T dO and dK += dS^T Q issued and committed, not waited
 // for. p_frag and ds_frag are those products' A operands: the caller keeps them untouched until its wait.
 // kIssueDk = false: dV is issued and committed alone, and the caller issues dK (issue_dk) when it chooses.
+// kSoftcapOnly (with kScoreMod): the score rule is a softcap alone, no ALiBi or dropout (the WS backward's softcap
+// kernel): the softcap's form of the score loop with only the mask chosen at run time, and dS^T without dropout.
 // probe: the WS kernel's cycle probe (BwdProbe; nullptr elsewhere).
-template <class Kt, bool kScoreMod, bool kIssueDk = true, class T = typename Kt::Elem>
+template <class Kt, bool kScoreMod, bool kIssueDk = true, bool kSoftcapOnly = false, class T = typename Kt::Elem>
 FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlockN>& blk, const Visibility<int>& vis,
                                int head, int row0, int wg, int warp, int lane, uint32_t sK_u, uint32_t sV_u,
                                uint32_t sQ_s, uint32_t sdO_s, const float* s_lse, T* sdS,
@@ -275,14 +277,21 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
   // The keep mask depends on positions only: draw it while the tensor cores work on S^T and dP^T.
   KeepBits<1, kNT_S> keep{};
-  const bool dropout = kScoreMod && p.dropout.enabled();
+  const bool dropout = kScoreMod && !kSoftcapOnly && p.dropout.enabled();
   if (dropout)
     keep = dropout_bits_keys_as_rows<kNT_S>(p.dropout, static_cast<uint32_t>(blk.batch * p.heads_q + head), key_r0,
                                             q_c0);
   if constexpr (kLateDp) wgmma_wait<0>(); else wgmma_wait<1>();
   fence_regs(acc_s);
   if (probe) probe->mark(BwdProbe::kSWait);
-  if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
+  if constexpr (kSoftcapOnly) {  // P^T G in acc_s, P^T in p_frag
+    with_flags(
+        [&](auto mask) {
+          probs_mod_transposed_impl<T, true, false, decltype(mask)::value>(acc_s, p_frag, s_lse, key_r0, q_c0, vis,
+                                                                           rule, p.scale_log2, t);
+        },
+        need_mask);
+  } else if constexpr (kScoreMod) {  // P^T G in acc_s, P^T Z in p_frag
     probs_mod_transposed<T>(acc_s, p_frag, s_lse, key_r0, q_c0, need_mask, vis, rule, keep, dropout, p.scale_log2,
                             t);
   } else {
@@ -299,7 +308,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   wgmma_wait<0>();
   fence_regs(acc_dp);
   if (probe) probe->mark(BwdProbe::kDpWait);
-  if constexpr (kScoreMod) {
+  if constexpr (kScoreMod && !kSoftcapOnly) {
     dscores_transposed_mod(acc_dp, acc_s, s_d, keep, dropout, p.keep_scale, t);
   } else {
     dscores_transposed(acc_dp, acc_s, s_d, t);

@@ -58,6 +58,15 @@ struct BwdSm90WsTraits {
   static constexpr int kBlockN = 64 * kConsumers;  // keys per block, 64 per consumer
   static constexpr int kBlockM = kBlockM_;         // queries per step
   static constexpr bool kLateDp = kLateDp_;
+  // A kernel of its own (flash_bwd_sm90_ws_kernel's kSoftcapOnly) for bfloat16 d128 calls whose only score
+  // modifier is a softcap (windows and packed batches allowed; the launcher's softcap_bwd_kernel_takes), on the
+  // larger steps with dP^T after P^T: its score loop has no ALiBi or dropout paths, so its consumers spill 64 /
+  // 68 B (the score-modifier kernel: 124 / 172 B, with spill stores and reloads around the dP^T product every
+  // step) and its SASS is 3610 lines against 6324. Against the score-modifier kernel, softcap 50: non-causal 2k /
+  // 8k +4.4 / +6.2%, causal 2k / 8k / 16k +4.8 / +6.9 / +7.1% on an H200 (dP^T beside S^T instead: +2.9-6.5%,
+  // 188 B of spills; perf.md v43). One more instantiation, so bfloat16 only, as the forward's softcap kernel.
+  static constexpr bool kSoftcapKernel =
+      kHeadDim == 128 && kBlockM == 80 && kLateDp && std::is_same_v<T, __nv_bfloat16>;
   static_assert(kBlockM == 64 || (kBlockM == 80 && kHeadDim == 128) || (kBlockM == 128 && kHeadDim == 64),
                 "64 queries a step, 80 at d128 or 128 at d64");
   // dQ^T = K^T dS^T (N = kBlockM queries) where kBlockM is not wgmma's M; dS then [query][key] in shared memory.
@@ -174,7 +183,8 @@ FA2_DEVICE void store_dq_boxes_transposed(unsigned char* dst, const float (&acc)
 
 }  // namespace sm90
 
-template <class Kt, bool kScoreMod>
+// kSoftcapOnly: the softcap kernel (Kt::kSoftcapKernel; kScoreMod too): a softcap and no other score modifier.
+template <class Kt, bool kScoreMod, bool kSoftcapOnly = false>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_bwd_sm90_ws_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ BwdTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -355,8 +365,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 
       // S^T, dP^T, P^T, dS^T (to shared memory for dQ); dV issued (dK after the dQ product).
       uint32_t p_frag[1][kKSteps][4], ds_frag[1][kKSteps][4];
-      bwd_step_dk_dv<Kt, kScoreMod, false>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s, sdO_s,
-                                           sm.stats(s), sdS, acc_dk, acc_dv, p_frag, ds_frag, &probe);
+      bwd_step_dk_dv<Kt, kScoreMod, false, kSoftcapOnly>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s,
+                                                         sdO_s, sm.stats(s), sdS, acc_dk, acc_dv, p_frag, ds_frag,
+                                                         &probe);
 
       // dQ chunk (64 queries x 64 columns) = dS K over the block's 128 keys, by the consumers whose step it is;
       // with 80 queries a step, its transpose (64 columns x 80 queries) = K^T dS^T (kDqTransposed).

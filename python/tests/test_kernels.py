@@ -366,7 +366,7 @@ def test_cuda_warp_specialised_forward_softcap_kernel(monkeypatch, b, hq, hkv, n
     calls = [dense] + ([packed] if "alibi_slopes" not in kw else [])
     for call in calls:
         monkeypatch.setenv(var, "")
-        assert any(SOFTCAP_KERNEL in name for name in launched_kernels(call)) == takes
+        assert bool(cuda_kernel_names(call, SOFTCAP_KERNEL)) == takes
     if not takes:
         out, _ = same_bits_under(monkeypatch, var, dense)
         if "alibi_slopes" not in kw:
@@ -387,16 +387,6 @@ def test_cuda_warp_specialised_forward_softcap_kernel(monkeypatch, b, hq, hkv, n
 
 
 SOFTCAP_KERNEL = "FwdSm90WsTraits<__nv_bfloat16, 128, 64, 3>, true, true>"
-
-
-def launched_kernels(call):
-    """The names of the CUDA kernels call() launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    return {e.name for e in prof.events()}
 
 
 def under_poison(monkeypatch, var, value, call):

@@ -626,6 +626,59 @@ def test_cuda_warp_specialised_backward_late_dp_choice(monkeypatch, softcap, ali
     assert names and all((big in n) == late for n in names), names
 
 
+SOFTCAP_BWD_KERNEL = "BwdSm90WsTraits<__nv_bfloat16, 128, 80, true>, true, true>"
+
+
+@requires_sm90
+@pytest.mark.parametrize("nq,nk,causal,window,hkv,d", [
+    (333, 517, True, (-1, -1), 2, 128), (517, 333, False, (-1, -1), 4, 128), (700, 700, True, (200, 0), 2, 120),
+    (300, 900, False, (250, 33), 1, 128)])
+def test_cuda_warp_specialised_backward_softcap_kernel(monkeypatch, nq, nk, causal, window, hkv, d):
+    """bfloat16 d128 backward calls whose only score modifier is a softcap (windows allowed) take a WS kernel of
+    their own (BwdSm90WsTraits<bf16, 128, 80, true> with kSoftcapOnly; the profiler names it): in the deterministic
+    mode bit for bit the score-modifier kernel's gradients (FLASH_ATTN2_BWD_SOFTCAP_KERNEL=0; the same arithmetic),
+    and by default within PyTorch's own error of the float64 reference, dense (GQA, MQA, Nq != Nk, windows, d120)
+    and packed (an empty sequence, one of a single query)."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.delenv("FLASH_ATTN2_PORTABLE_KERNELS", raising=False)  # a Hopper kernel to be named
+    q, k, v = random_qkv(2, 4, hkv, nq, nk, d, torch.bfloat16, "cuda", transposed=True)
+    kw = dict(window_size=list(window), softcap=30.0)
+    out, lse = F.fwd_with_lse(q, k, v, causal, None, **kw)
+    dout = torch.randn_like(out)
+
+    def bwd(kernel):
+        monkeypatch.setenv("FLASH_ATTN2_BWD_SOFTCAP_KERNEL", kernel)
+        return F.bwd(dout, q, k, v, out, lse, causal, None, deterministic=True, **kw)
+    names = cuda_kernel_names(lambda: bwd(""), "flash_bwd_sm90_ws_kernel")
+    assert names and all(SOFTCAP_BWD_KERNEL in n for n in names), names
+    names = cuda_kernel_names(lambda: bwd("0"), "flash_bwd_sm90_ws_kernel")
+    assert names and not any(SOFTCAP_BWD_KERNEL in n for n in names), names
+    for ours, mod in zip(bwd(""), bwd("0")):
+        assert torch.equal(ours, mod)
+    monkeypatch.setenv("FLASH_ATTN2_BWD_SOFTCAP_KERNEL", "")
+    opts = make_options(2, 4, causal, window, 30.0, None, 0.0, "cuda")
+    check_variant_case(2, 4, hkv, nq, nk, d, torch.bfloat16, "cuda", opts, transposed=True)
+    opts = make_options(4, 4, causal, window, 30.0, None, 0.0, "cuda")
+    check_varlen_against_reference([nq // 2, 0, 1, nq - nq // 2], [nk // 3, 40, 60, nk - nk // 3 - 100],
+                                   torch.bfloat16, "cuda", opts, d=d)
+
+
+@requires_sm90
+@pytest.mark.parametrize("dtype,d,softcap,alibi,dropout_p", [
+    (torch.float16, 128, 30.0, None, 0.0), (torch.bfloat16, 128, 30.0, "head", 0.0),
+    (torch.bfloat16, 128, 30.0, None, 0.1), (torch.bfloat16, 64, 30.0, None, 0.0), (torch.bfloat16, 128, 0.0, None, 0.1)])
+def test_cuda_warp_specialised_backward_softcap_kernel_leaves(monkeypatch, dtype, d, softcap, alibi, dropout_p):
+    """The calls the WS backward's softcap kernel leaves to the others: float16, ALiBi, dropout, d64, no softcap."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.delenv("FLASH_ATTN2_PORTABLE_KERNELS", raising=False)
+    monkeypatch.delenv("FLASH_ATTN2_BWD_SOFTCAP_KERNEL", raising=False)
+    opts = make_options(1, 2, True, (-1, -1), softcap, alibi, dropout_p, "cuda", seed=3)
+    q, k, v = random_qkv(1, 2, 2, 200, 300, d, dtype, "cuda", requires_grad=True)
+    names = cuda_kernel_names(lambda: flash_attn2.attention(q, k, v, **opts).sum().backward(),
+                              "flash_bwd_sm90_ws_kernel")
+    assert names and not any("true>, true, true>" in n for n in names), names
+
+
 @requires_sm90
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
