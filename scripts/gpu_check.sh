@@ -32,10 +32,12 @@ if ! cmake --build $BUILD -j"$(nproc)" >"$OUT/build.log" 2>&1; then
   grep -E "error|Error" -A6 "$OUT/build.log" | head -80; exit 1
 fi
 summary+=("build: $(( $(date +%s) - start )) s with $(grep -m1 'CXX compiler identification' "$OUT/configure.log"); $(grep -c 'spill' "$OUT/build.log") ptxas spill warnings")
-# ptxas's C7520 means it serialised a kernel's wgmma (a branch it takes to be divergent around them): the d64 WS
-# backward ran 11-19% slow with it for a session unnoticed (perf.md v15). Name every kernel it hits.
-serialised=$(grep 'C7520' "$OUT/build.log" | grep -oE "function '[^']+'" | sort -u)
-[[ -n $serialised ]] && summary+=("WGMMA SERIALISED by ptxas (C7520) in: $(echo $serialised | tr '\n' ' ')")
+# ptxas serialises a kernel's wgmma when it must (C7520: a branch it takes to be divergent around them, C7512: too
+# few registers, C7515: accumulators defined by other code in the pipeline, ...): the d64 WS backward ran 11-19%
+# slow with C7520 for a session unnoticed (perf.md v15), and four A/B-only kernels sat with C7512 for thirteen
+# (v43). Name every kernel any of them hits.
+serialised=$(grep -E 'C75[0-9][0-9].*(serialized|serialised)' "$OUT/build.log" | grep -oE "function '[^']+'" | sort -u)
+[[ -n $serialised ]] && summary+=("WGMMA SERIALISED by ptxas in: $(echo $serialised | tr '\n' ' ')")
 # A toolchain that links libstdc++ statically into shared objects gives our library a second copy of the C++
 # runtime next to the one Python's process already has; error messages built with it have crashed there.
 if ! command -v readelf >/dev/null; then stdcxx="no readelf: libstdc++ linkage unknown"

@@ -89,8 +89,6 @@
 #                  causal, windows, packed causal
 #   ab_bwdmodbig   the larger steps with score modifiers (B, the default: 128 at d64, 80 at d128) vs 64 (A,
 #                  FLASH_ATTN2_BWD_WS_MOD_BIG=0)
-#   ab_latedp      the score-modifier backward with dP^T issued after P^T (B, the default since v30) vs beside S^T
-#                  (A, FLASH_ATTN2_BWD_WS_LATE_DP=0), d64 and d128
 #   ab_floor       the A/B harness's floor: the same build on both sides, backward rows, without and with
 #                  --settle-ms 300 (each case run 300 ms before it is timed)
 #   ab_detorder    the deterministic backward with a head's key tiles together (FLASH_ATTN2_DET_ORDER=head) vs spread
@@ -511,10 +509,6 @@ fi
 if step ab_bwdmodbig 100; then  # score modifiers: 128 queries a step at d64, 80 at d128 (B) vs 64 (A)
   timeout 90 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_MOD_BIG=0 $lib --direction bwd --head-dims 64,128 \
     --lengths 2048,8192 --causal-lengths 8192 --mods none,softcap,alibi,dropout | tee "$OUT/ab_bwdmodbig.md"
-fi
-if step ab_latedp 100; then  # score modifiers: dP^T after P^T (B) vs beside S^T (A), the larger steps on both
-  timeout 90 python3 scripts/ab_forward.py $lib,FLASH_ATTN2_BWD_WS_LATE_DP=0 $lib --direction bwd --head-dims 64,128 \
-    --lengths 2048,8192 --causal-lengths 8192 --mods none,softcap,alibi,dropout | tee "$OUT/ab_latedp.md"
 fi
 if step ab_floor 130; then  # same code on both sides: how far B/A strays from 1 without and with a settle time
   for settle in 0 300; do

@@ -186,19 +186,20 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
                      !(kScoreMod && env_is("FLASH_ATTN2_BWD_WS_MOD_BIG", "0")) &&
                      !(kHeadDim == 128 && !kScoreMod && masked && env_is("FLASH_ATTN2_BWD_WS_M80_MASKED", "0"));
     if constexpr (kScoreMod) {
-      // dP^T issued after P^T (Kt::kLateDp: fewer spills than beside S^T) on every score-modifier call: softcap
-      // and dropout measured 1.00-1.04x late (perf.md v25); ALiBi alone 0.96-0.99x then, 1.07-1.20x since the
-      // score loop lost dropout's per-score select (v30). FLASH_ATTN2_BWD_WS_LATE_DP=0 keeps dP^T beside S^T.
-      const bool late_dp = !env_is("FLASH_ATTN2_BWD_WS_LATE_DP", "0");
-      if (big && late_dp) {
+      // The larger steps issue dP^T after P^T (Kt::kLateDp) on every score-modifier call: its accumulators are then
+      // not live while the score rule runs (softcap and dropout 1.00-1.04x, perf.md v25; ALiBi 1.07-1.20x since
+      // the score loop lost dropout's per-score select, v30). Beside S^T those kernels spilled 812 B at d128 and
+      // ptxas serialised every wgmma in them (C7512, perf.md v43); the switch that kept them is gone.
+      if (big) {
         using KtLate = BwdSm90WsTraits<T, kHeadDim, kBig, true>;
         if constexpr (KtLate::kSoftcapKernel) {
           if (softcap_bwd_kernel_takes(p)) return launch_bwd_ws<KtLate, true, true>(p, stream, required);
         }
         return launch_bwd_ws<KtLate, kScoreMod>(p, stream, required);
       }
+    } else {
+      if (big) return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim, kBig>, kScoreMod>(p, stream, required);
     }
-    if (big) return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim, kBig>, kScoreMod>(p, stream, required);
     return launch_bwd_ws<BwdSm90WsTraits<T, kHeadDim>, kScoreMod>(p, stream, required);
   }
 }

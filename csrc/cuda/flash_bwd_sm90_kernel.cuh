@@ -259,7 +259,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   wgmma_commit();
   // dP^T = V dO^T, issued and committed. Kt::kLateDp: after P^T is computed, not beside S^T, so that its
   // accumulators are not live during the score rule (the larger steps' score-modifier kernels spill 496-600 bytes
-  // otherwise, 160 so); the launcher takes it with a softcap or dropout.
+  // otherwise, 160 so); the WS launcher takes it on every score-modifier call of the larger steps.
   auto issue_dp = [&] {
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks)

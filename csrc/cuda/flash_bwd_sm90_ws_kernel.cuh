@@ -47,8 +47,8 @@ namespace flash_attn2::cuda {
 //     the 80 queries as N), with dS stored query-major for it.
 //   kBlockM_ = 128 (d64): each consumer computes the dQ of its own 64 of the step's queries at every step
 //     (kDqSplitRows), where with 64 queries the consumers took the steps' dQ in turn.
-//   kLateDp_: dP^T issued after P^T (bwd_step_dk_dv; the launcher's choice on every score-modifier call,
-//     FLASH_ATTN2_BWD_WS_LATE_DP=0 keeps it beside S^T).
+//   kLateDp_: dP^T issued after P^T (bwd_step_dk_dv; the launcher's choice on every score-modifier call of the
+//     larger steps).
 template <typename T, int kHeadDim_, int kBlockM_ = 64, bool kLateDp_ = false>
 struct BwdSm90WsTraits {
   using Elem = T;

@@ -603,27 +603,22 @@ def test_cuda_warp_specialised_backward_80_queries_masked(monkeypatch, b, hq, hk
 
 
 @requires_sm90
-@pytest.mark.parametrize("softcap,alibi,dropout_p,late_dp,late", [
-    (30.0, None, 0.0, None, True), (0.0, None, 0.1, None, True), (0.0, "head", 0.0, None, True),
-    (5.0, "head", 0.0, None, True), (0.0, "head", 0.0, "0", False), (30.0, None, 0.1, "0", False)])
+@pytest.mark.parametrize("softcap,alibi,dropout_p", [(30.0, None, 0.0), (0.0, None, 0.1), (0.0, "head", 0.0),
+                                                     (5.0, "head", 0.0), (30.0, None, 0.1)])
 @pytest.mark.parametrize("d", [64, 128])
-def test_cuda_warp_specialised_backward_late_dp_choice(monkeypatch, softcap, alibi, dropout_p, late_dp, late, d):
-    """The launcher's choice of where dP^T is issued in the larger steps' score-modifier kernels: after P^T
-    (BwdSm90WsTraits<..., true>) on every score-modifier call, beside S^T only with FLASH_ATTN2_BWD_WS_LATE_DP=0;
-    the profiler names the kernel that ran."""
+def test_cuda_warp_specialised_backward_late_dp_choice(monkeypatch, softcap, alibi, dropout_p, d):
+    """The larger steps' score-modifier kernels issue dP^T after P^T (BwdSm90WsTraits<..., true>) on every
+    score-modifier call (beside S^T ptxas serialised their wgmma, and the switch for it is gone); the profiler
+    names the kernel that ran."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     monkeypatch.delenv("FLASH_ATTN2_PORTABLE_KERNELS", raising=False)  # a Hopper kernel to be named
-    if late_dp is None:
-        monkeypatch.delenv("FLASH_ATTN2_BWD_WS_LATE_DP", raising=False)
-    else:
-        monkeypatch.setenv("FLASH_ATTN2_BWD_WS_LATE_DP", late_dp)
     b, hq, hkv, nq, nk = 1, 2, 2, 200, 300
     opts = make_options(b, hq, False, (-1, -1), softcap, alibi, dropout_p, "cuda", seed=3)
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, torch.bfloat16, "cuda", requires_grad=True)
     names = cuda_kernel_names(lambda: flash_attn2.attention(q, k, v, **opts).sum().backward(),
                               "flash_bwd_sm90_ws_kernel")
     big = "128, 80, true>" if d == 128 else "64, 128, true>"
-    assert names and all((big in n) == late for n in names), names
+    assert names and all(big in n for n in names), names
 
 
 SOFTCAP_BWD_KERNEL = "BwdSm90WsTraits<__nv_bfloat16, 128, 80, true>, true, true>"
@@ -683,16 +678,14 @@ def test_cuda_warp_specialised_backward_softcap_kernel_leaves(monkeypatch, dtype
 @pytest.mark.parametrize("causal,window,softcap,alibi,dropout_p", [
     (True, (-1, -1), 30.0, "head", 0.0), (False, (200, 7), 0.0, "batch", 0.2), (True, (300, -1), 5.0, None, 0.1),
     (False, (-1, -1), 0.0, None, 0.0)])
-@pytest.mark.parametrize("d,mod_big,late_dp", [(64, "", ""), (128, "", ""), (64, "0", ""), (128, "0", ""),
-                                               (64, "", "1"), (128, "", "1"), (64, "", "0"), (128, "", "0")])
+@pytest.mark.parametrize("d,mod_big", [(64, ""), (128, ""), (64, "0"), (128, "0")])
 def test_cuda_warp_specialised_backward_with_variants(monkeypatch, causal, window, softcap, alibi, dropout_p, d,
-                                                      mod_big, late_dp):
-    """The warp-specialised backward (FLASH_ATTN2_BWD_WS=require) with the dense variants
-    (by default with the larger steps, 128 queries at d64 and 80 at d128; FLASH_ATTN2_BWD_WS_MOD_BIG=0: 64), and
-    dP^T after P^T (the default; FLASH_ATTN2_BWD_WS_LATE_DP=1 says so) or beside S^T (=0)."""
+                                                      mod_big):
+    """The warp-specialised backward (FLASH_ATTN2_BWD_WS=require) with the dense variants (by default with the
+    larger steps, 128 queries at d64 and 80 at d128, dP^T after P^T; FLASH_ATTN2_BWD_WS_MOD_BIG=0: 64, dP^T beside
+    S^T)."""
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS_MOD_BIG", mod_big)
-    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_LATE_DP", late_dp)
     opts = make_options(2, 4, causal, window, softcap, alibi, dropout_p, "cuda", seed=11)
     check_variant_case(2, 4, 2, 333, 517, d, torch.bfloat16, "cuda", opts, transposed=True)
 
