@@ -42,7 +42,7 @@ namespace flash_attn2::cuda {
 // (flash_fwd_launch.cuh, use_wide_key_tiles).
 // kConsumers_: consumer warpgroups, 64 query rows each: three at d64 (FlashAttention-3's 192-row tile: two leave
 // the tensor cores idle while both run their softmax), two above (O needs the registers), and three on 64-key
-// tiles in the d128 softcap kernel (SoftcapTraits).
+// tiles in the d128 softcap kernel (SoftcapTraits; the d256 one keeps two, on 80-key tiles).
 template <typename T, int kHeadDim_, int kBlockN_ = (kHeadDim_ <= 128 ? 128 : 64),
           int kConsumers_ = (kHeadDim_ == 64 ? 3 : 2)>
 struct FwdSm90WsTraits {
@@ -82,8 +82,11 @@ struct FwdSm90WsTraits {
   // A kernel of its own for bfloat16 calls whose only score modifier is a softcap (against the fixed offset; no
   // ALiBi, no dropout; windows and packed batches allowed), at d128: without the dropout and running-max paths
   // its loop does not spill, and it stores O by the TMA: against the score-modifier kernel on softcap 50 rows,
-  // non-causal 2k +6.4-7.1%, causal 8k +0.7-5.0% over three readings (perf.md v42). One more instantiation (bf16
-  // d128), so not at d64 (no fixed offset) or d256 (no O buffer).
+  // non-causal 2k +6.4-7.1%, causal 8k +0.7-5.0% over three readings (perf.md v42). One more instantiation per
+  // head dim (bf16), so not at d64 (no fixed offset). At d256 too since v43, though without the O buffer: its
+  // 80-key tiles (the plain kernel's; the score-modifier kernel takes 64) and no spill in its loop (52 / 80 B in
+  // all, the score-modifier kernel 68 / 116 B with a reload every key tile): softcap 50 non-causal 2k / 8k +5.8 /
+  // +10.6%, causal 2k / 8k +1.4 / +3.4% (one call, floor +-2%), Gemma 2's head dim.
   // Its tiles (SoftcapTraits): three consumers on 64-key tiles, as FlashAttention-3's d64 kernel, whose MUFU work
   // per tensor-core cycle a d128 softcap's tanh and ex2 per score equal. Two consumers alternate: one's softmax
   // has the MUFU pipe while the other's products run, and the tensor cores idle whenever a softmax runs past the
@@ -91,9 +94,9 @@ struct FwdSm90WsTraits {
   // 128-key tiles, softcap 50: non-causal 2k / 8k +2.5 / +4.4%, causal 2k / 8k / 16k +0.9 / +6.4 / +4.6% (one
   // call). At the 690 W power cap the SM clock is 1770 MHz against 1800, and the throughput is 528 against 493
   // TFLOP/s. Two consumers on 64-key tiles lose 7-10%, and the plain d128 kernel on three consumers 0-8% (its
-  // exps are half the softcap's MUFU work; perf.md v43).
-  static constexpr bool kSoftcapKernel = kHeadDim == 128 && std::is_same_v<T, __nv_bfloat16>;
-  using SoftcapTraits = FwdSm90WsTraits<T, kHeadDim, 64, 3>;
+  // exps are half the softcap's MUFU work; perf.md v43). d256: two consumers (O is 128 registers), 80-key tiles.
+  static constexpr bool kSoftcapKernel = (kHeadDim == 128 || kHeadDim == 256) && std::is_same_v<T, __nv_bfloat16>;
+  using SoftcapTraits = FwdSm90WsTraits<T, kHeadDim, kHeadDim == 128 ? 64 : 80, kHeadDim == 128 ? 3 : 2>;
   // The softmax's row max as a tree and its sum in two chains (OnlineSoftmax::update_scores' kTree) at d64, where
   // three consumers' exps share each SMSP's MUFU pipe: 1.02-1.06x on plain rows (2k-16k, causal and not), 1.03x
   // GQA, 1.04x packed, level with score modifiers; at d128 0.95-0.99x and d256 0.95-1.03x (perf.md v31).
