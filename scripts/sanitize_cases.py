@@ -13,7 +13,7 @@ import flash_attn2
 # modifiers); FA2_SANITIZE=attention only the dense and varlen forward / backward cases (no KV cache);
 # FA2_SANITIZE=ws the warp-specialised forward (FLASH_ATTN2_FWD_WS=require), d = 64, 128, 256, dense and varlen,
 # d64 / d128's O by the TMA across many tiles a block (the bfloat16 d128 softcap kernel's too), the d256 kernel's
-# 80-key tiles, and packed batches' tiles longest sequence first (SeqOrder).
+# 80-key tiles, packed batches' tiles longest sequence first (SeqOrder), and clusters of two sharing K / V tiles.
 only_kvcache = os.environ.get("FA2_SANITIZE") == "kvcache"
 skip_kvcache = os.environ.get("FA2_SANITIZE") == "attention"
 
@@ -59,6 +59,17 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
         del os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
         flash_attn2.attention(q, k, v, True)
         del os.environ["FLASH_ATTN2_FWD_WS_BLOCKN"]
+        # Clusters of two sharing K / V tiles (multicast copies, both blocks' releases): d128 / d120 / d256 / d240,
+        # uniform rows of an even number of query tiles, partial key tiles, GQA; pairs per two tiles and 2 / 4
+        # blocks walking many tiles.
+        os.environ["FLASH_ATTN2_FWD_CLUSTER"] = "require"
+        for d in (128, 120, 256, 240):
+            q = torch.randn(2, 4, 256, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(2, 2, 333, d, device="cuda", dtype=dtype) for _ in range(2))
+            for blocks in ("", "2", "5"):
+                os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = blocks
+                flash_attn2.attention(q, k, v, False)
+        del os.environ["FLASH_ATTN2_FWD_CLUSTER"], os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
     torch.cuda.synchronize()
     print("sanitize cases ran (ws)")
     raise SystemExit(0)
@@ -120,6 +131,16 @@ if os.environ.get("FA2_SANITIZE") == "wsbwd":  # the warp-specialised backward (
             k, v = (torch.randn(2, 2, 517, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
             flash_attn2.attention(q, k, v, causal, **opts).sum().backward()
     del os.environ["FLASH_ATTN2_BWD_WS_MOD_BIG"]
+    # Clusters of two sharing each step's Q and dO (multicast copies, the producers' releases to each other): d128
+    # and below, both step sizes, an even number of key tiles, GQA, steps past the sequence's end.
+    os.environ["FLASH_ATTN2_BWD_CLUSTER"] = "require"
+    for blockm in ("", "64"):
+        os.environ["FLASH_ATTN2_BWD_WS_BLOCKM"] = blockm
+        for dtype, d in [(torch.bfloat16, 128), (torch.float16, 112)]:
+            q = torch.randn(2, 4, 333, d, device="cuda", dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(2, 2, 500, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+            flash_attn2.attention(q, k, v, False).sum().backward()
+    del os.environ["FLASH_ATTN2_BWD_CLUSTER"], os.environ["FLASH_ATTN2_BWD_WS_BLOCKM"]
     torch.cuda.synchronize()
     print("sanitize cases ran (wsbwd)")
     raise SystemExit(0)

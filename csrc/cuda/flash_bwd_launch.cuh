@@ -150,6 +150,44 @@ bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod, kSoftcapOnly>;
   set_smem_limit(kernel, Kt::kSmemBytes);
   const int64_t num_n = (p.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  // Clusters of two blocks sharing each step's Q and dO (flash_bwd_sm90_ws_kernel's producer): where the grid
+  // keeps a head's key tiles together (head by head), every head has an even number of them and they walk the
+  // same steps: uniform rows (no mask, no packed batch), outside the deterministic mode (its walk and dQ turns
+  // are per key tile), in the d128 kernels without score modifiers. Blocks 2i and 2i + 1 are then consecutive
+  // key tiles of one head. Against one block each (two readings, perf.md v44): d128 non-causal 8k / 16k +1.2-1.4 /
+  // +0.6-1.6%, GQA 4k +0.7-1.3%, 2k level (1.00); d64 2k / 8k level to -1%, so not there.
+  // FLASH_ATTN2_BWD_CLUSTER=0 turns it off (A/B runs, tests), =require raises where a call to these kernels
+  // cannot take it (tests).
+  maps.cluster = 0;
+  if constexpr (!kScoreMod && Kt::kHeadDim == 128) {
+    const char* cluster_env = std::getenv("FLASH_ATTN2_BWD_CLUSTER");
+    const bool off = cluster_env != nullptr && std::strcmp(cluster_env, "0") == 0;
+    const bool require = cluster_env != nullptr && std::strcmp(cluster_env, "require") == 0;
+    const bool fits = !varlen && p.window_left < 0 && p.window_right < 0 && p.dq_semaphore == nullptr &&
+                      !launch.dq_red_add && launch.grid_head_group <= 1 && num_n % 2 == 0 &&
+                      max_active_pairs<Kt>(kernel, Kt::kNThreads, Kt::kSmemBytes) > 0;
+    if (!off && fits && make_q_dout_maps(p, &maps.q, &maps.dout, Kt::kBlockM / 2)) maps.cluster = 2;
+    if (require && maps.cluster == 0)
+      throw std::invalid_argument(
+          "flash_attn2: FLASH_ATTN2_BWD_CLUSTER=require, but this call cannot run in clusters (uniform rows, an even "
+          "number of key tiles a head, not deterministic)");
+    if (maps.cluster == 2) {
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = 2;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(grid_1d(num_n * p.heads_kv * p.batch));
+      config.blockDim = dim3(static_cast<unsigned>(Kt::kNThreads));
+      config.dynamicSmemBytes = static_cast<size_t>(Kt::kSmemBytes);
+      config.stream = stream;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      FA2_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, launch, maps));
+      return true;
+    }
+  }
   kernel<<<grid_1d(num_n * p.heads_kv * p.batch), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);
   FA2_CHECK_LAUNCH();
   return true;

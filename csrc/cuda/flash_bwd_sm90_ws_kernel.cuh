@@ -101,8 +101,9 @@ struct BwdSm90WsTraits {
   // consumers where they split the rows.
   static constexpr int kDqWriterThreads = (kDqSplitRows ? kConsumers : kDqChunks) * 128;
   static constexpr int kAlign = 1024;
-  // Barriers: K/V full, per stage full and empty, per dQ buffer full and empty.
-  static constexpr int kBarriers = 1 + 2 * kStages + 2 * kDqBufs;
+  // Barriers: K/V full, per stage full and empty, per dQ buffer full and empty, per stage the peer's release (a
+  // cluster of two: BwdTmaMaps::cluster).
+  static constexpr int kBarriers = 1 + 2 * kStages + 2 * kDqBufs + kStages;
   // K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kDqBufs][kDqChunks] | stats[kStages] | barriers, plus slack
   static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemDS +
                                     kDqBufs * kDqChunks * kSmemDq + kStages * kSmemStats + kBarriers * 8 + kAlign;
@@ -112,6 +113,11 @@ struct BwdSm90WsTraits {
 // The Q, K, V and dO maps of a backward call, and the float32 map over dq_accum its dQ reduce-adds write.
 struct BwdTmaMaps {
   CUtensorMap q, k, v, dout, dq;
+  // 2: the grid runs in clusters of two blocks, consecutive key tiles of one head, whose steps copy the same Q and
+  // dO tiles: each block copies half of each into both (q and dout then have boxes of half a step); 0: every
+  // block copies its own. Set by the launcher (flash_bwd_launch.cuh) for uniform rows outside the deterministic
+  // mode.
+  int cluster;
 };
 
 namespace sm90 {
@@ -134,6 +140,8 @@ struct BwdWsSmem {
   FA2_DEVICE uint64_t* empty(int s) const { return bar(1 + Kt::kStages + s); }
   FA2_DEVICE uint64_t* dq_full(int b) const { return bar(1 + 2 * Kt::kStages + b); }
   FA2_DEVICE uint64_t* dq_empty(int b) const { return bar(1 + 2 * Kt::kStages + Kt::kDqBufs + b); }
+  // A cluster's: the peer block's producer arrives once its own consumers have released stage s.
+  FA2_DEVICE uint64_t* peer_free(int s) const { return bar(1 + 2 * Kt::kStages + 2 * Kt::kDqBufs + s); }
   FA2_DEVICE float* stats(int s) const { return reinterpret_cast<float*>(base + stats_off(s)); }
 };
 
@@ -229,9 +237,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       tma::init_barrier(sm.dq_full(b), Kt::kDqWriterThreads);  // every thread of the step's dQ, its part stored
       tma::init_barrier(sm.dq_empty(b), 1);                    // the writer, once the reduce-adds read it
     }
+    for (int s = 0; s < kStages; ++s) tma::init_barrier(sm.peer_free(s), 1);  // the peer's producer thread
     tma::fence_barrier_init();
   }
-  __syncthreads();  // the last block-wide barrier
+  // The last block-wide barrier. In a cluster, across both blocks: each block's barriers are initialised before
+  // the other's copies and arrivals reach them.
+  const bool cluster = maps.cluster == 2;
+  if (cluster) tma::cluster_sync();
+  else __syncthreads();
 
   if (wg == 0) {
     tma::shrink_registers<Kt::kProducerRegs>();
@@ -243,13 +256,37 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       const int key = blk.seq.k_start + blk.key0;
       tma::load_tile<kBlockN, kHeadDim>(sm.base, &maps.k, key, blk.head_kv, map_b, sm.kv_full());
       tma::load_tile<kBlockN, kHeadDim>(sm.base + sm.v_off(), &maps.v, key, blk.head_kv, map_b, sm.kv_full());
+      // A cluster of two (maps.cluster): both blocks walk the same steps (the same query rows and heads), and
+      // each copies half of every Q and dO tile into both. A stage is refilled once both blocks' consumers have
+      // released it: this block's (its empty barrier), then the peer's, whose producer arrives on this block's
+      // peer_free barrier as this one does on the peer's. Every such arrival is awaited by the block it reaches
+      // (and every copy into a block by its consumers), so neither block leaves while the other still signals it.
+      const uint32_t rank = cluster ? tma::cluster_rank() : 0u;
+      const uint32_t peer_base = cluster ? tma::map_to_rank(sm.base_u, rank ^ 1u) : 0u;
       for (int it = 0; it < steps.total; ++it) {
         const int s = it % kStages;
-        if (it >= kStages) tma::wait(sm.empty(s), ((it / kStages) - 1) & 1);
+        if (it >= kStages) {
+          tma::wait(sm.empty(s), ((it / kStages) - 1) & 1);
+          if (cluster) {
+            tma::arrive_remote(peer_base + static_cast<uint32_t>(
+                                               reinterpret_cast<unsigned char*>(sm.peer_free(s)) - sm.base),
+                               true);
+            tma::wait(sm.peer_free(s), ((it / kStages) - 1) & 1);
+          }
+        }
         const int head = steps.head(it, blk.head_kv), row = blk.seq.q_start + steps.row0(it);
         tma::arrive_expect_bytes(sm.full(s), 2 * Kt::kSmemQ);
-        tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.q_off(s), &maps.q, row, head, map_b, sm.full(s));
-        tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.do_off(s), &maps.dout, row, head, map_b, sm.full(s));
+        if (cluster) {
+          tma::load_tile_part_multicast<kBlockM, kHeadDim, 2>(sm.base + sm.q_off(s), &maps.q, row,
+                                                              static_cast<int>(rank), head, map_b, sm.full(s),
+                                                              uint16_t{0b11});
+          tma::load_tile_part_multicast<kBlockM, kHeadDim, 2>(sm.base + sm.do_off(s), &maps.dout, row,
+                                                              static_cast<int>(rank), head, map_b, sm.full(s),
+                                                              uint16_t{0b11});
+        } else {
+          tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.q_off(s), &maps.q, row, head, map_b, sm.full(s));
+          tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.do_off(s), &maps.dout, row, head, map_b, sm.full(s));
+        }
       }
     } else if (tid / 32 == 1) {
       const int lane = tid % 32;

@@ -174,6 +174,35 @@ inline bool softcap_kernel_takes(const FwdParams& p) {
          softcap_fixed_offset(p, scale_log2, offset_log2) && scale_log2 > 0.f;
 }
 
+// How many clusters of two blocks of `kernel` (one block an SM) the current device runs at once: a cluster's
+// blocks share a GPC, so a GPC with an odd number of free SMs leaves one idle. Cached per device and traits.
+template <class Kt, class Kernel>
+inline int max_active_pairs(Kernel kernel, int threads, int smem_bytes) {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};  // 0: not asked yet; -1: none
+  int device = 0;
+  FA2_CUDA_CHECK(cudaGetDevice(&device));
+  int* slot = device < kMaxDevices ? &cached[device] : nullptr;
+  if (slot != nullptr && *slot != 0) return std::max(*slot, 0);
+  int sms = 0;
+  FA2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(std::max(2, sms / 2 * 2)));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int pairs = 0;
+  FA2_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&pairs, kernel, &config));
+  if (slot != nullptr) *slot = pairs > 0 ? pairs : -1;
+  return pairs;
+}
+
 template <class Kt, bool kScoreMod, bool kSoftcapOnly = false>
 bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const int mode = fwd_ws_mode();
@@ -285,7 +314,55 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
                    !env_is("FLASH_ATTN2_FWD_SEQ_ORDER", "0");
   auto kernel = &flash_fwd_sm90_ws_kernel<Kt, kScoreMod, kSoftcapOnly>;
   set_smem_limit(kernel, Kt::kSmemBytes);
-  kernel<<<grid_1d(blocks), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);
+  // Clusters of two blocks sharing each K / V tile (Kt::may_cluster: d128 without score modifiers), as
+  // FlashAttention-3 runs non-causal rows from d128: where the blocks stride statically through uniform rows head
+  // by head and every head has an even number of query tiles, blocks 2i and 2i + 1 of the grid (one cluster) walk
+  // consecutive query tiles of one head, tile for tile, so they read the same K / V tiles; each copies half of
+  // every key tile into both. The grid is then as many pairs as the GPU holds at once
+  // (cudaOccupancyMaxActiveClusters). FLASH_ATTN2_FWD_CLUSTER=0 turns it off (A/B runs, tests), =require raises
+  // where a call to these kernels cannot take it (tests).
+  maps.cluster = 0;
+  int64_t grid = blocks;
+  if constexpr (Kt::may_cluster(kScoreMod)) {
+    const char* cluster_env = std::getenv("FLASH_ATTN2_FWD_CLUSTER");
+    const bool off = cluster_env != nullptr && std::strcmp(cluster_env, "0") == 0;
+    const bool require = cluster_env != nullptr && std::strcmp(cluster_env, "require") == 0;
+    const bool fits = uniform && launch.tile_counter == nullptr && launch.grid_head_group <= 1 && num_m % 2 == 0 &&
+                      blocks >= 2;
+    if (!off && fits) {
+      const int pairs = max_active_pairs<Kt>(kernel, Kt::kNThreads, Kt::kSmemBytes);
+      const int64_t cluster_blocks = std::min<int64_t>(blocks / 2, pairs) * 2;
+      if (cluster_blocks >= 2) {
+        maps.cluster = 2;
+        grid = cluster_blocks;
+      }
+    }
+    if (require && maps.cluster == 0)
+      throw std::invalid_argument(
+          "flash_attn2: FLASH_ATTN2_FWD_CLUSTER=require, but this call cannot run in clusters (uniform rows, an even "
+          "number of query tiles a head, the static stride head by head)");
+    if (maps.cluster == 2) {
+      make_tensor_map(&maps.k, p.k, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.k_row_stride, p.k_head_stride,
+                      p.k_batch_stride, Kt::kBlockN / 2);
+      make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride, p.v_head_stride,
+                      p.v_batch_stride, Kt::kBlockN / 2);
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = 2;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(grid_1d(grid));
+      config.blockDim = dim3(static_cast<unsigned>(Kt::kNThreads));
+      config.dynamicSmemBytes = static_cast<size_t>(Kt::kSmemBytes);
+      config.stream = stream;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      FA2_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, launch, maps));
+      return true;
+    }
+  }
+  kernel<<<grid_1d(grid), Kt::kNThreads, Kt::kSmemBytes, stream>>>(launch, maps);
   FA2_CHECK_LAUNCH();
   return true;
 }

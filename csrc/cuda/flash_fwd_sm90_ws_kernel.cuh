@@ -12,6 +12,9 @@
 //     their products complete. No barrier spans the block after the prologue.
 //
 // The consumers take turns issuing their MMAs (ping-pong), so one's softmax runs under another's MMAs.
+// Clusters of two on uniform rows (d128 without score modifiers, FwdSm90WsTraits::may_cluster): the two
+// blocks walk consecutive query tiles of one head, tile for tile, and each copies half of every K / V tile into
+// both (TMA multicast); a stage's empty barrier then waits for both blocks' consumers.
 // Persistent where tiles are uniform: a grid of at most one block per SM walks the tiles (see the kernel and
 // flash_fwd_launch.cuh); where tiles differ in cost, a dynamic walk (TileWalk) at d64 / d128 and one block per tile
 // at d256 (FLASH_ATTN2_FWD_WS_WALK=dynamic / tile override). Where blocks walk tiles and shared memory has room
@@ -113,6 +116,14 @@ struct FwdSm90WsTraits {
   // Persistent grid where tiles are uniform (flash_fwd_launch.cuh): measured 1.02-1.07x one block per tile at
   // d128 / d256, 1.03x / 0.99x at d64 N = 2k / 16k (perf.md v12).
   static constexpr bool kPersistent = kHeadDim >= 128;
+  // Clusters of two blocks that share each K / V tile (FwdTmaMaps::cluster, chosen per call by the launcher): in the
+  // d128 kernel without score modifiers on the static stride (uniform rows), as FlashAttention-3 does for
+  // non-causal rows from d128. Each block copies half of every key tile into both blocks' shared memory (TMA
+  // multicast) and its consumers release each stage in both blocks, so the K / V bytes a pair reads from L2
+  // halve: d128 non-causal 2k / 8k / 16k +0.8-1.2 / +1.1-1.2 / +0.7-1.6%, GQA 4k +1.2-1.5%; the d256 80-key
+  // kernel lost 1-3% (perf.md v44). Compiled into that kernel only (the others' register allocation moves with
+  // anything).
+  static constexpr bool may_cluster(bool score_mod) { return !score_mod && kHeadDim == 128; }
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "warp-specialised forward: d = 64, 128, 256");
   static_assert(kProducerRegs * 128 + kConsumers * kConsumerRegs * 128 <= 65536, "register file");
@@ -386,7 +397,7 @@ template <class Kt, bool kScoreMod, bool kSoftcapOnly, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid,
                         const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, int qs, uint32_t q_phase,
-                        bool more_tiles, const FwdTmaMaps& maps) {
+                        bool more_tiles, const FwdTmaMaps& maps, int peer) {
   using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
@@ -400,6 +411,18 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
 
   const int warp_row0 = 64 * c + 16 * (warp % 4);  // first tile row of this warp's accumulators
   const bool release_lane = tid % 128 == 0;         // one arrival per consumer on the empty barriers
+  // A K / V stage is released in this block and, in a cluster (peer >= 0), in the peer block, whose copies of the
+  // next use of the stage write into this block's buffer too.
+  // (A block's shared memory is one range of the cluster's shared window: the peer's barrier lies as far from the
+  // peer's base as this block's from its own.)
+  const uint32_t peer_base = peer >= 0 ? tma::map_to_rank(sm.base_u, static_cast<uint32_t>(peer)) : 0u;
+  auto release = [&](uint64_t* bar) {
+    if (release_lane) tma::arrive(bar);
+    if constexpr (Kt::may_cluster(kScoreMod)) {
+      tma::arrive_remote(peer_base + static_cast<uint32_t>(reinterpret_cast<unsigned char*>(bar) - sm.base),
+                         release_lane && peer >= 0);
+    }
+  };
   const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
   const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
 
@@ -470,7 +493,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   wgmma_wait<0>();
   fence_regs(acc_s);
   probe.mark(FwdProbe::kSWait);
-  if (release_lane) tma::arrive(sm.k_empty(stage(0)));
+  release(sm.k_empty(stage(0)));
   softmax_step(acc_s, n_last, alpha);  // O is still zero: nothing to rescale
   acc_to_a_frags<T>(frag_p, acc_s);
   probe.mark(FwdProbe::kSoftmax);
@@ -489,7 +512,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     wgmma_wait<1>();  // S_i done: K_i may be overwritten; O += P_{i-1} V_{i-1} may still run
     fence_regs(acc_s);
     probe.mark(FwdProbe::kSWait);
-    if (release_lane) tma::arrive(sm.k_empty(s));
+    release(sm.k_empty(s));
     softmax_step(acc_s, n_last - i, alpha);
     // d128 / d256: the softmax runs under O += P_{i-1} V_{i-1}, not after the wait below (issue_boundary; with the
     // broadcast warpgroup index below, d128 0.99-1.03x, d256 1.01-1.08x; d64's three consumers 0.97-1.01x: v27).
@@ -499,7 +522,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     fence_regs(acc_o);
     fence_regs(frag_p);  // the A fragments stay untouched until the MMA reading them is done
     probe.mark(FwdProbe::kPvWait);
-    if (release_lane) tma::arrive(sm.v_empty(ps));
+    release(sm.v_empty(ps));
     if constexpr (kLazy) softmax.rescale_if_needed(acc_o, alpha);
     else softmax.rescale(acc_o, alpha);
     acc_to_a_frags<T>(frag_p, acc_s);
@@ -524,7 +547,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     fence_regs(acc_o);
     fence_regs(frag_p);
     probe.mark(FwdProbe::kPvWait);
-    if (release_lane) tma::arrive(sm.v_empty(s));  // the producer's next tile refills this stage
+    release(sm.v_empty(s));  // the producer's next tile refills this stage
     // O staged in its own buffer: Q is free once the last S product is done.
     if (tma_o && more_tiles && release_lane) tma::arrive(sm.q_empty(qs));
   }
@@ -632,6 +655,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // vector registers moved over by two R2UR per wgmma.
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int q_stages = p.ws_q_stages == 1 ? 1 : Kt::kQStages;
+  // A cluster of two (Kt::may_cluster; the launcher sets maps.cluster only for grids of pairs of blocks whose
+  // tiles share their K / V tiles, tile by tile: the static stride over consecutive query tiles of a head).
+  constexpr bool kMayCluster = Kt::may_cluster(kScoreMod);
+  const bool cluster = kMayCluster && maps.cluster == 2;
 
   // Persistent: block b walks tiles of FwdBlockInfo's order (a head's query tiles together, its last, for causal
   // the longest, first) as TileWalk hands them out. Tiles past a sequence's end are skipped and tiles that see no
@@ -655,8 +682,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       tma::init_barrier(sm.k_full(s), 1);
       tma::init_barrier(sm.v_full(s), 1);
-      tma::init_barrier(sm.k_empty(s), Kt::kConsumers);
-      tma::init_barrier(sm.v_empty(s), Kt::kConsumers);
+      tma::init_barrier(sm.k_empty(s), Kt::kConsumers * (cluster ? 2 : 1));  // a cluster: both blocks' consumers
+      tma::init_barrier(sm.v_empty(s), Kt::kConsumers * (cluster ? 2 : 1));
     }
     for (int s = 0; s < 2; ++s) {  // the tile ring's two slots, whatever kStages is
       tma::init_barrier(sm.tile_full(s), 1);
@@ -671,7 +698,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
                          p.batch <= Kt::kSeqOrderCap;
   const SeqOrder<Kt> order(sm, seq_order ? p.batch : 0);
   order.build(p, tid);
-  __syncthreads();  // the last block-wide barrier: the producer's idle threads leave early
+  // The last block-wide barrier: the producer's idle threads leave early. In a cluster, across both blocks: each
+  // block's barriers are initialised before the other's copies and arrivals reach them.
+  if (cluster) tma::cluster_sync();
+  else __syncthreads();
 
   // setmaxnreg needs the two roles as the two branches of one if / else (HOPPER.md).
   if (wg == 0) {
@@ -681,6 +711,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     tma::shrink_registers<Kt::kProducerRegs>();
     if (tid == 0) {
       int kv_use = 0, q_use = 0;
+      const uint32_t rank = cluster ? tma::cluster_rank() : 0u;
       TileWalk<Kt> walk;
       // The next tile is claimed after this one's last copy (the loop's step), not when it starts (TileWalk).
       for (int tile = walk.producer_first(p, sm, order, num_tiles); tile < num_tiles;
@@ -695,10 +726,16 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         // that are never stored, as with the zero rows past a dense tensor's end.
         const int map_b = p.cu_seqlens_q != nullptr ? 0 : blk.batch;
         // Ring use j of a K or V stage: wait for use j - kStages's release, announce the bytes, copy.
+        // In a cluster the stage's empty barrier counts both blocks' consumers, and this block copies its half
+        // of the tile (by its rank) into both blocks; its full barrier still expects the whole tile.
         auto fill = [&](uint64_t* empty, uint64_t* full, int off, const CUtensorMap* map, int j, int key0) {
           if (j >= kStages) tma::wait(empty, ((j / kStages) - 1) & 1);
           tma::arrive_expect_bytes(full, Kt::kSmemKV);
-          tma::load_tile<kBlockN, kHeadDim>(sm.base + off, map, key0, blk.head_kv, map_b, full);
+          if (kMayCluster && cluster)
+            tma::load_tile_part_multicast<kBlockN, kHeadDim, 2>(sm.base + off, map, key0, static_cast<int>(rank),
+                                                                 blk.head_kv, map_b, full, uint16_t{0b11});
+          else
+            tma::load_tile<kBlockN, kHeadDim>(sm.base + off, map, key0, blk.head_kv, map_b, full);
         };
         for (int i = 0; i < n_tiles; ++i) {
           const int j = kv_use + i, s = j % kStages, key0 = blk.seq.k_start + (n_last - i) * kBlockN;
@@ -715,12 +752,22 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         kv_use += n_tiles;
         q_use += n_tiles > 0;
       }
+      // In a cluster the peer's consumers arrive on this block's empty barriers: the block stays (this thread)
+      // until they have released the last use of every stage. (The peer's copies into this block's buffers are
+      // all awaited by this block's own consumers.)
+      if (kMayCluster && cluster) {
+        for (int j = kv_use > kStages ? kv_use - kStages : 0; j < kv_use; ++j) {
+          tma::wait(sm.k_empty(j % kStages), (j / kStages) & 1);
+          tma::wait(sm.v_empty(j % kStages), (j / kStages) & 1);
+        }
+      }
     }
   } else {
     tma::grow_registers<Kt::kConsumerRegs>();
     const int c = wg - 1;
     const ConsumerTurns<Kt::kConsumers> turns(c);
     FwdProbe whole(p, c, tid % 128 == 0);
+    const int peer = cluster ? static_cast<int>(tma::cluster_rank() ^ 1u) : -1;  // the other block of the cluster
     int kv_use = 0, q_use = 0;
     TileWalk<Kt> walk;
     for (int tile = seq_order ? walk.consumer_next(p, sm, 0) : static_cast<int>(blockIdx.x); tile < num_tiles;
@@ -739,7 +786,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       consume<Kt, kScoreMod, kSoftcapOnly>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,
                              static_cast<uint32_t>(q_use / q_stages) & 1u,
                              // another tile may follow: the dynamic walk learns its next tile only after this one
-                             p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles, maps);
+                             p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles, maps, peer);
       kv_use += n_tiles;
       ++q_use;
     }

@@ -106,6 +106,10 @@ struct FwdTmaMaps {  // CUtensorMap is 64-byte aligned itself
   int store_o;
   // Packed batches on the dynamic walk: tiles in SeqOrder's order (longest sequence first, no empty tiles).
   int seq_order;
+  // 2: the grid runs in clusters of two blocks whose tiles share every K / V tile (consecutive query tiles of one
+  // head, uniform rows), each block copying half of each into both (k and v then have boxes of half a key tile);
+  // 0: every block copies its own.
+  int cluster;
 };
 
 // ---- device ------------------------------------------------------------------------------------------------
@@ -169,6 +173,72 @@ FA2_DEVICE void load_box(void* dst, const CUtensorMap* map, int col0, int row0, 
   const int32_t coords[4] = {col0, row0, head, batch};
   ::cuda::ptx::cp_async_bulk_tensor(::cuda::ptx::space_cluster, ::cuda::ptx::space_global, dst, map, coords, bar);
 #endif
+}
+
+// ---- clusters of two blocks sharing K / V tiles (the WS forward's multicast copies) ----------------------------
+
+// This block's rank in its cluster.
+FA2_DEVICE uint32_t cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return ::cuda::ptx::get_sreg_cluster_ctarank();
+#else
+  return 0;
+#endif
+}
+// Every thread of every block of the cluster, once all have arrived; what each wrote before (barrier
+// initialisations included) is visible to the others after.
+FA2_DEVICE void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  ::cuda::ptx::barrier_cluster_arrive(::cuda::ptx::sem_release);
+  ::cuda::ptx::barrier_cluster_wait(::cuda::ptx::sem_acquire);
+#endif
+}
+// The shared::cluster address of the variable at shared-memory address `addr` (this block's) in block `rank` of
+// the cluster. (CCCL's cuda::ptx has no mapa; __cluster_map_shared_rank works on generic addresses and costs a
+// dozen uniform instructions more.)
+FA2_DEVICE uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
+  uint32_t mapped = addr;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(mapped) : "r"(addr), "r"(rank));
+#endif
+  return mapped;
+}
+// One arrival on the barrier at shared::cluster address `bar` (map_to_rank), where `pred`: release semantics at
+// CTA scope, as CUTLASS's ClusterBarrier::arrive(cta_id) (this thread's reads of the stage the barrier guards, by
+// wgmma, are complete before the arrival). CCCL's wrapper of the shared::cluster form is release at cluster scope,
+// which ptxas compiles to a MEMBAR.GPU before the arrival. Predicated, not branched: the release lanes' other
+// arrival stays one instruction.
+FA2_DEVICE void arrive_remote(uint32_t bar, bool pred) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cluster.b64 _, [%0];\n}\n" ::"r"(bar),
+      "r"(static_cast<uint32_t>(pred))
+      : "memory");
+#endif
+}
+// Box (col0, row0, head, batch) of the map into shared memory at dst's offset in every block of cta_mask,
+// completing on the barrier at bar's offset in each of them.
+FA2_DEVICE void load_box_multicast(void* dst, const CUtensorMap* map, int col0, int row0, int head, int batch,
+                                   uint64_t* bar, uint16_t cta_mask) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  const int32_t coords[4] = {col0, row0, head, batch};
+  ::cuda::ptx::cp_async_bulk_tensor(::cuda::ptx::space_cluster, ::cuda::ptx::space_global, dst, map, coords, bar,
+                                    cta_mask);
+#endif
+}
+// Part `part` of kParts of a kRows x kCols tile (rows row0 .. row0 + kRows), that is its rows
+// [part kRows / kParts, (part + 1) kRows / kParts), into the SwizzledTile<kRows, kCols> at dst in every block of
+// cta_mask: one box per 64-column block, over a map whose boxes are kRows / kParts rows. Each part starts on a
+// 1024-byte boundary (the 128-byte swizzle's period), so the parts land as the whole tile's copy would.
+template <int kRows, int kCols, int kParts>
+FA2_DEVICE void load_tile_part_multicast(unsigned char* dst, const CUtensorMap* map, int row0, int part, int head,
+                                         int batch, uint64_t* bar, uint16_t cta_mask) {
+  constexpr int kPartRows = kRows / kParts;
+  static_assert(kRows % kParts == 0 && (kPartRows * 128) % 1024 == 0, "parts on the swizzle's 1024-byte period");
+#pragma unroll
+  for (int cb = 0; cb < kCols / 64; ++cb)
+    load_box_multicast(dst + cb * kRows * 128 + part * kPartRows * 128, map, 64 * cb, row0 + part * kPartRows, head,
+                       batch, bar, cta_mask);
 }
 
 // A kRows x kCols tile (rows row0 .. row0 + kRows of (head, batch)) into the SwizzledTile<kRows, kCols> at dst,

@@ -257,6 +257,62 @@ def test_cuda_wide_backward_dq(monkeypatch, wide, dq, b, hq, hkv, nq, nk, d, cau
 
 
 @requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,dtype,transposed", [
+    (2, 4, 2, 333, 256, 128, torch.bfloat16, False), (1, 2, 2, 80, 500, 128, torch.float16, True),
+    (1, 8, 2, 1000, 1024, 128, torch.bfloat16, True), (2, 2, 1, 17, 200, 112, torch.float16, False),
+    (1, 8, 8, 700, 250, 120, torch.float16, True)])
+@pytest.mark.parametrize("blockm", ["", "64"])
+def test_cuda_warp_specialised_backward_clusters(monkeypatch, blockm, b, hq, hkv, nq, nk, d, dtype, transposed):
+    """Uniform rows with an even number of key tiles a head, outside the deterministic mode: the WS backward (d128,
+    without score modifiers) runs in clusters of two blocks, consecutive key tiles of one head, each copying
+    half of every step's Q and dO into both (FLASH_ATTN2_BWD_CLUSTER=require raises where it would not). dK and
+    dV the same bit for bit as without clusters (=0; dQ's reduce-adds land in any order), every gradient within
+    PyTorch's error of the float64 reference, the allocator poisoned: steps past the sequence's end, partial key
+    tiles, GQA / MQA, head dims below 128, both step sizes."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS_BLOCKM", blockm)
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed, requires_grad=True)
+    dout = torch.randn(b, hq, nq, d, dtype=dtype, device="cuda")
+
+    def grads():
+        for t in (q, k, v):
+            t.grad = None
+        flash_attn2.attention(q, k, v, False).backward(dout)
+        return q.grad, k.grad, v.grad
+
+    (dq0, dk0, dv0), (dq, dk, dv) = (under_poison(monkeypatch, "FLASH_ATTN2_BWD_CLUSTER", value, grads)
+                                     for value in ("0", "require"))
+    assert torch.equal(dk0, dk) and torch.equal(dv0, dv)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    naive_attention(q64, k64, v64, False)[0].backward(dout.double())
+    tq, tk, tv = (t.detach().requires_grad_() for t in (q, k, v))
+    naive_attention(tq, tk, tv, False)[0].backward(dout)
+    for name, ours, theirs, ref in (("dq", dq, tq, q64), ("dk", dk, tk, k64), ("dv", dv, tv, v64)):
+        assert_close_to_reference(name, ours, theirs.grad, ref.grad)
+
+
+@requires_sm90
+@pytest.mark.parametrize("nk,d,causal,kw", [(384, 128, False, {}), (512, 128, True, {}),
+                                            (512, 128, False, dict(deterministic=True)),
+                                            (512, 128, False, dict(window_size=(100, 100))), (512, 64, False, {})])
+def test_cuda_warp_specialised_backward_clusters_refused(monkeypatch, nk, d, causal, kw):
+    """Calls the backward's clusters do not take: an odd number of key tiles a head, causal rows, the deterministic
+    mode, windows; FLASH_ATTN2_BWD_CLUSTER=require names the rule (d64: no clusters compiled in, nothing to
+    refuse)."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_BWD_CLUSTER", "require")
+    q, k, v = random_qkv(1, 2, 2, 300, nk, d, torch.bfloat16, "cuda", False)
+    window = kw.get("window_size", (-1, -1))
+    out, lse = flash_attn2.attention_with_lse(q, k, v, causal, window_size=window)
+    if d == 64:
+        torch.ops.flash_attn2.bwd(torch.randn_like(out), q, k, v, out, lse, causal, None)
+        return
+    with pytest.raises(ValueError, match="FLASH_ATTN2_BWD_CLUSTER=require, but this call cannot run in clusters"):
+        torch.ops.flash_attn2.bwd(torch.randn_like(out), q, k, v, out, lse, causal, None, window_size=list(window),
+                                  deterministic=kw.get("deterministic", False))
+
+
+@requires_sm90
 def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
     monkeypatch.delenv("FLASH_ATTN2_PORTABLE_KERNELS", raising=False)  # the Hopper kernel's refusal
@@ -503,6 +559,50 @@ def test_cuda_warp_specialised_forward_wide_key_tiles(monkeypatch, b, hq, hkv, n
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKN", "80")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     check_case(b, hq, hkv, nq, nk, d, causal, dtype, "cuda", transposed)
+
+
+@requires_sm90
+@pytest.mark.parametrize("blocks", ["", "5", "2"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,dtype,transposed", [
+    (2, 4, 4, 256, 257, 128, torch.bfloat16, False),
+    (2, 3, 1, 250, 700, 120, torch.float16, True),
+    (1, 4, 2, 1000, 1000, 128, torch.bfloat16, True),
+    (3, 2, 2, 1024, 100, 128, torch.float16, False),
+])
+def test_cuda_warp_specialised_forward_clusters(monkeypatch, b, hq, hkv, nq, nk, d, dtype, transposed, blocks):
+    """Uniform rows at d128 without score modifiers, an even number of query tiles a head: the WS forward
+    runs in clusters of two blocks, each copying half of every K / V tile into both (FLASH_ATTN2_FWD_CLUSTER=require
+    raises where it would not). O and LSE the same bit for bit as without clusters (=0), every row written (the
+    allocator poisoned), within PyTorch's error of the float64 reference: partial query and key tiles, GQA / MQA,
+    head dims below 128, one pair of blocks per two tiles or 2 / 4 blocks walking many tiles (an odd cap is taken
+    down to pairs)."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed)
+    call = lambda: flash_attn2.attention_with_lse(q, k, v, False)  # noqa: E731
+    out, lse = same_bits_under(monkeypatch, "FLASH_ATTN2_FWD_CLUSTER", call, settings=("0", "require"))
+    ref = naive_attention(q.double(), k.double(), v.double(), False)[0]
+    assert_close_to_reference("out", out, naive_attention(q, k, v, False)[0], ref)
+
+
+@requires_sm90
+@pytest.mark.parametrize("nq,d,causal,kw", [(384, 128, False, {}), (512, 128, True, {}), (512, 256, False, {}),
+                                            (512, 128, False, dict(softcap=30.0)),
+                                            (512, 128, False, dict(window_size=(100, 100)))])
+def test_cuda_warp_specialised_forward_clusters_refused(monkeypatch, nq, d, causal, kw):
+    """Calls the clusters do not take: an odd number of query tiles a head, causal rows, d256, score modifiers (the
+    softcap kernel), windows; FLASH_ATTN2_FWD_CLUSTER=require names the rule."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_CLUSTER", "require")
+    q, k, v = random_qkv(1, 2, 2, nq, nq, d, torch.bfloat16, "cuda", False)
+    if "softcap" in kw or d == 256:  # kernels without clusters compiled in: nothing to refuse, the same bits
+        out, _ = same_bits_under(monkeypatch, "FLASH_ATTN2_FWD_CLUSTER", lambda: flash_attn2.attention_with_lse(
+            q, k, v, causal, **kw), settings=("0", "require"))
+        ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
+        assert_close_to_reference("out", out, naive_attention(q, k, v, causal, **kw)[0], ref)
+        return
+    with pytest.raises(ValueError, match="FLASH_ATTN2_FWD_CLUSTER=require, but this call cannot run in clusters"):
+        flash_attn2.attention(q, k, v, causal, **kw)
 
 
 @requires_sm90
