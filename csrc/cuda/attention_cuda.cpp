@@ -359,7 +359,10 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   const at::Tensor out = kernel_layout(out_in), dout = kernel_layout(dout_in), lse = lse_in.contiguous();
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t stat_rows = L.varlen ? s.heads_q * L.total_q : s.batch * s.heads_q * s.seqlen_q;
-  at::Tensor dq_accum = at::zeros({stat_rows, s.head_dim}, f32);
+  // Zero-filled by the preprocessing kernel beside D (BwdParams::pre_zeroes_dq; FLASH_ATTN2_BWD_PRE_ZERO=0: here).
+  const char* pre_zero = std::getenv("FLASH_ATTN2_BWD_PRE_ZERO");
+  const bool pre_zeroes_dq = pre_zero == nullptr || std::strcmp(pre_zero, "0") != 0;
+  at::Tensor dq_accum = pre_zeroes_dq ? at::empty({stat_rows, s.head_dim}, f32) : at::zeros({stat_rows, s.head_dim}, f32);
   at::Tensor row_stats = at::empty({2, stat_rows}, f32);  // D and the LSE in log2 units (the preprocessing kernel's)
   at::Tensor semaphore;
 
@@ -376,6 +379,7 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   params.dk_batch_stride = sdk.batch, params.dk_head_stride = sdk.head, params.dk_row_stride = sdk.row;
   params.dv_batch_stride = sdv.batch, params.dv_head_stride = sdv.head, params.dv_row_stride = sdv.row;
   params.dq_accum = dq_accum.data_ptr<float>();
+  params.pre_zeroes_dq = pre_zeroes_dq;
   params.softmax_d = row_stats.data_ptr<float>();
   params.lse_log2 = params.softmax_d + stat_rows;
   params.dq_semaphore = nullptr;

@@ -32,55 +32,83 @@
 namespace flash_attn2::cuda {
 
 // ---------------------------------------------------------------------------------------------------------
-// D = rowsum(dO * O): kLanes threads per row, each reading 16-byte chunks of dO and O.
+// D = rowsum(dO * O): kLanes threads per row, each reading 16-byte chunks of dO and O, kRowSets rows a thread
+// whose loads are all issued before any row's sum (more bytes in flight: the pass ran at ~3.2 TB/s with one,
+// perf.md v44); and, where BwdParams::pre_zeroes_dq, the same rows of dq_accum zero-filled.
 template <typename T, int kHeadDim>
 struct PreprocessConfig {
   static constexpr int kChunks = kHeadDim / 8;
   static constexpr int kLanes = kChunks >= 32 ? 32 : kChunks > 8 ? 16 : kChunks > 4 ? 8 : 4;
   static constexpr int kThreads = 256;
-  static constexpr int kRowsPerBlock = kThreads / kLanes;
+  static constexpr int kRowSets = 2;
+  static constexpr int kRowsPerSet = kThreads / kLanes;
+  static constexpr int kRowsPerBlock = kRowsPerSet * kRowSets;
 };
 
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
   using Cfg = PreprocessConfig<T, kHeadDim>;
+  constexpr int kPer = (Cfg::kChunks + Cfg::kLanes - 1) / Cfg::kLanes;  // chunks a lane, per row
   const int lane_in_row = static_cast<int>(threadIdx.x) % Cfg::kLanes;
   const int chunks = p.head_dim / 8;
   const index_t total_rows = static_cast<index_t>(p.batch) * p.heads_q * p.seqlen_q;
   // Block-uniform loop so that every lane reaches the shuffles.
   for (index_t row_base = static_cast<index_t>(blockIdx.x) * Cfg::kRowsPerBlock; row_base < total_rows;
        row_base += static_cast<index_t>(gridDim.x) * Cfg::kRowsPerBlock) {
-    const index_t row = row_base + threadIdx.x / Cfg::kLanes;
-    const bool valid = row < total_rows;
-    float acc = 0.f;
-    if (valid) {
-      const int i = static_cast<int>(row % p.seqlen_q);
-      const index_t bh = row / p.seqlen_q;
-      const int h = static_cast<int>(bh % p.heads_q);
-      const int b = static_cast<int>(bh / p.heads_q);
-      const T* dout =
-          static_cast<const T*>(p.dout) + row_offset(b, h, i, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
-      const T* out =
-          static_cast<const T*>(p.out) + row_offset(b, h, i, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+    uint4 vd[Cfg::kRowSets][kPer], vo[Cfg::kRowSets][kPer];
 #pragma unroll
-      for (int c0 = 0; c0 < Cfg::kChunks; c0 += Cfg::kLanes) {
-        const int c = c0 + lane_in_row;
-        if (c < chunks) {
-          float fd[8], fo[8];
-          unpack8<T>(*reinterpret_cast<const uint4*>(dout + c * 8), fd);
-          unpack8<T>(*reinterpret_cast<const uint4*>(out + c * 8), fo);
+    for (int r = 0; r < Cfg::kRowSets; ++r) {
+      const index_t row = row_base + r * Cfg::kRowsPerSet + threadIdx.x / Cfg::kLanes;
+      if (row < total_rows) {
+        const int i = static_cast<int>(row % p.seqlen_q);
+        const index_t bh = row / p.seqlen_q;
+        const int h = static_cast<int>(bh % p.heads_q);
+        const int b = static_cast<int>(bh / p.heads_q);
+        const T* dout =
+            static_cast<const T*>(p.dout) + row_offset(b, h, i, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
+        const T* out =
+            static_cast<const T*>(p.out) + row_offset(b, h, i, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc = fmaf(fd[e], fo[e], acc);
+        for (int j = 0; j < kPer; ++j) {
+          const int c = j * Cfg::kLanes + lane_in_row;
+          if (c < chunks) {
+            vd[r][j] = *reinterpret_cast<const uint4*>(dout + c * 8);
+            vo[r][j] = *reinterpret_cast<const uint4*>(out + c * 8);
+          }
         }
       }
     }
 #pragma unroll
-    for (int off = Cfg::kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (valid && lane_in_row == 0) {
-      constexpr float kLog2e = 1.4426950408889634f;
-      const float lse = p.lse[row];  // the statistics rows share D's indexing (the launcher made them contiguous)
-      p.softmax_d[row] = acc;
-      p.lse_log2[row] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+    for (int r = 0; r < Cfg::kRowSets; ++r) {
+      const index_t row = row_base + r * Cfg::kRowsPerSet + threadIdx.x / Cfg::kLanes;
+      const bool valid = row < total_rows;
+      float acc = 0.f;
+      if (valid) {
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int c = j * Cfg::kLanes + lane_in_row;
+          if (c < chunks) {
+            float fd[8], fo[8];
+            unpack8<T>(vd[r][j], fd);
+            unpack8<T>(vo[r][j], fo);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc = fmaf(fd[e], fo[e], acc);
+            if (p.pre_zeroes_dq) {  // dq_accum's row (d floats) is the statistics row's
+              float4* z = reinterpret_cast<float4*>(p.dq_accum + row * p.head_dim + c * 8);
+              z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+              z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int off = Cfg::kLanes / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (valid && lane_in_row == 0) {
+        constexpr float kLog2e = 1.4426950408889634f;
+        const float lse = p.lse[row];  // the statistics rows share D's indexing (the launcher made them contiguous)
+        p.softmax_d[row] = acc;
+        p.lse_log2[row] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      }
     }
   }
 }

@@ -173,6 +173,10 @@ struct BwdParams : FwdParams {
   // of the compute threads' cp.async (the default where the TMA can address them, FLASH_ATTN2_BWD_WIDE_TMA_LOADS=0
   // keeps cp.async; its launcher made the maps).
   bool wide_tma_loads;
+  // The preprocessing kernel zero-fills dq_accum's rows beside D (run_backward then allocates it uninitialised):
+  // one pass over the rows instead of a fill kernel before that pass (perf.md v44). false: run_backward zeroed it
+  // (FLASH_ATTN2_BWD_PRE_ZERO=0, A/B runs).
+  bool pre_zeroes_dq;
 };
 
 // Implemented once per (element type, compiled head dim, score modifiers) in the generated .cu files.

@@ -312,6 +312,42 @@ def test_cuda_warp_specialised_backward_clusters_refused(monkeypatch, nk, d, cau
                                   deterministic=kw.get("deterministic", False))
 
 
+@requires_cuda
+@pytest.mark.parametrize("d,causal,varlen,dtype,portable", [
+    (128, False, False, torch.bfloat16, ""), (64, True, False, torch.float16, ""), (256, False, False, torch.bfloat16, ""),
+    (128, True, True, torch.bfloat16, ""), (120, False, False, torch.float16, ""), (40, True, False, torch.bfloat16, ""),
+    (128, False, False, torch.float16, "1")])
+def test_cuda_backward_zero_fill(monkeypatch, d, causal, varlen, dtype, portable):
+    """The preprocessing kernel zero-fills dq_accum beside D (FLASH_ATTN2_BWD_PRE_ZERO=0: a fill before it, as
+    before). In the deterministic mode every gradient is the same bit for bit both ways, on poisoned memory
+    (dq_accum is allocated uninitialised); by default within PyTorch's error of the float64 reference. Dense and
+    packed, GQA, every backward kernel family (d64 / d128 WS, d256, the portable kernels)."""
+    monkeypatch.setenv("FLASH_ATTN2_PORTABLE_KERNELS", portable)
+    b, hq, hkv, nq, nk = 2, 4, 2, 333, 300
+    if varlen:
+        lens = [200, 0, 133]
+        cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+        q, k, v = (torch.randn(sum(lens), h, d, device="cuda", dtype=dtype) for h in (hq, hkv, hkv))
+        out, lse = flash_attn2.attention_varlen_with_lse(q, k, v, cu, cu, max(lens), max(lens), causal)
+        args = (torch.randn_like(out), q, k, v, out, lse, cu, cu, max(lens), max(lens), causal, None)
+        op = torch.ops.flash_attn2.bwd_varlen
+    else:
+        q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", True)
+        out, lse = flash_attn2.attention_with_lse(q, k, v, causal)
+        args = (torch.randn_like(out), q, k, v, out, lse, causal, None)
+        op = torch.ops.flash_attn2.bwd
+    same_bits_under(monkeypatch, "FLASH_ATTN2_BWD_PRE_ZERO", lambda: op(*args, deterministic=True))
+    if varlen:
+        return  # (the packed backward's values: test_variants' packed cases run this path too)
+    grads = under_poison(monkeypatch, "FLASH_ATTN2_BWD_PRE_ZERO", "", lambda: op(*args))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    naive_attention(qd, kd, vd, causal)[0].backward(args[0].double())
+    tq, tk, tv = (t.detach().requires_grad_() for t in (q, k, v))
+    naive_attention(tq, tk, tv, causal)[0].backward(args[0])
+    for name, ours, theirs, ref in zip(("dq", "dk", "dv"), grads, (tq, tk, tv), (qd, kd, vd)):
+        assert_close_to_reference(name, ours, theirs.grad, ref.grad)
+
+
 @requires_sm90
 def test_cuda_warp_specialised_backward_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
