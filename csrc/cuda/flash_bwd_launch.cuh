@@ -172,19 +172,8 @@ bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
           "flash_attn2: FLASH_ATTN2_BWD_CLUSTER=require, but this call cannot run in clusters (uniform rows, an even "
           "number of key tiles a head, not deterministic)");
     if (maps.cluster == 2) {
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 2;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(grid_1d(num_n * p.heads_kv * p.batch));
-      config.blockDim = dim3(static_cast<unsigned>(Kt::kNThreads));
-      config.dynamicSmemBytes = static_cast<size_t>(Kt::kSmemBytes);
-      config.stream = stream;
-      config.attrs = attr;
-      config.numAttrs = 1;
-      FA2_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, launch, maps));
+      const PairLaunch pair(num_n * p.heads_kv * p.batch, Kt::kNThreads, Kt::kSmemBytes, stream);
+      FA2_CUDA_CHECK(cudaLaunchKernelEx(&pair.config, kernel, launch, maps));
       return true;
     }
   }

@@ -174,6 +174,27 @@ inline bool softcap_kernel_takes(const FwdParams& p) {
          softcap_fixed_offset(p, scale_log2, offset_log2) && scale_log2 > 0.f;
 }
 
+// A launch of `blocks` blocks (even) in clusters of two (cudaLaunchKernelEx(&config, ...)); config points into
+// the object, which therefore stays where it was made.
+struct PairLaunch {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t config = {};
+  PairLaunch(int64_t blocks, int threads, int smem_bytes, cudaStream_t stream) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.gridDim = dim3(grid_1d(blocks));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  PairLaunch(const PairLaunch&) = delete;
+  PairLaunch& operator=(const PairLaunch&) = delete;
+};
+
 // How many clusters of two blocks of `kernel` (one block an SM) the current device runs at once: a cluster's
 // blocks share a GPC, so a GPC with an odd number of free SMs leaves one idle. Cached per device and traits.
 template <class Kt, class Kernel>
@@ -186,19 +207,9 @@ inline int max_active_pairs(Kernel kernel, int threads, int smem_bytes) {
   if (slot != nullptr && *slot != 0) return std::max(*slot, 0);
   int sms = 0;
   FA2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(std::max(2, sms / 2 * 2)));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
-  config.attrs = attr;
-  config.numAttrs = 1;
+  const PairLaunch pair(std::max(2, sms / 2 * 2), threads, smem_bytes, nullptr);
   int pairs = 0;
-  FA2_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&pairs, kernel, &config));
+  FA2_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&pairs, kernel, &pair.config));
   if (slot != nullptr) *slot = pairs > 0 ? pairs : -1;
   return pairs;
 }
@@ -346,19 +357,8 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
                       p.k_batch_stride, Kt::kBlockN / 2);
       make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride, p.v_head_stride,
                       p.v_batch_stride, Kt::kBlockN / 2);
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 2;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(grid_1d(grid));
-      config.blockDim = dim3(static_cast<unsigned>(Kt::kNThreads));
-      config.dynamicSmemBytes = static_cast<size_t>(Kt::kSmemBytes);
-      config.stream = stream;
-      config.attrs = attr;
-      config.numAttrs = 1;
-      FA2_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, launch, maps));
+      const PairLaunch pair(grid, Kt::kNThreads, Kt::kSmemBytes, stream);
+      FA2_CUDA_CHECK(cudaLaunchKernelEx(&pair.config, kernel, launch, maps));
       return true;
     }
   }
