@@ -166,7 +166,13 @@ bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
     const bool fits = !varlen && p.window_left < 0 && p.window_right < 0 && p.dq_semaphore == nullptr &&
                       !launch.dq_red_add && launch.grid_head_group <= 1 && num_n % 2 == 0 &&
                       max_active_pairs<Kt>(kernel, Kt::kNThreads, Kt::kSmemBytes) > 0;
-    if (!off && fits && make_q_dout_maps(p, &maps.q, &maps.dout, Kt::kBlockM / 2)) maps.cluster = 2;
+    // Q and dO in boxes of half a step, each block's half (the maps replaced only once both are made).
+    CUtensorMap q_half, dout_half;
+    if (!off && fits && make_q_dout_maps(p, &q_half, &dout_half, Kt::kBlockM / 2)) {
+      maps.q = q_half;
+      maps.dout = dout_half;
+      maps.cluster = 2;
+    }
     if (require && maps.cluster == 0)
       throw std::invalid_argument(
           "flash_attn2: FLASH_ATTN2_BWD_CLUSTER=require, but this call cannot run in clusters (uniform rows, an even "

@@ -343,7 +343,15 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
     if (!off && fits) {
       const int pairs = max_active_pairs<Kt>(kernel, Kt::kNThreads, Kt::kSmemBytes);
       const int64_t cluster_blocks = std::min<int64_t>(blocks / 2, pairs) * 2;
-      if (cluster_blocks >= 2) {
+      // K and V in boxes of half a key tile, each block's half (the maps replaced only once both are made).
+      CUtensorMap k_half, v_half;
+      if (cluster_blocks >= 2 &&
+          make_tensor_map(&k_half, p.k, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.k_row_stride,
+                          p.k_head_stride, p.k_batch_stride, Kt::kBlockN / 2) &&
+          make_tensor_map(&v_half, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride,
+                          p.v_head_stride, p.v_batch_stride, Kt::kBlockN / 2)) {
+        maps.k = k_half;
+        maps.v = v_half;
         maps.cluster = 2;
         grid = cluster_blocks;
       }
@@ -353,10 +361,6 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
           "flash_attn2: FLASH_ATTN2_FWD_CLUSTER=require, but this call cannot run in clusters (uniform rows, an even "
           "number of query tiles a head, the static stride head by head)");
     if (maps.cluster == 2) {
-      make_tensor_map(&maps.k, p.k, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.k_row_stride, p.k_head_stride,
-                      p.k_batch_stride, Kt::kBlockN / 2);
-      make_tensor_map(&maps.v, p.v, p.is_bf16, p.head_dim, nk, p.heads_kv, maps_b, p.v_row_stride, p.v_head_stride,
-                      p.v_batch_stride, Kt::kBlockN / 2);
       const PairLaunch pair(grid, Kt::kNThreads, Kt::kSmemBytes, stream);
       FA2_CUDA_CHECK(cudaLaunchKernelEx(&pair.config, kernel, launch, maps));
       return true;
