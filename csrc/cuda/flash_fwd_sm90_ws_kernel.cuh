@@ -59,6 +59,15 @@ struct FwdSm90WsTraits {
                     (kHeadDim == 128 && kBlockN == 64),
                 "warp-specialised forward: key tiles of 128 (d64, d128), 64 or 80 (d256), 64 (d128 softcap kernel)");
   static constexpr int kPvN = kHeadDim <= 128 ? kHeadDim : 128;  // O += P V in column slices of kPvN
+  // Q's A fragments in registers: each consumer loads its 64 rows once a tile (ldmatrix) and takes S = Q K^T in
+  // wgmma's register-A form, so the S product reads only K from shared memory (a third fewer operand bytes a key
+  // tile, at the 690 W cap an energy saving). d128 on two consumers (32 registers a thread): the plain kernel
+  // without score modifiers (its loop 731 -> 716 instructions, spills 92 -> 68 B outside it; non-causal and causal
+  // 2k-16k +0.8-1.6% on average over two to five readings, GQA 4k +0.5%, packed 4k +1.0%, perf.md v45). Not the
+  // score-modifier kernel (its loop's spill operations 24 -> 18, yet ALiBi 0.98-1.00x, dropout 0.87-0.91x), nor
+  // the three-consumer kernels (d64, the d128 softcap kernel: 160 registers, ptxas serialised their wgmma), nor
+  // d256 (O alone is 128 registers).
+  static constexpr bool q_in_registers(bool score_mod) { return kHeadDim == 128 && kConsumers == 2 && !score_mod; }
   static constexpr int kStages = 2;
   // The default where query rows see at least this many key tiles on average (perf.md v11): at d64 blocks of
   // short loops are slower than flash_fwd_sm90_kernel's, whose two blocks per SM hide each other's prologue and
@@ -426,12 +435,30 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, blk.head) : ScoreRule<float>{};
   const uint32_t rng_head = static_cast<uint32_t>(blk.batch * p.heads_q + blk.head);
 
+  // Kt::q_in_registers: this warp's 16 Q rows as A fragments, loaded once the tile's Q has landed.
+  constexpr bool kQRegs = Kt::q_in_registers(kScoreMod);
+  uint32_t frag_q[1][kQRegs ? kHeadDim / 16 : 1][4];
+  auto load_q = [&] {
+    if constexpr (kQRegs) {
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) load_a<TileQ>(frag_q[0][ks], sQ_u, warp_row0, 0, ks * 16, lane);
+    }
+  };
   auto issue_s = [&](float (&acc_s)[1][kBlockN / 8][4], int s) {
 #pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      WgmmaOp<T, kBlockN>::template ss<0, 0>(flat(acc_s), desc_k_major<TileQ>(sQ_u, 64 * c, ks),
-                                             desc_k_major<TileKV>(sm.base_u + sm.k_off(s), 0, ks), ks > 0);
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      if constexpr (kQRegs)
+        WgmmaOp<T, kBlockN>::template rs<0>(flat(acc_s), frag_q[0][ks],
+                                            desc_k_major<TileKV>(sm.base_u + sm.k_off(s), 0, ks), ks > 0);
+      else
+        WgmmaOp<T, kBlockN>::template ss<0, 0>(flat(acc_s), desc_k_major<TileQ>(sQ_u, 64 * c, ks),
+                                               desc_k_major<TileKV>(sm.base_u + sm.k_off(s), 0, ks), ks > 0);
+    }
     wgmma_commit();
+  };
+  // The S product's register operands stay untouched until the product is done (as frag_p's).
+  auto fence_q = [&] {
+    if constexpr (kQRegs) fence_regs(frag_q);
   };
   float acc_o[1][kHeadDim / 8][4];
   zero_acc(acc_o);
@@ -484,6 +511,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   // landed, not two in a row on the consumer's path (d256 1.01-1.03x, d64 / d128 level, perf.md v32).
   tma::wait_both(sm.q_full(qs), q_phase, sm.k_full(stage(0)), phase(0));
   probe.mark(FwdProbe::kQWait);  // (Q and the first K)
+  load_q();
   turns.wait();
   probe.mark(FwdProbe::kTurnWait);
   wgmma_fence();
@@ -492,6 +520,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
   probe.mark(FwdProbe::kIssue);
   wgmma_wait<0>();
   fence_regs(acc_s);
+  fence_q();
   probe.mark(FwdProbe::kSWait);
   release(sm.k_empty(stage(0)));
   softmax_step(acc_s, n_last, alpha);  // O is still zero: nothing to rescale
@@ -511,6 +540,7 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     probe.mark(FwdProbe::kIssuePv);
     wgmma_wait<1>();  // S_i done: K_i may be overwritten; O += P_{i-1} V_{i-1} may still run
     fence_regs(acc_s);
+    fence_q();
     probe.mark(FwdProbe::kSWait);
     release(sm.k_empty(s));
     softmax_step(acc_s, n_last - i, alpha);
