@@ -70,6 +70,15 @@ if os.environ.get("FA2_SANITIZE") == "ws":  # the warp-specialised forward (TMA,
                 os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = blocks
                 flash_attn2.attention(q, k, v, False)
         del os.environ["FLASH_ATTN2_FWD_CLUSTER"], os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
+        # The stream-K tail (tiles split by key tiles, each finished by its second piece from the first's partial):
+        # blocks alone (an odd number of query tiles a head) and clusters of two, 4 / 3 / 7 walkers.
+        os.environ["FLASH_ATTN2_FWD_STREAMK"] = "require"
+        for d, nq, blocks in ((128, 640, "4"), (120, 512, "6"), (128, 1024, "14")):
+            q = torch.randn(2, 5, nq, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(2, 5, 1000, d, device="cuda", dtype=dtype) for _ in range(2))
+            os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"] = blocks
+            flash_attn2.attention(q, k, v, False)
+        del os.environ["FLASH_ATTN2_FWD_STREAMK"], os.environ["FLASH_ATTN2_FWD_WS_BLOCKS"]
     torch.cuda.synchronize()
     print("sanitize cases ran (ws)")
     raise SystemExit(0)

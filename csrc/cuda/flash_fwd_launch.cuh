@@ -214,6 +214,41 @@ inline int max_active_pairs(Kernel kernel, int threads, int smem_bytes) {
   return pairs;
 }
 
+// The WS forward's stream-K tail (sm90::StreamKTail), in the d128 kernel without score modifiers (clusters or
+// not): where the static stride over uniform rows would end on a partial round and every tile has two key tiles
+// or more, the last full round and the partial one are shared out by key tiles. It needs O stored by the TMA (the
+// first piece of a split tile then has nothing of the tile's to release) and the call's scratch.
+// FLASH_ATTN2_FWD_STREAMK=0 turns it off (A/B runs, tests); =require raises where a call cannot take it (tests).
+template <class Kt>
+void set_stream_k_tail(FwdParams& launch, const FwdTmaMaps& maps, bool uniform, int64_t grid, int64_t tiles,
+                       cudaStream_t stream) {
+  const bool off = env_is("FLASH_ATTN2_FWD_STREAMK", "0"), require = env_is("FLASH_ATTN2_FWD_STREAMK", "require");
+  const int64_t cs = maps.cluster == 2 ? 2 : 1, walkers = grid / cs, groups = tiles / cs;
+  const int64_t key_tiles = (launch.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN;
+  const bool fits = uniform && launch.tile_counter == nullptr && launch.grid_head_group <= 1 && maps.store_o &&
+                    launch.scratch_bytes != nullptr && key_tiles >= 2 &&
+                    walkers >= 2 && groups > walkers && groups % walkers != 0 && tiles % cs == 0;
+  if (require && !fits)
+    throw std::invalid_argument(
+        "flash_attn2: FLASH_ATTN2_FWD_STREAMK=require, but this call has no stream-K tail (uniform rows on the "
+        "static stride with a partial last round, two key tiles or more, O stored by the TMA)");
+  if (off || !fits) return;
+  launch.sk_key_tiles = static_cast<int>(key_tiles);
+  launch.sk_dp_rounds = static_cast<int>(groups / walkers - 1);
+  const int64_t units = (groups - launch.sk_dp_rounds * walkers) * key_tiles;
+  if (units > INT_MAX / 2) return;
+  launch.sk_units = static_cast<int>(units);
+  // One scratch allocation: the flags, zeroed by a memset on the stream (not a fill kernel: the host's share of
+  // a call stays small), then the partials.
+  const int64_t slots = walkers * cs * Kt::kConsumers;  // per split (walker boundary), tile of the group, consumer
+  const int64_t sync_bytes = (2 * slots * static_cast<int64_t>(sizeof(int)) + 255) / 256 * 256;
+  auto* scratch = static_cast<unsigned char*>(launch.scratch_bytes(
+      launch.zeroed_ints_ctx, sync_bytes + slots * 128 * (Kt::kHeadDim / 2 + 4) * static_cast<int64_t>(sizeof(float))));
+  launch.sk_sync = reinterpret_cast<int*>(scratch);
+  launch.sk_partial = reinterpret_cast<float*>(scratch + sync_bytes);
+  FA2_CUDA_CHECK(cudaMemsetAsync(launch.sk_sync, 0, sync_bytes, stream));
+}
+
 template <class Kt, bool kScoreMod, bool kSoftcapOnly = false>
 bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   const int mode = fwd_ws_mode();
@@ -333,6 +368,9 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   // (cudaOccupancyMaxActiveClusters). FLASH_ATTN2_FWD_CLUSTER=0 turns it off (A/B runs, tests), =require raises
   // where a call to these kernels cannot take it (tests).
   maps.cluster = 0;
+  launch.sk_units = launch.sk_dp_rounds = launch.sk_key_tiles = 0;
+  launch.sk_partial = nullptr;
+  launch.sk_sync = nullptr;
   int64_t grid = blocks;
   if constexpr (Kt::may_cluster(kScoreMod)) {
     const char* cluster_env = std::getenv("FLASH_ATTN2_FWD_CLUSTER");
@@ -360,6 +398,7 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
       throw std::invalid_argument(
           "flash_attn2: FLASH_ATTN2_FWD_CLUSTER=require, but this call cannot run in clusters (uniform rows, an even "
           "number of query tiles a head, the static stride head by head)");
+    set_stream_k_tail<Kt>(launch, maps, uniform, grid, tiles, stream);
     if (maps.cluster == 2) {
       const PairLaunch pair(grid, Kt::kNThreads, Kt::kSmemBytes, stream);
       FA2_CUDA_CHECK(cudaLaunchKernelEx(&pair.config, kernel, launch, maps));

@@ -17,13 +17,16 @@
 // both (TMA multicast); a stage's empty barrier then waits for both blocks' consumers.
 // Persistent where tiles are uniform: a grid of at most one block per SM walks the tiles (see the kernel and
 // flash_fwd_launch.cuh); where tiles differ in cost, a dynamic walk (TileWalk) at d64 / d128 and one block per tile
-// at d256 (FLASH_ATTN2_FWD_WS_WALK=dynamic / tile override). Where blocks walk tiles and shared memory has room
+// at d256 (FLASH_ATTN2_FWD_WS_WALK=dynamic / tile override). On the static stride of the d128 kernel without score
+// modifiers, the last full round and the partial one are shared out by key tiles (StreamKTail), a split tile
+// finished by whichever of its two pieces ends second. Where blocks walk tiles and shared memory has room
 // (d128, 128-key tiles), two Q buffers: tile k's Q in buffer k % 2, copied while tile k - 1 still computes.
 // O by the TMA from a buffer of its own where shared memory has room (d64, d128; FwdSm90WsTraits::kSmemO).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cuda/atomic>
 #include <type_traits>
 
 #include "cuda/block_info.cuh"
@@ -329,6 +332,51 @@ struct TileWalk {
   }
 };
 
+// The stream-K tail of the static stride (FwdParams::sk_units > 0; the d128 kernel without score modifiers on
+// uniform rows, where the launcher sets it). With T tiles over G blocks, the stride's last round holds T mod G
+// tiles, and the other blocks idle through it: 2048 tiles on 132 SMs take 16 rounds for 15.5 rounds of work, 3%
+// of every such call's time at free clocks (measured at the power cap: B = 17 against B = 16 at N = 2k, +1.6%;
+// the tail against none, d128 non-causal: 2k / 4k +0.3 / +0.4%, 8k / 16k +1.8 / +2.0%, perf.md v46).
+// Here the walkers (blocks, or a cluster's two blocks together: W = grid / cs walkers, cs = 1 or 2) take
+// sk_dp_rounds rounds of the stride over tile groups (cs consecutive tiles), then share the remaining groups'
+// key tiles: units u = group * nkt + key tile, walker w taking [w U / W, (w + 1) U / W), at least nkt each, so a
+// group is split between at most two walkers, w - 1 (its key tiles [0, k)) and w ([k, nkt)). The pieces stay
+// near each other in the grid's order (the tail's tiles are consecutive), so their K / V stay in L2.
+// A split tile is finished by whichever of its two pieces ends second (a counter per split and consumer, no wait
+// on a walker that may not have started): the first stores its O, max and sum (thread by thread, float32) in
+// sk_partial and raises `ready`; the second merges them into its own by the log-sum-exp rule, then stores O.
+struct StreamKTail {
+  int lo, hi, g0, split_lo, split_hi;  // this walker's units [lo, hi), its first group, its splits' indices
+  int first_tile, stride, base, cs;    // the stride's tiles; the tail's first tile (the block's rank added)
+  FA2_DEVICE StreamKTail(const FwdParams& p, bool cluster) {
+    cs = cluster ? 2 : 1;
+    const int walkers = static_cast<int>(gridDim.x) / cs;
+    const int w = static_cast<int>(blockIdx.x) / cs, rank = static_cast<int>(blockIdx.x) % cs;
+    const int64_t units = p.sk_units;
+    lo = static_cast<int>(w * units / walkers);
+    hi = static_cast<int>((w + 1) * units / walkers);
+    g0 = p.sk_key_tiles > 0 ? lo / p.sk_key_tiles : 0;
+    split_lo = w * cs + rank;  // the split shared with walker w - 1; with walker w + 1: split_hi
+    split_hi = (w + 1) * cs + rank;
+    first_tile = static_cast<int>(blockIdx.x);
+    stride = static_cast<int>(gridDim.x);
+    base = p.sk_dp_rounds * walkers * cs + rank;
+  }
+  // Step `step` of this block's walk: its tile (num_tiles past the end) and, for a tail piece, its key tiles
+  // [k0, k1) and split slot (-1: the whole tile); k0 = -1 for the stride's tiles.
+  FA2_DEVICE int item(const FwdParams& p, int step, int num_tiles, int& k0, int& k1, int& split) const {
+    k0 = k1 = split = -1;
+    if (step < p.sk_dp_rounds) return first_tile + step * stride;
+    const int nkt = p.sk_key_tiles, j = step - p.sk_dp_rounds, group = g0 + j;
+    const int start = j == 0 ? lo : group * nkt;
+    if (start >= hi) return num_tiles;
+    k0 = start - group * nkt;
+    k1 = min(hi - group * nkt, nkt);
+    split = k0 > 0 ? split_lo : (k1 < nkt ? split_hi : -1);
+    return base + group * cs;
+  }
+};
+
 }  // namespace sm90
 
 
@@ -406,7 +454,7 @@ template <class Kt, bool kScoreMod, bool kSoftcapOnly, class T>
 FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk, const Visibility<int>& vis,
                         const FwdBlockIO<T>& io, const WsSmem<Kt>& sm, int n_last, int n_tiles, int c, int tid,
                         const ConsumerTurns<Kt::kConsumers>& turns, int kv_base, int qs, uint32_t q_phase,
-                        bool more_tiles, const FwdTmaMaps& maps, int peer) {
+                        bool more_tiles, const FwdTmaMaps& maps, int peer, float* sk_part, int* sk_sync) {
   using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kStages = Kt::kStages;
@@ -582,6 +630,53 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
     if (tma_o && more_tiles && release_lane) tma::arrive(sm.q_empty(qs));
   }
 
+  // A tile split by the stream-K tail (sk_part: this consumer's partial of the split, sk_sync its [count, ready];
+  // StreamKTail): the piece that ends first leaves its state there and ends; the second merges it into its own.
+  if constexpr (Kt::may_cluster(kScoreMod)) {
+    if (sk_part != nullptr) {
+      constexpr int kO = kHeadDim / 8;  // float4s of acc_o a thread, then one of (max, max, sum, sum)
+      float4* part = reinterpret_cast<float4*>(sk_part) + tid % 128;
+      volatile int* order = sm.tile_slot(c);  // the static walk leaves TileWalk's ring unused
+      if (release_lane) *order = atomicAdd(sk_sync, 1);
+      tma::named_sync(1 + c, 128);
+      if (*order == 0) {
+#pragma unroll
+        for (int ni = 0; ni < kO; ++ni)
+          __stcg(part + 128 * ni, make_float4(acc_o[0][ni][0], acc_o[0][ni][1], acc_o[0][ni][2], acc_o[0][ni][3]));
+        __stcg(part + 128 * kO, make_float4(softmax.row_max[0][0], softmax.row_max[0][1], softmax.row_sum[0][0],
+                                            softmax.row_sum[0][1]));
+        __threadfence();
+        tma::named_sync(1 + c, 128);
+        if (release_lane) ::cuda::atomic_ref<int, ::cuda::thread_scope_device>(sk_sync[1]).store(1, ::cuda::memory_order_release);
+        return;
+      }
+      if (release_lane) {
+        ::cuda::atomic_ref<int, ::cuda::thread_scope_device> ready(sk_sync[1]);
+        while (ready.load(::cuda::memory_order_acquire) == 0) __nanosleep(64);
+      }
+      tma::named_sync(1 + c, 128);
+      const float4 st = __ldcg(part + 128 * kO);
+      float fa[2], fb[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float ma = softmax.row_max[0][h], mb = h == 0 ? st.x : st.y, lb = h == 0 ? st.z : st.w;
+        const float m = fmaxf(ma, mb);
+        fa[h] = ma == -INFINITY ? 0.f : fast_exp2((ma - m) * p.scale_log2);
+        fb[h] = mb == -INFINITY ? 0.f : fast_exp2((mb - m) * p.scale_log2);
+        softmax.row_max[0][h] = m;
+        softmax.row_sum[0][h] = softmax.row_sum[0][h] * fa[h] + lb * fb[h];
+      }
+#pragma unroll
+      for (int ni = 0; ni < kO; ++ni) {
+        const float4 x = __ldcg(part + 128 * ni);
+        acc_o[0][ni][0] = acc_o[0][ni][0] * fa[0] + x.x * fb[0];
+        acc_o[0][ni][1] = acc_o[0][ni][1] * fa[0] + x.y * fb[0];
+        acc_o[0][ni][2] = acc_o[0][ni][2] * fa[1] + x.z * fb[1];
+        acc_o[0][ni][3] = acc_o[0][ni][3] * fa[1] + x.w * fb[1];
+      }
+    }
+  }
+
   float row_lse[1][2];
   if (softcap_fixed) {
     const float offset[1][2] = {{p.softcap_offset_log2, p.softcap_offset_log2}};
@@ -743,14 +838,21 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       int kv_use = 0, q_use = 0;
       const uint32_t rank = cluster ? tma::cluster_rank() : 0u;
       TileWalk<Kt> walk;
+      // The stream-K tail's pieces (StreamKTail) take key tiles [k0, k1) of their tile.
+      const StreamKTail tail(p, cluster);
+      const bool sk = kMayCluster && p.sk_units > 0;
+      int step = 0, k0 = -1, k1 = -1, split = -1;
       // The next tile is claimed after this one's last copy (the loop's step), not when it starts (TileWalk).
-      for (int tile = walk.producer_first(p, sm, order, num_tiles); tile < num_tiles;
-           tile = walk.producer_next(p, sm, order, tile, num_tiles)) {
+      for (int tile = sk ? tail.item(p, 0, num_tiles, k0, k1, split) : walk.producer_first(p, sm, order, num_tiles);
+           tile < num_tiles;
+           tile = sk ? tail.item(p, ++step, num_tiles, k0, k1, split)
+                     : walk.producer_next(p, sm, order, tile, num_tiles)) {
         const FwdBlockInfo<kBlockM> blk(p, tile);
         if (blk.rows <= 0) continue;  // varlen: past the end of this sequence
         const Visibility<int> vis = blk.seq.visibility(p);
         const FwdBlockIO<T> io(p, blk, vis, kBlockN);
-        const int n_last = io.n_end - 1, n_tiles = io.n_end - io.n_begin;  // tiles are walked from the last down
+        const int n_end = k0 >= 0 ? k1 : io.n_end, n_begin = k0 >= 0 ? k0 : io.n_begin;
+        const int n_last = n_end - 1, n_tiles = n_end - n_begin;  // tiles are walked from the last down
         // Packed batches: one map over all sequences (batch coordinate 0), rows offset by the sequence's start.
         // Tiles that run past a sequence's end read the next sequence's rows: masked keys (P = 0) and query rows
         // that are never stored, as with the zero rows past a dense tensor's end.
@@ -800,23 +902,37 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     const int peer = cluster ? static_cast<int>(tma::cluster_rank() ^ 1u) : -1;  // the other block of the cluster
     int kv_use = 0, q_use = 0;
     TileWalk<Kt> walk;
-    for (int tile = seq_order ? walk.consumer_next(p, sm, 0) : static_cast<int>(blockIdx.x); tile < num_tiles;
-         tile = walk.consumer_next(p, sm, tile)) {
+    const StreamKTail tail(p, cluster);
+    const bool sk = kMayCluster && p.sk_units > 0;
+    int step = 0, k0 = -1, k1 = -1, split = -1;
+    for (int tile = sk ? tail.item(p, 0, num_tiles, k0, k1, split)
+                       : seq_order ? walk.consumer_next(p, sm, 0) : static_cast<int>(blockIdx.x);
+         tile < num_tiles;
+         tile = sk ? tail.item(p, ++step, num_tiles, k0, k1, split) : walk.consumer_next(p, sm, tile)) {
       const FwdBlockInfo<kBlockM> blk(p, tile);
       if (blk.rows <= 0) continue;
       const Visibility<int> vis = blk.seq.visibility(p);
       const FwdBlockIO<T> io(p, blk, vis, kBlockN);
-      const int n_tiles = io.n_end - io.n_begin;
+      const int n_end = k0 >= 0 ? k1 : io.n_end, n_tiles = n_end - (k0 >= 0 ? k0 : io.n_begin);
+      // A split tile's partial and flags: per split (walker boundary), tile of the group and consumer.
+      float* sk_part = nullptr;
+      int* sk_sync = nullptr;
+      if (split >= 0) {
+        const int slot = split * Kt::kConsumers + c;
+        sk_part = p.sk_partial + static_cast<index_t>(slot) * 128 * (kHeadDim / 2 + 4);
+        sk_sync = p.sk_sync + 2 * slot;
+      }
       if (n_tiles == 0) {
         store_empty_rows<T, kHeadDim, Kt::kConsumers * 128>(io.o + static_cast<index_t>(blk.row_lo) * p.o_row_stride,
                                                             p.o_row_stride, io.lse + blk.row_lo,
                                                             blk.rows - blk.row_lo, p.head_dim, tid - 128);
         continue;
       }
-      consume<Kt, kScoreMod, kSoftcapOnly>(p, blk, vis, io, sm, io.n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,
+      consume<Kt, kScoreMod, kSoftcapOnly>(p, blk, vis, io, sm, n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,
                              static_cast<uint32_t>(q_use / q_stages) & 1u,
                              // another tile may follow: the dynamic walk learns its next tile only after this one
-                             p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles, maps, peer);
+                             sk || p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles, maps, peer,
+                             sk_part, sk_sync);
       kv_use += n_tiles;
       ++q_use;
     }

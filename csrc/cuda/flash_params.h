@@ -131,6 +131,19 @@ struct FwdParams {
   // as they save (where kBlockM = kBlockN, the unit is the tile and nothing shifts). 0: no shift. Set by the WS
   // forward's launcher only (the other forward kernels store rows [0, rows) of a tile).
   int row_shift_unit;
+  // The WS forward's stream-K tail (flash_fwd_sm90_ws_kernel.cuh, StreamKTail; set by its launcher): after
+  // sk_dp_rounds rounds of the static stride, the walkers (blocks, or clusters of two) share the remaining tiles'
+  // sk_units (tile group, key tile) units evenly, so that no walker ends a whole tile after the others. A tile
+  // split between two walkers is finished by whichever ends its piece second: the first leaves its (O, max, sum)
+  // in sk_partial and raises its flag in sk_sync ([count, ready] per split and consumer, zeroed per call by a
+  // memset on the stream).
+  // sk_units = 0: no tail (every tile whole).
+  int sk_dp_rounds, sk_units, sk_key_tiles;
+  float* sk_partial;
+  int* sk_sync;
+  // Host: n bytes on the call's device and stream, uninitialised, alive until the call returns (the context is
+  // zeroed_ints_ctx; nullptr where the caller gives none).
+  void* (*scratch_bytes)(void* ctx, int64_t n);
 };
 
 struct BwdParams : FwdParams {

@@ -403,6 +403,7 @@ def test_cuda_warp_specialised_forward_o_by_tma(monkeypatch, b, hq, hkv, nq, nk,
     tiles; the score modifiers' rows beside them."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    monkeypatch.setenv("FLASH_ATTN2_FWD_STREAMK", "0")  # the stream-K tail needs O by the TMA (its own test)
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed)
     if kw.get("alibi_slopes") == "h":
         kw = dict(kw, alibi_slopes=torch.rand(hq, device="cuda"))
@@ -614,11 +615,74 @@ def test_cuda_warp_specialised_forward_clusters(monkeypatch, b, hq, hkv, nq, nk,
     down to pairs)."""
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    monkeypatch.setenv("FLASH_ATTN2_FWD_STREAMK", "0")  # its split tiles fall by walkers, which the clusters halve
     q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed)
     call = lambda: flash_attn2.attention_with_lse(q, k, v, False)  # noqa: E731
     out, lse = same_bits_under(monkeypatch, "FLASH_ATTN2_FWD_CLUSTER", call, settings=("0", "require"))
     ref = naive_attention(q.double(), k.double(), v.double(), False)[0]
     assert_close_to_reference("out", out, naive_attention(q, k, v, False)[0], ref)
+
+
+@requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,dtype,transposed,blocks,cluster", [
+    (2, 3, 3, 640, 300, 128, torch.bfloat16, False, "4", "0"),   # 30 tiles on 4 blocks, 3 key tiles
+    (2, 5, 5, 512, 1000, 128, torch.float16, True, "6", ""),     # clusters: 20 pairs on 3, 8 key tiles
+    (1, 8, 2, 1024, 777, 128, torch.bfloat16, True, "10", ""),   # GQA, clusters, a partial key tile
+    (3, 4, 1, 300, 2000, 96, torch.bfloat16, False, "7", "0"),   # MQA, d96, a partial query tile, 16 key tiles
+    (1, 7, 7, 256, 256, 128, torch.bfloat16, False, "4", ""),    # two key tiles: splits of one
+    (2, 5, 5, 512, 1000, 128, torch.bfloat16, False, "6", "0"),  # the second case without clusters
+])
+def test_cuda_warp_specialised_forward_stream_k(monkeypatch, b, hq, hkv, nq, nk, d, dtype, transposed, blocks,
+                                                cluster):
+    """The static stride's stream-K tail (FLASH_ATTN2_FWD_STREAMK=require raises where a call has none): the last
+    full round and the partial one shared out by key tiles, a tile split between two walkers (blocks, or clusters
+    of two) finished by whichever piece ends second. O within PyTorch's error of the float64 reference, every row
+    written (the allocator poisoned), and O and the LSE equal to rounding to the whole tiles' (=0); twice, so the
+    split flags start from zero on every call."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    monkeypatch.setenv("FLASH_ATTN2_FWD_CLUSTER", cluster)
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, dtype, "cuda", transposed)
+    call = lambda: flash_attn2.attention_with_lse(q, k, v, False)  # noqa: E731
+    whole = under_poison(monkeypatch, "FLASH_ATTN2_FWD_STREAMK", "0", call)
+    ref = naive_attention(q.double(), k.double(), v.double(), False)[0]
+    torch_out = naive_attention(q, k, v, False)[0]
+    for _ in range(2):
+        out, lse = under_poison(monkeypatch, "FLASH_ATTN2_FWD_STREAMK", "require", call)
+        assert_close_to_reference("out", out, torch_out, ref)
+        torch.testing.assert_close(lse, whole[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, whole[0], atol=2e-2, rtol=0)
+        assert (out != whole[0]).float().mean() < 0.1  # rounding of the split tiles' rows only
+
+
+@requires_sm90
+@pytest.mark.parametrize("case", ["causal", "full_round", "one_key_tile", "softcap", "one_tile_a_block"])
+def test_cuda_warp_specialised_forward_stream_k_refused(monkeypatch, case):
+    """Calls without a stream-K tail: causal rows (the dynamic walk), a last round that is full, one key tile, a
+    score modifier (another kernel: nothing to refuse, the same bits), a block per tile."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_STREAMK", "require")
+    b, h, nq, nk, blocks, causal, kw = 2, 3, 640, 300, "4", False, {}
+    if case == "causal":
+        causal = True
+    elif case == "full_round":
+        blocks = "5"  # 30 tiles on 5 blocks
+    elif case == "one_key_tile":
+        nk = 128
+    elif case == "softcap":
+        kw = dict(softcap=30.0)
+    elif case == "one_tile_a_block":
+        blocks = "all"
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    q, k, v = random_qkv(b, h, h, nq, nk, 128, torch.bfloat16, "cuda", False)
+    if kw:
+        out, _ = same_bits_under(monkeypatch, "FLASH_ATTN2_FWD_STREAMK", lambda: flash_attn2.attention_with_lse(
+            q, k, v, causal, **kw), settings=("0", "require"))
+        ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
+        assert_close_to_reference("out", out, naive_attention(q, k, v, causal, **kw)[0], ref)
+        return
+    with pytest.raises(ValueError, match="FLASH_ATTN2_FWD_STREAMK=require, but this call has no stream-K tail"):
+        flash_attn2.attention(q, k, v, causal, **kw)
 
 
 @requires_sm90
