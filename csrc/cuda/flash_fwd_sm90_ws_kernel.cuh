@@ -344,7 +344,9 @@ struct TileWalk {
 // near each other in the grid's order (the tail's tiles are consecutive), so their K / V stay in L2.
 // A split tile is finished by whichever of its two pieces ends second (a counter per split and consumer, no wait
 // on a walker that may not have started): the first stores its O, max and sum (thread by thread, float32) in
-// sk_partial and raises `ready`; the second merges them into its own by the log-sum-exp rule, then stores O.
+// sk_partial and raises `ready`; the second merges them into its own by the log-sum-exp rule, then stores O. The
+// merge's arithmetic is fixed by the pieces' key ranges, not by which ended second: the forward stays
+// deterministic.
 struct StreamKTail {
   int lo, hi, g0, split_lo, split_hi;  // this walker's units [lo, hi), its first group, its splits' indices
   int first_tile, stride, base, cs;    // the stride's tiles; the tail's first tile (the block's rank added)
@@ -655,24 +657,33 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
         while (ready.load(::cuda::memory_order_acquire) == 0) __nanosleep(64);
       }
       tma::named_sync(1 + c, 128);
+      // The same arithmetic whichever piece merges (A: the tile's key tiles [0, k), B: [k, nkt); explicit
+      // roundings, no contraction left to the compiler), so the output does not depend on which ended second.
+      const bool mine_a = n_last + 1 == n_tiles;
       const float4 st = __ldcg(part + 128 * kO);
       float fa[2], fb[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float ma = softmax.row_max[0][h], mb = h == 0 ? st.x : st.y, lb = h == 0 ? st.z : st.w;
+        const float m_other = h == 0 ? st.x : st.y, l_other = h == 0 ? st.z : st.w;
+        const float ma = mine_a ? softmax.row_max[0][h] : m_other, mb = mine_a ? m_other : softmax.row_max[0][h];
+        const float la = mine_a ? softmax.row_sum[0][h] : l_other, lb = mine_a ? l_other : softmax.row_sum[0][h];
         const float m = fmaxf(ma, mb);
         fa[h] = ma == -INFINITY ? 0.f : fast_exp2((ma - m) * p.scale_log2);
         fb[h] = mb == -INFINITY ? 0.f : fast_exp2((mb - m) * p.scale_log2);
         softmax.row_max[0][h] = m;
-        softmax.row_sum[0][h] = softmax.row_sum[0][h] * fa[h] + lb * fb[h];
+        softmax.row_sum[0][h] = __fmaf_rn(lb, fb[h], __fmul_rn(la, fa[h]));
       }
+      auto merge = [&](float& self, float other, int h) {
+        const float a = mine_a ? self : other, b = mine_a ? other : self;
+        self = __fmaf_rn(b, fb[h], __fmul_rn(a, fa[h]));
+      };
 #pragma unroll
       for (int ni = 0; ni < kO; ++ni) {
         const float4 x = __ldcg(part + 128 * ni);
-        acc_o[0][ni][0] = acc_o[0][ni][0] * fa[0] + x.x * fb[0];
-        acc_o[0][ni][1] = acc_o[0][ni][1] * fa[0] + x.y * fb[0];
-        acc_o[0][ni][2] = acc_o[0][ni][2] * fa[1] + x.z * fb[1];
-        acc_o[0][ni][3] = acc_o[0][ni][3] * fa[1] + x.w * fb[1];
+        merge(acc_o[0][ni][0], x.x, 0);
+        merge(acc_o[0][ni][1], x.y, 0);
+        merge(acc_o[0][ni][2], x.z, 1);
+        merge(acc_o[0][ni][3], x.w, 1);
       }
     }
   }
