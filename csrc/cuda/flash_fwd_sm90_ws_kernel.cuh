@@ -649,7 +649,8 @@ FA2_DEVICE void consume(const FwdParams& p, const FwdBlockInfo<Kt::kBlockM>& blk
                                             softmax.row_sum[0][1]));
         __threadfence();
         tma::named_sync(1 + c, 128);
-        if (release_lane) ::cuda::atomic_ref<int, ::cuda::thread_scope_device>(sk_sync[1]).store(1, ::cuda::memory_order_release);
+        if (release_lane)
+          ::cuda::atomic_ref<int, ::cuda::thread_scope_device>(sk_sync[1]).store(1, ::cuda::memory_order_release);
         return;
       }
       if (release_lane) {
@@ -939,11 +940,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
                                                             blk.rows - blk.row_lo, p.head_dim, tid - 128);
         continue;
       }
-      consume<Kt, kScoreMod, kSoftcapOnly>(p, blk, vis, io, sm, n_end - 1, n_tiles, c, tid, turns, kv_use, q_use % q_stages,
-                             static_cast<uint32_t>(q_use / q_stages) & 1u,
-                             // another tile may follow: the dynamic walk learns its next tile only after this one
-                             sk || p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles, maps, peer,
-                             sk_part, sk_sync);
+      // Another tile may follow: the dynamic walk learns its next tile only after this one (as the tail does).
+      const bool more_tiles = sk || p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles;
+      consume<Kt, kScoreMod, kSoftcapOnly>(p, blk, vis, io, sm, n_end - 1, n_tiles, c, tid, turns, kv_use,
+                                           q_use % q_stages, static_cast<uint32_t>(q_use / q_stages) & 1u,
+                                           more_tiles, maps, peer, sk_part, sk_sync);
       kv_use += n_tiles;
       ++q_use;
     }
