@@ -236,7 +236,8 @@ Variant prepare_variant(Variant var) {
 int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t requested) {
   if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxSplits));
   const int64_t blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q);
-  const int64_t block_n = splitkv_block_n(static_cast<int>(compiled_head_dim(s.head_dim)));
+  const int64_t block_n =
+      p.splitkv_stagger ? 128 : splitkv_block_n(static_cast<int>(compiled_head_dim(s.head_dim)));
   const bool streams = splitkv_block_m(s.seqlen_q * (s.heads_q / s.heads_kv)) == kSplitKvBlockM &&
                        (p.block_table == nullptr || (int64_t{1} << p.page_size_log2) >= block_n);
   const int64_t tiles = (s.seqlen_k + block_n - 1) / block_n;
@@ -256,8 +257,28 @@ int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t reques
   return static_cast<int>(best_n);
 }
 
+// The d128 16-row decode on dense caches reads K and V staggered on 128-key tiles (SplitKvTraits::kStagger).
+// Against the 64-key stages, three readings on H200s (perf.md v46, v47), graph timings, best of three
+// alternations: B = 1 x 8 heads at 8k / 1k +5.8-6.5 / +7.2-10.2%, 16 x 8 x 8k with Nq = 4 +2.2-2.3%, the long
+// rows (8k-128k keys, B up to 64) 0.999-1.008, where they read 0.997-1.003 of cuDNN against 0.991-1.003. A grid
+// of a wave or more (two blocks an SM) over fewer than kStaggerMinKeys keys lost 0.6 / 0.9% (64 x 32 x 1k) and
+// keeps the stages. FLASH_ATTN2_SPLITKV_STAGGER=0 keeps the stages everywhere, =1 staggers wherever it can (A/B
+// runs, tests).
+constexpr int64_t kStaggerMinKeys = 2048;
+bool use_splitkv_stagger(const ConcreteShape& s, const FwdParams& p) {
+  const bool fits = compiled_head_dim(s.head_dim) == 128 && p.block_table == nullptr &&
+                    splitkv_block_m(s.seqlen_q * (s.heads_q / s.heads_kv)) == kSplitKvBlockM;
+  const char* env = std::getenv("FLASH_ATTN2_SPLITKV_STAGGER");
+  if (!fits || (env != nullptr && std::strcmp(env, "0") == 0)) return false;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  const int64_t blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q);
+  const int64_t slots = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  return blocks < slots || s.seqlen_k >= kStaggerMinKeys;
+}
+
 // The split-KV path (flash_splitkv_kernel.cuh): params already hold the inputs; adds the partial buffers.
 void launch_splitkv(FwdParams& params, const ConcreteShape& s, int64_t requested_splits, const at::Tensor& q) {
+  params.splitkv_stagger = use_splitkv_stagger(s, params);
   params.num_splits = choose_num_splits(s, params, requested_splits);
   at::Tensor out_accum, lse_accum;
   if (params.num_splits > 1) {

@@ -96,6 +96,10 @@ struct FwdParams {
   // (FLASH_ATTN2_SPLITKV_PREFETCH / FLASH_ATTN2_PDL_TRIGGER, A/B runs).
   int splitkv_prefetch_tiles;
   int pdl_trigger;
+  // The split-KV kernel with K and V staggered (SplitKvTraits::kStagger: 128-key tiles, K and V of a tile in
+  // separate slots of a 3-slot ring): d128, 16-row tiles, dense caches; set by launch_splitkv
+  // (use_splitkv_stagger: the default there but on short rows in grids of a wave or more).
+  int splitkv_stagger;
 #if defined(FLASH_ATTN2_SPLITKV_TIMELINE) || defined(FLASH_ATTN2_FWD_TIMELINE) || defined(FLASH_ATTN2_BWD_TIMELINE)
   // Debug builds only: -DFLASH_ATTN2_SPLITKV_TIMELINE (scripts/splitkv_timeline.py), kTimelineSlots stamps per
   // split-KV block, then per combine block (flash_splitkv_kernel.cuh says which); -DFLASH_ATTN2_FWD_TIMELINE

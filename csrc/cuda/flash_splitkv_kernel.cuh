@@ -38,17 +38,22 @@
 
 namespace flash_attn2::cuda {
 
-template <typename T, int kHeadDim_, bool kSplitKeys_ = true>
+template <typename T, int kHeadDim_, bool kSplitKeys_ = true, bool kStagger_ = false>
 struct SplitKvTraits {
   using Elem = T;
   static constexpr int kHeadDim = kHeadDim_;
   // true: one m16 row tile whose key tiles the warps split; false: kSplitKvBlockMWide rows, 16 per warp, each
   // warp every key of a tile.
   static constexpr bool kSplitKeys = kSplitKeys_;
+  // K and V staggered (FwdParams::splitkv_stagger; d128, 16 rows, dense caches): 128-key tiles (cuDNN's decode
+  // shape: half the loop trips and softmax updates a key, 32 KB contiguous reads), K_t and V_t each in its own
+  // slot of a 3-slot ring, so that 64 KB stay in flight while one slot is read and two blocks still fit an SM.
+  static constexpr bool kStagger = kStagger_;
+  static_assert(!kStagger || (kSplitKeys && kHeadDim_ == 128), "staggered K / V: d128, 16-row tiles");
   static constexpr int kNWarps = 4;
   static constexpr int kBlockM = kSplitKeys ? kSplitKvBlockM : kSplitKvBlockMWide;  // packed (query, head) rows
   static constexpr int kNThreads = kNWarps * 32;
-  static constexpr int kBlockN = splitkv_block_n(kHeadDim);           // keys per tile (a stage of K + V is 32-64 KB)
+  static constexpr int kBlockN = kStagger ? 128 : splitkv_block_n(kHeadDim);  // keys per tile
   static constexpr int kWarpN = kSplitKeys ? kBlockN / kNWarps : kBlockN;  // keys per warp per tile
   static constexpr int kNT_S = kWarpN / 8;
   static constexpr int kNT_O = kHeadDim / 8;
@@ -60,8 +65,9 @@ struct SplitKvTraits {
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
   static constexpr int kSmemQ = TileQ::kElems * 2;
   static constexpr int kSmemKV = TileKV::kElems * 2;
-  static constexpr int kStages = 3 * 2 * kSmemKV <= 100 * 1024 ? 3 : 2;
-  static constexpr int kSmemStages = kStages * 2 * kSmemKV;
+  // kStagger: the ring's 3 slots of one K or V tile each (kStages counts slots there).
+  static constexpr int kStages = kStagger ? 3 : 3 * 2 * kSmemKV <= 100 * 1024 ? 3 : 2;
+  static constexpr int kSmemStages = kStagger ? kStages * kSmemKV : kStages * 2 * kSmemKV;
   // Split keys: the warps' partial O rows (float32, padded rows) reuse the K/V stages once the loop is done.
   static constexpr int kORowStride = kHeadDim + 8;
   static constexpr int kSmemMerge = kSplitKeys ? kNWarps * kBlockM * kORowStride * 4 : 0;
@@ -329,47 +335,19 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       }
     }
   };
-  // Prologue: pages of the first kStages - 1 tiles, then their loads; then the pages of the next one.
-  if (kv.paged()) {
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s)
-      if (t_begin + s < t_end) kv.fetch_pages(t_begin + s, s, tid);
-    __syncthreads();
-  }
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (t_begin + s < t_end) load_tile(t_begin + s);
-    cp_async_commit();  // one group per stage (the first also carries Q), empty or not
-  }
-  if (t_begin + kStages - 1 < t_end) kv.fetch_pages(t_begin + kStages - 1, kStages - 1, tid);
-  int next_page = t_begin + kStages < t_end ? kv.read_page(t_begin + kStages, tid) : 0;  // stored next
-
   float acc_o[1][Kt::kNT_O][4];
   zero_acc(acc_o);
   OnlineSoftmax<1> softmax;
   const ScoreRule<float> rule{p.softcap_in, p.softcap_out, 0.f};
   const int diag = vis.diag();
-
-  for (int tile = t_begin; tile < t_end; ++tile) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile landed for everyone; everyone is done with the stage the next load overwrites
-    if (tile == t_begin) FA2_TIMELINE(p, 3, clock64());
-    if (tile + kStages - 1 < t_end) load_tile(tile + kStages - 1);
-    cp_async_commit();
-    // Pages of the tile after that (read an iteration ago), into the slot of tile `tile` (its load was issued
-    // stages ago); the barrier at the top of the next iteration publishes them. Then the read for the next one.
-    if (tile + kStages < t_end) kv.store_page(next_page, (tile - t_begin) % kStages, tid);
-    next_page = tile + kStages + 1 < t_end ? kv.read_page(tile + kStages + 1, tid) : 0;
-
+  // S = Q K^T for this warp's keys of a tile, then the score rule, the mask, the online softmax and P.
+  auto score_step = [&](uint32_t sK, int tile, uint32_t (&frag_p)[1][Kt::kKS_PV][4]) {
     const int warp_key0 = Kt::kSplitKeys ? warp * kWarpN : 0;  // this warp's first key within the tile
-    const uint32_t sK = stage_k((tile - t_begin) % kStages) + 2u * static_cast<uint32_t>(warp_key0 * TileKV::kBK);
-    const uint32_t sV = sK + Kt::kSmemKV;
     float acc_s[1][Kt::kNT_S][4];
     zero_acc(acc_s);
     // Four-deep (or shallower) mma chains: at d128 one chain per n8 tile would be eight mmas deep (perf.md v22).
     gemm_ss_chains<T, 1, Kt::kNT_S, Kt::kKS_QK, Kt::kQkChains, Operand<TileQ, false>, Operand<TileKV, false>>(
-        acc_s, sQ_u, warp_row0, sK, 0, lane);
-
+        acc_s, sQ_u, warp_row0, sK + 2u * static_cast<uint32_t>(warp_key0 * TileKV::kBK), 0, lane);
     const int key_w = tile * kBlockN + warp_key0;  // this warp's first key
     if (rule.has_softcap() || p.alibi_slopes != nullptr) {
 #pragma unroll
@@ -400,9 +378,92 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
     float alpha[1][2];
     softmax.update_scores<8>(acc_s, p.scale_log2, alpha);
     OnlineSoftmax<1>::rescale_if_needed(acc_o, alpha);
-    uint32_t frag_p[1][Kt::kKS_PV][4];
     acc_to_a_frags<T>(frag_p, acc_s);
-    gemm_rs<T, 1, Kt::kNT_O, Kt::kKS_PV, Operand<TileKV, true>>(acc_o, frag_p, sV, 0, lane);
+  };
+  auto pv_step = [&](uint32_t sV, const uint32_t (&frag_p)[1][Kt::kKS_PV][4]) {
+    const int warp_key0 = Kt::kSplitKeys ? warp * kWarpN : 0;
+    gemm_rs<T, 1, Kt::kNT_O, Kt::kKS_PV, Operand<TileKV, true>>(
+        acc_o, frag_p, sV + 2u * static_cast<uint32_t>(warp_key0 * TileKV::kBK), 0, lane);
+  };
+
+  if constexpr (Kt::kStagger) {
+    // Half-steps h = 0, 1, .. read K_t (h = 2 t) and V_t (h = 2 t + 1) of the split's tiles from slot h % 3;
+    // at each, after the barrier (everyone is done with slot (h + 2) % 3, read at h - 1), half h + 2 is issued,
+    // so halves h + 1 and h + 2 are in flight while h is read. Dense caches only (the launcher).
+    const int halves = 2 * (t_end - t_begin);
+    auto slot = [&](int h) { return sKV_u + static_cast<uint32_t>((h % 3) * Kt::kSmemKV); };
+    auto load_half = [&](int h) {
+      const int tile = t_begin + h / 2, key0 = tile * kBlockN;
+      const bool is_v = h & 1;
+      constexpr int kRowsPerPass = Kt::kNThreads / kCPR;
+      static_assert(Kt::kNThreads % kCPR == 0 && kRowsPerPass % 8 == 0, "a thread's chunk the same in every row");
+      const int r0 = tid / kCPR, ch = tid % kCPR;
+      const bool col_ok = ch * 8 < d;
+      const uint32_t dst = slot(h) + 2u * static_cast<uint32_t>(TileKV::chunk_offset(r0, ch));
+      const T* base = is_v ? v : k;
+      const index_t row_stride = is_v ? p.v_row_stride : p.k_row_stride;
+      const T* src = base + (is_v ? kv.v_base : kv.k_base) + ch * 8 + static_cast<index_t>(key0 + r0) * row_stride;
+      const index_t step = static_cast<index_t>(kRowsPerPass) * row_stride;
+#pragma unroll
+      for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
+        const bool pred = col_ok && key0 + r0 + i * kRowsPerPass < seqlen_k;
+        cp_async_16_policy(dst + 2u * static_cast<uint32_t>(i * kRowsPerPass * TileKV::kBK), pred ? src : base,
+                           pred, stream_policy);
+        src += step;
+      }
+    };
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (h < halves) load_half(h);
+      cp_async_commit();  // one group per half (the first also carries Q), empty or not
+    }
+    uint32_t frag_p[1][Kt::kKS_PV][4];
+    for (int tile = t_begin; tile < t_end; ++tile) {
+      const int h = 2 * (tile - t_begin);
+      cp_async_wait<1>();
+      __syncthreads();  // K_t landed for everyone; everyone is done with slot (h + 2) % 3
+      if (tile == t_begin) FA2_TIMELINE(p, 3, clock64());
+      if (h + 2 < halves) load_half(h + 2);
+      cp_async_commit();
+      score_step(slot(h), tile, frag_p);
+      cp_async_wait<1>();
+      __syncthreads();  // V_t landed; everyone is done with K_t's slot
+      if (h + 3 < halves) load_half(h + 3);
+      cp_async_commit();
+      pv_step(slot(h + 1), frag_p);
+    }
+  } else {
+    // Prologue: pages of the first kStages - 1 tiles, then their loads; then the pages of the next one.
+    if (kv.paged()) {
+#pragma unroll
+      for (int s = 0; s < kStages - 1; ++s)
+        if (t_begin + s < t_end) kv.fetch_pages(t_begin + s, s, tid);
+      __syncthreads();
+    }
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (t_begin + s < t_end) load_tile(t_begin + s);
+      cp_async_commit();  // one group per stage (the first also carries Q), empty or not
+    }
+    if (t_begin + kStages - 1 < t_end) kv.fetch_pages(t_begin + kStages - 1, kStages - 1, tid);
+    int next_page = t_begin + kStages < t_end ? kv.read_page(t_begin + kStages, tid) : 0;  // stored next
+
+    for (int tile = t_begin; tile < t_end; ++tile) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // tile landed for everyone; everyone is done with the stage the next load overwrites
+      if (tile == t_begin) FA2_TIMELINE(p, 3, clock64());
+      if (tile + kStages - 1 < t_end) load_tile(tile + kStages - 1);
+      cp_async_commit();
+      // Pages of the tile after that (read an iteration ago), into the slot of tile `tile` (its load was issued
+      // stages ago); the barrier at the top of the next iteration publishes them. Then the read for the next one.
+      if (tile + kStages < t_end) kv.store_page(next_page, (tile - t_begin) % kStages, tid);
+      next_page = tile + kStages + 1 < t_end ? kv.read_page(tile + kStages + 1, tid) : 0;
+
+      const uint32_t sK = stage_k((tile - t_begin) % kStages);
+      uint32_t frag_p[1][Kt::kKS_PV][4];
+      score_step(sK, tile, frag_p);
+      pv_step(sK + Kt::kSmemKV, frag_p);
+    }
   }
   cp_async_wait<0>();
   allow_next_grid();  // the combine may launch now; it still waits for this grid's writes

@@ -152,6 +152,31 @@ def test_kvcache_cuda_long_decode(page_size):
 
 
 @requires_cuda
+@pytest.mark.parametrize("stagger", ["", "0", "1"], ids=["default", "stages", "staggered"])
+def test_kvcache_cuda_d128_staggered_and_staged(stagger, monkeypatch):
+    """The d128 16-row decode on dense caches in both loops: K and V staggered on 128-key tiles (the default but on
+    short rows in grids of a wave or more) and the 64-key stages; FLASH_ATTN2_SPLITKV_STAGGER=1 / =0 force each.
+    Key counts off the tiles (a last tile of one key, splits of one tile), every option, both dtypes, d96 and d128,
+    one grid of more than a wave of blocks over a few hundred keys."""
+    if stagger:
+        monkeypatch.setenv("FLASH_ATTN2_SPLITKV_STAGGER", stagger)
+    else:
+        monkeypatch.delenv("FLASH_ATTN2_SPLITKV_STAGGER", raising=False)
+    cases = [
+        dict(b=2, hq=32, hkv=8, nq=1, nnew=1, d=128, capacity=3000, lens=[2999, 128]),
+        dict(b=2, hq=16, hkv=4, nq=4, nnew=4, d=96, capacity=700, causal=True, window=(100, 0), softcap=8.0,
+             num_splits=5, lens=[600, 3]),
+        dict(b=1, hq=8, hkv=1, nq=2, nnew=0, d=128, capacity=1100, alibi=True, num_splits=64, lens=[1100],
+             dtype=torch.float16),
+        dict(b=3, hq=8, hkv=8, nq=1, nnew=16, d=128, capacity=257, num_splits=3, causal=True, lens=[241, 0, 112]),
+        dict(b=9, hq=32, hkv=32, nq=1, nnew=0, d=128, capacity=300, window=(64, -1), lens=None),
+    ]
+    for i, case in enumerate(cases):
+        case.setdefault("dtype", torch.bfloat16)
+        check_kvcache_case(page_size=None, device="cuda", seed=500 + i, **case)
+
+
+@requires_cuda
 @pytest.mark.parametrize("d", [32, 64, 96, 128, 160, 192, 256])
 def test_kvcache_cuda_combine_split_counts(d):
     """Every head-dim class of the combine across its split-count paths: up to one batch of partial loads (32
