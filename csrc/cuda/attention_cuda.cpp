@@ -314,19 +314,19 @@ bool use_splitkv(const Layout& L, const Variant& var) {
   return !L.varlen && var.dropout_p == 0 && L.s.seqlen_q <= kSplitKvBlockM;
 }
 
-// FwdParams::zeroed_ints (and scratch_bytes, uninitialised bytes) for one call: tensors from the caching
+// FwdParams::zeroed_ints and scratch_bytes (uninitialised bytes) for one call: tensors from the caching
 // allocator, kept until the call returns (the launches that use them are queued on the call's stream by then, so
 // freeing them is safe).
-struct ZeroedInts {
+struct CallBuffers {
   at::TensorOptions options;
   std::vector<at::Tensor> keep;
-  static int* make(void* ctx, int n) {
-    auto* self = static_cast<ZeroedInts*>(ctx);
+  static int* zeroed_ints(void* ctx, int n) {
+    auto* self = static_cast<CallBuffers*>(ctx);
     self->keep.push_back(at::zeros({n}, self->options));
     return self->keep.back().data_ptr<int>();
   }
   static void* scratch(void* ctx, int64_t n) {
-    auto* self = static_cast<ZeroedInts*>(ctx);
+    auto* self = static_cast<CallBuffers*>(ctx);
     self->keep.push_back(at::empty({n}, self->options.dtype(at::kByte)));
     return self->keep.back().data_ptr();
   }
@@ -350,10 +350,10 @@ Tensor2 run_forward(const char* op, const at::Tensor& q_in, const at::Tensor& k_
   if (use_splitkv(L, var)) {
     launch_splitkv(params, L.s, 0, q);
   } else {
-    ZeroedInts zeroed{q.options().dtype(at::kInt), {}};
-    params.zeroed_ints = &ZeroedInts::make;
-    params.zeroed_ints_ctx = &zeroed;
-    params.scratch_bytes = &ZeroedInts::scratch;
+    CallBuffers buffers{q.options().dtype(at::kInt), {}};
+    params.zeroed_ints = &CallBuffers::zeroed_ints;
+    params.zeroed_ints_ctx = &buffers;
+    params.scratch_bytes = &CallBuffers::scratch;
 #ifdef FLASH_ATTN2_FWD_TIMELINE
     // Debug builds only: the WS forward's per-consumer cycle counters (FwdProbe), one line per call
     // (scripts/fwd_probe.py).

@@ -508,6 +508,15 @@ def same_bits_under(monkeypatch, var, call, settings=("0", "")):
     return results[-1]
 
 
+def unchanged_by_switch(monkeypatch, var, q, k, v, causal, **kw):
+    """A call whose kernel has no use for the switch var: the same bits with it "0" and "require", and O to the
+    float64 reference within PyTorch's own error in the dtype."""
+    out, _ = same_bits_under(monkeypatch, var, lambda: flash_attn2.attention_with_lse(q, k, v, causal, **kw),
+                             settings=("0", "require"))
+    ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
+    assert_close_to_reference("out", out, naive_attention(q, k, v, causal, **kw)[0], ref)
+
+
 def assert_packed_sequences_match(out, q, k, v, cu, lens, causal, check=lambda b: True, **kw):
     """Each sequence of a packed batch's output as the dense op on its own slice: the float64 reference, within
     PyTorch's own error in the dtype (sequences where check(b), not empty). A sequence of one key under a bfloat16
@@ -681,10 +690,7 @@ def test_cuda_warp_specialised_forward_stream_k_refused(monkeypatch, case):
     monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
     q, k, v = random_qkv(b, h, h, nq, nk, 128, torch.bfloat16, "cuda", False)
     if kw:
-        out, _ = same_bits_under(monkeypatch, "FLASH_ATTN2_FWD_STREAMK", lambda: flash_attn2.attention_with_lse(
-            q, k, v, causal, **kw), settings=("0", "require"))
-        ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
-        assert_close_to_reference("out", out, naive_attention(q, k, v, causal, **kw)[0], ref)
+        unchanged_by_switch(monkeypatch, "FLASH_ATTN2_FWD_STREAMK", q, k, v, causal, **kw)
         return
     with pytest.raises(ValueError, match="FLASH_ATTN2_FWD_STREAMK=require, but this call has no stream-K tail"):
         flash_attn2.attention(q, k, v, causal, **kw)
@@ -701,10 +707,7 @@ def test_cuda_warp_specialised_forward_clusters_refused(monkeypatch, nq, d, caus
     monkeypatch.setenv("FLASH_ATTN2_FWD_CLUSTER", "require")
     q, k, v = random_qkv(1, 2, 2, nq, nq, d, torch.bfloat16, "cuda", False)
     if "softcap" in kw or d == 256:  # kernels without clusters compiled in: nothing to refuse, the same bits
-        out, _ = same_bits_under(monkeypatch, "FLASH_ATTN2_FWD_CLUSTER", lambda: flash_attn2.attention_with_lse(
-            q, k, v, causal, **kw), settings=("0", "require"))
-        ref = naive_attention(q.double(), k.double(), v.double(), causal, **kw)[0]
-        assert_close_to_reference("out", out, naive_attention(q, k, v, causal, **kw)[0], ref)
+        unchanged_by_switch(monkeypatch, "FLASH_ATTN2_FWD_CLUSTER", q, k, v, causal, **kw)
         return
     with pytest.raises(ValueError, match="FLASH_ATTN2_FWD_CLUSTER=require, but this call cannot run in clusters"):
         flash_attn2.attention(q, k, v, causal, **kw)
