@@ -257,7 +257,8 @@ int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t reques
   return static_cast<int>(best_n);
 }
 
-// The d128 16-row decode on dense caches reads K and V staggered on 128-key tiles (SplitKvTraits::kStagger).
+// The d128 16-row decode on dense caches and pages of 128 keys or more reads K and V staggered on 128-key tiles
+// (SplitKvTraits::kStagger).
 // Against the 64-key stages, three readings on H200s (perf.md v46, v47), graph timings, best of three
 // alternations: B = 1 x 8 heads at 8k / 1k +5.8-6.5 / +7.2-10.2%, 16 x 8 x 8k with Nq = 4 +2.2-2.3%, the long
 // rows (8k-128k keys, B up to 64) 0.999-1.008, where they read 0.997-1.003 of cuDNN against 0.991-1.003. A grid
@@ -266,7 +267,7 @@ int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t reques
 // runs, tests).
 constexpr int64_t kStaggerMinKeys = 2048;
 bool use_splitkv_stagger(const ConcreteShape& s, const FwdParams& p) {
-  const bool fits = compiled_head_dim(s.head_dim) == 128 && p.block_table == nullptr &&
+  const bool fits = compiled_head_dim(s.head_dim) == 128 && (p.block_table == nullptr || p.page_size_log2 >= 7) &&
                     splitkv_block_m(s.seqlen_q * (s.heads_q / s.heads_kv)) == kSplitKvBlockM;
   const char* env = std::getenv("FLASH_ATTN2_SPLITKV_STAGGER");
   if (!fits || (env != nullptr && std::strcmp(env, "0") == 0)) return false;

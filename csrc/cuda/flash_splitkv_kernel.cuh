@@ -72,7 +72,8 @@ struct SplitKvTraits {
   static constexpr int kORowStride = kHeadDim + 8;
   static constexpr int kSmemMerge = kSplitKeys ? kNWarps * kBlockM * kORowStride * 4 : 0;
   static constexpr int kSmemStats = kSplitKeys ? 2 * kNWarps * kBlockM * 4 : 0;  // per warp and row: max, sum
-  static constexpr int kSmemPages = kStages * kBlockN * 4;       // paged caches: page of every staged row
+  // Paged caches: the page of every staged row (the staggered loop keeps a tile's page in a register).
+  static constexpr int kSmemPages = kStagger ? 0 : kStages * kBlockN * 4;
   static constexpr int kSmemBytes =
       kSmemQ + (kSmemStages > kSmemMerge ? kSmemStages : kSmemMerge) + kSmemStats + kSmemPages;
   static_assert(kBlockM == 16 * (kSplitKeys ? 1 : kNWarps) && kWarpN % 16 == 0 && kHeadDim % 16 == 0);
@@ -389,10 +390,18 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   if constexpr (Kt::kStagger) {
     // Half-steps h = 0, 1, .. read K_t (h = 2 t) and V_t (h = 2 t + 1) of the split's tiles from slot h % 3;
     // at each, after the barrier (everyone is done with slot (h + 2) % 3, read at h - 1), half h + 2 is issued,
-    // so halves h + 1 and h + 2 are in flight while h is read. Dense caches only (the launcher).
+    // so halves h + 1 and h + 2 are in flight while h is read. Dense caches, or pages of a tile or more (the
+    // launcher): a tile lies in one page, whose entry every thread reads a tile before its loads.
     const int halves = 2 * (t_end - t_begin);
     auto slot = [&](int h) { return sKV_u + static_cast<uint32_t>((h % 3) * Kt::kSmemKV); };
-    auto load_half = [&](int h) {
+    auto tile_page = [&](int tile) -> index_t {  // tiles of the split start inside the sequence
+      if (!kv.paged()) return 0;
+      const int page = p.block_table[static_cast<index_t>(batch) * p.block_table_batch_stride +
+                                     ((tile * kBlockN) >> p.page_size_log2)];
+      return min(max(page, 0), p.num_pages - 1);
+    };
+    // Half h of the split's tiles from `page` (paged caches: the page of its tile).
+    auto load_half = [&](int h, index_t page) {
       const int tile = t_begin + h / 2, key0 = tile * kBlockN;
       const bool is_v = h & 1;
       constexpr int kRowsPerPass = Kt::kNThreads / kCPR;
@@ -402,7 +411,11 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
       const uint32_t dst = slot(h) + 2u * static_cast<uint32_t>(TileKV::chunk_offset(r0, ch));
       const T* base = is_v ? v : k;
       const index_t row_stride = is_v ? p.v_row_stride : p.k_row_stride;
-      const T* src = base + (is_v ? kv.v_base : kv.k_base) + ch * 8 + static_cast<index_t>(key0 + r0) * row_stride;
+      // Dense: key0 + r0 from the sequence's key 0. Paged: row (key0 + r0) within the page, page stride
+      // k/v_batch_stride.
+      const index_t row = kv.paged() ? (key0 & ((1 << p.page_size_log2) - 1)) + r0 : key0 + r0;
+      const T* src = base + (is_v ? kv.v_base : kv.k_base) + ch * 8 + row * row_stride +
+                     page * (is_v ? p.v_batch_stride : p.k_batch_stride);
       const index_t step = static_cast<index_t>(kRowsPerPass) * row_stride;
 #pragma unroll
       for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
@@ -412,25 +425,29 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
         src += step;
       }
     };
+    index_t page = tile_page(t_begin);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (h < halves) load_half(h);
+      if (h < halves) load_half(h, page);
       cp_async_commit();  // one group per half (the first also carries Q), empty or not
     }
+    page = t_begin + 1 < t_end ? tile_page(t_begin + 1) : 0;  // the next tile's, used an iteration later
     uint32_t frag_p[1][Kt::kKS_PV][4];
     for (int tile = t_begin; tile < t_end; ++tile) {
       const int h = 2 * (tile - t_begin);
       cp_async_wait<1>();
       __syncthreads();  // K_t landed for everyone; everyone is done with slot (h + 2) % 3
       if (tile == t_begin) FA2_TIMELINE(p, 3, clock64());
-      if (h + 2 < halves) load_half(h + 2);
+      const index_t later = tile + 2 < t_end ? tile_page(tile + 2) : 0;  // read now, used next iteration
+      if (h + 2 < halves) load_half(h + 2, page);
       cp_async_commit();
       score_step(slot(h), tile, frag_p);
       cp_async_wait<1>();
       __syncthreads();  // V_t landed; everyone is done with K_t's slot
-      if (h + 3 < halves) load_half(h + 3);
+      if (h + 3 < halves) load_half(h + 3, page);
       cp_async_commit();
       pv_step(slot(h + 1), frag_p);
+      page = later;
     }
   } else {
     // Prologue: pages of the first kStages - 1 tiles, then their loads; then the pages of the next one.

@@ -152,12 +152,14 @@ def test_kvcache_cuda_long_decode(page_size):
 
 
 @requires_cuda
+@pytest.mark.parametrize("page_size", [None, 128, 256])
 @pytest.mark.parametrize("stagger", ["", "0", "1"], ids=["default", "stages", "staggered"])
-def test_kvcache_cuda_d128_staggered_and_staged(stagger, monkeypatch):
-    """The d128 16-row decode on dense caches in both loops: K and V staggered on 128-key tiles (the default but on
-    short rows in grids of a wave or more) and the 64-key stages; FLASH_ATTN2_SPLITKV_STAGGER=1 / =0 force each.
-    Key counts off the tiles (a last tile of one key, splits of one tile), every option, both dtypes, d96 and d128,
-    one grid of more than a wave of blocks over a few hundred keys."""
+def test_kvcache_cuda_d128_staggered_and_staged(stagger, page_size, monkeypatch):
+    """The d128 16-row decode on dense caches and pages of a 128-key tile or more in both loops: K and V staggered
+    on 128-key tiles (the default but on short rows in grids of a wave or more) and the 64-key stages;
+    FLASH_ATTN2_SPLITKV_STAGGER=1 / =0 force each. Key counts off the tiles (a last tile of one key, splits of one
+    tile), every option, both dtypes, d96 and d128, one grid of more than a wave of blocks over a few hundred keys;
+    paged capacities rounded up to whole pages (shuffled)."""
     if stagger:
         monkeypatch.setenv("FLASH_ATTN2_SPLITKV_STAGGER", stagger)
     else:
@@ -173,7 +175,9 @@ def test_kvcache_cuda_d128_staggered_and_staged(stagger, monkeypatch):
     ]
     for i, case in enumerate(cases):
         case.setdefault("dtype", torch.bfloat16)
-        check_kvcache_case(page_size=None, device="cuda", seed=500 + i, **case)
+        if page_size is not None:
+            case["capacity"] = -(-case["capacity"] // page_size) * page_size
+        check_kvcache_case(page_size=page_size, device="cuda", seed=500 + i, **case)
 
 
 @requires_cuda
