@@ -650,7 +650,7 @@ def bench_decode_cuda(out_path=None, rows=None, max_cache_gib=40.0):
         fmt = lambda t: "n/a" if t is None else f"{t:.1f}"  # noqa: E731
         line = (f"| {b} | {hkv} | {n} | {nq} | {ours:.1f} | {tbs:.2f} | {tbs / copy:.2f} | {eager:.1f} | {plain:.1f} | "
                 f"{fmt(theirs['flash'])} | {fmt(theirs['cudnn'])} | {fmt(theirs['efficient'])} | "
-                f"{'n/a' if fastest is None else f'{fastest / ours:.2f}'} | {paged[0]} | {paged[1]} |")
+                f"{'n/a' if fastest is None else f'{fastest / ours:.3f}'} | {paged[0]} | {paged[1]} |")
         print(line, flush=True)
         lines.append(line)
         if rows is not None:
