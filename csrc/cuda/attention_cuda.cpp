@@ -237,7 +237,7 @@ int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t reques
   if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kMaxSplits));
   const int64_t blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q);
   const int64_t block_n =
-      p.splitkv_stagger ? 128 : splitkv_block_n(static_cast<int>(compiled_head_dim(s.head_dim)));
+      p.splitkv_stagger ? kSplitKvStaggerBlockN : splitkv_block_n(static_cast<int>(compiled_head_dim(s.head_dim)));
   const bool streams = splitkv_block_m(s.seqlen_q * (s.heads_q / s.heads_kv)) == kSplitKvBlockM &&
                        (p.block_table == nullptr || (int64_t{1} << p.page_size_log2) >= block_n);
   const int64_t tiles = (s.seqlen_k + block_n - 1) / block_n;
@@ -267,8 +267,9 @@ int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t reques
 // runs, tests).
 constexpr int64_t kStaggerMinKeys = 2048;
 bool use_splitkv_stagger(const ConcreteShape& s, const FwdParams& p) {
-  const bool fits = compiled_head_dim(s.head_dim) == 128 && (p.block_table == nullptr || p.page_size_log2 >= 7) &&
-                    splitkv_block_m(s.seqlen_q * (s.heads_q / s.heads_kv)) == kSplitKvBlockM;
+  const bool fits = splitkv_stagger_fits(static_cast<int>(compiled_head_dim(s.head_dim)),
+                                         s.seqlen_q * (s.heads_q / s.heads_kv), p.block_table != nullptr,
+                                         p.page_size_log2);
   const char* env = std::getenv("FLASH_ATTN2_SPLITKV_STAGGER");
   if (!fits || (env != nullptr && std::strcmp(env, "0") == 0)) return false;
   if (env != nullptr && std::strcmp(env, "1") == 0) return true;

@@ -97,8 +97,8 @@ struct FwdParams {
   int splitkv_prefetch_tiles;
   int pdl_trigger;
   // The split-KV kernel with K and V staggered (SplitKvTraits::kStagger: 128-key tiles, K and V of a tile in
-  // separate slots of a 3-slot ring): d128, 16-row tiles, dense caches; set by launch_splitkv
-  // (use_splitkv_stagger: the default there but on short rows in grids of a wave or more).
+  // separate slots of a 3-slot ring) where splitkv_stagger_fits; set by launch_splitkv (use_splitkv_stagger: the
+  // default there but on short rows in grids of a wave or more).
   int splitkv_stagger;
 #if defined(FLASH_ATTN2_SPLITKV_TIMELINE) || defined(FLASH_ATTN2_FWD_TIMELINE) || defined(FLASH_ATTN2_BWD_TIMELINE)
   // Debug builds only: -DFLASH_ATTN2_SPLITKV_TIMELINE (scripts/splitkv_timeline.py), kTimelineSlots stamps per
@@ -208,6 +208,14 @@ constexpr int kSplitKvBlockM = 16;      // packed (query, q head) rows per split
 constexpr int kSplitKvBlockMWide = 64;  // ... and beyond 16 (SplitKvTraits::kSplitKeys = false)
 constexpr int64_t splitkv_block_m(int64_t packed_rows) {
   return packed_rows > kSplitKvBlockM ? kSplitKvBlockMWide : kSplitKvBlockM;
+}
+// The calls the split-KV kernel's staggered loop (SplitKvTraits::kStagger, 128-key tiles) can run: compiled head
+// dim 128, one 16-row tile of packed rows, dense caches or pages of a tile or more (params: block_table,
+// page_size_log2).
+constexpr int kSplitKvStaggerBlockN = 128;
+constexpr bool splitkv_stagger_fits(int compiled_head_dim, int64_t packed_rows, bool paged, int page_size_log2) {
+  return compiled_head_dim == 128 && splitkv_block_m(packed_rows) == kSplitKvBlockM &&
+         (!paged || (1 << page_size_log2) >= kSplitKvStaggerBlockN);
 }
 // Row tiles of the split-KV kernel: (batch, kv head, splitkv_block_m packed (query, q head of the group) rows);
 // its grid is this times num_splits.

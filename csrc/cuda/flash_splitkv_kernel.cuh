@@ -45,7 +45,7 @@ struct SplitKvTraits {
   // true: one m16 row tile whose key tiles the warps split; false: kSplitKvBlockMWide rows, 16 per warp, each
   // warp every key of a tile.
   static constexpr bool kSplitKeys = kSplitKeys_;
-  // K and V staggered (FwdParams::splitkv_stagger; d128, 16 rows, dense caches): 128-key tiles (cuDNN's decode
+  // K and V staggered (FwdParams::splitkv_stagger, where splitkv_stagger_fits): 128-key tiles (cuDNN's decode
   // shape: half the loop trips and softmax updates a key, 32 KB contiguous reads), K_t and V_t each in its own
   // slot of a 3-slot ring, so that 64 KB stay in flight while one slot is read and two blocks still fit an SM.
   static constexpr bool kStagger = kStagger_;
@@ -53,7 +53,7 @@ struct SplitKvTraits {
   static constexpr int kNWarps = 4;
   static constexpr int kBlockM = kSplitKeys ? kSplitKvBlockM : kSplitKvBlockMWide;  // packed (query, head) rows
   static constexpr int kNThreads = kNWarps * 32;
-  static constexpr int kBlockN = kStagger ? 128 : splitkv_block_n(kHeadDim);  // keys per tile
+  static constexpr int kBlockN = kStagger ? kSplitKvStaggerBlockN : splitkv_block_n(kHeadDim);  // keys per tile
   static constexpr int kWarpN = kSplitKeys ? kBlockN / kNWarps : kBlockN;  // keys per warp per tile
   static constexpr int kNT_S = kWarpN / 8;
   static constexpr int kNT_O = kHeadDim / 8;

@@ -65,8 +65,8 @@ void run_flash_splitkv(const FwdParams& params, cudaStream_t stream) {
   if (params.batch == 0 || params.heads_q == 0 || params.seqlen_q == 0) return;
   const int64_t packed_rows = static_cast<int64_t>(params.seqlen_q) * (params.heads_q / params.heads_kv);
   if constexpr (kHeadDim == 128) {
-    if (params.splitkv_stagger && (params.block_table == nullptr || params.page_size_log2 >= 7) &&
-        splitkv_block_m(packed_rows) == kSplitKvBlockM)
+    if (params.splitkv_stagger &&
+        splitkv_stagger_fits(kHeadDim, packed_rows, params.block_table != nullptr, params.page_size_log2))
       return detail::launch_splitkv_kernel<SplitKvTraits<T, kHeadDim, true, true>>(params, stream);
   }
   if (splitkv_block_m(packed_rows) == kSplitKvBlockM)
