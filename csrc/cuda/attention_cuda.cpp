@@ -270,9 +270,8 @@ bool use_splitkv_stagger(const ConcreteShape& s, const FwdParams& p) {
   const bool fits = splitkv_stagger_fits(static_cast<int>(compiled_head_dim(s.head_dim)),
                                          s.seqlen_q * (s.heads_q / s.heads_kv), p.block_table != nullptr,
                                          p.page_size_log2);
-  const char* env = std::getenv("FLASH_ATTN2_SPLITKV_STAGGER");
-  if (!fits || (env != nullptr && std::strcmp(env, "0") == 0)) return false;
-  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  if (!fits || env_is("FLASH_ATTN2_SPLITKV_STAGGER", "0")) return false;
+  if (env_is("FLASH_ATTN2_SPLITKV_STAGGER", "1")) return true;
   const int64_t blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q);
   const int64_t slots = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   return blocks < slots || s.seqlen_k >= kStaggerMinKeys;
@@ -390,8 +389,7 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t stat_rows = L.varlen ? s.heads_q * L.total_q : s.batch * s.heads_q * s.seqlen_q;
   // Zero-filled by the preprocessing kernel beside D (BwdParams::pre_zeroes_dq; FLASH_ATTN2_BWD_PRE_ZERO=0: here).
-  const char* pre_zero = std::getenv("FLASH_ATTN2_BWD_PRE_ZERO");
-  const bool pre_zeroes_dq = pre_zero == nullptr || std::strcmp(pre_zero, "0") != 0;
+  const bool pre_zeroes_dq = !env_is("FLASH_ATTN2_BWD_PRE_ZERO", "0");
   at::Tensor dq_accum = pre_zeroes_dq ? at::empty({stat_rows, s.head_dim}, f32) : at::zeros({stat_rows, s.head_dim}, f32);
   at::Tensor row_stats = at::empty({2, stat_rows}, f32);  // D and the LSE in log2 units (the preprocessing kernel's)
   at::Tensor semaphore;
@@ -421,8 +419,7 @@ Tensor3 run_backward(const at::Tensor& dout_in, const at::Tensor& q_in, const at
     params.dq_semaphore = semaphore.data_ptr<int>();
     params.dq_semaphore_tiles = static_cast<int>(std::max<int64_t>(tiles, 1));
     // A head's key tiles together (1.0-1.56x the spread order, perf.md v21); FLASH_ATTN2_DET_ORDER=spread for A/B.
-    const char* order = std::getenv("FLASH_ATTN2_DET_ORDER");
-    params.dq_order_by_head = order != nullptr && std::strcmp(order, "spread") == 0 ? 0 : 1;
+    params.dq_order_by_head = env_is("FLASH_ATTN2_DET_ORDER", "spread") ? 0 : 1;
   }
 #ifdef FLASH_ATTN2_BWD_TIMELINE
   // Debug builds only: the WS backward's per-consumer cycle counters (BwdProbe), one line per call

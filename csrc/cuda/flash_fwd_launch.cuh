@@ -22,12 +22,6 @@
 namespace flash_attn2::cuda {
 
 namespace detail {
-// Whether environment variable `name` is set to `value` (the launchers' A/B switches, read on every call).
-inline bool env_is(const char* name, const char* value) {
-  const char* env = std::getenv(name);
-  return env != nullptr && std::strcmp(env, value) == 0;
-}
-
 inline void check_shapes(const FwdParams& p, int compiled_head_dim) {
   if (p.batch < 0 || p.heads_q < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.heads_kv <= 0 ||
       p.heads_q % p.heads_kv != 0 || p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > compiled_head_dim) {

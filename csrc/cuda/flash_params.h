@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <cuda_runtime.h>
 
 #include "attention_rule.h"
@@ -201,6 +203,12 @@ struct BwdParams : FwdParams {
 // (read at run time); the others apply visibility (causal, window, varlen) only.
 template <typename T, int kHeadDim, bool kScoreMod>
 void run_flash_fwd(const FwdParams& params, cudaStream_t stream);
+
+// Whether environment variable `name` is set to `value` (the launchers' A/B switches, read on every call).
+inline bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
 
 // Keys per tile of the split-KV kernel (SplitKvTraits), for the launcher's choice of num_splits.
 constexpr int splitkv_block_n(int head_dim) { return head_dim <= 64 ? 128 : 64; }
