@@ -213,6 +213,9 @@ Variant prepare_variant(Variant var) {
   return var;
 }
 
+constexpr int64_t kSplitKvBlocksPerSm = 2;  // split-KV blocks resident on an SM (up to ~102 KB of shared memory each)
+int64_t current_sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
 // How many blocks split the keys of each (batch, kv head, packed row tile) in the split-KV kernel. requested > 0
 // is taken as is; 0 takes the smallest n at the minimum of a cost in key tiles, counting only splits that get keys
 // (n = 29 over 128 tiles is 26 splits of 5) and, with more than one split, at most one wave of two blocks per SM
@@ -241,7 +244,7 @@ int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t reques
   const bool streams = splitkv_block_m(s.seqlen_q * (s.heads_q / s.heads_kv)) == kSplitKvBlockM &&
                        (p.block_table == nullptr || (int64_t{1} << p.page_size_log2) >= block_n);
   const int64_t tiles = (s.seqlen_k + block_n - 1) / block_n;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount, slots = 2 * sms;
+  const int64_t sms = current_sm_count(), slots = kSplitKvBlocksPerSm * sms;
   if (blocks >= slots || tiles < 4) return 1;
   const int64_t max_splits = std::min<int64_t>(kMaxSplits, tiles);
   constexpr int64_t kBlockCostTiles = 1, kCombineCostTiles = 1;
@@ -273,8 +276,7 @@ bool use_splitkv_stagger(const ConcreteShape& s, const FwdParams& p) {
   if (!fits || env_is("FLASH_ATTN2_SPLITKV_STAGGER", "0")) return false;
   if (env_is("FLASH_ATTN2_SPLITKV_STAGGER", "1")) return true;
   const int64_t blocks = splitkv_row_tiles(s.batch, s.heads_q, s.heads_kv, s.seqlen_q);
-  const int64_t slots = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  return blocks < slots || s.seqlen_k >= kStaggerMinKeys;
+  return blocks < kSplitKvBlocksPerSm * current_sm_count() || s.seqlen_k >= kStaggerMinKeys;
 }
 
 // The split-KV path (flash_splitkv_kernel.cuh): params already hold the inputs; adds the partial buffers.

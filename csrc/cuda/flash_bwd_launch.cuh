@@ -160,9 +160,7 @@ bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
   // cannot take it (tests).
   maps.cluster = 0;
   if constexpr (!kScoreMod && Kt::kHeadDim == 128) {
-    const char* cluster_env = std::getenv("FLASH_ATTN2_BWD_CLUSTER");
-    const bool off = cluster_env != nullptr && std::strcmp(cluster_env, "0") == 0;
-    const bool require = cluster_env != nullptr && std::strcmp(cluster_env, "require") == 0;
+    const bool off = env_is("FLASH_ATTN2_BWD_CLUSTER", "0"), require = env_is("FLASH_ATTN2_BWD_CLUSTER", "require");
     const bool fits = !varlen && p.window_left < 0 && p.window_right < 0 && p.dq_semaphore == nullptr &&
                       !launch.dq_red_add && launch.grid_head_group <= 1 && num_n % 2 == 0 &&
                       max_active_pairs<Kt>(kernel, Kt::kNThreads, Kt::kSmemBytes) > 0;

@@ -367,9 +367,7 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   launch.sk_sync = nullptr;
   int64_t grid = blocks;
   if constexpr (Kt::may_cluster(kScoreMod)) {
-    const char* cluster_env = std::getenv("FLASH_ATTN2_FWD_CLUSTER");
-    const bool off = cluster_env != nullptr && std::strcmp(cluster_env, "0") == 0;
-    const bool require = cluster_env != nullptr && std::strcmp(cluster_env, "require") == 0;
+    const bool off = env_is("FLASH_ATTN2_FWD_CLUSTER", "0"), require = env_is("FLASH_ATTN2_FWD_CLUSTER", "require");
     const bool fits = uniform && launch.tile_counter == nullptr && launch.grid_head_group <= 1 && num_m % 2 == 0 &&
                       blocks >= 2;
     if (!off && fits) {
