@@ -205,10 +205,13 @@ for dtype in (torch.bfloat16, torch.float16):
         out.backward(torch.randn_like(out))
     # KV cache: dense and paged (pages of 16, 128, 256), appending 3 keys, 1, 5, 24 and 40 splits, GQA 4:1 and 1:1,
     # a sequence with an empty cache and one filled to capacity; 68 and 64 packed rows take the kernel whose warps
-    # split rows; d128 16-row tiles on pages of 128 and 256 the staggered loop, its page read a tile ahead.
+    # split rows; d128 16-row tiles on pages of 16 keys or more the staggered loop (a thread's run of 16 rows in one
+    # page, its entry read a tile ahead; capacities off a 128-key tile: runs past the table's row), pages of 8 the
+    # stages.
     for d, hq, hkv, nq, page, cap in [] if skip_kvcache else [
             (64, 8, 2, 1, None, 64), (128, 4, 4, 3, 16, 64), (256, 8, 2, 17, 16, 64), (96, 2, 1, 2, None, 64),
-            (128, 32, 8, 16, None, 64), (128, 8, 2, 1, 128, 768), (128, 8, 1, 2, 256, 1024)]:
+            (128, 32, 8, 16, None, 64), (128, 8, 2, 1, 128, 768), (128, 8, 1, 2, 256, 1024),
+            (128, 16, 4, 1, 32, 352), (128, 8, 8, 1, 64, 192), (128, 8, 2, 2, 8, 136)]:
         if page is None:
             kc = torch.randn(2, cap, hkv, d, device="cuda", dtype=dtype).transpose(1, 2)
             vc = torch.randn(2, cap, hkv, d, device="cuda", dtype=dtype).transpose(1, 2)

@@ -225,9 +225,11 @@ int64_t current_sm_count() { return at::cuda::getCurrentDeviceProperties()->mult
 //     short splits are bound by each block's chain of loads, so a second block on the SM hides the first's;
 //   bandwidth: blocks per SM x key tiles per split: one block streams as fast as the SM's share of the DRAM
 //     bandwidth lets two, so doubling the blocks on busy SMs to halve each one's keys gains nothing. Only for
-//     the 16-row tiles on dense caches or pages of a tile or more (whose rows are one stepped pointer): paged
-//     rows of smaller pages (a page lookup per row) and the 64-row tiles (four times the math per key) are bound
-//     by their own chains, where a second block on the SM still pays,
+//     the 16-row tiles on dense caches or pages of a tile or more (whose rows are one stepped pointer): the
+//     stages' rows of smaller pages (a page lookup per row) and the 64-row tiles (four times the math per key) are
+//     bound by their own chains, where a second block on the SM still pays; so are the staggered loop's pages of
+//     16-64, whose runs of 16 rows lie in scattered pages (16 x 8 x 8k, pages of 16: 137.6 us with one split
+//     as if dense, 127.5 with two; perf.md v48),
 // plus one tile when the partials need the combine. Before the bandwidth term, B = 16, Hkv = 8 (128 blocks on
 // 132 SMs) took two splits, and one is faster at every cache length (19.9 vs 21.7 us at 1k, 124.2 vs 126.7 at 8k),
 // but not with pages of 16 (paged / dense 0.67 at 8k) nor with 16 queries (238.6 vs 149.4 us at 8k; perf.md
@@ -260,7 +262,7 @@ int choose_num_splits(const ConcreteShape& s, const FwdParams& p, int64_t reques
   return static_cast<int>(best_n);
 }
 
-// The d128 16-row decode on dense caches and pages of 128 keys or more reads K and V staggered on 128-key tiles
+// The d128 16-row decode on dense caches and pages of 16 keys or more reads K and V staggered on 128-key tiles
 // (SplitKvTraits::kStagger).
 // Against the 64-key stages, three readings on H200s (perf.md v46, v47), graph timings, best of three
 // alternations: B = 1 x 8 heads at 8k / 1k +5.8-6.5 / +7.2-10.2%, 16 x 8 x 8k with Nq = 4 +2.2-2.3%, the long

@@ -218,12 +218,13 @@ constexpr int64_t splitkv_block_m(int64_t packed_rows) {
   return packed_rows > kSplitKvBlockM ? kSplitKvBlockMWide : kSplitKvBlockM;
 }
 // The calls the split-KV kernel's staggered loop (SplitKvTraits::kStagger, 128-key tiles) can run: compiled head
-// dim 128, one 16-row tile of packed rows, dense caches or pages of a tile or more (params: block_table,
-// page_size_log2).
+// dim 128, one 16-row tile of packed rows, dense caches or pages of at least the run of consecutive rows a thread
+// copies (params: block_table, page_size_log2).
 constexpr int kSplitKvStaggerBlockN = 128;
+constexpr int kSplitKvStaggerRunRows = 16;  // 128 keys x 16 chunks a row / 128 threads
 constexpr bool splitkv_stagger_fits(int compiled_head_dim, int64_t packed_rows, bool paged, int page_size_log2) {
   return compiled_head_dim == 128 && splitkv_block_m(packed_rows) == kSplitKvBlockM &&
-         (!paged || (1 << page_size_log2) >= kSplitKvStaggerBlockN);
+         (!paged || (1 << page_size_log2) >= kSplitKvStaggerRunRows);
 }
 // Row tiles of the split-KV kernel: (batch, kv head, splitkv_block_m packed (query, q head of the group) rows);
 // its grid is this times num_splits.

@@ -390,55 +390,62 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_splitkv_kernel(const __gr
   if constexpr (Kt::kStagger) {
     // Half-steps h = 0, 1, .. read K_t (h = 2 t) and V_t (h = 2 t + 1) of the split's tiles from slot h % 3;
     // at each, after the barrier (everyone is done with slot (h + 2) % 3, read at h - 1), half h + 2 is issued,
-    // so halves h + 1 and h + 2 are in flight while h is read. Dense caches, or pages of a tile or more (the
-    // launcher): a tile lies in one page, whose entry every thread reads a tile before its loads.
+    // so halves h + 1 and h + 2 are in flight while h is read.
+    //
+    // A thread copies one 16-byte chunk (ch) of kSplitKvStaggerRunRows consecutive rows of each K or V tile, its
+    // run [run0, run0 + 16): a warp's copy i is rows run0 + i of two runs (two whole 256-byte rows), the block's
+    // 16 copies the whole 32 KB tile. A run lies in one page wherever pages hold 16 keys or more
+    // (splitkv_stagger_fits), so on a paged cache each thread reads one block_table entry a tile (an iteration
+    // before its loads, into a register) and then copies through the dense loop's stepped pointer: vLLM's pages
+    // of 16 take the same loop as a dense cache, with no page slots in shared memory.
+    constexpr int kRunRows = kSplitKvStaggerRunRows;
+    static_assert(kBlockN * kCPR == Kt::kNThreads * kRunRows && kRunRows % 8 == 0,
+                  "a thread's run: one chunk of kRunRows rows, starting on a multiple of the swizzle's 8 rows");
+    const int run0 = (tid / kCPR) * kRunRows, ch = tid % kCPR;
+    const bool col_ok = ch * 8 < d;
     const int halves = 2 * (t_end - t_begin);
     auto slot = [&](int h) { return sKV_u + static_cast<uint32_t>((h % 3) * Kt::kSmemKV); };
-    auto tile_page = [&](int tile) -> index_t {  // tiles of the split start inside the sequence
-      if (!kv.paged()) return 0;
+    // This thread's run's page in `tile` (0: a dense cache, or a run past the sequence: its rows are not read).
+    auto run_page = [&](int tile) -> index_t {
+      const int key = tile * kBlockN + run0;
+      if (!kv.paged() || key >= seqlen_k) return 0;
       const int page = p.block_table[static_cast<index_t>(batch) * p.block_table_batch_stride +
-                                     ((tile * kBlockN) >> p.page_size_log2)];
+                                     (key >> p.page_size_log2)];
       return min(max(page, 0), p.num_pages - 1);
     };
-    // Half h of the split's tiles from `page` (paged caches: the page of its tile).
+    // Half h of the split's tiles: this thread's run, from `page` (paged caches: the run's page).
     auto load_half = [&](int h, index_t page) {
-      const int tile = t_begin + h / 2, key0 = tile * kBlockN;
+      const int key0 = (t_begin + h / 2) * kBlockN + run0;  // the run's first key
       const bool is_v = h & 1;
-      constexpr int kRowsPerPass = Kt::kNThreads / kCPR;
-      static_assert(Kt::kNThreads % kCPR == 0 && kRowsPerPass % 8 == 0, "a thread's chunk the same in every row");
-      const int r0 = tid / kCPR, ch = tid % kCPR;
-      const bool col_ok = ch * 8 < d;
-      const uint32_t dst = slot(h) + 2u * static_cast<uint32_t>(TileKV::chunk_offset(r0, ch));
       const T* base = is_v ? v : k;
       const index_t row_stride = is_v ? p.v_row_stride : p.k_row_stride;
-      // Dense: key0 + r0 from the sequence's key 0. Paged: row (key0 + r0) within the page, page stride
-      // k/v_batch_stride.
-      const index_t row = kv.paged() ? (key0 & ((1 << p.page_size_log2) - 1)) + r0 : key0 + r0;
+      // Dense: key0 from the sequence's key 0. Paged: row key0 within the page, page stride k/v_batch_stride.
+      const index_t row = kv.paged() ? key0 & ((1 << p.page_size_log2) - 1) : key0;
       const T* src = base + (is_v ? kv.v_base : kv.k_base) + ch * 8 + row * row_stride +
                      page * (is_v ? p.v_batch_stride : p.k_batch_stride);
-      const index_t step = static_cast<index_t>(kRowsPerPass) * row_stride;
+      const uint32_t dst = slot(h);
 #pragma unroll
-      for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
-        const bool pred = col_ok && key0 + r0 + i * kRowsPerPass < seqlen_k;
-        cp_async_16_policy(dst + 2u * static_cast<uint32_t>(i * kRowsPerPass * TileKV::kBK), pred ? src : base,
+      for (int i = 0; i < kRunRows; ++i) {
+        const bool pred = col_ok && key0 + i < seqlen_k;
+        cp_async_16_policy(dst + 2u * static_cast<uint32_t>(TileKV::chunk_offset(run0 + i, ch)), pred ? src : base,
                            pred, stream_policy);
-        src += step;
+        src += row_stride;
       }
     };
-    index_t page = tile_page(t_begin);
+    index_t page = run_page(t_begin);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (h < halves) load_half(h, page);
       cp_async_commit();  // one group per half (the first also carries Q), empty or not
     }
-    page = t_begin + 1 < t_end ? tile_page(t_begin + 1) : 0;  // the next tile's, used an iteration later
+    page = t_begin + 1 < t_end ? run_page(t_begin + 1) : 0;  // the next tile's, used an iteration later
     uint32_t frag_p[1][Kt::kKS_PV][4];
     for (int tile = t_begin; tile < t_end; ++tile) {
       const int h = 2 * (tile - t_begin);
       cp_async_wait<1>();
       __syncthreads();  // K_t landed for everyone; everyone is done with slot (h + 2) % 3
       if (tile == t_begin) FA2_TIMELINE(p, 3, clock64());
-      const index_t later = tile + 2 < t_end ? tile_page(tile + 2) : 0;  // read now, used next iteration
+      const index_t later = tile + 2 < t_end ? run_page(tile + 2) : 0;  // read now, used next iteration
       if (h + 2 < halves) load_half(h + 2, page);
       cp_async_commit();
       score_step(slot(h), tile, frag_p);

@@ -152,14 +152,15 @@ def test_kvcache_cuda_long_decode(page_size):
 
 
 @requires_cuda
-@pytest.mark.parametrize("page_size", [None, 128, 256])
+@pytest.mark.parametrize("page_size", [None, 8, 16, 32, 64, 128, 256])
 @pytest.mark.parametrize("stagger", ["", "0", "1"], ids=["default", "stages", "staggered"])
 def test_kvcache_cuda_d128_staggered_and_staged(stagger, page_size, monkeypatch):
-    """The d128 16-row decode on dense caches and pages of a 128-key tile or more in both loops: K and V staggered
-    on 128-key tiles (the default but on short rows in grids of a wave or more) and the 64-key stages;
-    FLASH_ATTN2_SPLITKV_STAGGER=1 / =0 force each. Key counts off the tiles (a last tile of one key, splits of one
-    tile), every option, both dtypes, d96 and d128, one grid of more than a wave of blocks over a few hundred keys;
-    paged capacities rounded up to whole pages (shuffled)."""
+    """The d128 16-row decode on dense caches and pages in both loops: K and V staggered on 128-key tiles (the
+    default but on short rows in grids of a wave or more; pages of 16 keys or more, a thread's run of 16 rows in
+    one page) and the 64-key stages (pages of 8 in every setting); FLASH_ATTN2_SPLITKV_STAGGER=1 / =0 force each.
+    Key counts off the tiles and pages (a last tile of one key, splits of one tile, sequences ending inside a
+    run), every option, both dtypes, d96 and d128, one grid of more than a wave of blocks over a few hundred keys;
+    paged capacities rounded up to whole pages (shuffled), so a tile's last runs may lie past the table's row."""
     if stagger:
         monkeypatch.setenv("FLASH_ATTN2_SPLITKV_STAGGER", stagger)
     else:
@@ -172,6 +173,7 @@ def test_kvcache_cuda_d128_staggered_and_staged(stagger, page_size, monkeypatch)
              dtype=torch.float16),
         dict(b=3, hq=8, hkv=8, nq=1, nnew=16, d=128, capacity=257, num_splits=3, causal=True, lens=[241, 0, 112]),
         dict(b=9, hq=32, hkv=32, nq=1, nnew=0, d=128, capacity=300, window=(64, -1), lens=None),
+        dict(b=3, hq=16, hkv=2, nq=1, nnew=3, d=128, capacity=1000, num_splits=2, lens=[997, 21, 500]),
     ]
     for i, case in enumerate(cases):
         case.setdefault("dtype", torch.bfloat16)
