@@ -11,7 +11,8 @@
 //   - keys are split over blocks (num_splits): each split writes a float32 partial O and LSE, and
 //     splitkv_combine_kernel (splitkv_combine.cuh) merges them; with one split the block writes O and LSE itself;
 //   - K/V tiles stream through a kStages-deep cp.async ring; rows come from a dense cache or through a block
-//     table (paged cache: (pages, page_size, Hkv, d)), per row, so any power-of-two page size works;
+//     table (paged cache: (pages, page_size, Hkv, d)), per row, so any power-of-two page size works (the
+//     staggered loop: per run of 16 rows a thread, pages of 16 or more);
 //   - the attention rule (visibility, softcap, ALiBi) is the same as every other kernel's (attention_rule.h),
 //     applied per row since the rows of a packed tile belong to different queries and heads. No dropout: the
 //     launcher keeps dropout calls on the main forward kernels.
@@ -72,7 +73,7 @@ struct SplitKvTraits {
   static constexpr int kORowStride = kHeadDim + 8;
   static constexpr int kSmemMerge = kSplitKeys ? kNWarps * kBlockM * kORowStride * 4 : 0;
   static constexpr int kSmemStats = kSplitKeys ? 2 * kNWarps * kBlockM * 4 : 0;  // per warp and row: max, sum
-  // Paged caches: the page of every staged row (the staggered loop keeps a tile's page in a register).
+  // Paged caches: the page of every staged row (the staggered loop keeps its run's page in a register).
   static constexpr int kSmemPages = kStagger ? 0 : kStages * kBlockN * 4;
   static constexpr int kSmemBytes =
       kSmemQ + (kSmemStages > kSmemMerge ? kSmemStages : kSmemMerge) + kSmemStats + kSmemPages;
