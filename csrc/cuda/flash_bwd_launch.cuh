@@ -194,6 +194,24 @@ inline bool softcap_bwd_kernel_takes(const BwdParams& p) {
          !env_is("FLASH_ATTN2_BWD_SOFTCAP_KERNEL", "0");
 }
 
+// FLASH_ATTN2_BWD_WS=0: the WS backward off (try_launch_bwd_ws, below).
+inline bool ws_bwd_off() { return env_is("FLASH_ATTN2_BWD_WS", "0"); }
+
+// The query rows of a step of the WS backward at d64 / d128 (its traits' kBlockM): the larger steps, unless an A/B
+// switch keeps 64: FLASH_ATTN2_BWD_WS_DET_BIG=0 in the deterministic mode, _MOD_BIG=0 with score modifiers (600
+// and 496 bytes of spills on sm_90a, yet 1.02-1.12x the 64-query steps on softcap, ALiBi and dropout rows),
+// _M80_MASKED=0 on masked d128 calls without them; none with red.add.
+template <int kHeadDim, bool kScoreMod>
+int ws_bwd_block_m(const BwdParams& p) {
+  constexpr int kBig = kHeadDim == 128 ? 80 : 128;
+  const bool masked = p.window_left >= 0 || p.window_right >= 0;
+  const bool big = ws_bwd_blockm_requested(kBig) && !dq_red_add_requested() &&
+                   !(p.dq_semaphore != nullptr && env_is("FLASH_ATTN2_BWD_WS_DET_BIG", "0")) &&
+                   !(kScoreMod && env_is("FLASH_ATTN2_BWD_WS_MOD_BIG", "0")) &&
+                   !(kHeadDim == 128 && !kScoreMod && masked && env_is("FLASH_ATTN2_BWD_WS_M80_MASKED", "0"));
+  return big ? kBig : 64;
+}
+
 // The warp-specialised backward (flash_bwd_sm90_ws_kernel.cuh) is the default at d128 on sm_90 where the TMA can
 // address q, k, v and dout (1.09-1.36x flash_bwd_sm90_kernel over d128 plain, softcap and dropout, causal or
 // not, N = 2k and 16k; perf.md v12-v13), and at d64: 1.11-1.19x over plain, softcap and dropout, causal or
@@ -204,18 +222,10 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   if constexpr (kHeadDim != 64 && kHeadDim != 128) {
     return false;
   } else {
-    const char* env = std::getenv("FLASH_ATTN2_BWD_WS");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    const bool required = env != nullptr && std::strcmp(env, "require") == 0;
-    // The larger steps, unless an A/B switch keeps 64: FLASH_ATTN2_BWD_WS_DET_BIG=0 in the deterministic mode,
-    // _MOD_BIG=0 with score modifiers (600 and 496 bytes of spills on sm_90a, yet 1.02-1.12x the 64-query steps
-    // on softcap, ALiBi and dropout rows), _M80_MASKED=0 on masked d128 calls without them; none with red.add.
+    if (ws_bwd_off()) return false;
+    const bool required = env_is("FLASH_ATTN2_BWD_WS", "require");
     constexpr int kBig = kHeadDim == 128 ? 80 : 128;
-    const bool masked = p.window_left >= 0 || p.window_right >= 0;
-    const bool big = ws_bwd_blockm_requested(kBig) && !dq_red_add_requested() &&
-                     !(p.dq_semaphore != nullptr && env_is("FLASH_ATTN2_BWD_WS_DET_BIG", "0")) &&
-                     !(kScoreMod && env_is("FLASH_ATTN2_BWD_WS_MOD_BIG", "0")) &&
-                     !(kHeadDim == 128 && !kScoreMod && masked && env_is("FLASH_ATTN2_BWD_WS_M80_MASKED", "0"));
+    const bool big = ws_bwd_block_m<kHeadDim, kScoreMod>(p) == kBig;
     if constexpr (kScoreMod) {
       // The larger steps issue dP^T after P^T (Kt::kLateDp) on every score-modifier call: its accumulators are then
       // not live while the score rule runs (softcap and dropout 1.00-1.04x, perf.md v25; ALiBi 1.07-1.20x since
@@ -311,8 +321,7 @@ void run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
       // The dQ-warpgroup kernel (1.09-1.35x the split-role kernel on an H200, perf.md v17), in the deterministic
       // mode too (1.01-1.06x there, v18), unless FLASH_ATTN2_BWD_WIDE=2wg asks for the split-role kernel (A/B
       // runs, tests).
-      const char* wide_env = std::getenv("FLASH_ATTN2_BWD_WIDE");
-      const bool two_wg = wide_env != nullptr && std::strcmp(wide_env, "2wg") == 0;
+      const bool two_wg = env_is("FLASH_ATTN2_BWD_WIDE", "2wg");
       if (!detail::use_sm90_kernels())
         detail::launch_bwd_portable<T, kHeadDim, kScoreMod>(params, stream);
       else if (two_wg)

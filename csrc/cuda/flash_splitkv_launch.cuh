@@ -10,10 +10,7 @@ namespace flash_attn2::cuda {
 
 namespace detail {
 // FLASH_ATTN2_SPLITKV_EVICT_FIRST=0: the K/V loads evict-unchanged everywhere (A/B runs).
-inline bool splitkv_evict_first() {
-  const char* env = std::getenv("FLASH_ATTN2_SPLITKV_EVICT_FIRST");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
+inline bool splitkv_evict_first() { return !env_is("FLASH_ATTN2_SPLITKV_EVICT_FIRST", "0"); }
 
 // FLASH_ATTN2_SPLITKV_PREFETCH=n: key tiles a split-KV block prefetches into L2 before its PDL wait (default
 // kSplitKvPrefetchTiles; 0: none). FLASH_ATTN2_PDL_TRIGGER (FwdParams::pdl_trigger, default kPdlTrigger): where
