@@ -229,11 +229,11 @@ def time_implementations(cases, describe, inputs, causal_of, fa4, sdpa_kwargs=No
     return results
 
 
-def bench_cuda(quick, out_path, rows, head_dims=None):
+def bench_cuda(quick, out_path, rows, head_dims=None, seqlens=None):
     print(f"CUDA: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
     head_dims = head_dims or ([64, 128] if quick else [64, 128, 256])
-    seqlens = [2048, 8192, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+    seqlens = seqlens or ([2048, 8192, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384])
     fa4 = flash_attn_4()
     cases = [(dtype, d, causal, n) for dtype in dtypes for d in head_dims for causal in (False, True) for n in seqlens]
 
@@ -739,6 +739,9 @@ def main(argv=None):
     parser.add_argument("--out", help="also write the CUDA table (markdown) here")
     parser.add_argument("--head-dims", type=lambda x: [int(d) for d in x.split(",")],
                         help="comma-separated CUDA head dims (default 64,128 with --quick, else 64,128,256)")
+    parser.add_argument("--seqlens", type=lambda x: [int(n) for n in x.split(",")],
+                        help="comma-separated CUDA grid sequence lengths (default 2048,8192,16384 with --quick, else "
+                             "512,...,16384; B = 16384 // N)")
     parser.add_argument("--variants", action="store_true",
                         help="CUDA: also time varlen, sliding window, softcap, ALiBi, dropout and deterministic rows")
     parser.add_argument("--variants-only", action="store_true", help="CUDA: only the variant rows")
@@ -782,7 +785,7 @@ def main(argv=None):
             bench_cpu(args.reps, rows, args.cpu_seqlens)
         else:
             if not (args.variants_only or args.decode_only or args.provider_only or args.gqa_only):
-                bench_cuda(args.quick, args.out, rows, args.head_dims)
+                bench_cuda(args.quick, args.out, rows, args.head_dims, args.seqlens)
             if args.variants or args.variants_only:
                 bench_variants_cuda(args.out)
             if args.decode or args.decode_only:

@@ -1,0 +1,50 @@
+"""Ours against SDPA's cuDNN backend over sequence lengths near one another, same process, alternating rounds:
+how the ratio moves with N modulo the kernels' tile sizes (the WS backward's 80-query steps at d128, the
+forward's 128-row query tiles), e.g. #11's d128 non-causal 2k rows (perf.md v49).
+
+    python3 scripts/n_sweep.py --d 128 --b 8 --h 16 --ns 1920,2000,2048,2080 [--causal] [--rounds 3]
+
+(B, N, H, D) buffers viewed as (B, H, N, D), as the bench's grid. TFLOP/s count 4 B H N^2 D (halved causal),
+the backward 2.5x; each cell the best of --rounds medians (flash_attn2.bench.time_cuda_case)."""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flash_attn2
+from flash_attn2.bench import time_cuda_case
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--b", type=int, default=8)
+    ap.add_argument("--h", type=int, default=16)
+    ap.add_argument("--ns", default="1920,2000,2048,2080")
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    print("| N | fwd ours | fwd cudnn | fwd ours/cudnn | bwd ours | bwd cudnn | bwd ours/cudnn |")
+    print("|---|---|---|---|---|---|---|")
+    for n in (int(x) for x in args.ns.split(",")):
+        q, k, v, dout = (torch.randn(args.b, n, args.h, args.d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                         for _ in range(4))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        ours = lambda q, k, v: flash_attn2.attention(q, k, v, args.causal)  # noqa: E731
+        cudnn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)  # noqa: E731
+        best = {"ours": [float("inf")] * 2, "cudnn": [float("inf")] * 2}
+        for _ in range(args.rounds):
+            for name, fn in (("ours", ours), ("cudnn", cudnn)):
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    f, b = time_cuda_case(fn, q, k, v, dout)
+                best[name] = [min(best[name][0], f), min(best[name][1], b)]
+        flops = 4 * args.b * args.h * n * n * args.d / (2 if args.causal else 1)
+        tf = {name: (flops / t[0] / 1e9, 2.5 * flops / t[1] / 1e9) for name, t in best.items()}
+        print(f"| {n} | {tf['ours'][0]:.0f} | {tf['cudnn'][0]:.0f} | {tf['ours'][0] / tf['cudnn'][0]:.3f} | "
+              f"{tf['ours'][1]:.0f} | {tf['cudnn'][1]:.0f} | {tf['ours'][1] / tf['cudnn'][1]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
