@@ -197,13 +197,17 @@ inline bool softcap_bwd_kernel_takes(const BwdParams& p) {
 // FLASH_ATTN2_BWD_WS=0: the WS backward off (try_launch_bwd_ws, below).
 inline bool ws_bwd_off() { return env_is("FLASH_ATTN2_BWD_WS", "0"); }
 
+// The larger steps of the WS backward: FlashAttention-3's 80 queries at d128, 128 at d64.
+template <int kHeadDim>
+constexpr int kWsBwdBigBlockM = kHeadDim == 128 ? 80 : 128;
+
 // The query rows of a step of the WS backward at d64 / d128 (its traits' kBlockM): the larger steps, unless an A/B
 // switch keeps 64: FLASH_ATTN2_BWD_WS_DET_BIG=0 in the deterministic mode, _MOD_BIG=0 with score modifiers (600
 // and 496 bytes of spills on sm_90a, yet 1.02-1.12x the 64-query steps on softcap, ALiBi and dropout rows),
 // _M80_MASKED=0 on masked d128 calls without them; none with red.add.
 template <int kHeadDim, bool kScoreMod>
 int ws_bwd_block_m(const BwdParams& p) {
-  constexpr int kBig = kHeadDim == 128 ? 80 : 128;
+  constexpr int kBig = kWsBwdBigBlockM<kHeadDim>;
   const bool masked = p.window_left >= 0 || p.window_right >= 0;
   const bool big = ws_bwd_blockm_requested(kBig) && !dq_red_add_requested() &&
                    !(p.dq_semaphore != nullptr && env_is("FLASH_ATTN2_BWD_WS_DET_BIG", "0")) &&
@@ -224,7 +228,7 @@ bool try_launch_bwd_ws(const BwdParams& p, cudaStream_t stream) {
   } else {
     if (ws_bwd_off()) return false;
     const bool required = env_is("FLASH_ATTN2_BWD_WS", "require");
-    constexpr int kBig = kHeadDim == 128 ? 80 : 128;
+    constexpr int kBig = kWsBwdBigBlockM<kHeadDim>;
     const bool big = ws_bwd_block_m<kHeadDim, kScoreMod>(p) == kBig;
     if constexpr (kScoreMod) {
       // The larger steps issue dP^T after P^T (Kt::kLateDp) on every score-modifier call: its accumulators are then
