@@ -29,13 +29,15 @@ FA2_DEVICE RotatedDqWalk<int> rotated_dq_walk(const Visibility<int>& vis) {
 // the walk's query tile count): each head's walk starts at the key tile's RotatedDqWalk::start and wraps around.
 template <int kBlockM>
 struct BwdSteps {
-  int group, row_begin, m_count, total, rot = 0;
+  // row_end: one past the key tile's last visible query (the last step's rows from it on add nothing: step_rows16)
+  int group, row_begin, row_end, m_count, total, rot = 0;
   template <int kBlockN>
   FA2_DEVICE BwdSteps(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const Visibility<int>& vis) {
     group = p.heads_q / p.heads_kv;
     const int q_begin = vis.query_begin(blk.key0), q_end = vis.query_end(blk.key0 + blk.keys - 1);
     const bool from_first_row = p.steps_from_first_row && p.dq_semaphore == nullptr;
     row_begin = from_first_row ? q_begin / 16 * 16 : q_begin / kBlockM * kBlockM;
+    row_end = q_end;
     m_count = q_end > q_begin ? ceil_div(q_end - row_begin, kBlockM) : 0;
     total = group * m_count;
     if (p.dq_rotate && m_count > 0) rot = rotated_dq_walk<kBlockM, kBlockN>(vis).start(blk.n_block);

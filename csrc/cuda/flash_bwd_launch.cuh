@@ -146,6 +146,7 @@ bool launch_bwd_ws(const BwdParams& p, cudaStream_t stream, bool required) {
   // Steps from each key tile's first visible query (BwdSteps, which keeps the deterministic mode's aligned walk):
   // FLASH_ATTN2_BWD_FIRST_ROW=0 aligns them (A/B runs).
   launch.steps_from_first_row = !env_is("FLASH_ATTN2_BWD_FIRST_ROW", "0");
+  launch.partial_steps = !env_is("FLASH_ATTN2_BWD_PARTIAL_STEP", "0");
   choose_dq_walk<Kt>(launch);
   auto kernel = &flash_bwd_sm90_ws_kernel<Kt, kScoreMod, kSoftcapOnly>;
   set_smem_limit(kernel, Kt::kSmemBytes);

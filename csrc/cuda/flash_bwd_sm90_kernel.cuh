@@ -198,12 +198,12 @@ FA2_DEVICE void add_dq_tile(const BwdParams& p, const SeqInfo& seq, const float 
 }
 
 // dK += dS^T Q (B operand M-major: Q's query rows are the K dim), issued, not committed: bwd_step_dk_dv's with dV,
-// the WS kernel's after the dQ product.
-template <class Kt, class T = typename Kt::Elem>
-FA2_DEVICE void issue_dk(float (&acc_dk)[1][Kt::kHeadDim / 8][4], uint32_t (&ds_frag)[1][Kt::kBlockM / 16][4],
+// the WS kernel's after the dQ product. kN: the step's first kN queries (bwd_step_dk_dv).
+template <class Kt, int kN = Kt::kBlockM, class T = typename Kt::Elem>
+FA2_DEVICE void issue_dk(float (&acc_dk)[1][Kt::kHeadDim / 8][4], uint32_t (&ds_frag)[1][kN / 16][4],
                          uint32_t sQ_s) {
 #pragma unroll
-  for (int kk = 0; kk < Kt::kBlockM / 16; ++kk)
+  for (int kk = 0; kk < kN / 16; ++kk)
     WgmmaOp<T, Kt::kHeadDim>::template rs<1>(flat(acc_dk), ds_frag[0][kk],
                                              desc_mn_major<typename Kt::TileQ>(sQ_s, 0, kk), 1);
 }
@@ -231,22 +231,26 @@ struct BwdProbe : BwdProbeBase {
 // dS^T stored to sdS for the dQ product; then dV += P^T dO and dK += dS^T Q issued and committed, not waited
 // for. p_frag and ds_frag are those products' A operands: the caller keeps them untouched until its wait.
 // kIssueDk = false: dV is issued and committed alone, and the caller issues dK (issue_dk) when it chooses.
+// kN: the products run on the step's first kN of its Kt::kBlockM queries (the WS kernel's partial last step, whose
+// other rows see none of the block's keys: kWsBwdPartialRows); the shared-memory tiles keep Kt's layout.
 // kSoftcapOnly (with kScoreMod): the score rule is a softcap alone, no ALiBi or dropout (the WS backward's softcap
 // kernel): the softcap's form of the score loop with only the mask chosen at run time, and dS^T without dropout.
 // probe: the WS kernel's cycle probe (BwdProbe; nullptr elsewhere).
-template <class Kt, bool kScoreMod, bool kIssueDk = true, bool kSoftcapOnly = false, class T = typename Kt::Elem>
+template <class Kt, bool kScoreMod, bool kIssueDk = true, bool kSoftcapOnly = false, int kN = Kt::kBlockM,
+          class T = typename Kt::Elem>
 FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlockN>& blk, const Visibility<int>& vis,
                                int head, int row0, int wg, int warp, int lane, uint32_t sK_u, uint32_t sV_u,
                                uint32_t sQ_s, uint32_t sdO_s, const float* s_lse, T* sdS,
                                float (&acc_dk)[1][Kt::kHeadDim / 8][4], float (&acc_dv)[1][Kt::kHeadDim / 8][4],
-                               uint32_t (&p_frag)[1][Kt::kBlockM / 16][4],
-                               uint32_t (&ds_frag)[1][Kt::kBlockM / 16][4], BwdProbe* probe = nullptr) {
+                               uint32_t (&p_frag)[1][kN / 16][4], uint32_t (&ds_frag)[1][kN / 16][4],
+                               BwdProbe* probe = nullptr) {
   using TileQ = typename Kt::TileQ;
   using TileKV = typename Kt::TileKV;
   using TileDS = typename Kt::TileDS;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
-  constexpr int kNT_S = kBlockM / 8;     // n8 tiles of S^T / dP^T (64 keys x kBlockM queries per warpgroup)
-  constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
+  static_assert(kN % 16 == 0 && kN <= kBlockM, "a step's first kN queries");
+  constexpr int kNT_S = kN / 8;     // n8 tiles of S^T / dP^T (64 keys x kN queries per warpgroup)
+  constexpr int kKSteps = kN / 16;  // k16 steps of dV / dK (over queries)
   const int g = lane >> 2, t = lane & 3;
   const int wg_row0 = 64 * wg + 16 * (warp % 4);  // first block-local key row of this warp's accumulators
 
@@ -254,7 +258,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < kHeadDim / 16; ++ks)
-    WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_s), desc_k_major<TileKV>(sK_u, 64 * wg, ks),
+    WgmmaOp<T, kN>::template ss<0, 0>(flat(acc_s), desc_k_major<TileKV>(sK_u, 64 * wg, ks),
                                            desc_k_major<TileQ>(sQ_s, 0, ks), ks > 0);
   wgmma_commit();
   // dP^T = V dO^T, issued and committed. Kt::kLateDp: after P^T is computed, not beside S^T, so that its
@@ -263,7 +267,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   auto issue_dp = [&] {
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ++ks)
-      WgmmaOp<T, kBlockM>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
+      WgmmaOp<T, kN>::template ss<0, 0>(flat(acc_dp), desc_k_major<TileKV>(sV_u, 64 * wg, ks),
                                              desc_k_major<TileQ>(sdO_s, 0, ks), ks > 0);
     wgmma_commit();
   };
@@ -274,7 +278,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
   const float* s_d = s_lse + kBlockM;
   const int key_r0 = blk.key0 + wg_row0 + g, q_c0 = row0 + 2 * t;  // this thread's first key / query
   const ScoreRule<float> rule = kScoreMod ? score_rule(p, blk.batch, head) : ScoreRule<float>{};
-  const bool need_mask = vis.tile_needs_mask(row0, kBlockM, blk.key0, kBlockN);
+  const bool need_mask = vis.tile_needs_mask(row0, kN, blk.key0, kBlockN);
   // The keep mask depends on positions only: draw it while the tensor cores work on S^T and dP^T.
   KeepBits<1, kNT_S> keep{};
   const bool dropout = kScoreMod && !kSoftcapOnly && p.dropout.enabled();
@@ -326,7 +330,7 @@ FA2_DEVICE void bwd_step_dk_dv(const BwdParams& p, const BwdBlockInfo<Kt::kBlock
 #pragma unroll
   for (int kk = 0; kk < kKSteps; ++kk)
     WgmmaOp<T, kHeadDim>::template rs<1>(flat(acc_dv), p_frag[0][kk], desc_mn_major<TileQ>(sdO_s, 0, kk), 1);
-  if constexpr (kIssueDk) issue_dk<Kt>(acc_dk, ds_frag, sQ_s);
+  if constexpr (kIssueDk) issue_dk<Kt, kN>(acc_dk, ds_frag, sQ_s);
   wgmma_commit();
   if (probe) probe->mark(BwdProbe::kIssueDv);
 }

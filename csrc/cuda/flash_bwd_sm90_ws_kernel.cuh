@@ -110,6 +110,14 @@ struct BwdSm90WsTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
+// A key tile's last step of 80 queries whose rows from this many on see none of its keys (its row_end: the tile's
+// last visible query + 1, or the sequence's end) runs its products on these rows only, a second form of the
+// WS kernel's step (bwd_step_dk_dv's kN): the steps of 80 divide few lengths (2048 = 25 x 80 + 48, 4096 = 51 x 80
+// + 16, 8192 = 102 x 80 + 32), and the last one's padding rows otherwise cost a full step's products. One form
+// only, 48, not one per multiple of 16: products of several widths on the same accumulators made ptxas serialise
+// every wgmma of the kernel (C7511), and each form is another copy of the step's code.
+constexpr int kWsBwdPartialRows = 48;
+
 // The Q, K, V and dO maps of a backward call, and the float32 map over dq_accum its dQ reduce-adds write.
 struct BwdTmaMaps {
   CUtensorMap q, k, v, dout, dq;
@@ -171,10 +179,12 @@ FA2_DEVICE void store_dq_boxes(unsigned char* dst, const float (&acc)[1][8][4], 
 // (16 (warp % 4) + g + 8 h) by kBlockM queries (8 ni + 2 t + e), into the same two kBlockM x 32 boxes, where the
 // element of query q, column c lies at byte (c / 32) * kBlockM * 128 + q * 128 + ((c % 32 / 4) ^ (q % 8)) * 16 +
 // (c % 4) * 4. A warp's columns lie in one box; for each register its lanes cover 4 queries x 8 columns, whose
-// 16-byte chunks are 8 distinct ones of 8 rows with distinct swizzles: every bank once.
-template <int kBlockM>
-FA2_DEVICE void store_dq_boxes_transposed(unsigned char* dst, const float (&acc)[1][kBlockM / 8][4], int warp, int g,
+// 16-byte chunks are 8 distinct ones of 8 rows with distinct swizzles: every bank once. Accumulators of the first
+// 8 kNT queries only (a partial step's): zeros for the others.
+template <int kBlockM, int kNT>
+FA2_DEVICE void store_dq_boxes_transposed(unsigned char* dst, const float (&acc)[1][kNT][4], int warp, int g,
                                           int t) {
+  static_assert(kNT <= kBlockM / 8, "at most the step's queries");
   unsigned char* box = dst + ((warp % 4) / 2) * (kBlockM * 128);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -184,7 +194,8 @@ FA2_DEVICE void store_dq_boxes_transposed(unsigned char* dst, const float (&acc)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int q = 8 * ni + 2 * t + e;
-        *reinterpret_cast<float*>(box + q * 128 + (((c / 4) ^ (q % 8)) << 4) + (c % 4) * 4) = acc[0][ni][2 * h + e];
+        *reinterpret_cast<float*>(box + q * 128 + (((c / 4) ^ (q % 8)) << 4) + (c % 4) * 4) =
+            ni < kNT ? acc[0][ni < kNT ? ni : 0][2 * h + e] : 0.f;
       }
   }
 }
@@ -369,7 +380,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     T* sV = reinterpret_cast<T*>(sm.base + sm.v_off());
     const uint32_t sK_u = sm.base_u, sV_u = sm.base_u + sm.v_off();
     constexpr int kNT_KV = kHeadDim / 8;   // n8 tiles of dK / dV (64 keys x d)
-    constexpr int kKSteps = kBlockM / 16;  // k16 steps of dV / dK (over queries)
     // Named barriers: kBarDs + step parity (dS^T, both consumers), kBarEpilogue (both), kBarEpilogue + 1 + c (one)
     constexpr int kBarDs = 1, kBarEpilogue = 3;
     // This consumer's dQ chunk: at d128 columns 64 c at every step, at d64 all columns at every other step, or
@@ -400,69 +410,84 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       probe.mark(BwdProbe::kFullWait);
       probe.add(BwdProbe::kSteps, 1);
 
-      // S^T, dP^T, P^T, dS^T (to shared memory for dQ); dV issued (dK after the dQ product).
-      uint32_t p_frag[1][kKSteps][4], ds_frag[1][kKSteps][4];
-      bwd_step_dk_dv<Kt, kScoreMod, false, kSoftcapOnly>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u, sQ_s,
-                                                         sdO_s, sm.stats(s), sdS, acc_dk, acc_dv, p_frag, ds_frag,
-                                                         &probe);
+      // The step's products on its first kN queries: all kBlockM of them, or, on a key tile's last step of 80
+      // whose rows from kWsBwdPartialRows on see none of its keys, those rows only (the tile's other steps and
+      // the shared-memory layout unchanged; FLASH_ATTN2_BWD_PARTIAL_STEP=0 runs every step on 80).
+      auto step = [&](auto kn) {
+        constexpr int kN = decltype(kn)::value;
+        // S^T, dP^T, P^T, dS^T (to shared memory for dQ); dV issued (dK after the dQ product).
+        constexpr int kKSteps = kN / 16;  // k16 steps of dV / dK (over queries)
+        uint32_t p_frag[1][kKSteps][4], ds_frag[1][kKSteps][4];
+        bwd_step_dk_dv<Kt, kScoreMod, false, kSoftcapOnly, kN>(p, blk, vis, head, row0, c, warp, lane, sK_u, sV_u,
+                                                               sQ_s, sdO_s, sm.stats(s), sdS, acc_dk, acc_dv, p_frag,
+                                                               ds_frag, &probe);
 
-      // dQ chunk (64 queries x 64 columns) = dS K over the block's 128 keys, by the consumers whose step it is;
-      // with 80 queries a step, its transpose (64 columns x 80 queries) = K^T dS^T (kDqTransposed).
-      const bool dq_mine = kDqEveryStep || it % Kt::kConsumers == c;
-      fence_proxy_async_smem();
-      if (dq_mine) tma::named_sync(kBarDs + (it & 1), 256);  // both consumers' dS^T are in shared memory
-      else tma::named_arrive(kBarDs + (it & 1), 256);        // this one's is
-      probe.mark(BwdProbe::kDsBarrier);
-      float acc_dq[1][Kt::kDqTransposed ? kBlockM / 8 : 8][4];
-      if (dq_mine) {
+        // dQ chunk (64 queries x 64 columns) = dS K over the block's 128 keys, by the consumers whose step it is;
+        // with 80 queries a step, its transpose (64 columns x 80 queries) = K^T dS^T (kDqTransposed).
+        const bool dq_mine = kDqEveryStep || it % Kt::kConsumers == c;
+        fence_proxy_async_smem();
+        if (dq_mine) tma::named_sync(kBarDs + (it & 1), 256);  // both consumers' dS^T are in shared memory
+        else tma::named_arrive(kBarDs + (it & 1), 256);        // this one's is
+        probe.mark(BwdProbe::kDsBarrier);
+        float acc_dq[1][Kt::kDqTransposed ? kN / 8 : 8][4];
+        if (dq_mine) {
 #pragma unroll
-        for (int ks = 0; ks < kBlockN / 16; ++ks) {
-          if constexpr (Kt::kDqTransposed) {  // A = K^T (MN-major: K's rows are the k dim), B = dS (K-major)
-            WgmmaOp<T, kBlockM>::template ss<1, 0>(flat(acc_dq), desc_mn_major<TileKV>(sK_u, dq_chunk, ks),
-                                                   desc_k_major<TileDS>(sdS_u, 0, ks), ks > 0);
-          } else {
-            WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, dq_rows, ks),
-                                              desc_mn_major<TileKV>(sK_u, dq_chunk, ks), ks > 0);
+          for (int ks = 0; ks < kBlockN / 16; ++ks) {
+            if constexpr (Kt::kDqTransposed) {  // A = K^T (MN-major: K's rows are the k dim), B = dS (K-major)
+              WgmmaOp<T, kN>::template ss<1, 0>(flat(acc_dq), desc_mn_major<TileKV>(sK_u, dq_chunk, ks),
+                                                desc_k_major<TileDS>(sdS_u, 0, ks), ks > 0);
+            } else {
+              WgmmaOp<T, 64>::template ss<1, 1>(flat(acc_dq), desc_mn_major<TileDS>(sdS_u, dq_rows, ks),
+                                                desc_mn_major<TileKV>(sK_u, dq_chunk, ks), ks > 0);
+            }
           }
+          wgmma_commit();
         }
+        probe.mark(BwdProbe::kIssueDq);
+        issue_dk<Kt, kN>(acc_dk, ds_frag, sQ_s);
         wgmma_commit();
-      }
-      probe.mark(BwdProbe::kIssueDq);
-      issue_dk<Kt>(acc_dk, ds_frag, sQ_s);
-      wgmma_commit();
-      probe.mark(BwdProbe::kIssueDk);
-      wgmma_wait<1>();  // dV and dQ done; dK may still run
-      fence_regs(acc_dq);
-      fence_regs(acc_dv);
-      fence_regs(p_frag);
-      probe.mark(BwdProbe::kDqWait);
+        probe.mark(BwdProbe::kIssueDk);
+        wgmma_wait<1>();  // dV and dQ done; dK may still run
+        fence_regs(acc_dq);
+        fence_regs(acc_dv);
+        fence_regs(p_frag);
+        probe.mark(BwdProbe::kDqWait);
 
-      if (!dq_mine) {
-        // no dQ this step
-      } else if (!p.dq_red_add) {
-        // dQ to this step's buffer (once the writer's reduce-adds of two steps ago have read it), for the writer.
-        // Rows past the sequence's end add exact zeros (P = 0 there, LSE = +inf) to the rows that follow; rows
-        // past the array are clipped.
-        const int b = it % Kt::kDqBufs;
-        if (it >= Kt::kDqBufs) tma::wait(sm.dq_empty(b), ((it / Kt::kDqBufs) - 1) & 1);
-        probe.mark(BwdProbe::kDqBufWait);
-        if constexpr (Kt::kDqTransposed) {
-          store_dq_boxes_transposed<kBlockM>(sm.base + sm.dq_off(b, dq_chunk), acc_dq, warp, g, t);
-        } else {  // (split rows: this consumer's 64 rows start 64 dq_rows rows into each box)
-          store_dq_boxes<Kt::kDqBox>(sm.base + sm.dq_off(b, dq_chunk) + dq_rows * 64 * 128, acc_dq, warp, g, t);
+        if (!dq_mine) {
+          // no dQ this step
+        } else if (!p.dq_red_add) {
+          // dQ to this step's buffer (once the writer's reduce-adds of two steps ago have read it), for the writer.
+          // Rows past the sequence's end add exact zeros (P = 0 there, LSE = +inf) to the rows that follow; rows
+          // past the array are clipped.
+          const int b = it % Kt::kDqBufs;
+          if (it >= Kt::kDqBufs) tma::wait(sm.dq_empty(b), ((it / Kt::kDqBufs) - 1) & 1);
+          probe.mark(BwdProbe::kDqBufWait);
+          if constexpr (Kt::kDqTransposed) {
+            // (zeros for the queries past kN: the writer adds the whole box)
+            store_dq_boxes_transposed<kBlockM>(sm.base + sm.dq_off(b, dq_chunk), acc_dq, warp, g, t);
+          } else {  // (split rows: this consumer's 64 rows start 64 dq_rows rows into each box)
+            store_dq_boxes<Kt::kDqBox>(sm.base + sm.dq_off(b, dq_chunk) + dq_rows * 64 * 128, acc_dq, warp, g, t);
+          }
+          fence_proxy_async_smem();  // the stores before the writer's bulk reads
+          tma::arrive(sm.dq_full(b));
+        } else if constexpr (kBlockM == 64) {  // FLASH_ATTN2_BWD_WS_DQ=red (never deterministic, nor larger steps)
+          add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
+                      row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
         }
-        fence_proxy_async_smem();  // the stores before the writer's bulk reads
-        tma::arrive(sm.dq_full(b));
-      } else if constexpr (kBlockM == 64) {  // FLASH_ATTN2_BWD_WS_DQ=red (never deterministic, nor larger steps)
-        add_dq_tile(p, blk.seq, acc_dq, blk.batch, head, row0, 0, dq_col0, warp, g, t,
-                    row0 + kBlockM <= blk.seq.seqlen_q && p.head_dim == kHeadDim);
+        probe.mark(BwdProbe::kDqStore);
+        // dK's registers and the stage are released once dK is done, after the dQ store.
+        wgmma_wait<0>();
+        fence_regs(acc_dk);
+        fence_regs(ds_frag);       // the A fragments stay untouched until the MMAs reading them are done
+        tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
+      };
+      if constexpr (Kt::kDqTransposed) {
+        if (p.partial_steps && steps.row_end - row0 <= kWsBwdPartialRows) {
+          step(std::integral_constant<int, kWsBwdPartialRows>{});
+          continue;
+        }
       }
-      probe.mark(BwdProbe::kDqStore);
-      // dK's registers and the stage are released once dK is done, after the dQ store.
-      wgmma_wait<0>();
-      fence_regs(acc_dk);
-      fence_regs(ds_frag);       // the A fragments stay untouched until the MMAs reading them are done
-      tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
+      step(std::integral_constant<int, kBlockM>{});
     }
     probe.mark(BwdProbe::kDkWait);
     whole.mark(BwdProbe::kTotal);

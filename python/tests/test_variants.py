@@ -603,6 +603,43 @@ def test_cuda_warp_specialised_backward_80_queries_masked(monkeypatch, b, hq, hk
 
 
 @requires_sm90
+@pytest.mark.parametrize("mods", ["none", "softcap", "all"])
+@pytest.mark.parametrize("nq,nk,causal,window,hkv", [
+    (2048, 2048, False, (-1, -1), 2), (336, 400, True, (-1, -1), 1), (352, 300, False, (-1, -1), 2),
+    (368, 517, True, (100, -1), 2), (384, 384, False, (50, 20), 1), (333, 700, False, (-1, -1), 2)])
+def test_cuda_warp_specialised_backward_partial_last_step(monkeypatch, mods, nq, nk, causal, window, hkv):
+    """The d128 WS backward's 80-query steps run a key tile's last step on 48 queries where no query from the 48th
+    on sees its keys (kWsBwdPartialRows; 2048 = 25 x 80 + 48, 336 = 4 x 80 + 16, 352, 368 and 333 too, 384 not):
+    the same gradients as every step on 80 (FLASH_ATTN2_BWD_PARTIAL_STEP=0), bit for bit where they are
+    deterministic (dK and dV; dQ in the deterministic mode), with each score-modifier kernel (plain, softcap,
+    ALiBi + dropout + softcap), GQA and MQA, causal and windowed bands (whose key tiles end their steps at other
+    rows); and against the float64 reference."""
+    monkeypatch.setenv("FLASH_ATTN2_BWD_WS", "require")
+    b, hq, d = 2, 4, 128
+    softcap, alibi, dropout_p = {"none": (0.0, None, 0.0), "softcap": (20.0, None, 0.0),
+                                 "all": (5.0, "head", 0.1)}[mods]
+    opts = make_options(b, hq, causal, window, softcap, alibi, dropout_p, "cuda", seed=nq)
+    if nq != 2048:
+        check_variant_case(b, hq, hkv, nq, nk, d, torch.bfloat16, "cuda", opts)
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, d, torch.bfloat16, "cuda")
+    out, lse = flash_attn2.attention_with_lse(q, k, v, **opts)
+    dout = torch.randn_like(out)
+    kw = dict(window_size=list(window), softcap=softcap, alibi_slopes=opts["alibi_slopes"], dropout_p=dropout_p,
+              rng_state=opts["rng_state"])
+    grads = {}
+    for flag in ("", "0"):
+        monkeypatch.setenv("FLASH_ATTN2_BWD_PARTIAL_STEP", flag)
+        grads[flag] = (F.bwd(dout, q, k, v, out, lse, causal, None, **kw),
+                       F.bwd(dout, q, k, v, out, lse, causal, None, **kw, deterministic=True))
+    (dq, dk, dv), det = grads[""]
+    (dq0, dk0, dv0), det0 = grads["0"]
+    assert torch.equal(dk, dk0) and torch.equal(dv, dv0)
+    torch.testing.assert_close(dq.float(), dq0.float(), atol=2e-2, rtol=2e-2)
+    for name, a, a0 in zip(("dq", "dk", "dv"), det, det0):
+        assert torch.equal(a, a0), f"deterministic {name}: partial last step differs"
+
+
+@requires_sm90
 @pytest.mark.parametrize("softcap,alibi,dropout_p", [(30.0, None, 0.0), (0.0, None, 0.1), (0.0, "head", 0.0),
                                                      (5.0, "head", 0.0), (30.0, None, 0.1)])
 @pytest.mark.parametrize("d", [64, 128])
