@@ -481,7 +481,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         fence_regs(ds_frag);       // the A fragments stay untouched until the MMAs reading them are done
         tma::arrive(sm.empty(s));  // this thread is done with the stage's Q, dO, LSE and D
       };
-      if constexpr (Kt::kDqTransposed) {
+      // (not in the kernel with every score modifier: its second form took its spills from 124 / 172 to 164 / 268
+      // bytes; the plain and softcap-only kernels' moved by -4 / -8 and +4 / +16)
+      if constexpr (Kt::kDqTransposed && (!kScoreMod || kSoftcapOnly)) {
         if (p.partial_steps && steps.row_end - row0 <= kWsBwdPartialRows) {
           step(std::integral_constant<int, kWsBwdPartialRows>{});
           continue;
