@@ -29,7 +29,8 @@ FA2_DEVICE RotatedDqWalk<int> rotated_dq_walk(const Visibility<int>& vis) {
 // the walk's query tile count): each head's walk starts at the key tile's RotatedDqWalk::start and wraps around.
 template <int kBlockM>
 struct BwdSteps {
-  // row_end: one past the key tile's last visible query (the last step's rows from it on add nothing: step_rows16)
+  // row_end: one past the key tile's last visible query (a last step's rows from it on add nothing: the WS
+  // kernel's kWsBwdPartialRows)
   int group, row_begin, row_end, m_count, total, rot = 0;
   template <int kBlockN>
   FA2_DEVICE BwdSteps(const BwdParams& p, const BwdBlockInfo<kBlockN>& blk, const Visibility<int>& vis) {

@@ -188,8 +188,9 @@ struct BwdParams : FwdParams {
   // of the step's rows below it: a band's two edges (sliding windows) then cost one partial step, not two. Set
   // per kernel by the launcher; BwdSteps ignores it in the deterministic mode, whose turns count aligned tiles.
   bool steps_from_first_row;
-  // The 80-query steps of the WS d128 backward run a key tile's last step on the rows before its row_end only, in
-  // k16 steps (step_rows16); off (FLASH_ATTN2_BWD_PARTIAL_STEP=0, A/B runs): every step on 80.
+  // The 80-query steps of the WS d128 backward (plain and softcap-only kernels) run a key tile's last step on 48
+  // queries where its rows from the 48th on lie past the tile's row_end (kWsBwdPartialRows); off
+  // (FLASH_ATTN2_BWD_PARTIAL_STEP=0, A/B runs): every step on 80.
   bool partial_steps;
   // The d256 dQ-warpgroup kernel loads each step's Q and dO by the TMA (one thread, an mbarrier per stage) instead
   // of the compute threads' cp.async (the default where the TMA can address them, FLASH_ATTN2_BWD_WIDE_TMA_LOADS=0
