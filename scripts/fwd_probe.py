@@ -20,7 +20,7 @@ import flash_attn2  # noqa: E402,F401
 from flash_attn2.bench import median_ms_cuda, window_visible_scores  # noqa: E402
 
 SLOTS = ["q_wait", "kv_wait", "turn_wait", "issue", "s_wait", "softmax", "pv_wait", "rescale", "epilogue", "tiles",
-         "iters", "total", "issue_pv", "epi_finalize", "epi_stage", "epi_sync"]
+         "iters", "total", "issue_pv", "epi_finalize", "epi_stage", "epi_sync", "walk", "consume", "advance"]
 EPI = (13, 14, 15, 8)  # the epilogue's steps in order: finalize, O staged (and the LSE), barrier, stores on
 
 
@@ -52,7 +52,7 @@ def run_case(d, causal, n, env, window=-1):
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     f = lambda: torch.ops.flash_attn2.fwd(q, k, v, causal, **kw)
     ms, line = time_and_probe(f, env)
-    vals = torch.tensor([int(x) for x in line], dtype=torch.float64).view(-1, 3, 16)
+    vals = torch.tensor([int(x) for x in line], dtype=torch.float64).view(-1, 3, len(SLOTS))
     used = vals[vals[:, :, 9] > 0]  # (block, consumer) pairs that ran a tile
     if window < 0:
         flops = 4 * b * h * n * n * d / (2 if causal else 1)
@@ -67,8 +67,9 @@ def main():
     args = ap.parse_args()
     print("| case | ms | TFLOP/s | consumers | tiles / consumer | key tiles / tile | "
           + " | ".join(f"{s} /kt" for s in SLOTS[:9]) + " | issue_pv /kt | total /kt | untracked /kt | epilogue /tile "
-          "(finalize + staged + barrier + stores) | q_wait /tile |")
-    print("|" + "---|" * 20)
+          "(finalize + staged + barrier + stores) | q_wait /tile | untracked /tile: advance + set-up + in consume + "
+          "the end |")
+    print("|" + "---|" * 21)
     for case in args.cases.split(";"):
         parts = case.split(",")
         d, causal, n = int(parts[0]), parts[1] == "T", int(parts[2])
@@ -82,10 +83,16 @@ def main():
         per_kt = [sums[i].item() / iters for i in range(9)] + [sums[12].item() / iters]
         total = sums[11].item() / iters
         untracked = total - sum(per_kt)
+        # The untracked cycles split: the walk's step (advance) and the tile's set-up between calls of consume, what
+        # a call spends outside its slots, and what follows the last call (the consumer's end).
+        walk, consume, adv = sums[16].item(), sums[17].item(), sums[18].item()
+        tracked = sum(per_kt) * iters
         print(f"| {case} | {ms:.3f} | {tflops:.0f} | {used.shape[0]} | {tiles / used.shape[0]:.1f} | "
               f"{iters / tiles:.1f} | " + " | ".join(f"{x:.0f}" for x in per_kt)
               + f" | {total:.0f} | {untracked:.0f} | {sums[8].item() / tiles:.0f} ("
-              + " + ".join(f"{x:.0f}" for x in epi) + f") | {sums[0].item() / tiles:.0f} |",
+              + " + ".join(f"{x:.0f}" for x in epi) + f") | {sums[0].item() / tiles:.0f} | "
+              f"{adv / tiles:.0f} + {walk / tiles:.0f} + {(consume - tracked) / tiles:.0f} + "
+              f"{(sums[11].item() - adv - walk - consume) / tiles:.0f} |",
               flush=True)
 
 

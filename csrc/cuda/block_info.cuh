@@ -21,6 +21,7 @@ FA2_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }
 struct SeqInfo {
   int seqlen_q, seqlen_k;
   int q_start, k_start;  // 0 for dense batches (their batch strides do the work)
+  SeqInfo() = default;
   FA2_DEVICE SeqInfo(const FwdParams& p, int b) {
     if (p.cu_seqlens_q != nullptr) {
       q_start = min(max(p.cu_seqlens_q[b], 0), p.total_q);
@@ -52,6 +53,7 @@ struct FwdBlockInfo {
   int row_lo;  // first valid row of the tile, from row0 (> 0 only in the first tile with a row shift)
   int rows;    // valid query rows are [row_lo, rows) from row0 (rows <= kBlockM; <= 0: past this sequence's end)
   SeqInfo seq;
+  FwdBlockInfo() = default;  // to be assigned (the WS forward's producer: its next tile, worked out ahead)
   FA2_DEVICE explicit FwdBlockInfo(const FwdParams& p) : FwdBlockInfo(p, static_cast<int>(blockIdx.x)) {}
   // Tile `bid` of the same order (persistent kernels walk tiles themselves).
   FA2_DEVICE FwdBlockInfo(const FwdParams& p, int bid)

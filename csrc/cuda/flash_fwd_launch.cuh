@@ -347,6 +347,10 @@ bool try_launch_fwd_ws(const FwdParams& p, int64_t bh, cudaStream_t stream) {
   }
   const int64_t tiles = num_m * bh, blocks = std::min<int64_t>(tiles, std::max(sms, 1));
   if (dynamic && blocks < tiles) launch.tile_counter = p.zeroed_ints(p.zeroed_ints_ctx, 1);
+  // Each tile's Q copied during the tile before, on uniform rows of the static stride (every tile there has rows
+  // and keys); FLASH_ATTN2_FWD_Q_AHEAD=0 copies it when the producer reaches the tile (A/B runs, tests).
+  launch.ws_q_ahead =
+      uniform && launch.tile_counter == nullptr && p.seqlen_k > 0 && !env_is("FLASH_ATTN2_FWD_Q_AHEAD", "0");
   // Packed batches on the dynamic walk take their tiles longest sequence first and claim no tile past a sequence's
   // end (sm90::SeqOrder, a table each block builds from cu_seqlens_q), up to Kt::kSeqOrderCap sequences, in the
   // kernel without score modifiers. FLASH_ATTN2_FWD_SEQ_ORDER=0: the grid's order (A/B runs, tests).

@@ -394,8 +394,11 @@ using FwdProbeBase = CycleProbe<false, 1, 1>;
 struct FwdProbe : FwdProbeBase {
   // kEpilogue: from the O rows' global stores (or the block's end) on; kEpiFinalize, kEpiStage, kEpiSync: the
   // epilogue's steps before them (finalize, O staged in shared memory with the LSE stores, the consumer's barrier).
+  // The consumer's tile loop between two calls of consume: kAdvance, the walk's step to the next tile (and the
+  // loop's test); kWalk, the tile's set-up (FwdBlockInfo, its visibility and pointers); kConsume: each call of
+  // consume whole (its own slots, plus what lies before its first mark and after its last).
   enum Slot { kQWait, kKvWait, kTurnWait, kIssue, kSWait, kSoftmax, kPvWait, kRescale, kEpilogue, kTiles, kIters,
-              kTotal, kIssuePv, kEpiFinalize, kEpiStage, kEpiSync };
+              kTotal, kIssuePv, kEpiFinalize, kEpiStage, kEpiSync, kWalk, kConsume, kAdvance };
   FA2_DEVICE FwdProbe(const FwdParams& p, int c, bool lane) : FwdProbeBase(probe_timeline(p), c, lane) {}
 };
 
@@ -854,12 +857,32 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       const StreamKTail tail(p, cluster);
       const bool sk = kMayCluster && p.sk_units > 0;
       int step = 0, k0 = -1, k1 = -1, split = -1;
+      // Q a tile ahead (p.ws_q_ahead: uniform rows on the static stride or its stream-K tail, two Q buffers): the
+      // next tile's Q is copied during this tile, after this tile's third K copy (by then the consumers are done
+      // with the tile before, whose buffer it takes), instead of when the producer reaches that tile, a stage
+      // ahead of the consumers: Q is read once, from DRAM, and landed late at the 2k rows' tile starts.
+      // Measured with the kept set-up below (perf.md v52, settled, in one process and by process): d128
+      // non-causal 2k +0.8% on average over five readings (-1.9 to +2.6%), 4k-16k and GQA level; the probe
+      // then finds the tile start waiting as long as before, on the first K copy instead.
+      const bool q_ahead = p.ws_q_ahead != 0 && q_stages == 2 && p.tile_counter == nullptr && !seq_order;
+      bool q_copied = false;  // this tile's Q was copied during the previous tile
+      // With it, the next tile's FwdBlockInfo, worked out there, is kept for that tile's start, so that the tile's
+      // first K copy (after the last V copy of the tile before) does not wait for its divisions (a tile's set-up
+      // costs the consumers ~1100 cycles by the probe, perf.md v52).
+      FwdBlockInfo<kBlockM> next_blk;
+      auto load_q = [&](int use, const FwdBlockInfo<kBlockM>& b, int mb) {
+        const int qs = use % q_stages;  // Q use `use` goes to buffer use % q_stages, after use - q_stages released it
+        if (use >= q_stages) tma::wait(sm.q_empty(qs), ((use / q_stages) - 1) & 1);
+        tma::arrive_expect_bytes(sm.q_full(qs), Kt::kSmemQ);
+        tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.q_off(qs), &maps.q, b.seq.q_start + b.row0, b.head, mb,
+                                          sm.q_full(qs));
+      };
       // The next tile is claimed after this one's last copy (the loop's step), not when it starts (TileWalk).
       for (int tile = sk ? tail.item(p, 0, num_tiles, k0, k1, split) : walk.producer_first(p, sm, order, num_tiles);
            tile < num_tiles;
            tile = sk ? tail.item(p, ++step, num_tiles, k0, k1, split)
                      : walk.producer_next(p, sm, order, tile, num_tiles)) {
-        const FwdBlockInfo<kBlockM> blk(p, tile);
+        const FwdBlockInfo<kBlockM> blk = q_copied ? next_blk : FwdBlockInfo<kBlockM>(p, tile);
         if (blk.rows <= 0) continue;  // varlen: past the end of this sequence
         const Visibility<int> vis = blk.seq.visibility(p);
         const FwdBlockIO<T> io(p, blk, vis, kBlockN);
@@ -881,18 +904,24 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
           else
             tma::load_tile<kBlockN, kHeadDim>(sm.base + off, map, key0, blk.head_kv, map_b, full);
         };
+        bool next_q_copied = false;
         for (int i = 0; i < n_tiles; ++i) {
           const int j = kv_use + i, s = j % kStages, key0 = blk.seq.k_start + (n_last - i) * kBlockN;
           fill(sm.k_empty(s), sm.k_full(s), sm.k_off(s), &maps.k, j, key0);
-          if (i == 0) {  // Q use q_use goes to buffer q_use % q_stages, after use q_use - q_stages released it
-            const int qs = q_use % q_stages;
-            if (q_use >= q_stages) tma::wait(sm.q_empty(qs), ((q_use / q_stages) - 1) & 1);
-            tma::arrive_expect_bytes(sm.q_full(qs), Kt::kSmemQ);
-            tma::load_tile<kBlockM, kHeadDim>(sm.base + sm.q_off(qs), &maps.q, blk.seq.q_start + blk.row0, blk.head,
-                                              map_b, sm.q_full(qs));
+          if (i == 0 && !q_copied) load_q(q_use, blk, map_b);
+          if (q_ahead && i == min(2, n_tiles - 1)) {  // uniform rows: every tile the walk reaches has a Q use
+            int nk0, nk1, nsplit;
+            const int next = sk ? tail.item(p, step + 1, num_tiles, nk0, nk1, nsplit)
+                                : tile + static_cast<int>(gridDim.x);
+            if (next < num_tiles) {
+              next_blk = FwdBlockInfo<kBlockM>(p, next);
+              load_q(q_use + 1, next_blk, next_blk.batch);
+              next_q_copied = true;
+            }
           }
           fill(sm.v_empty(s), sm.v_full(s), sm.v_off(s), &maps.v, j, key0);
         }
+        q_copied = next_q_copied;
         kv_use += n_tiles;
         q_use += n_tiles > 0;
       }
@@ -910,7 +939,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     tma::grow_registers<Kt::kConsumerRegs>();
     const int c = wg - 1;
     const ConsumerTurns<Kt::kConsumers> turns(c);
-    FwdProbe whole(p, c, tid % 128 == 0);
+    FwdProbe whole(p, c, tid % 128 == 0), steps(p, c, tid % 128 == 0);
     const int peer = cluster ? static_cast<int>(tma::cluster_rank() ^ 1u) : -1;  // the other block of the cluster
     int kv_use = 0, q_use = 0;
     TileWalk<Kt> walk;
@@ -921,6 +950,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
                        : seq_order ? walk.consumer_next(p, sm, 0) : static_cast<int>(blockIdx.x);
          tile < num_tiles;
          tile = sk ? tail.item(p, ++step, num_tiles, k0, k1, split) : walk.consumer_next(p, sm, tile)) {
+      steps.mark(FwdProbe::kAdvance);
       const FwdBlockInfo<kBlockM> blk(p, tile);
       if (blk.rows <= 0) continue;
       const Visibility<int> vis = blk.seq.visibility(p);
@@ -942,9 +972,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
       // Another tile may follow: the dynamic walk learns its next tile only after this one (as the tail does).
       const bool more_tiles = sk || p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles;
+      steps.mark(FwdProbe::kWalk);
       consume<Kt, kScoreMod, kSoftcapOnly>(p, blk, vis, io, sm, n_end - 1, n_tiles, c, tid, turns, kv_use,
                                            q_use % q_stages, static_cast<uint32_t>(q_use / q_stages) & 1u,
                                            more_tiles, maps, peer, sk_part, sk_sync);
+      steps.mark(FwdProbe::kConsume);
       kv_use += n_tiles;
       ++q_use;
     }

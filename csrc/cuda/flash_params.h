@@ -22,7 +22,7 @@ using index_t = int64_t;
 // Per-row statistics (lse, softmax_d, and dq_accum rows of d floats) live at
 //   b * stat_batch_stride + h * stat_head_stride + (sequence start) + row:  (B, Hq, Nq) dense, (Hq, Tq) varlen.
 #ifdef FLASH_ATTN2_FWD_TIMELINE
-constexpr int kFwdProbeConsumers = 3, kFwdProbeSlots = 16;  // FwdProbe (flash_fwd_sm90_ws_kernel.cuh)
+constexpr int kFwdProbeConsumers = 3, kFwdProbeSlots = 19;  // FwdProbe (flash_fwd_sm90_ws_kernel.cuh)
 #endif
 #ifdef FLASH_ATTN2_BWD_TIMELINE
 constexpr int kBwdProbeConsumers = 2, kBwdProbeSlots = 16;  // BwdProbe (flash_bwd_sm90_kernel.cuh)
@@ -121,6 +121,9 @@ struct FwdParams {
   int ws_q_stages;
   // The warp-specialised kernels prefetch their tensor maps at the start (set by their launchers; 0 for A/B runs).
   int ws_prefetch_maps;
+  // The WS forward's producer copies each tile's Q during the tile before (flash_fwd_sm90_ws_kernel.cuh; its
+  // launcher: uniform rows on the static stride; 0 for A/B runs).
+  int ws_q_ahead;
   // The warp-specialised forward's softcap against a fixed offset (its launcher; softcap_scale_log2 = 0: not):
   // P = exp2(tanh(cap_in s) * softcap_scale_log2 - softcap_offset_log2), softcap_scale_log2 = softcap * log2 e.
   float softcap_scale_log2, softcap_offset_log2;

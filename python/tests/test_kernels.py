@@ -670,6 +670,34 @@ def test_cuda_warp_specialised_forward_stream_k(monkeypatch, b, hq, hkv, nq, nk,
 
 
 @requires_sm90
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,dtype,transposed,blocks,cluster,streamk", [
+    (2, 3, 3, 640, 300, torch.bfloat16, False, "4", "0", ""),   # 30 tiles on 4 blocks, the stream-K tail
+    (2, 3, 3, 640, 300, torch.bfloat16, False, "4", "0", "0"),  # whole tiles only
+    (2, 5, 5, 512, 1000, torch.float16, True, "6", "", ""),     # clusters and the tail, 8 key tiles
+    (1, 8, 2, 1024, 777, torch.bfloat16, True, "10", "", "0"),  # GQA, clusters, a partial key tile
+    (2, 3, 3, 640, 100, torch.bfloat16, False, "4", "0", "0"),  # one key tile a tile
+    (2, 3, 3, 640, 200, torch.bfloat16, False, "4", "0", "0"),  # two
+    (1, 7, 7, 256, 256, torch.bfloat16, False, "4", "", ""),    # two key tiles: the tail's splits of one
+    (4, 16, 16, 1000, 1000, torch.float16, False, "", "", ""),  # the launcher's grid
+])
+def test_cuda_warp_specialised_forward_q_ahead(monkeypatch, b, hq, hkv, nq, nk, dtype, transposed, blocks, cluster,
+                                               streamk):
+    """Each tile's Q copied during the tile before (the static stride over uniform rows, with or without clusters
+    and the stream-K tail, tiles of one, two and more key tiles): O and the LSE bit for bit those of Q copied when
+    the producer reaches its tile (FLASH_ATTN2_FWD_Q_AHEAD=0), every row written (the allocator poisoned), O
+    within PyTorch's error of the float64 reference."""
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS", "require")
+    monkeypatch.setenv("FLASH_ATTN2_FWD_WS_BLOCKS", blocks)
+    monkeypatch.setenv("FLASH_ATTN2_FWD_CLUSTER", cluster)
+    monkeypatch.setenv("FLASH_ATTN2_FWD_STREAMK", streamk)
+    q, k, v = random_qkv(b, hq, hkv, nq, nk, 128, dtype, "cuda", transposed)
+    call = lambda: flash_attn2.attention_with_lse(q, k, v, False)  # noqa: E731
+    out, _ = same_bits_under(monkeypatch, "FLASH_ATTN2_FWD_Q_AHEAD", call, settings=("0", "", "0", ""))
+    ref = naive_attention(q.double(), k.double(), v.double(), False)[0]
+    assert_close_to_reference("out", out, naive_attention(q, k, v, False)[0], ref)
+
+
+@requires_sm90
 @pytest.mark.parametrize("case", ["causal", "full_round", "one_key_tile", "softcap", "one_tile_a_block"])
 def test_cuda_warp_specialised_forward_stream_k_refused(monkeypatch, case):
     """Calls without a stream-K tail: causal rows (the dynamic walk), a last round that is full, one key tile, a
