@@ -20,7 +20,7 @@ import flash_attn2  # noqa: E402,F401
 from flash_attn2.bench import median_ms_cuda, window_visible_scores  # noqa: E402
 
 SLOTS = ["q_wait", "kv_wait", "turn_wait", "issue", "s_wait", "softmax", "pv_wait", "rescale", "epilogue", "tiles",
-         "iters", "total", "issue_pv", "epi_finalize", "epi_stage", "epi_sync", "walk", "consume", "advance"]
+         "iters", "total", "issue_pv", "epi_finalize", "epi_stage", "epi_sync", "setup", "consume", "advance"]
 EPI = (13, 14, 15, 8)  # the epilogue's steps in order: finalize, O staged (and the LSE), barrier, stores on
 
 
@@ -85,14 +85,14 @@ def main():
         untracked = total - sum(per_kt)
         # The untracked cycles split: the walk's step (advance) and the tile's set-up between calls of consume, what
         # a call spends outside its slots, and what follows the last call (the consumer's end).
-        walk, consume, adv = sums[16].item(), sums[17].item(), sums[18].item()
+        setup, consume, adv = sums[16].item(), sums[17].item(), sums[18].item()
         tracked = sum(per_kt) * iters
         print(f"| {case} | {ms:.3f} | {tflops:.0f} | {used.shape[0]} | {tiles / used.shape[0]:.1f} | "
               f"{iters / tiles:.1f} | " + " | ".join(f"{x:.0f}" for x in per_kt)
               + f" | {total:.0f} | {untracked:.0f} | {sums[8].item() / tiles:.0f} ("
               + " + ".join(f"{x:.0f}" for x in epi) + f") | {sums[0].item() / tiles:.0f} | "
-              f"{adv / tiles:.0f} + {walk / tiles:.0f} + {(consume - tracked) / tiles:.0f} + "
-              f"{(sums[11].item() - adv - walk - consume) / tiles:.0f} |",
+              f"{adv / tiles:.0f} + {setup / tiles:.0f} + {(consume - tracked) / tiles:.0f} + "
+              f"{(sums[11].item() - adv - setup - consume) / tiles:.0f} |",
               flush=True)
 
 

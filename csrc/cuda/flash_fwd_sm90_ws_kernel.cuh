@@ -395,10 +395,10 @@ struct FwdProbe : FwdProbeBase {
   // kEpilogue: from the O rows' global stores (or the block's end) on; kEpiFinalize, kEpiStage, kEpiSync: the
   // epilogue's steps before them (finalize, O staged in shared memory with the LSE stores, the consumer's barrier).
   // The consumer's tile loop between two calls of consume: kAdvance, the walk's step to the next tile (and the
-  // loop's test); kWalk, the tile's set-up (FwdBlockInfo, its visibility and pointers); kConsume: each call of
+  // loop's test); kSetup, the tile's set-up (FwdBlockInfo, its visibility and pointers); kConsume: each call of
   // consume whole (its own slots, plus what lies before its first mark and after its last).
   enum Slot { kQWait, kKvWait, kTurnWait, kIssue, kSWait, kSoftmax, kPvWait, kRescale, kEpilogue, kTiles, kIters,
-              kTotal, kIssuePv, kEpiFinalize, kEpiStage, kEpiSync, kWalk, kConsume, kAdvance };
+              kTotal, kIssuePv, kEpiFinalize, kEpiStage, kEpiSync, kSetup, kConsume, kAdvance };
   FA2_DEVICE FwdProbe(const FwdParams& p, int c, bool lane) : FwdProbeBase(probe_timeline(p), c, lane) {}
 };
 
@@ -972,7 +972,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
       // Another tile may follow: the dynamic walk learns its next tile only after this one (as the tail does).
       const bool more_tiles = sk || p.tile_counter != nullptr || tile + static_cast<int>(gridDim.x) < num_tiles;
-      steps.mark(FwdProbe::kWalk);
+      steps.mark(FwdProbe::kSetup);
       consume<Kt, kScoreMod, kSoftcapOnly>(p, blk, vis, io, sm, n_end - 1, n_tiles, c, tid, turns, kv_use,
                                            q_use % q_stages, static_cast<uint32_t>(q_use / q_stages) & 1u,
                                            more_tiles, maps, peer, sk_part, sk_sync);
