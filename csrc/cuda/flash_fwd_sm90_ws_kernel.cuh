@@ -915,7 +915,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
                                 : tile + static_cast<int>(gridDim.x);
             if (next < num_tiles) {
               next_blk = FwdBlockInfo<kBlockM>(p, next);
-              load_q(q_use + 1, next_blk, next_blk.batch);
+              // The map's batch coordinate by map_b's rule (the launcher keeps Q ahead off packed batches).
+              load_q(q_use + 1, next_blk, p.cu_seqlens_q != nullptr ? 0 : next_blk.batch);
               next_q_copied = true;
             }
           }
