@@ -28,12 +28,10 @@ for _ in range(a.rounds):
         q, o, lse, do = cases[nq]
         f = lambda: torch.ops.flash_attn2.bwd(do, q, k, v, o, lse, False)
         best[nq] = min(best[nq], median_ms_cuda(f, warmup=5, reps=20))
-xs, ys = nqs, [best[n] for n in nqs]
-mx, my = statistics.mean(xs), statistics.mean(ys)
-slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-icpt = my - slope * mx
+slope, icpt = statistics.linear_regression(nqs, [best[n] for n in nqs])
 print(f"d{a.d} Nk {a.nk} B {b} H {h}: ms per 1k query rows {slope * 1024:.4f}, intercept {icpt:.4f} ms")
 for n in nqs:
     fl = 2.5 * 4 * b * h * n * a.nk * a.d
     print(f"  Nq {n}: {best[n]:.4f} ms ({fl / best[n] / 1e9:.0f} TFLOP/s), line {icpt + slope * n:.4f}")
-print(f"  intercept in 64-row steps per block-wave: {icpt / (slope * 64):.2f} steps x waves")
+# Both the intercept and a 64-row step's time scale with the waves, so their ratio is steps per block.
+print(f"  fixed cost per block: {icpt / (slope * 64):.2f} steps of 64 query rows")
